@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Installs the Debian packages that the tests and the demo need: clamd for
+# virus scanning, Postfix for smtp-source and smtp-sink, and swaks.
+#
+# Idempotent: when every package is installed already it only checks and
+# exits. It never starts the system's clamav or postfix services, because
+# /usr/sbin/policy-rc.d (exit 101) makes package scripts skip service starts.
+# Needs root when something is missing.
+set -euo pipefail
+
+packages=(clamav clamav-daemon clamdscan postfix swaks)
+
+missing=()
+for package in "${packages[@]}"; do
+    status=$(dpkg-query -W -f='${Status}' "$package" 2>/dev/null || true)
+    if [[ "$status" != "install ok installed" ]]; then
+        missing+=("$package")
+    fi
+done
+
+if [[ ${#missing[@]} -eq 0 ]]; then
+    echo "install-deps: all packages are installed: ${packages[*]}"
+    exit 0
+fi
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "install-deps: missing packages: ${missing[*]}; run this script as root to install them" >&2
+    exit 1
+fi
+
+echo "install-deps: installing ${missing[*]}"
+
+if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    printf '#!/bin/sh\n# Keep package installs from starting services.\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    echo "install-deps: created /usr/sbin/policy-rc.d so that package installs start no services"
+fi
+
+# Postfix asks for a mail server configuration on install; "No configuration"
+# installs only the programs.
+echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections
+
+export DEBIAN_FRONTEND=noninteractive
+apt_options=(-o DPkg::Lock::Timeout=300 -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
+# A failing third-party source makes apt-get update exit non-zero even when
+# Debian's lists were fetched, so the install below decides.
+if ! apt-get "${apt_options[@]}" update; then
+    echo "install-deps: apt-get update failed; trying the install with the package lists at hand" >&2
+fi
+apt-get "${apt_options[@]}" install -y "${missing[@]}"
+
+echo "install-deps: done"

@@ -1,0 +1,119 @@
+# Shell functions shared by .ci/run and scripts/demo.sh to run clamd and
+# check loopback services. Source this file from bash; it sets no options.
+
+# Prints a section header.
+section() {
+    printf '\n==== %s ====\n' "$*"
+}
+
+# Returns 0 when something accepts TCP connections on 127.0.0.1:PORT.
+port_is_open() {
+    local port=$1
+    timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$port" 2>/dev/null
+}
+
+# Prints a port of 127.0.0.1 that nothing listens on right now. Another
+# process can still take it before the caller binds it.
+pick_free_port() {
+    local attempt port
+    for attempt in $(seq 1 50); do
+        port=$((20000 + RANDOM % 40000))
+        if ! port_is_open "$port"; then
+            echo "$port"
+            return 0
+        fi
+    done
+    echo "pick_free_port: found no free port in 50 attempts" >&2
+    return 1
+}
+
+# Returns 0 when clamd on 127.0.0.1:PORT answers PING with PONG.
+clamd_answers_ping() {
+    local port=$1 reply
+    reply=$(timeout 3 bash -c "exec 3<>/dev/tcp/127.0.0.1/$port && printf 'nPING\n' >&3 && head -c 4 <&3" 2>/dev/null) || return 1
+    [[ $reply == PONG ]]
+}
+
+# Returns 0 when the SMTP server on 127.0.0.1:PORT sends a 220 greeting.
+smtp_greets() {
+    local port=$1 greeting
+    greeting=$(timeout 3 bash -c "exec 3<>/dev/tcp/127.0.0.1/$port && head -c 4 <&3" 2>/dev/null) || return 1
+    [[ $greeting == "220 " || $greeting == "220-" ]]
+}
+
+# Writes DIRECTORY/clamd.conf for a clamd in the foreground on
+# 127.0.0.1:PORT, with the signature files from SIGNATURES copied into
+# DIRECTORY/db. clamd runs as the user who starts it, so it can read every
+# file that user can.
+write_clamd_config() {
+    local directory=$1 port=$2 signatures=$3
+    mkdir -p "$directory/db" "$directory/tmp"
+    local copied=0 file
+    for file in "$signatures"/*; do
+        [[ -f $file ]] || continue
+        cp "$file" "$directory/db/"
+        copied=$((copied + 1))
+    done
+    if [[ $copied -eq 0 ]]; then
+        echo "write_clamd_config: no signature files in $signatures" >&2
+        return 1
+    fi
+    cat > "$directory/clamd.conf" <<EOF
+# clamd for sendguard's tests and demo: loopback TCP only, test signatures only.
+Foreground yes
+TCPSocket $port
+TCPAddr 127.0.0.1
+DatabaseDirectory $directory/db
+TemporaryDirectory $directory/tmp
+# Streams over StreamMaxLength are reported as Heuristics.Limits.Exceeded
+# instead of being passed as clean.
+StreamMaxLength 25M
+AlertExceedsMax yes
+LogTime yes
+SelfCheck 3600
+EOF
+}
+
+# Waits up to SECONDS for COMMAND to succeed while process PID runs. On a
+# timeout or when the process exits, prints the tail of LOG and returns 1.
+wait_for_service() {
+    local seconds=$1 pid=$2 log=$3 description=$4
+    shift 4
+    local deadline=$((SECONDS + seconds))
+    while ! "$@"; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            echo "$description exited before it was ready; last lines of $log:" >&2
+            tail -n 30 "$log" >&2 || true
+            return 1
+        fi
+        if ((SECONDS >= deadline)); then
+            echo "$description was not ready after $seconds s; last lines of $log:" >&2
+            tail -n 30 "$log" >&2 || true
+            return 1
+        fi
+        sleep 0.2
+    done
+}
+
+# Stops the process whose id is in PID_FILE if it is still running and its
+# command name is NAME, waiting up to 10 s before sending SIGKILL. Removes
+# the pid file.
+stop_pid_file() {
+    local pid_file=$1 name=$2 pid
+    [[ -f $pid_file ]] || return 0
+    pid=$(cat "$pid_file")
+    if [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null && [[ $(ps -o comm= -p "$pid") == "$name" ]]; then
+        echo "stopping $name (pid $pid)"
+        kill "$pid" 2>/dev/null || true
+        local waited=0
+        while kill -0 "$pid" 2>/dev/null && ((waited < 50)); do
+            sleep 0.2
+            waited=$((waited + 1))
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            echo "$name (pid $pid) did not exit after 10 s; sending SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    fi
+    rm -f "$pid_file"
+}

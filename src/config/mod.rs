@@ -1,0 +1,513 @@
+//! The TOML configuration: one struct per section, defaults, and validation
+//! that reports every problem at once with its key path.
+//!
+//! `config.toml.example` documents every key with its unit and default.
+
+mod problems;
+
+pub use problems::{Problem, Problems};
+
+use crate::policy::{Mode, PolicySettings};
+use crate::scan::{ClamdConfig, SpamConfig};
+use crate::smtp::reader::BareLineEndings;
+use ipnet::IpNet;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The whole configuration file.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub smtp: SmtpConfig,
+    pub upstream: UpstreamConfig,
+    pub scan: ScanConfig,
+    pub policy: PolicyConfig,
+    pub identity: IdentityConfig,
+    pub directory: Option<DirectoryConfig>,
+    pub store: StoreConfig,
+}
+
+/// `[smtp]`: the listener that internal senders relay through.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpConfig {
+    /// Address and port to listen on.
+    pub listen: SocketAddr,
+    /// Name used in the greeting and the EHLO reply.
+    pub hostname: String,
+    /// Client networks allowed to relay; others get `554 5.7.1` at connect.
+    pub relay_networks: Vec<IpNet>,
+    /// Largest message accepted, in bytes.
+    pub max_message_size: u64,
+    /// What to do with a message containing a bare CR or LF.
+    pub bare_line_endings: BareLineEndings,
+    /// Time allowed for the client to send each command.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Time allowed for the client to send the whole message after `354`.
+    #[serde(with = "humantime_serde")]
+    pub data_timeout: Duration,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        SmtpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 2525)),
+            hostname: default_hostname(),
+            relay_networks: vec![
+                "127.0.0.0/8".parse().expect("valid network"),
+                "::1/128".parse().expect("valid network"),
+            ],
+            max_message_size: 26_214_400,
+            bare_line_endings: BareLineEndings::Normalize,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+fn default_hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+/// `[upstream]`: the smarthost that accepted mail is relayed to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `host:port` of the smarthost.
+    pub address: String,
+    /// Time allowed for each upstream reply (MAIL, RCPT, DATA, RSET).
+    #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Time allowed to connect and receive the upstream greeting.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time allowed for the upstream's reply after the end of the message.
+    #[serde(default = "default_upstream_data_timeout", with = "humantime_serde")]
+    pub data_timeout: Duration,
+}
+
+fn default_upstream_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_upstream_data_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+
+/// `[scan]`: the scanners every message goes through.
+#[derive(Debug, Clone, Default)]
+pub struct ScanConfig {
+    /// `[scan.clamd]`; without it no virus scan is made.
+    pub clamd: Option<ClamdConfig>,
+    /// `[scan.spam]`: the built-in rules.
+    pub spam: SpamConfig,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScanSection {
+    #[serde(default)]
+    clamd: Option<toml::Value>,
+    #[serde(default)]
+    spam: Option<toml::Value>,
+}
+
+/// `[policy]`: strikes, windows and lockouts.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    pub mode: Mode,
+    pub threshold: u32,
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    #[serde(with = "humantime_serde")]
+    pub first_lockout: Duration,
+    pub timed_lockouts: u32,
+    /// Mailboxes whose state is kept in memory; the rest stays in the store.
+    pub max_tracked_mailboxes: usize,
+}
+
+/// The largest `timed_lockouts` accepted: 2^63 hours is already beyond any
+/// calendar.
+pub const MAX_TIMED_LOCKOUTS: u32 = 64;
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        let settings = PolicySettings::default();
+        PolicyConfig {
+            mode: settings.mode,
+            threshold: settings.threshold,
+            window: settings.window,
+            first_lockout: settings.first_lockout,
+            timed_lockouts: settings.timed_lockouts,
+            max_tracked_mailboxes: 100_000,
+        }
+    }
+}
+
+impl PolicyConfig {
+    /// Returns the settings the pure policy core works with.
+    pub fn settings(&self) -> PolicySettings {
+        PolicySettings {
+            mode: self.mode,
+            threshold: self.threshold,
+            window: self.window,
+            first_lockout: self.first_lockout,
+            timed_lockouts: self.timed_lockouts,
+        }
+    }
+
+    fn validate(&self, problems: &mut Problems) {
+        if self.threshold == 0 {
+            problems.push("policy.threshold", "must be at least 1 bad message");
+        }
+        if self.window.is_zero() {
+            problems.push("policy.window", "must be longer than zero, such as \"10m\"");
+        }
+        if self.first_lockout.is_zero() {
+            problems.push(
+                "policy.first_lockout",
+                "must be longer than zero, such as \"1h\"",
+            );
+        }
+        if self.timed_lockouts > MAX_TIMED_LOCKOUTS {
+            problems.push(
+                "policy.timed_lockouts",
+                format!(
+                    "is {}, above the maximum of {MAX_TIMED_LOCKOUTS}",
+                    self.timed_lockouts
+                ),
+            );
+        }
+        if self.max_tracked_mailboxes == 0 {
+            problems.push("policy.max_tracked_mailboxes", "must be at least 1");
+        }
+    }
+}
+
+/// Who a message without a SASL login is attributed to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unauthenticated {
+    /// Count and block the envelope sender's mailbox. Anyone allowed to
+    /// relay can write any sender, so a forger can get another mailbox
+    /// locked out.
+    #[default]
+    Sender,
+    /// Count and block the pair (mailbox, client address): a forger only
+    /// locks itself out.
+    ClientAndSender,
+    /// Count only senders that logged in.
+    Ignore,
+}
+
+/// `[identity]`: how envelope senders and logins become mailbox keys.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// Drop `+tag` from local parts.
+    pub strip_subaddress: bool,
+    /// Compare local parts case-sensitively.
+    pub case_sensitive_local_part: bool,
+    pub unauthenticated: Unauthenticated,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            strip_subaddress: true,
+            case_sensitive_local_part: false,
+            unauthenticated: Unauthenticated::Sender,
+        }
+    }
+}
+
+/// `[directory]`: the file of mailboxes, aliases, logins, owners, devices.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectoryConfig {
+    pub path: PathBuf,
+}
+
+/// `[store]`: where strikes, lockouts and events are kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// SQLite database file; created with its directory's permissions.
+    pub path: PathBuf,
+}
+
+/// Failure to load a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}:\n{problems}")]
+    Invalid { path: PathBuf, problems: Problems },
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] when the file cannot be read, and
+    /// [`ConfigError::Invalid`] listing every problem found.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|problems| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            problems,
+        })
+    }
+
+    /// Parses and validates configuration text.
+    ///
+    /// # Errors
+    /// Every problem found, each with its key path.
+    pub fn parse(text: &str) -> Result<Config, Problems> {
+        let mut problems = Problems::default();
+        let mut root: toml::Table = match text.parse() {
+            Ok(root) => root,
+            Err(error) => {
+                problems.push("(file)", format!("invalid TOML: {error}"));
+                return Err(problems);
+            }
+        };
+
+        let smtp = section::<SmtpConfig>(&mut root, "smtp", &mut problems);
+        let upstream = required_section::<UpstreamConfig>(&mut root, "upstream", &mut problems);
+        let scan = scan_section(&mut root, &mut problems);
+        let policy = section::<PolicyConfig>(&mut root, "policy", &mut problems);
+        let identity = section::<IdentityConfig>(&mut root, "identity", &mut problems);
+        let directory = optional_section::<DirectoryConfig>(&mut root, "directory", &mut problems);
+        let store = required_section::<StoreConfig>(&mut root, "store", &mut problems);
+        for unknown in root.keys() {
+            problems.push(
+                unknown.as_str(),
+                "unknown section or key; check its spelling against config.toml.example",
+            );
+        }
+
+        if let Some(smtp) = &smtp {
+            validate_smtp(smtp, &mut problems);
+        }
+        if let Some(upstream) = &upstream {
+            validate_upstream(upstream, &mut problems);
+        }
+        if let Some(policy) = &policy {
+            policy.validate(&mut problems);
+        }
+        if let Some(scan) = &scan {
+            if let Some(clamd) = &scan.clamd {
+                clamd.validate(&mut problems);
+            }
+            scan.spam.validate(&mut problems);
+        }
+        if let Some(store) = &store
+            && store.path.as_os_str().is_empty()
+        {
+            problems.push("store.path", "is empty; give the SQLite database file");
+        }
+
+        match (smtp, upstream, scan, policy, identity, directory, store) {
+            (
+                Some(smtp),
+                Some(upstream),
+                Some(scan),
+                Some(policy),
+                Some(identity),
+                Some(directory),
+                Some(store),
+            ) if problems.is_empty() => Ok(Config {
+                smtp,
+                upstream,
+                scan,
+                policy,
+                identity,
+                directory,
+                store,
+            }),
+            _ => Err(problems),
+        }
+    }
+
+    /// A stable digest of the settings that decide strikes and lockouts, so
+    /// the events report shows which policy was in force.
+    pub fn policy_digest(&self) -> String {
+        use sha2::Digest;
+        let text = serde_json::json!({
+            "policy": self.policy,
+            "identity": self.identity,
+        })
+        .to_string();
+        hex::encode(&sha2::Sha256::digest(text.as_bytes())[..8])
+    }
+}
+
+fn validate_smtp(smtp: &SmtpConfig, problems: &mut Problems) {
+    if smtp.hostname.is_empty() || smtp.hostname.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        problems.push(
+            "smtp.hostname",
+            format!("{:?} is not a valid host name", smtp.hostname),
+        );
+    }
+    if smtp.max_message_size == 0 {
+        problems.push("smtp.max_message_size", "must be at least 1 byte");
+    }
+    if smtp.command_timeout.is_zero() {
+        problems.push("smtp.command_timeout", "must be longer than zero");
+    }
+    if smtp.data_timeout.is_zero() {
+        problems.push("smtp.data_timeout", "must be longer than zero");
+    }
+}
+
+fn validate_upstream(upstream: &UpstreamConfig, problems: &mut Problems) {
+    let valid_address = upstream
+        .address
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if !valid_address {
+        problems.push(
+            "upstream.address",
+            format!(
+                "{:?} is not host:port, such as \"127.0.0.1:25\" or \"[::1]:25\"",
+                upstream.address
+            ),
+        );
+    }
+    for (key, value) in [
+        ("upstream.timeout", upstream.timeout),
+        ("upstream.connect_timeout", upstream.connect_timeout),
+        ("upstream.data_timeout", upstream.data_timeout),
+    ] {
+        if value.is_zero() {
+            problems.push(key, "must be longer than zero");
+        }
+    }
+}
+
+fn scan_section(root: &mut toml::Table, problems: &mut Problems) -> Option<ScanConfig> {
+    let Some(value) = root.remove("scan") else {
+        return Some(ScanConfig::default());
+    };
+    let section: ScanSection = match value.try_into() {
+        Ok(section) => section,
+        Err(error) => {
+            problems.push("scan", error.message().to_string());
+            return None;
+        }
+    };
+    let clamd = match section.clamd {
+        None => Some(None),
+        Some(value) => decode::<ClamdConfig>(value, "scan.clamd", problems).map(Some),
+    };
+    let spam = match section.spam {
+        None => Some(SpamConfig::default()),
+        Some(value) => decode::<SpamConfig>(value, "scan.spam", problems),
+    };
+    Some(ScanConfig {
+        clamd: clamd?,
+        spam: spam?,
+    })
+}
+
+/// Decodes `[key]`, using the defaults when it is absent.
+fn section<T: DeserializeOwned + Default>(
+    root: &mut toml::Table,
+    key: &str,
+    problems: &mut Problems,
+) -> Option<T> {
+    match root.remove(key) {
+        None => Some(T::default()),
+        Some(value) => decode(value, key, problems),
+    }
+}
+
+/// Decodes `[key]`, which must be present.
+fn required_section<T: DeserializeOwned>(
+    root: &mut toml::Table,
+    key: &str,
+    problems: &mut Problems,
+) -> Option<T> {
+    match root.remove(key) {
+        None => {
+            problems.push(key, format!("missing section [{key}]"));
+            None
+        }
+        Some(value) => decode(value, key, problems),
+    }
+}
+
+/// Decodes `[key]` if present; the outer `Option` is `None` on error.
+fn optional_section<T: DeserializeOwned>(
+    root: &mut toml::Table,
+    key: &str,
+    problems: &mut Problems,
+) -> Option<Option<T>> {
+    match root.remove(key) {
+        None => Some(None),
+        Some(value) => decode(value, key, problems).map(Some),
+    }
+}
+
+fn decode<T: DeserializeOwned>(value: toml::Value, key: &str, problems: &mut Problems) -> Option<T> {
+    if !value.is_table() {
+        problems.push(key, "must be a table, such as [section] with keys below it");
+        return None;
+    }
+    match T::deserialize(value.clone()) {
+        Ok(decoded) => Some(decoded),
+        Err(error) => {
+            report_per_key::<T>(&value, key, problems, error.message());
+            None
+        }
+    }
+}
+
+/// Reports a section's decoding problems key by key, so that one bad value
+/// does not hide the others: each key is decoded alone, and errors about the
+/// keys left out ("missing field") are skipped.
+fn report_per_key<T: DeserializeOwned>(
+    value: &toml::Value,
+    key: &str,
+    problems: &mut Problems,
+    whole_error: &str,
+) {
+    let before = problems.0.len();
+    if let Some(table) = value.as_table() {
+        for (name, item) in table {
+            let mut alone = toml::Table::new();
+            alone.insert(name.clone(), item.clone());
+            if let Err(error) = T::deserialize(toml::Value::Table(alone)) {
+                let message = error.message().trim();
+                if !message.starts_with("missing field") {
+                    problems.push(format!("{key}.{name}"), message.to_string());
+                }
+            }
+        }
+    }
+    if problems.0.len() == before {
+        problems.push(key, whole_error.trim().to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests;

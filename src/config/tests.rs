@@ -1,0 +1,88 @@
+use super::*;
+
+const MINIMAL: &str = r#"
+[upstream]
+address = "127.0.0.1:2526"
+[store]
+path = "/tmp/sendguard-test.db"
+"#;
+
+#[test]
+fn minimal_uses_defaults() {
+    let config = Config::parse(MINIMAL).expect("valid");
+    assert_eq!(config.policy.threshold, 5);
+    assert_eq!(config.policy.window, Duration::from_secs(600));
+    assert_eq!(config.policy.first_lockout, Duration::from_secs(3600));
+    assert_eq!(config.policy.timed_lockouts, 6);
+    assert_eq!(config.smtp.max_message_size, 26_214_400);
+    assert!(config.identity.strip_subaddress);
+    assert_eq!(config.identity.unauthenticated, Unauthenticated::Sender);
+    assert!(config.scan.clamd.is_none());
+    assert!(config.directory.is_none());
+}
+
+#[test]
+fn example_file_is_valid() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml.example"))
+        .expect("example exists");
+    let config = Config::parse(&text).unwrap_or_else(|problems| panic!("{problems}"));
+    assert!(config.scan.clamd.is_some());
+}
+
+#[test]
+fn every_problem_reported_at_once() {
+    let text = r#"
+[smtp]
+max_message_size = 0
+listen = "not an address"
+[upstream]
+address = "no-port"
+[policy]
+threshold = 0
+window = "0s"
+timed_lockouts = 65
+[identity]
+unauthenticated = "nobody"
+[bogus]
+x = 1
+"#;
+    let problems = Config::parse(text).expect_err("invalid");
+    let keys: Vec<&str> = problems.0.iter().map(|problem| problem.key.as_str()).collect();
+    for expected in [
+        "smtp.listen",
+        "upstream.address",
+        "policy.threshold",
+        "policy.window",
+        "policy.timed_lockouts",
+        "identity.unauthenticated",
+        "store",
+        "bogus",
+    ] {
+        assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
+    }
+}
+
+#[test]
+fn unknown_key_named() {
+    let text = format!("{MINIMAL}\n[policy]\nthreshhold = 3\n");
+    let problems = Config::parse(&text).expect_err("invalid");
+    assert_eq!(problems.0.len(), 1, "{problems}");
+    assert_eq!(problems.0[0].key, "policy.threshhold");
+}
+
+#[test]
+fn durations_parse_humantime() {
+    let text = format!("{MINIMAL}\n[policy]\nwindow = \"2s\"\nfirst_lockout = \"3s\"\n");
+    let config = Config::parse(&text).expect("valid");
+    assert_eq!(config.policy.window, Duration::from_secs(2));
+    assert_eq!(config.policy.first_lockout, Duration::from_secs(3));
+}
+
+#[test]
+fn digest_changes_with_policy() {
+    let first = Config::parse(MINIMAL).expect("valid");
+    let text = format!("{MINIMAL}\n[policy]\nthreshold = 3\n");
+    let second = Config::parse(&text).expect("valid");
+    assert_ne!(first.policy_digest(), second.policy_digest());
+    assert_eq!(first.policy_digest(), Config::parse(MINIMAL).expect("valid").policy_digest());
+}

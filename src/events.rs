@@ -1,0 +1,379 @@
+//! The events report: every bad message, refusal, lockout and policy load,
+//! each with the raw facts behind it so the history can be replayed.
+
+use crate::identity::MailboxKey;
+use crate::policy::{Lockout, Strike, Timestamp};
+use crate::scan::Verdict;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use std::fmt;
+use std::io::Write;
+
+/// The kinds of event in the report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A message classified as virus or spam, counted or not.
+    BadMessage,
+    /// MAIL FROM refused because of a lockout, aggregated per mailbox and
+    /// minute.
+    SenderRefused,
+    /// A timed lockout started.
+    LockoutStarted,
+    /// A timed lockout reached its end.
+    LockoutEnded,
+    /// A mailbox was blocked permanently.
+    BlockedPermanently,
+    /// The configuration was loaded, at start or on reload.
+    ConfigLoaded,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::BadMessage => "bad_message",
+            EventKind::SenderRefused => "sender_refused",
+            EventKind::LockoutStarted => "lockout_started",
+            EventKind::LockoutEnded => "lockout_ended",
+            EventKind::BlockedPermanently => "blocked_permanently",
+            EventKind::ConfigLoaded => "config_loaded",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<EventKind> {
+        [
+            EventKind::BadMessage,
+            EventKind::SenderRefused,
+            EventKind::LockoutStarted,
+            EventKind::LockoutEnded,
+            EventKind::BlockedPermanently,
+            EventKind::ConfigLoaded,
+        ]
+        .into_iter()
+        .find(|kind| kind.as_str() == text)
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One entry of the events report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub time: Timestamp,
+    pub kind: EventKind,
+    /// Canonical mailbox, when the event concerns one.
+    pub mailbox: Option<String>,
+    /// Client address of the mailbox key under `client-and-sender`.
+    pub key_client: Option<String>,
+    /// The facts specific to the kind, as a JSON object.
+    pub details: Map<String, Value>,
+}
+
+/// The facts of one SMTP transaction that events record.
+#[derive(Debug, Clone, Serialize)]
+pub struct MessageFacts {
+    /// Envelope sender path as the client wrote it, such as `<a@b.example>`.
+    pub sender: String,
+    pub login: Option<String>,
+    pub client: String,
+    /// sendguard's own transaction id.
+    pub transaction: String,
+    pub recipients: usize,
+}
+
+impl Event {
+    fn new(time: Timestamp, kind: EventKind, key: Option<&MailboxKey>) -> Event {
+        Event {
+            time,
+            kind,
+            mailbox: key.map(|key| key.mailbox.clone()),
+            key_client: key.and_then(|key| key.client).map(|client| client.to_string()),
+            details: Map::new(),
+        }
+    }
+
+    fn with(mut self, name: &str, value: impl Serialize) -> Event {
+        let value = serde_json::to_value(value).unwrap_or(Value::Null);
+        if !value.is_null() {
+            self.details.insert(name.to_string(), value);
+        }
+        self
+    }
+
+    fn with_facts(mut self, facts: &MessageFacts) -> Event {
+        if let Ok(Value::Object(map)) = serde_json::to_value(facts) {
+            for (name, value) in map {
+                if !value.is_null() {
+                    self.details.insert(name, value);
+                }
+            }
+        }
+        self
+    }
+
+    /// A bad message; `counted` says whether it added a strike and `note`
+    /// why not when it did not.
+    pub fn bad_message(
+        time: Timestamp,
+        key: Option<&MailboxKey>,
+        facts: &MessageFacts,
+        verdict: &Verdict,
+        counted: bool,
+        note: Option<&str>,
+        monitor: bool,
+    ) -> Event {
+        Event::new(time, EventKind::BadMessage, key)
+            .with_facts(facts)
+            .with("verdict", verdict.summary())
+            .with("verdict_kind", verdict.kind())
+            .with("counted", counted)
+            .with("note", note)
+            .with("monitor", monitor.then_some(true))
+    }
+
+    /// A refused MAIL FROM; the store aggregates these per mailbox and minute.
+    pub fn sender_refused(time: Timestamp, key: &MailboxKey, facts: &MessageFacts, lockout: &Lockout) -> Event {
+        Event::new(time, EventKind::SenderRefused, Some(key))
+            .with("sender", &facts.sender)
+            .with("login", &facts.login)
+            .with("client", &facts.client)
+            .with("level", lockout.level)
+            .with("until", lockout.until.map(Timestamp::to_rfc3339))
+            .with("count", 1)
+    }
+
+    /// The start of a lockout, timed or permanent.
+    pub fn lockout_started(
+        key: &MailboxKey,
+        facts: &MessageFacts,
+        lockout: &Lockout,
+        strikes: &[Strike],
+    ) -> Event {
+        let kind = if lockout.is_permanent() {
+            EventKind::BlockedPermanently
+        } else {
+            EventKind::LockoutStarted
+        };
+        let strikes: Vec<Value> = strikes
+            .iter()
+            .map(|strike| {
+                json!({
+                    "time": strike.at.to_rfc3339(),
+                    "verdict": strike.verdict,
+                    "message_id": strike.message_id,
+                })
+            })
+            .collect();
+        Event::new(lockout.started, kind, Some(key))
+            .with_facts(facts)
+            .with("level", lockout.level)
+            .with("until", lockout.until.map(Timestamp::to_rfc3339))
+            .with("monitor", (!lockout.enforced).then_some(true))
+            .with("strikes", strikes)
+    }
+
+    /// The end of a timed lockout, recorded at its end time.
+    pub fn lockout_ended(key: &MailboxKey, lockout: &Lockout) -> Event {
+        let until = lockout.until.unwrap_or(lockout.started);
+        Event::new(until, EventKind::LockoutEnded, Some(key))
+            .with("level", lockout.level)
+            .with("started", lockout.started.to_rfc3339())
+            .with("monitor", (!lockout.enforced).then_some(true))
+    }
+
+    /// A configuration load, with the policy in force and its digest.
+    pub fn config_loaded(time: Timestamp, digest: &str, policy: Value, reason: &str) -> Event {
+        Event::new(time, EventKind::ConfigLoaded, None)
+            .with("digest", digest)
+            .with("policy", policy)
+            .with("reason", reason)
+    }
+
+    /// The event as one JSON object with `time` (RFC 3339 UTC), `type` and
+    /// `mailbox` first.
+    pub fn to_json(&self) -> Value {
+        let mut object = Map::new();
+        object.insert("time".into(), Value::String(self.time.to_rfc3339()));
+        object.insert("type".into(), Value::String(self.kind.as_str().into()));
+        object.insert(
+            "mailbox".into(),
+            self.mailbox.clone().map(Value::String).unwrap_or(Value::Null),
+        );
+        if let Some(client) = &self.key_client {
+            object.insert("key_client".into(), Value::String(client.clone()));
+        }
+        for (name, value) in &self.details {
+            object.insert(name.clone(), value.clone());
+        }
+        Value::Object(object)
+    }
+
+    fn detail_text(&self, name: &str) -> String {
+        match self.details.get(name) {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(text)) => text.clone(),
+            Some(other) => other.to_string(),
+        }
+    }
+
+    /// A one-line human summary of the details for the table format.
+    fn summary(&self) -> String {
+        match self.kind {
+            EventKind::BadMessage => format!(
+                "{} from {} ({}{})",
+                self.detail_text("verdict"),
+                self.detail_text("client"),
+                if self.details.get("counted") == Some(&Value::Bool(true)) {
+                    "counted"
+                } else {
+                    "not counted"
+                },
+                match self.detail_text("note") {
+                    note if note.is_empty() => String::new(),
+                    note => format!(": {note}"),
+                }
+            ),
+            EventKind::SenderRefused => format!(
+                "{} refusal(s), lockout {}",
+                self.detail_text("count"),
+                self.detail_text("level")
+            ),
+            EventKind::LockoutStarted => format!(
+                "lockout {} until {}",
+                self.detail_text("level"),
+                self.detail_text("until")
+            ),
+            EventKind::LockoutEnded => format!("lockout {} ended", self.detail_text("level")),
+            EventKind::BlockedPermanently => {
+                format!("blocked permanently at lockout {}", self.detail_text("level"))
+            }
+            EventKind::ConfigLoaded => format!(
+                "{} (policy digest {})",
+                self.detail_text("reason"),
+                self.detail_text("digest")
+            ),
+        }
+    }
+}
+
+/// Output formats of `sendguard events`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+    Csv,
+}
+
+const CSV_COLUMNS: [&str; 11] = [
+    "time",
+    "type",
+    "mailbox",
+    "key_client",
+    "client",
+    "sender",
+    "login",
+    "verdict",
+    "level",
+    "until",
+    "transaction",
+];
+
+/// Writes events in the chosen format.
+///
+/// # Errors
+/// When writing to `out` fails.
+pub fn write_events(out: &mut impl Write, events: &[Event], format: Format) -> std::io::Result<()> {
+    match format {
+        Format::Json => {
+            for event in events {
+                writeln!(out, "{}", event.to_json())?;
+            }
+        }
+        Format::Csv => {
+            writeln!(out, "{},queue_id,details", CSV_COLUMNS.join(","))?;
+            for event in events {
+                let mut fields: Vec<String> = vec![
+                    event.time.to_rfc3339(),
+                    event.kind.as_str().to_string(),
+                    event.mailbox.clone().unwrap_or_default(),
+                    event.key_client.clone().unwrap_or_default(),
+                ];
+                for name in &CSV_COLUMNS[4..] {
+                    fields.push(event.detail_text(name));
+                }
+                fields.push(event.detail_text("queue_id"));
+                fields.push(Value::Object(event.details.clone()).to_string());
+                let line: Vec<String> = fields.iter().map(|field| csv_field(field)).collect();
+                writeln!(out, "{}", line.join(","))?;
+            }
+        }
+        Format::Table => {
+            writeln!(out, "{:<20}  {:<19}  {:<32}  DETAILS", "TIME", "TYPE", "MAILBOX")?;
+            for event in events {
+                let mailbox = match (&event.mailbox, &event.key_client) {
+                    (Some(mailbox), Some(client)) => format!("{mailbox} from {client}"),
+                    (Some(mailbox), None) => mailbox.clone(),
+                    (None, _) => "-".to_string(),
+                };
+                writeln!(
+                    out,
+                    "{:<20}  {:<19}  {:<32}  {}",
+                    event.time.to_rfc3339(),
+                    event.kind.as_str(),
+                    mailbox,
+                    event.summary()
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Quotes a CSV field when it contains a separator, quote or line break,
+/// and defuses leading characters that spreadsheets run as formulas.
+fn csv_field(field: &str) -> String {
+    let defused = if field.starts_with(['=', '+', '-', '@']) {
+        format!("'{field}")
+    } else {
+        field.to_string()
+    };
+    if defused.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", defused.replace('"', "\"\""))
+    } else {
+        defused
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_quotes_and_defuses() {
+        assert_eq!(csv_field("plain"), "plain");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(csv_field("=cmd()"), "'=cmd()");
+    }
+
+    #[test]
+    fn json_has_time_type_mailbox() {
+        let key = MailboxKey::mailbox("alice@example.org");
+        let lockout = Lockout {
+            level: 1,
+            started: Timestamp::from_secs(1_796_418_420),
+            until: Some(Timestamp::from_secs(1_796_422_020)),
+            enforced: true,
+            end_recorded: false,
+        };
+        let value = Event::lockout_ended(&key, &lockout).to_json();
+        assert_eq!(value["time"], "2026-12-04T22:07:00Z");
+        assert_eq!(value["type"], "lockout_ended");
+        assert_eq!(value["mailbox"], "alice@example.org");
+        assert_eq!(value["level"], 1);
+    }
+}

@@ -1,0 +1,438 @@
+//! The `Guard`: the one place where identity, scanning, the policy core,
+//! the store and the events report meet. Both front-ends ask it the same
+//! two questions (may this sender send? what happens to this message?) and
+//! hold no policy logic of their own.
+
+use crate::config::Config;
+use crate::directory::Directory;
+use crate::events::{Event, MessageFacts};
+use crate::identity::{self, Attribution, MailboxKey, SenderFacts};
+use crate::policy::{MailboxState, Mode, PolicySettings, SenderDecision, Strike, StrikeOutcome, Timestamp};
+use crate::reply::Reply;
+use crate::scan::{OnUnscannable, ScanInput, Scanner, SpamAction, Verdict};
+use crate::store::{Store, StoreError};
+use arc_swap::ArcSwap;
+use lru::LruCache;
+use std::net::IpAddr;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::{Mutex, Notify};
+
+/// Number of independently locked parts of the mailbox cache; strikes of
+/// different mailboxes rarely wait for each other.
+const CACHE_SHARDS: usize = 16;
+
+/// The configuration in force with what is derived from it.
+pub struct Runtime {
+    pub config: Config,
+    pub directory: Directory,
+    pub scanner: Scanner,
+}
+
+impl Runtime {
+    /// Builds the scanner and reads the directory for `config`.
+    ///
+    /// # Errors
+    /// When the spam rules do not compile or the directory cannot be read.
+    pub fn new(config: Config) -> Result<Runtime, String> {
+        let scanner = Scanner::new(config.scan.clamd.as_ref(), &config.scan.spam)?;
+        let directory = match &config.directory {
+            None => Directory::default(),
+            Some(section) => Directory::load(&section.path, &config.identity)
+                .map_err(|error| format!("directory.path: {error}"))?,
+        };
+        Ok(Runtime {
+            config,
+            directory,
+            scanner,
+        })
+    }
+
+    pub fn settings(&self) -> PolicySettings {
+        self.config.policy.settings()
+    }
+}
+
+/// One SMTP transaction as the Guard sees it.
+#[derive(Debug, Clone)]
+pub struct Transaction {
+    /// sendguard's own transaction id, unique per message.
+    pub id: String,
+    /// Envelope sender path as the client wrote it, with angle brackets.
+    pub sender_path: String,
+    /// Envelope sender address without brackets or quotes; empty for `<>`.
+    pub sender: String,
+    pub login: Option<String>,
+    pub client: IpAddr,
+    pub recipients: usize,
+}
+
+impl Transaction {
+    fn facts(&self) -> MessageFacts {
+        MessageFacts {
+            sender: self.sender_path.clone(),
+            login: self.login.clone(),
+            client: self.client.to_string(),
+            transaction: self.id.clone(),
+            recipients: self.recipients,
+        }
+    }
+}
+
+/// The answer at MAIL FROM.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SenderCheck {
+    Allow,
+    Refuse(Reply),
+}
+
+/// A bad message to be counted after its delivery, so its event carries
+/// the upstream's queue id.
+#[derive(Debug, Clone)]
+pub struct PendingStrike {
+    transaction: Transaction,
+    verdict: Verdict,
+}
+
+/// What happens to a message at end of data.
+#[derive(Debug, Clone)]
+pub enum MessageDecision {
+    /// Relay it; prepend `header` when set. A tagged spam message carries a
+    /// strike to record with [`Guard::record_delivered`].
+    Deliver {
+        header: Option<String>,
+        pending: Option<PendingStrike>,
+    },
+    /// Refuse it with this reply.
+    Reject(Reply),
+}
+
+/// The shared decision maker for both front-ends.
+pub struct Guard {
+    runtime: ArcSwap<Runtime>,
+    store: Store,
+    shards: Vec<Mutex<LruCache<MailboxKey, MailboxState>>>,
+    lockout_started: Notify,
+}
+
+impl Guard {
+    pub fn new(runtime: Runtime, store: Store) -> Guard {
+        let capacity = runtime.config.policy.max_tracked_mailboxes;
+        Guard {
+            shards: (0..CACHE_SHARDS)
+                .map(|_| Mutex::new(LruCache::new(shard_capacity(capacity))))
+                .collect(),
+            runtime: ArcSwap::from_pointee(runtime),
+            store,
+            lockout_started: Notify::new(),
+        }
+    }
+
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Puts a new configuration in force and records a `config_loaded`
+    /// event. Active lockouts keep their end times.
+    pub async fn replace_runtime(&self, runtime: Runtime, reason: &str) {
+        let new_capacity = shard_capacity(runtime.config.policy.max_tracked_mailboxes);
+        self.runtime.store(Arc::new(runtime));
+        for shard in &self.shards {
+            shard.lock().await.resize(new_capacity);
+        }
+        self.record_config_loaded(reason).await;
+    }
+
+    /// Appends a `config_loaded` event describing the policy in force.
+    pub async fn record_config_loaded(&self, reason: &str) {
+        let runtime = self.runtime();
+        let config = &runtime.config;
+        let policy = serde_json::json!({
+            "policy": config.policy,
+            "identity": config.identity,
+        });
+        let event = Event::config_loaded(Timestamp::now(), &config.policy_digest(), policy, reason);
+        if let Err(error) = self.store.append(vec![event]).await {
+            tracing::error!(%error, reason, "cannot record the config_loaded event");
+        }
+    }
+
+    fn attribute(&self, runtime: &Runtime, transaction: &Transaction) -> Attribution {
+        let facts = SenderFacts {
+            envelope: &transaction.sender,
+            login: transaction.login.as_deref(),
+            client: transaction.client,
+        };
+        identity::attribute(facts, &runtime.config.identity, &runtime.directory)
+    }
+
+    fn shard(&self, key: &MailboxKey) -> &Mutex<LruCache<MailboxKey, MailboxState>> {
+        use std::hash::{BuildHasher, RandomState};
+        // The shard only needs to be stable within this process.
+        static SEED: std::sync::OnceLock<RandomState> = std::sync::OnceLock::new();
+        let hash = SEED.get_or_init(RandomState::new).hash_one(key);
+        &self.shards[(hash as usize) % self.shards.len()]
+    }
+
+    async fn load_state(
+        &self,
+        cache: &mut LruCache<MailboxKey, MailboxState>,
+        key: &MailboxKey,
+    ) -> Result<MailboxState, StoreError> {
+        if let Some(state) = cache.get(key) {
+            return Ok(state.clone());
+        }
+        let state = self.store.load_mailbox(key.clone()).await?.unwrap_or_default();
+        cache.put(key.clone(), state.clone());
+        Ok(state)
+    }
+
+    /// Decides whether a sender may send, at MAIL FROM and again at end of
+    /// data (for a transaction that passed MAIL FROM before its lockout).
+    pub async fn check_sender(&self, transaction: &Transaction) -> SenderCheck {
+        let runtime = self.runtime();
+        let Some(key) = self.attribute(&runtime, transaction).block_key else {
+            return SenderCheck::Allow;
+        };
+        let now = Timestamp::now();
+        let state = {
+            let mut cache = self.shard(&key).lock().await;
+            match self.load_state(&mut cache, &key).await {
+                Ok(state) => state,
+                Err(error) => {
+                    tracing::error!(%error, mailbox = %key, transaction = %transaction.id,
+                        "cannot read lockout state; answering with a temporary failure");
+                    return SenderCheck::Refuse(Reply::local_error());
+                }
+            }
+        };
+
+        match state.check_sender(now) {
+            SenderDecision::Allow => SenderCheck::Allow,
+            SenderDecision::MonitorOnly(lockout) => {
+                tracing::info!(mailbox = %key, client = %transaction.client, level = lockout.level,
+                    "sender would be refused, but its lockout started in monitor mode");
+                SenderCheck::Allow
+            }
+            SenderDecision::Refuse(lockout) => {
+                let reply = Reply::sender_blocked(&key, &lockout);
+                tracing::info!(mailbox = %key, client = %transaction.client, level = lockout.level,
+                    transaction = %transaction.id, "sender refused: mailbox is locked out");
+                let event = Event::sender_refused(now, &key, &transaction.facts(), &lockout);
+                if let Err(error) = self.store.record_refusal(event).await {
+                    tracing::error!(%error, mailbox = %key, "cannot record the sender_refused event");
+                }
+                SenderCheck::Refuse(reply)
+            }
+        }
+    }
+
+    /// Scans a message and decides its fate; a bad message is counted
+    /// against its mailbox before this returns, unless it is tagged and
+    /// delivered (then see [`Guard::record_delivered`]).
+    pub async fn check_message(&self, transaction: &Transaction, message: &[u8]) -> MessageDecision {
+        let runtime = self.runtime();
+        let started = Instant::now();
+
+        // A lockout that began after this transaction's MAIL FROM refuses
+        // the message too.
+        if let SenderCheck::Refuse(reply) = self.check_sender(transaction).await {
+            return MessageDecision::Reject(reply);
+        }
+
+        let input = ScanInput {
+            message,
+            recipients: transaction.recipients,
+        };
+        let verdict = match runtime.scanner.scan(input).await {
+            Ok(verdict) => verdict,
+            Err(error) => {
+                tracing::warn!(%error, transaction = %transaction.id, client = %transaction.client,
+                    sender = %transaction.sender_path, "scan failed; answering with a temporary failure");
+                return MessageDecision::Reject(Reply::scanner_failed());
+            }
+        };
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        tracing::info!(transaction = %transaction.id, client = %transaction.client,
+            sender = %transaction.sender_path, verdict = %verdict.summary(), elapsed_ms, "message scanned");
+
+        match &verdict {
+            Verdict::Clean => MessageDecision::Deliver {
+                header: None,
+                pending: None,
+            },
+            Verdict::Unscannable { reason } => match runtime.config.scan.clamd.as_ref().map(|c| c.on_unscannable) {
+                Some(OnUnscannable::Accept) => MessageDecision::Deliver {
+                    header: Some(format!("X-Sendguard-Unscanned: {}", crate::reply::sanitize(reason))),
+                    pending: None,
+                },
+                _ => MessageDecision::Reject(Reply::unscannable(reason)),
+            },
+            Verdict::Spam { .. } if runtime.config.scan.spam.action == SpamAction::Tag => {
+                MessageDecision::Deliver {
+                    header: Some(format!("X-Sendguard-Spam: Yes, {}", verdict.summary())),
+                    pending: Some(PendingStrike {
+                        transaction: transaction.clone(),
+                        verdict,
+                    }),
+                }
+            }
+            Verdict::Spam { .. } | Verdict::Virus { .. } => {
+                let reply = if matches!(verdict, Verdict::Virus { .. }) {
+                    Reply::virus(&verdict)
+                } else {
+                    Reply::spam(&verdict)
+                };
+                match self.record_bad(transaction, &verdict, None).await {
+                    Ok(()) => MessageDecision::Reject(reply),
+                    // Without the strike on disk, a temporary failure makes
+                    // the client retry, and the retry is counted.
+                    Err(()) => MessageDecision::Reject(Reply::local_error()),
+                }
+            }
+        }
+    }
+
+    /// Counts a tagged spam message after the upstream answered it.
+    pub async fn record_delivered(&self, pending: PendingStrike, queue_id: Option<String>) {
+        // The message is already relayed, so a failure here can only be
+        // logged (record_bad does).
+        let _ = self
+            .record_bad(&pending.transaction, &pending.verdict, queue_id)
+            .await;
+    }
+
+    /// Records a bad message: the strike (unless the message belongs to no
+    /// counted mailbox), any lockout it starts, and the events.
+    async fn record_bad(&self, transaction: &Transaction, verdict: &Verdict, queue_id: Option<String>) -> Result<(), ()> {
+        let runtime = self.runtime();
+        let settings = runtime.settings();
+        let monitor = settings.mode == Mode::Monitor;
+        let attribution = self.attribute(&runtime, transaction);
+        let now = Timestamp::now();
+        let facts_event = |counted: bool, note: Option<&str>, key: Option<&MailboxKey>| {
+            let mut event = Event::bad_message(now, key, &transaction.facts(), verdict, counted, note, monitor);
+            if let Some(queue_id) = &queue_id {
+                event.details.insert("queue_id".into(), queue_id.clone().into());
+            }
+            event
+        };
+
+        let Some(key) = attribution.strike_key else {
+            let key = attribution.block_key.as_ref();
+            let event = facts_event(false, attribution.uncounted_reason, key);
+            tracing::info!(transaction = %transaction.id, sender = %transaction.sender_path,
+                verdict = %verdict.summary(), reason = attribution.uncounted_reason, "bad message not counted");
+            return self.store.append(vec![event]).await.map_err(|error| {
+                tracing::error!(%error, transaction = %transaction.id, "cannot record the bad_message event");
+            });
+        };
+
+        let mut cache = self.shard(&key).lock().await;
+        let mut state = self.load_state(&mut cache, &key).await.map_err(|error| {
+            tracing::error!(%error, mailbox = %key, transaction = %transaction.id, "cannot read lockout state");
+        })?;
+        let strike = Strike {
+            at: now,
+            verdict: verdict.summary(),
+            message_id: transaction.id.clone(),
+        };
+        let outcome = state.record_strike(&settings, strike);
+        let mut events = Vec::with_capacity(2);
+        let mut lockout_started = false;
+        match &outcome {
+            StrikeOutcome::Counted { in_window } => {
+                events.push(facts_event(true, None, Some(&key)));
+                tracing::info!(mailbox = %key, transaction = %transaction.id, verdict = %verdict.summary(),
+                    in_window, threshold = settings.threshold, "strike counted");
+            }
+            StrikeOutcome::DuringBlock(lockout) => {
+                events.push(facts_event(false, Some("mailbox is locked out; nothing is counted during a lockout"), Some(&key)));
+                tracing::info!(mailbox = %key, transaction = %transaction.id, level = lockout.level,
+                    "bad message during a lockout, not counted");
+            }
+            StrikeOutcome::LockoutStarted { lockout, strikes } => {
+                events.push(facts_event(true, None, Some(&key)));
+                events.push(Event::lockout_started(&key, &transaction.facts(), lockout, strikes));
+                lockout_started = true;
+                tracing::warn!(mailbox = %key, level = lockout.level,
+                    until = %lockout.until.map_or("permanent".to_string(), |until| until.to_rfc3339()),
+                    monitor = !lockout.enforced, "lockout started");
+            }
+        }
+        let keep = !state.is_empty(&settings, now);
+        match self.store.commit(key.clone(), state.clone(), keep, events, now).await {
+            Ok(()) => {
+                cache.put(key, state);
+                if lockout_started {
+                    self.lockout_started.notify_one();
+                }
+                Ok(())
+            }
+            Err(error) => {
+                // Drop the cached copy so the next read sees what the store
+                // really holds.
+                cache.pop(&key);
+                tracing::error!(%error, mailbox = %key, transaction = %transaction.id,
+                    "cannot record the strike");
+                Err(())
+            }
+        }
+    }
+
+    /// Records the end of every timed lockout that has ended, at its end
+    /// time, and returns when the next one is due.
+    async fn record_due_ends(&self) -> Result<Option<Timestamp>, StoreError> {
+        let now = Timestamp::now();
+        for key in self.store.due_ends(now).await? {
+            let mut cache = self.shard(&key).lock().await;
+            // Read the store, not the cache: the store row is what said the
+            // end is pending.
+            let Some(mut state) = self.store.load_mailbox(key.clone()).await? else {
+                continue;
+            };
+            let Some(lockout) = state.unrecorded_end(now).cloned() else {
+                continue;
+            };
+            state.mark_end_recorded();
+            let event = Event::lockout_ended(&key, &lockout);
+            self.store
+                .commit(key.clone(), state.clone(), true, vec![event], now)
+                .await?;
+            tracing::info!(mailbox = %key, level = lockout.level, "lockout ended");
+            cache.put(key, state);
+        }
+        self.store.next_pending_end().await
+    }
+
+    /// Records each lockout's end when it happens, until `shutdown` fires.
+    /// Ends that passed while sendguard was stopped are recorded at once,
+    /// with their real end time.
+    pub async fn run_lockout_timer(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        const RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+        loop {
+            let wait = match self.record_due_ends().await {
+                Ok(Some(next)) => next.since(Timestamp::now()),
+                Ok(None) => std::time::Duration::from_secs(3600),
+                Err(error) => {
+                    tracing::error!(%error, "cannot record lockout ends; retrying");
+                    RETRY
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.lockout_started.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+fn shard_capacity(total: usize) -> NonZeroUsize {
+    NonZeroUsize::new(total.div_ceil(CACHE_SHARDS).max(1)).unwrap_or(NonZeroUsize::MIN)
+}

@@ -1,0 +1,33 @@
+//! sendguard: an outbound mail filter.
+//!
+//! It relays mail from internal senders to the upstream smarthost, scans
+//! every message with clamd and built-in spam rules, counts bad messages per
+//! mailbox and locks out a mailbox that keeps sending them, under a
+//! doubling schedule that ends in a permanent block.
+//!
+//! # Logging policy
+//! Logs go through `tracing`, one span per SMTP connection carrying the
+//! session id and the peer address.
+//! - `error`: sendguard cannot do its job (the store cannot be written, a
+//!   listener cannot accept), so mail is being tempfailed.
+//! - `warn`: a dependency failed and mail is tempfailed or rules were
+//!   skipped (clamd or the upstream unreachable), a lockout started, a
+//!   reload was refused.
+//! - `info`: one line per decision with mailbox, client, transaction id,
+//!   verdict and elapsed time; lockout ends; start, reload and stop.
+//! - `debug`: each SMTP command and reply.
+//!
+//! Every error that is caught and not passed on is logged once, with the
+//! ids it concerns. Message content and credentials are never logged.
+
+pub mod config;
+pub mod directory;
+pub mod events;
+pub mod guard;
+pub mod identity;
+pub mod policy;
+pub mod reply;
+pub mod scan;
+pub mod server;
+pub mod smtp;
+pub mod store;

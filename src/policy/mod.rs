@@ -1,0 +1,248 @@
+//! The lockout policy: sliding strike windows, the doubling lockout schedule
+//! and block decisions.
+//!
+//! Everything here is pure: no I/O, no clock of its own. Callers pass `now`
+//! in, load a [`MailboxState`] from the store, apply one of the functions
+//! below and write the state back. The same code serves the SMTP proxy, the
+//! milter and any later replay of recorded history.
+
+mod time;
+
+pub use time::Timestamp;
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// Whether lockouts refuse mail or are only computed and recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Lockouts refuse MAIL FROM.
+    #[default]
+    Enforce,
+    /// Lockouts are computed and recorded exactly as when enforcing, but no
+    /// sender is refused.
+    Monitor,
+}
+
+/// The `[policy]` settings the core needs for one decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicySettings {
+    pub mode: Mode,
+    /// Bad messages inside `window` that start a lockout.
+    pub threshold: u32,
+    /// Length of the sliding window, half-open: a strike exactly `window`
+    /// older than the newest one is outside it.
+    pub window: Duration,
+    /// Length of lockout 1; lockout n lasts `first_lockout` × 2^(n−1).
+    pub first_lockout: Duration,
+    /// Number of timed lockouts; the trigger after them blocks permanently.
+    pub timed_lockouts: u32,
+}
+
+impl Default for PolicySettings {
+    fn default() -> Self {
+        PolicySettings {
+            mode: Mode::Enforce,
+            threshold: 5,
+            window: Duration::from_secs(600),
+            first_lockout: Duration::from_secs(3600),
+            timed_lockouts: 6,
+        }
+    }
+}
+
+impl PolicySettings {
+    /// Returns the length of lockout number `level` (1-based), saturating
+    /// at the largest representable duration instead of overflowing.
+    pub fn lockout_length(&self, level: u32) -> Duration {
+        let doublings = level.saturating_sub(1);
+        if doublings >= 64 {
+            return Duration::MAX;
+        }
+        let nanos = self.first_lockout.as_nanos().checked_mul(1u128 << doublings);
+        nanos
+            .and_then(|nanos| {
+                let secs = u64::try_from(nanos / 1_000_000_000).ok()?;
+                Some(Duration::new(secs, (nanos % 1_000_000_000) as u32))
+            })
+            .unwrap_or(Duration::MAX)
+    }
+}
+
+/// One bad message counted against a mailbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Strike {
+    pub at: Timestamp,
+    /// The verdict summary, such as `virus Eicar-Test-Signature`.
+    pub verdict: String,
+    /// sendguard's transaction id of the message.
+    pub message_id: String,
+}
+
+/// A lockout of a mailbox: timed (with an end) or permanent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lockout {
+    /// Lockout number, counting from 1 over the mailbox's whole history.
+    pub level: u32,
+    pub started: Timestamp,
+    /// End of a timed lockout (exclusive); `None` for a permanent block.
+    pub until: Option<Timestamp>,
+    /// False when the lockout started in monitor mode: it is recorded but
+    /// refuses nothing.
+    pub enforced: bool,
+    /// True once the end of this timed lockout has been recorded as an event.
+    pub end_recorded: bool,
+}
+
+impl Lockout {
+    pub fn is_permanent(&self) -> bool {
+        self.until.is_none()
+    }
+
+    /// Whether the lockout is in force at `now`.
+    pub fn is_active(&self, now: Timestamp) -> bool {
+        match self.until {
+            None => true,
+            Some(until) => now < until,
+        }
+    }
+}
+
+/// Everything the policy tracks for one mailbox.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailboxState {
+    /// Strikes inside the current window, oldest first.
+    pub strikes: Vec<Strike>,
+    /// Lockouts started so far, the permanent block included.
+    pub lockouts: u32,
+    /// The most recent lockout, active or ended.
+    pub block: Option<Lockout>,
+}
+
+/// The decision on a sender at MAIL FROM (or again at end of data).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SenderDecision {
+    Allow,
+    /// An enforced lockout is in force: refuse the sender.
+    Refuse(Lockout),
+    /// A lockout computed in monitor mode is in force: the sender is allowed,
+    /// and the would-be refusal is worth logging.
+    MonitorOnly(Lockout),
+}
+
+/// What recording one bad message did to a mailbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StrikeOutcome {
+    /// Counted; `in_window` strikes are now inside the window.
+    Counted { in_window: u32 },
+    /// Not counted because a lockout is in force.
+    DuringBlock(Lockout),
+    /// This strike reached the threshold and started a lockout; `strikes`
+    /// are the bad messages that triggered it, oldest first.
+    LockoutStarted { lockout: Lockout, strikes: Vec<Strike> },
+}
+
+impl MailboxState {
+    /// Returns the lockout in force at `now`, if any.
+    pub fn active_block(&self, now: Timestamp) -> Option<&Lockout> {
+        self.block.as_ref().filter(|block| block.is_active(now))
+    }
+
+    /// Decides whether the mailbox may send at `now`.
+    pub fn check_sender(&self, now: Timestamp) -> SenderDecision {
+        match self.active_block(now) {
+            None => SenderDecision::Allow,
+            Some(block) if block.enforced => SenderDecision::Refuse(block.clone()),
+            Some(block) => SenderDecision::MonitorOnly(block.clone()),
+        }
+    }
+
+    /// Counts one bad message received at `strike.at` and starts a lockout
+    /// when it brings the window to the threshold.
+    ///
+    /// Nothing is counted while a lockout (enforced or monitor-only) is in
+    /// force, so a new lockout can only start after the previous one ended.
+    /// Starting a lockout empties the window.
+    pub fn record_strike(&mut self, settings: &PolicySettings, strike: Strike) -> StrikeOutcome {
+        let now = strike.at;
+        if let Some(block) = self.active_block(now) {
+            return StrikeOutcome::DuringBlock(block.clone());
+        }
+
+        self.expire_strikes(settings, now);
+        self.strikes.push(strike);
+        let in_window = u32::try_from(self.strikes.len()).unwrap_or(u32::MAX);
+        if in_window < settings.threshold.max(1) {
+            return StrikeOutcome::Counted { in_window };
+        }
+
+        self.lockouts = self.lockouts.saturating_add(1);
+        let level = self.lockouts;
+        let until = if level > settings.timed_lockouts {
+            None
+        } else {
+            Some(now.saturating_add(settings.lockout_length(level)))
+        };
+        let lockout = Lockout {
+            level,
+            started: now,
+            until,
+            enforced: settings.mode == Mode::Enforce,
+            end_recorded: false,
+        };
+        self.block = Some(lockout.clone());
+        let strikes = std::mem::take(&mut self.strikes);
+        StrikeOutcome::LockoutStarted { lockout, strikes }
+    }
+
+    /// Drops strikes that are `window` or more older than `now`.
+    pub fn expire_strikes(&mut self, settings: &PolicySettings, now: Timestamp) {
+        self.strikes
+            .retain(|strike| now.since(strike.at) < settings.window);
+    }
+
+    /// Returns the timed lockout that ended at or before `now` and whose end
+    /// is not yet recorded.
+    pub fn unrecorded_end(&self, now: Timestamp) -> Option<&Lockout> {
+        self.block
+            .as_ref()
+            .filter(|block| !block.end_recorded && block.until.is_some_and(|until| until <= now))
+    }
+
+    /// Marks the end of the current timed lockout as recorded.
+    pub fn mark_end_recorded(&mut self) {
+        if let Some(block) = self.block.as_mut() {
+            block.end_recorded = true;
+        }
+    }
+
+    /// Whether the state carries nothing worth storing at `now`: no strike
+    /// in the window, no lockout history.
+    pub fn is_empty(&self, settings: &PolicySettings, now: Timestamp) -> bool {
+        self.lockouts == 0
+            && self.block.is_none()
+            && self
+                .strikes
+                .iter()
+                .all(|strike| now.since(strike.at) >= settings.window)
+    }
+
+    /// Strikes still inside the window at `now`.
+    pub fn strikes_in_window(&self, settings: &PolicySettings, now: Timestamp) -> usize {
+        self.strikes
+            .iter()
+            .filter(|strike| now.since(strike.at) < settings.window)
+            .count()
+    }
+
+    /// Length the next lockout would have under `settings`, or `None` when
+    /// the next trigger blocks permanently.
+    pub fn next_lockout_length(&self, settings: &PolicySettings) -> Option<Duration> {
+        let level = self.lockouts.saturating_add(1);
+        (level <= settings.timed_lockouts).then(|| settings.lockout_length(level))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,192 @@
+//! `sendguard serve`: start-up, the accept loop, reloads and shutdown.
+
+use crate::config::Config;
+use crate::guard::{Guard, Runtime};
+use crate::smtp::session::{Session, SessionShared};
+use crate::smtp::upstream::UpstreamConnection;
+use crate::store::Store;
+use arc_swap::ArcSwapOption;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+/// How long open sessions may take to finish after a shutdown signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// A failure that prevents the server from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{0}")]
+    Runtime(String),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Loads the configuration, opens the store, binds the listener and serves
+/// until SIGTERM or SIGINT. SIGHUP reloads the configuration.
+///
+/// # Errors
+/// When the configuration is invalid, the store cannot be opened or the
+/// listener cannot be bound.
+pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
+    let config = Config::load(config_path)?;
+    let store = Store::open(&config.store.path)?;
+    let listen = config.smtp.listen;
+    let runtime = Runtime::new(config).map_err(ServeError::Runtime)?;
+    let guard = Arc::new(Guard::new(runtime, store));
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            address: listen,
+            source,
+        })?;
+    tracing::info!(listen = %listen, config = %config_path.display(), "sendguard started");
+    guard.record_config_loaded("start").await;
+
+    let (shutdown_sender, shutdown) = watch::channel(false);
+    tokio::spawn(reload_on_hangup(guard.clone(), config_path.to_path_buf()));
+    tokio::spawn(async move {
+        wait_for_termination().await;
+        tracing::info!("shutdown requested; finishing open sessions");
+        let _ = shutdown_sender.send(true);
+    });
+    run(listener, guard, shutdown).await;
+    tracing::info!("sendguard stopped");
+    Ok(())
+}
+
+/// Serves SMTP on `listener` until `shutdown` becomes true, then waits up
+/// to the grace period for open sessions.
+pub async fn run(listener: TcpListener, guard: Arc<Guard>, mut shutdown: watch::Receiver<bool>) {
+    let shared = Arc::new(SessionShared {
+        guard: guard.clone(),
+        upstream_capabilities: ArcSwapOption::empty(),
+    });
+    tokio::spawn(guard.clone().run_lockout_timer(shutdown.clone()));
+    tokio::spawn(probe_dependencies(shared.clone()));
+
+    let prefix = session_prefix();
+    let counter = AtomicU64::new(0);
+    let mut sessions = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.changed() => break,
+        };
+        // Reap finished sessions so the set does not grow without bound.
+        while sessions.try_join_next().is_some() {}
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Running out of file descriptors is the usual cause; pause
+                // briefly instead of spinning.
+                tracing::error!(%error, "cannot accept a connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let id = format!("{prefix}{:x}", counter.fetch_add(1, Ordering::Relaxed));
+        let span = tracing::info_span!("session", id = %id, peer = %peer);
+        let session = Session::new(shared.clone(), stream, peer, id, shutdown.clone());
+        sessions.spawn(session.run().instrument(span));
+    }
+
+    drop(listener);
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(open = sessions.len(), "grace period over; closing the remaining sessions");
+        sessions.abort_all();
+    }
+}
+
+/// A random prefix that makes session ids unique across restarts.
+fn session_prefix() -> String {
+    format!("{:06x}", rand::random::<u32>() & 0xff_ffff)
+}
+
+/// Learns the upstream's extensions and checks clamd at start, logging what
+/// is unreachable; mail is tempfailed until they answer.
+async fn probe_dependencies(shared: Arc<SessionShared>) {
+    let runtime = shared.guard.runtime();
+    match UpstreamConnection::connect(&runtime.config.upstream, &runtime.config.smtp.hostname).await {
+        Ok(connection) => {
+            tracing::info!(upstream = %runtime.config.upstream.address,
+                capabilities = ?connection.capabilities(), "upstream reachable");
+            shared
+                .upstream_capabilities
+                .store(Some(Arc::new(connection.capabilities().clone())));
+            connection.quit().await;
+        }
+        Err(error) => tracing::warn!(%error, "upstream not reachable at start; will retry per transaction"),
+    }
+    match runtime.scanner.ping().await {
+        Ok(Some(version)) => tracing::info!(clamd = %version, "clamd reachable"),
+        Ok(None) => tracing::info!("no clamd configured; messages are not scanned for viruses"),
+        Err(error) => tracing::warn!(%error, "clamd not reachable at start"),
+    }
+}
+
+async fn reload_on_hangup(guard: Arc<Guard>, path: PathBuf) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            tracing::error!(%error, "cannot watch SIGHUP; reloading is disabled");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        reload(&guard, &path).await;
+    }
+}
+
+/// Reloads the configuration file; an invalid file keeps the running
+/// configuration.
+pub async fn reload(guard: &Guard, path: &Path) {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::warn!(%error, "reload refused; the running configuration stays in force");
+            return;
+        }
+    };
+    let current = guard.runtime();
+    if config.smtp.listen != current.config.smtp.listen || config.store.path != current.config.store.path {
+        tracing::warn!("smtp.listen and store.path take effect only after a restart");
+    }
+    match Runtime::new(config) {
+        Ok(runtime) => {
+            guard.replace_runtime(runtime, "reload").await;
+            tracing::info!(config = %path.display(), "configuration reloaded");
+        }
+        Err(error) => tracing::warn!(%error, "reload refused; the running configuration stays in force"),
+    }
+}
+
+async fn wait_for_termination() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut terminate), Ok(mut interrupt)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot watch SIGTERM and SIGINT; stop sendguard with SIGKILL");
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+}

@@ -1,0 +1,686 @@
+//! Parsing of SMTP command lines into [`Command`] values.
+//!
+//! smtp-proto recognises the commands and checks their arguments. MAIL and RCPT paths,
+//! parameters and BDAT sizes are parsed here as well, because smtp-proto 0.2.5 returns quoted
+//! local parts without their quotes, rejects every parameter that it does not know, and reads
+//! a number that overflows `usize` as the value of its last digits (`BDAT 99999999999999999999999`
+//! parses as a 999-byte chunk). A path is accepted only when this parser and smtp-proto agree
+//! on the address, so the relay never acts on an address that another parser may read
+//! differently.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use smtp_proto::Request;
+
+/// Maximum length of a path as written, angle brackets and source route included
+/// (RFC 5321, section 4.5.3.1.3).
+const MAX_PATH_LEN: usize = 256;
+/// Maximum length of a domain (RFC 5321, section 4.5.3.1.2).
+const MAX_DOMAIN_LEN: usize = 255;
+/// Maximum length of one DNS label (RFC 1035, section 2.3.4).
+const MAX_LABEL_LEN: usize = 63;
+/// Maximum digits of a SIZE value (RFC 1870).
+const MAX_SIZE_DIGITS: usize = 20;
+/// Maximum length of client text, such as a command name, stored in a [`CommandError`].
+const MAX_ERROR_NAME_LEN: usize = 64;
+
+const MAIL_SYNTAX: &str = "MAIL FROM:<address> [parameters]";
+const RCPT_SYNTAX: &str = "RCPT TO:<address> [parameters]";
+
+/// One parsed SMTP command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// `EHLO`. The host is the first word of the argument, and further words are ignored.
+    Ehlo { host: String },
+    /// `HELO`. The host is the first word of the argument, and further words are ignored.
+    Helo { host: String },
+    /// `MAIL FROM`.
+    Mail {
+        /// The reverse path as written, angle brackets included, such as
+        /// `<"john doe"@example.com>` or `<>`. A source route is removed.
+        path: String,
+        /// The mailbox with the quotes of a quoted local part removed, or `""` for the null
+        /// reverse path.
+        address: String,
+        /// The parameter text after the path as written, without leading and trailing spaces,
+        /// or `""` when there is none. Unknown parameters stay here for the upstream server.
+        params: String,
+        /// The `SIZE` parameter in bytes. A value beyond `u64::MAX` is stored as `u64::MAX`.
+        size: Option<u64>,
+        /// Whether the client sent `BODY=8BITMIME`.
+        body_8bitmime: bool,
+        /// Whether the client sent the `SMTPUTF8` parameter.
+        smtputf8: bool,
+    },
+    /// `RCPT TO`.
+    Rcpt {
+        /// The forward path as written, angle brackets included. A source route is removed.
+        path: String,
+        /// The mailbox with the quotes of a quoted local part removed. For `<Postmaster>`
+        /// without a domain, this is the local part as written.
+        address: String,
+        /// The parameter text after the path as written, without leading and trailing spaces,
+        /// or `""` when there is none.
+        params: String,
+    },
+    Data,
+    /// `BDAT`, with the chunk size in bytes.
+    Bdat { size: u64, last: bool },
+    Rset,
+    Noop,
+    Quit,
+    Vrfy,
+    Expn,
+    Help,
+    StartTls,
+    Auth,
+}
+
+/// Role of the address in a path, which selects the enhanced status code of an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressRole {
+    Sender,
+    Recipient,
+}
+
+impl fmt::Display for AddressRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AddressRole::Sender => "sender",
+            AddressRole::Recipient => "recipient",
+        })
+    }
+}
+
+/// Reason that a command line was rejected.
+///
+/// The `Display` text is lower-case, free of line breaks and suitable as the text of the
+/// reply that [`CommandError::reply_code`] gives.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// The command name is not an SMTP command. The name is kept for logs, truncated to
+    /// 64 characters, and is not part of the message.
+    #[error("command not recognized")]
+    UnknownCommand { name: String },
+    /// An SMTP extension command that the relay does not offer, such as ETRN.
+    #[error("command not implemented")]
+    NotImplemented { command: &'static str },
+    #[error("syntax error, expected \"{expected}\"")]
+    Syntax {
+        command: &'static str,
+        expected: &'static str,
+    },
+    #[error("invalid {role} address: {reason}")]
+    InvalidAddress {
+        role: AddressRole,
+        reason: &'static str,
+    },
+    /// A parameter that the relay interprets has an invalid value, or a parameter value
+    /// contains characters that RFC 5321 does not allow. The name is the keyword as written,
+    /// truncated to 64 characters.
+    #[error("invalid {name} parameter, expected {expected}")]
+    InvalidParameter {
+        name: String,
+        expected: &'static str,
+    },
+    /// A parameter keyword appears twice. Two SIZE values could be read differently by the
+    /// relay and the upstream server, so the command is rejected.
+    #[error("duplicate {name} parameter")]
+    DuplicateParameter { name: String },
+    #[error("command line is not valid UTF-8")]
+    NotUtf8,
+    #[error("command line contains a control character")]
+    ControlCharacter,
+}
+
+impl CommandError {
+    /// Returns the SMTP reply code and the enhanced status code for this error.
+    ///
+    /// Invalid UTF-8 and control characters get `500 5.5.2` (X.5.2 is "syntax error" in
+    /// RFC 3463), because X.5.6 is registered for an AUTH exchange line that is too long.
+    pub fn reply_code(&self) -> (u16, &'static str) {
+        match self {
+            CommandError::UnknownCommand { .. } => (500, "5.5.1"),
+            CommandError::NotImplemented { .. } => (502, "5.5.1"),
+            CommandError::Syntax { .. }
+            | CommandError::InvalidParameter { .. }
+            | CommandError::DuplicateParameter { .. } => (501, "5.5.4"),
+            CommandError::InvalidAddress {
+                role: AddressRole::Sender,
+                ..
+            } => (501, "5.1.7"),
+            CommandError::InvalidAddress {
+                role: AddressRole::Recipient,
+                ..
+            } => (501, "5.1.3"),
+            CommandError::NotUtf8 | CommandError::ControlCharacter => (500, "5.5.2"),
+        }
+    }
+}
+
+/// Command names that [`parse_command`] recognises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verb {
+    Ehlo,
+    Helo,
+    Mail,
+    Rcpt,
+    Data,
+    Bdat,
+    Rset,
+    Noop,
+    Quit,
+    Vrfy,
+    Expn,
+    Help,
+    StartTls,
+    Auth,
+    /// An extension command recognised by smtp-proto that the relay does not offer.
+    NotImplemented(&'static str),
+}
+
+const VERBS: &[(&str, Verb)] = &[
+    ("EHLO", Verb::Ehlo),
+    ("HELO", Verb::Helo),
+    ("MAIL", Verb::Mail),
+    ("RCPT", Verb::Rcpt),
+    ("DATA", Verb::Data),
+    ("BDAT", Verb::Bdat),
+    ("RSET", Verb::Rset),
+    ("NOOP", Verb::Noop),
+    ("QUIT", Verb::Quit),
+    ("VRFY", Verb::Vrfy),
+    ("EXPN", Verb::Expn),
+    ("HELP", Verb::Help),
+    ("STARTTLS", Verb::StartTls),
+    ("AUTH", Verb::Auth),
+    ("ETRN", Verb::NotImplemented("ETRN")),
+    ("ATRN", Verb::NotImplemented("ATRN")),
+    ("BURL", Verb::NotImplemented("BURL")),
+];
+
+/// Parses one command line, given without its line terminator.
+///
+/// The line must be valid UTF-8 without control characters (C0, DEL and C1), because RFC 5321
+/// commands are ASCII and RFC 6531 allows only UTF-8 beyond that. The command name is
+/// case-insensitive and separated from its argument by one space. DATA, RSET, QUIT and
+/// STARTTLS take no argument, though trailing spaces are ignored.
+pub fn parse_command(line: &[u8]) -> Result<Command, CommandError> {
+    if line.iter().any(|&byte| byte < 0x20 || byte == 0x7f) {
+        return Err(CommandError::ControlCharacter);
+    }
+    let line = std::str::from_utf8(line).map_err(|_| CommandError::NotUtf8)?;
+    if line.chars().any(|ch| ('\u{80}'..='\u{9f}').contains(&ch)) {
+        return Err(CommandError::ControlCharacter);
+    }
+
+    let (name, arguments) = line.split_once(' ').unwrap_or((line, ""));
+    let Some(verb) = VERBS
+        .iter()
+        .find(|(verb_name, _)| verb_name.eq_ignore_ascii_case(name))
+        .map(|&(_, verb)| verb)
+    else {
+        return Err(CommandError::UnknownCommand {
+            name: truncate(name),
+        });
+    };
+
+    match verb {
+        Verb::Mail => parse_mail(arguments),
+        Verb::Rcpt => parse_rcpt(arguments),
+        Verb::Bdat => parse_bdat(arguments),
+        Verb::NotImplemented(command) => Err(CommandError::NotImplemented { command }),
+        _ => parse_with_smtp_proto(verb, line, arguments),
+    }
+}
+
+/// Parses the commands whose arguments smtp-proto checks on its own.
+fn parse_with_smtp_proto(verb: Verb, line: &str, arguments: &str) -> Result<Command, CommandError> {
+    let (command_name, expected) = match verb {
+        Verb::Ehlo => ("EHLO", "EHLO domain"),
+        Verb::Helo => ("HELO", "HELO domain"),
+        Verb::Data => ("DATA", "DATA"),
+        Verb::Rset => ("RSET", "RSET"),
+        Verb::Noop => ("NOOP", "NOOP [string]"),
+        Verb::Quit => ("QUIT", "QUIT"),
+        Verb::Vrfy => ("VRFY", "VRFY string"),
+        Verb::Expn => ("EXPN", "EXPN string"),
+        Verb::Help => ("HELP", "HELP [string]"),
+        Verb::StartTls => ("STARTTLS", "STARTTLS"),
+        Verb::Auth => ("AUTH", "AUTH mechanism [initial-response]"),
+        Verb::Mail | Verb::Rcpt | Verb::Bdat | Verb::NotImplemented(_) => {
+            unreachable!("{verb:?} is parsed without smtp-proto")
+        }
+    };
+    let syntax_error = CommandError::Syntax {
+        command: command_name,
+        expected,
+    };
+
+    let takes_no_argument = matches!(verb, Verb::Data | Verb::Rset | Verb::Quit | Verb::StartTls);
+    if takes_no_argument && !arguments.trim_matches(' ').is_empty() {
+        return Err(syntax_error);
+    }
+
+    let terminated = with_crlf(line);
+    let request = Request::parse(&mut terminated.iter()).map_err(|_| syntax_error.clone())?;
+    let command = match (verb, request) {
+        (Verb::Ehlo, Request::Ehlo { host }) => Command::Ehlo {
+            host: host.into_owned(),
+        },
+        (Verb::Helo, Request::Helo { host }) => Command::Helo {
+            host: host.into_owned(),
+        },
+        (Verb::Data, Request::Data) => Command::Data,
+        (Verb::Rset, Request::Rset) => Command::Rset,
+        (Verb::Noop, Request::Noop { .. }) => Command::Noop,
+        (Verb::Quit, Request::Quit) => Command::Quit,
+        (Verb::Vrfy, Request::Vrfy { .. }) => Command::Vrfy,
+        (Verb::Expn, Request::Expn { .. }) => Command::Expn,
+        (Verb::Help, Request::Help { .. }) => Command::Help,
+        (Verb::StartTls, Request::StartTls) => Command::StartTls,
+        (Verb::Auth, Request::Auth { .. }) => Command::Auth,
+        // smtp-proto read another command name than this parser did.
+        _ => return Err(syntax_error),
+    };
+    Ok(command)
+}
+
+/// Parses `BDAT chunk-size [LAST]` (RFC 3030).
+fn parse_bdat(arguments: &str) -> Result<Command, CommandError> {
+    let syntax_error = CommandError::Syntax {
+        command: "BDAT",
+        expected: "BDAT chunk-size [LAST]",
+    };
+
+    let mut words = arguments.split(' ').filter(|word| !word.is_empty());
+    let size = words
+        .next()
+        .filter(|word| word.bytes().all(|byte| byte.is_ascii_digit()))
+        .and_then(|word| word.parse::<u64>().ok())
+        .ok_or_else(|| syntax_error.clone())?;
+    let last = match words.next() {
+        None => false,
+        Some(word) if word.eq_ignore_ascii_case("LAST") => true,
+        Some(_) => return Err(syntax_error),
+    };
+    if words.next().is_some() {
+        return Err(syntax_error);
+    }
+    Ok(Command::Bdat { size, last })
+}
+
+/// Parses the arguments of `MAIL FROM:<path> [parameters]`.
+fn parse_mail(arguments: &str) -> Result<Command, CommandError> {
+    let syntax_error = CommandError::Syntax {
+        command: "MAIL",
+        expected: MAIL_SYNTAX,
+    };
+    let (raw_path, params) = split_path_argument(arguments, "FROM:").ok_or(syntax_error)?;
+    let path = parse_path(raw_path, AddressRole::Sender)?;
+
+    let mut size = None;
+    let mut body_8bitmime = false;
+    let mut smtputf8 = false;
+    for (keyword, value) in parse_parameters(params, "MAIL", MAIL_SYNTAX)? {
+        if keyword.eq_ignore_ascii_case("SIZE") {
+            size = Some(parse_size_value(keyword, value)?);
+        } else if keyword.eq_ignore_ascii_case("BODY") {
+            body_8bitmime = parse_body_value(keyword, value)?;
+        } else if keyword.eq_ignore_ascii_case("SMTPUTF8") {
+            if value.is_some() {
+                return Err(CommandError::InvalidParameter {
+                    name: truncate(keyword),
+                    expected: "no value",
+                });
+            }
+            smtputf8 = true;
+        }
+    }
+
+    Ok(Command::Mail {
+        path: path.path,
+        address: path.address,
+        params: params.to_owned(),
+        size,
+        body_8bitmime,
+        smtputf8,
+    })
+}
+
+/// Parses the arguments of `RCPT TO:<path> [parameters]`.
+fn parse_rcpt(arguments: &str) -> Result<Command, CommandError> {
+    let syntax_error = CommandError::Syntax {
+        command: "RCPT",
+        expected: RCPT_SYNTAX,
+    };
+    let (raw_path, params) = split_path_argument(arguments, "TO:").ok_or(syntax_error)?;
+    let path = parse_path(raw_path, AddressRole::Recipient)?;
+    parse_parameters(params, "RCPT", RCPT_SYNTAX)?;
+
+    Ok(Command::Rcpt {
+        path: path.path,
+        address: path.address,
+        params: params.to_owned(),
+    })
+}
+
+/// Splits `FROM:<path> params` into the path with its angle brackets and the trimmed
+/// parameter text. One space after the colon is tolerated, as Postfix does. Returns `None`
+/// when the keyword or the angle brackets are missing or text follows the path directly.
+fn split_path_argument<'a>(arguments: &'a str, keyword: &str) -> Option<(&'a str, &'a str)> {
+    let prefix = arguments.get(..keyword.len())?;
+    if !prefix.eq_ignore_ascii_case(keyword) {
+        return None;
+    }
+    let rest = &arguments[keyword.len()..];
+    let rest = rest.strip_prefix(' ').unwrap_or(rest);
+    if !rest.starts_with('<') {
+        return None;
+    }
+
+    // The path ends at the first '>' outside a quoted string.
+    let mut in_quotes = false;
+    let mut escaped = false;
+    let mut end = None;
+    for (index, byte) in rest.bytes().enumerate().skip(1) {
+        if escaped {
+            escaped = false;
+        } else if in_quotes && byte == b'\\' {
+            escaped = true;
+        } else if byte == b'"' {
+            in_quotes = !in_quotes;
+        } else if byte == b'>' && !in_quotes {
+            end = Some(index);
+            break;
+        }
+    }
+
+    let (path, after) = rest.split_at(end? + 1);
+    if after.is_empty() || after.starts_with(' ') {
+        Some((path, after.trim_matches(' ')))
+    } else {
+        None
+    }
+}
+
+/// A path checked against RFC 5321 with the UTF-8 extensions of RFC 6531.
+struct ParsedPath {
+    /// The path as written with any source route removed, angle brackets included.
+    path: String,
+    /// The mailbox with the quotes of a quoted local part removed.
+    address: String,
+}
+
+/// Parses and checks a path given with its angle brackets.
+///
+/// A source route (`<@a,@b:user@example.com>`) is accepted and removed, as RFC 5321
+/// section 4.1.1.3 requires servers to accept and allows them to ignore it. Relaying the route
+/// could make the upstream server deliver somewhere else than the address that the policy saw.
+fn parse_path(raw_path: &str, role: AddressRole) -> Result<ParsedPath, CommandError> {
+    let invalid = |reason| CommandError::InvalidAddress { role, reason };
+
+    if raw_path.len() > MAX_PATH_LEN {
+        return Err(invalid("path is longer than 256 octets"));
+    }
+    let inner = &raw_path[1..raw_path.len() - 1];
+    if inner.is_empty() {
+        return match role {
+            AddressRole::Sender => Ok(ParsedPath {
+                path: "<>".to_owned(),
+                address: String::new(),
+            }),
+            AddressRole::Recipient => Err(invalid("empty path")),
+        };
+    }
+
+    let mailbox = match inner.strip_prefix('@') {
+        Some(_) => {
+            let (route, mailbox) = inner
+                .split_once(':')
+                .ok_or_else(|| invalid("source route without ':'"))?;
+            let route_is_valid = route
+                .split(',')
+                .all(|hop| hop.strip_prefix('@').is_some_and(is_valid_domain_name));
+            if !route_is_valid {
+                return Err(invalid("invalid source route"));
+            }
+            mailbox
+        }
+        None => inner,
+    };
+
+    // RFC 5321 section 4.1.1.3 allows "Postmaster" without a domain as a recipient.
+    if role == AddressRole::Recipient && mailbox.eq_ignore_ascii_case("postmaster") {
+        check_with_smtp_proto(raw_path, role, "")?;
+        return Ok(ParsedPath {
+            path: format!("<{mailbox}>"),
+            address: mailbox.to_owned(),
+        });
+    }
+
+    let (local_part, domain) = parse_local_part(mailbox).map_err(invalid)?;
+    let domain_is_literal = domain.starts_with('[');
+    if domain_is_literal {
+        if !is_valid_address_literal(domain) {
+            return Err(invalid("invalid address literal"));
+        }
+    } else if domain.is_empty() {
+        return Err(invalid("missing domain"));
+    } else if !is_valid_domain_name(domain) {
+        return Err(invalid("invalid domain"));
+    }
+
+    let address = format!("{local_part}@{domain}");
+    // smtp-proto 0.2.5 rejects address literals, so only domain names can be compared.
+    if !domain_is_literal {
+        check_with_smtp_proto(raw_path, role, &address)?;
+    }
+    Ok(ParsedPath {
+        path: format!("<{mailbox}>"),
+        address,
+    })
+}
+
+/// Splits a mailbox into its local part, with quotes and quoting backslashes removed, and the
+/// domain text after the `@`. Returns the reason when the local part is invalid.
+fn parse_local_part(mailbox: &str) -> Result<(Cow<'_, str>, &str), &'static str> {
+    let Some(quoted) = mailbox.strip_prefix('"') else {
+        let (local_part, domain) = mailbox.split_once('@').ok_or("missing '@'")?;
+        let is_dot_string = local_part
+            .split('.')
+            .all(|atom| !atom.is_empty() && atom.chars().all(is_atext));
+        if !is_dot_string {
+            return Err("invalid local part");
+        }
+        return Ok((Cow::Borrowed(local_part), domain));
+    };
+
+    // Quoted-string: qtextSMTP, quoted-pairSMTP and, from RFC 6531, any non-ASCII character.
+    let mut local_part = String::new();
+    let mut chars = quoted.char_indices();
+    loop {
+        let Some((index, ch)) = chars.next() else {
+            return Err("unterminated quoted local part");
+        };
+        match ch {
+            '"' => {
+                let after = &quoted[index + 1..];
+                let domain = after.strip_prefix('@').ok_or("missing '@'")?;
+                if local_part.is_empty() {
+                    return Err("empty local part");
+                }
+                return Ok((Cow::Owned(local_part), domain));
+            }
+            '\\' => match chars.next() {
+                Some((_, escaped)) if (' '..='~').contains(&escaped) => local_part.push(escaped),
+                _ => return Err("invalid quoted local part"),
+            },
+            ' '..='~' | '\u{80}'.. => local_part.push(ch),
+            _ => return Err("invalid quoted local part"),
+        }
+    }
+}
+
+/// Returns whether `ch` may appear in an atom of a dot-string local part: ASCII atext
+/// (RFC 5321) or any non-ASCII character (RFC 6531).
+fn is_atext(ch: char) -> bool {
+    ch.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(ch) || !ch.is_ascii()
+}
+
+/// Checks a domain name: LDH labels that neither start nor end with a hyphen, or U-labels
+/// that convert to valid A-labels (RFC 6531).
+fn is_valid_domain_name(domain: &str) -> bool {
+    if domain.is_empty() || domain.len() > MAX_DOMAIN_LEN {
+        return false;
+    }
+    let labels_are_valid = domain.split('.').all(|label| {
+        !label.is_empty()
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || !ch.is_ascii())
+            && (!label.is_ascii() || label.len() <= MAX_LABEL_LEN)
+    });
+    if !labels_are_valid {
+        return false;
+    }
+    domain.is_ascii()
+        || idna::uts46::Uts46::new()
+            .to_ascii(
+                domain.as_bytes(),
+                idna::uts46::AsciiDenyList::STD3,
+                idna::uts46::Hyphens::Allow,
+                idna::uts46::DnsLength::Verify,
+            )
+            .is_ok()
+}
+
+/// Checks an address literal: `[IPv4]` or `[IPv6:address]`. General address literals with
+/// other tags are rejected.
+fn is_valid_address_literal(domain: &str) -> bool {
+    let Some(literal) = domain.strip_prefix('[').and_then(|rest| rest.strip_suffix(']')) else {
+        return false;
+    };
+    match literal.get(..5) {
+        Some(tag) if tag.eq_ignore_ascii_case("IPv6:") => literal[5..].parse::<Ipv6Addr>().is_ok(),
+        _ => literal.parse::<Ipv4Addr>().is_ok(),
+    }
+}
+
+/// Requires smtp-proto to read the same address from the path as this parser did.
+fn check_with_smtp_proto(raw_path: &str, role: AddressRole, address: &str) -> Result<(), CommandError> {
+    let line = match role {
+        AddressRole::Sender => format!("MAIL FROM:{raw_path}\r\n"),
+        AddressRole::Recipient => format!("RCPT TO:{raw_path}\r\n"),
+    };
+    let agrees = match Request::parse(&mut line.as_bytes().iter()) {
+        Ok(Request::Mail { from }) => role == AddressRole::Sender && from.address == address,
+        Ok(Request::Rcpt { to }) => role == AddressRole::Recipient && to.address == address,
+        _ => false,
+    };
+    if agrees {
+        Ok(())
+    } else {
+        Err(CommandError::InvalidAddress {
+            role,
+            reason: "ambiguous address syntax",
+        })
+    }
+}
+
+/// Splits parameter text into keywords and optional values, checking the `esmtp-param`
+/// syntax of RFC 5321 with the UTF-8 values of RFC 6531. Keywords must not repeat.
+fn parse_parameters<'a>(
+    params: &'a str,
+    command: &'static str,
+    expected: &'static str,
+) -> Result<Vec<(&'a str, Option<&'a str>)>, CommandError> {
+    let mut parsed: Vec<(&str, Option<&str>)> = Vec::new();
+    for param in params.split(' ').filter(|param| !param.is_empty()) {
+        let (keyword, value) = match param.split_once('=') {
+            Some((keyword, value)) => (keyword, Some(value)),
+            None => (param, None),
+        };
+
+        let keyword_is_valid = keyword
+            .bytes()
+            .next()
+            .is_some_and(|byte| byte.is_ascii_alphanumeric())
+            && keyword
+                .bytes()
+                .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-');
+        if !keyword_is_valid {
+            return Err(CommandError::Syntax { command, expected });
+        }
+
+        let value_is_valid = value.is_none_or(|value| {
+            !value.is_empty()
+                && value
+                    .chars()
+                    .all(|ch| (('!'..='~').contains(&ch) && ch != '=') || !ch.is_ascii())
+        });
+        if !value_is_valid {
+            return Err(CommandError::InvalidParameter {
+                name: truncate(keyword),
+                expected: "a value of printable characters other than '='",
+            });
+        }
+
+        if parsed
+            .iter()
+            .any(|(seen, _)| seen.eq_ignore_ascii_case(keyword))
+        {
+            return Err(CommandError::DuplicateParameter {
+                name: truncate(keyword),
+            });
+        }
+        parsed.push((keyword, value));
+    }
+    Ok(parsed)
+}
+
+/// Parses a SIZE value (RFC 1870: 1 to 20 digits). A value beyond `u64::MAX` becomes
+/// `u64::MAX`, which is larger than any limit.
+fn parse_size_value(keyword: &str, value: Option<&str>) -> Result<u64, CommandError> {
+    let invalid = || CommandError::InvalidParameter {
+        name: truncate(keyword),
+        expected: "a number of bytes with at most 20 digits",
+    };
+    let value = value.ok_or_else(invalid)?;
+    if value.is_empty()
+        || value.len() > MAX_SIZE_DIGITS
+        || !value.bytes().all(|byte| byte.is_ascii_digit())
+    {
+        return Err(invalid());
+    }
+    Ok(value.parse::<u64>().unwrap_or(u64::MAX))
+}
+
+/// Parses a BODY value and returns whether it is 8BITMIME.
+fn parse_body_value(keyword: &str, value: Option<&str>) -> Result<bool, CommandError> {
+    match value {
+        Some(body) if body.eq_ignore_ascii_case("8BITMIME") => Ok(true),
+        Some(body) if body.eq_ignore_ascii_case("7BIT") || body.eq_ignore_ascii_case("BINARYMIME") => {
+            Ok(false)
+        }
+        _ => Err(CommandError::InvalidParameter {
+            name: truncate(keyword),
+            expected: "7BIT, 8BITMIME or BINARYMIME",
+        }),
+    }
+}
+
+fn with_crlf(line: &str) -> Vec<u8> {
+    let mut terminated = Vec::with_capacity(line.len() + 2);
+    terminated.extend_from_slice(line.as_bytes());
+    terminated.extend_from_slice(b"\r\n");
+    terminated
+}
+
+fn truncate(text: &str) -> String {
+    text.chars().take(MAX_ERROR_NAME_LEN).collect()
+}

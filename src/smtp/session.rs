@@ -1,0 +1,594 @@
+//! One client connection of the SMTP relay.
+//!
+//! The envelope is forwarded live: the upstream transaction opens at the
+//! client's MAIL FROM and each RCPT is passed on, so the client sees the
+//! upstream's own replies. The message itself is read whole, scanned, and
+//! only then sent upstream; the client gets the upstream's final reply, so
+//! it never sees `250` for a message the upstream did not accept.
+
+use crate::guard::{Guard, MessageDecision, SenderCheck, Transaction};
+use crate::reply::Reply;
+use crate::smtp::command::{Command, parse_command};
+use crate::smtp::reader::{BareLineEndings, CommandLine, CommandLines, DataReader};
+use crate::smtp::upstream::{Capabilities, UpstreamConnection, queue_id};
+use arc_swap::ArcSwapOption;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::watch;
+use tokio::time::timeout_at;
+
+/// Longest command line accepted, in octets without CRLF. RFC 5321 sets a
+/// minimum of 512; parameters such as long SIZE and AUTH values fit well in
+/// this.
+pub const MAX_COMMAND_LINE: usize = 4096;
+
+/// Size of each read from the client socket.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// State shared by all sessions of one listener.
+pub struct SessionShared {
+    pub guard: Arc<Guard>,
+    /// What the upstream offered in its last EHLO reply; `None` until an
+    /// upstream session succeeded.
+    pub upstream_capabilities: ArcSwapOption<Capabilities>,
+}
+
+/// Where a session is in the SMTP dialogue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Greeting sent, no HELO or EHLO yet.
+    Connected,
+    /// HELO or EHLO accepted, no transaction.
+    Ready,
+    /// MAIL accepted, no recipient accepted yet.
+    Mail,
+    /// At least one recipient accepted.
+    Rcpt,
+}
+
+/// Returns the reply for a command sent out of sequence, or `None` when the
+/// command may run in `state`.
+pub fn sequence_error(state: State, command: &Command) -> Option<Reply> {
+    match (state, command) {
+        (State::Connected, Command::Mail { .. } | Command::Rcpt { .. } | Command::Data | Command::Bdat { .. }) => {
+            Some(Reply::bad_sequence("Send EHLO or HELO first"))
+        }
+        (State::Ready, Command::Rcpt { .. }) => Some(Reply::bad_sequence("Send MAIL before RCPT")),
+        (State::Ready, Command::Data | Command::Bdat { .. }) => Some(Reply::bad_sequence("Send MAIL before DATA")),
+        (State::Mail | State::Rcpt, Command::Mail { .. }) => {
+            Some(Reply::bad_sequence("Nested MAIL command; send RSET first"))
+        }
+        (State::Mail, Command::Data | Command::Bdat { .. }) => Some(Reply::no_valid_recipients()),
+        _ => None,
+    }
+}
+
+/// The envelope of the transaction in progress.
+struct Envelope {
+    id: String,
+    sender_path: String,
+    sender: String,
+    accepted_recipients: usize,
+}
+
+/// Why a session ends early.
+enum Stop {
+    /// The client closed the connection or said QUIT.
+    Closed,
+    /// The client was silent for too long.
+    Timeout,
+    /// sendguard is shutting down.
+    Shutdown,
+    /// The connection failed.
+    Io(std::io::Error),
+}
+
+/// One client connection.
+pub struct Session {
+    shared: Arc<SessionShared>,
+    reader: OwnedReadHalf,
+    writer: OwnedWriteHalf,
+    peer: SocketAddr,
+    id: String,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    lines: CommandLines,
+    state: State,
+    envelope: Option<Envelope>,
+    upstream: Option<UpstreamConnection>,
+    transactions: u32,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Session {
+    pub fn new(
+        shared: Arc<SessionShared>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        id: String,
+        shutdown: watch::Receiver<bool>,
+    ) -> Session {
+        let _ = stream.set_nodelay(true);
+        let (reader, writer) = stream.into_split();
+        Session {
+            shared,
+            reader,
+            writer,
+            peer,
+            id,
+            input: Vec::with_capacity(READ_CHUNK),
+            output: Vec::with_capacity(512),
+            lines: CommandLines::new(MAX_COMMAND_LINE),
+            state: State::Connected,
+            envelope: None,
+            upstream: None,
+            transactions: 0,
+            shutdown,
+        }
+    }
+
+    /// Runs the dialogue until the client quits or the connection ends.
+    pub async fn run(mut self) {
+        let runtime = self.shared.guard.runtime();
+        let hostname = runtime.config.smtp.hostname.clone();
+        let client = self.peer.ip().to_canonical();
+        if !runtime.config.smtp.relay_networks.iter().any(|network| network.contains(&client)) {
+            tracing::info!(client = %client, "client not in relay_networks; connection refused");
+            self.queue(&Reply::relay_denied(&client.to_string()));
+            let _ = self.flush().await;
+            return;
+        }
+        drop(runtime);
+
+        self.queue(&Reply::greeting(&hostname));
+        let stop = self.dialogue().await;
+        match stop {
+            Stop::Closed => {}
+            Stop::Timeout => {
+                tracing::info!("client timed out");
+                self.queue(&Reply::timeout(&hostname));
+            }
+            Stop::Shutdown => self.queue(&Reply::shutting_down(&hostname)),
+            Stop::Io(error) => tracing::info!(%error, "client connection failed"),
+        }
+        let _ = self.flush().await;
+        if let Some(upstream) = self.upstream.take() {
+            upstream.quit().await;
+        }
+    }
+
+    async fn dialogue(&mut self) -> Stop {
+        loop {
+            let line = match self.next_line().await {
+                Ok(line) => line,
+                Err(stop) => return stop,
+            };
+            let bytes = match line {
+                CommandLine::TooLong => {
+                    self.queue(&Reply::line_too_long(MAX_COMMAND_LINE));
+                    continue;
+                }
+                CommandLine::Line(bytes) => bytes,
+            };
+            let command = match parse_command(&bytes) {
+                Ok(command) => command,
+                Err(error) => {
+                    let (code, enhanced) = error.reply_code();
+                    tracing::debug!(%error, "invalid command");
+                    self.queue(&Reply::new(code, enhanced, error.to_string()));
+                    continue;
+                }
+            };
+            tracing::debug!(command = ?command, "command");
+            if let Some(reply) = sequence_error(self.state, &command) {
+                self.queue(&reply);
+                continue;
+            }
+            match self.execute(command).await {
+                Ok(true) => {}
+                Ok(false) => return Stop::Closed,
+                Err(stop) => return stop,
+            }
+        }
+    }
+
+    /// Runs one command; returns `Ok(false)` when the session should end.
+    async fn execute(&mut self, command: Command) -> Result<bool, Stop> {
+        let hostname = self.shared.guard.runtime().config.smtp.hostname.clone();
+        match command {
+            Command::Ehlo { host } => {
+                self.reset_transaction().await;
+                tracing::debug!(helo = %host, "EHLO");
+                let reply = self.ehlo_reply(&hostname);
+                self.queue(&reply);
+                self.state = State::Ready;
+            }
+            Command::Helo { host } => {
+                self.reset_transaction().await;
+                tracing::debug!(helo = %host, "HELO");
+                self.queue(&Reply {
+                    code: 250,
+                    enhanced: None,
+                    lines: vec![hostname],
+                });
+                self.state = State::Ready;
+            }
+            Command::Mail {
+                path,
+                address,
+                params,
+                size,
+                ..
+            } => self.mail(path, address, params, size).await,
+            Command::Rcpt { path, params, .. } => self.rcpt(path, params).await,
+            Command::Data => self.data().await?,
+            Command::Rset => {
+                self.reset_transaction().await;
+                if self.state != State::Connected {
+                    self.state = State::Ready;
+                }
+                self.queue(&Reply::ok("Ok"));
+            }
+            Command::Noop => self.queue(&Reply::ok("Ok")),
+            Command::Quit => {
+                self.queue(&Reply::closing(&hostname));
+                return Ok(false);
+            }
+            Command::Help => self.queue(&Reply::new(214, "2.0.0", "See RFC 5321")),
+            Command::Vrfy => self.queue(&Reply::new(252, "2.5.2", "Cannot VRFY user; send mail to try delivery")),
+            Command::Bdat { .. } => self.queue(&Reply::not_implemented("BDAT")),
+            Command::StartTls => self.queue(&Reply::not_implemented("STARTTLS")),
+            Command::Auth => self.queue(&Reply::not_implemented("AUTH")),
+            Command::Expn => self.queue(&Reply::not_implemented("EXPN")),
+        }
+        Ok(true)
+    }
+
+    fn ehlo_reply(&self, hostname: &str) -> Reply {
+        let max_size = self.shared.guard.runtime().config.smtp.max_message_size;
+        let upstream = self.shared.upstream_capabilities.load_full();
+        let upstream = upstream.as_deref();
+        let size = match upstream.and_then(|capabilities| capabilities.size) {
+            Some(limit) if limit > 0 => limit.min(max_size),
+            _ => max_size,
+        };
+        let mut lines = vec![hostname.to_string(), "PIPELINING".to_string(), format!("SIZE {size}")];
+        // Extensions that change what reaches the upstream are offered only
+        // when the upstream offers them too. PIPELINING concerns only this
+        // hop, because commands go upstream one at a time.
+        if let Some(upstream) = upstream {
+            if upstream.eight_bit_mime {
+                lines.push("8BITMIME".to_string());
+            }
+            if upstream.smtputf8 {
+                lines.push("SMTPUTF8".to_string());
+            }
+            if upstream.enhanced_status_codes {
+                lines.push("ENHANCEDSTATUSCODES".to_string());
+            }
+        }
+        Reply {
+            code: 250,
+            enhanced: None,
+            lines,
+        }
+    }
+
+    fn transaction(&self, envelope: &Envelope) -> Transaction {
+        Transaction {
+            id: envelope.id.clone(),
+            sender_path: envelope.sender_path.clone(),
+            sender: envelope.sender.clone(),
+            login: None,
+            client: self.peer.ip().to_canonical(),
+            recipients: envelope.accepted_recipients,
+        }
+    }
+
+    async fn mail(&mut self, path: String, address: String, params: String, size: Option<u64>) {
+        let max_size = self.shared.guard.runtime().config.smtp.max_message_size;
+        if let Some(size) = size
+            && size > max_size
+        {
+            self.queue(&Reply::message_too_large(max_size));
+            return;
+        }
+
+        self.transactions += 1;
+        let envelope = Envelope {
+            id: format!("{}-{}", self.id, self.transactions),
+            sender_path: path,
+            sender: address,
+            accepted_recipients: 0,
+        };
+        let transaction = self.transaction(&envelope);
+        if let SenderCheck::Refuse(reply) = self.shared.guard.check_sender(&transaction).await {
+            self.queue(&reply);
+            return;
+        }
+
+        let line = if params.is_empty() {
+            format!("MAIL FROM:{}", envelope.sender_path)
+        } else {
+            format!("MAIL FROM:{} {params}", envelope.sender_path)
+        };
+        let Some(reply) = self.upstream_command(&line, true).await else {
+            return;
+        };
+        if reply.is_positive() {
+            self.state = State::Mail;
+            self.envelope = Some(envelope);
+        }
+        self.queue(&reply);
+    }
+
+    async fn rcpt(&mut self, path: String, params: String) {
+        let line = if params.is_empty() {
+            format!("RCPT TO:{path}")
+        } else {
+            format!("RCPT TO:{path} {params}")
+        };
+        let Some(reply) = self.upstream_command(&line, false).await else {
+            return;
+        };
+        if reply.is_positive()
+            && let Some(envelope) = self.envelope.as_mut()
+        {
+            envelope.accepted_recipients += 1;
+            self.state = State::Rcpt;
+        }
+        self.queue(&reply);
+    }
+
+    /// Sends a command upstream, connecting first when `connect` is set and
+    /// no connection is open. On failure the client gets a 4xx, the
+    /// transaction is dropped and `None` is returned.
+    async fn upstream_command(&mut self, line: &str, connect: bool) -> Option<Reply> {
+        if self.upstream.is_none() && connect {
+            let runtime = self.shared.guard.runtime();
+            match UpstreamConnection::connect(&runtime.config.upstream, &runtime.config.smtp.hostname).await {
+                Ok(connection) => {
+                    self.shared
+                        .upstream_capabilities
+                        .store(Some(Arc::new(connection.capabilities().clone())));
+                    self.upstream = Some(connection);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "upstream unavailable");
+                    self.queue(&Reply::upstream_unavailable());
+                    return None;
+                }
+            }
+        }
+        let Some(upstream) = self.upstream.as_mut() else {
+            self.abandon_transaction();
+            self.queue(&Reply::upstream_failed());
+            return None;
+        };
+        match upstream.command(line).await {
+            Ok(reply) => {
+                if reply.code == 421 {
+                    // The upstream is closing this session; the next
+                    // transaction opens a new one.
+                    self.upstream = None;
+                    self.abandon_transaction();
+                }
+                Some(reply)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "upstream command failed");
+                self.upstream = None;
+                self.abandon_transaction();
+                self.queue(&Reply::upstream_failed());
+                None
+            }
+        }
+    }
+
+    async fn data(&mut self) -> Result<(), Stop> {
+        let runtime = self.shared.guard.runtime();
+        let smtp = &runtime.config.smtp;
+        let max_size = usize::try_from(smtp.max_message_size).unwrap_or(usize::MAX);
+        self.queue(&Reply::start_data());
+        self.flush().await.map_err(Stop::Io)?;
+
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + smtp.data_timeout;
+        let mut reader = DataReader::new(smtp.bare_line_endings, max_size);
+        loop {
+            let fed = reader.feed(&self.input);
+            self.input.drain(..fed.consumed);
+            if fed.done {
+                break;
+            }
+            self.input.reserve(READ_CHUNK);
+            let read = tokio::select! {
+                read = timeout_at(deadline, self.reader.read_buf(&mut self.input)) => read,
+                _ = self.shutdown.changed() => return Err(Stop::Shutdown),
+            };
+            match read {
+                Err(_) => return Err(Stop::Timeout),
+                Ok(Err(error)) => return Err(Stop::Io(error)),
+                Ok(Ok(0)) => return Err(Stop::Closed),
+                Ok(Ok(_)) => {}
+            }
+        }
+        let outcome = reader.finish();
+        let Some(envelope) = self.envelope.take() else {
+            return Ok(());
+        };
+        self.state = State::Ready;
+        let mut transaction = self.transaction(&envelope);
+        transaction.recipients = envelope.accepted_recipients;
+
+        if outcome.too_large {
+            tracing::info!(transaction = %transaction.id, received = outcome.received,
+                limit = smtp.max_message_size, "message too large");
+            self.reset_upstream().await;
+            self.queue(&Reply::message_too_large(smtp.max_message_size));
+            return Ok(());
+        }
+        if outcome.bare_line_endings && smtp.bare_line_endings == BareLineEndings::Reject {
+            tracing::info!(transaction = %transaction.id, "message with bare CR or LF rejected");
+            self.reset_upstream().await;
+            self.queue(&Reply::bare_line_ending());
+            return Ok(());
+        }
+
+        let decision = self.shared.guard.check_message(&transaction, &outcome.message).await;
+        let (header, pending) = match decision {
+            MessageDecision::Reject(reply) => {
+                tracing::info!(transaction = %transaction.id, reply = %reply.one_line(), "message rejected");
+                self.reset_upstream().await;
+                self.queue(&reply);
+                return Ok(());
+            }
+            MessageDecision::Deliver { header, pending } => (header, pending),
+        };
+
+        let Some(upstream) = self.upstream.as_mut() else {
+            self.queue(&Reply::upstream_failed());
+            return Ok(());
+        };
+        let reply = match upstream.send_message(header.as_deref(), &outcome.message).await {
+            Ok(reply) => reply,
+            Err(error) => {
+                tracing::warn!(%error, transaction = %transaction.id, "upstream failed during the message");
+                self.upstream = None;
+                self.queue(&Reply::upstream_failed());
+                return Ok(());
+            }
+        };
+        let queue_id = reply.is_positive().then(|| queue_id(&reply)).flatten();
+        tracing::info!(transaction = %transaction.id, sender = %transaction.sender_path,
+            recipients = transaction.recipients, size = outcome.message.len(),
+            upstream_reply = %reply.one_line(), queue_id = queue_id.as_deref().unwrap_or(""),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0, "message relayed");
+        if reply.code == 421 {
+            self.upstream = None;
+        } else if !reply.is_positive() {
+            self.reset_upstream().await;
+        }
+        if let Some(pending) = pending {
+            self.shared.guard.record_delivered(pending, queue_id).await;
+        }
+        self.queue(&reply);
+        Ok(())
+    }
+
+    /// Drops the transaction in progress, upstream included.
+    async fn reset_transaction(&mut self) {
+        self.abandon_transaction();
+        self.reset_upstream().await;
+    }
+
+    fn abandon_transaction(&mut self) {
+        self.envelope = None;
+        if matches!(self.state, State::Mail | State::Rcpt) {
+            self.state = State::Ready;
+        }
+    }
+
+    /// Resets the upstream transaction; a connection that fails RSET is
+    /// closed so the next transaction starts clean.
+    async fn reset_upstream(&mut self) {
+        if let Some(upstream) = self.upstream.as_mut()
+            && let Err(error) = upstream.reset().await
+        {
+            tracing::warn!(%error, "upstream RSET failed; closing the upstream connection");
+            self.upstream = None;
+        }
+    }
+
+    async fn next_line(&mut self) -> Result<CommandLine, Stop> {
+        let timeout = self.shared.guard.runtime().config.smtp.command_timeout;
+        loop {
+            if let Some(line) = self.lines.next_line(&mut self.input) {
+                return Ok(line);
+            }
+            self.flush().await.map_err(Stop::Io)?;
+            let deadline = tokio::time::Instant::now() + timeout;
+            self.input.reserve(READ_CHUNK);
+            let read = tokio::select! {
+                read = timeout_at(deadline, self.reader.read_buf(&mut self.input)) => read,
+                _ = self.shutdown.changed() => return Err(Stop::Shutdown),
+            };
+            match read {
+                Err(_) => return Err(Stop::Timeout),
+                Ok(Err(error)) => return Err(Stop::Io(error)),
+                Ok(Ok(0)) => return Err(Stop::Closed),
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    fn queue(&mut self, reply: &Reply) {
+        tracing::debug!(reply = %reply.one_line(), "reply");
+        self.output.extend_from_slice(&reply.to_wire());
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if self.output.is_empty() {
+            return Ok(());
+        }
+        self.writer.write_all(&self.output).await?;
+        self.output.clear();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mail() -> Command {
+        Command::Mail {
+            path: "<a@example.org>".into(),
+            address: "a@example.org".into(),
+            params: String::new(),
+            size: None,
+            body_8bitmime: false,
+            smtputf8: false,
+        }
+    }
+
+    fn rcpt() -> Command {
+        Command::Rcpt {
+            path: "<b@example.org>".into(),
+            address: "b@example.org".into(),
+            params: String::new(),
+        }
+    }
+
+    #[test]
+    fn sequence_table() {
+        let ehlo = Command::Ehlo { host: "c".into() };
+        let cases: Vec<(State, Command, Option<u16>)> = vec![
+            (State::Connected, ehlo.clone(), None),
+            (State::Connected, mail(), Some(503)),
+            (State::Connected, rcpt(), Some(503)),
+            (State::Connected, Command::Data, Some(503)),
+            (State::Connected, Command::Noop, None),
+            (State::Connected, Command::Quit, None),
+            (State::Ready, mail(), None),
+            (State::Ready, rcpt(), Some(503)),
+            (State::Ready, Command::Data, Some(503)),
+            (State::Mail, mail(), Some(503)),
+            (State::Mail, rcpt(), None),
+            (State::Mail, Command::Data, Some(554)),
+            (State::Rcpt, rcpt(), None),
+            (State::Rcpt, Command::Data, None),
+            (State::Rcpt, mail(), Some(503)),
+            (State::Rcpt, Command::Rset, None),
+            (State::Rcpt, ehlo, None),
+        ];
+        for (state, command, expected) in cases {
+            let code = sequence_error(state, &command).map(|reply| reply.code);
+            assert_eq!(code, expected, "{state:?} + {command:?}");
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! The SQLite schema and its queries, as plain synchronous functions over a
+//! connection. The server runs them on the store thread; the command line
+//! runs them directly.
+
+use super::StoreError;
+use crate::events::{Event, EventKind};
+use crate::identity::MailboxKey;
+use crate::policy::{MailboxState, Timestamp};
+use rusqlite::{Connection, OptionalExtension, params};
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS mailboxes (
+    mailbox     TEXT NOT NULL,
+    client      TEXT NOT NULL DEFAULT '',
+    state       TEXT NOT NULL,
+    block_until INTEGER,
+    permanent   INTEGER NOT NULL DEFAULT 0,
+    end_pending INTEGER NOT NULL DEFAULT 0,
+    updated     INTEGER NOT NULL,
+    PRIMARY KEY (mailbox, client)
+);
+CREATE INDEX IF NOT EXISTS mailboxes_pending_end ON mailboxes (end_pending, block_until);
+CREATE TABLE IF NOT EXISTS events (
+    id         INTEGER PRIMARY KEY,
+    time       INTEGER NOT NULL,
+    type       TEXT NOT NULL,
+    mailbox    TEXT,
+    key_client TEXT,
+    details    TEXT NOT NULL,
+    aggregate  TEXT UNIQUE
+);
+CREATE INDEX IF NOT EXISTS events_time ON events (time);
+CREATE INDEX IF NOT EXISTS events_mailbox ON events (mailbox, time);
+";
+
+/// Opens (creating if needed) the database in WAL mode with the schema.
+///
+/// # Errors
+/// When the file cannot be opened or the schema cannot be created.
+pub fn open(path: &Path) -> Result<Connection, StoreError> {
+    if let Some(parent) = path.parent()
+        && !parent.as_os_str().is_empty()
+        && !parent.exists()
+    {
+        std::fs::create_dir_all(parent).map_err(|source| StoreError::Open {
+            path: path.display().to_string(),
+            message: source.to_string(),
+        })?;
+    }
+    let connection = Connection::open(path).map_err(|source| StoreError::Open {
+        path: path.display().to_string(),
+        message: source.to_string(),
+    })?;
+    connection.busy_timeout(Duration::from_secs(10))?;
+    // WAL with synchronous=NORMAL keeps every committed transaction across
+    // a crash of the process (kill -9); only a power loss can lose the last
+    // transactions.
+    connection.pragma_update(None, "journal_mode", "WAL")?;
+    connection.pragma_update(None, "synchronous", "NORMAL")?;
+    connection.execute_batch(SCHEMA)?;
+    Ok(connection)
+}
+
+/// Opens an existing database for the command line, without creating it.
+///
+/// # Errors
+/// When the file does not exist or cannot be opened.
+pub fn open_existing(path: &Path) -> Result<Connection, StoreError> {
+    if !path.exists() {
+        return Err(StoreError::Open {
+            path: path.display().to_string(),
+            message: "no such file; has `sendguard serve` run with this config?".to_string(),
+        });
+    }
+    open(path)
+}
+
+fn client_column(key: &MailboxKey) -> String {
+    key.client.map(|client| client.to_string()).unwrap_or_default()
+}
+
+fn key_from_columns(mailbox: String, client: String) -> MailboxKey {
+    MailboxKey {
+        mailbox,
+        client: client.parse::<IpAddr>().ok(),
+    }
+}
+
+/// Reads one mailbox's state.
+///
+/// # Errors
+/// On a database failure or a state that does not decode.
+pub fn load_mailbox(connection: &Connection, key: &MailboxKey) -> Result<Option<MailboxState>, StoreError> {
+    let text: Option<String> = connection
+        .query_row(
+            "SELECT state FROM mailboxes WHERE mailbox = ?1 AND client = ?2",
+            params![key.mailbox, client_column(key)],
+            |row| row.get(0),
+        )
+        .optional()?;
+    text.map(|text| serde_json::from_str(&text).map_err(StoreError::from))
+        .transpose()
+}
+
+/// Writes one mailbox's state, or deletes it when there is nothing left to
+/// keep.
+///
+/// # Errors
+/// On a database failure.
+pub fn save_mailbox(
+    connection: &Connection,
+    key: &MailboxKey,
+    state: &MailboxState,
+    keep: bool,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    if !keep {
+        connection.execute(
+            "DELETE FROM mailboxes WHERE mailbox = ?1 AND client = ?2",
+            params![key.mailbox, client_column(key)],
+        )?;
+        return Ok(());
+    }
+    let block = state.block.as_ref();
+    let block_until = block.and_then(|block| block.until).map(Timestamp::millis);
+    let permanent = block.is_some_and(|block| block.is_permanent());
+    let end_pending = block.is_some_and(|block| !block.end_recorded && block.until.is_some());
+    connection.execute(
+        "INSERT INTO mailboxes (mailbox, client, state, block_until, permanent, end_pending, updated)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (mailbox, client) DO UPDATE SET
+             state = excluded.state, block_until = excluded.block_until,
+             permanent = excluded.permanent, end_pending = excluded.end_pending,
+             updated = excluded.updated",
+        params![
+            key.mailbox,
+            client_column(key),
+            serde_json::to_string(state)?,
+            block_until,
+            permanent,
+            end_pending,
+            now.millis()
+        ],
+    )?;
+    Ok(())
+}
+
+/// Appends one event.
+///
+/// # Errors
+/// On a database failure.
+pub fn insert_event(connection: &Connection, event: &Event) -> Result<(), StoreError> {
+    connection.execute(
+        "INSERT INTO events (time, type, mailbox, key_client, details) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            event.time.millis(),
+            event.kind.as_str(),
+            event.mailbox,
+            event.key_client,
+            serde_json::Value::Object(event.details.clone()).to_string()
+        ],
+    )?;
+    Ok(())
+}
+
+/// Records a `sender_refused` event, folding it into the existing event of
+/// the same mailbox and minute by raising its `count`.
+///
+/// # Errors
+/// On a database failure.
+pub fn insert_refusal(connection: &Connection, event: &Event) -> Result<(), StoreError> {
+    let minute = event.time.millis().div_euclid(60_000);
+    let aggregate = format!(
+        "sender_refused\u{1f}{}\u{1f}{}\u{1f}{minute}",
+        event.mailbox.as_deref().unwrap_or(""),
+        event.key_client.as_deref().unwrap_or("")
+    );
+    connection.execute(
+        "INSERT INTO events (time, type, mailbox, key_client, details, aggregate)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (aggregate) DO UPDATE SET
+             details = json_set(details, '$.count', json_extract(details, '$.count') + 1,
+                                '$.last', ?7)",
+        params![
+            event.time.millis(),
+            event.kind.as_str(),
+            event.mailbox,
+            event.key_client,
+            serde_json::Value::Object(event.details.clone()).to_string(),
+            aggregate,
+            event.time.to_rfc3339()
+        ],
+    )?;
+    Ok(())
+}
+
+/// Which events to read.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    pub since: Option<Timestamp>,
+    pub until: Option<Timestamp>,
+    pub mailbox: Option<String>,
+    pub kind: Option<EventKind>,
+    pub limit: Option<usize>,
+}
+
+/// Reads events in time order.
+///
+/// # Errors
+/// On a database failure or a row that does not decode.
+pub fn query_events(connection: &Connection, filter: &EventFilter) -> Result<Vec<Event>, StoreError> {
+    let mut statement = connection.prepare(
+        "SELECT time, type, mailbox, key_client, details FROM events
+         WHERE (?1 IS NULL OR time >= ?1) AND (?2 IS NULL OR time < ?2)
+           AND (?3 IS NULL OR mailbox = ?3) AND (?4 IS NULL OR type = ?4)
+         ORDER BY time, id LIMIT ?5",
+    )?;
+    let limit = filter.limit.map_or(-1, |limit| i64::try_from(limit).unwrap_or(i64::MAX));
+    let rows = statement.query_map(
+        params![
+            filter.since.map(Timestamp::millis),
+            filter.until.map(Timestamp::millis),
+            filter.mailbox,
+            filter.kind.map(EventKind::as_str),
+            limit
+        ],
+        |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, Option<String>>(2)?,
+                row.get::<_, Option<String>>(3)?,
+                row.get::<_, String>(4)?,
+            ))
+        },
+    )?;
+    let mut events = Vec::new();
+    for row in rows {
+        let (time, kind, mailbox, key_client, details) = row?;
+        let kind = EventKind::parse(&kind)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown event type {kind:?}")))?;
+        let details = match serde_json::from_str(&details)? {
+            serde_json::Value::Object(map) => map,
+            _ => return Err(StoreError::Corrupt("event details are not an object".to_string())),
+        };
+        events.push(Event {
+            time: Timestamp(time),
+            kind,
+            mailbox,
+            key_client,
+            details,
+        });
+    }
+    Ok(events)
+}
+
+/// Returns every mailbox with a lockout in force at `now`.
+///
+/// # Errors
+/// On a database failure or a state that does not decode.
+pub fn active_blocks(connection: &Connection, now: Timestamp) -> Result<Vec<(MailboxKey, MailboxState)>, StoreError> {
+    let mut statement = connection.prepare(
+        "SELECT mailbox, client, state FROM mailboxes
+         WHERE permanent = 1 OR block_until > ?1 ORDER BY mailbox, client",
+    )?;
+    let rows = statement.query_map(params![now.millis()], |row| {
+        Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?))
+    })?;
+    let mut blocks = Vec::new();
+    for row in rows {
+        let (mailbox, client, state) = row?;
+        let state: MailboxState = serde_json::from_str(&state)?;
+        if state.active_block(now).is_some() {
+            blocks.push((key_from_columns(mailbox, client), state));
+        }
+    }
+    Ok(blocks)
+}
+
+/// Returns the earliest end of a timed lockout whose end is not yet recorded.
+///
+/// # Errors
+/// On a database failure.
+pub fn next_pending_end(connection: &Connection) -> Result<Option<Timestamp>, StoreError> {
+    let next: Option<i64> = connection.query_row(
+        "SELECT MIN(block_until) FROM mailboxes WHERE end_pending = 1",
+        [],
+        |row| row.get(0),
+    )?;
+    Ok(next.map(Timestamp))
+}
+
+/// Returns the mailboxes whose timed lockout ended at or before `now` and
+/// whose end is not yet recorded.
+///
+/// # Errors
+/// On a database failure.
+pub fn due_ends(connection: &Connection, now: Timestamp) -> Result<Vec<MailboxKey>, StoreError> {
+    let mut statement = connection.prepare(
+        "SELECT mailbox, client FROM mailboxes WHERE end_pending = 1 AND block_until <= ?1",
+    )?;
+    let rows = statement.query_map(params![now.millis()], |row| {
+        Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+    })?;
+    let mut keys = Vec::new();
+    for row in rows {
+        let (mailbox, client) = row?;
+        keys.push(key_from_columns(mailbox, client));
+    }
+    Ok(keys)
+}
+
+/// Returns every stored state of a mailbox, under any client address.
+///
+/// # Errors
+/// On a database failure or a state that does not decode.
+pub fn mailbox_states(connection: &Connection, mailbox: &str) -> Result<Vec<(MailboxKey, MailboxState)>, StoreError> {
+    let mut statement = connection.prepare(
+        "SELECT mailbox, client, state FROM mailboxes WHERE mailbox = ?1 ORDER BY client",
+    )?;
+    let rows = statement.query_map(params![mailbox], |row| {
+        Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?))
+    })?;
+    let mut states = Vec::new();
+    for row in rows {
+        let (mailbox, client, state) = row?;
+        states.push((key_from_columns(mailbox, client), serde_json::from_str(&state)?));
+    }
+    Ok(states)
+}

@@ -1,0 +1,8 @@
+//! Shared harness for the integration tests: real clamd, a recording upstream
+//! SMTP server and a line-by-line SMTP client.
+#![allow(dead_code)]
+
+pub mod clamd;
+pub mod sendguard;
+pub mod smtp_client;
+pub mod upstream;

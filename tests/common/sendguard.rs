@@ -1,0 +1,174 @@
+//! Runs the real `sendguard` binary on a free loopback port with a config
+//! written into a temporary directory.
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `sendguard serve`, killed on drop.
+pub struct Sendguard {
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub address: String,
+    child: Option<Child>,
+}
+
+/// Returns a loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("bind a free port")
+}
+
+impl Sendguard {
+    /// Starts sendguard relaying to `upstream`, with `extra` TOML appended to
+    /// a config that has [smtp], [upstream] and [store].
+    pub fn start(upstream: &str, extra: &str) -> Sendguard {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let port = free_port();
+        let address = format!("127.0.0.1:{port}");
+        let config = format!(
+            "[smtp]\nlisten = \"{address}\"\nhostname = \"sendguard.test\"\n\
+             relay_networks = [\"127.0.0.0/8\", \"::1/128\"]\n\
+             [upstream]\naddress = \"{upstream}\"\ntimeout = \"10s\"\nconnect_timeout = \"5s\"\n\
+             [store]\npath = \"{}\"\n{extra}\n",
+            dir.path().join("sendguard.db").display()
+        );
+        let config_path = dir.path().join("sendguard.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let mut sendguard = Sendguard {
+            dir,
+            config_path,
+            address,
+            child: None,
+        };
+        sendguard.spawn();
+        sendguard
+    }
+
+    /// Replaces the config file (for reload tests).
+    pub fn rewrite_config(&self, transform: impl FnOnce(&str) -> String) {
+        let text = std::fs::read_to_string(&self.config_path).expect("read config");
+        std::fs::write(&self.config_path, transform(&text)).expect("write config");
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("sendguard.log"))
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_sendguard"))
+            .args(["serve", "--config"])
+            .arg(&self.config_path)
+            .env("SENDGUARD_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start sendguard");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(&self.address).is_err() {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("sendguard exited with {status}:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "sendguard did not listen:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sendguard.log")).unwrap_or_default()
+    }
+
+    /// Kills the server with SIGKILL and waits for it to die.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same config and store.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// Sends SIGHUP and waits until the log shows the reload outcome.
+    pub fn reload(&self) {
+        let pid = self.child.as_ref().expect("running").id();
+        let before = self.log().matches("reload").count();
+        let status = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.log().matches("reload").count() == before {
+            assert!(Instant::now() < deadline, "no reload in the log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs a `sendguard` subcommand with this server's config.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        run_cli(args, &self.config_path)
+    }
+
+    /// Returns the events report as parsed JSON lines.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        let output = self.cli(&["events", "--format", "json"]);
+        assert!(output.status.success(), "events failed: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
+            .collect()
+    }
+
+    /// Returns the events of one type.
+    pub fn events_of(&self, kind: &str) -> Vec<serde_json::Value> {
+        self.events()
+            .into_iter()
+            .filter(|event| event["type"] == kind)
+            .collect()
+    }
+
+    /// Waits until `condition` holds on the events report.
+    pub fn wait_for_events(
+        &self,
+        timeout: Duration,
+        condition: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let events = self.events();
+            if condition(&events) {
+                return events;
+            }
+            assert!(Instant::now() < deadline, "condition not met; events: {events:#?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Runs `sendguard ARGS --config CONFIG`.
+pub fn run_cli(args: &[&str], config: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sendguard"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("run sendguard")
+}
+
+impl Drop for Sendguard {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
