@@ -113,8 +113,8 @@ start_demo() {
     rm -rf "$demo/clamd"
     write_clamd_config "$demo/clamd" "$clamd_port" "$repo/fixtures/clamd"
     start_background "$demo/clamd.pid" "$demo/clamd.log" clamd --config-file="$demo/clamd/clamd.conf"
-    wait_for_service 120 "$(cat "$demo/clamd.pid")" "$demo/clamd.log" clamd clamd_answers_ping "$clamd_port"
-    echo "clamd answers PING (config $demo/clamd/clamd.conf)"
+    wait_for_service 120 "$(cat "$demo/clamd.pid")" "$demo/clamd.log" clamd clamd_replies_to_ping "$clamd_port"
+    echo "clamd replied PONG to PING (config $demo/clamd/clamd.conf)"
 
     section "smtp-sink on 127.0.0.1:$sink_port"
     # smtp-sink refuses to run as root, so it runs as the postfix user, which

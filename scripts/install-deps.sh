@@ -24,7 +24,7 @@ if [[ ${#missing[@]} -eq 0 ]]; then
 fi
 
 if [[ $(id -u) -ne 0 ]]; then
-    echo "install-deps: missing packages: ${missing[*]}; run this script as root to install them" >&2
+    echo "install-deps: missing packages: ${missing[*]}. Run this script as root to install them." >&2
     exit 1
 fi
 
@@ -36,8 +36,8 @@ if [[ ! -e /usr/sbin/policy-rc.d ]]; then
     echo "install-deps: created /usr/sbin/policy-rc.d so that package installs start no services"
 fi
 
-# Postfix asks for a mail server configuration on install; "No configuration"
-# installs only the programs.
+# The postfix package prompts for a mail server configuration on install,
+# and "No configuration" installs only the programs.
 echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections
 
 export DEBIAN_FRONTEND=noninteractive

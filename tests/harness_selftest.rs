@@ -291,7 +291,7 @@ fn upstream_advertises_custom_capabilities() {
 }
 
 #[test]
-fn upstream_answers_pipelined_commands() {
+fn upstream_replies_to_pipelined_commands() {
     let upstream = Upstream::start(UpstreamOptions::default());
     let mut client = SmtpClient::connect(&upstream.address());
     client.send_raw(
@@ -311,7 +311,7 @@ fn upstream_answers_pipelined_commands() {
 
 #[test]
 fn upstream_closes_at_each_point() {
-    // (close point, commands answered before the close)
+    // (close point, commands that get a reply before the close)
     let cases: [(ClosePoint, &[&str]); 5] = [
         (ClosePoint::Ehlo, &[]),
         (ClosePoint::Mail, &["EHLO client.example"]),
@@ -321,7 +321,7 @@ fn upstream_closes_at_each_point() {
             &["EHLO client.example", "MAIL FROM:<alice@example.org>", "RCPT TO:<bob@example.net>"],
         ),
         (
-            ClosePoint::AfterContent,
+            ClosePoint::AfterData,
             &["EHLO client.example", "MAIL FROM:<alice@example.org>", "RCPT TO:<bob@example.net>"],
         ),
     ];
@@ -336,7 +336,7 @@ fn upstream_closes_at_each_point() {
             ClosePoint::Mail => client.send_line("MAIL FROM:<alice@example.org>"),
             ClosePoint::Rcpt => client.send_line("RCPT TO:<bob@example.net>"),
             ClosePoint::Data => client.send_line("DATA"),
-            ClosePoint::AfterContent => {
+            ClosePoint::AfterData => {
                 client.cmd("DATA", 354);
                 client.send_raw(b"content\r\n.\r\n");
             }
@@ -349,7 +349,7 @@ fn upstream_closes_at_each_point() {
 
 #[test]
 fn upstream_records_content_before_close() {
-    let upstream = Upstream::start(UpstreamOptions::default().close_at(ClosePoint::AfterContent));
+    let upstream = Upstream::start(UpstreamOptions::default().close_at(ClosePoint::AfterData));
     let mut client = start_session(&upstream);
     send_raw_payload(&mut client, b"content\r\n.\r\n");
     client.expect_closed();
@@ -389,8 +389,8 @@ fn upstream_service_unavailable_greeting() {
     client.expect_greeting(421);
     client.expect_closed();
 
-    let refusing = Upstream::start(UpstreamOptions::default().greeting("554 5.3.2 no service here"));
-    let mut client = SmtpClient::connect(&refusing.address());
+    let no_service = Upstream::start(UpstreamOptions::default().greeting("554 5.3.2 no service here"));
+    let mut client = SmtpClient::connect(&no_service.address());
     client.expect_greeting(554);
     client.cmd("EHLO client.example", 503);
     client.quit();
@@ -480,6 +480,21 @@ fn data_payload_terminates_content() {
     assert_eq!(data_payload(b"a"), b"a\r\n.\r\n");
     assert_eq!(data_payload(b".\r\n"), b"..\r\n.\r\n");
     assert_eq!(data_payload(b""), b".\r\n");
+}
+
+#[test]
+fn smtp_client_connects_from_local_address() {
+    let upstream = Upstream::start(UpstreamOptions::default());
+    let mut client = SmtpClient::connect_from(&upstream.address(), "127.0.0.2");
+    client.expect_greeting(220);
+    client.quit();
+
+    let connections = upstream.connection_transcripts();
+    assert!(
+        connections[0].peer_address.starts_with("127.0.0.2:"),
+        "peer address {}",
+        connections[0].peer_address
+    );
 }
 
 #[test]

@@ -27,8 +27,8 @@ pick_free_port() {
     return 1
 }
 
-# Returns 0 when clamd on 127.0.0.1:PORT answers PING with PONG.
-clamd_answers_ping() {
+# Returns 0 when clamd on 127.0.0.1:PORT replies PONG to PING.
+clamd_replies_to_ping() {
     local port=$1 reply
     reply=$(timeout 3 bash -c "exec 3<>/dev/tcp/127.0.0.1/$port && printf 'nPING\n' >&3 && head -c 4 <&3" 2>/dev/null) || return 1
     [[ $reply == PONG ]]

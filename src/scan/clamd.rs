@@ -113,7 +113,10 @@ async fn instream(config: &ClamdConfig, message: &[u8]) -> Result<String, ScanEr
     }
 }
 
-async fn connect(config: &ClamdConfig, deadline: Instant) -> Result<Box<dyn Connection>, ScanError> {
+async fn connect(
+    config: &ClamdConfig,
+    deadline: Instant,
+) -> Result<Box<dyn Connection>, ScanError> {
     let address = config.address.as_str();
     let connect_error = |source| ScanError::Connect {
         address: address.to_string(),
@@ -221,7 +224,10 @@ async fn read_reply(
     if reply.len() > MAX_REPLY_LEN {
         return Err(ScanError::Protocol {
             address: config.address.clone(),
-            reply: format!("reply longer than {MAX_REPLY_LEN} bytes: {}", clip(&text, 200)),
+            reply: format!(
+                "reply longer than {MAX_REPLY_LEN} bytes: {}",
+                clip(&text, 200)
+            ),
         });
     }
     Ok(text)
@@ -254,7 +260,11 @@ pub fn interpret_reply(config: &ClamdConfig, reply: &str) -> Result<ClamdFinding
     let mut failure = None;
     let mut answered = false;
 
-    for line in reply.split(['\0', '\n']).map(str::trim).filter(|line| !line.is_empty()) {
+    for line in reply
+        .split(['\0', '\n'])
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+    {
         answered = true;
         if line == "stream: OK" {
             continue;
@@ -386,7 +396,10 @@ mod tests {
 
     #[test]
     fn reply_found_pua_is_clean() {
-        assert_eq!(finding("stream: PUA.Win.Packer.Upx-1 FOUND"), ClamdFinding::Clean);
+        assert_eq!(
+            finding("stream: PUA.Win.Packer.Upx-1 FOUND"),
+            ClamdFinding::Clean
+        );
         assert_eq!(
             finding("stream: Heuristics.Encrypted.Zip FOUND"),
             ClamdFinding::Clean
@@ -397,7 +410,10 @@ mod tests {
     fn reply_limit_is_unscannable() {
         match finding("stream: Heuristics.Limits.Exceeded.MaxFileSize FOUND") {
             ClamdFinding::Unscannable(reason) => {
-                assert!(reason.contains("Heuristics.Limits.Exceeded.MaxFileSize"), "{reason}");
+                assert!(
+                    reason.contains("Heuristics.Limits.Exceeded.MaxFileSize"),
+                    "{reason}"
+                );
             }
             other => panic!("expected unscannable, got {other:?}"),
         }
@@ -406,7 +422,9 @@ mod tests {
     #[test]
     fn reply_size_limit_is_unscannable() {
         match finding("INSTREAM size limit exceeded. ERROR") {
-            ClamdFinding::Unscannable(reason) => assert!(reason.contains("StreamMaxLength"), "{reason}"),
+            ClamdFinding::Unscannable(reason) => {
+                assert!(reason.contains("StreamMaxLength"), "{reason}")
+            }
             other => panic!("expected unscannable, got {other:?}"),
         }
     }
@@ -443,7 +461,10 @@ mod tests {
     #[test]
     fn reply_virus_beats_other_findings() {
         let reply = "stream: Heuristics.Phishing.X FOUND\nstream: Heuristics.Limits.Exceeded.MaxScanTime FOUND\nstream: Win.Trojan.Y FOUND";
-        assert_eq!(finding(reply), ClamdFinding::Virus("Win.Trojan.Y".to_string()));
+        assert_eq!(
+            finding(reply),
+            ClamdFinding::Virus("Win.Trojan.Y".to_string())
+        );
     }
 
     #[test]

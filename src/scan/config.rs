@@ -370,10 +370,24 @@ mod tests {
 
     #[test]
     fn clamd_address_forms() {
-        for good in ["127.0.0.1:3310", "[::1]:3310", "clamd:3310", "/run/clamav/clamd.ctl"] {
+        for good in [
+            "127.0.0.1:3310",
+            "[::1]:3310",
+            "clamd:3310",
+            "/run/clamav/clamd.ctl",
+        ] {
             assert_eq!(check_address(good), Ok(()), "{good}");
         }
-        for bad in ["", "  ", "clamd", "clamd.sock", ":3310", "host:0", "host:99999", "host:x"] {
+        for bad in [
+            "",
+            "  ",
+            "clamd",
+            "clamd.sock",
+            ":3310",
+            "host:0",
+            "host:99999",
+            "host:x",
+        ] {
             assert!(check_address(bad).is_err(), "{bad:?} accepted");
         }
     }

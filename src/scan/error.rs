@@ -42,7 +42,9 @@ pub enum ScanError {
 
     /// clamd stopped scanning at one of its own limits, such as MaxScanTime.
     /// Retrying later may succeed, unlike a size limit.
-    #[error("clamd at {address} stopped at its scan limit {signature}; raise the limit in clamd.conf")]
+    #[error(
+        "clamd at {address} stopped at its scan limit {signature}; raise the limit in clamd.conf"
+    )]
     ScannerLimit { address: String, signature: String },
 }
 

@@ -51,7 +51,10 @@ struct Rule {
 
 enum Matcher {
     /// Header name and the regex for its decoded values.
-    Header { name: String, pattern: Regex },
+    Header {
+        name: String,
+        pattern: Regex,
+    },
     Body(Regex),
     /// Lower-case ASCII (punycode) host names.
     UrlHost(Vec<String>),
@@ -92,7 +95,10 @@ impl RuleSet {
                     .map_err(|message| single_problem("scan.spam.default_rules", message))?;
                 let replaced: HashSet<&str> =
                     spam.rules.iter().map(|rule| rule.name.as_str()).collect();
-                for rule in defaults.iter().filter(|rule| !replaced.contains(rule.name.as_str())) {
+                for rule in defaults
+                    .iter()
+                    .filter(|rule| !replaced.contains(rule.name.as_str()))
+                {
                     let key = format!("scan.spam.default_rules.{}", rule.name);
                     if let Some(compiled) = compile_rule(rule, &key, &mut problems) {
                         rules.push(compiled);
@@ -185,10 +191,11 @@ impl Matcher {
                 .url_hosts()
                 .iter()
                 .any(|host| hosts.iter().any(|listed| host_is_within(host, listed))),
-            Matcher::AttachmentType(suffixes) => facts
-                .attachment_names()
-                .iter()
-                .any(|name| suffixes.iter().any(|suffix| name.ends_with(suffix.as_str()))),
+            Matcher::AttachmentType(suffixes) => facts.attachment_names().iter().any(|name| {
+                suffixes
+                    .iter()
+                    .any(|suffix| name.ends_with(suffix.as_str()))
+            }),
             Matcher::MinRecipients(minimum) => recipients >= *minimum,
         }
     }
@@ -317,11 +324,19 @@ fn normalize_file_name(name: &str) -> String {
 
 /// Returns the decoded values of one header: each text, each address as
 /// `Name <address>`, or the unfolded raw value for other header kinds.
-fn header_values<'a>(message: &'a Message<'_>, header: &'a mail_parser::Header<'_>) -> Vec<Cow<'a, str>> {
+fn header_values<'a>(
+    message: &'a Message<'_>,
+    header: &'a mail_parser::Header<'_>,
+) -> Vec<Cow<'a, str>> {
     match &header.value {
         HeaderValue::Text(text) => vec![Cow::Borrowed(text.as_ref())],
-        HeaderValue::TextList(list) => list.iter().map(|text| Cow::Borrowed(text.as_ref())).collect(),
-        HeaderValue::Address(address) => address.iter().map(format_address).map(Cow::Owned).collect(),
+        HeaderValue::TextList(list) => list
+            .iter()
+            .map(|text| Cow::Borrowed(text.as_ref()))
+            .collect(),
+        HeaderValue::Address(address) => {
+            address.iter().map(format_address).map(Cow::Owned).collect()
+        }
         _ => {
             let start = header.offset_start as usize;
             let end = header.offset_end as usize;
@@ -353,7 +368,9 @@ fn unfold(raw: &str) -> String {
 /// in ASCII (punycode) form. Text that ends the host in running prose or
 /// HTML, such as `)`, `,` or `&quot;`, is cut off.
 fn url_host(authority: &str) -> Option<String> {
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let host_port = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
     let host = match host_port.strip_prefix('[') {
         Some(bracketed) => bracketed.split(']').next()?,
         None => {
@@ -393,7 +410,10 @@ fn check_duplicate_names(rules: &[RuleConfig], key: &str, problems: &mut Problem
         if !rule.name.is_empty() && !seen.insert(rule.name.as_str()) {
             problems.push(
                 format!("{key}[{index}].name"),
-                format!("rule name {:?} is used twice; give each rule its own name", rule.name),
+                format!(
+                    "rule name {:?} is used twice; give each rule its own name",
+                    rule.name
+                ),
             );
         }
     }
@@ -410,7 +430,10 @@ fn compile_rule(rule: &RuleConfig, key: &str, problems: &mut Problems) -> Option
     };
 
     if rule.name.is_empty() {
-        problems.push(format!("{key}.name"), "is empty; give the rule a name such as \"GIFT_CARD_REQUEST\"");
+        problems.push(
+            format!("{key}.name"),
+            "is empty; give the rule a name such as \"GIFT_CARD_REQUEST\"",
+        );
     } else if !rule
         .name
         .chars()
@@ -424,7 +447,10 @@ fn compile_rule(rule: &RuleConfig, key: &str, problems: &mut Problems) -> Option
         );
     }
     if !rule.score.is_finite() {
-        problems.push(format!("{key}.score"), format!("{label}: must be a finite number"));
+        problems.push(
+            format!("{key}.score"),
+            format!("{label}: must be a finite number"),
+        );
     }
 
     let matcher = compile_matcher(rule, key, &label, problems);
@@ -491,7 +517,10 @@ fn compile_matcher(
     }
     match rule.min_recipients {
         Some(0) => {
-            problems.push(format!("{key}.min_recipients"), format!("{label}: must be at least 1"));
+            problems.push(
+                format!("{key}.min_recipients"),
+                format!("{label}: must be at least 1"),
+            );
             None
         }
         Some(minimum) => Some(Matcher::MinRecipients(minimum)),
@@ -499,7 +528,12 @@ fn compile_matcher(
     }
 }
 
-fn compile_header(rule: &RuleConfig, key: &str, label: &str, problems: &mut Problems) -> Option<Matcher> {
+fn compile_header(
+    rule: &RuleConfig,
+    key: &str,
+    label: &str,
+    problems: &mut Problems,
+) -> Option<Matcher> {
     let Some(name) = &rule.header else {
         problems.push(
             format!("{key}.header"),
@@ -510,7 +544,9 @@ fn compile_header(rule: &RuleConfig, key: &str, label: &str, problems: &mut Prob
     let Some(pattern) = &rule.pattern else {
         problems.push(
             format!("{key}.pattern"),
-            format!("{label}: header {name:?} needs pattern, the regex to match its values against"),
+            format!(
+                "{label}: header {name:?} needs pattern, the regex to match its values against"
+            ),
         );
         return None;
     };
@@ -539,19 +575,30 @@ fn compile_regex(pattern: &str, key: &str, label: &str, problems: &mut Problems)
     }
 }
 
-fn compile_url_hosts(hosts: &[String], key: &str, label: &str, problems: &mut Problems) -> Option<Matcher> {
+fn compile_url_hosts(
+    hosts: &[String],
+    key: &str,
+    label: &str,
+    problems: &mut Problems,
+) -> Option<Matcher> {
     if hosts.is_empty() {
-        problems.push(key, format!("{label}: is empty; list host names such as \"bit.ly\""));
+        problems.push(
+            key,
+            format!("{label}: is empty; list host names such as \"bit.ly\""),
+        );
         return None;
     }
     let mut normalized = Vec::new();
     for host in hosts {
-        let plain = !host.contains(['/', ':', '@', '?', '#']) && !host.contains(char::is_whitespace);
+        let plain =
+            !host.contains(['/', ':', '@', '?', '#']) && !host.contains(char::is_whitespace);
         match normalize_host(host) {
             Some(name) if plain => normalized.push(name),
             _ => problems.push(
                 key,
-                format!("{label}: {host:?} is not a host name; give the host only, such as \"bit.ly\""),
+                format!(
+                    "{label}: {host:?} is not a host name; give the host only, such as \"bit.ly\""
+                ),
             ),
         }
     }
@@ -565,7 +612,10 @@ fn compile_attachment_types(
     problems: &mut Problems,
 ) -> Option<Matcher> {
     if types.is_empty() {
-        problems.push(key, format!("{label}: is empty; list extensions such as \"exe\""));
+        problems.push(
+            key,
+            format!("{label}: is empty; list extensions such as \"exe\""),
+        );
         return None;
     }
     let mut suffixes = Vec::new();
@@ -574,7 +624,9 @@ fn compile_attachment_types(
         if plain.is_empty() || plain.contains(['/', '\\']) || plain.contains(char::is_whitespace) {
             problems.push(
                 key,
-                format!("{label}: {extension:?} is not a file-name extension; give one such as \"exe\""),
+                format!(
+                    "{label}: {extension:?} is not a file-name extension; give one such as \"exe\""
+                ),
             );
         } else {
             suffixes.push(format!(".{}", plain.to_lowercase()));

@@ -19,11 +19,17 @@ fn hits(scanner: &Scanner, message: &str, recipients: usize) -> RuleHits {
 }
 
 fn scan(scanner: &Scanner, message: &[u8], recipients: usize) -> Verdict {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => panic!("cannot build a tokio runtime: {error}"),
     };
-    match runtime.block_on(scanner.scan(ScanInput { message, recipients })) {
+    match runtime.block_on(scanner.scan(ScanInput {
+        message,
+        recipients,
+    })) {
         Ok(verdict) => verdict,
         Err(error) => panic!("scan failed: {error}"),
     }
@@ -130,11 +136,22 @@ fn default_rule_alone_below_threshold() {
 fn default_rules_each_fire() {
     let many = 60;
     let cases: Vec<(&str, String, usize)> = vec![
-        ("SCRIPT_ATTACHMENT", message_with_attachment("invoice.pdf.VBS"), 1),
-        ("EXECUTABLE_ATTACHMENT", message_with_attachment("setup.exe. "), 1),
+        (
+            "SCRIPT_ATTACHMENT",
+            message_with_attachment("invoice.pdf.VBS"),
+            1,
+        ),
+        (
+            "EXECUTABLE_ATTACHMENT",
+            message_with_attachment("setup.exe. "),
+            1,
+        ),
         (
             "PHISH_VERIFY_ACCOUNT",
-            plain_message("Notice", "Dear user, please verify your e-mail\r\naccount today."),
+            plain_message(
+                "Notice",
+                "Dear user, please verify your e-mail\r\naccount today.",
+            ),
             1,
         ),
         (
@@ -152,7 +169,10 @@ fn default_rules_each_fire() {
         ),
         (
             "URL_RAW_IP",
-            html_message("Notice", "<a href=\"http://203.0.113.9/owa/login.php\">Open</a>"),
+            html_message(
+                "Notice",
+                "<a href=\"http://203.0.113.9/owa/login.php\">Open</a>",
+            ),
             1,
         ),
         (
@@ -162,7 +182,10 @@ fn default_rules_each_fire() {
         ),
         (
             "ADVANCE_FEE",
-            plain_message("Hello", "I will present you as the next of kin to my late client."),
+            plain_message(
+                "Hello",
+                "I will present you as the next of kin to my late client.",
+            ),
             1,
         ),
         (
@@ -172,7 +195,10 @@ fn default_rules_each_fire() {
         ),
         (
             "GIFT_CARD_REQUEST",
-            plain_message("quick favour", "Can you buy me some Google Play gift cards today?"),
+            plain_message(
+                "quick favour",
+                "Can you buy me some Google Play gift cards today?",
+            ),
             1,
         ),
         (
@@ -180,7 +206,11 @@ fn default_rules_each_fire() {
             plain_message("Payment", "You must send $1500 within 48 hours in Bitcoin."),
             1,
         ),
-        ("MANY_RECIPIENTS", plain_message("Lunch", "Lunch is at noon."), many),
+        (
+            "MANY_RECIPIENTS",
+            plain_message("Lunch", "Lunch is at noon."),
+            many,
+        ),
     ];
 
     let scanner = default_scanner();
@@ -191,7 +221,11 @@ fn default_rules_each_fire() {
 
     let fired: std::collections::BTreeSet<&str> = cases.iter().map(|(name, _, _)| *name).collect();
     for rule in default_rules::default_rules().unwrap_or_default() {
-        assert!(fired.contains(rule.name.as_str()), "no test message for {}", rule.name);
+        assert!(
+            fired.contains(rule.name.as_str()),
+            "no test message for {}",
+            rule.name
+        );
     }
 }
 
@@ -221,8 +255,7 @@ fn intranet_password_notice_stays_clean() {
 #[test]
 fn two_strong_signals_are_spam() {
     let scanner = default_scanner();
-    let message = format!(
-        "From: alice@example.com\r\n\
+    let message = "From: alice@example.com\r\n\
          To: bob@example.org\r\n\
          Subject: Mailbox notice\r\n\
          MIME-Version: 1.0\r\n\
@@ -237,24 +270,32 @@ fn two_strong_signals_are_spam() {
          Content-Disposition: attachment\r\n\
          \r\n\
          MZ\r\n\
-         --b1--\r\n"
-    );
+         --b1--\r\n";
     let verdict = scan(&scanner, message.as_bytes(), 1);
     assert_eq!(
         verdict,
         Verdict::Spam {
             engine: "builtin".to_string(),
             score: Some(6.0),
-            rules: vec!["SCRIPT_ATTACHMENT".to_string(), "PHISH_VERIFY_ACCOUNT".to_string()],
+            rules: vec![
+                "SCRIPT_ATTACHMENT".to_string(),
+                "PHISH_VERIFY_ACCOUNT".to_string()
+            ],
         }
     );
-    assert_eq!(verdict.summary(), "spam score 6.0 (SCRIPT_ATTACHMENT, PHISH_VERIFY_ACCOUNT)");
+    assert_eq!(
+        verdict.summary(),
+        "spam score 6.0 (SCRIPT_ATTACHMENT, PHISH_VERIFY_ACCOUNT)"
+    );
 }
 
 #[test]
 fn phishing_with_many_recipients_is_spam() {
     let scanner = default_scanner();
-    let message = plain_message("Notice", "Your email account will be deactivated. Verify your account now.");
+    let message = plain_message(
+        "Notice",
+        "Your email account will be deactivated. Verify your account now.",
+    );
     let verdict = scan(&scanner, message.as_bytes(), 80);
     assert_eq!(verdict.kind(), "spam", "{verdict:?}");
 }
@@ -347,7 +388,11 @@ fn body_rule_skips_attachments() {
     let mut body = rule("MZ", 2.0);
     body.body = Some("TVqQ".to_string());
     let scanner = scanner(&operator_rules(vec![body]));
-    assert!(hits(&scanner, &message_with_attachment("a.bin"), 1).rules.is_empty());
+    assert!(
+        hits(&scanner, &message_with_attachment("a.bin"), 1)
+            .rules
+            .is_empty()
+    );
 }
 
 #[test]
@@ -391,7 +436,12 @@ fn attachment_type_matches_case_insensitive() {
         );
     }
     for name in ["zip", "a.gz", "a.zipx"] {
-        assert!(hits(&scanner, &message_with_attachment(name), 1).rules.is_empty(), "{name}");
+        assert!(
+            hits(&scanner, &message_with_attachment(name), 1)
+                .rules
+                .is_empty(),
+            "{name}"
+        );
     }
 }
 
@@ -507,7 +557,11 @@ fn validate_reports_every_bad_rule() {
     ]);
     let mut problems = crate::config::Problems::default();
     spam.validate(&mut problems);
-    let keys: Vec<&str> = problems.0.iter().map(|problem| problem.key.as_str()).collect();
+    let keys: Vec<&str> = problems
+        .0
+        .iter()
+        .map(|problem| problem.key.as_str())
+        .collect();
     assert_eq!(
         keys,
         [
@@ -526,15 +580,30 @@ fn validate_reports_every_bad_rule() {
         ],
         "{problems}"
     );
-    assert!(problems.0[4].message.contains("BAD_REGEX"), "{}", problems.0[4].message);
-    assert!(problems.0[4].message.contains("invalid regex"), "{}", problems.0[4].message);
-    assert!(problems.0[3].message.contains("body, min_recipients"), "{}", problems.0[3].message);
+    assert!(
+        problems.0[4].message.contains("BAD_REGEX"),
+        "{}",
+        problems.0[4].message
+    );
+    assert!(
+        problems.0[4].message.contains("invalid regex"),
+        "{}",
+        problems.0[4].message
+    );
+    assert!(
+        problems.0[3].message.contains("body, min_recipients"),
+        "{}",
+        problems.0[3].message
+    );
 
     let error = match Scanner::new(None, &spam) {
         Ok(_) => panic!("scanner accepted bad rules"),
         Err(error) => error,
     };
-    assert!(error.contains("scan.spam.rules[2].body: rule \"BAD_REGEX\": invalid regex"), "{error}");
+    assert!(
+        error.contains("scan.spam.rules[2].body: rule \"BAD_REGEX\": invalid regex"),
+        "{error}"
+    );
     assert!(error.contains("scan.spam.rules[8].score"), "{error}");
 }
 
@@ -579,7 +648,9 @@ fn oversized_message_is_unscannable_without_clamd() {
 #[test]
 fn ping_without_clamd_is_none() {
     let scanner = default_scanner();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
     let Ok(runtime) = runtime else {
         panic!("cannot build a tokio runtime");
     };
@@ -625,7 +696,10 @@ fn mutated_messages_do_not_panic() {
     let scanner = default_scanner();
     let seeds = [
         message_with_attachment("a.exe"),
-        html_message("=?utf-8?b?w6k=?=", "<a href=\"http://[::1]:80/\">x</a> http://@/ https://[/"),
+        html_message(
+            "=?utf-8?b?w6k=?=",
+            "<a href=\"http://[::1]:80/\">x</a> http://@/ https://[/",
+        ),
         plain_message("x", BUSINESS_MESSAGE),
     ];
     // Fragments that stress the MIME, encoded-word and URL parsers.
@@ -684,7 +758,10 @@ fn deeply_nested_message_does_not_panic() {
             "Content-Type: multipart/mixed; boundary=\"b{depth}\"\r\n\r\n--b{depth}\r\n{multipart}\r\n--b{depth}--\r\n"
         );
     }
-    scanner.rules.evaluate(format!("Subject: m\r\nMIME-Version: 1.0\r\n{multipart}").as_bytes(), 1);
+    scanner.rules.evaluate(
+        format!("Subject: m\r\nMIME-Version: 1.0\r\n{multipart}").as_bytes(),
+        1,
+    );
 }
 
 #[test]
@@ -696,7 +773,10 @@ fn large_message_scans_in_linear_time() {
         body.push_str(line);
     }
     let text = plain_message("report", &body);
-    let html = html_message("report", &format!("<html><body><p>{body}</p></body></html>"));
+    let html = html_message(
+        "report",
+        &format!("<html><body><p>{body}</p></body></html>"),
+    );
 
     for message in [&text, &html] {
         let started = Instant::now();
@@ -705,7 +785,73 @@ fn large_message_scans_in_linear_time() {
         assert!(hits.rules.is_empty(), "{:?}", hits.rules);
         // A quadratic pass over 10 MiB would take hours; the bound only has
         // to separate that from a linear scan on a slow machine.
-        assert!(elapsed < Duration::from_secs(120), "10 MiB took {elapsed:?}");
+        assert!(
+            elapsed < Duration::from_secs(120),
+            "10 MiB took {elapsed:?}"
+        );
         eprintln!("10 MiB message scored in {elapsed:?}");
     }
+}
+
+#[test]
+fn config_example_parses_and_validates() {
+    #[derive(serde::Deserialize)]
+    struct Example {
+        scan: ExampleScan,
+    }
+    #[derive(serde::Deserialize)]
+    struct ExampleScan {
+        clamd: ClamdConfig,
+        spam: SpamConfig,
+    }
+
+    let example: Example = match toml::from_str(include_str!("CONFIG.toml.part")) {
+        Ok(example) => example,
+        Err(error) => panic!("CONFIG.toml.part does not parse: {error}"),
+    };
+    assert_eq!(
+        example.scan.clamd,
+        ClamdConfig {
+            address: "127.0.0.1:3310".to_string(),
+            ..ClamdConfig::default()
+        }
+    );
+    assert_eq!(example.scan.spam, SpamConfig::default());
+
+    let mut problems = crate::config::Problems::default();
+    example.scan.clamd.validate(&mut problems);
+    example.scan.spam.validate(&mut problems);
+    assert!(problems.is_empty(), "{problems}");
+}
+
+#[test]
+fn config_example_rules_compile() {
+    // The commented [[scan.spam.rules]] examples, uncommented.
+    let text: String = include_str!("CONFIG.toml.part")
+        .lines()
+        .skip_while(|line| !line.starts_with("# [[scan.spam.rules]]"))
+        .map(|line| {
+            line.strip_prefix("# ")
+                .unwrap_or(line.trim_start_matches('#'))
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let spam: SpamConfig = match toml::from_str::<toml::Table>(&text)
+        .map_err(|error| error.to_string())
+        .and_then(|table| {
+            let rules = table.get("scan").and_then(|scan| scan.get("spam")).cloned();
+            rules
+                .ok_or_else(|| "no [scan.spam] in the examples".to_string())
+                .and_then(|value| {
+                    value
+                        .try_into()
+                        .map_err(|error: toml::de::Error| error.to_string())
+                })
+        }) {
+        Ok(spam) => spam,
+        Err(error) => panic!("rule examples do not parse: {error}\n{text}"),
+    };
+    assert_eq!(spam.rules.len(), 5);
+    let scanner = scanner(&spam);
+    assert_eq!(scanner.rule_count(), 15);
 }

@@ -16,10 +16,14 @@ pub enum Verdict {
         rules: Vec<String>,
     },
     /// `name` is the clamd signature name.
-    Virus { name: String },
+    Virus {
+        name: String,
+    },
     /// The message could not be scanned fully, for example because it is
     /// larger than `max_scan_size`.
-    Unscannable { reason: String },
+    Unscannable {
+        reason: String,
+    },
 }
 
 impl Verdict {
@@ -65,7 +69,13 @@ impl Verdict {
 fn smtp_safe(text: &str) -> String {
     let mut safe: String = text
         .chars()
-        .map(|c| if c == ' ' || c.is_ascii_graphic() { c } else { '?' })
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
         .collect();
     if safe.len() > MAX_SUMMARY_LEN {
         safe.truncate(MAX_SUMMARY_LEN - 3);
@@ -132,7 +142,10 @@ mod tests {
         let summary = verdict.summary();
         assert!(summary.len() <= 200, "{} characters", summary.len());
         assert!(summary.ends_with("..."));
-        assert!(summary.bytes().all(|byte| (0x20..0x7f).contains(&byte)), "{summary:?}");
+        assert!(
+            summary.bytes().all(|byte| (0x20..0x7f).contains(&byte)),
+            "{summary:?}"
+        );
         assert!(summary.starts_with("virus Bad??Name??"), "{summary:?}");
     }
 
@@ -143,8 +156,12 @@ mod tests {
             score: None,
             rules: Vec::new(),
         };
-        let virus = Verdict::Virus { name: "X".to_string() };
-        let unscannable = Verdict::Unscannable { reason: "r".to_string() };
+        let virus = Verdict::Virus {
+            name: "X".to_string(),
+        };
+        let unscannable = Verdict::Unscannable {
+            reason: "r".to_string(),
+        };
         assert_eq!(Verdict::Clean.kind(), "clean");
         assert_eq!(spam.kind(), "spam");
         assert_eq!(virus.kind(), "virus");
@@ -157,7 +174,9 @@ mod tests {
 
     #[test]
     fn verdict_serializes_with_kind_tag() {
-        let json = serde_json::to_value(Verdict::Virus { name: "X".to_string() });
+        let json = serde_json::to_value(Verdict::Virus {
+            name: "X".to_string(),
+        });
         let json = match json {
             Ok(json) => json,
             Err(error) => panic!("{error}"),

@@ -1,7 +1,8 @@
 //! Sans-IO readers for what an SMTP client sends: command lines and DATA content.
 //!
 //! Both readers work on bytes that the caller has already read from the network and accept
-//! input split at any byte boundary. Neither performs I/O or allocates more than its caps allow.
+//! input split at any byte boundary. Neither performs I/O. The DATA reader stores at most its
+//! size limit, and the line framer keeps the caller's buffer within one line length.
 
 use serde::{Deserialize, Serialize};
 
@@ -86,7 +87,7 @@ impl CommandLines {
     }
 }
 
-/// How a session treats a message that contains a bare CR or a bare LF.
+/// Policy for a message that contains a bare CR or a bare LF.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BareLineEndings {
@@ -106,8 +107,8 @@ pub enum BareLineEndings {
 ///
 /// The stored message has every line ended by CRLF:
 /// - A line that follows a real CRLF (or is the first line) and starts with `.` loses that dot.
-///   A line that follows a bare CR or LF keeps its leading dot, because the client did not
-///   treat it as a line start and [`encode_data`] stuffs it again anyway.
+///   A line that follows a bare CR or LF keeps its leading dot, because only CRLF starts a
+///   line in SMTP, and [`encode_data`] stuffs the dot again anyway.
 /// - Each bare LF and each bare CR becomes CRLF and sets
 ///   [`DataOutcome::bare_line_endings`]. A CR counts as bare unless an LF follows it at once, so
 ///   `CR CR LF` is one bare CR and one CRLF. The output is the same in both
@@ -169,6 +170,9 @@ pub struct DataOutcome {
 impl DataReader {
     /// Creates a reader positioned at the first content line, right after the DATA command
     /// line. The stored message is capped at `max_size` bytes.
+    ///
+    /// The first line counts as following a CRLF even when the DATA command line ended with a
+    /// bare LF, which [`CommandLines`] accepts.
     pub fn new(mode: BareLineEndings, max_size: usize) -> Self {
         Self {
             mode,
@@ -268,7 +272,7 @@ impl DataReader {
                         run_start = pos;
                         self.state = DataState::Done;
                     } else {
-                        // A "." line ended by a bare CR: the dot is unstuffed, the CR is bare.
+                        // A "." line ended by a bare CR loses its dot, and the CR counts as bare.
                         self.store(b"\r\n");
                         self.bare_line_endings = true;
                         self.state = DataState::Text;
@@ -301,10 +305,19 @@ impl DataReader {
         if self.too_large || bytes.is_empty() {
             return;
         }
-        if self.message.len() + bytes.len() > self.max_size {
+        // The stored message never exceeds max_size, so the subtraction cannot underflow.
+        if bytes.len() > self.max_size - self.message.len() {
             self.too_large = true;
             self.message = Vec::new();
             return;
+        }
+        let needed = self.message.len() + bytes.len();
+        if needed > self.message.capacity() {
+            // Grows like Vec does but never past max_size, so the buffer stays within the cap.
+            let target = needed
+                .max(self.message.capacity().saturating_mul(2))
+                .min(self.max_size);
+            self.message.reserve_exact(target - self.message.len());
         }
         self.message.extend_from_slice(bytes);
     }
@@ -438,7 +451,11 @@ mod tests {
 
     /// Feeds `input` like a session that appends each network read and then takes lines
     /// until none is complete. `None` in the result stands for `TooLong`.
-    fn frame_lines(max_len: usize, input: &[u8], cuts: &[usize]) -> (Vec<Option<Vec<u8>>>, Vec<u8>, bool) {
+    fn frame_lines(
+        max_len: usize,
+        input: &[u8],
+        cuts: &[usize],
+    ) -> (Vec<Option<Vec<u8>>>, Vec<u8>, bool) {
         let mut framer = CommandLines::new(max_len);
         let mut buffer = Vec::new();
         let mut lines = Vec::new();
@@ -462,23 +479,125 @@ mod tests {
     #[test]
     fn command_lines_table_at_every_split() {
         let cases = [
-            LinesCase { input: b"EHLO x\r\n", max_len: 16, lines: &[Some(b"EHLO x")], leftover: b"", discarding: false },
-            LinesCase { input: b"EHLO x\n", max_len: 16, lines: &[Some(b"EHLO x")], leftover: b"", discarding: false },
-            LinesCase { input: b"\r\n", max_len: 16, lines: &[Some(b"")], leftover: b"", discarding: false },
-            LinesCase { input: b"\n", max_len: 16, lines: &[Some(b"")], leftover: b"", discarding: false },
-            LinesCase { input: b"A\r\nB\nC\r\nD", max_len: 16, lines: &[Some(b"A"), Some(b"B"), Some(b"C")], leftover: b"D", discarding: false },
-            LinesCase { input: b"a\rb\r\n", max_len: 16, lines: &[Some(b"a\rb")], leftover: b"", discarding: false },
-            LinesCase { input: b"a\r\r\n", max_len: 16, lines: &[Some(b"a\r")], leftover: b"", discarding: false },
-            LinesCase { input: b"a\0\xff\r\n", max_len: 16, lines: &[Some(b"a\0\xff")], leftover: b"", discarding: false },
-            LinesCase { input: b"NOOP\r", max_len: 16, lines: &[], leftover: b"NOOP\r", discarding: false },
-            LinesCase { input: b"abcd\r\n", max_len: 4, lines: &[Some(b"abcd")], leftover: b"", discarding: false },
-            LinesCase { input: b"abcd\n", max_len: 4, lines: &[Some(b"abcd")], leftover: b"", discarding: false },
-            LinesCase { input: b"abcd\r", max_len: 4, lines: &[], leftover: b"abcd\r", discarding: false },
-            LinesCase { input: b"abcde\r\nx\r\n", max_len: 4, lines: &[None, Some(b"x")], leftover: b"", discarding: false },
-            LinesCase { input: b"abcde\nx\n", max_len: 4, lines: &[None, Some(b"x")], leftover: b"", discarding: false },
-            LinesCase { input: b"abcd\r\r\n", max_len: 4, lines: &[None], leftover: b"", discarding: false },
-            LinesCase { input: b"abcde", max_len: 4, lines: &[], leftover: b"abcde", discarding: false },
-            LinesCase { input: b"abcdefgh", max_len: 4, lines: &[], leftover: b"", discarding: true },
+            LinesCase {
+                input: b"EHLO x\r\n",
+                max_len: 16,
+                lines: &[Some(b"EHLO x")],
+                leftover: b"",
+                discarding: false,
+            },
+            LinesCase {
+                input: b"EHLO x\n",
+                max_len: 16,
+                lines: &[Some(b"EHLO x")],
+                leftover: b"",
+                discarding: false,
+            },
+            LinesCase {
+                input: b"\r\n",
+                max_len: 16,
+                lines: &[Some(b"")],
+                leftover: b"",
+                discarding: false,
+            },
+            LinesCase {
+                input: b"\n",
+                max_len: 16,
+                lines: &[Some(b"")],
+                leftover: b"",
+                discarding: false,
+            },
+            LinesCase {
+                input: b"A\r\nB\nC\r\nD",
+                max_len: 16,
+                lines: &[Some(b"A"), Some(b"B"), Some(b"C")],
+                leftover: b"D",
+                discarding: false,
+            },
+            LinesCase {
+                input: b"a\rb\r\n",
+                max_len: 16,
+                lines: &[Some(b"a\rb")],
+                leftover: b"",
+                discarding: false,
+            },
+            LinesCase {
+                input: b"a\r\r\n",
+                max_len: 16,
+                lines: &[Some(b"a\r")],
+                leftover: b"",
+                discarding: false,
+            },
+            LinesCase {
+                input: b"a\0\xff\r\n",
+                max_len: 16,
+                lines: &[Some(b"a\0\xff")],
+                leftover: b"",
+                discarding: false,
+            },
+            LinesCase {
+                input: b"NOOP\r",
+                max_len: 16,
+                lines: &[],
+                leftover: b"NOOP\r",
+                discarding: false,
+            },
+            LinesCase {
+                input: b"abcd\r\n",
+                max_len: 4,
+                lines: &[Some(b"abcd")],
+                leftover: b"",
+                discarding: false,
+            },
+            LinesCase {
+                input: b"abcd\n",
+                max_len: 4,
+                lines: &[Some(b"abcd")],
+                leftover: b"",
+                discarding: false,
+            },
+            LinesCase {
+                input: b"abcd\r",
+                max_len: 4,
+                lines: &[],
+                leftover: b"abcd\r",
+                discarding: false,
+            },
+            LinesCase {
+                input: b"abcde\r\nx\r\n",
+                max_len: 4,
+                lines: &[None, Some(b"x")],
+                leftover: b"",
+                discarding: false,
+            },
+            LinesCase {
+                input: b"abcde\nx\n",
+                max_len: 4,
+                lines: &[None, Some(b"x")],
+                leftover: b"",
+                discarding: false,
+            },
+            LinesCase {
+                input: b"abcd\r\r\n",
+                max_len: 4,
+                lines: &[None],
+                leftover: b"",
+                discarding: false,
+            },
+            LinesCase {
+                input: b"abcde",
+                max_len: 4,
+                lines: &[],
+                leftover: b"abcde",
+                discarding: false,
+            },
+            LinesCase {
+                input: b"abcdefgh",
+                max_len: 4,
+                lines: &[],
+                leftover: b"",
+                discarding: true,
+            },
             LinesCase {
                 input: b"xxxxxxxMAIL FROM:<x@example.com>\r\nNOOP\r\n",
                 max_len: 4,
@@ -493,13 +612,28 @@ mod tests {
                 leftover: b"RS",
                 discarding: false,
             },
-            LinesCase { input: b"abcdefg\r\nRCPT", max_len: 4, lines: &[None], leftover: b"RCPT", discarding: false },
-            LinesCase { input: b"abcdefg\r\nRCPT TO", max_len: 4, lines: &[None], leftover: b"", discarding: true },
+            LinesCase {
+                input: b"abcdefg\r\nRCPT",
+                max_len: 4,
+                lines: &[None],
+                leftover: b"RCPT",
+                discarding: false,
+            },
+            LinesCase {
+                input: b"abcdefg\r\nRCPT TO",
+                max_len: 4,
+                lines: &[None],
+                leftover: b"",
+                discarding: true,
+            },
         ];
 
         for case in &cases {
-            let expected: Vec<Option<Vec<u8>>> =
-                case.lines.iter().map(|line| line.map(<[u8]>::to_vec)).collect();
+            let expected: Vec<Option<Vec<u8>>> = case
+                .lines
+                .iter()
+                .map(|line| line.map(<[u8]>::to_vec))
+                .collect();
             for cuts in split_plans(case.input.len()) {
                 let (lines, leftover, discarding) = frame_lines(case.max_len, case.input, &cuts);
                 let context = format!("input {:?}, cuts {cuts:?}", show(case.input));
@@ -517,7 +651,10 @@ mod tests {
         let mut framer = CommandLines::new(4096);
 
         assert_eq!(framer.next_line(&mut input), Some(CommandLine::TooLong));
-        assert_eq!(framer.next_line(&mut input), Some(CommandLine::Line(b"QUIT".to_vec())));
+        assert_eq!(
+            framer.next_line(&mut input),
+            Some(CommandLine::Line(b"QUIT".to_vec()))
+        );
         assert!(input.is_empty());
     }
 
@@ -554,30 +691,93 @@ mod tests {
                 done = true;
                 break;
             }
-            assert!(buffer.is_empty(), "reader left {} bytes before the end", buffer.len());
+            assert!(
+                buffer.is_empty(),
+                "reader left {} bytes before the end",
+                buffer.len()
+            );
         }
         assert_eq!(reader.is_done(), done);
-        DataRun { outcome: reader.finish(), done, consumed }
+        DataRun {
+            outcome: reader.finish(),
+            done,
+            consumed,
+        }
     }
 
     const DATA_CASES: &[DataCase] = &[
-        DataCase { input: b"hi\r\n.\r\n", message: Some(b"hi\r\n"), bare: false, rest: b"" },
-        DataCase { input: b".\r\n", message: Some(b""), bare: false, rest: b"" },
-        DataCase { input: b"\r\n.\r\n", message: Some(b"\r\n"), bare: false, rest: b"" },
-        DataCase { input: b"..x\r\n.\r\n", message: Some(b".x\r\n"), bare: false, rest: b"" },
-        DataCase { input: b"..\r\n.\r\n", message: Some(b".\r\n"), bare: false, rest: b"" },
-        DataCase { input: b".x\r\n.\r\n", message: Some(b"x\r\n"), bare: false, rest: b"" },
-        DataCase { input: b"a\r\n..\r\n.\r\n", message: Some(b"a\r\n.\r\n"), bare: false, rest: b"" },
-        DataCase { input: b"a\r\n...\r\n.\r\n", message: Some(b"a\r\n..\r\n"), bare: false, rest: b"" },
-        DataCase { input: b"a\r\n. \r\n.\r\n", message: Some(b"a\r\n \r\n"), bare: false, rest: b"" },
+        DataCase {
+            input: b"hi\r\n.\r\n",
+            message: Some(b"hi\r\n"),
+            bare: false,
+            rest: b"",
+        },
+        DataCase {
+            input: b".\r\n",
+            message: Some(b""),
+            bare: false,
+            rest: b"",
+        },
+        DataCase {
+            input: b"\r\n.\r\n",
+            message: Some(b"\r\n"),
+            bare: false,
+            rest: b"",
+        },
+        DataCase {
+            input: b"..x\r\n.\r\n",
+            message: Some(b".x\r\n"),
+            bare: false,
+            rest: b"",
+        },
+        DataCase {
+            input: b"..\r\n.\r\n",
+            message: Some(b".\r\n"),
+            bare: false,
+            rest: b"",
+        },
+        DataCase {
+            input: b".x\r\n.\r\n",
+            message: Some(b"x\r\n"),
+            bare: false,
+            rest: b"",
+        },
+        DataCase {
+            input: b"a\r\n..\r\n.\r\n",
+            message: Some(b"a\r\n.\r\n"),
+            bare: false,
+            rest: b"",
+        },
+        DataCase {
+            input: b"a\r\n...\r\n.\r\n",
+            message: Some(b"a\r\n..\r\n"),
+            bare: false,
+            rest: b"",
+        },
+        DataCase {
+            input: b"a\r\n. \r\n.\r\n",
+            message: Some(b"a\r\n \r\n"),
+            bare: false,
+            rest: b"",
+        },
         DataCase {
             input: b"hi\r\n.\r\nMAIL FROM:<x@example.com>\r\n",
             message: Some(b"hi\r\n"),
             bare: false,
             rest: b"MAIL FROM:<x@example.com>\r\n",
         },
-        DataCase { input: b".\r\nQUIT\r\n", message: Some(b""), bare: false, rest: b"QUIT\r\n" },
-        DataCase { input: b"a\r\n.\r\n.\r\n", message: Some(b"a\r\n"), bare: false, rest: b".\r\n" },
+        DataCase {
+            input: b".\r\nQUIT\r\n",
+            message: Some(b""),
+            bare: false,
+            rest: b"QUIT\r\n",
+        },
+        DataCase {
+            input: b"a\r\n.\r\n.\r\n",
+            message: Some(b"a\r\n"),
+            bare: false,
+            rest: b".\r\n",
+        },
         // Dot lines that must not end the content.
         DataCase {
             input: b"first\n.\nMAIL FROM:<x@example.com>\r\n.\r\n",
@@ -585,36 +785,151 @@ mod tests {
             bare: true,
             rest: b"",
         },
-        DataCase { input: b"a\n.\nb\r\n.\r\n", message: Some(b"a\r\n.\r\nb\r\n"), bare: true, rest: b"" },
-        DataCase { input: b"a\n.\r\nb\r\n.\r\n", message: Some(b"a\r\n.\r\nb\r\n"), bare: true, rest: b"" },
-        DataCase { input: b"a\r\n.\nb\r\n.\r\n", message: Some(b"a\r\n\r\nb\r\n"), bare: true, rest: b"" },
-        DataCase { input: b"a\r.\r\nb\r\n.\r\n", message: Some(b"a\r\n.\r\nb\r\n"), bare: true, rest: b"" },
-        DataCase { input: b"a\r\n.\rb\r\n.\r\n", message: Some(b"a\r\n\r\nb\r\n"), bare: true, rest: b"" },
+        DataCase {
+            input: b"a\n.\nb\r\n.\r\n",
+            message: Some(b"a\r\n.\r\nb\r\n"),
+            bare: true,
+            rest: b"",
+        },
+        DataCase {
+            input: b"a\n.\r\nb\r\n.\r\n",
+            message: Some(b"a\r\n.\r\nb\r\n"),
+            bare: true,
+            rest: b"",
+        },
+        DataCase {
+            input: b"a\r\n.\nb\r\n.\r\n",
+            message: Some(b"a\r\n\r\nb\r\n"),
+            bare: true,
+            rest: b"",
+        },
+        DataCase {
+            input: b"a\r.\r\nb\r\n.\r\n",
+            message: Some(b"a\r\n.\r\nb\r\n"),
+            bare: true,
+            rest: b"",
+        },
+        DataCase {
+            input: b"a\r\n.\rb\r\n.\r\n",
+            message: Some(b"a\r\n\r\nb\r\n"),
+            bare: true,
+            rest: b"",
+        },
         DataCase {
             input: b"a\r\n.\r\r\nb\r\n.\r\n",
             message: Some(b"a\r\n\r\n\r\nb\r\n"),
             bare: true,
             rest: b"",
         },
-        DataCase { input: b".\nb\r\n.\r\n", message: Some(b"\r\nb\r\n"), bare: true, rest: b"" },
-        DataCase { input: b"\n.\r\n.\r\n", message: Some(b"\r\n.\r\n"), bare: true, rest: b"" },
-        DataCase { input: b"a\n.\r\n", message: None, bare: true, rest: b"" },
-        DataCase { input: b"a\r.\r\n", message: None, bare: true, rest: b"" },
-        DataCase { input: b"a\r\n.\n", message: None, bare: true, rest: b"" },
-        DataCase { input: b"a\r\n.\r", message: None, bare: false, rest: b"" },
-        DataCase { input: b"a\r\n.", message: None, bare: false, rest: b"" },
-        DataCase { input: b"a\r\n. \r\n", message: None, bare: false, rest: b"" },
-        DataCase { input: b"a\r\n.\r\r\n", message: None, bare: true, rest: b"" },
-        DataCase { input: b"", message: None, bare: false, rest: b"" },
+        DataCase {
+            input: b".\nb\r\n.\r\n",
+            message: Some(b"\r\nb\r\n"),
+            bare: true,
+            rest: b"",
+        },
+        DataCase {
+            input: b"\n.\r\n.\r\n",
+            message: Some(b"\r\n.\r\n"),
+            bare: true,
+            rest: b"",
+        },
+        DataCase {
+            input: b"a\n.\r\n",
+            message: None,
+            bare: true,
+            rest: b"",
+        },
+        DataCase {
+            input: b"a\r.\r\n",
+            message: None,
+            bare: true,
+            rest: b"",
+        },
+        DataCase {
+            input: b"a\r\n.\n",
+            message: None,
+            bare: true,
+            rest: b"",
+        },
+        DataCase {
+            input: b"a\r\n.\r",
+            message: None,
+            bare: false,
+            rest: b"",
+        },
+        DataCase {
+            input: b"a\r\n.",
+            message: None,
+            bare: false,
+            rest: b"",
+        },
+        DataCase {
+            input: b"a\r\n. \r\n",
+            message: None,
+            bare: false,
+            rest: b"",
+        },
+        DataCase {
+            input: b"a\r\n.\r\r\n",
+            message: None,
+            bare: true,
+            rest: b"",
+        },
+        DataCase {
+            input: b"",
+            message: None,
+            bare: false,
+            rest: b"",
+        },
         // Bare line endings.
-        DataCase { input: b"a\nb\r\n.\r\n", message: Some(b"a\r\nb\r\n"), bare: true, rest: b"" },
-        DataCase { input: b"a\rb\r\n.\r\n", message: Some(b"a\r\nb\r\n"), bare: true, rest: b"" },
-        DataCase { input: b"a\r\r\nb\r\n.\r\n", message: Some(b"a\r\n\r\nb\r\n"), bare: true, rest: b"" },
-        DataCase { input: b"a\r\r\r\n.\r\n", message: Some(b"a\r\n\r\n\r\n"), bare: true, rest: b"" },
-        DataCase { input: b"a\n\r\n.\r\n", message: Some(b"a\r\n\r\n"), bare: true, rest: b"" },
-        DataCase { input: b"a\n\n\r\n.\r\n", message: Some(b"a\r\n\r\n\r\n"), bare: true, rest: b"" },
-        DataCase { input: b"\r\r\n.\r\n", message: Some(b"\r\n\r\n"), bare: true, rest: b"" },
-        DataCase { input: b"a\n..b\r\n.\r\n", message: Some(b"a\r\n..b\r\n"), bare: true, rest: b"" },
+        DataCase {
+            input: b"a\nb\r\n.\r\n",
+            message: Some(b"a\r\nb\r\n"),
+            bare: true,
+            rest: b"",
+        },
+        DataCase {
+            input: b"a\rb\r\n.\r\n",
+            message: Some(b"a\r\nb\r\n"),
+            bare: true,
+            rest: b"",
+        },
+        DataCase {
+            input: b"a\r\r\nb\r\n.\r\n",
+            message: Some(b"a\r\n\r\nb\r\n"),
+            bare: true,
+            rest: b"",
+        },
+        DataCase {
+            input: b"a\r\r\r\n.\r\n",
+            message: Some(b"a\r\n\r\n\r\n"),
+            bare: true,
+            rest: b"",
+        },
+        DataCase {
+            input: b"a\n\r\n.\r\n",
+            message: Some(b"a\r\n\r\n"),
+            bare: true,
+            rest: b"",
+        },
+        DataCase {
+            input: b"a\n\n\r\n.\r\n",
+            message: Some(b"a\r\n\r\n\r\n"),
+            bare: true,
+            rest: b"",
+        },
+        DataCase {
+            input: b"\r\r\n.\r\n",
+            message: Some(b"\r\n\r\n"),
+            bare: true,
+            rest: b"",
+        },
+        DataCase {
+            input: b"a\n..b\r\n.\r\n",
+            message: Some(b"a\r\n..b\r\n"),
+            bare: true,
+            rest: b"",
+        },
         // 8-bit bytes and NULs.
         DataCase {
             input: b"\0\xff\xfe caf\xc3\xa9\r\n\x80.\r\n.\r\n",
@@ -650,8 +965,18 @@ mod tests {
             let normalized = read_data(BareLineEndings::Normalize, usize::MAX, case.input, &[]);
             let rejected = read_data(BareLineEndings::Reject, usize::MAX, case.input, &[]);
 
-            assert_eq!(rejected.outcome, normalized.outcome, "input {:?}", show(case.input));
-            assert_eq!(rejected.consumed, normalized.consumed, "input {:?}", show(case.input));
+            assert_eq!(
+                rejected.outcome,
+                normalized.outcome,
+                "input {:?}",
+                show(case.input)
+            );
+            assert_eq!(
+                rejected.consumed,
+                normalized.consumed,
+                "input {:?}",
+                show(case.input)
+            );
         }
     }
 
@@ -659,8 +984,20 @@ mod tests {
     fn data_reader_feed_after_end_consumes_nothing() {
         let mut reader = DataReader::new(BareLineEndings::Normalize, 100);
 
-        assert_eq!(reader.feed(b"a\r\n.\r\nNOOP\r\n"), DataFeed { consumed: 6, done: true });
-        assert_eq!(reader.feed(b"NOOP\r\n"), DataFeed { consumed: 0, done: true });
+        assert_eq!(
+            reader.feed(b"a\r\n.\r\nNOOP\r\n"),
+            DataFeed {
+                consumed: 6,
+                done: true
+            }
+        );
+        assert_eq!(
+            reader.feed(b"NOOP\r\n"),
+            DataFeed {
+                consumed: 0,
+                done: true
+            }
+        );
         assert_eq!(reader.finish().received, 6);
     }
 
@@ -683,6 +1020,26 @@ mod tests {
                 assert_eq!(show(&run.outcome.message), show(expected), "{context}");
             }
         }
+    }
+
+    #[test]
+    fn data_reader_buffer_within_size_limit() {
+        let line = [b'x'; 998];
+        let mut content = Vec::new();
+        for _ in 0..1000 {
+            content.extend_from_slice(&line);
+            content.extend_from_slice(b"\r\n");
+        }
+        let max_size = content.len();
+        content.extend_from_slice(b".\r\n");
+        let cuts: Vec<usize> = (1000..content.len()).step_by(1000).collect();
+
+        let run = read_data(BareLineEndings::Normalize, max_size, &content, &cuts);
+
+        assert!(run.done);
+        assert!(!run.outcome.too_large);
+        assert_eq!(run.outcome.message.len(), max_size);
+        assert!(run.outcome.message.capacity() <= max_size);
     }
 
     #[test]
@@ -728,7 +1085,10 @@ mod tests {
         let mut after_crlf = true;
         let mut start = 0;
         loop {
-            let end = start + raw[start..].iter().position(|&byte| byte == b'\r' || byte == b'\n')?;
+            let end = start
+                + raw[start..]
+                    .iter()
+                    .position(|&byte| byte == b'\r' || byte == b'\n')?;
             let (crlf, next) = if raw[end] == b'\n' {
                 (false, end + 1)
             } else {
@@ -761,7 +1121,9 @@ mod tests {
         if rng.random_bool(0.2) {
             return (1..len).collect();
         }
-        let mut cuts: Vec<usize> = (0..rng.random_range(0..4)).map(|_| rng.random_range(1..len)).collect();
+        let mut cuts: Vec<usize> = (0..rng.random_range(0..4))
+            .map(|_| rng.random_range(1..len))
+            .collect();
         cuts.sort_unstable();
         cuts.dedup();
         cuts
@@ -773,7 +1135,9 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(0x5e9d);
         for _ in 0..20_000 {
             let len = rng.random_range(0..24);
-            let mut input: Vec<u8> = (0..len).map(|_| alphabet[rng.random_range(0..alphabet.len())]).collect();
+            let mut input: Vec<u8> = (0..len)
+                .map(|_| alphabet[rng.random_range(0..alphabet.len())])
+                .collect();
             if rng.random_bool(0.5) {
                 input.extend_from_slice(b"\r\n.\r\nQUIT\r\n");
             }
@@ -795,26 +1159,46 @@ mod tests {
                 }
             }
             assert!(
-                !run.outcome.message.windows(2).any(|pair| pair[0] == b'\r' && pair[1] != b'\n'),
+                !run.outcome
+                    .message
+                    .windows(2)
+                    .any(|pair| pair[0] == b'\r' && pair[1] != b'\n'),
                 "bare CR in output, {context}"
             );
             let lone_lf = run.outcome.message.first() == Some(&b'\n')
-                || run.outcome.message.windows(2).any(|pair| pair[1] == b'\n' && pair[0] != b'\r');
+                || run
+                    .outcome
+                    .message
+                    .windows(2)
+                    .any(|pair| pair[1] == b'\n' && pair[0] != b'\r');
             assert!(!lone_lf, "bare LF in output, {context}");
         }
     }
 
     fn random_line(rng: &mut StdRng) -> Vec<u8> {
-        const SPECIAL: &[&[u8]] = &[b"", b".", b"..", b"...", b".x", b"x.", b". ", b"\0", b"\xff.\xfe", b"caf\xc3\xa9"];
+        const SPECIAL: &[&[u8]] = &[
+            b"",
+            b".",
+            b"..",
+            b"...",
+            b".x",
+            b"x.",
+            b". ",
+            b"\0",
+            b"\xff.\xfe",
+            b"caf\xc3\xa9",
+        ];
         if rng.random_bool(0.4) {
             return SPECIAL[rng.random_range(0..SPECIAL.len())].to_vec();
         }
         let len = rng.random_range(0..120);
         (0..len)
-            .map(|_| loop {
-                let byte: u8 = rng.random();
-                if byte != b'\r' && byte != b'\n' {
-                    break byte;
+            .map(|_| {
+                loop {
+                    let byte: u8 = rng.random();
+                    if byte != b'\r' && byte != b'\n' {
+                        break byte;
+                    }
                 }
             })
             .collect()
@@ -824,7 +1208,9 @@ mod tests {
     fn data_round_trip_through_reader_and_encoder() {
         let mut rng = StdRng::seed_from_u64(0xda7a);
         for _ in 0..2_000 {
-            let lines: Vec<Vec<u8>> = (0..rng.random_range(0..12)).map(|_| random_line(&mut rng)).collect();
+            let lines: Vec<Vec<u8>> = (0..rng.random_range(0..12))
+                .map(|_| random_line(&mut rng))
+                .collect();
             let mut original = Vec::new();
             let mut stuffed = Vec::new();
             for line in &lines {
@@ -900,7 +1286,11 @@ mod tests {
                     haystack[target] = if target % 2 == 0 { b'\r' } else { b'\n' };
                 }
                 let expected = (target < len).then_some(target);
-                assert_eq!(find_line_break(&haystack), expected, "len {len}, target {target}");
+                assert_eq!(
+                    find_line_break(&haystack),
+                    expected,
+                    "len {len}, target {target}"
+                );
             }
         }
     }
@@ -913,8 +1303,14 @@ mod tests {
         }
         let parse = |text: &str| serde_json::from_str::<Setting>(text).map(|setting| setting.mode);
 
-        assert_eq!(parse(r#"{"mode":"normalize"}"#).unwrap(), BareLineEndings::Normalize);
-        assert_eq!(parse(r#"{"mode":"reject"}"#).unwrap(), BareLineEndings::Reject);
+        assert_eq!(
+            parse(r#"{"mode":"normalize"}"#).unwrap(),
+            BareLineEndings::Normalize
+        );
+        assert_eq!(
+            parse(r#"{"mode":"reject"}"#).unwrap(),
+            BareLineEndings::Reject
+        );
         assert!(parse(r#"{"mode":"Reject"}"#).is_err());
     }
 }

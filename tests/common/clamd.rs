@@ -1,0 +1,284 @@
+//! A real clamd for integration tests, loaded with the test signatures in
+//! `fixtures/clamd` and listening on a loopback port and a unix socket in a
+//! temporary directory.
+//!
+//! Environment:
+//! - `SENDGUARD_TEST_CLAMD=host:port` makes [`Clamd::start`] use that server
+//!   instead of starting one. It must have the signatures from
+//!   `fixtures/clamd` loaded. `SENDGUARD_TEST_CLAMD_SOCKET` may give its unix
+//!   socket; otherwise `socket` is empty.
+//! - `SENDGUARD_CLAMD_BIN` sets the clamd program; the default is `clamd`
+//!   from `PATH`, then `/usr/sbin/clamd`.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long clamd may take to load the test signatures and answer PING.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Attempts at starting clamd, because the free port picked for it can be
+/// taken by another process before clamd binds it.
+const START_ATTEMPTS: usize = 3;
+
+/// File extensions that clamd loads as signature databases.
+const SIGNATURE_EXTENSIONS: &[&str] = &["ndb", "hdb", "hsb", "ldb", "cdb", "fp", "sfp", "ign2"];
+
+/// A running clamd, killed on drop (unless it is a reused external server).
+pub struct Clamd {
+    /// TCP address, `127.0.0.1:PORT`.
+    pub address: String,
+    /// Unix socket path; empty for a reused server without
+    /// `SENDGUARD_TEST_CLAMD_SOCKET`.
+    pub socket: PathBuf,
+    child: Option<Child>,
+    // Kept so that the directory is deleted after clamd stops.
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Clamd {
+    /// Starts clamd with its default `StreamMaxLength`, or returns the server
+    /// named by `SENDGUARD_TEST_CLAMD`.
+    pub fn start() -> Clamd {
+        if let Ok(address) = std::env::var("SENDGUARD_TEST_CLAMD")
+            && !address.trim().is_empty()
+        {
+            let socket = std::env::var_os("SENDGUARD_TEST_CLAMD_SOCKET")
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            return Clamd {
+                address: address.trim().to_string(),
+                socket,
+                child: None,
+                _dir: None,
+            };
+        }
+        Clamd::start_with(None)
+    }
+
+    /// Starts a new clamd, with `StreamMaxLength` set to `stream_max_length`
+    /// (clamd syntax, such as "1M") when given. Panics with clamd's output if
+    /// it does not answer PING within 20 s.
+    pub fn start_with(stream_max_length: Option<&str>) -> Clamd {
+        let dir = match tempfile::Builder::new()
+            .prefix("sendguard-clamd-")
+            .tempdir()
+        {
+            Ok(dir) => dir,
+            Err(error) => panic!("cannot create a directory for clamd: {error}"),
+        };
+        let database = dir.path().join("db");
+        let scratch = dir.path().join("tmp");
+        create_dir(&database);
+        create_dir(&scratch);
+        copy_signatures(&database);
+
+        let socket = dir.path().join("clamd.sock");
+        let mut last_output = String::new();
+        for _ in 0..START_ATTEMPTS {
+            let port = free_port();
+            let config = dir.path().join("clamd.conf");
+            write_config(
+                &config,
+                &database,
+                &scratch,
+                &socket,
+                port,
+                stream_max_length,
+            );
+
+            let log = dir.path().join("clamd.out");
+            let mut child = spawn_clamd(&config, &log);
+            let address = format!("127.0.0.1:{port}");
+            match wait_until_ready(&mut child, &address) {
+                Ok(()) => {
+                    return Clamd {
+                        address,
+                        socket,
+                        child: Some(child),
+                        _dir: Some(dir),
+                    };
+                }
+                Err(reason) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    last_output =
+                        format!("{reason}\n{}", fs::read_to_string(&log).unwrap_or_default());
+                }
+            }
+        }
+        panic!("clamd did not start after {START_ATTEMPTS} attempts; last output:\n{last_output}");
+    }
+}
+
+impl Drop for Clamd {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Returns a loopback address with nothing listening on it.
+pub fn closed_port_address() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
+/// Picks a loopback port that is free now, by binding port 0 and closing it.
+fn free_port() -> u16 {
+    let listener = match TcpListener::bind("127.0.0.1:0") {
+        Ok(listener) => listener,
+        Err(error) => panic!("cannot bind a loopback port: {error}"),
+    };
+    match listener.local_addr() {
+        Ok(address) => address.port(),
+        Err(error) => panic!("cannot read the bound port: {error}"),
+    }
+}
+
+fn create_dir(path: &Path) {
+    if let Err(error) = fs::create_dir_all(path) {
+        panic!("cannot create {}: {error}", path.display());
+    }
+}
+
+fn copy_signatures(database: &Path) {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/clamd");
+    let entries = match fs::read_dir(&fixtures) {
+        Ok(entries) => entries,
+        Err(error) => panic!("cannot read {}: {error}", fixtures.display()),
+    };
+    let mut copied = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let is_signature = path
+            .extension()
+            .and_then(|extension| extension.to_str())
+            .is_some_and(|extension| SIGNATURE_EXTENSIONS.contains(&extension));
+        if !is_signature {
+            continue;
+        }
+        let Some(name) = path.file_name() else {
+            continue;
+        };
+        if let Err(error) = fs::copy(&path, database.join(name)) {
+            panic!("cannot copy {}: {error}", path.display());
+        }
+        copied += 1;
+    }
+    // clamd exits at start-up when its database directory has no signatures.
+    assert!(copied > 0, "no signature files in {}", fixtures.display());
+}
+
+fn write_config(
+    config: &Path,
+    database: &Path,
+    scratch: &Path,
+    socket: &Path,
+    port: u16,
+    stream_max_length: Option<&str>,
+) {
+    let mut text = format!(
+        "Foreground yes\n\
+         DatabaseDirectory {}\n\
+         TemporaryDirectory {}\n\
+         TCPSocket {port}\n\
+         TCPAddr 127.0.0.1\n\
+         LocalSocket {}\n\
+         AlertExceedsMax yes\n",
+        database.display(),
+        scratch.display(),
+        socket.display(),
+    );
+    if let Some(length) = stream_max_length {
+        text.push_str(&format!("StreamMaxLength {length}\n"));
+    }
+    if let Err(error) = fs::write(config, text) {
+        panic!("cannot write {}: {error}", config.display());
+    }
+}
+
+fn clamd_program() -> PathBuf {
+    if let Some(program) = std::env::var_os("SENDGUARD_CLAMD_BIN") {
+        return PathBuf::from(program);
+    }
+    let on_path = std::env::var_os("PATH")
+        .map(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join("clamd"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    on_path
+        .into_iter()
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| PathBuf::from("/usr/sbin/clamd"))
+}
+
+fn spawn_clamd(config: &Path, log: &Path) -> Child {
+    let program = clamd_program();
+    let output = match fs::File::create(log) {
+        Ok(file) => file,
+        Err(error) => panic!("cannot create {}: {error}", log.display()),
+    };
+    let errors = match output.try_clone() {
+        Ok(file) => file,
+        Err(error) => panic!("cannot duplicate the clamd log handle: {error}"),
+    };
+    let spawned = Command::new(&program)
+        .arg("-c")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(output)
+        .stderr(errors)
+        .spawn();
+    match spawned {
+        Ok(child) => child,
+        Err(error) => panic!(
+            "cannot run {}: {error}; install clamav-daemon or set SENDGUARD_CLAMD_BIN",
+            program.display()
+        ),
+    }
+}
+
+/// Waits until clamd answers PING with PONG, or fails when it exits or the
+/// start-up time runs out.
+fn wait_until_ready(child: &mut Child, address: &str) -> Result<(), String> {
+    let socket_address: SocketAddr = match address.parse() {
+        Ok(parsed) => parsed,
+        Err(error) => return Err(format!("invalid address {address}: {error}")),
+    };
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    while Instant::now() < deadline {
+        match child.try_wait() {
+            Ok(Some(status)) => return Err(format!("clamd exited with {status}")),
+            Ok(None) => {}
+            Err(error) => return Err(format!("cannot check clamd's status: {error}")),
+        }
+        if ping(socket_address) {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!(
+        "clamd did not answer PING on {address} within {STARTUP_TIMEOUT:?}"
+    ))
+}
+
+fn ping(address: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&address, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if stream.write_all(b"zPING\0").is_err() {
+        return false;
+    }
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply);
+    reply.starts_with(b"PONG")
+}

@@ -26,12 +26,17 @@ impl Sendguard {
     /// Starts sendguard relaying to `upstream`, with `extra` TOML appended to
     /// a config that has [smtp], [upstream] and [store].
     pub fn start(upstream: &str, extra: &str) -> Sendguard {
+        Sendguard::start_with(upstream, "", extra)
+    }
+
+    /// Like [`Sendguard::start`], with `smtp_extra` lines added to [smtp].
+    pub fn start_with(upstream: &str, smtp_extra: &str, extra: &str) -> Sendguard {
         let dir = tempfile::tempdir().expect("temporary directory");
         let port = free_port();
         let address = format!("127.0.0.1:{port}");
         let config = format!(
             "[smtp]\nlisten = \"{address}\"\nhostname = \"sendguard.test\"\n\
-             relay_networks = [\"127.0.0.0/8\", \"::1/128\"]\n\
+             relay_networks = [\"127.0.0.0/8\", \"::1/128\"]\n{smtp_extra}\n\
              [upstream]\naddress = \"{upstream}\"\ntimeout = \"10s\"\nconnect_timeout = \"5s\"\n\
              [store]\npath = \"{}\"\n{extra}\n",
             dir.path().join("sendguard.db").display()
@@ -76,7 +81,11 @@ impl Sendguard {
             {
                 panic!("sendguard exited with {status}:\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "sendguard did not listen:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "sendguard did not listen:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -111,7 +120,11 @@ impl Sendguard {
         assert!(status.success());
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.log().matches("reload").count() == before {
-            assert!(Instant::now() < deadline, "no reload in the log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "no reload in the log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -124,7 +137,11 @@ impl Sendguard {
     /// Returns the events report as parsed JSON lines.
     pub fn events(&self) -> Vec<serde_json::Value> {
         let output = self.cli(&["events", "--format", "json"]);
-        assert!(output.status.success(), "events failed: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "events failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         String::from_utf8_lossy(&output.stdout)
             .lines()
             .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
@@ -151,7 +168,10 @@ impl Sendguard {
             if condition(&events) {
                 return events;
             }
-            assert!(Instant::now() < deadline, "condition not met; events: {events:#?}");
+            assert!(
+                Instant::now() < deadline,
+                "condition not met; events: {events:#?}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }

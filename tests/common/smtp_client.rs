@@ -15,7 +15,8 @@
 
 use std::fmt;
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::TcpStream;
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::thread;
 use std::time::Duration;
 
 /// Read timeout used unless `SmtpClient::set_timeout` changes it.
@@ -34,7 +35,7 @@ pub struct Reply {
 }
 
 impl Reply {
-    /// All lines joined with `\n`.
+    /// Returns all lines joined with `\n`.
     pub fn text(&self) -> String {
         self.lines.join("\n")
     }
@@ -49,7 +50,10 @@ impl Reply {
     pub fn enhanced_code(&self) -> Option<&str> {
         let first = self.lines.first()?.split(' ').next()?;
         let parts: Vec<&str> = first.split('.').collect();
-        let valid = parts.len() == 3 && parts.iter().all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()));
+        let valid = parts.len() == 3
+            && parts
+                .iter()
+                .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()));
         valid.then_some(first)
     }
 }
@@ -58,7 +62,11 @@ impl fmt::Display for Reply {
     /// Formats the reply as sent on the wire, without the final CRLF.
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (index, line) in self.lines.iter().enumerate() {
-            let separator = if index + 1 == self.lines.len() { ' ' } else { '-' };
+            let separator = if index + 1 == self.lines.len() {
+                ' '
+            } else {
+                '-'
+            };
             if index > 0 {
                 writeln!(formatter)?;
             }
@@ -92,11 +100,30 @@ impl SmtpClient {
     pub fn connect_without_greeting(address: &str) -> SmtpClient {
         let stream = TcpStream::connect(address)
             .unwrap_or_else(|error| panic!("failed to connect to SMTP server {address}: {error}"));
+        SmtpClient::from_stream(address, stream)
+    }
+
+    /// Connects to `address` from the local IP address `local_ip` (such as
+    /// `127.0.0.2`, since all of 127.0.0.0/8 is loopback on Linux) and reads
+    /// the greeting. Panics when the connection or the greeting fails.
+    pub fn connect_from(address: &str, local_ip: &str) -> SmtpClient {
+        let stream = connect_bound(address, local_ip).unwrap_or_else(|error| {
+            panic!("failed to connect to SMTP server {address} from {local_ip}: {error}")
+        });
+        let mut client = SmtpClient::from_stream(address, stream);
+        let greeting = client.read_reply();
+        client.greeting = Some(greeting);
+        client
+    }
+
+    fn from_stream(address: &str, stream: TcpStream) -> SmtpClient {
         stream
             .set_read_timeout(Some(DEFAULT_TIMEOUT))
             .expect("failed to set the read timeout");
         stream.set_nodelay(true).expect("failed to set TCP_NODELAY");
-        let writer = stream.try_clone().expect("failed to clone the client stream");
+        let writer = stream
+            .try_clone()
+            .expect("failed to clone the client stream");
         SmtpClient {
             reader: BufReader::new(stream),
             writer,
@@ -124,7 +151,10 @@ impl SmtpClient {
     pub fn expect_greeting(&self, code: u16) -> &Reply {
         let greeting = self.greeting();
         if greeting.code != code {
-            self.fail(&format!("expected greeting code {code}, got {}", greeting.code));
+            self.fail(&format!(
+                "expected greeting code {code}, got {}",
+                greeting.code
+            ));
         }
         greeting
     }
@@ -153,7 +183,11 @@ impl SmtpClient {
     /// Sends `bytes` unchanged.
     pub fn send_raw(&mut self, bytes: &[u8]) {
         self.record("C: ", bytes);
-        if let Err(error) = self.writer.write_all(bytes).and_then(|()| self.writer.flush()) {
+        if let Err(error) = self
+            .writer
+            .write_all(bytes)
+            .and_then(|()| self.writer.flush())
+        {
             self.fail(&format!("failed to send {} bytes: {error}", bytes.len()));
         }
     }
@@ -187,14 +221,20 @@ impl SmtpClient {
             if !raw.ends_with(b"\n") {
                 return Err(io::Error::new(
                     ErrorKind::UnexpectedEof,
-                    format!("connection closed after {} bytes of a reply line", raw.len()),
+                    format!(
+                        "connection closed after {} bytes of a reply line",
+                        raw.len()
+                    ),
                 ));
             }
             let Some(line) = raw.strip_suffix(b"\r\n") else {
                 return Err(invalid_reply("reply line ends in a bare LF", &raw));
             };
             if line.len() < 3 || !line[..3].iter().all(u8::is_ascii_digit) {
-                return Err(invalid_reply("reply line does not start with a three-digit code", &raw));
+                return Err(invalid_reply(
+                    "reply line does not start with a three-digit code",
+                    &raw,
+                ));
             }
             let line_code: u16 = std::str::from_utf8(&line[..3]).unwrap().parse().unwrap();
             if code.is_some_and(|code| code != line_code) {
@@ -204,7 +244,12 @@ impl SmtpClient {
             let last = match line.get(3) {
                 None | Some(b' ') => true,
                 Some(b'-') => false,
-                Some(_) => return Err(invalid_reply("reply code is not followed by a space or hyphen", &raw)),
+                Some(_) => {
+                    return Err(invalid_reply(
+                        "reply code is not followed by a space or hyphen",
+                        &raw,
+                    ));
+                }
             };
             let text = line.get(4..).unwrap_or_default();
             lines.push(String::from_utf8_lossy(text).into_owned());
@@ -256,7 +301,10 @@ impl SmtpClient {
                 Ok(0) => return last_reply,
                 Ok(_) => match self.try_read_reply() {
                     Ok(reply) if last_reply.is_none() => last_reply = Some(reply),
-                    Ok(reply) => self.fail(&format!("expected the connection to close, got a second reply {}", reply.code)),
+                    Ok(reply) => self.fail(&format!(
+                        "expected the connection to close, got a second reply {}",
+                        reply.code
+                    )),
                     Err(error) if error.kind() == ErrorKind::UnexpectedEof => return last_reply,
                     Err(error) => self.fail(&format!("expected the connection to close: {error}")),
                 },
@@ -271,7 +319,9 @@ impl SmtpClient {
     pub fn read_to_end(&mut self) -> Vec<u8> {
         let mut bytes = Vec::new();
         if let Err(error) = self.reader.read_to_end(&mut bytes) {
-            self.fail(&format!("failed to read until the connection closed: {error}"));
+            self.fail(&format!(
+                "failed to read until the connection closed: {error}"
+            ));
         }
         self.record("S: ", &bytes);
         bytes
@@ -286,22 +336,26 @@ impl SmtpClient {
     fn expect_reply_to(&mut self, code: u16, request: &str) -> Reply {
         let reply = self.read_reply();
         if reply.code != code {
-            self.fail(&format!("expected {code} in reply to {request}, got:\n{reply}"));
+            self.fail(&format!(
+                "expected {code} in reply to {request}, got:\n{reply}"
+            ));
         }
         reply
     }
 
     fn record(&mut self, prefix: &str, bytes: &[u8]) {
-        let shown = &bytes[..bytes.len().min(TRANSCRIPT_CHUNK_LIMIT)];
-        for line in shown.split_inclusive(|byte| *byte == b'\n') {
+        let excerpt = &bytes[..bytes.len().min(TRANSCRIPT_CHUNK_LIMIT)];
+        for line in excerpt.split_inclusive(|byte| *byte == b'\n') {
             let line = line.strip_suffix(b"\r\n").unwrap_or(line);
             self.transcript.push_str(prefix);
             self.transcript.push_str(&line.escape_ascii().to_string());
             self.transcript.push('\n');
         }
-        if bytes.len() > shown.len() {
-            self.transcript
-                .push_str(&format!("{prefix}[{} more bytes not shown]\n", bytes.len() - shown.len()));
+        if bytes.len() > excerpt.len() {
+            self.transcript.push_str(&format!(
+                "{prefix}[{} more bytes not shown]\n",
+                bytes.len() - excerpt.len()
+            ));
         }
     }
 
@@ -313,8 +367,48 @@ impl SmtpClient {
     }
 }
 
+/// Opens a TCP connection to `address` from `local_ip`. std cannot bind
+/// before connecting, so tokio's `TcpSocket` does it on a thread of its own,
+/// which keeps this usable from inside a tokio test too.
+fn connect_bound(address: &str, local_ip: &str) -> io::Result<TcpStream> {
+    let remote = address.to_socket_addrs()?.next().ok_or_else(|| {
+        io::Error::new(
+            ErrorKind::InvalidInput,
+            format!("address {address} resolves to nothing"),
+        )
+    })?;
+    let local_ip: IpAddr = local_ip.parse().map_err(|error| {
+        io::Error::new(
+            ErrorKind::InvalidInput,
+            format!("invalid local IP address {local_ip}: {error}"),
+        )
+    })?;
+
+    thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()?;
+        runtime.block_on(async {
+            let socket = if remote.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.bind(SocketAddr::new(local_ip, 0))?;
+            let stream = socket.connect(remote).await?.into_std()?;
+            stream.set_nonblocking(false)?;
+            Ok(stream)
+        })
+    })
+    .join()
+    .map_err(|_| io::Error::other("the connecting thread panicked"))?
+}
+
 fn invalid_reply(problem: &str, raw: &[u8]) -> io::Error {
-    io::Error::new(ErrorKind::InvalidData, format!("{problem}: {}", raw.escape_ascii()))
+    io::Error::new(
+        ErrorKind::InvalidData,
+        format!("{problem}: {}", raw.escape_ascii()),
+    )
 }
 
 /// Dot-stuffs `content`: adds a `.` before every line that starts with `.`.

@@ -48,7 +48,7 @@ pub enum ClosePoint {
     Data,
     /// Read the whole content and its terminator, record the transaction
     /// with no reply, then close before sending the final reply.
-    AfterContent,
+    AfterData,
 }
 
 /// Behaviour of an `Upstream`. Build it with `UpstreamOptions::default()` and
@@ -133,9 +133,11 @@ impl UpstreamOptions {
         self
     }
 
-    /// Rejects (or answers with any other reply) RCPT for `address`.
+    /// Sets the reply to RCPT for `address`, usually a rejection such as
+    /// `550 5.1.1 <bob@example.net> user unknown`.
     pub fn reject_rcpt(mut self, address: &str, reply: &str) -> Self {
-        self.rcpt_replies.push((address.to_string(), reply.to_string()));
+        self.rcpt_replies
+            .push((address.to_string(), reply.to_string()));
         self
     }
 
@@ -204,7 +206,7 @@ pub struct Received {
     pub content: Vec<u8>,
     pub queue_id: String,
     /// The reply sent to the end of DATA, or `None` when the server closed
-    /// the connection instead (`ClosePoint::AfterContent`).
+    /// the connection instead (`ClosePoint::AfterData`).
     pub data_reply: Option<String>,
     /// True when any line of the transaction, from MAIL to the terminator,
     /// contained a bare CR or ended in a bare LF.
@@ -214,13 +216,17 @@ pub struct Received {
 impl Received {
     /// Returns true when the end of DATA got a 2xx reply.
     pub fn accepted(&self) -> bool {
-        self.data_reply.as_deref().is_some_and(|reply| reply.starts_with('2'))
+        self.data_reply
+            .as_deref()
+            .is_some_and(|reply| reply.starts_with('2'))
     }
 }
 
 /// Raw bytes of one connection in both directions.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ConnectionTranscript {
+    /// The client's address as `IP:PORT`.
+    pub peer_address: String,
     pub received: Vec<u8>,
     pub sent: Vec<u8>,
 }
@@ -253,15 +259,21 @@ impl Shared {
     fn lock_state(&self) -> MutexGuard<'_, State> {
         // A panicking connection thread must not hide the recorded data from
         // the test, so a poisoned lock is still used.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
 impl Upstream {
     /// Starts the server on a free port of 127.0.0.1.
     pub fn start(options: UpstreamOptions) -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("failed to bind 127.0.0.1:0 for the upstream");
-        let address = listener.local_addr().expect("failed to read the upstream's local address").to_string();
+        let listener =
+            TcpListener::bind("127.0.0.1:0").expect("failed to bind 127.0.0.1:0 for the upstream");
+        let address = listener
+            .local_addr()
+            .expect("failed to read the upstream's local address")
+            .to_string();
         let listen = options.listen;
         let shared = Arc::new(Shared {
             options: Mutex::new(options),
@@ -309,11 +321,16 @@ impl Upstream {
     /// server finished reading them.
     pub fn messages(&self) -> Vec<Received> {
         let state = self.shared.lock_state();
-        state.transactions.iter().filter(|t| t.accepted()).cloned().collect()
+        state
+            .transactions
+            .iter()
+            .filter(|t| t.accepted())
+            .cloned()
+            .collect()
     }
 
-    /// Every transaction whose content was read completely, whatever the
-    /// reply to the end of DATA was.
+    /// Returns every transaction whose content was read completely,
+    /// whatever the reply to the end of DATA was.
     pub fn transactions(&self) -> Vec<Received> {
         self.shared.lock_state().transactions.clone()
     }
@@ -401,7 +418,8 @@ impl Upstream {
             let _ = handle.join();
         }
 
-        let connection_threads = std::mem::take(&mut *self.shared.connection_threads.lock().unwrap());
+        let connection_threads =
+            std::mem::take(&mut *self.shared.connection_threads.lock().unwrap());
         for (stream, _) in &connection_threads {
             let _ = stream.shutdown(Shutdown::Both);
         }
@@ -436,7 +454,9 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     while !shared.stopping.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((stream, _)) => start_connection(stream, &shared),
-            Err(error) if error.kind() == ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(5)),
+            Err(error) if error.kind() == ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(5))
+            }
             Err(error) => {
                 eprintln!("upstream: accept failed: {error}");
                 thread::sleep(Duration::from_millis(50));
@@ -447,9 +467,16 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 
 fn start_connection(stream: TcpStream, shared: &Arc<Shared>) {
     let options = shared.options.lock().unwrap().clone();
+    let peer_address = stream
+        .peer_addr()
+        .map(|address| address.to_string())
+        .unwrap_or_default();
     let number = {
         let mut state = shared.lock_state();
-        state.connections.push(ConnectionTranscript::default());
+        state.connections.push(ConnectionTranscript {
+            peer_address,
+            ..ConnectionTranscript::default()
+        });
         shared.state_changed.notify_all();
         state.connections.len()
     };
@@ -467,9 +494,11 @@ fn start_connection(stream: TcpStream, shared: &Arc<Shared>) {
         }
     };
 
-    let close_at = options
-        .close_at
-        .filter(|_| options.close_connections.is_none_or(|limit| number <= limit));
+    let close_at = options.close_at.filter(|_| {
+        options
+            .close_connections
+            .is_none_or(|limit| number <= limit)
+    });
     let thread_shared = Arc::clone(shared);
     let spawned = thread::Builder::new()
         .name(format!("upstream-connection-{number}"))
@@ -481,8 +510,14 @@ fn start_connection(stream: TcpStream, shared: &Arc<Shared>) {
             session.close();
         });
     match spawned {
-        Ok(handle) => shared.connection_threads.lock().unwrap().push((handle_for_stop, handle)),
-        Err(error) => eprintln!("upstream: failed to spawn the thread for connection {number}: {error}"),
+        Ok(handle) => shared
+            .connection_threads
+            .lock()
+            .unwrap()
+            .push((handle_for_stop, handle)),
+        Err(error) => {
+            eprintln!("upstream: failed to spawn the thread for connection {number}: {error}")
+        }
     }
 }
 
@@ -528,7 +563,9 @@ impl Session {
         options: UpstreamOptions,
         close_at: Option<ClosePoint>,
     ) -> Session {
-        let writer = stream.try_clone().expect("failed to clone the upstream connection");
+        let writer = stream
+            .try_clone()
+            .expect("failed to clone the upstream connection");
         Session {
             shared,
             reader: BufReader::new(stream),
@@ -603,7 +640,10 @@ impl Session {
                     self.mail(&text, line.bare_line_ending)?;
                 }
                 "RCPT" => {
-                    let first_rcpt = self.transaction.as_ref().is_some_and(|t| t.rcpt_lines.is_empty());
+                    let first_rcpt = self
+                        .transaction
+                        .as_ref()
+                        .is_some_and(|t| t.rcpt_lines.is_empty());
                     if first_rcpt && self.closes_at(ClosePoint::Rcpt) {
                         return Ok(());
                     }
@@ -649,7 +689,11 @@ impl Session {
             return self.reply("552 5.3.4 Message size exceeds fixed limit");
         }
 
-        let reply = self.options.mail_reply.clone().unwrap_or_else(|| "250 2.1.0 Ok".to_string());
+        let reply = self
+            .options
+            .mail_reply
+            .clone()
+            .unwrap_or_else(|| "250 2.1.0 Ok".to_string());
         if reply.starts_with('2') {
             self.transaction = Some(Transaction {
                 mail_line: text.to_string(),
@@ -717,7 +761,7 @@ impl Session {
             bare_line_ending: transaction.bare_line_ending,
         };
 
-        if self.closes_at(ClosePoint::AfterContent) {
+        if self.closes_at(ClosePoint::AfterData) {
             self.record_transaction(received);
             return Ok(false);
         }
@@ -735,8 +779,8 @@ impl Session {
             template.replace("{queue_id}", &queue_id)
         };
         received.data_reply = Some(reply.clone());
-        // Record before replying, so a test that saw the relay's reply also
-        // sees the message here.
+        // Record before replying, so a test that got the relay's reply finds
+        // the message here.
         self.record_transaction(received);
         self.reply(&reply)?;
         Ok(true)
@@ -776,7 +820,9 @@ impl Session {
         if !raw.is_empty() {
             let mut state = self.shared.lock_state();
             state.transcript.extend_from_slice(&raw);
-            state.connections[self.number - 1].received.extend_from_slice(&raw);
+            state.connections[self.number - 1]
+                .received
+                .extend_from_slice(&raw);
             state.bare_line_ending |= bare_line_ending;
             self.shared.state_changed.notify_all();
         }
@@ -787,7 +833,10 @@ impl Session {
         if let Some(transaction) = self.transaction.as_mut() {
             transaction.bare_line_ending |= bare_line_ending;
         }
-        Ok(Some(Line { raw, bare_line_ending }))
+        Ok(Some(Line {
+            raw,
+            bare_line_ending,
+        }))
     }
 
     /// Sends a reply. Lines of a multi-line reply are separated by `\n` in
@@ -852,7 +901,8 @@ fn has_bare_line_ending(raw: &[u8]) -> bool {
 
 fn strip_prefix_ignore_case<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
     let head = text.get(..prefix.len())?;
-    head.eq_ignore_ascii_case(prefix).then(|| &text[prefix.len()..])
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &text[prefix.len()..])
 }
 
 /// Extracts the address from `<address> parameters`, tolerating a space
