@@ -19,7 +19,7 @@ const TEST_PUA_MARKER: &str = "SENDGUARD-TEST-PUA-MARKER-7f3a";
 
 const EICAR_NAME: &str = "Eicar-Test-Signature.UNOFFICIAL";
 
-/// The EICAR test file, built at run time so that this source file itself
+/// Builds the EICAR test file at run time so that this source file itself
 /// is not flagged by virus scanners.
 fn eicar() -> Vec<u8> {
     let mut eicar = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$".to_vec();
@@ -236,7 +236,7 @@ async fn eicar_base64_attachment_is_virus() {
     let clamd = Clamd::start();
     let scanner = scanner(&clamd_config(&clamd.address));
     let message = message_with_attachment("eicar.com", "application/octet-stream", &eicar());
-    // The raw message holds EICAR only in base64, so clamd must decode it.
+    // The raw message contains EICAR only in base64, so clamd must decode it.
     assert!(!contains(&message, &eicar()));
     assert_eq!(verdict(&scanner, &message).await, virus(EICAR_NAME));
 }
@@ -258,7 +258,7 @@ async fn eicar_across_chunk_boundary_is_virus() {
     let clamd = Clamd::start();
     let scanner = scanner(&clamd_config(&clamd.address));
     // The scanner sends 64 KiB chunks; EICAR starts 30 bytes before the end
-    // of the first one, so clamd only sees it if the chunks join correctly.
+    // of the first one, so clamd finds it only if the chunks join correctly.
     let mut message = vec![b' '; 64 * 1024 - 30];
     message.extend_from_slice(&eicar());
     message.extend(std::iter::repeat_n(b' ', 3 * 64 * 1024));

@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::io;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -57,7 +58,7 @@ pub async fn scan(config: &ClamdConfig, message: &[u8]) -> Result<ClamdFinding, 
 /// Returns clamd's VERSION reply, such as "ClamAV 1.4.6/27500/Mon Dec 1 2025".
 pub async fn version(config: &ClamdConfig) -> Result<String, ScanError> {
     let address = config.address.as_str();
-    let deadline = Instant::now() + config.timeout;
+    let deadline = deadline_after(config.timeout);
     let mut connection = connect(config, deadline).await?;
 
     let write = async {
@@ -79,7 +80,7 @@ pub async fn version(config: &ClamdConfig) -> Result<String, ScanError> {
 
 /// Runs the INSTREAM command and returns clamd's reply without the NUL.
 async fn instream(config: &ClamdConfig, message: &[u8]) -> Result<String, ScanError> {
-    let deadline = Instant::now() + config.timeout;
+    let deadline = deadline_after(config.timeout);
     let mut connection = connect(config, deadline).await?;
 
     let sent = with_deadline(
@@ -233,6 +234,14 @@ async fn read_reply(
     Ok(text)
 }
 
+/// Returns the instant `timeout` from now. A timeout too large to add (such
+/// as "1000years") is cut to one year.
+fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 60 * 60))
+}
+
 /// Runs `future` until `deadline`, mapping the time-out to `ScanError::Timeout`.
 async fn with_deadline<F: Future>(
     config: &ClamdConfig,
@@ -293,7 +302,7 @@ pub fn interpret_reply(config: &ClamdConfig, reply: &str) -> Result<ClamdFinding
                         tracing::info!(
                             clamd = %address,
                             signature = %name,
-                            "clamd finding ignored as scan.clamd.names classes it"
+                            "clamd finding ignored because scan.clamd.names classes it as ignore"
                         );
                     }
                 }

@@ -10,28 +10,28 @@ use crate::config::Problems;
 
 use super::rules;
 
-/// What the guard does when clamd cannot be reached or fails a scan.
+/// Guard action when clamd cannot be reached or a scan fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnError {
-    /// Answer 451 4.7.1 so that the client retries later.
+    /// Reply 451 4.7.1 so that the client retries later.
     #[default]
     Tempfail,
     /// Log a warning, skip clamd and still run the built-in rules.
     Accept,
 }
 
-/// What the guard does with a message that clamd could not scan fully.
+/// Guard action for a message that clamd could not scan fully.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnUnscannable {
-    /// Answer 554 5.7.1.
+    /// Reply 554 5.7.1.
     #[default]
     Reject,
     Accept,
 }
 
-/// What the guard does with a message that the built-in rules call spam.
+/// Guard action for a message judged spam.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SpamAction {

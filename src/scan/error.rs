@@ -20,7 +20,7 @@ pub enum ScanError {
     Timeout {
         address: String,
         timeout: Duration,
-        /// What was under way: "connecting", "sending the message" or
+        /// Step in progress: "connecting", "sending the message" or
         /// "reading the reply".
         stage: &'static str,
     },
@@ -36,7 +36,7 @@ pub enum ScanError {
     #[error("unexpected reply from clamd at {address}: {reply:?}")]
     Protocol { address: String, reply: String },
 
-    /// clamd answered with an error of its own, such as "Can't allocate memory".
+    /// Error reported by clamd itself, such as "Can't allocate memory".
     #[error("clamd at {address} reported an error: {message:?}")]
     Clamd { address: String, message: String },
 
@@ -49,7 +49,7 @@ pub enum ScanError {
 }
 
 impl ScanError {
-    /// The clamd address the error is about.
+    /// Returns the clamd address the error is about.
     pub fn address(&self) -> &str {
         match self {
             ScanError::Connect { address, .. }

@@ -114,6 +114,11 @@ impl RuleSet {
             }
         }
 
+        if !spam.enabled {
+            // Disabled rules are still checked, so that turning them back on
+            // cannot fail at start-up.
+            check_rules(&spam.rules, "scan.spam.rules", &mut problems);
+        }
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -201,7 +206,7 @@ impl Matcher {
     }
 }
 
-/// Whether `host` equals `listed` or is a subdomain of it.
+/// Checks whether `host` equals `listed` or is a subdomain of it.
 fn host_is_within(host: &str, listed: &str) -> bool {
     if host == listed {
         return true;
@@ -212,7 +217,7 @@ fn host_is_within(host: &str, listed: &str) -> bool {
 }
 
 /// The parts of a message that rules look at. URL hosts and attachment
-/// names are only extracted when a rule asks for them.
+/// names are only extracted when a rule needs them.
 struct MessageFacts<'p, 'm> {
     message: Option<&'p Message<'m>>,
     /// Decoded text/plain parts, the HTML source of text/html parts and the
@@ -470,7 +475,7 @@ fn compile_matcher(
     label: &str,
     problems: &mut Problems,
 ) -> Option<Matcher> {
-    let given: Vec<&str> = [
+    let matchers_given: Vec<&str> = [
         ("header", rule.header.is_some() || rule.pattern.is_some()),
         ("body", rule.body.is_some()),
         ("url_host", rule.url_host.is_some()),
@@ -480,7 +485,7 @@ fn compile_matcher(
     .into_iter()
     .filter_map(|(name, present)| present.then_some(name))
     .collect();
-    match given.len() {
+    match matchers_given.len() {
         0 => {
             problems.push(
                 key,
@@ -496,7 +501,7 @@ fn compile_matcher(
                 key,
                 format!(
                     "{label} has several matchers ({}); give exactly one, and split it into several rules if needed",
-                    given.join(", ")
+                    matchers_given.join(", ")
                 ),
             );
             return None;

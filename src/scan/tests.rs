@@ -805,9 +805,9 @@ fn config_example_parses_and_validates() {
         spam: SpamConfig,
     }
 
-    let example: Example = match toml::from_str(include_str!("CONFIG.toml.part")) {
+    let example: Example = match toml::from_str(include_str!("../../config.toml.example")) {
         Ok(example) => example,
-        Err(error) => panic!("CONFIG.toml.part does not parse: {error}"),
+        Err(error) => panic!("config.toml.example does not parse: {error}"),
     };
     assert_eq!(
         example.scan.clamd,
@@ -827,9 +827,10 @@ fn config_example_parses_and_validates() {
 #[test]
 fn config_example_rules_compile() {
     // The commented [[scan.spam.rules]] examples, uncommented.
-    let text: String = include_str!("CONFIG.toml.part")
+    let text: String = include_str!("../../config.toml.example")
         .lines()
         .skip_while(|line| !line.starts_with("# [[scan.spam.rules]]"))
+        .take_while(|line| !line.starts_with("[policy]"))
         .map(|line| {
             line.strip_prefix("# ")
                 .unwrap_or(line.trim_start_matches('#'))
@@ -854,4 +855,55 @@ fn config_example_rules_compile() {
     assert_eq!(spam.rules.len(), 5);
     let scanner = scanner(&spam);
     assert_eq!(scanner.rule_count(), 15);
+}
+
+#[test]
+fn huge_timeout_does_not_panic() {
+    let listener = match std::net::TcpListener::bind("127.0.0.1:0") {
+        Ok(listener) => listener,
+        Err(error) => panic!("cannot bind a loopback port: {error}"),
+    };
+    let address = match listener.local_addr() {
+        Ok(address) => address.to_string(),
+        Err(error) => panic!("{error}"),
+    };
+    drop(listener);
+    let clamd: ClamdConfig = match toml::from_str(&format!(
+        "address = \"{address}\"\ntimeout = \"1000years\"\n"
+    )) {
+        Ok(clamd) => clamd,
+        Err(error) => panic!("{error}"),
+    };
+    let scanner = match Scanner::new(Some(&clamd), &SpamConfig::default()) {
+        Ok(scanner) => scanner,
+        Err(error) => panic!("{error}"),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let Ok(runtime) = runtime else {
+        panic!("cannot build a tokio runtime");
+    };
+    let result = runtime.block_on(scanner.scan(ScanInput {
+        message: b"Subject: x\r\n\r\nhello\r\n",
+        recipients: 1,
+    }));
+    assert!(
+        matches!(result, Err(ScanError::Connect { .. })),
+        "{result:?}"
+    );
+}
+
+#[test]
+fn disabled_rules_are_still_checked() {
+    let mut bad = rule("BAD", 1.0);
+    bad.body = Some("(".to_string());
+    let spam = SpamConfig {
+        enabled: false,
+        ..operator_rules(vec![bad])
+    };
+    match Scanner::new(None, &spam) {
+        Ok(_) => panic!("invalid rule accepted while rules are disabled"),
+        Err(error) => assert!(error.starts_with("scan.spam.rules[0].body"), "{error}"),
+    }
 }

@@ -3,7 +3,7 @@
 /// Maximum length of [`Verdict::summary`] in characters.
 const MAX_SUMMARY_LEN: usize = 200;
 
-/// What the scanners concluded about a message.
+/// Outcome of scanning one message.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Verdict {
@@ -27,7 +27,7 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    /// Whether the message is a virus or spam.
+    /// Returns whether the message is a virus or spam.
     pub fn is_bad(&self) -> bool {
         matches!(self, Verdict::Virus { .. } | Verdict::Spam { .. })
     }

@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// How long clamd may take to load the test signatures and answer PING.
+/// How long clamd may take to load the test signatures and reply to PING.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Attempts at starting clamd, because the free port picked for it can be
@@ -62,7 +62,7 @@ impl Clamd {
 
     /// Starts a new clamd, with `StreamMaxLength` set to `stream_max_length`
     /// (clamd syntax, such as "1M") when given. Panics with clamd's output if
-    /// it does not answer PING within 20 s.
+    /// it does not reply to PING within 20 s.
     pub fn start_with(stream_max_length: Option<&str>) -> Clamd {
         let dir = match tempfile::Builder::new()
             .prefix("sendguard-clamd-")
@@ -246,7 +246,7 @@ fn spawn_clamd(config: &Path, log: &Path) -> Child {
     }
 }
 
-/// Waits until clamd answers PING with PONG, or fails when it exits or the
+/// Waits until clamd replies PONG to PING, or fails when it exits or the
 /// start-up time runs out.
 fn wait_until_ready(child: &mut Child, address: &str) -> Result<(), String> {
     let socket_address: SocketAddr = match address.parse() {
