@@ -436,3 +436,98 @@ impl Guard {
 fn shard_capacity(total: usize) -> NonZeroUsize {
     NonZeroUsize::new(total.div_ceil(CACHE_SHARDS).max(1)).unwrap_or(NonZeroUsize::MIN)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GTUBE: &str = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X";
+
+    fn guard(dir: &std::path::Path, policy: &str) -> Arc<Guard> {
+        let text = format!(
+            "[upstream]\naddress = \"127.0.0.1:25\"\n[store]\npath = \"{}\"\n[policy]\n{policy}\n",
+            dir.join("store.db").display()
+        );
+        let config = Config::parse(&text).expect("valid config");
+        let store = Store::open(&config.store.path).expect("store opens");
+        Arc::new(Guard::new(Runtime::new(config).expect("runtime"), store))
+    }
+
+    fn transaction(sender: &str, index: usize) -> Transaction {
+        Transaction {
+            id: format!("test-{index}"),
+            sender_path: format!("<{sender}>"),
+            sender: sender.to_string(),
+            login: None,
+            client: "192.0.2.1".parse().expect("address"),
+            recipients: 1,
+        }
+    }
+
+    fn spam() -> Vec<u8> {
+        format!("Subject: x\r\n\r\n{GTUBE}\r\n").into_bytes()
+    }
+
+    #[tokio::test]
+    async fn eviction_keeps_strikes() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        // One mailbox per cache shard: forty mailboxes evict each other
+        // between their first and second strike.
+        let guard = guard(dir.path(), "threshold = 2\nmax_tracked_mailboxes = 1");
+        let senders: Vec<String> = (0..40).map(|index| format!("user{index}@example.org")).collect();
+        for round in 0..2 {
+            for (index, sender) in senders.iter().enumerate() {
+                let decision = guard.check_message(&transaction(sender, round * 100 + index), &spam()).await;
+                assert!(matches!(decision, MessageDecision::Reject(_)));
+            }
+        }
+        for (index, sender) in senders.iter().enumerate() {
+            let check = guard.check_sender(&transaction(sender, 1000 + index)).await;
+            assert!(matches!(check, SenderCheck::Refuse(_)), "{sender} is locked out");
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_strikes_start_one_lockout() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let guard = guard(dir.path(), "threshold = 5");
+        let mut tasks = tokio::task::JoinSet::new();
+        for index in 0..12 {
+            let guard = guard.clone();
+            tasks.spawn(async move {
+                guard
+                    .check_message(&transaction("zoe@example.org", index), &spam())
+                    .await
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        let connection = crate::store::sqlite::open(&dir.path().join("store.db")).expect("open");
+        let filter = crate::store::EventFilter {
+            kind: Some(crate::events::EventKind::LockoutStarted),
+            ..Default::default()
+        };
+        let started = crate::store::sqlite::query_events(&connection, &filter).expect("query");
+        assert_eq!(started.len(), 1);
+        let key = MailboxKey::mailbox("zoe@example.org");
+        let state = crate::store::sqlite::load_mailbox(&connection, &key)
+            .expect("load")
+            .expect("state");
+        assert_eq!(state.lockouts, 1);
+    }
+
+    #[tokio::test]
+    async fn clean_mail_writes_nothing() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let guard = guard(dir.path(), "threshold = 5");
+        let clean = b"Subject: hello\r\n\r\nLunch at noon?\r\n";
+        let decision = guard.check_message(&transaction("amy@example.org", 1), clean).await;
+        assert!(matches!(decision, MessageDecision::Deliver { header: None, pending: None }));
+        let connection = crate::store::sqlite::open(&dir.path().join("store.db")).expect("open");
+        let events = crate::store::sqlite::query_events(&connection, &Default::default()).expect("query");
+        assert!(events.is_empty(), "{events:?}");
+        let rows: i64 = connection
+            .query_row("SELECT COUNT(*) FROM mailboxes", [], |row| row.get(0))
+            .expect("count");
+        assert_eq!(rows, 0);
+    }
+}

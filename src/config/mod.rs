@@ -476,8 +476,12 @@ fn decode<T: DeserializeOwned>(value: toml::Value, key: &str, problems: &mut Pro
     match T::deserialize(value.clone()) {
         Ok(decoded) => Some(decoded),
         Err(error) => {
-            report_per_key::<T>(&value, key, problems, error.message());
-            None
+            let bad_keys = report_per_key::<T>(&value, key, problems, error.message());
+            // Decode the rest without the bad keys, so the values that did
+            // decode are still validated and their problems reported too.
+            let mut rest = value.as_table().cloned().unwrap_or_default();
+            rest.retain(|name, _| !bad_keys.iter().any(|bad| bad == name));
+            T::deserialize(toml::Value::Table(rest)).ok()
         }
     }
 }
@@ -490,8 +494,9 @@ fn report_per_key<T: DeserializeOwned>(
     key: &str,
     problems: &mut Problems,
     whole_error: &str,
-) {
+) -> Vec<String> {
     let before = problems.0.len();
+    let mut bad_keys = Vec::new();
     if let Some(table) = value.as_table() {
         for (name, item) in table {
             let mut alone = toml::Table::new();
@@ -500,6 +505,7 @@ fn report_per_key<T: DeserializeOwned>(
                 let message = error.message().trim();
                 if !message.starts_with("missing field") {
                     problems.push(format!("{key}.{name}"), message.to_string());
+                    bad_keys.push(name.clone());
                 }
             }
         }
@@ -507,6 +513,7 @@ fn report_per_key<T: DeserializeOwned>(
     if problems.0.len() == before {
         problems.push(key, whole_error.trim().to_string());
     }
+    bad_keys
 }
 
 #[cfg(test)]

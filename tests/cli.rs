@@ -1,0 +1,100 @@
+//! The command line: `check`, `config check`, and their exit codes.
+
+mod common;
+
+use common::clamd::Clamd;
+use std::path::Path;
+use std::process::{Command, Output};
+
+const EICAR: &str = r"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
+const GTUBE: &str = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X";
+
+fn sendguard(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sendguard"))
+        .args(args)
+        .output()
+        .expect("run sendguard")
+}
+
+fn write_config(dir: &Path, clamd_address: &str) -> String {
+    let path = dir.join("config.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[upstream]\naddress = \"127.0.0.1:25\"\n[store]\npath = \"{}\"\n\
+             [scan.clamd]\naddress = \"{clamd_address}\"\ntimeout = \"5s\"\n",
+            dir.join("store.db").display()
+        ),
+    )
+    .expect("write config");
+    path.display().to_string()
+}
+
+fn check(dir: &Path, config: &str, content: &str) -> Output {
+    let message = dir.join("message.eml");
+    std::fs::write(&message, content).expect("write message");
+    sendguard(&["check", message.to_str().expect("utf-8 path"), "--config", config])
+}
+
+#[test]
+fn check_exit_codes() {
+    let clamd = Clamd::start();
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let config = write_config(dir.path(), &clamd.address);
+
+    let clean = check(dir.path(), &config, "Subject: hi\r\n\r\nLunch?\r\n");
+    assert_eq!(clean.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&clean.stdout).trim(), "clean");
+
+    let virus = check(dir.path(), &config, &format!("Subject: hi\r\n\r\n{EICAR}\r\n"));
+    assert_eq!(virus.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&virus.stdout).contains("Eicar"));
+
+    let spam = check(dir.path(), &config, &format!("Subject: hi\r\n\r\n{GTUBE}\r\n"));
+    assert_eq!(spam.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&spam.stdout).contains("GTUBE"));
+}
+
+#[test]
+fn check_scanner_down_exits_2() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let config = write_config(dir.path(), &common::clamd::closed_port_address());
+    let output = check(dir.path(), &config, "Subject: hi\r\n\r\nLunch?\r\n");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("scan failed"));
+}
+
+#[test]
+fn config_check_accepts_example() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml.example");
+    let output = sendguard(&["config", "check", example]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("valid"));
+}
+
+#[test]
+fn config_check_lists_every_problem() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[upstream]\naddress = \"nowhere\"\n[policy]\nthreshold = 0\nwindow = \"soon\"\n\
+         [scan.spam]\nthreshold = 5.0\n[[scan.spam.rules]]\nname = \"BROKEN\"\nscore = 1.0\nbody = \"(\"\n",
+    )
+    .expect("write config");
+    let output = sendguard(&["config", "check", path.to_str().expect("utf-8 path")]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for key in ["upstream.address", "policy.threshold", "policy.window", "store", "scan.spam.rules[0]"] {
+        assert!(stderr.contains(key), "{key} missing from:\n{stderr}");
+    }
+}
+
+#[test]
+fn status_of_unknown_store_explains() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let config = write_config(dir.path(), "127.0.0.1:3310");
+    let output = sendguard(&["status", "alice@example.org", "--config", &config]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no such file"));
+}
