@@ -1,7 +1,8 @@
 //! The pure policy core and identity normalisation, with 1, 10 000 and
 //! 1 000 000 tracked mailboxes held in an LRU map as the Guard's cache does.
 
-use criterion::{BenchmarkId, Criterion, black_box, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use std::hint::black_box;
 use lru::LruCache;
 use sendguard::config::IdentityConfig;
 use sendguard::identity::{MailboxKey, canonical_address};
@@ -24,7 +25,10 @@ fn tracked(count: usize) -> LruCache<MailboxKey, MailboxState> {
                 },
             );
         }
-        cache.put(MailboxKey::mailbox(format!("user{index}@example.org")), state);
+        cache.put(
+            MailboxKey::mailbox(format!("user{index}@example.org")),
+            state,
+        );
     }
     cache
 }
@@ -35,7 +39,12 @@ fn policy(c: &mut Criterion) {
     for count in [1usize, 10_000, 1_000_000] {
         let mut cache = tracked(count);
         let keys: Vec<MailboxKey> = (0..count.min(1024))
-            .map(|index| MailboxKey::mailbox(format!("user{}@example.org", index * (count / count.min(1024)))))
+            .map(|index| {
+                MailboxKey::mailbox(format!(
+                    "user{}@example.org",
+                    index * (count / count.min(1024))
+                ))
+            })
             .collect();
 
         group.bench_with_input(BenchmarkId::new("check_sender", count), &count, |b, _| {
@@ -77,10 +86,20 @@ fn identity(c: &mut Criterion) {
     let config = IdentityConfig::default();
     let mut group = c.benchmark_group("identity");
     group.bench_function("canonical_ascii", |b| {
-        b.iter(|| black_box(canonical_address(black_box("Alice.Smith+news@Example.ORG"), &config)))
+        b.iter(|| {
+            black_box(canonical_address(
+                black_box("Alice.Smith+news@Example.ORG"),
+                &config,
+            ))
+        })
     });
     group.bench_function("canonical_idna", |b| {
-        b.iter(|| black_box(canonical_address(black_box("alice@Bücher.example"), &config)))
+        b.iter(|| {
+            black_box(canonical_address(
+                black_box("alice@Bücher.example"),
+                &config,
+            ))
+        })
     });
     group.finish();
 }

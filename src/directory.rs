@@ -113,8 +113,12 @@ impl Directory {
                     "mailbox[{index}].address is empty"
                 )));
             }
-            let addresses = std::iter::once(entry.address.clone())
-                .chain(entry.aliases.iter().map(|alias| canonical_address(alias, identity)));
+            let addresses = std::iter::once(entry.address.clone()).chain(
+                entry
+                    .aliases
+                    .iter()
+                    .map(|alias| canonical_address(alias, identity)),
+            );
             for address in addresses {
                 if let Some(&other) = directory.by_address.get(&address)
                     && other != index
@@ -197,8 +201,14 @@ mod tests {
             directory.mailbox_of_address("alice@xn--bcher-kva.example"),
             "alice@example.org"
         );
-        assert_eq!(directory.mailbox_of_address("zed@example.org"), "zed@example.org");
-        assert_eq!(directory.mailbox_of_login("ALICE"), Some("alice@example.org"));
+        assert_eq!(
+            directory.mailbox_of_address("zed@example.org"),
+            "zed@example.org"
+        );
+        assert_eq!(
+            directory.mailbox_of_login("ALICE"),
+            Some("alice@example.org")
+        );
         let entry = directory.entry("alice@example.org").expect("entry");
         assert_eq!(entry.devices.len(), 1);
     }

@@ -91,7 +91,9 @@ impl Event {
             time,
             kind,
             mailbox: key.map(|key| key.mailbox.clone()),
-            key_client: key.and_then(|key| key.client).map(|client| client.to_string()),
+            key_client: key
+                .and_then(|key| key.client)
+                .map(|client| client.to_string()),
             details: Map::new(),
         }
     }
@@ -136,7 +138,12 @@ impl Event {
     }
 
     /// A refused MAIL FROM; the store aggregates these per mailbox and minute.
-    pub fn sender_refused(time: Timestamp, key: &MailboxKey, facts: &MessageFacts, lockout: &Lockout) -> Event {
+    pub fn sender_refused(
+        time: Timestamp,
+        key: &MailboxKey,
+        facts: &MessageFacts,
+        lockout: &Lockout,
+    ) -> Event {
         Event::new(time, EventKind::SenderRefused, Some(key))
             .with("sender", &facts.sender)
             .with("login", &facts.login)
@@ -201,7 +208,10 @@ impl Event {
         object.insert("type".into(), Value::String(self.kind.as_str().into()));
         object.insert(
             "mailbox".into(),
-            self.mailbox.clone().map(Value::String).unwrap_or(Value::Null),
+            self.mailbox
+                .clone()
+                .map(Value::String)
+                .unwrap_or(Value::Null),
         );
         if let Some(client) = &self.key_client {
             object.insert("key_client".into(), Value::String(client.clone()));
@@ -249,7 +259,10 @@ impl Event {
             ),
             EventKind::LockoutEnded => format!("lockout {} ended", self.detail_text("level")),
             EventKind::BlockedPermanently => {
-                format!("blocked permanently at lockout {}", self.detail_text("level"))
+                format!(
+                    "blocked permanently at lockout {}",
+                    self.detail_text("level")
+                )
             }
             EventKind::ConfigLoaded => format!(
                 "{} (policy digest {})",
@@ -312,7 +325,11 @@ pub fn write_events(out: &mut impl Write, events: &[Event], format: Format) -> s
             }
         }
         Format::Table => {
-            writeln!(out, "{:<20}  {:<19}  {:<32}  DETAILS", "TIME", "TYPE", "MAILBOX")?;
+            writeln!(
+                out,
+                "{:<20}  {:<19}  {:<32}  DETAILS",
+                "TIME", "TYPE", "MAILBOX"
+            )?;
             for event in events {
                 let mailbox = match (&event.mailbox, &event.key_client) {
                     (Some(mailbox), Some(client)) => format!("{mailbox} from {client}"),

@@ -7,7 +7,9 @@ use crate::config::Config;
 use crate::directory::Directory;
 use crate::events::{Event, MessageFacts};
 use crate::identity::{self, Attribution, MailboxKey, SenderFacts};
-use crate::policy::{MailboxState, Mode, PolicySettings, SenderDecision, Strike, StrikeOutcome, Timestamp};
+use crate::policy::{
+    MailboxState, Mode, PolicySettings, SenderDecision, Strike, StrikeOutcome, Timestamp,
+};
 use crate::reply::Reply;
 use crate::scan::{OnUnscannable, ScanInput, Scanner, SpamAction, Verdict};
 use crate::store::{Store, StoreError};
@@ -187,7 +189,11 @@ impl Guard {
         if let Some(state) = cache.get(key) {
             return Ok(state.clone());
         }
-        let state = self.store.load_mailbox(key.clone()).await?.unwrap_or_default();
+        let state = self
+            .store
+            .load_mailbox(key.clone())
+            .await?
+            .unwrap_or_default();
         cache.put(key.clone(), state.clone());
         Ok(state)
     }
@@ -235,7 +241,11 @@ impl Guard {
     /// Scans a message and decides its fate; a bad message is counted
     /// against its mailbox before this returns, unless it is tagged and
     /// delivered (then see [`Guard::record_delivered`]).
-    pub async fn check_message(&self, transaction: &Transaction, message: &[u8]) -> MessageDecision {
+    pub async fn check_message(
+        &self,
+        transaction: &Transaction,
+        message: &[u8],
+    ) -> MessageDecision {
         let runtime = self.runtime();
         let started = Instant::now();
 
@@ -266,13 +276,18 @@ impl Guard {
                 header: None,
                 pending: None,
             },
-            Verdict::Unscannable { reason } => match runtime.config.scan.clamd.as_ref().map(|c| c.on_unscannable) {
-                Some(OnUnscannable::Accept) => MessageDecision::Deliver {
-                    header: Some(format!("X-Sendguard-Unscanned: {}", crate::reply::sanitize(reason))),
-                    pending: None,
-                },
-                _ => MessageDecision::Reject(Reply::unscannable(reason)),
-            },
+            Verdict::Unscannable { reason } => {
+                match runtime.config.scan.clamd.as_ref().map(|c| c.on_unscannable) {
+                    Some(OnUnscannable::Accept) => MessageDecision::Deliver {
+                        header: Some(format!(
+                            "X-Sendguard-Unscanned: {}",
+                            crate::reply::sanitize(reason)
+                        )),
+                        pending: None,
+                    },
+                    _ => MessageDecision::Reject(Reply::unscannable(reason)),
+                }
+            }
             Verdict::Spam { .. } if runtime.config.scan.spam.action == SpamAction::Tag => {
                 MessageDecision::Deliver {
                     header: Some(format!("X-Sendguard-Spam: Yes, {}", verdict.summary())),
@@ -309,16 +324,31 @@ impl Guard {
 
     /// Records a bad message: the strike (unless the message belongs to no
     /// counted mailbox), any lockout it starts, and the events.
-    async fn record_bad(&self, transaction: &Transaction, verdict: &Verdict, queue_id: Option<String>) -> Result<(), ()> {
+    async fn record_bad(
+        &self,
+        transaction: &Transaction,
+        verdict: &Verdict,
+        queue_id: Option<String>,
+    ) -> Result<(), ()> {
         let runtime = self.runtime();
         let settings = runtime.settings();
         let monitor = settings.mode == Mode::Monitor;
         let attribution = self.attribute(&runtime, transaction);
         let now = Timestamp::now();
         let facts_event = |counted: bool, note: Option<&str>, key: Option<&MailboxKey>| {
-            let mut event = Event::bad_message(now, key, &transaction.facts(), verdict, counted, note, monitor);
+            let mut event = Event::bad_message(
+                now,
+                key,
+                &transaction.facts(),
+                verdict,
+                counted,
+                note,
+                monitor,
+            );
             if let Some(queue_id) = &queue_id {
-                event.details.insert("queue_id".into(), queue_id.clone().into());
+                event
+                    .details
+                    .insert("queue_id".into(), queue_id.clone().into());
             }
             event
         };
@@ -352,13 +382,22 @@ impl Guard {
                     in_window, threshold = settings.threshold, "strike counted");
             }
             StrikeOutcome::DuringBlock(lockout) => {
-                events.push(facts_event(false, Some("mailbox is locked out; nothing is counted during a lockout"), Some(&key)));
+                events.push(facts_event(
+                    false,
+                    Some("mailbox is locked out; nothing is counted during a lockout"),
+                    Some(&key),
+                ));
                 tracing::info!(mailbox = %key, transaction = %transaction.id, level = lockout.level,
                     "bad message during a lockout, not counted");
             }
             StrikeOutcome::LockoutStarted { lockout, strikes } => {
                 events.push(facts_event(true, None, Some(&key)));
-                events.push(Event::lockout_started(&key, &transaction.facts(), lockout, strikes));
+                events.push(Event::lockout_started(
+                    &key,
+                    &transaction.facts(),
+                    lockout,
+                    strikes,
+                ));
                 lockout_started = true;
                 tracing::warn!(mailbox = %key, level = lockout.level,
                     until = %lockout.until.map_or("permanent".to_string(), |until| until.to_rfc3339()),
@@ -366,7 +405,11 @@ impl Guard {
             }
         }
         let keep = !state.is_empty(&settings, now);
-        match self.store.commit(key.clone(), state.clone(), keep, events, now).await {
+        match self
+            .store
+            .commit(key.clone(), state.clone(), keep, events, now)
+            .await
+        {
             Ok(()) => {
                 cache.put(key, state);
                 if lockout_started {
@@ -413,7 +456,10 @@ impl Guard {
     /// Records each lockout's end when it happens, until `shutdown` fires.
     /// Ends that passed while sendguard was stopped are recorded at once,
     /// with their real end time.
-    pub async fn run_lockout_timer(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    pub async fn run_lockout_timer(
+        self: Arc<Self>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
         const RETRY: std::time::Duration = std::time::Duration::from_secs(5);
         loop {
             let wait = match self.record_due_ends().await {
@@ -474,16 +520,23 @@ mod tests {
         // One mailbox per cache shard: forty mailboxes evict each other
         // between their first and second strike.
         let guard = guard(dir.path(), "threshold = 2\nmax_tracked_mailboxes = 1");
-        let senders: Vec<String> = (0..40).map(|index| format!("user{index}@example.org")).collect();
+        let senders: Vec<String> = (0..40)
+            .map(|index| format!("user{index}@example.org"))
+            .collect();
         for round in 0..2 {
             for (index, sender) in senders.iter().enumerate() {
-                let decision = guard.check_message(&transaction(sender, round * 100 + index), &spam()).await;
+                let decision = guard
+                    .check_message(&transaction(sender, round * 100 + index), &spam())
+                    .await;
                 assert!(matches!(decision, MessageDecision::Reject(_)));
             }
         }
         for (index, sender) in senders.iter().enumerate() {
             let check = guard.check_sender(&transaction(sender, 1000 + index)).await;
-            assert!(matches!(check, SenderCheck::Refuse(_)), "{sender} is locked out");
+            assert!(
+                matches!(check, SenderCheck::Refuse(_)),
+                "{sender} is locked out"
+            );
         }
     }
 
@@ -520,10 +573,19 @@ mod tests {
         let dir = tempfile::tempdir().expect("temporary directory");
         let guard = guard(dir.path(), "threshold = 5");
         let clean = b"Subject: hello\r\n\r\nLunch at noon?\r\n";
-        let decision = guard.check_message(&transaction("amy@example.org", 1), clean).await;
-        assert!(matches!(decision, MessageDecision::Deliver { header: None, pending: None }));
+        let decision = guard
+            .check_message(&transaction("amy@example.org", 1), clean)
+            .await;
+        assert!(matches!(
+            decision,
+            MessageDecision::Deliver {
+                header: None,
+                pending: None
+            }
+        ));
         let connection = crate::store::sqlite::open(&dir.path().join("store.db")).expect("open");
-        let events = crate::store::sqlite::query_events(&connection, &Default::default()).expect("query");
+        let events =
+            crate::store::sqlite::query_events(&connection, &Default::default()).expect("query");
         assert!(events.is_empty(), "{events:?}");
         let rows: i64 = connection
             .query_row("SELECT COUNT(*) FROM mailboxes", [], |row| row.get(0))

@@ -150,7 +150,9 @@ pub fn attribute(
             // address too, but only logged-in senders add strikes.
             block_key: envelope_mailbox.map(MailboxKey::mailbox),
             strike_key: None,
-            uncounted_reason: Some("sender did not log in and [identity] unauthenticated = \"ignore\""),
+            uncounted_reason: Some(
+                "sender did not log in and [identity] unauthenticated = \"ignore\"",
+            ),
         },
     }
 }
@@ -188,7 +190,11 @@ mod tests {
             ("bob@[192.0.2.1]", "bob@[192.0.2.1]"),
         ];
         for (input, expected) in cases {
-            assert_eq!(canonical_address(input, &config()), expected, "input {input}");
+            assert_eq!(
+                canonical_address(input, &config()),
+                expected,
+                "input {input}"
+            );
         }
     }
 

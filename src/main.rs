@@ -142,8 +142,8 @@ fn load(config: &Path) -> Result<Config, String> {
 fn check(file: &Path, config: &Path, recipients: usize) -> ExitCode {
     let result = (|| -> Result<Verdict, String> {
         let config = load(config)?;
-        let message =
-            std::fs::read(file).map_err(|error| format!("cannot read {}: {error}", file.display()))?;
+        let message = std::fs::read(file)
+            .map_err(|error| format!("cannot read {}: {error}", file.display()))?;
         let runtime = Runtime::new(config)?;
         tokio_runtime()?.block_on(async {
             runtime
@@ -178,8 +178,10 @@ fn status(mailbox: &str, config: &Path, client: Option<IpAddr>) -> Result<(), St
     let canonical = runtime
         .directory
         .mailbox_of_address(&canonical_address(mailbox, &runtime.config.identity));
-    let connection = sqlite::open_existing(&runtime.config.store.path).map_err(|error| error.to_string())?;
-    let states = sqlite::mailbox_states(&connection, &canonical).map_err(|error| error.to_string())?;
+    let connection =
+        sqlite::open_existing(&runtime.config.store.path).map_err(|error| error.to_string())?;
+    let states =
+        sqlite::mailbox_states(&connection, &canonical).map_err(|error| error.to_string())?;
     let states: Vec<_> = states
         .into_iter()
         .filter(|(key, _)| client.is_none() || key.client == client)
@@ -216,8 +218,15 @@ fn status(mailbox: &str, config: &Path, client: Option<IpAddr>) -> Result<(), St
             Some(length) => humantime::format_duration(length).to_string(),
         };
         println!("next lockout:     {next}");
-        for strike in state.strikes.iter().filter(|strike| now.since(strike.at) < settings.window) {
-            println!("  strike {}  {}  {}", strike.at, strike.verdict, strike.message_id);
+        for strike in state
+            .strikes
+            .iter()
+            .filter(|strike| now.since(strike.at) < settings.window)
+        {
+            println!(
+                "  strike {}  {}  {}",
+                strike.at, strike.verdict, strike.message_id
+            );
         }
     }
     Ok(())
@@ -225,8 +234,10 @@ fn status(mailbox: &str, config: &Path, client: Option<IpAddr>) -> Result<(), St
 
 fn blocks(config: &Path) -> Result<(), String> {
     let config = load(config)?;
-    let connection = sqlite::open_existing(&config.store.path).map_err(|error| error.to_string())?;
-    let blocks = sqlite::active_blocks(&connection, Timestamp::now()).map_err(|error| error.to_string())?;
+    let connection =
+        sqlite::open_existing(&config.store.path).map_err(|error| error.to_string())?;
+    let blocks =
+        sqlite::active_blocks(&connection, Timestamp::now()).map_err(|error| error.to_string())?;
     if blocks.is_empty() {
         println!("no mailbox is locked out");
         return Ok(());
@@ -234,14 +245,29 @@ fn blocks(config: &Path) -> Result<(), String> {
     println!("{:<40}  {:>7}  {:<22}  MODE", "MAILBOX", "LOCKOUT", "UNTIL");
     for (key, state) in blocks {
         let Some(block) = state.block else { continue };
-        let until = block.until.map_or("permanent".to_string(), |until| until.to_rfc3339());
-        let mode = if block.enforced { "enforced" } else { "monitor" };
-        println!("{:<40}  {:>7}  {until:<22}  {mode}", key.to_string(), block.level);
+        let until = block
+            .until
+            .map_or("permanent".to_string(), |until| until.to_rfc3339());
+        let mode = if block.enforced {
+            "enforced"
+        } else {
+            "monitor"
+        };
+        println!(
+            "{:<40}  {:>7}  {until:<22}  {mode}",
+            key.to_string(),
+            block.level
+        );
     }
     Ok(())
 }
 
-fn events(config: &Path, since: Option<Duration>, mailbox: Option<String>, format: Format) -> Result<(), String> {
+fn events(
+    config: &Path,
+    since: Option<Duration>,
+    mailbox: Option<String>,
+    format: Format,
+) -> Result<(), String> {
     let config = load(config)?;
     let runtime = Runtime::new(config)?;
     let mailbox = mailbox.map(|mailbox| {
@@ -249,7 +275,8 @@ fn events(config: &Path, since: Option<Duration>, mailbox: Option<String>, forma
             .directory
             .mailbox_of_address(&canonical_address(&mailbox, &runtime.config.identity))
     });
-    let connection = sqlite::open_existing(&runtime.config.store.path).map_err(|error| error.to_string())?;
+    let connection =
+        sqlite::open_existing(&runtime.config.store.path).map_err(|error| error.to_string())?;
     let filter = EventFilter {
         since: since.map(|since| Timestamp::now().saturating_sub(since)),
         mailbox,
@@ -258,7 +285,8 @@ fn events(config: &Path, since: Option<Duration>, mailbox: Option<String>, forma
     let events = sqlite::query_events(&connection, &filter).map_err(|error| error.to_string())?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    write_events(&mut out, &events, format).map_err(|error| format!("cannot write the report: {error}"))
+    write_events(&mut out, &events, format)
+        .map_err(|error| format!("cannot write the report: {error}"))
 }
 
 fn config_check(file: &Path) -> Result<(), String> {

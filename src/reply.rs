@@ -114,15 +114,27 @@ impl Reply {
     }
 
     pub fn virus(verdict: &Verdict) -> Reply {
-        Reply::new(550, "5.7.1", format!("Message rejected: {}", verdict.summary()))
+        Reply::new(
+            550,
+            "5.7.1",
+            format!("Message rejected: {}", verdict.summary()),
+        )
     }
 
     pub fn spam(verdict: &Verdict) -> Reply {
-        Reply::new(550, "5.7.1", format!("Message rejected as {}", verdict.summary()))
+        Reply::new(
+            550,
+            "5.7.1",
+            format!("Message rejected as {}", verdict.summary()),
+        )
     }
 
     pub fn unscannable(reason: &str) -> Reply {
-        Reply::new(554, "5.7.1", format!("Message rejected because it cannot be scanned: {reason}"))
+        Reply::new(
+            554,
+            "5.7.1",
+            format!("Message rejected because it cannot be scanned: {reason}"),
+        )
     }
 
     pub fn scanner_failed() -> Reply {
@@ -170,15 +182,27 @@ impl Reply {
     }
 
     pub fn timeout(hostname: &str) -> Reply {
-        Reply::new(421, "4.4.2", format!("{hostname} timeout exceeded; closing connection"))
+        Reply::new(
+            421,
+            "4.4.2",
+            format!("{hostname} timeout exceeded; closing connection"),
+        )
     }
 
     pub fn shutting_down(hostname: &str) -> Reply {
-        Reply::new(421, "4.3.0", format!("{hostname} is shutting down; try again later"))
+        Reply::new(
+            421,
+            "4.3.0",
+            format!("{hostname} is shutting down; try again later"),
+        )
     }
 
     pub fn line_too_long(limit: usize) -> Reply {
-        Reply::new(500, "5.5.6", format!("Command line too long; the limit is {limit} octets"))
+        Reply::new(
+            500,
+            "5.5.6",
+            format!("Command line too long; the limit is {limit} octets"),
+        )
     }
 
     pub fn bad_sequence(text: &str) -> Reply {

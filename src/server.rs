@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -46,6 +47,15 @@ pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
     let listen = config.smtp.listen;
     let runtime = Runtime::new(config).map_err(ServeError::Runtime)?;
     let guard = Arc::new(Guard::new(runtime, store));
+
+    // Signal handlers go in before the listener opens: a SIGHUP that
+    // arrives before them would end the process with the default action.
+    let hangups = signal(SignalKind::hangup())
+        .map_err(|error| ServeError::Runtime(format!("cannot watch SIGHUP: {error}")))?;
+    let terminate = signal(SignalKind::terminate())
+        .map_err(|error| ServeError::Runtime(format!("cannot watch SIGTERM: {error}")))?;
+    let interrupt = signal(SignalKind::interrupt())
+        .map_err(|error| ServeError::Runtime(format!("cannot watch SIGINT: {error}")))?;
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|source| ServeError::Bind {
@@ -56,9 +66,13 @@ pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
     guard.record_config_loaded("start").await;
 
     let (shutdown_sender, shutdown) = watch::channel(false);
-    tokio::spawn(reload_on_hangup(guard.clone(), config_path.to_path_buf()));
+    tokio::spawn(reload_on_hangup(
+        guard.clone(),
+        config_path.to_path_buf(),
+        hangups,
+    ));
     tokio::spawn(async move {
-        wait_for_termination().await;
+        wait_for_termination(terminate, interrupt).await;
         tracing::info!("shutdown requested; finishing open sessions");
         let _ = shutdown_sender.send(true);
     });
@@ -109,7 +123,10 @@ pub async fn run(listener: TcpListener, guard: Arc<Guard>, mut shutdown: watch::
     })
     .await;
     if drained.is_err() {
-        tracing::warn!(open = sessions.len(), "grace period over; closing the remaining sessions");
+        tracing::warn!(
+            open = sessions.len(),
+            "grace period over; closing the remaining sessions"
+        );
         sessions.abort_all();
     }
 }
@@ -123,7 +140,8 @@ fn session_prefix() -> String {
 /// is unreachable; mail is tempfailed until they answer.
 async fn probe_dependencies(shared: Arc<SessionShared>) {
     let runtime = shared.guard.runtime();
-    match UpstreamConnection::connect(&runtime.config.upstream, &runtime.config.smtp.hostname).await {
+    match UpstreamConnection::connect(&runtime.config.upstream, &runtime.config.smtp.hostname).await
+    {
         Ok(connection) => {
             tracing::info!(upstream = %runtime.config.upstream.address,
                 capabilities = ?connection.capabilities(), "upstream reachable");
@@ -132,7 +150,9 @@ async fn probe_dependencies(shared: Arc<SessionShared>) {
                 .store(Some(Arc::new(connection.capabilities().clone())));
             connection.quit().await;
         }
-        Err(error) => tracing::warn!(%error, "upstream not reachable at start; will retry per transaction"),
+        Err(error) => {
+            tracing::warn!(%error, "upstream not reachable at start; will retry per transaction")
+        }
     }
     match runtime.scanner.ping().await {
         Ok(Some(version)) => tracing::info!(clamd = %version, "clamd reachable"),
@@ -141,15 +161,7 @@ async fn probe_dependencies(shared: Arc<SessionShared>) {
     }
 }
 
-async fn reload_on_hangup(guard: Arc<Guard>, path: PathBuf) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hangups = match signal(SignalKind::hangup()) {
-        Ok(hangups) => hangups,
-        Err(error) => {
-            tracing::error!(%error, "cannot watch SIGHUP; reloading is disabled");
-            return;
-        }
-    };
+async fn reload_on_hangup(guard: Arc<Guard>, path: PathBuf, mut hangups: Signal) {
     while hangups.recv().await.is_some() {
         reload(&guard, &path).await;
     }
@@ -166,7 +178,9 @@ pub async fn reload(guard: &Guard, path: &Path) {
         }
     };
     let current = guard.runtime();
-    if config.smtp.listen != current.config.smtp.listen || config.store.path != current.config.store.path {
+    if config.smtp.listen != current.config.smtp.listen
+        || config.store.path != current.config.store.path
+    {
         tracing::warn!("smtp.listen and store.path take effect only after a restart");
     }
     match Runtime::new(config) {
@@ -174,17 +188,13 @@ pub async fn reload(guard: &Guard, path: &Path) {
             guard.replace_runtime(runtime, "reload").await;
             tracing::info!(config = %path.display(), "configuration reloaded");
         }
-        Err(error) => tracing::warn!(%error, "reload refused; the running configuration stays in force"),
+        Err(error) => {
+            tracing::warn!(%error, "reload refused; the running configuration stays in force")
+        }
     }
 }
 
-async fn wait_for_termination() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut terminate), Ok(mut interrupt)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot watch SIGTERM and SIGINT; stop sendguard with SIGKILL");
-        std::future::pending::<()>().await;
-        return;
-    };
+async fn wait_for_termination(mut terminate: Signal, mut interrupt: Signal) {
     tokio::select! {
         _ = terminate.recv() => {}
         _ = interrupt.recv() => {}

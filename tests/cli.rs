@@ -33,7 +33,12 @@ fn write_config(dir: &Path, clamd_address: &str) -> String {
 fn check(dir: &Path, config: &str, content: &str) -> Output {
     let message = dir.join("message.eml");
     std::fs::write(&message, content).expect("write message");
-    sendguard(&["check", message.to_str().expect("utf-8 path"), "--config", config])
+    sendguard(&[
+        "check",
+        message.to_str().expect("utf-8 path"),
+        "--config",
+        config,
+    ])
 }
 
 #[test]
@@ -46,11 +51,19 @@ fn check_exit_codes() {
     assert_eq!(clean.status.code(), Some(0));
     assert_eq!(String::from_utf8_lossy(&clean.stdout).trim(), "clean");
 
-    let virus = check(dir.path(), &config, &format!("Subject: hi\r\n\r\n{EICAR}\r\n"));
+    let virus = check(
+        dir.path(),
+        &config,
+        &format!("Subject: hi\r\n\r\n{EICAR}\r\n"),
+    );
     assert_eq!(virus.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&virus.stdout).contains("Eicar"));
 
-    let spam = check(dir.path(), &config, &format!("Subject: hi\r\n\r\n{GTUBE}\r\n"));
+    let spam = check(
+        dir.path(),
+        &config,
+        &format!("Subject: hi\r\n\r\n{GTUBE}\r\n"),
+    );
     assert_eq!(spam.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&spam.stdout).contains("GTUBE"));
 }
@@ -68,7 +81,11 @@ fn check_scanner_down_exits_2() {
 fn config_check_accepts_example() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml.example");
     let output = sendguard(&["config", "check", example]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(String::from_utf8_lossy(&output.stdout).contains("valid"));
 }
 
@@ -85,7 +102,13 @@ fn config_check_lists_every_problem() {
     let output = sendguard(&["config", "check", path.to_str().expect("utf-8 path")]);
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    for key in ["upstream.address", "policy.threshold", "policy.window", "store", "scan.spam.rules[0]"] {
+    for key in [
+        "upstream.address",
+        "policy.threshold",
+        "policy.window",
+        "store",
+        "scan.spam.rules[0]",
+    ] {
         assert!(stderr.contains(key), "{key} missing from:\n{stderr}");
     }
 }

@@ -10,7 +10,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::smtp_client::{SmtpClient, data_payload, stuff};
-use common::upstream::{ClosePoint, DEFAULT_CAPABILITIES, Upstream, UpstreamOptions, closed_address};
+use common::upstream::{
+    ClosePoint, DEFAULT_CAPABILITIES, Upstream, UpstreamOptions, closed_address,
+};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -45,7 +47,11 @@ fn upstream_records_content_byte_exact() {
     content.extend_from_slice(&[b'x'; 2000]);
     content.extend_from_slice(b"\r\n\r\n");
 
-    let reply = client.send_message("alice@example.org", &["bob@example.net", "carol@example.net"], &content);
+    let reply = client.send_message(
+        "alice@example.org",
+        &["bob@example.net", "carol@example.net"],
+        &content,
+    );
     assert_eq!(reply.code, 250, "reply: {reply}");
     client.quit();
 
@@ -54,10 +60,19 @@ fn upstream_records_content_byte_exact() {
     assert_eq!(message.content, content);
     assert_eq!(message.helo_line, "EHLO client.example");
     assert_eq!(message.mail_line, "MAIL FROM:<alice@example.org>");
-    assert_eq!(message.rcpt_lines, ["RCPT TO:<bob@example.net>", "RCPT TO:<carol@example.net>"]);
-    assert_eq!(message.accepted_rcpts, ["bob@example.net", "carol@example.net"]);
+    assert_eq!(
+        message.rcpt_lines,
+        ["RCPT TO:<bob@example.net>", "RCPT TO:<carol@example.net>"]
+    );
+    assert_eq!(
+        message.accepted_rcpts,
+        ["bob@example.net", "carol@example.net"]
+    );
     assert_eq!(message.connection, 1);
-    assert_eq!(reply.text(), format!("2.0.0 Ok: queued as {}", message.queue_id));
+    assert_eq!(
+        reply.text(),
+        format!("2.0.0 Ok: queued as {}", message.queue_id)
+    );
     assert_eq!(reply.enhanced_code(), Some("2.0.0"));
     assert!(!message.bare_line_ending);
     assert!(!upstream.saw_bare_line_ending());
@@ -74,7 +89,11 @@ fn upstream_unstuffs_dots_from_raw_payload() {
     assert_eq!(message.content, b".\r\n..three\r\nx\r\nmid.dle\r\n");
     let transcript = upstream.transcript();
     let raw_payload: &[u8] = b"DATA\r\n..\r\n...three\r\n";
-    assert!(transcript.windows(raw_payload.len()).any(|window| window == raw_payload));
+    assert!(
+        transcript
+            .windows(raw_payload.len())
+            .any(|window| window == raw_payload)
+    );
 }
 
 #[test]
@@ -129,7 +148,10 @@ fn upstream_flags_bare_lf_in_command() {
     let messages = upstream.wait_for_messages(2, WAIT);
     assert_eq!(messages[0].mail_line, "MAIL FROM:<alice@example.org>");
     assert!(messages[0].bare_line_ending);
-    assert!(!messages[1].bare_line_ending, "the flag belongs to one transaction");
+    assert!(
+        !messages[1].bare_line_ending,
+        "the flag belongs to one transaction"
+    );
     assert!(upstream.saw_bare_line_ending());
 }
 
@@ -148,9 +170,10 @@ fn upstream_flags_bare_lf_before_transaction() {
 
 #[test]
 fn upstream_rejects_configured_recipient() {
-    let upstream = Upstream::start(
-        UpstreamOptions::default().reject_rcpt("bob@example.net", "550 5.1.1 <bob@example.net> user unknown"),
-    );
+    let upstream = Upstream::start(UpstreamOptions::default().reject_rcpt(
+        "bob@example.net",
+        "550 5.1.1 <bob@example.net> user unknown",
+    ));
     let mut client = start_session(&upstream);
     client.cmd("MAIL FROM:<alice@example.org>", 250);
     let rejected = client.cmd("RCPT TO:<BOB@example.net>", 550);
@@ -162,16 +185,20 @@ fn upstream_rejects_configured_recipient() {
     let message = &upstream.wait_for_messages(1, WAIT)[0];
     assert_eq!(
         message.rcpt_lines,
-        ["RCPT TO:<BOB@example.net>", "RCPT TO:<carol@example.net> NOTIFY=NEVER"]
+        [
+            "RCPT TO:<BOB@example.net>",
+            "RCPT TO:<carol@example.net> NOTIFY=NEVER"
+        ]
     );
     assert_eq!(message.accepted_rcpts, ["carol@example.net"]);
 }
 
 #[test]
 fn upstream_requires_accepted_recipient() {
-    let upstream = Upstream::start(
-        UpstreamOptions::default().reject_rcpt("bob@example.net", "450 4.2.1 <bob@example.net> mailbox busy"),
-    );
+    let upstream = Upstream::start(UpstreamOptions::default().reject_rcpt(
+        "bob@example.net",
+        "450 4.2.1 <bob@example.net> mailbox busy",
+    ));
     let mut client = start_session(&upstream);
     client.cmd("MAIL FROM:<alice@example.org>", 250);
     client.cmd("RCPT TO:<bob@example.net>", 450);
@@ -183,7 +210,8 @@ fn upstream_requires_accepted_recipient() {
 
 #[test]
 fn upstream_rejects_mail() {
-    let upstream = Upstream::start(UpstreamOptions::default().mail_reply("550 5.7.1 sender blocked"));
+    let upstream =
+        Upstream::start(UpstreamOptions::default().mail_reply("550 5.7.1 sender blocked"));
     let mut client = start_session(&upstream);
     let reply = client.cmd("MAIL FROM:<alice@example.org>", 550);
     assert_eq!(reply.text(), "5.7.1 sender blocked");
@@ -216,13 +244,17 @@ fn upstream_rejects_declared_size_over_limit() {
     let upstream = Upstream::start(UpstreamOptions::default());
     let mut client = start_session(&upstream);
     client.cmd("MAIL FROM:<alice@example.org> SIZE=52428801", 552);
-    client.cmd("MAIL FROM:<alice@example.org> BODY=8BITMIME SIZE=52428800", 250);
+    client.cmd(
+        "MAIL FROM:<alice@example.org> BODY=8BITMIME SIZE=52428800",
+        250,
+    );
 }
 
 #[test]
 fn upstream_data_replies_in_order() {
     let upstream = Upstream::start(
-        UpstreamOptions::default().data_replies(&["451 4.3.0 try again later", "554 5.7.1 rejected {queue_id}"]),
+        UpstreamOptions::default()
+            .data_replies(&["451 4.3.0 try again later", "554 5.7.1 rejected {queue_id}"]),
     );
     let mut client = start_session(&upstream);
     let first = client.send_message("alice@example.org", &["bob@example.net"], b"first\r\n");
@@ -236,9 +268,15 @@ fn upstream_data_replies_in_order() {
 
     let transactions = upstream.transactions();
     assert_eq!(transactions.len(), 4);
-    assert_eq!(second.text(), format!("5.7.1 rejected {}", transactions[1].queue_id));
+    assert_eq!(
+        second.text(),
+        format!("5.7.1 rejected {}", transactions[1].queue_id)
+    );
     assert!(!transactions[0].accepted());
-    assert_eq!(transactions[0].data_reply.as_deref(), Some("451 4.3.0 try again later"));
+    assert_eq!(
+        transactions[0].data_reply.as_deref(),
+        Some("451 4.3.0 try again later")
+    );
 
     let messages = upstream.messages();
     assert_eq!(messages.len(), 2);
@@ -252,11 +290,16 @@ fn upstream_data_replies_in_order() {
 
 #[test]
 fn upstream_custom_data_reply() {
-    let upstream = Upstream::start(UpstreamOptions::default().data_reply("250 2.6.0 accepted as <{queue_id}>"));
+    let upstream = Upstream::start(
+        UpstreamOptions::default().data_reply("250 2.6.0 accepted as <{queue_id}>"),
+    );
     let mut client = start_session(&upstream);
     let reply = client.send_message("alice@example.org", &["bob@example.net"], b"body\r\n");
     let message = &upstream.wait_for_messages(1, WAIT)[0];
-    assert_eq!(reply.text(), format!("2.6.0 accepted as <{}>", message.queue_id));
+    assert_eq!(
+        reply.text(),
+        format!("2.6.0 accepted as <{}>", message.queue_id)
+    );
 }
 
 #[test]
@@ -276,7 +319,11 @@ fn upstream_advertises_default_capabilities() {
 
 #[test]
 fn upstream_advertises_custom_capabilities() {
-    let upstream = Upstream::start(UpstreamOptions::default().hostname("smarthost.test").capabilities(&["SIZE 1000"]));
+    let upstream = Upstream::start(
+        UpstreamOptions::default()
+            .hostname("smarthost.test")
+            .capabilities(&["SIZE 1000"]),
+    );
     let mut client = SmtpClient::connect(&upstream.address());
     let reply = client.cmd("EHLO client.example", 250);
     assert_eq!(reply.lines, ["smarthost.test", "SIZE 1000"]);
@@ -306,7 +353,10 @@ fn upstream_replies_to_pipelined_commands() {
 
     let message = &upstream.wait_for_messages(1, WAIT)[0];
     assert_eq!(message.content, b"pipelined\r\n");
-    assert_eq!(message.accepted_rcpts, ["bob@example.net", "carol@example.net"]);
+    assert_eq!(
+        message.accepted_rcpts,
+        ["bob@example.net", "carol@example.net"]
+    );
 }
 
 #[test]
@@ -315,14 +365,25 @@ fn upstream_closes_at_each_point() {
     let cases: [(ClosePoint, &[&str]); 5] = [
         (ClosePoint::Ehlo, &[]),
         (ClosePoint::Mail, &["EHLO client.example"]),
-        (ClosePoint::Rcpt, &["EHLO client.example", "MAIL FROM:<alice@example.org>"]),
+        (
+            ClosePoint::Rcpt,
+            &["EHLO client.example", "MAIL FROM:<alice@example.org>"],
+        ),
         (
             ClosePoint::Data,
-            &["EHLO client.example", "MAIL FROM:<alice@example.org>", "RCPT TO:<bob@example.net>"],
+            &[
+                "EHLO client.example",
+                "MAIL FROM:<alice@example.org>",
+                "RCPT TO:<bob@example.net>",
+            ],
         ),
         (
             ClosePoint::AfterData,
-            &["EHLO client.example", "MAIL FROM:<alice@example.org>", "RCPT TO:<bob@example.net>"],
+            &[
+                "EHLO client.example",
+                "MAIL FROM:<alice@example.org>",
+                "RCPT TO:<bob@example.net>",
+            ],
         ),
     ];
     for (point, answered) in cases {
@@ -384,12 +445,14 @@ fn upstream_closes_first_connections_only() {
 
 #[test]
 fn upstream_service_unavailable_greeting() {
-    let upstream = Upstream::start(UpstreamOptions::default().greeting("421 4.3.2 service shutting down"));
+    let upstream =
+        Upstream::start(UpstreamOptions::default().greeting("421 4.3.2 service shutting down"));
     let mut client = SmtpClient::connect(&upstream.address());
     client.expect_greeting(421);
     client.expect_closed();
 
-    let no_service = Upstream::start(UpstreamOptions::default().greeting("554 5.3.2 no service here"));
+    let no_service =
+        Upstream::start(UpstreamOptions::default().greeting("554 5.3.2 no service here"));
     let mut client = SmtpClient::connect(&no_service.address());
     client.expect_greeting(554);
     client.cmd("EHLO client.example", 503);
@@ -407,12 +470,20 @@ fn upstream_delays_replies() {
     let started = Instant::now();
     client.send_raw(&data_payload(b"slow\r\n"));
     client.expect_reply(250);
-    assert!(started.elapsed() >= delay, "elapsed {:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= delay,
+        "elapsed {:?}",
+        started.elapsed()
+    );
 
     let slow = Upstream::start(UpstreamOptions::default().reply_delay(delay));
     let started = Instant::now();
     SmtpClient::connect(&slow.address()).expect_greeting(220);
-    assert!(started.elapsed() >= delay, "elapsed {:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= delay,
+        "elapsed {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
@@ -426,7 +497,11 @@ fn upstream_records_concurrent_connections() {
                 let mut client = SmtpClient::connect(&address);
                 client.cmd("EHLO client.example", 250);
                 let content = format!("message {index}\r\n");
-                let reply = client.send_message(&format!("sender{index}@example.org"), &["bob@example.net"], content.as_bytes());
+                let reply = client.send_message(
+                    &format!("sender{index}@example.org"),
+                    &["bob@example.net"],
+                    content.as_bytes(),
+                );
                 assert_eq!(reply.code, 250);
                 client.quit();
             })
@@ -440,7 +515,9 @@ fn upstream_records_concurrent_connections() {
     assert_eq!(upstream.connections(), 4);
     let mut contents: Vec<Vec<u8>> = messages.iter().map(|m| m.content.clone()).collect();
     contents.sort();
-    let expected: Vec<Vec<u8>> = (0..4).map(|i| format!("message {i}\r\n").into_bytes()).collect();
+    let expected: Vec<Vec<u8>> = (0..4)
+        .map(|i| format!("message {i}\r\n").into_bytes())
+        .collect();
     assert_eq!(contents, expected);
 }
 
@@ -470,7 +547,11 @@ fn stuff_adds_dot_at_line_starts() {
     assert_eq!(stuff(b".\r\n"), b"..\r\n");
     assert_eq!(stuff(b"a\r\n.b\r\n..c\r\n"), b"a\r\n..b\r\n...c\r\n");
     assert_eq!(stuff(b"a.b\r\n"), b"a.b\r\n");
-    assert_eq!(stuff(b"a\n.b\r\n"), b"a\n.b\r\n", "a dot after a bare LF is not at a line start");
+    assert_eq!(
+        stuff(b"a\n.b\r\n"),
+        b"a\n.b\r\n",
+        "a dot after a bare LF is not at a line start"
+    );
     assert_eq!(stuff(b""), b"");
 }
 
@@ -528,7 +609,11 @@ fn upstream_records_postfix_smtp_source() {
     let upstream = Upstream::start(UpstreamOptions::default());
     let directory = tempfile::tempdir().unwrap();
     let message_file = directory.path().join("message.txt");
-    std::fs::write(&message_file, b".\n..two\nSubject: test\n\nLatin-1 \xe9\xff\n.x\nlast\n").unwrap();
+    std::fs::write(
+        &message_file,
+        b".\n..two\nSubject: test\n\nLatin-1 \xe9\xff\n.x\nlast\n",
+    )
+    .unwrap();
 
     let output = Command::new(smtp_source)
         .args(["-d", "-m", "3", "-r", "2", "-M", "client.example"])
@@ -548,13 +633,24 @@ fn upstream_records_postfix_smtp_source() {
     let messages = upstream.wait_for_messages(3, WAIT);
     assert_eq!(messages.len(), 3);
     for message in &messages {
-        assert_eq!(message.content, b".\r\n..two\r\nSubject: test\r\n\r\nLatin-1 \xe9\xff\r\n.x\r\nlast\r\n\r\n");
+        assert_eq!(
+            message.content,
+            b".\r\n..two\r\nSubject: test\r\n\r\nLatin-1 \xe9\xff\r\n.x\r\nlast\r\n\r\n"
+        );
         assert_eq!(message.helo_line, "HELO client.example");
         assert_eq!(message.mail_line, "MAIL FROM:<sender@example.org>");
         assert_eq!(message.rcpt_lines.len(), 2);
         assert_eq!(message.accepted_rcpts.len(), 2);
-        assert!(message.rcpt_lines.iter().all(|line| line.starts_with("RCPT TO:<") && line.ends_with("rcpt@example.net>")));
-        assert_eq!(message.connection, 1, "-d sends every message on one connection");
+        assert!(
+            message
+                .rcpt_lines
+                .iter()
+                .all(|line| line.starts_with("RCPT TO:<") && line.ends_with("rcpt@example.net>"))
+        );
+        assert_eq!(
+            message.connection, 1,
+            "-d sends every message on one connection"
+        );
         assert!(!message.bare_line_ending);
     }
     assert_eq!(upstream.connections(), 1);

@@ -16,7 +16,8 @@ fn clean_message() -> Vec<u8> {
 }
 
 fn spam_message() -> Vec<u8> {
-    format!("From: sender@example.org\r\nTo: bob@example.net\r\nSubject: offer\r\n\r\n{GTUBE}\r\n").into_bytes()
+    format!("From: sender@example.org\r\nTo: bob@example.net\r\nSubject: offer\r\n\r\n{GTUBE}\r\n")
+        .into_bytes()
 }
 
 /// Opens a session, says EHLO and sends one message; returns the code of
@@ -117,7 +118,10 @@ fn nothing_counted_during_block() {
 #[test]
 fn lockout_refuses_open_transaction_at_end_of_data() {
     let upstream = Upstream::start(UpstreamOptions::default());
-    let server = Sendguard::start(&upstream.address(), &policy("threshold = 2\nfirst_lockout = \"30s\""));
+    let server = Sendguard::start(
+        &upstream.address(),
+        &policy("threshold = 2\nfirst_lockout = \"30s\""),
+    );
     send_spam(&server.address, "erin@example.org");
 
     // This session passes MAIL FROM while erin is not yet locked out.
@@ -138,28 +142,50 @@ fn lockout_refuses_open_transaction_at_end_of_data() {
         .into_iter()
         .filter(|event| event["mailbox"] == "erin@example.org")
         .collect();
-    assert_eq!(bad.len(), 2, "the refused message is not scanned or counted: {bad:#?}");
+    assert_eq!(
+        bad.len(),
+        2,
+        "the refused message is not scanned or counted: {bad:#?}"
+    );
     assert_eq!(upstream.messages().len(), 0);
 }
 
 #[test]
 fn expiry_then_doubled_second_lockout() {
     let upstream = Upstream::start(UpstreamOptions::default());
-    let server = Sendguard::start(&upstream.address(), &policy("threshold = 2\nfirst_lockout = \"2s\""));
+    let server = Sendguard::start(
+        &upstream.address(),
+        &policy("threshold = 2\nfirst_lockout = \"2s\""),
+    );
     send_spam(&server.address, "frank@example.org");
     send_spam(&server.address, "frank@example.org");
     let start = Instant::now();
-    assert_eq!(send_from(&server.address, "frank@example.org", &clean_message()).0, 550);
+    assert_eq!(
+        send_from(&server.address, "frank@example.org", &clean_message()).0,
+        550
+    );
 
     // The end is recorded by a timer at the end time, without any traffic.
     let events = server.wait_for_events(Duration::from_secs(10), |events| {
         events.iter().any(|event| event["type"] == "lockout_ended")
     });
     assert!(start.elapsed() >= Duration::from_millis(1500));
-    let ended: Vec<_> = events.iter().filter(|event| event["type"] == "lockout_ended").collect();
-    let started: Vec<_> = events.iter().filter(|event| event["type"] == "lockout_started").collect();
-    assert_eq!(ended[0]["time"], started[0]["until"], "recorded with the real end time");
-    assert_eq!(send_from(&server.address, "frank@example.org", &clean_message()).0, 250);
+    let ended: Vec<_> = events
+        .iter()
+        .filter(|event| event["type"] == "lockout_ended")
+        .collect();
+    let started: Vec<_> = events
+        .iter()
+        .filter(|event| event["type"] == "lockout_started")
+        .collect();
+    assert_eq!(
+        ended[0]["time"], started[0]["until"],
+        "recorded with the real end time"
+    );
+    assert_eq!(
+        send_from(&server.address, "frank@example.org", &clean_message()).0,
+        250
+    );
 
     send_spam(&server.address, "frank@example.org");
     send_spam(&server.address, "frank@example.org");
@@ -209,7 +235,10 @@ fn permanent_block_after_timed_lockouts() {
         &policy("threshold = 1\nfirst_lockout = \"1s\"\ntimed_lockouts = 1"),
     );
     send_spam(&server.address, "gina@example.org");
-    assert_eq!(send_from(&server.address, "gina@example.org", &clean_message()).0, 550);
+    assert_eq!(
+        send_from(&server.address, "gina@example.org", &clean_message()).0,
+        550
+    );
     server.wait_for_events(Duration::from_secs(10), |events| {
         events.iter().any(|event| event["type"] == "lockout_ended")
     });
@@ -224,7 +253,10 @@ fn permanent_block_after_timed_lockouts() {
 
     // Still blocked well after what a timed lockout would have lasted.
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(send_from(&server.address, "gina@example.org", &clean_message()).0, 550);
+    assert_eq!(
+        send_from(&server.address, "gina@example.org", &clean_message()).0,
+        550
+    );
     let blocks = server.cli(&["blocks"]);
     assert!(String::from_utf8_lossy(&blocks.stdout).contains("permanent"));
 }
@@ -232,12 +264,18 @@ fn permanent_block_after_timed_lockouts() {
 #[test]
 fn monitor_mode_records_but_refuses_nothing() {
     let upstream = Upstream::start(UpstreamOptions::default());
-    let server = Sendguard::start(&upstream.address(), &policy("threshold = 2\nmode = \"monitor\""));
+    let server = Sendguard::start(
+        &upstream.address(),
+        &policy("threshold = 2\nmode = \"monitor\""),
+    );
     let (code, _) = send_spam(&server.address, "hank@example.org");
     assert_eq!(code, 550, "spam is still rejected in monitor mode");
     send_spam(&server.address, "hank@example.org");
 
-    assert_eq!(send_from(&server.address, "hank@example.org", &clean_message()).0, 250);
+    assert_eq!(
+        send_from(&server.address, "hank@example.org", &clean_message()).0,
+        250
+    );
     let started = server.events_of("lockout_started");
     assert_eq!(started.len(), 1);
     assert_eq!(started[0]["monitor"], true);
@@ -247,15 +285,28 @@ fn monitor_mode_records_but_refuses_nothing() {
 #[test]
 fn switch_to_monitor_keeps_block() {
     let upstream = Upstream::start(UpstreamOptions::default());
-    let server = Sendguard::start(&upstream.address(), &policy("threshold = 2\nfirst_lockout = \"1h\""));
+    let server = Sendguard::start(
+        &upstream.address(),
+        &policy("threshold = 2\nfirst_lockout = \"1h\""),
+    );
     send_spam(&server.address, "ivan@example.org");
     send_spam(&server.address, "ivan@example.org");
-    assert_eq!(send_from(&server.address, "ivan@example.org", &clean_message()).0, 550);
+    assert_eq!(
+        send_from(&server.address, "ivan@example.org", &clean_message()).0,
+        550
+    );
 
     server.rewrite_config(|text| text.replace("[policy]\n", "[policy]\nmode = \"monitor\"\n"));
     server.reload();
-    assert!(server.log().contains("configuration reloaded"), "{}", server.log());
-    assert_eq!(send_from(&server.address, "ivan@example.org", &clean_message()).0, 550);
+    assert!(
+        server.log().contains("configuration reloaded"),
+        "{}",
+        server.log()
+    );
+    assert_eq!(
+        send_from(&server.address, "ivan@example.org", &clean_message()).0,
+        550
+    );
     let loaded = server.events_of("config_loaded");
     assert_eq!(loaded.len(), 2);
     assert_ne!(loaded[0]["digest"], loaded[1]["digest"]);
@@ -270,13 +321,19 @@ fn invalid_reload_keeps_running_config() {
     assert!(server.log().contains("reload refused"), "{}", server.log());
     send_spam(&server.address, "jane@example.org");
     send_spam(&server.address, "jane@example.org");
-    assert_eq!(send_from(&server.address, "jane@example.org", &clean_message()).0, 550);
+    assert_eq!(
+        send_from(&server.address, "jane@example.org", &clean_message()).0,
+        550
+    );
 }
 
 #[test]
 fn kill_and_restart_keeps_state() {
     let upstream = Upstream::start(UpstreamOptions::default());
-    let mut server = Sendguard::start(&upstream.address(), &policy("threshold = 3\nfirst_lockout = \"1h\""));
+    let mut server = Sendguard::start(
+        &upstream.address(),
+        &policy("threshold = 3\nfirst_lockout = \"1h\""),
+    );
     send_spam(&server.address, "kate@example.org");
     send_spam(&server.address, "kate@example.org");
     send_spam(&server.address, "kate@example.org");
@@ -289,12 +346,24 @@ fn kill_and_restart_keeps_state() {
     server.kill9();
     server.restart();
 
-    assert_eq!(server.cli(&["status", "kate@example.org"]).stdout, before_kate.stdout);
-    assert_eq!(server.cli(&["status", "liam@example.org"]).stdout, before_liam.stdout);
-    assert_eq!(send_from(&server.address, "kate@example.org", &clean_message()).0, 550);
+    assert_eq!(
+        server.cli(&["status", "kate@example.org"]).stdout,
+        before_kate.stdout
+    );
+    assert_eq!(
+        server.cli(&["status", "liam@example.org"]).stdout,
+        before_liam.stdout
+    );
+    assert_eq!(
+        send_from(&server.address, "kate@example.org", &clean_message()).0,
+        550
+    );
     // Liam had two strikes before the kill; the third starts his lockout.
     send_spam(&server.address, "liam@example.org");
-    assert_eq!(send_from(&server.address, "liam@example.org", &clean_message()).0, 550);
+    assert_eq!(
+        send_from(&server.address, "liam@example.org", &clean_message()).0,
+        550
+    );
     assert!(server.events().len() > events_before);
 }
 
@@ -365,7 +434,10 @@ fn forged_sender_confined_to_client() {
     forger.quit();
 
     // The real nina on 127.0.0.1 still sends.
-    assert_eq!(send_from(&server.address, "nina@example.org", &clean_message()).0, 250);
+    assert_eq!(
+        send_from(&server.address, "nina@example.org", &clean_message()).0,
+        250
+    );
     let started = server.events_of("lockout_started");
     assert_eq!(started[0]["key_client"], "127.0.0.2");
 }
@@ -377,7 +449,13 @@ fn events_cli_filters_and_formats() {
     send_spam(&server.address, "olga@example.org");
     send_spam(&server.address, "paul@example.org");
 
-    let output = server.cli(&["events", "--mailbox", "OLGA@example.org", "--format", "json"]);
+    let output = server.cli(&[
+        "events",
+        "--mailbox",
+        "OLGA@example.org",
+        "--format",
+        "json",
+    ]);
     let text = String::from_utf8_lossy(&output.stdout);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 1, "{text}");
@@ -387,7 +465,11 @@ fn events_cli_filters_and_formats() {
     let csv = server.cli(&["events", "--since", "1h", "--format", "csv"]);
     let csv = String::from_utf8_lossy(&csv.stdout);
     assert!(csv.starts_with("time,type,mailbox"), "{csv}");
-    assert_eq!(csv.lines().count(), 4, "header, config_loaded and two bad messages: {csv}");
+    assert_eq!(
+        csv.lines().count(),
+        4,
+        "header, config_loaded and two bad messages: {csv}"
+    );
 
     let table = server.cli(&["events"]);
     assert!(String::from_utf8_lossy(&table.stdout).contains("paul@example.org"));

@@ -13,7 +13,10 @@ const EICAR: &str = r"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-
 const GTUBE: &str = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X";
 
 fn clamd_section(clamd: &Clamd, extra: &str) -> String {
-    format!("[scan.clamd]\naddress = \"{}\"\ntimeout = \"10s\"\n{extra}\n", clamd.address)
+    format!(
+        "[scan.clamd]\naddress = \"{}\"\ntimeout = \"10s\"\n{extra}\n",
+        clamd.address
+    )
 }
 
 /// A session that has said EHLO.
@@ -27,7 +30,11 @@ fn base64(data: &[u8]) -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in data.chunks(3) {
-        let bytes = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let bytes = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let value = (u32::from(bytes[0]) << 16) | (u32::from(bytes[1]) << 8) | u32::from(bytes[2]);
         for index in 0..4 {
             if index <= chunk.len() {
@@ -98,7 +105,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &byte in data {
         crc ^= u32::from(byte);
         for _ in 0..8 {
-            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -135,9 +146,17 @@ fn clean_mail_delivered_byte_exact() {
         if !expected.is_empty() && !expected.ends_with(b"\r\n") {
             expected.extend_from_slice(b"\r\n");
         }
-        assert_eq!(message.content, expected, "content differs for {:?}", String::from_utf8_lossy(content));
+        assert_eq!(
+            message.content,
+            expected,
+            "content differs for {:?}",
+            String::from_utf8_lossy(content)
+        );
         assert_eq!(message.mail_line, "MAIL FROM:<alice@example.org>");
-        assert_eq!(message.rcpt_lines, vec!["RCPT TO:<bob@example.net>".to_string()]);
+        assert_eq!(
+            message.rcpt_lines,
+            vec!["RCPT TO:<bob@example.net>".to_string()]
+        );
     }
     assert!(!upstream.saw_bare_line_ending());
 }
@@ -176,8 +195,14 @@ fn raw_paths_relayed_as_written() {
     client.data(&data_payload(b"Subject: x\r\n\r\nhi\r\n"), 250);
     client.quit();
     let received = upstream.wait_for_messages(1, Duration::from_secs(10));
-    assert_eq!(received[0].mail_line, "MAIL FROM:<\"john doe\"@Example.org> SIZE=100");
-    assert_eq!(received[0].rcpt_lines, vec!["RCPT TO:<Bob+Tag@Example.NET>".to_string()]);
+    assert_eq!(
+        received[0].mail_line,
+        "MAIL FROM:<\"john doe\"@Example.org> SIZE=100"
+    );
+    assert_eq!(
+        received[0].rcpt_lines,
+        vec!["RCPT TO:<Bob+Tag@Example.NET>".to_string()]
+    );
 }
 
 #[test]
@@ -196,7 +221,11 @@ fn eicar_base64_attachment_rejected() {
     assert_eq!(reply.enhanced_code(), Some("5.7.1"));
 
     // The session stays usable and the next clean message goes through.
-    let reply = client.send_message("alice@example.org", &["bob@example.net"], b"Subject: ok\r\n\r\nfine\r\n");
+    let reply = client.send_message(
+        "alice@example.org",
+        &["bob@example.net"],
+        b"Subject: ok\r\n\r\nfine\r\n",
+    );
     assert_eq!(reply.code, 250, "{}", reply.text());
     client.quit();
     let received = upstream.wait_for_messages(1, Duration::from_secs(10));
@@ -211,7 +240,11 @@ fn eicar_in_zip_rejected() {
     let server = Sendguard::start(&upstream.address(), &clamd_section(&clamd, ""));
     let mut client = session(&server.address);
     let zip = zip_stored("eicar.txt", EICAR.as_bytes());
-    let reply = client.send_message("alice@example.org", &["bob@example.net"], &with_attachment("files.zip", &zip));
+    let reply = client.send_message(
+        "alice@example.org",
+        &["bob@example.net"],
+        &with_attachment("files.zip", &zip),
+    );
     assert_eq!(reply.code, 550, "{}", reply.text());
     client.quit();
     assert_eq!(upstream.messages().len(), 0);
@@ -239,7 +272,11 @@ fn spam_tag_mode_delivers_with_header() {
     let server = Sendguard::start(&upstream.address(), "[scan.spam]\naction = \"tag\"\n");
     let mut client = session(&server.address);
     let content = format!("Subject: test\r\n\r\n{GTUBE}\r\n");
-    let reply = client.send_message("alice@example.org", &["bob@example.net"], content.as_bytes());
+    let reply = client.send_message(
+        "alice@example.org",
+        &["bob@example.net"],
+        content.as_bytes(),
+    );
     assert_eq!(reply.code, 250, "{}", reply.text());
     client.quit();
     let received = upstream.wait_for_messages(1, Duration::from_secs(10));
@@ -254,20 +291,28 @@ fn spam_tag_mode_delivers_with_header() {
 
 #[test]
 fn recipient_rejections_passed_back() {
-    let upstream = Upstream::start(
-        UpstreamOptions::default().reject_rcpt("nobody@example.net", "550 5.1.1 <nobody@example.net>: user unknown"),
-    );
+    let upstream = Upstream::start(UpstreamOptions::default().reject_rcpt(
+        "nobody@example.net",
+        "550 5.1.1 <nobody@example.net>: user unknown",
+    ));
     let server = Sendguard::start(&upstream.address(), "");
     let mut client = session(&server.address);
     client.cmd("MAIL FROM:<alice@example.org>", 250);
     let rejected = client.cmd("RCPT TO:<nobody@example.net>", 550);
-    assert!(rejected.text().contains("user unknown"), "{}", rejected.text());
+    assert!(
+        rejected.text().contains("user unknown"),
+        "{}",
+        rejected.text()
+    );
     assert_eq!(rejected.enhanced_code(), Some("5.1.1"));
     client.cmd("RCPT TO:<bob@example.net>", 250);
     client.data(&data_payload(b"Subject: x\r\n\r\nhi\r\n"), 250);
     client.quit();
     let received = upstream.wait_for_messages(1, Duration::from_secs(10));
-    assert_eq!(received[0].accepted_rcpts, vec!["bob@example.net".to_string()]);
+    assert_eq!(
+        received[0].accepted_rcpts,
+        vec!["bob@example.net".to_string()]
+    );
 }
 
 #[test]
@@ -285,12 +330,22 @@ fn only_rejected_recipients_gets_no_data() {
 
 #[test]
 fn upstream_final_rejection_passed_back() {
-    let upstream = Upstream::start(UpstreamOptions::default().data_reply("554 5.7.0 content refused upstream"));
+    let upstream = Upstream::start(
+        UpstreamOptions::default().data_reply("554 5.7.0 content refused upstream"),
+    );
     let server = Sendguard::start(&upstream.address(), "");
     let mut client = session(&server.address);
-    let reply = client.send_message("alice@example.org", &["bob@example.net"], b"Subject: x\r\n\r\nhi\r\n");
+    let reply = client.send_message(
+        "alice@example.org",
+        &["bob@example.net"],
+        b"Subject: x\r\n\r\nhi\r\n",
+    );
     assert_eq!(reply.code, 554);
-    assert!(reply.text().contains("refused upstream"), "{}", reply.text());
+    assert!(
+        reply.text().contains("refused upstream"),
+        "{}",
+        reply.text()
+    );
     client.quit();
 }
 
@@ -308,7 +363,11 @@ fn upstream_closing_mid_message_gives_tempfail() {
     let upstream = Upstream::start(UpstreamOptions::default().close_at(ClosePoint::AfterData));
     let server = Sendguard::start(&upstream.address(), "");
     let mut client = session(&server.address);
-    let reply = client.send_message("alice@example.org", &["bob@example.net"], b"Subject: x\r\n\r\nhi\r\n");
+    let reply = client.send_message(
+        "alice@example.org",
+        &["bob@example.net"],
+        b"Subject: x\r\n\r\nhi\r\n",
+    );
     assert_eq!(reply.code / 100, 4, "{}", reply.text());
     client.quit();
 }
@@ -322,23 +381,37 @@ fn clamd_down_gives_451() {
     );
     let server = Sendguard::start(&upstream.address(), &extra);
     let mut client = session(&server.address);
-    let reply = client.send_message("alice@example.org", &["bob@example.net"], b"Subject: x\r\n\r\nhi\r\n");
+    let reply = client.send_message(
+        "alice@example.org",
+        &["bob@example.net"],
+        b"Subject: x\r\n\r\nhi\r\n",
+    );
     assert_eq!(reply.code, 451, "{}", reply.text());
     assert_eq!(reply.enhanced_code(), Some("4.7.1"));
     client.quit();
     assert_eq!(upstream.messages().len(), 0);
-    assert!(server.events_of("bad_message").is_empty(), "a scanner failure is no strike");
+    assert!(
+        server.events_of("bad_message").is_empty(),
+        "a scanner failure is no strike"
+    );
 }
 
 #[test]
 fn over_max_scan_size_unscannable_no_strike() {
     let clamd = Clamd::start();
     let upstream = Upstream::start(UpstreamOptions::default());
-    let extra = format!("{}\n[policy]\nthreshold = 1\n", clamd_section(&clamd, "max_scan_size = 1000"));
+    let extra = format!(
+        "{}\n[policy]\nthreshold = 1\n",
+        clamd_section(&clamd, "max_scan_size = 1000")
+    );
     let server = Sendguard::start(&upstream.address(), &extra);
     let mut client = session(&server.address);
     let content = format!("Subject: big\r\n\r\n{}\r\n", "x".repeat(2000));
-    let reply = client.send_message("alice@example.org", &["bob@example.net"], content.as_bytes());
+    let reply = client.send_message(
+        "alice@example.org",
+        &["bob@example.net"],
+        content.as_bytes(),
+    );
     assert_eq!(reply.code, 554, "{}", reply.text());
     assert!(reply.text().contains("scan"), "{}", reply.text());
     // Threshold 1: had it been a strike, this MAIL FROM would be refused.
@@ -354,7 +427,11 @@ fn message_over_size_limit_rejected() {
     let mut client = session(&server.address);
     client.cmd("MAIL FROM:<alice@example.org> SIZE=5000", 552);
     let content = format!("Subject: big\r\n\r\n{}\r\n", "y".repeat(3000));
-    let reply = client.send_message("alice@example.org", &["bob@example.net"], content.as_bytes());
+    let reply = client.send_message(
+        "alice@example.org",
+        &["bob@example.net"],
+        content.as_bytes(),
+    );
     assert_eq!(reply.code, 552, "{}", reply.text());
     assert_eq!(reply.enhanced_code(), Some("5.3.4"));
     client.quit();
@@ -380,7 +457,11 @@ fn bare_line_endings_normalized() {
         b"Subject: x\r\n\r\nfirst\r\n.\r\nMAIL FROM:<x@example.com>\r\nlone\r\ncr\r\n".to_vec()
     );
     assert!(!upstream.saw_bare_line_ending());
-    assert_eq!(upstream.transactions().len(), 1, "no second transaction upstream");
+    assert_eq!(
+        upstream.transactions().len(),
+        1,
+        "no second transaction upstream"
+    );
 }
 
 #[test]
@@ -404,7 +485,9 @@ fn bare_line_endings_rejected_when_configured() {
 fn client_outside_relay_networks_refused() {
     let upstream = Upstream::start(UpstreamOptions::default());
     let server = Sendguard::start(&upstream.address(), "");
-    server.rewrite_config(|text| text.replace("[\"127.0.0.0/8\", \"::1/128\"]", "[\"127.0.0.1/32\"]"));
+    server.rewrite_config(|text| {
+        text.replace("[\"127.0.0.0/8\", \"::1/128\"]", "[\"127.0.0.1/32\"]")
+    });
     server.reload();
     let client = SmtpClient::connect_from(&server.address, "127.0.0.3");
     assert_eq!(client.greeting().code, 554);
@@ -414,12 +497,17 @@ fn client_outside_relay_networks_refused() {
 
 #[test]
 fn ehlo_advertises_upstream_extensions_only() {
-    let upstream = Upstream::start(UpstreamOptions::default().capabilities(&["PIPELINING", "SIZE 1000000"]));
+    let upstream =
+        Upstream::start(UpstreamOptions::default().capabilities(&["PIPELINING", "SIZE 1000000"]));
     let server = Sendguard::start(&upstream.address(), "");
     // The first session opens the upstream connection, so the second sees
     // what the upstream offers even if the start-up probe lost the race.
     let mut client = session(&server.address);
-    client.send_message("alice@example.org", &["bob@example.net"], b"Subject: x\r\n\r\nhi\r\n");
+    client.send_message(
+        "alice@example.org",
+        &["bob@example.net"],
+        b"Subject: x\r\n\r\nhi\r\n",
+    );
     client.quit();
     let mut client = SmtpClient::connect(&server.address);
     let ehlo = client.cmd("EHLO client.test", 250);

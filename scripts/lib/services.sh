@@ -42,7 +42,7 @@ smtp_greets() {
 }
 
 # Writes DIRECTORY/clamd.conf for a clamd in the foreground on
-# 127.0.0.1:PORT, with the signature files from SIGNATURES copied into
+# 127.0.0.1:PORT, with the signature databases from SIGNATURES copied into
 # DIRECTORY/db. clamd runs as the user who starts it, so it can read every
 # file that user can.
 write_clamd_config() {
@@ -51,11 +51,17 @@ write_clamd_config() {
     local copied=0 file
     for file in "$signatures"/*; do
         [[ -f $file ]] || continue
+        # Copy ClamAV database files only, recognised by extension, and leave
+        # documentation such as a README behind.
+        case ${file##*.} in
+            cvd | cld | cud | hdb | hsb | hdu | hsu | mdb | msb | mdu | msu | ndb | ndu | ldb | ldu | idb | cdb | crb | cat | ftm | pdb | gdb | wdb | fp | sfp | ign | ign2 | yar | yara | pwdb | imp) ;;
+            *) continue ;;
+        esac
         cp "$file" "$directory/db/"
         copied=$((copied + 1))
     done
     if [[ $copied -eq 0 ]]; then
-        echo "write_clamd_config: no signature files in $signatures" >&2
+        echo "write_clamd_config: no ClamAV signature database files in $signatures" >&2
         return 1
     fi
     cat > "$directory/clamd.conf" <<EOF
@@ -65,9 +71,10 @@ TCPSocket $port
 TCPAddr 127.0.0.1
 DatabaseDirectory $directory/db
 TemporaryDirectory $directory/tmp
-# Streams over StreamMaxLength are reported as Heuristics.Limits.Exceeded
-# instead of being passed as clean.
+# clamd closes an INSTREAM session that sends more than StreamMaxLength.
 StreamMaxLength 25M
+# Files over MaxFileSize, MaxScanSize or MaxRecursion are reported as
+# Heuristics.Limits.Exceeded instead of clean (clamd.conf(5), ClamAV 1.4).
 AlertExceedsMax yes
 LogTime yes
 SelfCheck 3600

@@ -362,7 +362,12 @@ impl Config {
 }
 
 fn validate_smtp(smtp: &SmtpConfig, problems: &mut Problems) {
-    if smtp.hostname.is_empty() || smtp.hostname.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if smtp.hostname.is_empty()
+        || smtp
+            .hostname
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
         problems.push(
             "smtp.hostname",
             format!("{:?} is not a valid host name", smtp.hostname),
@@ -468,7 +473,11 @@ fn optional_section<T: DeserializeOwned>(
     }
 }
 
-fn decode<T: DeserializeOwned>(value: toml::Value, key: &str, problems: &mut Problems) -> Option<T> {
+fn decode<T: DeserializeOwned>(
+    value: toml::Value,
+    key: &str,
+    problems: &mut Problems,
+) -> Option<T> {
     if !value.is_table() {
         problems.push(key, "must be a table, such as [section] with keys below it");
         return None;

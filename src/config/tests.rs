@@ -47,7 +47,11 @@ unauthenticated = "nobody"
 x = 1
 "#;
     let problems = Config::parse(text).expect_err("invalid");
-    let keys: Vec<&str> = problems.0.iter().map(|problem| problem.key.as_str()).collect();
+    let keys: Vec<&str> = problems
+        .0
+        .iter()
+        .map(|problem| problem.key.as_str())
+        .collect();
     for expected in [
         "smtp.listen",
         "upstream.address",
@@ -84,5 +88,8 @@ fn digest_changes_with_policy() {
     let text = format!("{MINIMAL}\n[policy]\nthreshold = 3\n");
     let second = Config::parse(&text).expect("valid");
     assert_ne!(first.policy_digest(), second.policy_digest());
-    assert_eq!(first.policy_digest(), Config::parse(MINIMAL).expect("valid").policy_digest());
+    assert_eq!(
+        first.policy_digest(),
+        Config::parse(MINIMAL).expect("valid").policy_digest()
+    );
 }

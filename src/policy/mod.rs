@@ -60,7 +60,10 @@ impl PolicySettings {
         if doublings >= 64 {
             return Duration::MAX;
         }
-        let nanos = self.first_lockout.as_nanos().checked_mul(1u128 << doublings);
+        let nanos = self
+            .first_lockout
+            .as_nanos()
+            .checked_mul(1u128 << doublings);
         nanos
             .and_then(|nanos| {
                 let secs = u64::try_from(nanos / 1_000_000_000).ok()?;
@@ -140,7 +143,10 @@ pub enum StrikeOutcome {
     DuringBlock(Lockout),
     /// This strike reached the threshold and started a lockout; `strikes`
     /// are the bad messages that triggered it, oldest first.
-    LockoutStarted { lockout: Lockout, strikes: Vec<Strike> },
+    LockoutStarted {
+        lockout: Lockout,
+        strikes: Vec<Strike>,
+    },
 }
 
 impl MailboxState {

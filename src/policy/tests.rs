@@ -40,9 +40,16 @@ fn trigger_lockout(state: &mut MailboxState, settings: &PolicySettings, start: i
 #[test]
 fn fourth_strike_only_counts() {
     let mut state = MailboxState::default();
-    let outcome = record_all(&mut state, &settings(), &[0, SECOND, 2 * SECOND, 3 * SECOND]);
+    let outcome = record_all(
+        &mut state,
+        &settings(),
+        &[0, SECOND, 2 * SECOND, 3 * SECOND],
+    );
     assert_eq!(outcome, StrikeOutcome::Counted { in_window: 4 });
-    assert_eq!(state.check_sender(Timestamp(4 * SECOND)), SenderDecision::Allow);
+    assert_eq!(
+        state.check_sender(Timestamp(4 * SECOND)),
+        SenderDecision::Allow
+    );
     assert_eq!(state.lockouts, 0);
 }
 
@@ -59,7 +66,10 @@ fn fifth_strike_starts_first_lockout() {
     assert!(lockout.enforced);
     assert_eq!(strikes.len(), 5);
     assert_eq!(strikes[0].at, Timestamp(0));
-    assert!(state.strikes.is_empty(), "starting a lockout empties the window");
+    assert!(
+        state.strikes.is_empty(),
+        "starting a lockout empties the window"
+    );
     assert_eq!(state.lockouts, 1);
 }
 
@@ -68,7 +78,11 @@ fn strike_exactly_at_window_edge_is_outside() {
     let mut state = MailboxState::default();
     // Four strikes at 0..3 s, then the fifth exactly ten minutes after the
     // first: the first has left the half-open window.
-    record_all(&mut state, &settings(), &[0, SECOND, 2 * SECOND, 3 * SECOND]);
+    record_all(
+        &mut state,
+        &settings(),
+        &[0, SECOND, 2 * SECOND, 3 * SECOND],
+    );
     let outcome = state.record_strike(&settings(), strike(10 * MINUTE));
     assert_eq!(outcome, StrikeOutcome::Counted { in_window: 4 });
 }
@@ -76,9 +90,16 @@ fn strike_exactly_at_window_edge_is_outside() {
 #[test]
 fn strike_one_milli_inside_window_edge_counts() {
     let mut state = MailboxState::default();
-    record_all(&mut state, &settings(), &[0, SECOND, 2 * SECOND, 3 * SECOND]);
+    record_all(
+        &mut state,
+        &settings(),
+        &[0, SECOND, 2 * SECOND, 3 * SECOND],
+    );
     let outcome = state.record_strike(&settings(), strike(10 * MINUTE - 1));
-    assert!(matches!(outcome, StrikeOutcome::LockoutStarted { .. }), "{outcome:?}");
+    assert!(
+        matches!(outcome, StrikeOutcome::LockoutStarted { .. }),
+        "{outcome:?}"
+    );
 }
 
 #[test]
@@ -99,7 +120,10 @@ fn nothing_counted_during_block() {
     trigger_lockout(&mut state, &settings(), 0);
     for index in 0..10 {
         let outcome = state.record_strike(&settings(), strike(10 * SECOND + index));
-        assert!(matches!(outcome, StrikeOutcome::DuringBlock(_)), "{outcome:?}");
+        assert!(
+            matches!(outcome, StrikeOutcome::DuringBlock(_)),
+            "{outcome:?}"
+        );
     }
     assert!(state.strikes.is_empty());
     assert_eq!(state.lockouts, 1);
@@ -172,8 +196,14 @@ fn schedule_overflow_saturates() {
         timed_lockouts: 100,
         ..settings()
     };
-    assert_eq!(settings.lockout_length(1), Duration::from_secs(u64::MAX / 4));
-    assert_eq!(settings.lockout_length(3), Duration::from_secs(u64::MAX / 4 * 4));
+    assert_eq!(
+        settings.lockout_length(1),
+        Duration::from_secs(u64::MAX / 4)
+    );
+    assert_eq!(
+        settings.lockout_length(3),
+        Duration::from_secs(u64::MAX / 4 * 4)
+    );
     assert_eq!(settings.lockout_length(4), Duration::MAX);
     assert_eq!(settings.lockout_length(65), Duration::MAX);
     assert_eq!(settings.lockout_length(u32::MAX), Duration::MAX);
@@ -211,7 +241,11 @@ fn policy_change_keeps_active_end() {
 
     // The next trigger follows the new policy: two strikes, and since one
     // timed lockout is all it allows, the block is permanent.
-    let next = record_all(&mut state, &changed, &[HOUR + 4 * SECOND, HOUR + 5 * SECOND]);
+    let next = record_all(
+        &mut state,
+        &changed,
+        &[HOUR + 4 * SECOND, HOUR + 5 * SECOND],
+    );
     let StrikeOutcome::LockoutStarted { lockout, .. } = next else {
         panic!("expected a lockout, got {next:?}");
     };
@@ -284,7 +318,11 @@ fn threshold_one_locks_on_first_strike() {
 #[test]
 fn old_strikes_expire_before_counting() {
     let mut state = MailboxState::default();
-    record_all(&mut state, &settings(), &[0, SECOND, 2 * SECOND, 3 * SECOND]);
+    record_all(
+        &mut state,
+        &settings(),
+        &[0, SECOND, 2 * SECOND, 3 * SECOND],
+    );
     let outcome = state.record_strike(&settings(), strike(HOUR));
     assert_eq!(outcome, StrikeOutcome::Counted { in_window: 1 });
     assert_eq!(state.strikes.len(), 1);
@@ -304,5 +342,8 @@ fn empty_state_detection() {
 fn timestamp_formats_rfc3339() {
     let moment = Timestamp::from_secs(1_796_418_420);
     assert_eq!(moment.to_rfc3339(), "2026-12-04T21:07:00Z");
-    assert_eq!(Timestamp::parse_rfc3339("2026-12-04T21:07:00Z"), Some(moment));
+    assert_eq!(
+        Timestamp::parse_rfc3339("2026-12-04T21:07:00Z"),
+        Some(moment)
+    );
 }

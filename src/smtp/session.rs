@@ -54,11 +54,14 @@ pub enum State {
 /// command may run in `state`.
 pub fn sequence_error(state: State, command: &Command) -> Option<Reply> {
     match (state, command) {
-        (State::Connected, Command::Mail { .. } | Command::Rcpt { .. } | Command::Data | Command::Bdat { .. }) => {
-            Some(Reply::bad_sequence("Send EHLO or HELO first"))
-        }
+        (
+            State::Connected,
+            Command::Mail { .. } | Command::Rcpt { .. } | Command::Data | Command::Bdat { .. },
+        ) => Some(Reply::bad_sequence("Send EHLO or HELO first")),
         (State::Ready, Command::Rcpt { .. }) => Some(Reply::bad_sequence("Send MAIL before RCPT")),
-        (State::Ready, Command::Data | Command::Bdat { .. }) => Some(Reply::bad_sequence("Send MAIL before DATA")),
+        (State::Ready, Command::Data | Command::Bdat { .. }) => {
+            Some(Reply::bad_sequence("Send MAIL before DATA"))
+        }
         (State::Mail | State::Rcpt, Command::Mail { .. }) => {
             Some(Reply::bad_sequence("Nested MAIL command; send RSET first"))
         }
@@ -136,7 +139,13 @@ impl Session {
         let runtime = self.shared.guard.runtime();
         let hostname = runtime.config.smtp.hostname.clone();
         let client = self.peer.ip().to_canonical();
-        if !runtime.config.smtp.relay_networks.iter().any(|network| network.contains(&client)) {
+        if !runtime
+            .config
+            .smtp
+            .relay_networks
+            .iter()
+            .any(|network| network.contains(&client))
+        {
             tracing::info!(client = %client, "client not in relay_networks; connection refused");
             self.queue(&Reply::relay_denied(&client.to_string()));
             let _ = self.flush().await;
@@ -239,7 +248,11 @@ impl Session {
                 return Ok(false);
             }
             Command::Help => self.queue(&Reply::new(214, "2.0.0", "See RFC 5321")),
-            Command::Vrfy => self.queue(&Reply::new(252, "2.5.2", "Cannot VRFY user; send mail to try delivery")),
+            Command::Vrfy => self.queue(&Reply::new(
+                252,
+                "2.5.2",
+                "Cannot VRFY user; send mail to try delivery",
+            )),
             Command::Bdat { .. } => self.queue(&Reply::not_implemented("BDAT")),
             Command::StartTls => self.queue(&Reply::not_implemented("STARTTLS")),
             Command::Auth => self.queue(&Reply::not_implemented("AUTH")),
@@ -256,7 +269,11 @@ impl Session {
             Some(limit) if limit > 0 => limit.min(max_size),
             _ => max_size,
         };
-        let mut lines = vec![hostname.to_string(), "PIPELINING".to_string(), format!("SIZE {size}")];
+        let mut lines = vec![
+            hostname.to_string(),
+            "PIPELINING".to_string(),
+            format!("SIZE {size}"),
+        ];
         // Extensions that change what reaches the upstream are offered only
         // when the upstream offers them too. PIPELINING concerns only this
         // hop, because commands go upstream one at a time.
@@ -350,7 +367,12 @@ impl Session {
     async fn upstream_command(&mut self, line: &str, connect: bool) -> Option<Reply> {
         if self.upstream.is_none() && connect {
             let runtime = self.shared.guard.runtime();
-            match UpstreamConnection::connect(&runtime.config.upstream, &runtime.config.smtp.hostname).await {
+            match UpstreamConnection::connect(
+                &runtime.config.upstream,
+                &runtime.config.smtp.hostname,
+            )
+            .await
+            {
                 Ok(connection) => {
                     self.shared
                         .upstream_capabilities
@@ -439,7 +461,11 @@ impl Session {
             return Ok(());
         }
 
-        let decision = self.shared.guard.check_message(&transaction, &outcome.message).await;
+        let decision = self
+            .shared
+            .guard
+            .check_message(&transaction, &outcome.message)
+            .await;
         let (header, pending) = match decision {
             MessageDecision::Reject(reply) => {
                 tracing::info!(transaction = %transaction.id, reply = %reply.one_line(), "message rejected");
@@ -454,7 +480,10 @@ impl Session {
             self.queue(&Reply::upstream_failed());
             return Ok(());
         };
-        let reply = match upstream.send_message(header.as_deref(), &outcome.message).await {
+        let reply = match upstream
+            .send_message(header.as_deref(), &outcome.message)
+            .await
+        {
             Ok(reply) => reply,
             Err(error) => {
                 tracing::warn!(%error, transaction = %transaction.id, "upstream failed during the message");

@@ -72,7 +72,8 @@ impl Capabilities {
             match keyword.to_ascii_uppercase().as_str() {
                 "PIPELINING" => capabilities.pipelining = true,
                 "SIZE" => {
-                    capabilities.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0));
+                    capabilities.size =
+                        Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0));
                 }
                 "8BITMIME" => capabilities.eight_bit_mime = true,
                 "SMTPUTF8" => capabilities.smtputf8 = true,
@@ -102,7 +103,10 @@ impl UpstreamConnection {
     ///
     /// # Errors
     /// When the connection, the greeting or the EHLO fails.
-    pub async fn connect(config: &UpstreamConfig, helo_name: &str) -> Result<UpstreamConnection, UpstreamError> {
+    pub async fn connect(
+        config: &UpstreamConfig,
+        helo_name: &str,
+    ) -> Result<UpstreamConnection, UpstreamError> {
         let address = config.address.clone();
         let stream = match timeout(config.connect_timeout, TcpStream::connect(&address)).await {
             Err(_) => {
@@ -194,7 +198,11 @@ impl UpstreamConnection {
     ///
     /// # Errors
     /// On a network failure, a timeout or an invalid reply.
-    pub async fn send_message(&mut self, header: Option<&str>, message: &[u8]) -> Result<Reply, UpstreamError> {
+    pub async fn send_message(
+        &mut self,
+        header: Option<&str>,
+        message: &[u8],
+    ) -> Result<Reply, UpstreamError> {
         let reply = self.command("DATA").await?;
         if reply.code != 354 {
             return Ok(reply);
@@ -211,7 +219,9 @@ impl UpstreamConnection {
             }
         }
         self.write(&encoded).await?;
-        let reply = self.read_reply(self.data_timeout, "reply to the message").await?;
+        let reply = self
+            .read_reply(self.data_timeout, "reply to the message")
+            .await?;
         self.in_transaction = false;
         Ok(reply)
     }
@@ -259,7 +269,11 @@ impl UpstreamConnection {
         }
     }
 
-    async fn read_reply(&mut self, limit: Duration, waiting_for: &'static str) -> Result<Reply, UpstreamError> {
+    async fn read_reply(
+        &mut self,
+        limit: Duration,
+        waiting_for: &'static str,
+    ) -> Result<Reply, UpstreamError> {
         match timeout(limit, self.read_reply_lines()).await {
             Err(_) => Err(UpstreamError::Timeout {
                 address: self.address.clone(),
@@ -304,10 +318,14 @@ impl UpstreamConnection {
     async fn read_line(&mut self) -> Result<Vec<u8>, UpstreamError> {
         let mut line = Vec::with_capacity(128);
         loop {
-            let buffer = self.stream.fill_buf().await.map_err(|source| UpstreamError::Io {
-                address: self.address.clone(),
-                source,
-            })?;
+            let buffer = self
+                .stream
+                .fill_buf()
+                .await
+                .map_err(|source| UpstreamError::Io {
+                    address: self.address.clone(),
+                    source,
+                })?;
             if buffer.is_empty() {
                 return Err(UpstreamError::Closed {
                     address: self.address.clone(),
@@ -366,7 +384,9 @@ fn split_enhanced(text: &str, code: u16) -> (Option<String>, &str) {
     let (first, rest) = text.split_once(' ').unwrap_or((text, ""));
     let parts: Vec<&str> = first.split('.').collect();
     let valid = parts.len() == 3
-        && parts.iter().all(|part| !part.is_empty() && part.len() <= 3 && part.bytes().all(|b| b.is_ascii_digit()))
+        && parts.iter().all(|part| {
+            !part.is_empty() && part.len() <= 3 && part.bytes().all(|b| b.is_ascii_digit())
+        })
         && parts[0].parse::<u16>().ok() == Some(code / 100);
     if valid {
         (Some(first.to_string()), rest)
@@ -380,7 +400,9 @@ fn split_enhanced(text: &str, code: u16) -> (Option<String>, &str) {
 pub fn queue_id(reply: &Reply) -> Option<String> {
     let text = reply.lines.join(" ");
     let id = if let Some(position) = text.find("queued as ") {
-        text[position + "queued as ".len()..].split_whitespace().next()
+        text[position + "queued as ".len()..]
+            .split_whitespace()
+            .next()
     } else if let Some(position) = text.find("id=") {
         text[position + 3..].split_whitespace().next()
     } else {
@@ -411,7 +433,10 @@ mod tests {
             split_enhanced("5.1.1 user unknown", 550),
             (Some("5.1.1".to_string()), "user unknown")
         );
-        assert_eq!(split_enhanced("4.1.1 mismatch", 550), (None, "4.1.1 mismatch"));
+        assert_eq!(
+            split_enhanced("4.1.1 mismatch", 550),
+            (None, "4.1.1 mismatch")
+        );
         assert_eq!(split_enhanced("Ok", 250), (None, "Ok"));
     }
 

@@ -151,7 +151,8 @@ impl Store {
     /// # Errors
     /// On a database failure.
     pub async fn next_pending_end(&self) -> Result<Option<Timestamp>, StoreError> {
-        self.call(|connection| sqlite::next_pending_end(connection)).await
+        self.call(|connection| sqlite::next_pending_end(connection))
+            .await
     }
 
     /// Returns the mailboxes whose lockout ended by `now` without its end

@@ -79,7 +79,9 @@ pub fn open_existing(path: &Path) -> Result<Connection, StoreError> {
 }
 
 fn client_column(key: &MailboxKey) -> String {
-    key.client.map(|client| client.to_string()).unwrap_or_default()
+    key.client
+        .map(|client| client.to_string())
+        .unwrap_or_default()
 }
 
 fn key_from_columns(mailbox: String, client: String) -> MailboxKey {
@@ -93,7 +95,10 @@ fn key_from_columns(mailbox: String, client: String) -> MailboxKey {
 ///
 /// # Errors
 /// On a database failure or a state that does not decode.
-pub fn load_mailbox(connection: &Connection, key: &MailboxKey) -> Result<Option<MailboxState>, StoreError> {
+pub fn load_mailbox(
+    connection: &Connection,
+    key: &MailboxKey,
+) -> Result<Option<MailboxState>, StoreError> {
     let text: Option<String> = connection
         .query_row(
             "SELECT state FROM mailboxes WHERE mailbox = ?1 AND client = ?2",
@@ -211,14 +216,19 @@ pub struct EventFilter {
 ///
 /// # Errors
 /// On a database failure or a row that does not decode.
-pub fn query_events(connection: &Connection, filter: &EventFilter) -> Result<Vec<Event>, StoreError> {
+pub fn query_events(
+    connection: &Connection,
+    filter: &EventFilter,
+) -> Result<Vec<Event>, StoreError> {
     let mut statement = connection.prepare(
         "SELECT time, type, mailbox, key_client, details FROM events
          WHERE (?1 IS NULL OR time >= ?1) AND (?2 IS NULL OR time < ?2)
            AND (?3 IS NULL OR mailbox = ?3) AND (?4 IS NULL OR type = ?4)
          ORDER BY time, id LIMIT ?5",
     )?;
-    let limit = filter.limit.map_or(-1, |limit| i64::try_from(limit).unwrap_or(i64::MAX));
+    let limit = filter
+        .limit
+        .map_or(-1, |limit| i64::try_from(limit).unwrap_or(i64::MAX));
     let rows = statement.query_map(
         params![
             filter.since.map(Timestamp::millis),
@@ -244,7 +254,11 @@ pub fn query_events(connection: &Connection, filter: &EventFilter) -> Result<Vec
             .ok_or_else(|| StoreError::Corrupt(format!("unknown event type {kind:?}")))?;
         let details = match serde_json::from_str(&details)? {
             serde_json::Value::Object(map) => map,
-            _ => return Err(StoreError::Corrupt("event details are not an object".to_string())),
+            _ => {
+                return Err(StoreError::Corrupt(
+                    "event details are not an object".to_string(),
+                ));
+            }
         };
         events.push(Event {
             time: Timestamp(time),
@@ -261,13 +275,20 @@ pub fn query_events(connection: &Connection, filter: &EventFilter) -> Result<Vec
 ///
 /// # Errors
 /// On a database failure or a state that does not decode.
-pub fn active_blocks(connection: &Connection, now: Timestamp) -> Result<Vec<(MailboxKey, MailboxState)>, StoreError> {
+pub fn active_blocks(
+    connection: &Connection,
+    now: Timestamp,
+) -> Result<Vec<(MailboxKey, MailboxState)>, StoreError> {
     let mut statement = connection.prepare(
         "SELECT mailbox, client, state FROM mailboxes
          WHERE permanent = 1 OR block_until > ?1 ORDER BY mailbox, client",
     )?;
     let rows = statement.query_map(params![now.millis()], |row| {
-        Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?))
+        Ok((
+            row.get::<_, String>(0)?,
+            row.get::<_, String>(1)?,
+            row.get::<_, String>(2)?,
+        ))
     })?;
     let mut blocks = Vec::new();
     for row in rows {
@@ -317,17 +338,27 @@ pub fn due_ends(connection: &Connection, now: Timestamp) -> Result<Vec<MailboxKe
 ///
 /// # Errors
 /// On a database failure or a state that does not decode.
-pub fn mailbox_states(connection: &Connection, mailbox: &str) -> Result<Vec<(MailboxKey, MailboxState)>, StoreError> {
+pub fn mailbox_states(
+    connection: &Connection,
+    mailbox: &str,
+) -> Result<Vec<(MailboxKey, MailboxState)>, StoreError> {
     let mut statement = connection.prepare(
         "SELECT mailbox, client, state FROM mailboxes WHERE mailbox = ?1 ORDER BY client",
     )?;
     let rows = statement.query_map(params![mailbox], |row| {
-        Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?))
+        Ok((
+            row.get::<_, String>(0)?,
+            row.get::<_, String>(1)?,
+            row.get::<_, String>(2)?,
+        ))
     })?;
     let mut states = Vec::new();
     for row in rows {
         let (mailbox, client, state) = row?;
-        states.push((key_from_columns(mailbox, client), serde_json::from_str(&state)?));
+        states.push((
+            key_from_columns(mailbox, client),
+            serde_json::from_str(&state)?,
+        ));
     }
     Ok(states)
 }
