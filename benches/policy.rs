@@ -2,11 +2,11 @@
 //! 1 000 000 tracked mailboxes held in an LRU map as the Guard's cache does.
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use std::hint::black_box;
 use lru::LruCache;
 use sendguard::config::IdentityConfig;
 use sendguard::identity::{MailboxKey, canonical_address};
 use sendguard::policy::{MailboxState, PolicySettings, Strike, Timestamp};
+use std::hint::black_box;
 use std::num::NonZeroUsize;
 
 fn tracked(count: usize) -> LruCache<MailboxKey, MailboxState> {

@@ -268,7 +268,11 @@ impl Guard {
             }
         };
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-        tracing::info!(transaction = %transaction.id, client = %transaction.client,
+        let mailbox = self
+            .attribute(&runtime, transaction)
+            .block_key
+            .map_or_else(|| "-".to_string(), |key| key.to_string());
+        tracing::info!(transaction = %transaction.id, client = %transaction.client, mailbox,
             sender = %transaction.sender_path, verdict = %verdict.summary(), elapsed_ms, "message scanned");
 
         match &verdict {

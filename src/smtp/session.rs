@@ -564,9 +564,22 @@ impl Session {
         if self.output.is_empty() {
             return Ok(());
         }
-        self.writer.write_all(&self.output).await?;
-        self.output.clear();
-        Ok(())
+        // A client that stops reading must not hold the session forever.
+        let limit = self.shared.guard.runtime().config.smtp.command_timeout;
+        match tokio::time::timeout(limit, self.writer.write_all(&self.output)).await {
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "client did not read our reply within {}",
+                    humantime::format_duration(limit)
+                ),
+            )),
+            Ok(result) => {
+                result?;
+                self.output.clear();
+                Ok(())
+            }
+        }
     }
 }
 
