@@ -82,7 +82,7 @@ impl Transaction {
     }
 }
 
-/// The answer at MAIL FROM.
+/// The decision at MAIL FROM.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SenderCheck {
     Allow,
@@ -97,7 +97,7 @@ pub struct PendingStrike {
     verdict: Verdict,
 }
 
-/// What happens to a message at end of data.
+/// The fate of a message at end of data.
 #[derive(Debug, Clone)]
 pub enum MessageDecision {
     /// Relay it; prepend `header` when set. A tagged spam message carries a

@@ -131,13 +131,14 @@ pub async fn run(listener: TcpListener, guard: Arc<Guard>, mut shutdown: watch::
     }
 }
 
-/// A random prefix that makes session ids unique across restarts.
+/// Returns a random prefix that makes session ids unique across restarts.
 fn session_prefix() -> String {
     format!("{:06x}", rand::random::<u32>() & 0xff_ffff)
 }
 
-/// Learns the upstream's extensions and checks clamd at start, logging what
-/// is unreachable; mail is tempfailed until they answer.
+/// Learns the upstream's extensions and checks clamd at start, and logs a
+/// warning for each one that cannot be reached. Sessions retry both per
+/// transaction.
 async fn probe_dependencies(shared: Arc<SessionShared>) {
     let runtime = shared.guard.runtime();
     match UpstreamConnection::connect(&runtime.config.upstream, &runtime.config.smtp.hostname).await
@@ -173,7 +174,7 @@ pub async fn reload(guard: &Guard, path: &Path) {
     let config = match Config::load(path) {
         Ok(config) => config,
         Err(error) => {
-            tracing::warn!(%error, "reload refused; the running configuration stays in force");
+            tracing::warn!(%error, "reload failed; the running configuration stays in force");
             return;
         }
     };
@@ -189,7 +190,7 @@ pub async fn reload(guard: &Guard, path: &Path) {
             tracing::info!(config = %path.display(), "configuration reloaded");
         }
         Err(error) => {
-            tracing::warn!(%error, "reload refused; the running configuration stays in force")
+            tracing::warn!(%error, "reload failed; the running configuration stays in force")
         }
     }
 }

@@ -32,12 +32,12 @@ const READ_CHUNK: usize = 64 * 1024;
 /// State shared by all sessions of one listener.
 pub struct SessionShared {
     pub guard: Arc<Guard>,
-    /// What the upstream offered in its last EHLO reply; `None` until an
-    /// upstream session succeeded.
+    /// Extensions the upstream offered in its last EHLO reply, or `None`
+    /// before the first upstream session succeeded.
     pub upstream_capabilities: ArcSwapOption<Capabilities>,
 }
 
-/// Where a session is in the SMTP dialogue.
+/// Position of a session in the SMTP dialogue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     /// Greeting sent, no HELO or EHLO yet.
@@ -78,7 +78,7 @@ struct Envelope {
     accepted_recipients: usize,
 }
 
-/// Why a session ends early.
+/// Reason a session ends early.
 enum Stop {
     /// The client closed the connection or said QUIT.
     Closed,

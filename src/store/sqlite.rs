@@ -202,7 +202,7 @@ pub fn insert_refusal(connection: &Connection, event: &Event) -> Result<(), Stor
     Ok(())
 }
 
-/// Which events to read.
+/// A filter over the events report; `None` fields match everything.
 #[derive(Debug, Clone, Default)]
 pub struct EventFilter {
     pub since: Option<Timestamp>,
