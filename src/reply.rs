@@ -200,8 +200,61 @@ impl Reply {
     pub fn line_too_long(limit: usize) -> Reply {
         Reply::new(
             500,
-            "5.5.6",
+            "5.5.2",
             format!("Command line too long; the limit is {limit} octets"),
+        )
+    }
+
+    pub fn message_line_too_long(limit: usize) -> Reply {
+        Reply::new(
+            550,
+            "5.6.0",
+            format!("Message has a line longer than {limit} octets; wrap or encode long lines"),
+        )
+    }
+
+    pub fn early_talker() -> Reply {
+        Reply::new(
+            554,
+            "5.5.1",
+            "Data sent before the greeting; wait for the 220 greeting before sending",
+        )
+    }
+
+    pub fn improper_pipelining() -> Reply {
+        Reply::new(
+            503,
+            "5.5.0",
+            "Improper use of SMTP command pipelining: EHLO, HELO and DATA must be the \
+             last command in a group; wait for their reply",
+        )
+    }
+
+    pub fn bdat_unreadable() -> Reply {
+        Reply::new(
+            421,
+            "4.5.0",
+            "Invalid BDAT size; the chunk cannot be skipped, closing connection",
+        )
+    }
+
+    pub fn extension_not_offered(parameter: &str) -> Reply {
+        Reply::new(
+            555,
+            "5.5.4",
+            format!(
+                "{parameter} is not offered here because the upstream server does not support it"
+            ),
+        )
+    }
+
+    pub fn utf8_address_without_smtputf8(role: &str) -> Reply {
+        Reply::new(
+            553,
+            "5.6.7",
+            format!(
+                "The {role} address contains UTF-8; send MAIL FROM with the SMTPUTF8 parameter"
+            ),
         )
     }
 

@@ -43,6 +43,10 @@ pub struct SmtpConfig {
     pub max_message_size: u64,
     /// What to do with a message containing a bare CR or LF.
     pub bare_line_endings: BareLineEndings,
+    /// What to do with a message line longer than 998 octets.
+    pub long_lines: LongLines,
+    /// Longest command line accepted, in octets without CRLF.
+    pub max_command_line: usize,
     /// Time allowed for the client to send each command.
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
@@ -62,11 +66,29 @@ impl Default for SmtpConfig {
             ],
             max_message_size: 26_214_400,
             bare_line_endings: BareLineEndings::Normalize,
+            long_lines: LongLines::Forward,
+            max_command_line: 2048,
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
         }
     }
 }
+
+/// What to do with a message line longer than the 998 octets RFC 5322
+/// allows. Lines are never folded, because the scanner has seen them whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LongLines {
+    /// Relay the message unchanged.
+    #[default]
+    Forward,
+    /// Reject the message with `550 5.6.0`.
+    Reject,
+}
+
+/// The smallest command-line limit accepted: RFC 5321's minimum of 512
+/// octets, less the CRLF.
+pub const MIN_COMMAND_LINE: usize = 510;
 
 fn default_hostname() -> String {
     std::fs::read_to_string("/etc/hostname")
@@ -371,6 +393,15 @@ fn validate_smtp(smtp: &SmtpConfig, problems: &mut Problems) {
         problems.push(
             "smtp.hostname",
             format!("{:?} is not a valid host name", smtp.hostname),
+        );
+    }
+    if smtp.max_command_line < MIN_COMMAND_LINE {
+        problems.push(
+            "smtp.max_command_line",
+            format!(
+                "is {}, below the {MIN_COMMAND_LINE} octets every SMTP server must accept",
+                smtp.max_command_line
+            ),
         );
     }
     if smtp.max_message_size == 0 {

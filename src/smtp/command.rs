@@ -30,6 +30,15 @@ const MAIL_SYNTAX: &str = "MAIL FROM:<address> [parameters]";
 const RCPT_SYNTAX: &str = "RCPT TO:<address> [parameters]";
 
 /// One parsed SMTP command.
+/// The `BODY` parameter of MAIL FROM (RFC 6152, RFC 3030).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Body {
+    SevenBit,
+    EightBitMime,
+    /// Binary content, sent only with BDAT.
+    BinaryMime,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// `EHLO`. The host is the first word of the argument, and further words are ignored.
@@ -53,8 +62,8 @@ pub enum Command {
         params: String,
         /// The `SIZE` parameter in bytes. A value beyond `u64::MAX` is stored as `u64::MAX`.
         size: Option<u64>,
-        /// Whether the client sent `BODY=8BITMIME`.
-        body_8bitmime: bool,
+        /// The `BODY` parameter, when the client sent one.
+        body: Option<Body>,
         /// Whether the client sent the `SMTPUTF8` parameter.
         smtputf8: bool,
     },
@@ -329,13 +338,13 @@ fn parse_mail(arguments: &str) -> Result<Command, CommandError> {
     let path = parse_path(raw_path, AddressRole::Sender)?;
 
     let mut size = None;
-    let mut body_8bitmime = false;
+    let mut body = None;
     let mut smtputf8 = false;
     for (keyword, value) in parse_parameters(params, "MAIL", MAIL_SYNTAX)? {
         if keyword.eq_ignore_ascii_case("SIZE") {
             size = Some(parse_size_value(keyword, value)?);
         } else if keyword.eq_ignore_ascii_case("BODY") {
-            body_8bitmime = parse_body_value(keyword, value)?;
+            body = Some(parse_body_value(keyword, value)?);
         } else if keyword.eq_ignore_ascii_case("SMTPUTF8") {
             if value.is_some() {
                 return Err(CommandError::InvalidParameter {
@@ -352,7 +361,7 @@ fn parse_mail(arguments: &str) -> Result<Command, CommandError> {
         address: path.address,
         params: params.to_owned(),
         size,
-        body_8bitmime,
+        body,
         smtputf8,
     })
 }
@@ -676,15 +685,12 @@ fn parse_size_value(keyword: &str, value: Option<&str>) -> Result<u64, CommandEr
     Ok(value.parse::<u64>().unwrap_or(u64::MAX))
 }
 
-/// Parses a BODY value and returns whether it is 8BITMIME.
-fn parse_body_value(keyword: &str, value: Option<&str>) -> Result<bool, CommandError> {
+/// Parses a BODY value.
+fn parse_body_value(keyword: &str, value: Option<&str>) -> Result<Body, CommandError> {
     match value {
-        Some(body) if body.eq_ignore_ascii_case("8BITMIME") => Ok(true),
-        Some(body)
-            if body.eq_ignore_ascii_case("7BIT") || body.eq_ignore_ascii_case("BINARYMIME") =>
-        {
-            Ok(false)
-        }
+        Some(body) if body.eq_ignore_ascii_case("7BIT") => Ok(Body::SevenBit),
+        Some(body) if body.eq_ignore_ascii_case("8BITMIME") => Ok(Body::EightBitMime),
+        Some(body) if body.eq_ignore_ascii_case("BINARYMIME") => Ok(Body::BinaryMime),
         _ => Err(CommandError::InvalidParameter {
             name: truncate(keyword),
             expected: "7BIT, 8BITMIME or BINARYMIME",
@@ -715,7 +721,7 @@ mod tests {
             address: address.to_owned(),
             params: params.to_owned(),
             size: None,
-            body_8bitmime: false,
+            body: None,
             smtputf8: false,
         }
     }
@@ -733,7 +739,7 @@ mod tests {
             address: address.to_owned(),
             params: params.to_owned(),
             size,
-            body_8bitmime,
+            body: body_8bitmime.then_some(Body::EightBitMime),
             smtputf8,
         }
     }
@@ -1346,25 +1352,25 @@ mod tests {
             ),
             (
                 "MAIL FROM:<a@example.com>  size=10   body=7bit  ",
-                Ok(mail_with(
-                    "<a@example.com>",
-                    "a@example.com",
-                    "size=10   body=7bit",
-                    Some(10),
-                    false,
-                    false,
-                )),
+                Ok(Command::Mail {
+                    path: "<a@example.com>".to_owned(),
+                    address: "a@example.com".to_owned(),
+                    params: "size=10   body=7bit".to_owned(),
+                    size: Some(10),
+                    body: Some(Body::SevenBit),
+                    smtputf8: false,
+                }),
             ),
             (
                 "MAIL FROM:<a@example.com> BODY=BINARYMIME",
-                Ok(mail_with(
-                    "<a@example.com>",
-                    "a@example.com",
-                    "BODY=BINARYMIME",
-                    None,
-                    false,
-                    false,
-                )),
+                Ok(Command::Mail {
+                    path: "<a@example.com>".to_owned(),
+                    address: "a@example.com".to_owned(),
+                    params: "BODY=BINARYMIME".to_owned(),
+                    size: None,
+                    body: Some(Body::BinaryMime),
+                    smtputf8: false,
+                }),
             ),
             (
                 "MAIL FROM:<a@example.com> SIZE=18446744073709551615",

@@ -323,6 +323,28 @@ impl DataReader {
     }
 }
 
+/// Returns `message` with every bare CR and bare LF turned into CRLF, or
+/// `None` when it has none. BDAT content has no dot-stuffing and no end
+/// marker, so only its line endings need this.
+pub fn normalize_line_endings(message: &[u8]) -> Option<Vec<u8>> {
+    let is_bare = |index: usize| match message[index] {
+        b'\r' => message.get(index + 1) != Some(&b'\n'),
+        b'\n' => index == 0 || message[index - 1] != b'\r',
+        _ => false,
+    };
+    let first_bare = (0..message.len()).find(|&index| is_bare(index))?;
+    let mut normalized = Vec::with_capacity(message.len() + 64);
+    normalized.extend_from_slice(&message[..first_bare]);
+    for index in first_bare..message.len() {
+        if is_bare(index) {
+            normalized.extend_from_slice(b"\r\n");
+        } else {
+            normalized.push(message[index]);
+        }
+    }
+    Some(normalized)
+}
+
 /// Encodes a message as the content of an upstream DATA command and appends it to `out`.
 ///
 /// Every line that starts with `.` gets another dot, the first line included. Each bare CR and
@@ -1312,5 +1334,25 @@ mod tests {
             BareLineEndings::Reject
         );
         assert!(parse(r#"{"mode":"Reject"}"#).is_err());
+    }
+
+    #[test]
+    fn normalize_line_endings_cases() {
+        assert_eq!(normalize_line_endings(b"a\r\nb\r\n"), None);
+        assert_eq!(normalize_line_endings(b""), None);
+        let cases: [(&[u8], &[u8]); 5] = [
+            (b"a\nb", b"a\r\nb"),
+            (b"a\rb", b"a\r\nb"),
+            (b"\n", b"\r\n"),
+            (b"a\r\r\nb", b"a\r\n\r\nb"),
+            (b"x\r", b"x\r\n"),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(
+                normalize_line_endings(input).as_deref(),
+                Some(expected),
+                "{input:?}"
+            );
+        }
     }
 }

@@ -56,6 +56,7 @@ pub struct Capabilities {
     pub smtputf8: bool,
     pub enhanced_status_codes: bool,
     pub chunking: bool,
+    pub binarymime: bool,
     pub starttls: bool,
 }
 
@@ -79,6 +80,7 @@ impl Capabilities {
                 "SMTPUTF8" => capabilities.smtputf8 = true,
                 "ENHANCEDSTATUSCODES" => capabilities.enhanced_status_codes = true,
                 "CHUNKING" => capabilities.chunking = true,
+                "BINARYMIME" => capabilities.binarymime = true,
                 "STARTTLS" => capabilities.starttls = true,
                 _ => {}
             }
@@ -192,9 +194,11 @@ impl UpstreamConnection {
         Ok(reply)
     }
 
-    /// Sends a message with DATA and returns the final reply (or the
-    /// upstream's refusal of DATA itself). `header`, when given, is
-    /// prepended as one header field.
+    /// Sends a message and returns the final reply (or the upstream's
+    /// refusal of DATA itself). `header`, when given, is prepended as one
+    /// header field. The message goes as one `BDAT LAST` chunk when the
+    /// upstream offers CHUNKING (needed for BINARYMIME content), otherwise
+    /// with DATA and dot-stuffing.
     ///
     /// # Errors
     /// On a network failure, a timeout or an invalid reply.
@@ -203,26 +207,40 @@ impl UpstreamConnection {
         header: Option<&str>,
         message: &[u8],
     ) -> Result<Reply, UpstreamError> {
-        let reply = self.command("DATA").await?;
-        if reply.code != 354 {
-            return Ok(reply);
-        }
-        let mut encoded = Vec::with_capacity(message.len() + message.len() / 64 + 128);
-        match header {
-            None => encode_data(message, &mut encoded),
-            Some(header) => {
-                let mut with_header = Vec::with_capacity(header.len() + 2 + message.len());
-                with_header.extend_from_slice(header.as_bytes());
-                with_header.extend_from_slice(b"\r\n");
-                with_header.extend_from_slice(message);
-                encode_data(&with_header, &mut encoded);
+        let header_length = header.map_or(0, |header| header.len() + 2);
+        let mut encoded =
+            Vec::with_capacity(header_length + message.len() + message.len() / 64 + 128);
+        if self.capabilities.chunking {
+            let size = header_length + message.len();
+            encoded.extend_from_slice(format!("BDAT {size} LAST\r\n").as_bytes());
+            if let Some(header) = header {
+                encoded.extend_from_slice(header.as_bytes());
+                encoded.extend_from_slice(b"\r\n");
+            }
+            encoded.extend_from_slice(message);
+        } else {
+            let reply = self.command("DATA").await?;
+            if reply.code != 354 {
+                return Ok(reply);
+            }
+            match header {
+                None => encode_data(message, &mut encoded),
+                Some(header) => {
+                    let mut with_header = Vec::with_capacity(header_length + message.len());
+                    with_header.extend_from_slice(header.as_bytes());
+                    with_header.extend_from_slice(b"\r\n");
+                    with_header.extend_from_slice(message);
+                    encode_data(&with_header, &mut encoded);
+                }
             }
         }
         self.write(&encoded).await?;
         let reply = self
             .read_reply(self.data_timeout, "reply to the message")
             .await?;
-        self.in_transaction = false;
+        // After a refused message an RSET makes sure the upstream transaction
+        // is closed, because a refused BDAT may leave it open.
+        self.in_transaction = !reply.is_positive();
         Ok(reply)
     }
 

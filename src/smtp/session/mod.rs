@@ -6,25 +6,21 @@
 //! only then sent upstream; the client gets the upstream's final reply, so
 //! it never sees `250` for a message the upstream did not accept.
 
-use crate::guard::{Guard, MessageDecision, SenderCheck, Transaction};
+mod content;
+
+use crate::guard::{Guard, SenderCheck, Transaction};
 use crate::reply::Reply;
-use crate::smtp::command::{Command, parse_command};
-use crate::smtp::reader::{BareLineEndings, CommandLine, CommandLines, DataReader};
-use crate::smtp::upstream::{Capabilities, UpstreamConnection, queue_id};
+use crate::smtp::command::{Body, Command, parse_command};
+use crate::smtp::reader::{CommandLine, CommandLines};
+use crate::smtp::upstream::{Capabilities, UpstreamConnection};
 use arc_swap::ArcSwapOption;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
 use tokio::time::timeout_at;
-
-/// Longest command line accepted, in octets without CRLF. RFC 5321 sets a
-/// minimum of 512; parameters such as long SIZE and AUTH values fit well in
-/// this.
-pub const MAX_COMMAND_LINE: usize = 4096;
 
 /// Size of each read from the client socket.
 const READ_CHUNK: usize = 64 * 1024;
@@ -70,12 +66,47 @@ pub fn sequence_error(state: State, command: &Command) -> Option<Reply> {
     }
 }
 
+/// Whether a command must be the last of a pipelined group (RFC 2920):
+/// its reply changes what the client may send next.
+fn ends_pipeline_group(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Ehlo { .. }
+            | Command::Helo { .. }
+            | Command::Data
+            | Command::StartTls
+            | Command::Auth
+    )
+}
+
+/// Whether a command line that failed to parse is a BDAT command.
+fn is_bdat_line(line: &[u8]) -> bool {
+    line.get(..4)
+        .is_some_and(|verb| verb.eq_ignore_ascii_case(b"BDAT"))
+        && line.get(4).is_none_or(|&byte| byte == b' ')
+}
+
+/// The parsed MAIL FROM command.
+struct MailRequest {
+    path: String,
+    address: String,
+    params: String,
+    size: Option<u64>,
+    body: Option<Body>,
+    smtputf8: bool,
+}
+
 /// The envelope of the transaction in progress.
 struct Envelope {
     id: String,
     sender_path: String,
     sender: String,
     accepted_recipients: usize,
+    /// Whether MAIL FROM carried SMTPUTF8, which UTF-8 addresses require.
+    smtputf8: bool,
+    body: Option<Body>,
+    /// Content received so far by BDAT; `None` until the first chunk.
+    chunks: Option<content::Chunks>,
 }
 
 /// Reason a session ends early.
@@ -116,6 +147,7 @@ impl Session {
         shutdown: watch::Receiver<bool>,
     ) -> Session {
         let _ = stream.set_nodelay(true);
+        let max_command_line = shared.guard.runtime().config.smtp.max_command_line;
         let (reader, writer) = stream.into_split();
         Session {
             shared,
@@ -125,7 +157,7 @@ impl Session {
             id,
             input: Vec::with_capacity(READ_CHUNK),
             output: Vec::with_capacity(512),
-            lines: CommandLines::new(MAX_COMMAND_LINE),
+            lines: CommandLines::new(max_command_line),
             state: State::Connected,
             envelope: None,
             upstream: None,
@@ -153,6 +185,14 @@ impl Session {
         }
         drop(runtime);
 
+        // Anything the client sent before our greeting comes from a client
+        // that does not wait for replies; none of it is ever relayed.
+        if matches!(self.reader.try_read_buf(&mut self.input), Ok(read) if read > 0) {
+            tracing::info!(client = %client, "client sent data before the greeting; connection closed");
+            self.queue(&Reply::early_talker());
+            let _ = self.flush().await;
+            return;
+        }
         self.queue(&Reply::greeting(&hostname));
         let stop = self.dialogue().await;
         match stop {
@@ -178,7 +218,8 @@ impl Session {
             };
             let bytes = match line {
                 CommandLine::TooLong => {
-                    self.queue(&Reply::line_too_long(MAX_COMMAND_LINE));
+                    let limit = self.shared.guard.runtime().config.smtp.max_command_line;
+                    self.queue(&Reply::line_too_long(limit));
                     continue;
                 }
                 CommandLine::Line(bytes) => bytes,
@@ -189,10 +230,30 @@ impl Session {
                     let (code, enhanced) = error.reply_code();
                     tracing::debug!(%error, "invalid command");
                     self.queue(&Reply::new(code, enhanced, error.to_string()));
+                    if is_bdat_line(&bytes) {
+                        // Without a valid size the chunk's end is unknown, so
+                        // its octets could be read as commands.
+                        self.queue(&Reply::bdat_unreadable());
+                        return Stop::Closed;
+                    }
                     continue;
                 }
             };
             tracing::debug!(command = ?command, "command");
+
+            // A BDAT chunk follows its command line whatever the reply, so
+            // its octets are read before anything is decided.
+            if let Command::Bdat { size, last } = command {
+                if let Err(stop) = self.bdat(size, last).await {
+                    return stop;
+                }
+                continue;
+            }
+            if ends_pipeline_group(&command) && !self.input.is_empty() {
+                tracing::info!(command = ?command, "client pipelined past a command that must end a group; connection closed");
+                self.queue(&Reply::improper_pipelining());
+                return Stop::Closed;
+            }
             if let Some(reply) = sequence_error(self.state, &command) {
                 self.queue(&reply);
                 continue;
@@ -231,9 +292,24 @@ impl Session {
                 address,
                 params,
                 size,
-                ..
-            } => self.mail(path, address, params, size).await,
-            Command::Rcpt { path, params, .. } => self.rcpt(path, params).await,
+                body,
+                smtputf8,
+            } => {
+                let request = MailRequest {
+                    path,
+                    address,
+                    params,
+                    size,
+                    body,
+                    smtputf8,
+                };
+                self.mail(request).await;
+            }
+            Command::Rcpt {
+                path,
+                address,
+                params,
+            } => self.rcpt(path, address, params).await,
             Command::Data => self.data().await?,
             Command::Rset => {
                 self.reset_transaction().await;
@@ -253,7 +329,8 @@ impl Session {
                 "2.5.2",
                 "Cannot VRFY user; send mail to try delivery",
             )),
-            Command::Bdat { .. } => self.queue(&Reply::not_implemented("BDAT")),
+            // BDAT is handled before the sequence check, with its chunk.
+            Command::Bdat { .. } => {}
             Command::StartTls => self.queue(&Reply::not_implemented("STARTTLS")),
             Command::Auth => self.queue(&Reply::not_implemented("AUTH")),
             Command::Expn => self.queue(&Reply::not_implemented("EXPN")),
@@ -273,6 +350,7 @@ impl Session {
             hostname.to_string(),
             "PIPELINING".to_string(),
             format!("SIZE {size}"),
+            "CHUNKING".to_string(),
         ];
         // Extensions that change what reaches the upstream are offered only
         // when the upstream offers them too. PIPELINING concerns only this
@@ -286,6 +364,10 @@ impl Session {
             }
             if upstream.enhanced_status_codes {
                 lines.push("ENHANCEDSTATUSCODES".to_string());
+            }
+            // Binary content can only go upstream with BDAT.
+            if upstream.binarymime && upstream.chunking {
+                lines.push("BINARYMIME".to_string());
             }
         }
         Reply {
@@ -306,21 +388,32 @@ impl Session {
         }
     }
 
-    async fn mail(&mut self, path: String, address: String, params: String, size: Option<u64>) {
+    async fn mail(&mut self, request: MailRequest) {
         let max_size = self.shared.guard.runtime().config.smtp.max_message_size;
-        if let Some(size) = size
+        if let Some(size) = request.size
             && size > max_size
         {
             self.queue(&Reply::message_too_large(max_size));
+            return;
+        }
+        if let Some(reply) = self.unoffered_extension(&request) {
+            self.queue(&reply);
+            return;
+        }
+        if !request.address.is_ascii() && !request.smtputf8 {
+            self.queue(&Reply::utf8_address_without_smtputf8("sender"));
             return;
         }
 
         self.transactions += 1;
         let envelope = Envelope {
             id: format!("{}-{}", self.id, self.transactions),
-            sender_path: path,
-            sender: address,
+            sender_path: request.path,
+            sender: request.address,
             accepted_recipients: 0,
+            smtputf8: request.smtputf8,
+            body: request.body,
+            chunks: None,
         };
         let transaction = self.transaction(&envelope);
         if let SenderCheck::Refuse(reply) = self.shared.guard.check_sender(&transaction).await {
@@ -328,10 +421,10 @@ impl Session {
             return;
         }
 
-        let line = if params.is_empty() {
+        let line = if request.params.is_empty() {
             format!("MAIL FROM:{}", envelope.sender_path)
         } else {
-            format!("MAIL FROM:{} {params}", envelope.sender_path)
+            format!("MAIL FROM:{} {}", envelope.sender_path, request.params)
         };
         let Some(reply) = self.upstream_command(&line, true).await else {
             return;
@@ -343,7 +436,34 @@ impl Session {
         self.queue(&reply);
     }
 
-    async fn rcpt(&mut self, path: String, params: String) {
+    /// Returns the refusal of a MAIL parameter that needs an extension this
+    /// relay does not offer, because the upstream does not.
+    fn unoffered_extension(&self, request: &MailRequest) -> Option<Reply> {
+        let upstream = self.shared.upstream_capabilities.load_full();
+        let offers = |check: fn(&Capabilities) -> bool| upstream.as_deref().is_some_and(check);
+        if request.smtputf8 && !offers(|c| c.smtputf8) {
+            return Some(Reply::extension_not_offered("SMTPUTF8"));
+        }
+        match request.body {
+            Some(Body::EightBitMime) if !offers(|c| c.eight_bit_mime) => {
+                Some(Reply::extension_not_offered("BODY=8BITMIME"))
+            }
+            Some(Body::BinaryMime) if !offers(|c| c.binarymime && c.chunking) => {
+                Some(Reply::extension_not_offered("BODY=BINARYMIME"))
+            }
+            _ => None,
+        }
+    }
+
+    async fn rcpt(&mut self, path: String, address: String, params: String) {
+        let smtputf8 = self
+            .envelope
+            .as_ref()
+            .is_some_and(|envelope| envelope.smtputf8);
+        if !address.is_ascii() && !smtputf8 {
+            self.queue(&Reply::utf8_address_without_smtputf8("recipient"));
+            return;
+        }
         let line = if params.is_empty() {
             format!("RCPT TO:{path}")
         } else {
@@ -411,104 +531,6 @@ impl Session {
         }
     }
 
-    async fn data(&mut self) -> Result<(), Stop> {
-        let runtime = self.shared.guard.runtime();
-        let smtp = &runtime.config.smtp;
-        let max_size = usize::try_from(smtp.max_message_size).unwrap_or(usize::MAX);
-        self.queue(&Reply::start_data());
-        self.flush().await.map_err(Stop::Io)?;
-
-        let started = Instant::now();
-        let deadline = tokio::time::Instant::now() + smtp.data_timeout;
-        let mut reader = DataReader::new(smtp.bare_line_endings, max_size);
-        loop {
-            let fed = reader.feed(&self.input);
-            self.input.drain(..fed.consumed);
-            if fed.done {
-                break;
-            }
-            self.input.reserve(READ_CHUNK);
-            let read = tokio::select! {
-                read = timeout_at(deadline, self.reader.read_buf(&mut self.input)) => read,
-                _ = self.shutdown.changed() => return Err(Stop::Shutdown),
-            };
-            match read {
-                Err(_) => return Err(Stop::Timeout),
-                Ok(Err(error)) => return Err(Stop::Io(error)),
-                Ok(Ok(0)) => return Err(Stop::Closed),
-                Ok(Ok(_)) => {}
-            }
-        }
-        let outcome = reader.finish();
-        let Some(envelope) = self.envelope.take() else {
-            return Ok(());
-        };
-        self.state = State::Ready;
-        let mut transaction = self.transaction(&envelope);
-        transaction.recipients = envelope.accepted_recipients;
-
-        if outcome.too_large {
-            tracing::info!(transaction = %transaction.id, received = outcome.received,
-                limit = smtp.max_message_size, "message too large");
-            self.reset_upstream().await;
-            self.queue(&Reply::message_too_large(smtp.max_message_size));
-            return Ok(());
-        }
-        if outcome.bare_line_endings && smtp.bare_line_endings == BareLineEndings::Reject {
-            tracing::info!(transaction = %transaction.id, "message with bare CR or LF rejected");
-            self.reset_upstream().await;
-            self.queue(&Reply::bare_line_ending());
-            return Ok(());
-        }
-
-        let decision = self
-            .shared
-            .guard
-            .check_message(&transaction, &outcome.message)
-            .await;
-        let (header, pending) = match decision {
-            MessageDecision::Reject(reply) => {
-                tracing::info!(transaction = %transaction.id, reply = %reply.one_line(), "message rejected");
-                self.reset_upstream().await;
-                self.queue(&reply);
-                return Ok(());
-            }
-            MessageDecision::Deliver { header, pending } => (header, pending),
-        };
-
-        let Some(upstream) = self.upstream.as_mut() else {
-            self.queue(&Reply::upstream_failed());
-            return Ok(());
-        };
-        let reply = match upstream
-            .send_message(header.as_deref(), &outcome.message)
-            .await
-        {
-            Ok(reply) => reply,
-            Err(error) => {
-                tracing::warn!(%error, transaction = %transaction.id, "upstream failed during the message");
-                self.upstream = None;
-                self.queue(&Reply::upstream_failed());
-                return Ok(());
-            }
-        };
-        let queue_id = reply.is_positive().then(|| queue_id(&reply)).flatten();
-        tracing::info!(transaction = %transaction.id, sender = %transaction.sender_path,
-            recipients = transaction.recipients, size = outcome.message.len(),
-            upstream_reply = %reply.one_line(), queue_id = queue_id.as_deref().unwrap_or(""),
-            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0, "message relayed");
-        if reply.code == 421 {
-            self.upstream = None;
-        } else if !reply.is_positive() {
-            self.reset_upstream().await;
-        }
-        if let Some(pending) = pending {
-            self.shared.guard.record_delivered(pending, queue_id).await;
-        }
-        self.queue(&reply);
-        Ok(())
-    }
-
     /// Drops the transaction in progress, upstream included.
     async fn reset_transaction(&mut self) {
         self.abandon_transaction();
@@ -540,18 +562,24 @@ impl Session {
                 return Ok(line);
             }
             self.flush().await.map_err(Stop::Io)?;
-            let deadline = tokio::time::Instant::now() + timeout;
-            self.input.reserve(READ_CHUNK);
-            let read = tokio::select! {
-                read = timeout_at(deadline, self.reader.read_buf(&mut self.input)) => read,
-                _ = self.shutdown.changed() => return Err(Stop::Shutdown),
-            };
-            match read {
-                Err(_) => return Err(Stop::Timeout),
-                Ok(Err(error)) => return Err(Stop::Io(error)),
-                Ok(Ok(0)) => return Err(Stop::Closed),
-                Ok(Ok(_)) => {}
-            }
+            self.read_more(tokio::time::Instant::now() + timeout)
+                .await?;
+        }
+    }
+
+    /// Appends the next bytes from the client to `input`, waiting until
+    /// `deadline` at most.
+    async fn read_more(&mut self, deadline: tokio::time::Instant) -> Result<(), Stop> {
+        self.input.reserve(READ_CHUNK);
+        let read = tokio::select! {
+            read = timeout_at(deadline, self.reader.read_buf(&mut self.input)) => read,
+            _ = self.shutdown.changed() => return Err(Stop::Shutdown),
+        };
+        match read {
+            Err(_) => Err(Stop::Timeout),
+            Ok(Err(error)) => Err(Stop::Io(error)),
+            Ok(Ok(0)) => Err(Stop::Closed),
+            Ok(Ok(_)) => Ok(()),
         }
     }
 
@@ -593,7 +621,7 @@ mod tests {
             address: "a@example.org".into(),
             params: String::new(),
             size: None,
-            body_8bitmime: false,
+            body: None,
             smtputf8: false,
         }
     }

@@ -1,0 +1,275 @@
+//! Message content: DATA and BDAT reading, then scanning and relaying.
+
+use super::{Session, State, Stop, sequence_error};
+use crate::config::LongLines;
+use crate::guard::MessageDecision;
+use crate::reply::Reply;
+use crate::smtp::command::{Body, Command};
+use crate::smtp::reader::{BareLineEndings, DataReader, normalize_line_endings};
+use crate::smtp::upstream::queue_id;
+use std::time::Instant;
+
+/// Longest message line allowed by RFC 5322, in octets without CRLF.
+const MAX_MESSAGE_LINE: usize = 998;
+
+/// Content received by BDAT chunks in one transaction.
+pub(super) struct Chunks {
+    message: Vec<u8>,
+    received: u64,
+    too_large: bool,
+    started: Instant,
+}
+
+/// A complete message ready for the checks that follow its last octet.
+struct Content {
+    message: Vec<u8>,
+    received: u64,
+    too_large: bool,
+    bare_line_endings: bool,
+    started: Instant,
+}
+
+impl Session {
+    pub(super) async fn data(&mut self) -> Result<(), Stop> {
+        let runtime = self.shared.guard.runtime();
+        let smtp = &runtime.config.smtp;
+        if let Some(envelope) = &self.envelope {
+            if envelope.chunks.is_some() {
+                self.queue(&Reply::bad_sequence(
+                    "DATA cannot follow BDAT in the same transaction; send RSET first",
+                ));
+                return Ok(());
+            }
+            if envelope.body == Some(Body::BinaryMime) {
+                self.queue(&Reply::bad_sequence(
+                    "BODY=BINARYMIME content must be sent with BDAT",
+                ));
+                return Ok(());
+            }
+        }
+        let max_size = usize::try_from(smtp.max_message_size).unwrap_or(usize::MAX);
+        self.queue(&Reply::start_data());
+        self.flush().await.map_err(Stop::Io)?;
+
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + smtp.data_timeout;
+        let mut reader = DataReader::new(smtp.bare_line_endings, max_size);
+        loop {
+            let fed = reader.feed(&self.input);
+            self.input.drain(..fed.consumed);
+            if fed.done {
+                break;
+            }
+            self.read_more(deadline).await?;
+        }
+        let outcome = reader.finish();
+        let content = Content {
+            message: outcome.message,
+            received: outcome.received,
+            too_large: outcome.too_large,
+            bare_line_endings: outcome.bare_line_endings,
+            started,
+        };
+        self.finish_message(content).await;
+        Ok(())
+    }
+
+    /// Reads one BDAT chunk and answers it: `250` for a chunk taken, the
+    /// final upstream reply after the last one. The chunk's octets are
+    /// always read, also when the command is refused, so they can never be
+    /// taken for commands.
+    pub(super) async fn bdat(&mut self, size: u64, last: bool) -> Result<(), Stop> {
+        let runtime = self.shared.guard.runtime();
+        let smtp = &runtime.config.smtp;
+        let command = Command::Bdat { size, last };
+        let refusal = sequence_error(self.state, &command);
+        let limit = smtp.max_message_size;
+
+        // Keep the chunk only for a transaction that can take it whole.
+        let keep = refusal.is_none()
+            && self.envelope.as_ref().is_some_and(|envelope| {
+                envelope.chunks.as_ref().is_none_or(|chunks| {
+                    !chunks.too_large && chunks.message.len() as u64 + size <= limit
+                }) && size <= limit
+            });
+        let deadline = tokio::time::Instant::now() + smtp.data_timeout;
+        let chunk = self.read_chunk(size, keep, deadline).await?;
+
+        if let Some(reply) = refusal {
+            tracing::debug!(size, "BDAT chunk read and discarded");
+            self.queue(&reply);
+            return Ok(());
+        }
+        let Some(envelope) = self.envelope.as_mut() else {
+            return Ok(());
+        };
+        let chunks = envelope.chunks.get_or_insert_with(|| Chunks {
+            message: Vec::new(),
+            received: 0,
+            too_large: false,
+            started: Instant::now(),
+        });
+        chunks.received += size;
+        match chunk {
+            Some(chunk) if !chunks.too_large => chunks.message.extend_from_slice(&chunk),
+            _ => {
+                chunks.too_large = true;
+                chunks.message = Vec::new();
+            }
+        }
+        if !last {
+            self.queue(&Reply::new(250, "2.0.0", format!("{size} octets received")));
+            return Ok(());
+        }
+
+        let Some(chunks) = envelope.chunks.take() else {
+            return Ok(());
+        };
+        let binary = envelope.body == Some(Body::BinaryMime);
+        let mut content = Content {
+            message: chunks.message,
+            received: chunks.received,
+            too_large: chunks.too_large,
+            bare_line_endings: false,
+            started: chunks.started,
+        };
+        // Binary content may hold any octets; everything else gets the same
+        // line-ending treatment as DATA.
+        if !binary && let Some(normalized) = normalize_line_endings(&content.message) {
+            content.message = normalized;
+            content.bare_line_endings = true;
+        }
+        self.finish_message(content).await;
+        Ok(())
+    }
+
+    /// Reads `size` octets of a BDAT chunk from the client, returning them
+    /// when `keep` is set and discarding them otherwise.
+    async fn read_chunk(
+        &mut self,
+        size: u64,
+        keep: bool,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<Vec<u8>>, Stop> {
+        let mut remaining = size;
+        let mut chunk = Vec::new();
+        if keep {
+            chunk.reserve(usize::try_from(size).unwrap_or(usize::MAX).min(1 << 20));
+        }
+        loop {
+            let available = usize::try_from(remaining)
+                .unwrap_or(usize::MAX)
+                .min(self.input.len());
+            if keep {
+                chunk.extend_from_slice(&self.input[..available]);
+            }
+            self.input.drain(..available);
+            remaining -= available as u64;
+            if remaining == 0 {
+                return Ok(keep.then_some(chunk));
+            }
+            self.read_more(deadline).await?;
+        }
+    }
+
+    /// Applies the size and line policies, asks the Guard, and relays or
+    /// rejects the message; the transaction ends either way.
+    async fn finish_message(&mut self, content: Content) {
+        let runtime = self.shared.guard.runtime();
+        let smtp = &runtime.config.smtp;
+        let Some(envelope) = self.envelope.take() else {
+            return;
+        };
+        self.state = State::Ready;
+        let transaction = self.transaction(&envelope);
+
+        let refusal = if content.too_large {
+            tracing::info!(transaction = %transaction.id, received = content.received,
+                limit = smtp.max_message_size, "message too large");
+            Some(Reply::message_too_large(smtp.max_message_size))
+        } else if content.bare_line_endings && smtp.bare_line_endings == BareLineEndings::Reject {
+            tracing::info!(transaction = %transaction.id, "message with bare CR or LF rejected");
+            Some(Reply::bare_line_ending())
+        } else if smtp.long_lines == LongLines::Reject
+            && envelope.body != Some(Body::BinaryMime)
+            && longest_line(&content.message) > MAX_MESSAGE_LINE
+        {
+            tracing::info!(transaction = %transaction.id, "message with a line over 998 octets rejected");
+            Some(Reply::message_line_too_long(MAX_MESSAGE_LINE))
+        } else {
+            None
+        };
+        if let Some(reply) = refusal {
+            self.reset_upstream().await;
+            self.queue(&reply);
+            return;
+        }
+
+        let decision = self
+            .shared
+            .guard
+            .check_message(&transaction, &content.message)
+            .await;
+        let (header, pending) = match decision {
+            MessageDecision::Reject(reply) => {
+                tracing::info!(transaction = %transaction.id, reply = %reply.one_line(), "message rejected");
+                self.reset_upstream().await;
+                self.queue(&reply);
+                return;
+            }
+            MessageDecision::Deliver { header, pending } => (header, pending),
+        };
+
+        let Some(upstream) = self.upstream.as_mut() else {
+            self.queue(&Reply::upstream_failed());
+            return;
+        };
+        let reply = match upstream
+            .send_message(header.as_deref(), &content.message)
+            .await
+        {
+            Ok(reply) => reply,
+            Err(error) => {
+                tracing::warn!(%error, transaction = %transaction.id, "upstream failed during the message");
+                self.upstream = None;
+                self.queue(&Reply::upstream_failed());
+                return;
+            }
+        };
+        let queue_id = reply.is_positive().then(|| queue_id(&reply)).flatten();
+        tracing::info!(transaction = %transaction.id, sender = %transaction.sender_path,
+            recipients = transaction.recipients, size = content.message.len(),
+            upstream_reply = %reply.one_line(), queue_id = queue_id.as_deref().unwrap_or(""),
+            elapsed_ms = content.started.elapsed().as_secs_f64() * 1000.0, "message relayed");
+        if reply.code == 421 {
+            self.upstream = None;
+        } else if !reply.is_positive() {
+            self.reset_upstream().await;
+        }
+        if let Some(pending) = pending {
+            self.shared.guard.record_delivered(pending, queue_id).await;
+        }
+        self.queue(&reply);
+    }
+}
+
+/// Returns the length of the longest line, without its line ending.
+fn longest_line(message: &[u8]) -> usize {
+    message
+        .split(|&byte| byte == b'\n')
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line).len())
+        .max()
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn longest_line_ignores_line_endings() {
+        assert_eq!(longest_line(b""), 0);
+        assert_eq!(longest_line(b"abc\r\nde\r\n"), 3);
+        assert_eq!(longest_line(&[b'x'; 999]), 999);
+    }
+}
