@@ -47,6 +47,10 @@ pub struct SmtpConfig {
     pub long_lines: LongLines,
     /// Longest command line accepted, in octets without CRLF.
     pub max_command_line: usize,
+    /// Pause before the greeting; a client that sends anything during it
+    /// is disconnected. Zero sends the greeting at once.
+    #[serde(with = "humantime_serde")]
+    pub greeting_delay: Duration,
     /// Time allowed for the client to send each command.
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
@@ -68,6 +72,7 @@ impl Default for SmtpConfig {
             bare_line_endings: BareLineEndings::Normalize,
             long_lines: LongLines::Forward,
             max_command_line: 2048,
+            greeting_delay: Duration::ZERO,
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
         }

@@ -12,7 +12,7 @@
 //! connection. `stop()` or dropping the `Upstream` closes the listener, shuts
 //! down open connections and joins every thread.
 
-use std::io::{self, BufRead, BufReader, ErrorKind, Write};
+use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -541,6 +541,8 @@ struct Transaction {
     rcpt_lines: Vec<String>,
     accepted_rcpts: Vec<String>,
     bare_line_ending: bool,
+    /// Content received so far by BDAT chunks.
+    chunks: Vec<u8>,
 }
 
 struct Session {
@@ -654,6 +656,11 @@ impl Session {
                         return Ok(());
                     }
                 }
+                "BDAT" => {
+                    if !self.bdat(&text)? {
+                        return Ok(());
+                    }
+                }
                 "RSET" => {
                     self.transaction = None;
                     self.reply("250 2.0.0 Ok")?;
@@ -700,6 +707,7 @@ impl Session {
                 rcpt_lines: Vec::new(),
                 accepted_rcpts: Vec::new(),
                 bare_line_ending,
+                chunks: Vec::new(),
             });
         }
         self.reply(&reply)
@@ -747,7 +755,56 @@ impl Session {
             // The peer closed or timed out in the middle of the content.
             return Ok(false);
         };
-        let transaction = self.transaction.take().expect("transaction checked above");
+        self.complete_message(content)
+    }
+
+    /// Handles `BDAT size [LAST]` (RFC 3030): reads the chunk's octets in
+    /// every case, then answers. Returns false when the connection is to be
+    /// closed.
+    fn bdat(&mut self, text: &str) -> io::Result<bool> {
+        let mut words = text.split_ascii_whitespace().skip(1);
+        let size = words.next().and_then(|size| size.parse::<usize>().ok());
+        let last = words
+            .next()
+            .is_some_and(|word| word.eq_ignore_ascii_case("LAST"));
+        let Some(size) = size else {
+            self.reply("501 5.5.4 Syntax: BDAT size [LAST]")?;
+            return Ok(false);
+        };
+        let mut chunk = vec![0u8; size];
+        if self.reader.read_exact(&mut chunk).is_err() {
+            return Ok(false);
+        }
+        {
+            let mut state = self.shared.lock_state();
+            state.transcript.extend_from_slice(&chunk);
+            state.connections[self.number - 1]
+                .received
+                .extend_from_slice(&chunk);
+            self.shared.state_changed.notify_all();
+        }
+        let Some(transaction) = self.transaction.as_mut() else {
+            self.reply("503 5.5.1 Error: need MAIL command")?;
+            return Ok(true);
+        };
+        if transaction.accepted_rcpts.is_empty() {
+            self.reply("554 5.5.1 Error: no valid recipients")?;
+            return Ok(true);
+        }
+        transaction.bare_line_ending |= has_bare_line_ending(&chunk);
+        transaction.chunks.extend_from_slice(&chunk);
+        if !last {
+            self.reply(&format!("250 2.0.0 {size} octets received"))?;
+            return Ok(true);
+        }
+        let content = std::mem::take(&mut transaction.chunks);
+        self.complete_message(content)
+    }
+
+    /// Records a complete message and answers it. Returns false when the
+    /// connection is to be closed.
+    fn complete_message(&mut self, content: Vec<u8>) -> io::Result<bool> {
+        let transaction = self.transaction.take().expect("a transaction is open");
         let queue_id = next_queue_id();
         let mut received = Received {
             connection: self.number,

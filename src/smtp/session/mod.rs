@@ -183,11 +183,21 @@ impl Session {
             let _ = self.flush().await;
             return;
         }
+        let greeting_delay = runtime.config.smtp.greeting_delay;
         drop(runtime);
 
         // Anything the client sent before our greeting comes from a client
         // that does not wait for replies; none of it is ever relayed.
-        if matches!(self.reader.try_read_buf(&mut self.input), Ok(read) if read > 0) {
+        let mut early = false;
+        if !greeting_delay.is_zero() {
+            match tokio::time::timeout(greeting_delay, self.reader.read_buf(&mut self.input)).await
+            {
+                Err(_) => {}
+                Ok(Ok(0)) | Ok(Err(_)) => return,
+                Ok(Ok(_)) => early = true,
+            }
+        }
+        if early || matches!(self.reader.try_read_buf(&mut self.input), Ok(read) if read > 0) {
             tracing::info!(client = %client, "client sent data before the greeting; connection closed");
             self.queue(&Reply::early_talker());
             let _ = self.flush().await;
