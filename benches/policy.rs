@@ -5,7 +5,7 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use lru::LruCache;
 use sendguard::config::IdentityConfig;
 use sendguard::identity::{MailboxKey, canonical_address};
-use sendguard::policy::{MailboxState, PolicySettings, Strike, Timestamp};
+use sendguard::policy::{MailboxState, Mode, PolicySettings, Strike, Timestamp};
 use std::hint::black_box;
 use std::num::NonZeroUsize;
 
@@ -53,7 +53,7 @@ fn policy(c: &mut Criterion) {
                 let key = &keys[next % keys.len()];
                 next += 1;
                 let state = cache.get(key).expect("tracked");
-                black_box(state.check_sender(Timestamp(1000)))
+                black_box(state.check_sender(Timestamp(1000), Mode::Enforce))
             });
         });
 

@@ -218,7 +218,7 @@ impl Guard {
             }
         };
 
-        match state.check_sender(now) {
+        match state.check_sender(now, runtime.config.policy.mode) {
             SenderDecision::Allow => SenderCheck::Allow,
             SenderDecision::MonitorOnly(lockout) => {
                 tracing::info!(mailbox = %key, client = %transaction.client, level = lockout.level,
@@ -289,7 +289,7 @@ impl Guard {
                         )),
                         pending: None,
                     },
-                    _ => MessageDecision::Reject(Reply::unscannable(reason)),
+                    _ => MessageDecision::Reject(Reply::unscannable()),
                 }
             }
             Verdict::Spam { .. } if runtime.config.scan.spam.action == SpamAction::Tag => {

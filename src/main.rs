@@ -1,15 +1,15 @@
 use clap::{Parser, Subcommand};
 use sendguard::config::Config;
+use sendguard::config::Unauthenticated;
 use sendguard::events::{Format, write_events};
 use sendguard::guard::Runtime;
 use sendguard::identity::canonical_address;
-use sendguard::policy::Timestamp;
+use sendguard::policy::{Mode, Timestamp};
 use sendguard::scan::{ScanInput, Verdict};
 use sendguard::store::{EventFilter, sqlite};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 /// Outbound mail filter: scans relayed mail and locks out mailboxes that
 /// keep sending viruses or spam.
@@ -55,9 +55,10 @@ enum Command {
     Events {
         #[arg(long, short)]
         config: PathBuf,
-        /// Only events newer than this, such as 1h or 30d.
-        #[arg(long, value_parser = humantime::parse_duration)]
-        since: Option<Duration>,
+        /// Only events since this: a duration back from now such as 1h or 30d,
+        /// or an RFC 3339 time such as 2026-12-04T21:00:00Z.
+        #[arg(long, value_parser = parse_since)]
+        since: Option<Timestamp>,
         /// Only events of this mailbox (any spelling; it is canonicalised).
         #[arg(long)]
         mailbox: Option<String>,
@@ -172,12 +173,66 @@ fn check(file: &Path, config: &Path, recipients: usize) -> ExitCode {
     }
 }
 
+/// Turns a mailbox as an operator may type it (`<Alice@Example.org>`,
+/// `"alice"@example.org`, `alice+tag@example.org`) into its mailbox key.
+fn mailbox_argument(text: &str, runtime: &Runtime) -> Result<String, String> {
+    let trimmed = text.trim();
+    let bare = trimmed
+        .strip_prefix('<')
+        .and_then(|inner| inner.strip_suffix('>'))
+        .unwrap_or(trimmed);
+    let unquoted = match bare.rsplit_once('@') {
+        Some((local, domain))
+            if local.len() >= 2 && local.starts_with('"') && local.ends_with('"') =>
+        {
+            let mut unescaped = String::new();
+            let mut characters = local[1..local.len() - 1].chars();
+            while let Some(character) = characters.next() {
+                // A quoted-pair stands for the character after the backslash.
+                let literal = if character == '\\' {
+                    characters.next()
+                } else {
+                    Some(character)
+                };
+                unescaped.extend(literal);
+            }
+            format!("{unescaped}@{domain}")
+        }
+        _ => bare.to_string(),
+    };
+    if unquoted.is_empty() || unquoted.starts_with('@') {
+        return Err(format!(
+            "invalid mailbox {text:?}: give an address such as alice@example.org"
+        ));
+    }
+    let canonical = canonical_address(&unquoted, &runtime.config.identity);
+    Ok(runtime.directory.mailbox_of_address(&canonical))
+}
+
+/// Writes command output to stdout; a reader that went away (`| head`) is
+/// not an error.
+fn print(text: &str) -> Result<(), String> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(error) => Err(format!("cannot write to standard output: {error}")),
+    }
+}
+
 fn status(mailbox: &str, config: &Path, client: Option<IpAddr>) -> Result<(), String> {
+    use std::fmt::Write;
     let config = load(config)?;
     let runtime = Runtime::new(config)?;
-    let canonical = runtime
-        .directory
-        .mailbox_of_address(&canonical_address(mailbox, &runtime.config.identity));
+    let canonical = mailbox_argument(mailbox, &runtime)?;
+    if client.is_some()
+        && runtime.config.identity.unauthenticated != Unauthenticated::ClientAndSender
+    {
+        return Err(
+            "--client applies only with [identity] unauthenticated = \"client-and-sender\"; leave it out"
+                .to_string(),
+        );
+    }
     let connection =
         sqlite::open_existing(&runtime.config.store.path).map_err(|error| error.to_string())?;
     let states =
@@ -189,104 +244,124 @@ fn status(mailbox: &str, config: &Path, client: Option<IpAddr>) -> Result<(), St
     let settings = runtime.settings();
     let now = Timestamp::now();
     if states.is_empty() {
-        println!("{canonical}: no strikes and no lockouts recorded");
-        return Ok(());
+        return print(&format!(
+            "{canonical}: no strikes and no lockouts recorded\n"
+        ));
     }
+    let mut out = String::new();
     for (key, state) in states {
-        println!("mailbox:          {key}");
-        println!(
+        let _ = writeln!(out, "mailbox:           {key}");
+        let _ = writeln!(
+            out,
             "strikes in window: {} of {} (window {})",
             state.strikes_in_window(&settings, now),
             settings.threshold,
             humantime::format_duration(settings.window)
         );
-        println!("lockouts so far:  {}", state.lockouts);
+        let _ = writeln!(out, "lockouts so far:   {}", state.lockouts);
         let blocked = match state.active_block(now) {
             None => "no".to_string(),
-            Some(block) => match block.until {
-                None => format!("permanently (lockout {})", block.level),
-                Some(until) => format!(
-                    "until {until} (lockout {}{})",
-                    block.level,
-                    if block.enforced { "" } else { ", monitor only" }
-                ),
-            },
+            Some(block) => {
+                let monitor_only = !block.enforced && settings.mode == Mode::Monitor;
+                let note = if monitor_only { ", monitor only" } else { "" };
+                match block.until {
+                    None => format!("permanently (lockout {}{note})", block.level),
+                    Some(until) => format!("until {until} (lockout {}{note})", block.level),
+                }
+            }
         };
-        println!("blocked:          {blocked}");
+        let _ = writeln!(out, "blocked:           {blocked}");
         let next = match state.next_lockout_length(&settings) {
             None => "permanent block".to_string(),
             Some(length) => humantime::format_duration(length).to_string(),
         };
-        println!("next lockout:     {next}");
+        let _ = writeln!(out, "next lockout:      {next}");
         for strike in state
             .strikes
             .iter()
             .filter(|strike| now.since(strike.at) < settings.window)
         {
-            println!(
+            let _ = writeln!(
+                out,
                 "  strike {}  {}  {}",
                 strike.at, strike.verdict, strike.message_id
             );
         }
     }
-    Ok(())
+    print(&out)
 }
 
 fn blocks(config: &Path) -> Result<(), String> {
+    use std::fmt::Write;
     let config = load(config)?;
     let connection =
         sqlite::open_existing(&config.store.path).map_err(|error| error.to_string())?;
     let blocks =
         sqlite::active_blocks(&connection, Timestamp::now()).map_err(|error| error.to_string())?;
     if blocks.is_empty() {
-        println!("no mailbox is locked out");
-        return Ok(());
+        return print("no mailbox is locked out\n");
     }
-    println!("{:<40}  {:>7}  {:<22}  MODE", "MAILBOX", "LOCKOUT", "UNTIL");
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<40}  {:>7}  {:<22}  MODE",
+        "MAILBOX", "LOCKOUT", "UNTIL"
+    );
     for (key, state) in blocks {
         let Some(block) = state.block else { continue };
         let until = block
             .until
             .map_or("permanent".to_string(), |until| until.to_rfc3339());
-        let mode = if block.enforced {
+        let mode = if block.enforced || config.policy.mode == Mode::Enforce {
             "enforced"
         } else {
             "monitor"
         };
-        println!(
+        let _ = writeln!(
+            out,
             "{:<40}  {:>7}  {until:<22}  {mode}",
             key.to_string(),
             block.level
         );
     }
-    Ok(())
+    print(&out)
 }
 
 fn events(
     config: &Path,
-    since: Option<Duration>,
+    since: Option<Timestamp>,
     mailbox: Option<String>,
     format: Format,
 ) -> Result<(), String> {
     let config = load(config)?;
     let runtime = Runtime::new(config)?;
-    let mailbox = mailbox.map(|mailbox| {
-        runtime
-            .directory
-            .mailbox_of_address(&canonical_address(&mailbox, &runtime.config.identity))
-    });
+    let mailbox = mailbox
+        .map(|mailbox| mailbox_argument(&mailbox, &runtime))
+        .transpose()?;
     let connection =
         sqlite::open_existing(&runtime.config.store.path).map_err(|error| error.to_string())?;
     let filter = EventFilter {
-        since: since.map(|since| Timestamp::now().saturating_sub(since)),
+        since,
         mailbox,
         ..EventFilter::default()
     };
     let events = sqlite::query_events(&connection, &filter).map_err(|error| error.to_string())?;
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
+    let mut out = Vec::new();
     write_events(&mut out, &events, format)
-        .map_err(|error| format!("cannot write the report: {error}"))
+        .map_err(|error| format!("cannot write the report: {error}"))?;
+    print(&String::from_utf8_lossy(&out))
+}
+
+/// Parses `--since`: a duration back from now, or an RFC 3339 time.
+fn parse_since(text: &str) -> Result<Timestamp, String> {
+    if let Ok(duration) = humantime::parse_duration(text) {
+        return Ok(Timestamp::now().saturating_sub(duration));
+    }
+    Timestamp::parse_rfc3339(text).ok_or_else(|| {
+        format!(
+            "invalid value {text:?}: give a duration such as 1h or 30d, or a time such as 2026-12-04T21:00:00Z"
+        )
+    })
 }
 
 fn config_check(file: &Path) -> Result<(), String> {

@@ -99,14 +99,15 @@ impl Reply {
     pub fn sender_blocked(key: &MailboxKey, lockout: &Lockout) -> Reply {
         let text = match lockout.until {
             Some(until) => format!(
-                "Sender {} is locked out until {} (lockout {}) after repeated spam or virus messages",
+                "Sender {} is locked out until {} (lockout {}) after repeated spam or virus \
+                 messages; have the device checked for malware and contact your mail administrator",
                 key.mailbox,
                 until.to_rfc3339(),
                 lockout.level
             ),
             None => format!(
-                "Sender {} is blocked permanently after {} lockouts for spam or virus messages; \
-                 contact support to lift the block",
+                "Sender {} is blocked permanently (lockout {}) after repeated spam or virus \
+                 messages; contact your mail administrator, who can ask support to lift the block",
                 key.mailbox, lockout.level
             ),
         };
@@ -117,7 +118,10 @@ impl Reply {
         Reply::new(
             550,
             "5.7.1",
-            format!("Message rejected: {}", verdict.summary()),
+            format!(
+                "Message rejected: {} found; remove the infected content and scan the sending device",
+                verdict.summary()
+            ),
         )
     }
 
@@ -125,15 +129,22 @@ impl Reply {
         Reply::new(
             550,
             "5.7.1",
-            format!("Message rejected as {}", verdict.summary()),
+            format!(
+                "Message rejected as {}; if it is legitimate, contact your mail administrator",
+                verdict.summary()
+            ),
         )
     }
 
-    pub fn unscannable(reason: &str) -> Reply {
+    /// The rejection of a message the scanner could not scan whole. The
+    /// detailed reason stays in the log and the events; it names settings
+    /// the client has no use for.
+    pub fn unscannable() -> Reply {
         Reply::new(
             554,
             "5.7.1",
-            format!("Message rejected because it cannot be scanned: {reason}"),
+            "Message rejected because the virus scanner cannot scan it whole; send large \
+             attachments another way or contact your mail administrator",
         )
     }
 
@@ -230,11 +241,15 @@ impl Reply {
         )
     }
 
-    pub fn bdat_unreadable() -> Reply {
+    /// The closing reply to a BDAT command whose size cannot be read: the
+    /// chunk's end is unknown, so its octets could be taken for commands.
+    pub fn bdat_unreadable(problem: &str) -> Reply {
         Reply::new(
             421,
             "4.5.0",
-            "Invalid BDAT size; the chunk cannot be skipped, closing connection",
+            format!(
+                "Invalid BDAT command ({problem}); closing the connection because the chunk cannot be skipped"
+            ),
         )
     }
 
@@ -255,6 +270,14 @@ impl Reply {
             format!(
                 "The {role} address contains UTF-8; send MAIL FROM with the SMTPUTF8 parameter"
             ),
+        )
+    }
+
+    pub fn too_many_errors() -> Reply {
+        Reply::new(
+            421,
+            "4.7.0",
+            "Too many invalid commands; closing connection",
         )
     }
 

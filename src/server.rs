@@ -173,6 +173,13 @@ async fn reload_on_hangup(guard: Arc<Guard>, path: PathBuf, mut hangups: Signal)
 pub async fn reload(guard: &Guard, path: &Path) {
     let config = match Config::load(path) {
         Ok(config) => config,
+        Err(crate::config::ConfigError::Invalid { path, problems }) => {
+            // One line, so log collectors keep the problems together.
+            let problems: Vec<String> = problems.0.iter().map(ToString::to_string).collect();
+            tracing::warn!(config = %path.display(), problems = %problems.join("; "),
+                "reload failed; the running configuration stays in force");
+            return;
+        }
         Err(error) => {
             tracing::warn!(%error, "reload failed; the running configuration stays in force");
             return;

@@ -233,7 +233,9 @@ fn upstream_enforces_session_order() {
     client.cmd("RCPT TO:<bob@example.net>", 503);
     client.cmd("NOOP", 250);
     client.cmd("STARTTLS", 454);
-    client.cmd("BDAT 10 LAST", 502);
+    // BDAT octets follow the command even when it is refused.
+    client.send_raw(b"BDAT 10 LAST\r\n0123456789");
+    assert_eq!(client.read_reply().code, 503);
     client.cmd("MAIL TO:<alice@example.org>", 501);
     client.quit();
     client.expect_closed();

@@ -119,7 +119,7 @@ fn nothing_counted_during_block() {
 
     let output = server.cli(&["status", "dave@example.org"]);
     let status = String::from_utf8_lossy(&output.stdout);
-    assert!(status.contains("lockouts so far:  1"), "{status}");
+    assert!(status.contains("lockouts so far:   1"), "{status}");
     assert!(status.contains("strikes in window: 0"), "{status}");
     let bad = server.events_of("bad_message");
     assert_eq!(bad.len(), 6);
@@ -486,4 +486,115 @@ fn events_cli_filters_and_formats() {
 
     let table = server.cli(&["events"]);
     assert!(String::from_utf8_lossy(&table.stdout).contains("paul@example.org"));
+}
+
+#[test]
+fn monitor_lockout_enforced_after_switch() {
+    let upstream = Upstream::start(UpstreamOptions::default());
+    let server = Sendguard::start(
+        &upstream.address(),
+        &policy("threshold = 2\nfirst_lockout = \"1h\"\nmode = \"monitor\""),
+    );
+    send_spam(&server.address, "quinn@example.org");
+    send_spam(&server.address, "quinn@example.org");
+    assert_eq!(
+        send_from(&server.address, "quinn@example.org", &clean_message()).0,
+        250
+    );
+
+    // Enforcing makes the lockout the dry run computed refuse for its rest,
+    // so the trial's worst senders are not left exempt.
+    server.rewrite_config(|text| text.replace("mode = \"monitor\"", "mode = \"enforce\""));
+    server.reload();
+    let (code, text) = send_from(&server.address, "quinn@example.org", &clean_message());
+    assert_eq!(code, 550, "{text}");
+    assert!(text.contains("lockout 1"), "{text}");
+}
+
+#[test]
+fn too_many_errors_closes_session() {
+    let upstream = Upstream::start(UpstreamOptions::default());
+    let server = Sendguard::start_with(&upstream.address(), "max_errors = 3", "");
+    let mut client = SmtpClient::connect(&server.address);
+    client.cmd("EHLO client.test", 250);
+    client.cmd("garbage", 500);
+    client.cmd("RCPT TO:<b@example.net>", 503);
+    client.send_line("more garbage");
+    let first = client.read_reply();
+    assert_eq!(first.code, 500);
+    let closing = client.expect_closed().expect("a closing reply");
+    assert_eq!(closing.code, 421, "{}", closing.text());
+}
+
+#[test]
+fn cli_accepts_written_spellings() {
+    let upstream = Upstream::start(UpstreamOptions::default());
+    let server = Sendguard::start(
+        &upstream.address(),
+        &policy("threshold = 1\nfirst_lockout = \"1h\""),
+    );
+    send_spam(&server.address, "rosa@example.org");
+    for spelling in [
+        "<Rosa@Example.org>",
+        "\"rosa\"@example.org",
+        " rosa+x@EXAMPLE.org ",
+    ] {
+        let output = server.cli(&["status", spelling]);
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(text.contains("lockouts so far:   1"), "{spelling}: {text}");
+    }
+    let output = server.cli(&[
+        "events",
+        "--mailbox",
+        "<rosa@example.org>",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&output.stdout).lines().count(), 2);
+
+    let empty = server.cli(&["status", "<>"]);
+    assert_eq!(empty.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&empty.stderr).contains("invalid mailbox"));
+    let client = server.cli(&["status", "rosa@example.org", "--client", "127.0.0.1"]);
+    assert_eq!(client.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&client.stderr).contains("client-and-sender"));
+
+    let absolute = server.cli(&[
+        "events",
+        "--since",
+        "2000-01-01T00:00:00Z",
+        "--format",
+        "json",
+    ]);
+    assert!(absolute.status.success());
+    assert_eq!(String::from_utf8_lossy(&absolute.stdout).lines().count(), 3);
+    let garbage = server.cli(&["events", "--since", "garbage"]);
+    assert!(!garbage.status.success());
+    assert!(String::from_utf8_lossy(&garbage.stderr).contains("such as 1h"));
+}
+
+#[test]
+fn cli_survives_closed_stdout() {
+    let upstream = Upstream::start(UpstreamOptions::default());
+    let server = Sendguard::start(
+        &upstream.address(),
+        &policy("threshold = 1\nfirst_lockout = \"1h\""),
+    );
+    send_spam(&server.address, "sam@example.org");
+    for command in ["status sam@example.org", "blocks", "events"] {
+        let script = format!(
+            "{} {command} --config {} | true; exit ${{PIPESTATUS[0]}}",
+            env!("CARGO_BIN_EXE_sendguard"),
+            server.config_path.display()
+        );
+        let output = std::process::Command::new("bash")
+            .args(["-c", &script])
+            .output()
+            .expect("run bash");
+        assert!(
+            output.status.success(),
+            "{command}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
 }

@@ -47,6 +47,9 @@ pub struct SmtpConfig {
     pub long_lines: LongLines,
     /// Longest command line accepted, in octets without CRLF.
     pub max_command_line: usize,
+    /// Invalid or out-of-sequence commands after which the session is
+    /// closed with `421 4.7.0`.
+    pub max_errors: u32,
     /// Pause before the greeting; a client that sends anything during it
     /// is disconnected. Zero sends the greeting at once.
     #[serde(with = "humantime_serde")]
@@ -72,6 +75,7 @@ impl Default for SmtpConfig {
             bare_line_endings: BareLineEndings::Normalize,
             long_lines: LongLines::Forward,
             max_command_line: 2048,
+            max_errors: 20,
             greeting_delay: Duration::ZERO,
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
@@ -409,6 +413,9 @@ fn validate_smtp(smtp: &SmtpConfig, problems: &mut Problems) {
             ),
         );
     }
+    if smtp.max_errors == 0 {
+        problems.push("smtp.max_errors", "must be at least 1");
+    }
     if smtp.max_message_size == 0 {
         problems.push("smtp.max_message_size", "must be at least 1 byte");
     }
@@ -549,7 +556,19 @@ fn report_per_key<T: DeserializeOwned>(
             if let Err(error) = T::deserialize(toml::Value::Table(alone)) {
                 let message = error.message().trim();
                 if !message.starts_with("missing field") {
-                    problems.push(format!("{key}.{name}"), message.to_string());
+                    let mut value = item.to_string();
+                    if value.len() > 120 {
+                        let cut = (0..=120)
+                            .rev()
+                            .find(|&index| value.is_char_boundary(index))
+                            .unwrap_or(0);
+                        value.truncate(cut);
+                        value.push_str("...");
+                    }
+                    problems.push(
+                        format!("{key}.{name}"),
+                        format!("{message} (value: {value})"),
+                    );
                     bad_keys.push(name.clone());
                 }
             }

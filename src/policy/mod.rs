@@ -155,11 +155,20 @@ impl MailboxState {
         self.block.as_ref().filter(|block| block.is_active(now))
     }
 
-    /// Decides whether the mailbox may send at `now`.
-    pub fn check_sender(&self, now: Timestamp) -> SenderDecision {
+    /// Decides whether the mailbox may send at `now` under `mode`.
+    ///
+    /// A lockout that started while enforcing refuses in both modes, so
+    /// switching to monitor never lifts it. A lockout computed in monitor
+    /// mode refuses once the policy enforces again, for the rest of its
+    /// time: the dry run said the mailbox is locked out, and nothing is
+    /// counted during a lockout, so leaving it unenforced would exempt the
+    /// worst senders of the trial.
+    pub fn check_sender(&self, now: Timestamp, mode: Mode) -> SenderDecision {
         match self.active_block(now) {
             None => SenderDecision::Allow,
-            Some(block) if block.enforced => SenderDecision::Refuse(block.clone()),
+            Some(block) if block.enforced || mode == Mode::Enforce => {
+                SenderDecision::Refuse(block.clone())
+            }
             Some(block) => SenderDecision::MonitorOnly(block.clone()),
         }
     }

@@ -47,7 +47,7 @@ fn fourth_strike_only_counts() {
     );
     assert_eq!(outcome, StrikeOutcome::Counted { in_window: 4 });
     assert_eq!(
-        state.check_sender(Timestamp(4 * SECOND)),
+        state.check_sender(Timestamp(4 * SECOND), Mode::Enforce),
         SenderDecision::Allow
     );
     assert_eq!(state.lockouts, 0);
@@ -108,10 +108,13 @@ fn sender_refused_until_end_exclusive() {
     let lockout = trigger_lockout(&mut state, &settings(), 0);
     let until = lockout.until.expect("timed");
     assert!(matches!(
-        state.check_sender(Timestamp(until.0 - 1)),
+        state.check_sender(Timestamp(until.0 - 1), Mode::Enforce),
         SenderDecision::Refuse(_)
     ));
-    assert_eq!(state.check_sender(until), SenderDecision::Allow);
+    assert_eq!(
+        state.check_sender(until, Mode::Enforce),
+        SenderDecision::Allow
+    );
 }
 
 #[test]
@@ -160,7 +163,7 @@ fn schedule_doubles_to_32_hours_then_permanent() {
     assert_eq!(seventh.level, 7);
     assert!(seventh.is_permanent());
     assert!(matches!(
-        state.check_sender(Timestamp(i64::MAX)),
+        state.check_sender(Timestamp(i64::MAX), Mode::Enforce),
         SenderDecision::Refuse(_)
     ));
     assert_eq!(state.next_lockout_length(&settings), None);
@@ -262,8 +265,13 @@ fn monitor_lockout_allows_sender() {
     let lockout = trigger_lockout(&mut state, &settings, 0);
     assert!(!lockout.enforced);
     assert!(matches!(
-        state.check_sender(Timestamp(5 * SECOND)),
+        state.check_sender(Timestamp(5 * SECOND), Mode::Monitor),
         SenderDecision::MonitorOnly(_)
+    ));
+    // Enforcing again makes the computed lockout refuse for its rest.
+    assert!(matches!(
+        state.check_sender(Timestamp(5 * SECOND), Mode::Enforce),
+        SenderDecision::Refuse(_)
     ));
     // Strikes during a monitor-only lockout are not counted either.
     let outcome = state.record_strike(&settings, strike(6 * SECOND));
@@ -277,7 +285,7 @@ fn monitor_switch_keeps_enforced_block() {
     // The mode is a property of each lockout, so switching the policy to
     // monitor cannot lift the block that started while enforcing.
     assert!(matches!(
-        state.check_sender(Timestamp(10 * SECOND)),
+        state.check_sender(Timestamp(10 * SECOND), Mode::Monitor),
         SenderDecision::Refuse(_)
     ));
 }

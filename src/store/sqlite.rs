@@ -50,10 +50,22 @@ pub fn open(path: &Path) -> Result<Connection, StoreError> {
             message: source.to_string(),
         })?;
     }
+    let created = !path.exists();
     let connection = Connection::open(path).map_err(|source| StoreError::Open {
         path: path.display().to_string(),
         message: source.to_string(),
     })?;
+    if created {
+        // The store holds senders and client addresses: owner-only, and
+        // SQLite gives its -wal and -shm files the same mode.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
+            |source| StoreError::Open {
+                path: path.display().to_string(),
+                message: format!("cannot restrict permissions: {source}"),
+            },
+        )?;
+    }
     connection.busy_timeout(Duration::from_secs(10))?;
     // WAL with synchronous=NORMAL keeps every committed transaction across
     // a crash of the process (kill -9); only a power loss can lose the last

@@ -60,7 +60,7 @@ impl Session {
             if fed.done {
                 break;
             }
-            self.read_more(deadline).await?;
+            self.read_more(deadline, false).await?;
         }
         let outcome = reader.finish();
         let content = Content {
@@ -168,7 +168,7 @@ impl Session {
             if remaining == 0 {
                 return Ok(keep.then_some(chunk));
             }
-            self.read_more(deadline).await?;
+            self.read_more(deadline, false).await?;
         }
     }
 
@@ -241,13 +241,17 @@ impl Session {
             recipients = transaction.recipients, size = content.message.len(),
             upstream_reply = %reply.one_line(), queue_id = queue_id.as_deref().unwrap_or(""),
             elapsed_ms = content.started.elapsed().as_secs_f64() * 1000.0, "message relayed");
-        if reply.code == 421 {
-            self.upstream = None;
-        } else if !reply.is_positive() {
-            self.reset_upstream().await;
-        }
         if let Some(pending) = pending {
             self.shared.guard.record_delivered(pending, queue_id).await;
+        }
+        if reply.code == 421 {
+            // The upstream closed its session; the client's stays open.
+            self.upstream = None;
+            self.queue(&Reply::upstream_failed());
+            return;
+        }
+        if !reply.is_positive() {
+            self.reset_upstream().await;
         }
         self.queue(&reply);
     }

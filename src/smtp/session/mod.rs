@@ -55,9 +55,8 @@ pub fn sequence_error(state: State, command: &Command) -> Option<Reply> {
             Command::Mail { .. } | Command::Rcpt { .. } | Command::Data | Command::Bdat { .. },
         ) => Some(Reply::bad_sequence("Send EHLO or HELO first")),
         (State::Ready, Command::Rcpt { .. }) => Some(Reply::bad_sequence("Send MAIL before RCPT")),
-        (State::Ready, Command::Data | Command::Bdat { .. }) => {
-            Some(Reply::bad_sequence("Send MAIL before DATA"))
-        }
+        (State::Ready, Command::Data) => Some(Reply::bad_sequence("Send MAIL before DATA")),
+        (State::Ready, Command::Bdat { .. }) => Some(Reply::bad_sequence("Send MAIL before BDAT")),
         (State::Mail | State::Rcpt, Command::Mail { .. }) => {
             Some(Reply::bad_sequence("Nested MAIL command; send RSET first"))
         }
@@ -135,6 +134,8 @@ pub struct Session {
     envelope: Option<Envelope>,
     upstream: Option<UpstreamConnection>,
     transactions: u32,
+    /// Commands refused for syntax or sequence so far.
+    errors: u32,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -162,6 +163,7 @@ impl Session {
             envelope: None,
             upstream: None,
             transactions: 0,
+            errors: 0,
             shutdown,
         }
     }
@@ -230,6 +232,9 @@ impl Session {
                 CommandLine::TooLong => {
                     let limit = self.shared.guard.runtime().config.smtp.max_command_line;
                     self.queue(&Reply::line_too_long(limit));
+                    if self.count_error() {
+                        return Stop::Closed;
+                    }
                     continue;
                 }
                 CommandLine::Line(bytes) => bytes,
@@ -237,13 +242,14 @@ impl Session {
             let command = match parse_command(&bytes) {
                 Ok(command) => command,
                 Err(error) => {
-                    let (code, enhanced) = error.reply_code();
                     tracing::debug!(%error, "invalid command");
-                    self.queue(&Reply::new(code, enhanced, error.to_string()));
                     if is_bdat_line(&bytes) {
-                        // Without a valid size the chunk's end is unknown, so
-                        // its octets could be read as commands.
-                        self.queue(&Reply::bdat_unreadable());
+                        self.queue(&Reply::bdat_unreadable(&error.to_string()));
+                        return Stop::Closed;
+                    }
+                    let (code, enhanced) = error.reply_code();
+                    self.queue(&Reply::new(code, enhanced, error.to_string()));
+                    if self.count_error() {
                         return Stop::Closed;
                     }
                     continue;
@@ -266,6 +272,9 @@ impl Session {
             }
             if let Some(reply) = sequence_error(self.state, &command) {
                 self.queue(&reply);
+                if self.count_error() {
+                    return Stop::Closed;
+                }
                 continue;
             }
             match self.execute(command).await {
@@ -522,15 +531,17 @@ impl Session {
             return None;
         };
         match upstream.command(line).await {
-            Ok(reply) => {
-                if reply.code == 421 {
-                    // The upstream is closing this session; the next
-                    // transaction opens a new one.
-                    self.upstream = None;
-                    self.abandon_transaction();
-                }
-                Some(reply)
+            Ok(reply) if reply.code == 421 => {
+                // The upstream is closing its session, not ours: the client
+                // gets a temporary failure and the next transaction opens a
+                // new upstream session.
+                tracing::warn!(upstream_reply = %reply.one_line(), "upstream closed its session");
+                self.upstream = None;
+                self.abandon_transaction();
+                self.queue(&Reply::upstream_failed());
+                None
             }
+            Ok(reply) => Some(reply),
             Err(error) => {
                 tracing::warn!(%error, "upstream command failed");
                 self.upstream = None;
@@ -572,18 +583,33 @@ impl Session {
                 return Ok(line);
             }
             self.flush().await.map_err(Stop::Io)?;
-            self.read_more(tokio::time::Instant::now() + timeout)
+            // On shutdown a client between transactions is told to come back
+            // later; one in the middle of a transaction may finish it.
+            let idle = matches!(self.state, State::Connected | State::Ready);
+            self.read_more(tokio::time::Instant::now() + timeout, idle)
                 .await?;
         }
     }
 
     /// Appends the next bytes from the client to `input`, waiting until
-    /// `deadline` at most.
-    async fn read_more(&mut self, deadline: tokio::time::Instant) -> Result<(), Stop> {
+    /// `deadline` at most. A shutdown ends the wait only when
+    /// `interruptible` is set.
+    async fn read_more(
+        &mut self,
+        deadline: tokio::time::Instant,
+        interruptible: bool,
+    ) -> Result<(), Stop> {
         self.input.reserve(READ_CHUNK);
-        let read = tokio::select! {
-            read = timeout_at(deadline, self.reader.read_buf(&mut self.input)) => read,
-            _ = self.shutdown.changed() => return Err(Stop::Shutdown),
+        if interruptible && *self.shutdown.borrow() {
+            return Err(Stop::Shutdown);
+        }
+        let read = if interruptible {
+            tokio::select! {
+                read = timeout_at(deadline, self.reader.read_buf(&mut self.input)) => read,
+                _ = self.shutdown.changed() => return Err(Stop::Shutdown),
+            }
+        } else {
+            timeout_at(deadline, self.reader.read_buf(&mut self.input)).await
         };
         match read {
             Err(_) => Err(Stop::Timeout),
@@ -591,6 +617,22 @@ impl Session {
             Ok(Ok(0)) => Err(Stop::Closed),
             Ok(Ok(_)) => Ok(()),
         }
+    }
+
+    /// Counts a refused command; returns true, with the closing reply
+    /// queued, once the client reached `smtp.max_errors`.
+    fn count_error(&mut self) -> bool {
+        self.errors += 1;
+        let limit = self.shared.guard.runtime().config.smtp.max_errors;
+        if self.errors < limit {
+            return false;
+        }
+        tracing::info!(
+            errors = self.errors,
+            "too many invalid commands; connection closed"
+        );
+        self.queue(&Reply::too_many_errors());
+        true
     }
 
     fn queue(&mut self, reply: &Reply) {
