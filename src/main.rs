@@ -368,7 +368,12 @@ fn config_check(file: &Path) -> Result<(), String> {
     let config = load(file)?;
     // Compiling the rules and reading the directory finds what the schema
     // cannot.
+    let warnings = config.warnings();
     Runtime::new(config)?;
-    println!("{}: valid", file.display());
-    Ok(())
+    let mut out = String::new();
+    for warning in warnings {
+        out.push_str(&format!("warning: {warning}\n"));
+    }
+    out.push_str(&format!("{}: valid\n", file.display()));
+    print(&out)
 }

@@ -273,6 +273,22 @@ impl Reply {
         )
     }
 
+    pub fn too_many_recipients(limit: usize) -> Reply {
+        Reply::new(
+            452,
+            "4.5.3",
+            format!("Too many recipients; send the rest in another message (limit {limit})"),
+        )
+    }
+
+    pub fn too_many_connections(scope: &str) -> Reply {
+        Reply::new(
+            421,
+            "4.7.0",
+            format!("Too many connections {scope}; try again later"),
+        )
+    }
+
     pub fn too_many_errors() -> Reply {
         Reply::new(
             421,

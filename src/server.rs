@@ -1,13 +1,16 @@
 //! `sendguard serve`: start-up, the accept loop, reloads and shutdown.
 
-use crate::config::Config;
+use crate::config::{Config, SmtpConfig};
 use crate::guard::{Guard, Runtime};
 use crate::smtp::session::{Session, SessionShared};
 use crate::smtp::upstream::UpstreamConnection;
 use crate::store::Store;
 use arc_swap::ArcSwapOption;
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -43,6 +46,9 @@ pub enum ServeError {
 /// listener cannot be bound.
 pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
     let config = Config::load(config_path)?;
+    for warning in config.warnings() {
+        tracing::warn!(key = %warning.key, "{}", warning.message);
+    }
     let store = Store::open(&config.store.path)?;
     let listen = config.smtp.listen;
     let runtime = Runtime::new(config).map_err(ServeError::Runtime)?;
@@ -92,6 +98,7 @@ pub async fn run(listener: TcpListener, guard: Arc<Guard>, mut shutdown: watch::
     tokio::spawn(probe_dependencies(shared.clone()));
 
     let prefix = session_prefix();
+    let connections = ConnectionCounts::default();
     let counter = AtomicU64::new(0);
     let mut sessions = JoinSet::new();
     loop {
@@ -113,8 +120,24 @@ pub async fn run(listener: TcpListener, guard: Arc<Guard>, mut shutdown: watch::
         };
         let id = format!("{prefix}{:x}", counter.fetch_add(1, Ordering::Relaxed));
         let span = tracing::info_span!("session", id = %id, peer = %peer);
+        let slot = match connections.admit(peer.ip().to_canonical(), &guard.runtime().config.smtp) {
+            Ok(slot) => slot,
+            Err(scope) => {
+                span.in_scope(|| {
+                    tracing::info!(scope, "connection limit reached; connection refused")
+                });
+                tokio::spawn(refuse_connection(stream, scope).instrument(span));
+                continue;
+            }
+        };
         let session = Session::new(shared.clone(), stream, peer, id, shutdown.clone());
-        sessions.spawn(session.run().instrument(span));
+        sessions.spawn(
+            async move {
+                session.run().await;
+                drop(slot);
+            }
+            .instrument(span),
+        );
     }
 
     drop(listener);
@@ -129,6 +152,70 @@ pub async fn run(listener: TcpListener, guard: Arc<Guard>, mut shutdown: watch::
         );
         sessions.abort_all();
     }
+}
+
+/// Connections open now, in total and per client address.
+#[derive(Clone, Default)]
+struct ConnectionCounts(Arc<Mutex<ConnectionTally>>);
+
+#[derive(Default)]
+struct ConnectionTally {
+    total: usize,
+    per_client: HashMap<IpAddr, usize>,
+}
+
+/// One admitted connection; dropping it frees its place.
+struct ConnectionSlot {
+    counts: ConnectionCounts,
+    client: IpAddr,
+}
+
+impl ConnectionCounts {
+    /// Admits a connection from `client` under the configured limits, or
+    /// returns which limit it would exceed.
+    fn admit(&self, client: IpAddr, smtp: &SmtpConfig) -> Result<ConnectionSlot, &'static str> {
+        let mut tally = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if tally.total >= smtp.max_connections {
+            return Err("in total");
+        }
+        let from_client = tally.per_client.get(&client).copied().unwrap_or(0);
+        if from_client >= smtp.max_connections_per_client {
+            return Err("from your address");
+        }
+        tally.total += 1;
+        tally.per_client.insert(client, from_client + 1);
+        Ok(ConnectionSlot {
+            counts: self.clone(),
+            client,
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut tally = self
+            .counts
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        tally.total = tally.total.saturating_sub(1);
+        if let Some(count) = tally.per_client.get_mut(&self.client) {
+            *count -= 1;
+            if *count == 0 {
+                tally.per_client.remove(&self.client);
+            }
+        }
+    }
+}
+
+/// Answers a connection over the limits with `421` and closes it.
+async fn refuse_connection(mut stream: tokio::net::TcpStream, scope: &str) {
+    use tokio::io::AsyncWriteExt;
+    let reply = crate::reply::Reply::too_many_connections(scope).to_wire();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.write_all(&reply)).await;
 }
 
 /// Returns a random prefix that makes session ids unique across restarts.

@@ -54,9 +54,24 @@ pub struct SmtpConfig {
     /// is disconnected. Zero sends the greeting at once.
     #[serde(with = "humantime_serde")]
     pub greeting_delay: Duration,
-    /// Time allowed for the client to send each command.
+    /// Time allowed for the client's first command after the greeting.
+    #[serde(with = "humantime_serde")]
+    pub greeting_timeout: Duration,
+    /// Time allowed for each command inside a transaction (MAIL to DATA).
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
+    /// Time a client may stay silent between transactions.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Time allowed for each read of message content.
+    #[serde(with = "humantime_serde")]
+    pub data_block_timeout: Duration,
+    /// Connections served at once; more get `421 4.7.0` at connect.
+    pub max_connections: usize,
+    /// Connections served at once from one client address.
+    pub max_connections_per_client: usize,
+    /// Recipients accepted per message; more get `452 4.5.3`.
+    pub max_recipients: usize,
     /// Time allowed for the client to send the whole message after `354`.
     #[serde(with = "humantime_serde")]
     pub data_timeout: Duration,
@@ -77,7 +92,13 @@ impl Default for SmtpConfig {
             max_command_line: 2048,
             max_errors: 20,
             greeting_delay: Duration::ZERO,
+            greeting_timeout: Duration::from_secs(300),
             command_timeout: Duration::from_secs(300),
+            idle_timeout: Duration::from_secs(300),
+            data_block_timeout: Duration::from_secs(180),
+            max_connections: 500,
+            max_connections_per_client: 50,
+            max_recipients: 1000,
             data_timeout: Duration::from_secs(600),
         }
     }
@@ -379,6 +400,24 @@ impl Config {
         }
     }
 
+    /// Settings that are valid but probably not what the operator wants.
+    pub fn warnings(&self) -> Vec<Problem> {
+        let mut warnings = Problems::default();
+        if let Some(clamd) = &self.scan.clamd
+            && clamd.max_scan_size < self.smtp.max_message_size
+        {
+            warnings.push(
+                "scan.clamd.max_scan_size",
+                format!(
+                    "is {} bytes, below smtp.max_message_size ({} bytes): messages between the two are \
+                     accepted by size but rejected as unscannable",
+                    clamd.max_scan_size, self.smtp.max_message_size
+                ),
+            );
+        }
+        warnings.0
+    }
+
     /// A stable digest of the settings that decide strikes and lockouts, so
     /// the events report shows which policy was in force.
     pub fn policy_digest(&self) -> String {
@@ -419,11 +458,28 @@ fn validate_smtp(smtp: &SmtpConfig, problems: &mut Problems) {
     if smtp.max_message_size == 0 {
         problems.push("smtp.max_message_size", "must be at least 1 byte");
     }
-    if smtp.command_timeout.is_zero() {
-        problems.push("smtp.command_timeout", "must be longer than zero");
+    for (key, value) in [
+        ("smtp.greeting_timeout", smtp.greeting_timeout),
+        ("smtp.command_timeout", smtp.command_timeout),
+        ("smtp.idle_timeout", smtp.idle_timeout),
+        ("smtp.data_block_timeout", smtp.data_block_timeout),
+        ("smtp.data_timeout", smtp.data_timeout),
+    ] {
+        if value.is_zero() {
+            problems.push(key, "must be longer than zero");
+        }
     }
-    if smtp.data_timeout.is_zero() {
-        problems.push("smtp.data_timeout", "must be longer than zero");
+    for (key, value) in [
+        ("smtp.max_connections", smtp.max_connections),
+        (
+            "smtp.max_connections_per_client",
+            smtp.max_connections_per_client,
+        ),
+        ("smtp.max_recipients", smtp.max_recipients),
+    ] {
+        if value == 0 {
+            problems.push(key, "must be at least 1");
+        }
     }
 }
 

@@ -90,6 +90,11 @@ impl Sendguard {
         }
     }
 
+    /// Process id of the running server.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// The server's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("sendguard.log")).unwrap_or_default()

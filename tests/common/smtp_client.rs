@@ -116,6 +116,14 @@ impl SmtpClient {
         client
     }
 
+    /// Connects from `local_ip` without reading anything.
+    pub fn connect_without_greeting_from(address: &str, local_ip: &str) -> SmtpClient {
+        let stream = connect_bound(address, local_ip).unwrap_or_else(|error| {
+            panic!("failed to connect to SMTP server {address} from {local_ip}: {error}")
+        });
+        SmtpClient::from_stream(address, stream)
+    }
+
     fn from_stream(address: &str, stream: TcpStream) -> SmtpClient {
         stream
             .set_read_timeout(Some(DEFAULT_TIMEOUT))

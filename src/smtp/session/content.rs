@@ -60,7 +60,7 @@ impl Session {
             if fed.done {
                 break;
             }
-            self.read_more(deadline, false).await?;
+            self.read_content(deadline).await?;
         }
         let outcome = reader.finish();
         let content = Content {
@@ -168,7 +168,7 @@ impl Session {
             if remaining == 0 {
                 return Ok(keep.then_some(chunk));
             }
-            self.read_more(deadline, false).await?;
+            self.read_content(deadline).await?;
         }
     }
 

@@ -475,6 +475,15 @@ impl Session {
     }
 
     async fn rcpt(&mut self, path: String, address: String, params: String) {
+        let max_recipients = self.shared.guard.runtime().config.smtp.max_recipients;
+        if self
+            .envelope
+            .as_ref()
+            .is_some_and(|envelope| envelope.accepted_recipients >= max_recipients)
+        {
+            self.queue(&Reply::too_many_recipients(max_recipients));
+            return;
+        }
         let smtputf8 = self
             .envelope
             .as_ref()
@@ -577,7 +586,15 @@ impl Session {
     }
 
     async fn next_line(&mut self) -> Result<CommandLine, Stop> {
-        let timeout = self.shared.guard.runtime().config.smtp.command_timeout;
+        let timeout = {
+            let runtime = self.shared.guard.runtime();
+            let smtp = &runtime.config.smtp;
+            match self.state {
+                State::Connected => smtp.greeting_timeout,
+                State::Ready => smtp.idle_timeout,
+                State::Mail | State::Rcpt => smtp.command_timeout,
+            }
+        };
         loop {
             if let Some(line) = self.lines.next_line(&mut self.input) {
                 return Ok(line);
@@ -589,6 +606,14 @@ impl Session {
             self.read_more(tokio::time::Instant::now() + timeout, idle)
                 .await?;
         }
+    }
+
+    /// Appends the next bytes of message content, waiting at most
+    /// `data_block_timeout` and never past `deadline`.
+    async fn read_content(&mut self, deadline: tokio::time::Instant) -> Result<(), Stop> {
+        let block = self.shared.guard.runtime().config.smtp.data_block_timeout;
+        let block_deadline = (tokio::time::Instant::now() + block).min(deadline);
+        self.read_more(block_deadline, false).await
     }
 
     /// Appends the next bytes from the client to `input`, waiting until
