@@ -184,6 +184,14 @@ impl Reply {
         )
     }
 
+    pub fn replay_refused() -> Reply {
+        Reply::new(
+            451,
+            "4.4.2",
+            "Upstream mail server refused the envelope on a new connection; try again later",
+        )
+    }
+
     pub fn upstream_failed() -> Reply {
         Reply::new(
             451,

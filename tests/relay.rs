@@ -616,3 +616,71 @@ fn scanner_sees_relayed_bytes() {
         "clamd scanned exactly what was relayed"
     );
 }
+
+#[test]
+fn upstream_idle_timeout_replayed() {
+    // The upstream drops a session that is silent for one second, as a
+    // stressed Postfix does after its smtpd_timeout.
+    let upstream = Upstream::start(UpstreamOptions::default().read_timeout(Duration::from_secs(1)));
+    let server = Sendguard::start(&upstream.address(), "");
+    let mut client = session(&server.address);
+    client.cmd("MAIL FROM:<alice@example.org>", 250);
+    client.cmd("RCPT TO:<bob@example.net>", 250);
+    client.cmd("RCPT TO:<carol@example.net>", 250);
+    client.cmd("DATA", 354);
+    client.send_raw(b"Subject: slow\r\n\r\n");
+    std::thread::sleep(Duration::from_millis(2500));
+    client.send_raw(b"body after a pause\r\n.\r\n");
+    let reply = client.read_reply();
+    assert_eq!(reply.code, 250, "{}", reply.text());
+
+    // The next transaction in the same client session also finds its way.
+    std::thread::sleep(Duration::from_millis(1500));
+    let reply = client.send_message(
+        "alice@example.org",
+        &["bob@example.net"],
+        b"Subject: again\r\n\r\nhi\r\n",
+    );
+    assert_eq!(reply.code, 250, "{}", reply.text());
+    client.quit();
+
+    let messages = upstream.wait_for_messages(2, Duration::from_secs(10));
+    assert_eq!(
+        messages[0].content,
+        b"Subject: slow\r\n\r\nbody after a pause\r\n".to_vec()
+    );
+    assert_eq!(
+        messages[0].accepted_rcpts,
+        vec![
+            "bob@example.net".to_string(),
+            "carol@example.net".to_string()
+        ]
+    );
+    assert_eq!(upstream.messages().len(), 2, "each message delivered once");
+}
+
+#[test]
+fn replayed_recipient_refused_tempfails() {
+    let upstream = Upstream::start(UpstreamOptions::default().read_timeout(Duration::from_secs(1)));
+    let server = Sendguard::start(&upstream.address(), "");
+    let mut client = session(&server.address);
+    client.cmd("MAIL FROM:<alice@example.org>", 250);
+    client.cmd("RCPT TO:<bob@example.net>", 250);
+    client.cmd("RCPT TO:<carol@example.net>", 250);
+    client.cmd("DATA", 354);
+    // While the upstream session times out, carol's mailbox goes away.
+    upstream.set_options(
+        UpstreamOptions::default()
+            .read_timeout(Duration::from_secs(1))
+            .reject_rcpt("carol@example.net", "550 5.1.1 <carol@example.net>: gone"),
+    );
+    std::thread::sleep(Duration::from_millis(2000));
+    client.send_raw(&data_payload(b"Subject: x\r\n\r\nhi\r\n"));
+    let reply = client.read_reply();
+    assert_eq!(reply.code, 451, "{}", reply.text());
+    client.quit();
+    assert!(
+        upstream.messages().is_empty(),
+        "never delivered to only some recipients"
+    );
+}

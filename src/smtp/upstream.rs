@@ -45,6 +45,19 @@ pub enum UpstreamError {
     Refused { address: String, reply: Reply },
 }
 
+/// A failure sending a message upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum SendFailure {
+    /// The upstream failed before any of the message was sent, so sending
+    /// it again on a new connection cannot deliver it twice.
+    #[error("{0} (before the message was sent)")]
+    NotStarted(UpstreamError),
+    /// The upstream failed after the message was sent in part or whole;
+    /// whether it was accepted is unknown.
+    #[error("{0} (while sending the message)")]
+    Interrupted(UpstreamError),
+}
+
 /// The ESMTP extensions the upstream offers that matter to the relay.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Capabilities {
@@ -206,7 +219,7 @@ impl UpstreamConnection {
         &mut self,
         header: Option<&str>,
         message: &[u8],
-    ) -> Result<Reply, UpstreamError> {
+    ) -> Result<Reply, SendFailure> {
         let header_length = header.map_or(0, |header| header.len() + 2);
         let mut encoded =
             Vec::with_capacity(header_length + message.len() + message.len() / 64 + 128);
@@ -219,7 +232,15 @@ impl UpstreamConnection {
             }
             encoded.extend_from_slice(message);
         } else {
-            let reply = self.command("DATA").await?;
+            let reply = self
+                .command("DATA")
+                .await
+                .map_err(SendFailure::NotStarted)?;
+            if reply.code == 421 {
+                return Err(SendFailure::NotStarted(UpstreamError::Closed {
+                    address: self.address.clone(),
+                }));
+            }
             if reply.code != 354 {
                 return Ok(reply);
             }
@@ -234,14 +255,37 @@ impl UpstreamConnection {
                 }
             }
         }
-        self.write(&encoded).await?;
+        self.write(&encoded)
+            .await
+            .map_err(SendFailure::Interrupted)?;
         let reply = self
             .read_reply(self.data_timeout, "reply to the message")
-            .await?;
+            .await
+            .map_err(SendFailure::Interrupted)?;
         // After a refused message an RSET makes sure the upstream transaction
         // is closed, because a refused BDAT may leave it open.
         self.in_transaction = !reply.is_positive();
         Ok(reply)
+    }
+
+    /// Returns true when the upstream has closed the connection or sent
+    /// something unasked (such as `421 timeout`), so the session is gone.
+    /// Never waits.
+    pub fn is_closed(&mut self) -> bool {
+        use std::task::{Context, Poll, Waker};
+        use tokio::io::{AsyncRead, ReadBuf};
+        if !self.stream.buffer().is_empty() {
+            return true;
+        }
+        let mut probe = [0u8; 1];
+        let mut buffer = ReadBuf::new(&mut probe);
+        let mut context = Context::from_waker(Waker::noop());
+        let stream = std::pin::Pin::new(self.stream.get_mut());
+        match stream.poll_read(&mut context, &mut buffer) {
+            Poll::Pending => false,
+            // End of stream, unasked bytes or an error: the session is over.
+            Poll::Ready(_) => true,
+        }
     }
 
     /// Resets the upstream transaction, if one is open.

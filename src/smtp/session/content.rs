@@ -1,12 +1,12 @@
 //! Message content: DATA and BDAT reading, then scanning and relaying.
 
-use super::{Session, State, Stop, sequence_error};
+use super::{Envelope, Session, State, Stop, sequence_error};
 use crate::config::LongLines;
 use crate::guard::MessageDecision;
 use crate::reply::Reply;
 use crate::smtp::command::{Body, Command};
 use crate::smtp::reader::{BareLineEndings, DataReader, normalize_line_endings};
-use crate::smtp::upstream::queue_id;
+use crate::smtp::upstream::{SendFailure, UpstreamConnection, queue_id};
 use std::time::Instant;
 
 /// Longest message line allowed by RFC 5322, in octets without CRLF.
@@ -220,20 +220,47 @@ impl Session {
             MessageDecision::Deliver { header, pending } => (header, pending),
         };
 
-        let Some(upstream) = self.upstream.as_mut() else {
-            self.queue(&Reply::upstream_failed());
-            return;
-        };
-        let reply = match upstream
-            .send_message(header.as_deref(), &content.message)
-            .await
+        // The upstream may have dropped the idle transaction while the
+        // client sent the message and the scanner ran (Postfix allows 300 s,
+        // 10 s under stress); a new session with the same envelope takes its
+        // place.
+        if self
+            .upstream
+            .as_mut()
+            .is_none_or(|upstream| upstream.is_closed())
         {
-            Ok(reply) => reply,
-            Err(error) => {
-                tracing::warn!(%error, transaction = %transaction.id, "upstream failed during the message");
-                self.upstream = None;
+            tracing::info!(transaction = %transaction.id, "upstream session gone; replaying the envelope");
+            if let Err(reply) = self.replay_envelope(&envelope).await {
+                self.queue(&reply);
+                return;
+            }
+        }
+        let mut replayed = false;
+        let reply = loop {
+            let Some(upstream) = self.upstream.as_mut() else {
                 self.queue(&Reply::upstream_failed());
                 return;
+            };
+            match upstream
+                .send_message(header.as_deref(), &content.message)
+                .await
+            {
+                Ok(reply) => break reply,
+                Err(SendFailure::NotStarted(error)) if !replayed => {
+                    tracing::info!(%error, transaction = %transaction.id,
+                        "upstream session failed before the message; replaying the envelope");
+                    replayed = true;
+                    if let Err(reply) = self.replay_envelope(&envelope).await {
+                        self.queue(&reply);
+                        return;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, transaction = %transaction.id, "upstream failed during the message");
+                    self.upstream = None;
+                    self.queue(&Reply::upstream_failed());
+                    return;
+                }
             }
         };
         let queue_id = reply.is_positive().then(|| queue_id(&reply)).flatten();
@@ -254,6 +281,45 @@ impl Session {
             self.reset_upstream().await;
         }
         self.queue(&reply);
+    }
+}
+
+impl Session {
+    /// Opens a new upstream session and sends the transaction's MAIL and
+    /// accepted RCPT lines again. A recipient the client was already told
+    /// `250` for and that is refused now fails the whole message with a
+    /// temporary error, so the client retries it whole.
+    async fn replay_envelope(&mut self, envelope: &Envelope) -> Result<(), Reply> {
+        self.upstream = None;
+        let runtime = self.shared.guard.runtime();
+        let mut connection = match UpstreamConnection::connect(
+            &runtime.config.upstream,
+            &runtime.config.smtp.hostname,
+        )
+        .await
+        {
+            Ok(connection) => connection,
+            Err(error) => {
+                tracing::warn!(%error, transaction = %envelope.id, "upstream unavailable for the replay");
+                return Err(Reply::upstream_unavailable());
+            }
+        };
+        for line in &envelope.upstream_lines {
+            match connection.command(line).await {
+                Ok(reply) if reply.is_positive() => {}
+                Ok(reply) => {
+                    tracing::warn!(transaction = %envelope.id, command = %line, upstream_reply = %reply.one_line(),
+                        "upstream refused the replayed envelope");
+                    return Err(Reply::replay_refused());
+                }
+                Err(error) => {
+                    tracing::warn!(%error, transaction = %envelope.id, "upstream failed during the replay");
+                    return Err(Reply::upstream_failed());
+                }
+            }
+        }
+        self.upstream = Some(connection);
+        Ok(())
     }
 }
 

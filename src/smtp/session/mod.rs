@@ -101,6 +101,9 @@ struct Envelope {
     sender_path: String,
     sender: String,
     accepted_recipients: usize,
+    /// The MAIL and accepted RCPT lines as sent upstream, to replay the
+    /// envelope on a new upstream connection.
+    upstream_lines: Vec<String>,
     /// Whether MAIL FROM carried SMTPUTF8, which UTF-8 addresses require.
     smtputf8: bool,
     body: Option<Body>,
@@ -430,6 +433,7 @@ impl Session {
             sender_path: request.path,
             sender: request.address,
             accepted_recipients: 0,
+            upstream_lines: Vec::new(),
             smtputf8: request.smtputf8,
             body: request.body,
             chunks: None,
@@ -450,6 +454,8 @@ impl Session {
         };
         if reply.is_positive() {
             self.state = State::Mail;
+            let mut envelope = envelope;
+            envelope.upstream_lines.push(line);
             self.envelope = Some(envelope);
         }
         self.queue(&reply);
@@ -504,6 +510,7 @@ impl Session {
             && let Some(envelope) = self.envelope.as_mut()
         {
             envelope.accepted_recipients += 1;
+            envelope.upstream_lines.push(line);
             self.state = State::Rcpt;
         }
         self.queue(&reply);
@@ -513,6 +520,17 @@ impl Session {
     /// no connection is open. On failure the client gets a 4xx, the
     /// transaction is dropped and `None` is returned.
     async fn upstream_command(&mut self, line: &str, connect: bool) -> Option<Reply> {
+        // An upstream session kept open between transactions may have timed
+        // out meanwhile; a new transaction starts on a new one.
+        if connect
+            && self
+                .upstream
+                .as_mut()
+                .is_some_and(|upstream| upstream.is_closed())
+        {
+            tracing::debug!("upstream session closed while idle; reconnecting");
+            self.upstream = None;
+        }
         if self.upstream.is_none() && connect {
             let runtime = self.shared.guard.runtime();
             match UpstreamConnection::connect(
