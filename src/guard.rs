@@ -12,6 +12,7 @@ use crate::policy::{
 };
 use crate::reply::Reply;
 use crate::scan::{OnUnscannable, ScanInput, Scanner, SpamAction, Verdict};
+use crate::smtp::upstream::UpstreamTarget;
 use crate::store::{Store, StoreError};
 use arc_swap::ArcSwap;
 use lru::LruCache;
@@ -30,6 +31,10 @@ pub struct Runtime {
     pub config: Config,
     pub directory: Directory,
     pub scanner: Scanner,
+    /// How to reach the upstream, with its TLS connector and credentials.
+    pub upstream: UpstreamTarget,
+    /// The listener's STARTTLS acceptor, when a certificate is set.
+    pub tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Runtime {
@@ -44,10 +49,20 @@ impl Runtime {
             Some(section) => Directory::load(&section.path, &config.identity)
                 .map_err(|error| format!("directory.path: {error}"))?,
         };
+        let upstream = UpstreamTarget::new(&config.upstream, &config.smtp.hostname)?;
+        let tls_acceptor = match (&config.smtp.tls_cert_file, &config.smtp.tls_key_file) {
+            (Some(cert), Some(key)) => Some(
+                crate::tls::acceptor(cert, key)
+                    .map_err(|error| format!("smtp.tls_cert_file: {error}"))?,
+            ),
+            _ => None,
+        };
         Ok(Runtime {
             config,
             directory,
             scanner,
+            upstream,
+            tls_acceptor,
         })
     }
 

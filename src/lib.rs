@@ -31,3 +31,4 @@ pub mod scan;
 pub mod server;
 pub mod smtp;
 pub mod store;
+pub mod tls;

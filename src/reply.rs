@@ -297,6 +297,10 @@ impl Reply {
         )
     }
 
+    pub fn tls_required() -> Reply {
+        Reply::new(530, "5.7.0", "Must issue a STARTTLS command first")
+    }
+
     pub fn too_many_errors() -> Reply {
         Reply::new(
             421,

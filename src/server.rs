@@ -228,8 +228,7 @@ fn session_prefix() -> String {
 /// transaction.
 async fn probe_dependencies(shared: Arc<SessionShared>) {
     let runtime = shared.guard.runtime();
-    match UpstreamConnection::connect(&runtime.config.upstream, &runtime.config.smtp.hostname).await
-    {
+    match UpstreamConnection::connect(&runtime.upstream).await {
         Ok(connection) => {
             tracing::info!(upstream = %runtime.config.upstream.address,
                 capabilities = ?connection.capabilities(), "upstream reachable");

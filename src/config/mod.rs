@@ -50,6 +50,13 @@ pub struct SmtpConfig {
     /// Invalid or out-of-sequence commands after which the session is
     /// closed with `421 4.7.0`.
     pub max_errors: u32,
+    /// Certificate chain (PEM) offered with STARTTLS; STARTTLS is offered
+    /// only when this and `tls_key_file` are set.
+    pub tls_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
+    /// Refuse MAIL FROM until the client has started TLS.
+    pub require_tls: bool,
     /// Pause before the greeting; a client that sends anything during it
     /// is disconnected. Zero sends the greeting at once.
     #[serde(with = "humantime_serde")]
@@ -92,6 +99,9 @@ impl Default for SmtpConfig {
             max_command_line: 2048,
             max_errors: 20,
             greeting_delay: Duration::ZERO,
+            tls_cert_file: None,
+            tls_key_file: None,
+            require_tls: false,
             greeting_timeout: Duration::from_secs(300),
             command_timeout: Duration::from_secs(300),
             idle_timeout: Duration::from_secs(300),
@@ -128,12 +138,46 @@ fn default_hostname() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
+/// How the relay uses TLS towards the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamTls {
+    /// Never start TLS.
+    None,
+    /// Start TLS when the upstream offers it, without checking its
+    /// certificate (Postfix's `smtp_tls_security_level = may`).
+    #[default]
+    Starttls,
+    /// Start TLS or fail, and verify the certificate against the system's
+    /// trust store or `ca_file`, for the name `tls_name`.
+    Required,
+}
+
 /// `[upstream]`: the smarthost that accepted mail is relayed to.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// `host:port` of the smarthost.
     pub address: String,
+    #[serde(default)]
+    pub tls: UpstreamTls,
+    /// PEM file of the CA that signed the upstream's certificate; replaces
+    /// the system's trust store.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Name the upstream's certificate must carry; default: the host part
+    /// of `address`.
+    #[serde(default)]
+    pub tls_name: Option<String>,
+    /// User name for SMTP AUTH (PLAIN or LOGIN) to the upstream.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// File holding the AUTH password (its first line).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Allow AUTH over a connection without TLS.
+    #[serde(default)]
+    pub allow_plaintext_auth: bool,
     /// Time allowed for each upstream reply (MAIL, RCPT, DATA, RSET).
     #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
     pub timeout: Duration,
@@ -432,6 +476,23 @@ impl Config {
 }
 
 fn validate_smtp(smtp: &SmtpConfig, problems: &mut Problems) {
+    match (&smtp.tls_cert_file, &smtp.tls_key_file) {
+        (Some(_), None) => problems.push(
+            "smtp.tls_key_file",
+            "missing; smtp.tls_cert_file needs its private key",
+        ),
+        (None, Some(_)) => problems.push(
+            "smtp.tls_cert_file",
+            "missing; smtp.tls_key_file needs its certificate",
+        ),
+        _ => {}
+    }
+    if smtp.require_tls && smtp.tls_cert_file.is_none() {
+        problems.push(
+            "smtp.require_tls",
+            "is true, but no certificate is set (smtp.tls_cert_file and smtp.tls_key_file), so no client could ever send",
+        );
+    }
     if smtp.hostname.is_empty()
         || smtp
             .hostname
@@ -495,6 +556,26 @@ fn validate_upstream(upstream: &UpstreamConfig, problems: &mut Problems) {
                 "{:?} is not host:port, such as \"127.0.0.1:25\" or \"[::1]:25\"",
                 upstream.address
             ),
+        );
+    }
+    match (&upstream.username, &upstream.password_file) {
+        (Some(_), None) => problems.push(
+            "upstream.password_file",
+            "missing; upstream.username needs a password file",
+        ),
+        (None, Some(_)) => problems.push(
+            "upstream.username",
+            "missing; upstream.password_file needs a user name",
+        ),
+        _ => {}
+    }
+    if upstream.username.is_some()
+        && upstream.tls == UpstreamTls::None
+        && !upstream.allow_plaintext_auth
+    {
+        problems.push(
+            "upstream.tls",
+            "is \"none\", so the AUTH password would cross the network in clear text; use \"starttls\" or \"required\", or set upstream.allow_plaintext_auth = true",
         );
     }
     for (key, value) in [

@@ -292,12 +292,7 @@ impl Session {
     async fn replay_envelope(&mut self, envelope: &Envelope) -> Result<(), Reply> {
         self.upstream = None;
         let runtime = self.shared.guard.runtime();
-        let mut connection = match UpstreamConnection::connect(
-            &runtime.config.upstream,
-            &runtime.config.smtp.hostname,
-        )
-        .await
-        {
+        let mut connection = match UpstreamConnection::connect(&runtime.upstream).await {
             Ok(connection) => connection,
             Err(error) => {
                 tracing::warn!(%error, transaction = %envelope.id, "upstream unavailable for the replay");

@@ -13,17 +13,20 @@ use crate::reply::Reply;
 use crate::smtp::command::{Body, Command, parse_command};
 use crate::smtp::reader::{CommandLine, CommandLines};
 use crate::smtp::upstream::{Capabilities, UpstreamConnection};
+use crate::tls::MaybeTls;
 use arc_swap::ArcSwapOption;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
 use tokio::time::timeout_at;
 
 /// Size of each read from the client socket.
 const READ_CHUNK: usize = 64 * 1024;
+
+/// The client connection, before or after STARTTLS.
+type ClientStream = MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
 
 /// State shared by all sessions of one listener.
 pub struct SessionShared {
@@ -70,11 +73,7 @@ pub fn sequence_error(state: State, command: &Command) -> Option<Reply> {
 fn ends_pipeline_group(command: &Command) -> bool {
     matches!(
         command,
-        Command::Ehlo { .. }
-            | Command::Helo { .. }
-            | Command::Data
-            | Command::StartTls
-            | Command::Auth
+        Command::Ehlo { .. } | Command::Helo { .. } | Command::Data | Command::Auth
     )
 }
 
@@ -126,8 +125,7 @@ enum Stop {
 /// One client connection.
 pub struct Session {
     shared: Arc<SessionShared>,
-    reader: OwnedReadHalf,
-    writer: OwnedWriteHalf,
+    stream: ClientStream,
     peer: SocketAddr,
     id: String,
     input: Vec<u8>,
@@ -152,11 +150,10 @@ impl Session {
     ) -> Session {
         let _ = stream.set_nodelay(true);
         let max_command_line = shared.guard.runtime().config.smtp.max_command_line;
-        let (reader, writer) = stream.into_split();
+
         Session {
             shared,
-            reader,
-            writer,
+            stream: MaybeTls::Plain(stream),
             peer,
             id,
             input: Vec::with_capacity(READ_CHUNK),
@@ -195,14 +192,20 @@ impl Session {
         // that does not wait for replies; none of it is ever relayed.
         let mut early = false;
         if !greeting_delay.is_zero() {
-            match tokio::time::timeout(greeting_delay, self.reader.read_buf(&mut self.input)).await
+            match tokio::time::timeout(greeting_delay, self.stream.read_buf(&mut self.input)).await
             {
                 Err(_) => {}
                 Ok(Ok(0)) | Ok(Err(_)) => return,
                 Ok(Ok(_)) => early = true,
             }
         }
-        if early || matches!(self.reader.try_read_buf(&mut self.input), Ok(read) if read > 0) {
+        let sent_early = match &self.stream {
+            MaybeTls::Plain(stream) => {
+                matches!(stream.try_read_buf(&mut self.input), Ok(read) if read > 0)
+            }
+            _ => false,
+        };
+        if early || sent_early {
             tracing::info!(client = %client, "client sent data before the greeting; connection closed");
             self.queue(&Reply::early_talker());
             let _ = self.flush().await;
@@ -353,11 +356,60 @@ impl Session {
             )),
             // BDAT is handled before the sequence check, with its chunk.
             Command::Bdat { .. } => {}
-            Command::StartTls => self.queue(&Reply::not_implemented("STARTTLS")),
+            Command::StartTls => self.start_tls().await?,
             Command::Auth => self.queue(&Reply::not_implemented("AUTH")),
             Command::Expn => self.queue(&Reply::not_implemented("EXPN")),
         }
         Ok(true)
+    }
+
+    /// Answers STARTTLS and runs the TLS handshake. Commands the client
+    /// pipelined after STARTTLS were sent in plain text, so they are dropped,
+    /// never executed inside TLS; the client starts over with EHLO.
+    async fn start_tls(&mut self) -> Result<(), Stop> {
+        let runtime = self.shared.guard.runtime();
+        let Some(acceptor) = runtime.tls_acceptor.clone() else {
+            self.queue(&Reply::not_implemented("STARTTLS"));
+            return Ok(());
+        };
+        if self.stream.is_tls() {
+            self.queue(&Reply::bad_sequence("TLS is already active"));
+            return Ok(());
+        }
+        if !self.input.is_empty() {
+            tracing::info!(
+                bytes = self.input.len(),
+                "plain text pipelined after STARTTLS discarded"
+            );
+            self.input.clear();
+        }
+        self.lines = CommandLines::new(runtime.config.smtp.max_command_line);
+        self.reset_transaction().await;
+        self.state = State::Connected;
+        self.queue(&Reply::new(220, "2.0.0", "Ready to start TLS"));
+        self.flush().await.map_err(Stop::Io)?;
+
+        let Some(plain) = self.stream.take_plain() else {
+            return Err(Stop::Closed);
+        };
+        let handshake = acceptor.accept(plain);
+        match tokio::time::timeout(runtime.config.smtp.command_timeout, handshake).await {
+            Err(_) => {
+                tracing::info!("TLS handshake timed out");
+                Err(Stop::Closed)
+            }
+            Ok(Err(error)) => {
+                tracing::info!(%error, "TLS handshake failed");
+                Err(Stop::Closed)
+            }
+            Ok(Ok(tls)) => {
+                let (_, connection) = tls.get_ref();
+                tracing::debug!(version = ?connection.protocol_version(),
+                    cipher = ?connection.negotiated_cipher_suite().map(|suite| suite.suite()), "TLS started");
+                self.stream = MaybeTls::Tls(Box::new(tls));
+                Ok(())
+            }
+        }
     }
 
     fn ehlo_reply(&self, hostname: &str) -> Reply {
@@ -374,6 +426,9 @@ impl Session {
             format!("SIZE {size}"),
             "CHUNKING".to_string(),
         ];
+        if self.shared.guard.runtime().tls_acceptor.is_some() && !self.stream.is_tls() {
+            lines.push("STARTTLS".to_string());
+        }
         // Extensions that change what reaches the upstream are offered only
         // when the upstream offers them too. PIPELINING concerns only this
         // hop, because commands go upstream one at a time.
@@ -411,7 +466,17 @@ impl Session {
     }
 
     async fn mail(&mut self, request: MailRequest) {
-        let max_size = self.shared.guard.runtime().config.smtp.max_message_size;
+        let (max_size, require_tls) = {
+            let runtime = self.shared.guard.runtime();
+            (
+                runtime.config.smtp.max_message_size,
+                runtime.config.smtp.require_tls,
+            )
+        };
+        if require_tls && !self.stream.is_tls() {
+            self.queue(&Reply::tls_required());
+            return;
+        }
         if let Some(size) = request.size
             && size > max_size
         {
@@ -533,12 +598,7 @@ impl Session {
         }
         if self.upstream.is_none() && connect {
             let runtime = self.shared.guard.runtime();
-            match UpstreamConnection::connect(
-                &runtime.config.upstream,
-                &runtime.config.smtp.hostname,
-            )
-            .await
-            {
+            match UpstreamConnection::connect(&runtime.upstream).await {
                 Ok(connection) => {
                     self.shared
                         .upstream_capabilities
@@ -648,11 +708,11 @@ impl Session {
         }
         let read = if interruptible {
             tokio::select! {
-                read = timeout_at(deadline, self.reader.read_buf(&mut self.input)) => read,
+                read = timeout_at(deadline, self.stream.read_buf(&mut self.input)) => read,
                 _ = self.shutdown.changed() => return Err(Stop::Shutdown),
             }
         } else {
-            timeout_at(deadline, self.reader.read_buf(&mut self.input)).await
+            timeout_at(deadline, self.stream.read_buf(&mut self.input)).await
         };
         match read {
             Err(_) => Err(Stop::Timeout),
@@ -689,7 +749,14 @@ impl Session {
         }
         // A client that stops reading must not hold the session forever.
         let limit = self.shared.guard.runtime().config.smtp.command_timeout;
-        match tokio::time::timeout(limit, self.writer.write_all(&self.output)).await {
+        // TLS buffers what it encrypts, so the flush is what sends it.
+        let stream = &mut self.stream;
+        let output = &self.output;
+        let write = async {
+            stream.write_all(output).await?;
+            stream.flush().await
+        };
+        match tokio::time::timeout(limit, write).await {
             Err(_) => Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 format!(

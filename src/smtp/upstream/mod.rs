@@ -5,9 +5,13 @@
 //! with `TCP_NODELAY`, one write per message, exact dot-stuffing (the first
 //! line included) and a timeout on every wait.
 
-use crate::config::UpstreamConfig;
+mod secure;
+
+pub use secure::UpstreamTarget;
+
 use crate::reply::{Reply, sanitize};
 use crate::smtp::reader::encode_data;
+use secure::UpstreamStream;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -43,6 +47,25 @@ pub enum UpstreamError {
     Protocol { address: String, line: String },
     #[error("upstream {address} refused the session: {reply}")]
     Refused { address: String, reply: Reply },
+    #[error("upstream {address} does not offer STARTTLS, and upstream.tls = \"required\"")]
+    TlsUnavailable { address: String },
+    #[error("TLS with upstream {address} failed: {source}")]
+    Tls {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("upstream {address} offers no AUTH mechanism sendguard supports (PLAIN, LOGIN)")]
+    AuthUnavailable { address: String },
+    #[error(
+        "upstream {address} has no TLS on this connection; AUTH in clear text needs upstream.allow_plaintext_auth = true"
+    )]
+    AuthNeedsTls { address: String },
+    #[error("upstream {address} rejected the AUTH credentials of user {username:?}: {reply}")]
+    AuthFailed {
+        address: String,
+        username: String,
+        reply: Reply,
+    },
 }
 
 /// A failure sending a message upstream.
@@ -71,6 +94,8 @@ pub struct Capabilities {
     pub chunking: bool,
     pub binarymime: bool,
     pub starttls: bool,
+    /// AUTH mechanisms offered, upper-cased.
+    pub auth: Vec<String>,
 }
 
 impl Capabilities {
@@ -95,6 +120,9 @@ impl Capabilities {
                 "CHUNKING" => capabilities.chunking = true,
                 "BINARYMIME" => capabilities.binarymime = true,
                 "STARTTLS" => capabilities.starttls = true,
+                "AUTH" => {
+                    capabilities.auth = words.map(str::to_ascii_uppercase).collect();
+                }
                 _ => {}
             }
         }
@@ -104,7 +132,7 @@ impl Capabilities {
 
 /// An open SMTP session with the upstream.
 pub struct UpstreamConnection {
-    stream: BufReader<TcpStream>,
+    stream: BufReader<UpstreamStream>,
     address: String,
     reply_timeout: Duration,
     data_timeout: Duration,
@@ -114,14 +142,13 @@ pub struct UpstreamConnection {
 }
 
 impl UpstreamConnection {
-    /// Connects, reads the greeting and says EHLO (HELO if EHLO is refused).
+    /// Connects, reads the greeting, says EHLO (HELO if EHLO is refused),
+    /// starts TLS and logs in as `target` says.
     ///
     /// # Errors
-    /// When the connection, the greeting or the EHLO fails.
-    pub async fn connect(
-        config: &UpstreamConfig,
-        helo_name: &str,
-    ) -> Result<UpstreamConnection, UpstreamError> {
+    /// When the connection, the greeting, EHLO, TLS or AUTH fails.
+    pub async fn connect(target: &UpstreamTarget) -> Result<UpstreamConnection, UpstreamError> {
+        let config = &target.config;
         let address = config.address.clone();
         let stream = match timeout(config.connect_timeout, TcpStream::connect(&address)).await {
             Err(_) => {
@@ -143,7 +170,7 @@ impl UpstreamConnection {
                 source,
             })?;
         let mut connection = UpstreamConnection {
-            stream: BufReader::new(stream),
+            stream: BufReader::new(UpstreamStream::Plain(stream)),
             address,
             reply_timeout: config.timeout,
             data_timeout: config.data_timeout,
@@ -160,19 +187,33 @@ impl UpstreamConnection {
                 reply: greeting,
             });
         }
-        let ehlo = connection.command(&format!("EHLO {helo_name}")).await?;
-        if ehlo.code == 250 {
-            connection.capabilities = Capabilities::from_ehlo(&ehlo);
-        } else {
-            let helo = connection.command(&format!("HELO {helo_name}")).await?;
-            if helo.code != 250 {
-                return Err(UpstreamError::Refused {
-                    address: connection.address,
-                    reply: helo,
-                });
-            }
-        }
+        connection.hello(&target.helo_name).await?;
+        connection.start_tls(target).await?;
+        connection.authenticate(target).await?;
         Ok(connection)
+    }
+
+    /// Says EHLO, or HELO when EHLO is refused, and learns the extensions.
+    async fn hello(&mut self, helo_name: &str) -> Result<(), UpstreamError> {
+        let ehlo = self.command(&format!("EHLO {helo_name}")).await?;
+        if ehlo.code == 250 {
+            self.capabilities = Capabilities::from_ehlo(&ehlo);
+            return Ok(());
+        }
+        self.capabilities = Capabilities::default();
+        let helo = self.command(&format!("HELO {helo_name}")).await?;
+        if helo.code != 250 {
+            return Err(UpstreamError::Refused {
+                address: self.address.clone(),
+                reply: helo,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the session runs over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.stream.get_ref().is_tls()
     }
 
     pub fn capabilities(&self) -> &Capabilities {
@@ -317,7 +358,12 @@ impl UpstreamConnection {
 
     async fn write(&mut self, bytes: &[u8]) -> Result<(), UpstreamError> {
         let stream = self.stream.get_mut();
-        match timeout(self.data_timeout, stream.write_all(bytes)).await {
+        // TLS buffers what it encrypts, so the flush is what sends it.
+        let write = async {
+            stream.write_all(bytes).await?;
+            stream.flush().await
+        };
+        match timeout(self.data_timeout, write).await {
             Err(_) => Err(UpstreamError::Timeout {
                 address: self.address.clone(),
                 after: self.data_timeout,
