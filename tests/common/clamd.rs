@@ -36,6 +36,8 @@ pub struct Clamd {
     /// `SENDGUARD_TEST_CLAMD_SOCKET`.
     pub socket: PathBuf,
     child: Option<Child>,
+    /// clamd.conf and the log file, to start the same clamd again.
+    files: Option<(PathBuf, PathBuf)>,
     // Kept so that the directory is deleted after clamd stops.
     _dir: Option<tempfile::TempDir>,
 }
@@ -54,6 +56,7 @@ impl Clamd {
                 address: address.trim().to_string(),
                 socket,
                 child: None,
+                files: None,
                 _dir: None,
             };
         }
@@ -100,6 +103,7 @@ impl Clamd {
                         address,
                         socket,
                         child: Some(child),
+                        files: Some((config, log)),
                         _dir: Some(dir),
                     };
                 }
@@ -112,6 +116,35 @@ impl Clamd {
             }
         }
         panic!("clamd did not start after {START_ATTEMPTS} attempts; last output:\n{last_output}");
+    }
+}
+
+impl Clamd {
+    /// Stops this clamd; its port then refuses connections.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts this clamd again on the same port with the same
+    /// configuration. Panics for a reused external server.
+    pub fn restart(&mut self) {
+        self.stop();
+        let (config, log) = self
+            .files
+            .clone()
+            .expect("only a clamd started by the test can restart");
+        let mut child = spawn_clamd(&config, &log);
+        if let Err(reason) = wait_until_ready(&mut child, &self.address) {
+            let _ = child.kill();
+            panic!(
+                "clamd did not restart: {reason}\n{}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        self.child = Some(child);
     }
 }
 
