@@ -684,3 +684,36 @@ fn replayed_recipient_refused_tempfails() {
         "never delivered to only some recipients"
     );
 }
+
+#[test]
+fn stressed_postfix_upstream_still_delivers() {
+    // Postfix as the upstream, with the timeouts it uses under stress: a
+    // 2-second smtpd_timeout and one junk command (NOOP, RSET) allowed.
+    let sink = Upstream::start(UpstreamOptions::default());
+    let postfix = common::postfix::Postfix::start(
+        &sink.address(),
+        "smtpd_timeout = 2s\nsmtpd_junk_command_limit = 1\n",
+    );
+    let server = Sendguard::start(&postfix.address, "");
+    let mut client = session(&server.address);
+    client.cmd("MAIL FROM:<alice@example.org>", 250);
+    client.cmd("RCPT TO:<bob@example.net>", 250);
+    client.cmd("DATA", 354);
+    client.send_raw(b"Subject: slow client\r\n\r\n");
+    // The client takes longer over DATA than Postfix waits.
+    std::thread::sleep(Duration::from_secs(5));
+    client.send_raw(b"finally done\r\n.\r\n");
+    let reply = client.read_reply();
+    assert_eq!(reply.code, 250, "{}\n{}", reply.text(), postfix.log());
+    client.quit();
+
+    let messages = sink.wait_for_messages(1, Duration::from_secs(30));
+    let delivered = String::from_utf8_lossy(&messages[0].content).into_owned();
+    assert!(delivered.contains("finally done"), "{delivered}");
+    assert_eq!(sink.messages().len(), 1, "delivered once");
+    assert!(
+        postfix.log().contains("timeout after"),
+        "Postfix dropped the idle session:\n{}",
+        postfix.log()
+    );
+}

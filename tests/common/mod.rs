@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod clamd;
+pub mod postfix;
 pub mod sendguard;
 pub mod smtp_client;
+pub mod tls;
 pub mod upstream;
