@@ -1,6 +1,7 @@
-//! Tests of the test harness itself: the recording upstream and the SMTP
-//! client helper, including one run of Postfix's smtp-source against the
-//! recorder so that it is checked against a real SMTP client too.
+//! Tests of the test harness itself: the recording upstream, the SMTP
+//! client helper and the test PKI. Postfix's smtp-source and swaks (for
+//! STARTTLS and AUTH) also run against the recorder, so that it is checked
+//! against real SMTP clients too.
 
 mod common;
 
@@ -9,7 +10,14 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::smtp_client::{SmtpClient, data_payload, stuff};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{CertificateError, ServerConfig};
+
+use common::smtp_client::{SmtpClient, StartTlsError, data_payload, stuff};
+use common::tls::TestPki;
 use common::upstream::{
     ClosePoint, DEFAULT_CAPABILITIES, Upstream, UpstreamOptions, closed_address,
 };
@@ -657,4 +665,525 @@ fn upstream_records_postfix_smtp_source() {
     }
     assert_eq!(upstream.connections(), 1);
     assert!(!upstream.saw_bare_line_ending());
+}
+
+const USERNAME: &str = "relay@example.org";
+const PASSWORD: &str = "s3cret pass";
+
+/// Starts an upstream that offers STARTTLS with a certificate from `pki` for
+/// `upstream.test` and 127.0.0.1.
+fn start_tls_upstream(pki: &TestPki, options: UpstreamOptions) -> Upstream {
+    Upstream::start(options.starttls(pki.rustls_server_config("upstream.test")))
+}
+
+/// Connects, sends EHLO, STARTTLS and EHLO again inside TLS.
+fn start_tls_session(upstream: &Upstream, pki: &TestPki) -> SmtpClient {
+    let mut client = start_session(upstream);
+    client.starttls(pki.rustls_client_config(), "upstream.test");
+    client.cmd("EHLO client.example", 250);
+    client
+}
+
+fn plain_response(authzid: &str, username: &str, password: &str) -> String {
+    BASE64.encode(format!("{authzid}\0{username}\0{password}"))
+}
+
+#[test]
+fn test_pki_writes_loadable_files() {
+    let pki = TestPki::new();
+    assert_eq!(
+        std::fs::read_to_string(&pki.ca_file).unwrap(),
+        pki.ca_cert_pem
+    );
+    assert!(pki.ca_file.starts_with(pki.dir.path()));
+
+    let (cert_file, key_file) = pki.server_cert("upstream.test");
+    let (second_cert_file, _) = pki.server_cert("upstream.test");
+    assert_ne!(cert_file, second_cert_file, "each call writes new files");
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert_file)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        chain.len(),
+        2,
+        "the chain file contains the leaf and the CA"
+    );
+    let ca = CertificateDer::from_pem_slice(pki.ca_cert_pem.as_bytes()).unwrap();
+    assert_eq!(chain[1], ca);
+    let key = PrivateKeyDer::from_pem_file(&key_file).unwrap();
+
+    // Serve the files the way a server that reads them would, and verify
+    // the leaf both by DNS name and by IP address.
+    let config = ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    let upstream =
+        Upstream::start(UpstreamOptions::default().starttls(std::sync::Arc::new(config)));
+    for server_name in ["upstream.test", "127.0.0.1"] {
+        let mut client = start_session(&upstream);
+        client.starttls(pki.rustls_client_config(), server_name);
+        assert!(client.is_tls(), "server name {server_name}");
+        client.cmd("EHLO client.example", 250);
+        client.quit();
+    }
+}
+
+#[test]
+fn test_pki_rejects_other_ca() {
+    let trusted = TestPki::new();
+    let other = TestPki::new();
+    assert_ne!(trusted.ca_cert_pem, other.ca_cert_pem);
+    let upstream = start_tls_upstream(&other, UpstreamOptions::default());
+
+    let mut client = start_session(&upstream);
+    let error = client
+        .try_starttls(trusted.rustls_client_config(), "upstream.test")
+        .unwrap_err();
+    assert!(
+        matches!(
+            error.rustls_error(),
+            Some(rustls::Error::InvalidCertificate(
+                CertificateError::UnknownIssuer
+            ))
+        ),
+        "error: {error}"
+    );
+    assert!(!client.is_tls());
+
+    // The recorder records its side of the failed handshake.
+    let errors = upstream.wait_for_tls_handshake_errors(1, WAIT);
+    assert_eq!(errors.len(), 1, "errors: {errors:?}");
+    assert!(
+        errors[0].starts_with("connection 1: "),
+        "errors: {errors:?}"
+    );
+    assert!(upstream.transactions().is_empty());
+}
+
+#[test]
+fn test_pki_rejects_wrong_name() {
+    let pki = TestPki::new();
+    let upstream = Upstream::start(
+        UpstreamOptions::default().starttls(pki.rustls_server_config_for(&["other.test"])),
+    );
+    for server_name in ["upstream.test", "127.0.0.1"] {
+        let mut client = start_session(&upstream);
+        let error = client
+            .try_starttls(pki.rustls_client_config(), server_name)
+            .unwrap_err();
+        assert!(
+            matches!(
+                error.rustls_error(),
+                Some(rustls::Error::InvalidCertificate(
+                    CertificateError::NotValidForNameContext { .. }
+                ))
+            ),
+            "server name {server_name}: {error}"
+        );
+    }
+}
+
+#[test]
+fn smtp_client_starttls_to_upstream() {
+    let pki = TestPki::new();
+    let upstream = start_tls_upstream(&pki, UpstreamOptions::default());
+    let mut client = start_session(&upstream);
+
+    let plain = client.send_message("alice@example.org", &["bob@example.net"], b"plain\r\n");
+    assert_eq!(plain.code, 250);
+    let ehlo = client.cmd("EHLO client.example", 250);
+    assert_eq!(ehlo.lines.last().map(String::as_str), Some("STARTTLS"));
+
+    client.starttls(pki.rustls_client_config(), "upstream.test");
+    assert!(client.is_tls());
+    let version = client.tls_connection().unwrap().protocol_version();
+    assert_eq!(version, Some(rustls::ProtocolVersion::TLSv1_3));
+    assert!(
+        client
+            .transcript()
+            .contains("-- TLS established with upstream.test")
+    );
+
+    let ehlo = client.cmd("EHLO tls.client.example", 250);
+    assert!(!ehlo.contains("STARTTLS"), "EHLO reply inside TLS: {ehlo}");
+    let secure = client.send_message("alice@example.org", &["bob@example.net"], b"secure\r\n");
+    assert_eq!(secure.code, 250);
+    client.quit();
+    assert_eq!(client.expect_closed(), None);
+
+    let messages = upstream.wait_for_messages(2, WAIT);
+    assert_eq!(messages[0].content, b"plain\r\n");
+    assert!(!messages[0].tls);
+    assert_eq!(messages[1].content, b"secure\r\n");
+    assert!(messages[1].tls);
+    assert_eq!(messages[1].helo_line, "EHLO tls.client.example");
+    assert_eq!(messages[1].auth_user, None);
+
+    let transcript = &upstream.connection_transcripts()[0];
+    assert!(transcript.plaintext_received().ends_with(b"STARTTLS\r\n"));
+    assert!(
+        transcript
+            .plaintext_sent()
+            .ends_with(b"220 2.0.0 Ready to start TLS\r\n")
+    );
+    let after_tls = &transcript.received[transcript.received_before_tls.unwrap()..];
+    assert!(after_tls.starts_with(b"EHLO tls.client.example\r\n"));
+    assert!(!upstream.saw_plaintext_after_starttls());
+    assert!(client.discarded_before_tls().is_empty());
+}
+
+#[test]
+fn upstream_resets_session_after_starttls() {
+    let pki = TestPki::new();
+    let upstream = start_tls_upstream(&pki, UpstreamOptions::default());
+    let mut client = start_session(&upstream);
+    client.cmd("MAIL FROM:<alice@example.org>", 250);
+    client.starttls_expect(503);
+    client.cmd("RSET", 250);
+    client.cmd("STARTTLS now", 501);
+
+    client.starttls(pki.rustls_client_config(), "upstream.test");
+    client.cmd("MAIL FROM:<alice@example.org>", 503);
+    client.cmd("EHLO client.example", 250);
+    client.starttls_expect(554);
+    client.cmd("MAIL FROM:<alice@example.org>", 250);
+    client.quit();
+}
+
+#[test]
+fn upstream_starttls_not_offered_by_default() {
+    let upstream = Upstream::start(UpstreamOptions::default());
+    let mut client = SmtpClient::connect(&upstream.address());
+    let ehlo = client.cmd("EHLO client.example", 250);
+    assert!(!ehlo.contains("STARTTLS"), "EHLO reply: {ehlo}");
+    let reply = client.starttls_expect(454);
+    assert_eq!(reply.enhanced_code(), Some("4.7.0"));
+
+    let pki = TestPki::new();
+    let error = client
+        .try_starttls(pki.rustls_client_config(), "upstream.test")
+        .unwrap_err();
+    assert!(
+        matches!(&error, StartTlsError::Rejected(reply) if reply.code == 454),
+        "error: {error}"
+    );
+    // A rejected STARTTLS leaves the plaintext session usable.
+    assert!(!client.is_tls());
+    client.quit();
+}
+
+#[test]
+fn upstream_flags_plaintext_after_starttls() {
+    let pki = TestPki::new();
+    let upstream = start_tls_upstream(&pki, UpstreamOptions::default());
+    let mut client = start_session(&upstream);
+    client.send_raw_then_starttls(
+        b"MAIL FROM:<injected@example.org>\r\n",
+        pki.rustls_client_config(),
+        "upstream.test",
+    );
+    // The recorder sends no reply to the pipelined MAIL, in plaintext or
+    // inside TLS, so the next reply belongs to EHLO.
+    assert!(client.discarded_before_tls().is_empty());
+    let ehlo = client.cmd("EHLO client.example", 250);
+    assert_eq!(ehlo.lines[0], "upstream.test");
+    // A MAIL executed inside TLS would make this a nested MAIL (503).
+    let reply = client.send_message("alice@example.org", &["bob@example.net"], b"after\r\n");
+    assert_eq!(reply.code, 250);
+    client.quit();
+
+    assert!(upstream.saw_plaintext_after_starttls());
+    let messages = upstream.wait_for_messages(1, WAIT);
+    assert_eq!(messages[0].mail_line, "MAIL FROM:<alice@example.org>");
+    let transcript = &upstream.connection_transcripts()[0];
+    assert!(
+        transcript
+            .plaintext_received()
+            .ends_with(b"STARTTLS\r\nMAIL FROM:<injected@example.org>\r\n"),
+        "plaintext received: {}",
+        transcript.plaintext_received().escape_ascii()
+    );
+}
+
+#[test]
+fn smtp_client_discards_bytes_after_220() {
+    let pki = TestPki::new();
+    let upstream = start_tls_upstream(
+        &pki,
+        UpstreamOptions::default().inject_after_starttls(b"250 fake reply\r\n"),
+    );
+    let mut client = start_session(&upstream);
+    client.starttls(pki.rustls_client_config(), "upstream.test");
+    assert_eq!(client.discarded_before_tls(), b"250 fake reply\r\n");
+    assert!(
+        client
+            .transcript()
+            .contains("S (discarded before TLS): 250 fake reply"),
+        "transcript:\n{}",
+        client.transcript()
+    );
+
+    let ehlo = client.cmd("EHLO client.example", 250);
+    assert_eq!(ehlo.lines[0], "upstream.test");
+    client.quit();
+
+    let transcript = &upstream.connection_transcripts()[0];
+    assert!(
+        transcript
+            .plaintext_sent()
+            .ends_with(b"220 2.0.0 Ready to start TLS\r\n250 fake reply\r\n")
+    );
+}
+
+#[test]
+fn upstream_auth_plain_accepts_credentials() {
+    let upstream = Upstream::start(UpstreamOptions::default().auth(USERNAME, PASSWORD));
+    let mut client = SmtpClient::connect(&upstream.address());
+    let ehlo = client.cmd("EHLO client.example", 250);
+    assert!(ehlo.contains("AUTH PLAIN LOGIN"), "EHLO reply: {ehlo}");
+    let rejected = client.cmd("MAIL FROM:<alice@example.org>", 530);
+    assert_eq!(rejected.enhanced_code(), Some("5.7.0"));
+
+    let response = plain_response("", USERNAME, PASSWORD);
+    let reply = client.cmd(&format!("AUTH PLAIN {response}"), 235);
+    assert_eq!(reply.text(), "2.7.0 Authentication successful");
+    client.cmd("AUTH PLAIN", 503);
+    let sent = client.send_message("alice@example.org", &["bob@example.net"], b"hi\r\n");
+    assert_eq!(sent.code, 250);
+    client.quit();
+
+    // Without an initial response, and with the user name as authzid.
+    let mut client = start_session(&upstream);
+    let challenge = client.cmd("AUTH PLAIN", 334);
+    assert_eq!(challenge.lines, [""]);
+    client.cmd(&plain_response(USERNAME, USERNAME, PASSWORD), 235);
+    let sent = client.send_message("alice@example.org", &["bob@example.net"], b"hi\r\n");
+    assert_eq!(sent.code, 250);
+    client.quit();
+
+    let messages = upstream.wait_for_messages(2, WAIT);
+    for message in &messages {
+        assert_eq!(message.auth_user.as_deref(), Some(USERNAME));
+        assert!(!message.tls);
+    }
+    assert_eq!(upstream.auth_failures(), 0);
+}
+
+#[test]
+fn upstream_auth_plain_rejects_wrong_credentials() {
+    let upstream = Upstream::start(UpstreamOptions::default().auth(USERNAME, PASSWORD));
+    let wrong = [
+        plain_response("", USERNAME, "wrong"),
+        plain_response("", "mallory@example.org", PASSWORD),
+        plain_response("someone-else", USERNAME, PASSWORD),
+        BASE64.encode(format!("{USERNAME}\0{PASSWORD}")),
+    ];
+    let mut client = start_session(&upstream);
+    for (index, response) in wrong.iter().enumerate() {
+        let reply = client.cmd(&format!("AUTH PLAIN {response}"), 535);
+        assert_eq!(reply.text(), "5.7.8 Error: authentication failed");
+        assert_eq!(upstream.auth_failures(), index + 1);
+    }
+    client.cmd("MAIL FROM:<alice@example.org>", 530);
+
+    client.cmd("AUTH PLAIN", 334);
+    let reply = client.cmd(&plain_response("", USERNAME, "wrong"), 535);
+    assert_eq!(reply.enhanced_code(), Some("5.7.8"));
+    assert_eq!(upstream.auth_failures(), wrong.len() + 1);
+    client.quit();
+    assert!(upstream.transactions().is_empty());
+}
+
+#[test]
+fn upstream_auth_login_dialogue() {
+    let upstream = Upstream::start(UpstreamOptions::default().auth(USERNAME, PASSWORD));
+    let mut client = start_session(&upstream);
+    let username_prompt = client.cmd("AUTH LOGIN", 334);
+    assert_eq!(username_prompt.lines, ["VXNlcm5hbWU6"]);
+    let password_prompt = client.cmd(&BASE64.encode(USERNAME), 334);
+    assert_eq!(password_prompt.lines, ["UGFzc3dvcmQ6"]);
+    client.cmd(&BASE64.encode("wrong"), 535);
+    assert_eq!(upstream.auth_failures(), 1);
+
+    client.cmd("AUTH LOGIN", 334);
+    client.cmd(&BASE64.encode(USERNAME), 334);
+    client.cmd(&BASE64.encode(PASSWORD), 235);
+    let sent = client.send_message("alice@example.org", &["bob@example.net"], b"hi\r\n");
+    assert_eq!(sent.code, 250);
+    client.quit();
+
+    // The user name as initial response skips the first prompt.
+    let mut client = start_session(&upstream);
+    let prompt = client.cmd(&format!("AUTH LOGIN {}", BASE64.encode(USERNAME)), 334);
+    assert_eq!(prompt.lines, ["UGFzc3dvcmQ6"]);
+    client.cmd(&BASE64.encode(PASSWORD), 235);
+    client.quit();
+
+    let messages = upstream.wait_for_messages(1, WAIT);
+    assert_eq!(messages[0].auth_user.as_deref(), Some(USERNAME));
+    assert_eq!(upstream.auth_failures(), 1);
+}
+
+#[test]
+fn upstream_auth_rejects_malformed_requests() {
+    let upstream = Upstream::start(UpstreamOptions::default().auth(USERNAME, PASSWORD));
+    let mut client = SmtpClient::connect(&upstream.address());
+    client.cmd("AUTH PLAIN", 503);
+    client.cmd("EHLO client.example", 250);
+    client.cmd("AUTH CRAM-MD5", 504);
+    client.cmd("AUTH", 501);
+    client.cmd("AUTH PLAIN one two", 501);
+    client.cmd("AUTH PLAIN not*base64", 501);
+    client.cmd("AUTH LOGIN", 334);
+    let aborted = client.cmd("*", 501);
+    assert_eq!(aborted.text(), "5.7.0 Authentication aborted");
+    client.cmd("AUTH PLAIN =", 535);
+    assert_eq!(upstream.auth_failures(), 1);
+    client.quit();
+
+    // Without `auth`, AUTH is an unknown command as before.
+    let plain = Upstream::start(UpstreamOptions::default());
+    let mut client = start_session(&plain);
+    client.cmd(
+        &format!("AUTH PLAIN {}", plain_response("", USERNAME, PASSWORD)),
+        502,
+    );
+    client.cmd("MAIL FROM:<alice@example.org>", 250);
+    client.quit();
+}
+
+#[test]
+fn upstream_auth_requires_tls() {
+    let pki = TestPki::new();
+    let upstream = start_tls_upstream(
+        &pki,
+        UpstreamOptions::default()
+            .auth(USERNAME, PASSWORD)
+            .auth_requires_tls(),
+    );
+    let mut client = start_session(&upstream);
+    let ehlo = client.cmd("EHLO client.example", 250);
+    assert!(!ehlo.contains("AUTH"), "EHLO reply before TLS: {ehlo}");
+    let reply = client.cmd(
+        &format!("AUTH PLAIN {}", plain_response("", USERNAME, PASSWORD)),
+        538,
+    );
+    assert_eq!(reply.enhanced_code(), Some("5.7.11"));
+    client.cmd("MAIL FROM:<alice@example.org>", 530);
+
+    client.starttls(pki.rustls_client_config(), "upstream.test");
+    let ehlo = client.cmd("EHLO client.example", 250);
+    assert!(
+        ehlo.contains("AUTH PLAIN LOGIN"),
+        "EHLO reply inside TLS: {ehlo}"
+    );
+    client.cmd(
+        &format!("AUTH PLAIN {}", plain_response("", USERNAME, PASSWORD)),
+        235,
+    );
+    let sent = client.send_message("alice@example.org", &["bob@example.net"], b"hi\r\n");
+    assert_eq!(sent.code, 250);
+    client.quit();
+
+    let messages = upstream.wait_for_messages(1, WAIT);
+    assert!(messages[0].tls);
+    assert_eq!(messages[0].auth_user.as_deref(), Some(USERNAME));
+    assert_eq!(upstream.auth_failures(), 0);
+}
+
+#[test]
+fn upstream_forgets_auth_after_starttls() {
+    let pki = TestPki::new();
+    let upstream = start_tls_upstream(&pki, UpstreamOptions::default().auth(USERNAME, PASSWORD));
+    let mut client = start_session(&upstream);
+    client.cmd(
+        &format!("AUTH PLAIN {}", plain_response("", USERNAME, PASSWORD)),
+        235,
+    );
+    client.starttls(pki.rustls_client_config(), "upstream.test");
+    client.cmd("EHLO client.example", 250);
+    client.cmd("MAIL FROM:<alice@example.org>", 530);
+    client.quit();
+}
+
+#[test]
+fn upstream_require_tls_rejects_plain_mail() {
+    let pki = TestPki::new();
+    let upstream = start_tls_upstream(&pki, UpstreamOptions::default().require_tls());
+    let mut client = start_session(&upstream);
+    let reply = client.cmd("MAIL FROM:<alice@example.org>", 530);
+    assert_eq!(reply.text(), "5.7.0 Must issue a STARTTLS command first");
+    client.quit();
+
+    let mut client = start_tls_session(&upstream, &pki);
+    let sent = client.send_message("alice@example.org", &["bob@example.net"], b"hi\r\n");
+    assert_eq!(sent.code, 250);
+    client.quit();
+    assert!(upstream.wait_for_messages(1, WAIT)[0].tls);
+}
+
+/// swaks, an SMTP client built on OpenSSL, checks the recorder's STARTTLS
+/// and AUTH against an implementation other than rustls and this harness.
+#[test]
+fn upstream_records_swaks_tls_auth() {
+    let swaks = Path::new("/usr/bin/swaks");
+    assert!(
+        swaks.exists(),
+        "{} is missing: install the swaks package (scripts/install-deps.sh does)",
+        swaks.display()
+    );
+    let pki = TestPki::new();
+    let upstream = start_tls_upstream(
+        &pki,
+        UpstreamOptions::default()
+            .auth(USERNAME, PASSWORD)
+            .auth_requires_tls(),
+    );
+    let port = upstream.address().rsplit(':').next().unwrap().to_string();
+
+    for mechanism in ["PLAIN", "LOGIN"] {
+        let output = Command::new(swaks)
+            .args(["--server", "127.0.0.1", "--port", &port])
+            .args(["--helo", "swaks.example", "--timeout", "10"])
+            .args(["--from", "alice@example.org", "--to", "bob@example.net"])
+            .args(["--tls", "--tls-verify", "--tls-ca-path"])
+            .arg(&pki.ca_file)
+            .args(["--auth", mechanism, "--auth-user", USERNAME])
+            .args(["--auth-password", PASSWORD])
+            .args(["--body", "swaks body"])
+            .output()
+            .expect("failed to run swaks");
+        assert!(
+            output.status.success(),
+            "swaks with AUTH {mechanism} failed with {}:\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    let messages = upstream.wait_for_messages(2, WAIT);
+    for message in &messages {
+        assert!(message.tls);
+        assert_eq!(message.auth_user.as_deref(), Some(USERNAME));
+        assert_eq!(message.helo_line, "EHLO swaks.example");
+        assert_eq!(message.mail_line, "MAIL FROM:<alice@example.org>");
+        assert!(
+            message
+                .content
+                .windows(b"\r\n\r\nswaks body\r\n".len())
+                .any(|window| window == b"\r\n\r\nswaks body\r\n"),
+            "content: {}",
+            message.content.escape_ascii()
+        );
+    }
+    assert_eq!(upstream.auth_failures(), 0);
+    assert!(!upstream.saw_plaintext_after_starttls());
+    assert!(upstream.tls_handshake_errors().is_empty());
 }

@@ -6,4 +6,5 @@ pub mod clamd;
 pub mod postfix;
 pub mod sendguard;
 pub mod smtp_client;
+pub mod tls;
 pub mod upstream;

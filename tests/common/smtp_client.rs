@@ -12,12 +12,21 @@
 //! Every failed expectation panics with the whole dialogue so far. The client
 //! is strict about replies: a reply line that does not end in CRLF, or does
 //! not start with a three-digit code and a space or hyphen, is an error.
+//!
+//! `starttls` upgrades the connection (RFC 3207) with rustls's blocking
+//! `StreamOwned`, and every later read and write goes through TLS.
 
 use std::fmt;
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
+
+use super::tls::{Transport, complete_handshake};
 
 /// Read timeout used unless `SmtpClient::set_timeout` changes it.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -78,11 +87,17 @@ impl fmt::Display for Reply {
 
 /// A connection to an SMTP server with a readable transcript of the dialogue.
 pub struct SmtpClient {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
+    /// Reads and writes the dialogue. Writes go to the inner transport
+    /// through `get_mut`, which leaves the read buffer alone.
+    stream: BufReader<Transport<ClientConnection>>,
+    /// Clone of the TCP socket, for socket options once TLS owns the stream.
+    socket: TcpStream,
     peer: String,
     greeting: Option<Reply>,
     transcript: String,
+    /// Bytes the server sent after its reply to STARTTLS and before the TLS
+    /// handshake, which the client discarded.
+    discarded_before_tls: Vec<u8>,
 }
 
 impl SmtpClient {
@@ -129,21 +144,22 @@ impl SmtpClient {
             .set_read_timeout(Some(DEFAULT_TIMEOUT))
             .expect("failed to set the read timeout");
         stream.set_nodelay(true).expect("failed to set TCP_NODELAY");
-        let writer = stream
+        let socket = stream
             .try_clone()
             .expect("failed to clone the client stream");
         SmtpClient {
-            reader: BufReader::new(stream),
-            writer,
+            stream: BufReader::new(Transport::Plain(stream)),
+            socket,
             peer: address.to_string(),
             greeting: None,
             transcript: String::new(),
+            discarded_before_tls: Vec::new(),
         }
     }
 
-    /// Sets the read timeout for later replies.
+    /// Sets the read timeout for later replies and TLS handshakes.
     pub fn set_timeout(&mut self, timeout: Duration) {
-        self.writer
+        self.socket
             .set_read_timeout(Some(timeout))
             .expect("failed to set the read timeout");
     }
@@ -191,11 +207,8 @@ impl SmtpClient {
     /// Sends `bytes` unchanged.
     pub fn send_raw(&mut self, bytes: &[u8]) {
         self.record("C: ", bytes);
-        if let Err(error) = self
-            .writer
-            .write_all(bytes)
-            .and_then(|()| self.writer.flush())
-        {
+        let transport = self.stream.get_mut();
+        if let Err(error) = transport.write_all(bytes).and_then(|()| transport.flush()) {
             self.fail(&format!("failed to send {} bytes: {error}", bytes.len()));
         }
     }
@@ -222,10 +235,11 @@ impl SmtpClient {
         let mut lines = Vec::new();
         loop {
             let mut raw = Vec::new();
-            self.reader.read_until(b'\n', &mut raw)?;
+            let result = self.stream.read_until(b'\n', &mut raw);
             if !raw.is_empty() {
                 self.record("S: ", &raw);
             }
+            result?;
             if !raw.ends_with(b"\n") {
                 return Err(io::Error::new(
                     ErrorKind::UnexpectedEof,
@@ -298,13 +312,153 @@ impl SmtpClient {
         self.cmd("QUIT", 221);
     }
 
+    /// Sends STARTTLS, expects 220 and performs the TLS handshake on the same
+    /// TCP connection, verifying the server's certificate with `config` for
+    /// `server_name` (a DNS name or an IP address). Every later read and
+    /// write goes through TLS. The server's EHLO reply from before TLS no
+    /// longer applies, so the caller sends EHLO again (RFC 3207, 4.2).
+    /// Panics when the reply is not 220 or the handshake fails.
+    pub fn starttls(&mut self, config: Arc<ClientConfig>, server_name: &str) {
+        self.send_raw_then_starttls(b"", config, server_name);
+    }
+
+    /// Sends STARTTLS and asserts a reply with `code`, for servers that
+    /// reject it. Use `starttls` when the server is expected to accept.
+    pub fn starttls_expect(&mut self, code: u16) -> Reply {
+        self.cmd("STARTTLS", code)
+    }
+
+    /// Writes `STARTTLS\r\n` followed by `pipelined_after` in one write, so
+    /// that both arrive in the same packet, then expects 220 and performs
+    /// the handshake as `starttls` does. A server must not execute the
+    /// plaintext `pipelined_after` inside the TLS session, which this makes
+    /// testable. Panics when the reply is not 220 or the handshake fails.
+    pub fn send_raw_then_starttls(
+        &mut self,
+        pipelined_after: &[u8],
+        config: Arc<ClientConfig>,
+        server_name: &str,
+    ) {
+        if let Err(error) = self.try_send_raw_then_starttls(pipelined_after, config, server_name) {
+            self.fail(&error.to_string());
+        }
+    }
+
+    /// Like `starttls`, but returns a rejected STARTTLS or a failed
+    /// handshake as an error instead of panicking.
+    pub fn try_starttls(
+        &mut self,
+        config: Arc<ClientConfig>,
+        server_name: &str,
+    ) -> Result<(), StartTlsError> {
+        self.try_send_raw_then_starttls(b"", config, server_name)
+    }
+
+    /// Like `send_raw_then_starttls`, but returns a rejected STARTTLS or a
+    /// failed handshake as an error instead of panicking. After a failed
+    /// handshake the client has shut down the socket, and any later read or
+    /// write fails.
+    pub fn try_send_raw_then_starttls(
+        &mut self,
+        pipelined_after: &[u8],
+        config: Arc<ClientConfig>,
+        server_name: &str,
+    ) -> Result<(), StartTlsError> {
+        if self.is_tls() {
+            self.fail("STARTTLS requested on a connection that already uses TLS");
+        }
+        let name = match ServerName::try_from(server_name.to_string()) {
+            Ok(name) => name,
+            Err(error) => self.fail(&format!("invalid TLS server name {server_name:?}: {error}")),
+        };
+        let mut bytes = b"STARTTLS\r\n".to_vec();
+        bytes.extend_from_slice(pipelined_after);
+        self.send_raw(&bytes);
+
+        let reply = self.try_read_reply().map_err(StartTlsError::ReadFailed)?;
+        if reply.code != 220 {
+            return Err(StartTlsError::Rejected(reply));
+        }
+        self.handshake(config, name, server_name)
+            .map_err(StartTlsError::HandshakeFailed)
+    }
+
+    /// Returns true after a successful TLS handshake.
+    pub fn is_tls(&self) -> bool {
+        self.stream.get_ref().is_tls()
+    }
+
+    /// The rustls connection after a successful handshake, for checks of
+    /// the negotiated protocol version or the server's certificates.
+    pub fn tls_connection(&self) -> Option<&ClientConnection> {
+        match self.stream.get_ref() {
+            Transport::Tls(stream) => Some(&stream.conn),
+            _ => None,
+        }
+    }
+
+    /// Bytes that the server sent after its 220 reply to STARTTLS and that
+    /// had arrived by the time the client read that reply. The client
+    /// discards them, as RFC 3207 requires, and keeps them here. Bytes that
+    /// arrive later are fed to the TLS handshake and usually make it fail.
+    pub fn discarded_before_tls(&self) -> &[u8] {
+        &self.discarded_before_tls
+    }
+
+    /// Performs the client side of the TLS handshake on the TCP socket and
+    /// switches the transport to TLS.
+    fn handshake(
+        &mut self,
+        config: Arc<ClientConfig>,
+        name: ServerName<'static>,
+        server_name: &str,
+    ) -> io::Result<()> {
+        let buffered = self.stream.buffer().to_vec();
+        if !buffered.is_empty() {
+            self.record("S (discarded before TLS): ", &buffered);
+            self.discarded_before_tls.extend_from_slice(&buffered);
+        }
+        let plain = std::mem::replace(&mut self.stream, BufReader::new(Transport::Detached));
+        let mut socket = plain.into_inner().into_plain();
+
+        let result = ClientConnection::new(config, name)
+            .map_err(|error| io::Error::new(ErrorKind::InvalidInput, error))
+            .and_then(|mut connection| {
+                complete_handshake(&mut connection, &mut socket)?;
+                Ok(connection)
+            });
+        match result {
+            Ok(connection) => {
+                let note = format!(
+                    "-- TLS established with {server_name}: {:?}, {:?}\n",
+                    connection.protocol_version(),
+                    connection
+                        .negotiated_cipher_suite()
+                        .map(|suite| suite.suite()),
+                );
+                self.transcript.push_str(&note);
+                self.stream = BufReader::new(Transport::Tls(Box::new(StreamOwned::new(
+                    connection, socket,
+                ))));
+                Ok(())
+            }
+            Err(error) => {
+                self.transcript.push_str(&format!(
+                    "-- TLS handshake with {server_name} failed: {error}\n"
+                ));
+                let _ = socket.shutdown(Shutdown::Both);
+                Err(error)
+            }
+        }
+    }
+
     /// Asserts that the server closes the connection, with or without a
     /// final reply, before the read timeout. Returns the reply read before
     /// the close, if any.
     pub fn expect_closed(&mut self) -> Option<Reply> {
         let mut last_reply = None;
         loop {
-            let available = self.reader.fill_buf().map(|buffer| buffer.len());
+            let available = self.stream.fill_buf().map(|buffer| buffer.len());
             match available {
                 Ok(0) => return last_reply,
                 Ok(_) => match self.try_read_reply() {
@@ -317,6 +471,9 @@ impl SmtpClient {
                     Err(error) => self.fail(&format!("expected the connection to close: {error}")),
                 },
                 Err(error) if error.kind() == ErrorKind::ConnectionReset => return last_reply,
+                // rustls reports a TCP close without a TLS close_notify alert
+                // this way.
+                Err(error) if error.kind() == ErrorKind::UnexpectedEof => return last_reply,
                 Err(error) => self.fail(&format!("expected the connection to close: {error}")),
             }
         }
@@ -326,12 +483,16 @@ impl SmtpClient {
     /// tests that look at raw bytes.
     pub fn read_to_end(&mut self) -> Vec<u8> {
         let mut bytes = Vec::new();
-        if let Err(error) = self.reader.read_to_end(&mut bytes) {
-            self.fail(&format!(
-                "failed to read until the connection closed: {error}"
-            ));
-        }
+        let result = self.stream.read_to_end(&mut bytes);
         self.record("S: ", &bytes);
+        match result {
+            Ok(_) => {}
+            // A TCP close without a TLS close_notify alert.
+            Err(error) if error.kind() == ErrorKind::UnexpectedEof && self.is_tls() => {}
+            Err(error) => self.fail(&format!(
+                "failed to read until the connection closed: {error}"
+            )),
+        }
         bytes
     }
 
@@ -411,6 +572,52 @@ fn connect_bound(address: &str, local_ip: &str) -> io::Result<TcpStream> {
     .join()
     .map_err(|_| io::Error::other("the connecting thread panicked"))?
 }
+
+/// Failure of `try_starttls` or `try_send_raw_then_starttls`.
+#[derive(Debug)]
+pub enum StartTlsError {
+    /// The server replied to STARTTLS with a code other than 220.
+    Rejected(Reply),
+    /// Reading the reply to STARTTLS failed, for example because the server
+    /// closed the connection.
+    ReadFailed(io::Error),
+    /// The TLS handshake failed. `rustls_error` returns rustls's own error,
+    /// such as an untrusted certificate.
+    HandshakeFailed(io::Error),
+}
+
+impl StartTlsError {
+    /// Returns the rustls error behind a failed handshake, if there is one.
+    pub fn rustls_error(&self) -> Option<&rustls::Error> {
+        match self {
+            StartTlsError::HandshakeFailed(error) => {
+                error.get_ref()?.downcast_ref::<rustls::Error>()
+            }
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for StartTlsError {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartTlsError::Rejected(reply) => {
+                write!(
+                    formatter,
+                    "expected 220 in reply to STARTTLS, got:\n{reply}"
+                )
+            }
+            StartTlsError::ReadFailed(error) => {
+                write!(formatter, "failed to read the reply to STARTTLS: {error}")
+            }
+            StartTlsError::HandshakeFailed(error) => {
+                write!(formatter, "TLS handshake failed: {error}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for StartTlsError {}
 
 fn invalid_reply(problem: &str, raw: &[u8]) -> io::Error {
     io::Error::new(

@@ -1,9 +1,12 @@
 //! Recording upstream SMTP server: the smarthost that sendguard relays to in
 //! the integration tests.
 //!
-//! It speaks plain ESMTP (no TLS) on 127.0.0.1 and records exactly what it
-//! receives, so a test can compare the bytes sendguard relayed with the bytes
-//! its client sent. Only CRLF.CRLF ends the message content, and a dot is
+//! It speaks ESMTP on 127.0.0.1 and records exactly what it receives, so a
+//! test can compare the bytes sendguard relayed with the bytes its client
+//! sent. By default it offers neither STARTTLS nor AUTH. The `starttls`
+//! option adds STARTTLS (RFC 3207) with rustls, and the transcripts then
+//! contain the decrypted bytes of the TLS session. The `auth` option adds
+//! AUTH PLAIN and LOGIN (RFC 4954). Only CRLF.CRLF ends the message content, and a dot is
 //! removed only at the start of a line that follows a CRLF (RFC 5321, 4.5.2).
 //! Any bare CR or bare LF is flagged, so a test can check that sendguard never
 //! passes one on.
@@ -18,6 +21,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use rustls::{ServerConfig, ServerConnection, StreamOwned};
+
+use super::tls::{Transport, complete_handshake};
 
 /// EHLO capabilities advertised unless `UpstreamOptions::capabilities` is set.
 pub const DEFAULT_CAPABILITIES: &[&str] = &[
@@ -86,8 +95,29 @@ pub struct UpstreamOptions {
     /// Apply `close_at` to the first N connections only (`None`: all).
     pub close_connections: Option<usize>,
     /// Read timeout on each connection. A connection idle for longer is
-    /// closed without a reply.
+    /// closed without a reply. It also bounds each TLS handshake read.
     pub read_timeout: Duration,
+    /// TLS configuration for STARTTLS. `None` leaves STARTTLS unadvertised
+    /// and rejects it with 454.
+    pub starttls: Option<Arc<ServerConfig>>,
+    /// Plaintext bytes sent in the same write as the 220 reply to STARTTLS,
+    /// before the handshake. Empty sends nothing extra.
+    pub inject_after_starttls: Vec<u8>,
+    /// When true, MAIL before a successful STARTTLS gets 530.
+    pub require_tls: bool,
+    /// The only accepted AUTH credentials. `None` leaves AUTH unadvertised
+    /// and rejects it with 502 as an unknown command.
+    pub auth: Option<Credentials>,
+    /// When true, AUTH is advertised and accepted only inside TLS, and AUTH
+    /// before STARTTLS gets 538.
+    pub auth_requires_tls: bool,
+}
+
+/// A user name and password for `UpstreamOptions::auth`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
 }
 
 impl Default for UpstreamOptions {
@@ -106,6 +136,11 @@ impl Default for UpstreamOptions {
             close_at: None,
             close_connections: None,
             read_timeout: Duration::from_secs(120),
+            starttls: None,
+            inject_after_starttls: Vec::new(),
+            require_tls: false,
+            auth: None,
+            auth_requires_tls: false,
         }
     }
 }
@@ -185,6 +220,47 @@ impl UpstreamOptions {
         self.read_timeout = timeout;
         self
     }
+
+    /// Advertises STARTTLS and, when a client sends it, replies
+    /// `220 2.0.0 Ready to start TLS` and runs the TLS handshake with
+    /// `config`. The session state is then reset, so the client has to send
+    /// EHLO again.
+    pub fn starttls(mut self, config: Arc<ServerConfig>) -> Self {
+        self.starttls = Some(config);
+        self
+    }
+
+    /// Sends `bytes` in plaintext in the same write as the 220 reply to
+    /// STARTTLS, before the handshake. A client must discard them.
+    pub fn inject_after_starttls(mut self, bytes: &[u8]) -> Self {
+        self.inject_after_starttls = bytes.to_vec();
+        self
+    }
+
+    /// Rejects MAIL with `530 5.7.0 Must issue a STARTTLS command first`
+    /// until TLS is active.
+    pub fn require_tls(mut self) -> Self {
+        self.require_tls = true;
+        self
+    }
+
+    /// Advertises `AUTH PLAIN LOGIN`, accepts only `username` and `password`
+    /// and rejects MAIL with 530 until a client has authenticated.
+    pub fn auth(mut self, username: &str, password: &str) -> Self {
+        self.auth = Some(Credentials {
+            username: username.to_string(),
+            password: password.to_string(),
+        });
+        self
+    }
+
+    /// Advertises and accepts AUTH only inside TLS, as smarthosts usually
+    /// do. Takes effect together with `auth`. Without `starttls` as well,
+    /// no client can authenticate, so every MAIL gets 530.
+    pub fn auth_requires_tls(mut self) -> Self {
+        self.auth_requires_tls = true;
+        self
+    }
 }
 
 /// One mail transaction whose content the server read completely.
@@ -211,6 +287,10 @@ pub struct Received {
     /// True when any line of the transaction, from MAIL to the terminator,
     /// contained a bare CR or ended in a bare LF.
     pub bare_line_ending: bool,
+    /// True when the transaction arrived inside TLS.
+    pub tls: bool,
+    /// User name of the successful AUTH before the transaction, if any.
+    pub auth_user: Option<String>,
 }
 
 impl Received {
@@ -222,13 +302,34 @@ impl Received {
     }
 }
 
-/// Raw bytes of one connection in both directions.
+/// Raw bytes of one connection in both directions. Inside TLS these are the
+/// decrypted bytes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ConnectionTranscript {
     /// The client's address as `IP:PORT`.
     pub peer_address: String,
     pub received: Vec<u8>,
     pub sent: Vec<u8>,
+    /// Length of `received` when the TLS handshake started, or `None` when
+    /// the connection never started one. Bytes before this offset crossed
+    /// the network in plaintext.
+    pub received_before_tls: Option<usize>,
+    /// Length of `sent` when the TLS handshake started, as for
+    /// `received_before_tls`.
+    pub sent_before_tls: Option<usize>,
+}
+
+impl ConnectionTranscript {
+    /// Returns the part of `received` that arrived in plaintext, which is
+    /// all of it on a connection without TLS.
+    pub fn plaintext_received(&self) -> &[u8] {
+        &self.received[..self.received_before_tls.unwrap_or(self.received.len())]
+    }
+
+    /// Returns the part of `sent` that was sent in plaintext.
+    pub fn plaintext_sent(&self) -> &[u8] {
+        &self.sent[..self.sent_before_tls.unwrap_or(self.sent.len())]
+    }
 }
 
 /// A running recording SMTP server on 127.0.0.1.
@@ -253,6 +354,9 @@ struct State {
     transcript: Vec<u8>,
     bare_line_ending: bool,
     replied_messages: usize,
+    plaintext_after_starttls: bool,
+    auth_failures: usize,
+    tls_handshake_errors: Vec<String>,
 }
 
 impl Shared {
@@ -408,6 +512,37 @@ impl Upstream {
         self.shared.lock_state().bare_line_ending
     }
 
+    /// Returns true when a client sent bytes after the STARTTLS line that
+    /// had arrived before the 220 reply went out, on any connection. These
+    /// bytes are plaintext that a client pipelined after STARTTLS. The
+    /// server discards them, as RFC 3207 requires, and keeps them in the
+    /// transcripts.
+    pub fn saw_plaintext_after_starttls(&self) -> bool {
+        self.shared.lock_state().plaintext_after_starttls
+    }
+
+    /// Number of AUTH attempts rejected with 535, on all connections.
+    pub fn auth_failures(&self) -> usize {
+        self.shared.lock_state().auth_failures
+    }
+
+    /// Errors of the TLS handshakes that failed, in order, each as
+    /// `connection N: error`.
+    pub fn tls_handshake_errors(&self) -> Vec<String> {
+        self.shared.lock_state().tls_handshake_errors.clone()
+    }
+
+    /// Waits until at least `count` TLS handshakes failed and returns their
+    /// errors. Panics when `timeout` passes first.
+    pub fn wait_for_tls_handshake_errors(&self, count: usize, timeout: Duration) -> Vec<String> {
+        self.wait_until(
+            timeout,
+            &format!("{count} failed TLS handshakes"),
+            |state| state.tls_handshake_errors.len() >= count,
+        );
+        self.tls_handshake_errors()
+    }
+
     /// Closes the listener, shuts down open connections and joins every
     /// thread. Connections to `address()` are refused afterwards. Calling it
     /// again does nothing.
@@ -545,16 +680,26 @@ struct Transaction {
     chunks: Vec<u8>,
 }
 
+/// Upper bound on the reads that drain plaintext pipelined after STARTTLS,
+/// so a client that keeps sending cannot hold the session in that loop.
+const MAX_DRAIN_READS: usize = 64;
+
 struct Session {
     shared: Arc<Shared>,
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
+    /// Reads and writes the dialogue. Replies go to the inner transport
+    /// through `get_mut`, which leaves the read buffer alone.
+    stream: BufReader<Transport<ServerConnection>>,
+    /// Clone of the TCP socket, for shutting it down once TLS owns the
+    /// stream.
+    socket: TcpStream,
     number: usize,
     options: UpstreamOptions,
     close_at: Option<ClosePoint>,
     helo_line: Option<String>,
     transaction: Option<Transaction>,
     greeting_ok: bool,
+    /// User name of the successful AUTH in this session.
+    auth_user: Option<String>,
 }
 
 impl Session {
@@ -565,20 +710,25 @@ impl Session {
         options: UpstreamOptions,
         close_at: Option<ClosePoint>,
     ) -> Session {
-        let writer = stream
+        let socket = stream
             .try_clone()
             .expect("failed to clone the upstream connection");
         Session {
             shared,
-            reader: BufReader::new(stream),
-            writer,
+            stream: BufReader::new(Transport::Plain(stream)),
+            socket,
             number,
             options,
             close_at,
             helo_line: None,
             transaction: None,
             greeting_ok: true,
+            auth_user: None,
         }
+    }
+
+    fn is_tls(&self) -> bool {
+        self.stream.get_ref().is_tls()
     }
 
     fn closes_at(&self, point: ClosePoint) -> bool {
@@ -586,7 +736,11 @@ impl Session {
     }
 
     fn close(&mut self) {
-        let _ = self.writer.shutdown(Shutdown::Both);
+        if let Transport::Tls(stream) = self.stream.get_mut() {
+            stream.conn.send_close_notify();
+            let _ = stream.flush();
+        }
+        let _ = self.socket.shutdown(Shutdown::Both);
     }
 
     fn run(&mut self) -> io::Result<()> {
@@ -621,9 +775,10 @@ impl Session {
                     self.transaction = None;
                     self.helo_line = Some(text.clone());
                     if verb == "EHLO" {
+                        let capabilities = self.ehlo_capabilities();
                         let mut reply = vec![format!("250-{}", self.options.hostname)];
-                        let count = self.options.capabilities.len();
-                        for (index, capability) in self.options.capabilities.iter().enumerate() {
+                        let count = capabilities.len();
+                        for (index, capability) in capabilities.iter().enumerate() {
                             let separator = if index + 1 == count { ' ' } else { '-' };
                             reply.push(format!("250{separator}{capability}"));
                         }
@@ -670,7 +825,16 @@ impl Session {
                     self.reply("221 2.0.0 Bye")?;
                     return Ok(());
                 }
-                "STARTTLS" => self.reply("454 4.7.0 TLS not available")?,
+                "STARTTLS" => {
+                    if !self.starttls(&text)? {
+                        return Ok(());
+                    }
+                }
+                "AUTH" if self.options.auth.is_some() => {
+                    if !self.auth(&text)? {
+                        return Ok(());
+                    }
+                }
                 "VRFY" => self.reply("502 5.5.1 VRFY command is disabled")?,
                 "" => self.reply("500 5.5.2 Error: bad syntax")?,
                 _ => self.reply("502 5.5.2 Error: command not recognized")?,
@@ -685,6 +849,12 @@ impl Session {
         }
         if self.transaction.is_some() {
             return self.reply("503 5.5.1 Error: nested MAIL command");
+        }
+        if self.options.require_tls && !self.is_tls() {
+            return self.reply("530 5.7.0 Must issue a STARTTLS command first");
+        }
+        if self.options.auth.is_some() && self.auth_user.is_none() {
+            return self.reply("530 5.7.0 Authentication required");
         }
         let Some(arguments) = strip_prefix_ignore_case(text, "MAIL FROM:") else {
             return self.reply("501 5.5.4 Syntax: MAIL FROM:<address>");
@@ -772,7 +942,7 @@ impl Session {
             return Ok(false);
         };
         let mut chunk = vec![0u8; size];
-        if self.reader.read_exact(&mut chunk).is_err() {
+        if self.stream.read_exact(&mut chunk).is_err() {
             return Ok(false);
         }
         {
@@ -816,6 +986,8 @@ impl Session {
             queue_id: queue_id.clone(),
             data_reply: None,
             bare_line_ending: transaction.bare_line_ending,
+            tls: self.is_tls(),
+            auth_user: self.auth_user.clone(),
         };
 
         if self.closes_at(ClosePoint::AfterData) {
@@ -871,7 +1043,7 @@ impl Session {
     /// stream; an unterminated tail is recorded but not returned.
     fn read_line(&mut self) -> io::Result<Option<Line>> {
         let mut raw = Vec::new();
-        let result = self.reader.read_until(b'\n', &mut raw);
+        let result = self.stream.read_until(b'\n', &mut raw);
         let complete = raw.ends_with(b"\n");
         let bare_line_ending = has_bare_line_ending(&raw);
         if !raw.is_empty() {
@@ -905,11 +1077,17 @@ impl Session {
             bytes.extend_from_slice(line.as_bytes());
             bytes.extend_from_slice(b"\r\n");
         }
+        self.send(&bytes)
+    }
+
+    /// Records `bytes` as sent and writes them in one write.
+    fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.shared.lock_state().connections[self.number - 1]
             .sent
-            .extend_from_slice(&bytes);
-        self.writer.write_all(&bytes)?;
-        self.writer.flush()
+            .extend_from_slice(bytes);
+        let transport = self.stream.get_mut();
+        transport.write_all(bytes)?;
+        transport.flush()
     }
 
     fn record_transaction(&self, received: Received) {
@@ -940,6 +1118,270 @@ impl Session {
             // RFC 1870: SIZE 0 or SIZE without a number declares no limit.
             words.next()?.parse::<u64>().ok().filter(|limit| *limit > 0)
         })
+    }
+}
+
+/// Why an AUTH dialogue ended without credentials to check.
+enum AuthStop {
+    /// The connection ended during the dialogue.
+    Closed,
+    /// The client sent `*` to cancel (RFC 4954, 4).
+    Aborted,
+    /// A response was not valid base64.
+    InvalidBase64,
+}
+
+/// STARTTLS and AUTH.
+impl Session {
+    /// Returns the EHLO capabilities for the current state of the session.
+    fn ehlo_capabilities(&self) -> Vec<String> {
+        let mut capabilities = self.options.capabilities.clone();
+        if self.options.starttls.is_some() && !self.is_tls() {
+            capabilities.push("STARTTLS".to_string());
+        }
+        if self.options.auth.is_some() && (!self.options.auth_requires_tls || self.is_tls()) {
+            capabilities.push("AUTH PLAIN LOGIN".to_string());
+        }
+        capabilities
+    }
+
+    /// Handles STARTTLS (RFC 3207). Returns false when the connection is to
+    /// be closed, which follows a failed handshake.
+    fn starttls(&mut self, text: &str) -> io::Result<bool> {
+        let Some(config) = self.options.starttls.clone() else {
+            self.reply("454 4.7.0 TLS not available")?;
+            return Ok(true);
+        };
+        if self.is_tls() {
+            self.reply("554 5.5.1 Error: TLS already active")?;
+            return Ok(true);
+        }
+        if !text.eq_ignore_ascii_case("STARTTLS") {
+            self.reply("501 5.5.4 Syntax: STARTTLS")?;
+            return Ok(true);
+        }
+        if self.transaction.is_some() {
+            self.reply("503 5.5.1 Error: MAIL transaction in progress")?;
+            return Ok(true);
+        }
+
+        self.sleep(self.options.reply_delay);
+        // Whatever arrived after the STARTTLS line was sent before the client
+        // saw the 220, so it is plaintext and must not be read as part of the
+        // TLS session.
+        let pipelined = self.take_pipelined_plaintext()?;
+        if !pipelined.is_empty() {
+            let mut state = self.shared.lock_state();
+            state.transcript.extend_from_slice(&pipelined);
+            state.connections[self.number - 1]
+                .received
+                .extend_from_slice(&pipelined);
+            state.plaintext_after_starttls = true;
+            self.shared.state_changed.notify_all();
+        }
+
+        let mut reply = b"220 2.0.0 Ready to start TLS\r\n".to_vec();
+        reply.extend_from_slice(&self.options.inject_after_starttls);
+        self.send(&reply)?;
+        {
+            let mut state = self.shared.lock_state();
+            let connection = &mut state.connections[self.number - 1];
+            connection.received_before_tls = Some(connection.received.len());
+            connection.sent_before_tls = Some(connection.sent.len());
+        }
+
+        let plain = std::mem::replace(&mut self.stream, BufReader::new(Transport::Detached));
+        let mut socket = plain.into_inner().into_plain();
+        let handshake = ServerConnection::new(config)
+            .map_err(|error| io::Error::new(ErrorKind::InvalidInput, error))
+            .and_then(|mut connection| {
+                complete_handshake(&mut connection, &mut socket)?;
+                Ok(connection)
+            });
+        let connection = match handshake {
+            Ok(connection) => connection,
+            Err(error) => {
+                eprintln!(
+                    "upstream: TLS handshake failed on connection {}: {error}",
+                    self.number
+                );
+                let mut state = self.shared.lock_state();
+                state
+                    .tls_handshake_errors
+                    .push(format!("connection {}: {error}", self.number));
+                self.shared.state_changed.notify_all();
+                return Ok(false);
+            }
+        };
+        self.stream = BufReader::new(Transport::Tls(Box::new(StreamOwned::new(
+            connection, socket,
+        ))));
+
+        // RFC 3207, 4.2: the server discards what it learned from the client
+        // before TLS, so the client has to send EHLO again.
+        self.helo_line = None;
+        self.transaction = None;
+        self.auth_user = None;
+        Ok(true)
+    }
+
+    /// Takes the bytes that follow the STARTTLS line in the read buffer and
+    /// those already waiting on the socket, without waiting for more.
+    fn take_pipelined_plaintext(&mut self) -> io::Result<Vec<u8>> {
+        let mut bytes = self.stream.buffer().to_vec();
+        self.stream.consume(bytes.len());
+
+        // NOTE: bytes that a client sends later than this, yet before it
+        // reads the 220, reach the TLS handshake and make it fail instead of
+        // raising the flag.
+        self.socket.set_nonblocking(true)?;
+        let mut chunk = [0u8; 4096];
+        let mut result = Ok(());
+        for _ in 0..MAX_DRAIN_READS {
+            match self.socket.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(count) => bytes.extend_from_slice(&chunk[..count]),
+                Err(error) if error.kind() == ErrorKind::WouldBlock => break,
+                Err(error) if error.kind() == ErrorKind::Interrupted => {}
+                Err(error) => {
+                    result = Err(error);
+                    break;
+                }
+            }
+        }
+        self.socket.set_nonblocking(false)?;
+        result.map(|()| bytes)
+    }
+
+    /// Handles AUTH PLAIN (RFC 4616) and AUTH LOGIN, each with or without an
+    /// initial response (RFC 4954). Returns false when the connection ended
+    /// during the dialogue.
+    fn auth(&mut self, text: &str) -> io::Result<bool> {
+        if self.options.auth_requires_tls && !self.is_tls() {
+            self.reply("538 5.7.11 Encryption required for requested authentication mechanism")?;
+            return Ok(true);
+        }
+        if self.helo_line.is_none() {
+            self.reply("503 5.5.1 Error: send HELO/EHLO first")?;
+            return Ok(true);
+        }
+        if self.auth_user.is_some() {
+            self.reply("503 5.5.1 Error: already authenticated")?;
+            return Ok(true);
+        }
+        if self.transaction.is_some() {
+            self.reply("503 5.5.1 Error: MAIL transaction in progress")?;
+            return Ok(true);
+        }
+
+        let words: Vec<&str> = text.split_ascii_whitespace().skip(1).collect();
+        let (mechanism, initial_response) = match words.as_slice() {
+            [mechanism] => (mechanism.to_ascii_uppercase(), None),
+            [mechanism, response] => (mechanism.to_ascii_uppercase(), Some(*response)),
+            _ => {
+                self.reply("501 5.5.4 Syntax: AUTH mechanism [initial-response]")?;
+                return Ok(true);
+            }
+        };
+        let credentials = match mechanism.as_str() {
+            "PLAIN" => self.plain_credentials(initial_response)?,
+            "LOGIN" => self.login_credentials(initial_response)?,
+            _ => {
+                self.reply("504 5.5.4 Unrecognized authentication type")?;
+                return Ok(true);
+            }
+        };
+        let (username, password) = match credentials {
+            Ok(credentials) => credentials,
+            Err(AuthStop::Closed) => return Ok(false),
+            Err(AuthStop::Aborted) => {
+                self.reply("501 5.7.0 Authentication aborted")?;
+                return Ok(true);
+            }
+            Err(AuthStop::InvalidBase64) => {
+                self.reply("501 5.5.2 Cannot decode response")?;
+                return Ok(true);
+            }
+        };
+
+        let expected = self.options.auth.as_ref().expect("AUTH is configured");
+        let valid =
+            username == expected.username.as_bytes() && password == expected.password.as_bytes();
+        if valid {
+            self.auth_user = Some(expected.username.clone());
+            self.reply("235 2.7.0 Authentication successful")?;
+        } else {
+            self.shared.lock_state().auth_failures += 1;
+            self.reply("535 5.7.8 Error: authentication failed")?;
+        }
+        Ok(true)
+    }
+
+    /// Reads the PLAIN message `authzid NUL authcid NUL password` and returns
+    /// the user name and password. A message without exactly three fields,
+    /// or with an authorization identity other than empty or the user name,
+    /// returns an empty user name, which never matches.
+    fn plain_credentials(
+        &mut self,
+        initial_response: Option<&str>,
+    ) -> io::Result<Result<(Vec<u8>, Vec<u8>), AuthStop>> {
+        let message = match self.auth_response(initial_response, "")? {
+            Ok(message) => message,
+            Err(stop) => return Ok(Err(stop)),
+        };
+        let fields: Vec<&[u8]> = message.split(|byte| *byte == 0).collect();
+        let credentials = match fields.as_slice() {
+            [authzid, authcid, password] if authzid.is_empty() || authzid == authcid => {
+                (authcid.to_vec(), password.to_vec())
+            }
+            _ => (Vec::new(), Vec::new()),
+        };
+        Ok(Ok(credentials))
+    }
+
+    /// Runs the LOGIN dialogue (`334 Username:` then `334 Password:`, both
+    /// base64-encoded) and returns the user name and password. An initial
+    /// response stands for the user name.
+    fn login_credentials(
+        &mut self,
+        initial_response: Option<&str>,
+    ) -> io::Result<Result<(Vec<u8>, Vec<u8>), AuthStop>> {
+        let username = match self.auth_response(initial_response, "VXNlcm5hbWU6")? {
+            Ok(username) => username,
+            Err(stop) => return Ok(Err(stop)),
+        };
+        let password = match self.auth_response(None, "UGFzc3dvcmQ6")? {
+            Ok(password) => password,
+            Err(stop) => return Ok(Err(stop)),
+        };
+        Ok(Ok((username, password)))
+    }
+
+    /// Returns the decoded `initial_response`, or sends `334 <prompt>` and
+    /// returns the decoded response line. `=` is an empty response.
+    fn auth_response(
+        &mut self,
+        initial_response: Option<&str>,
+        prompt: &str,
+    ) -> io::Result<Result<Vec<u8>, AuthStop>> {
+        let encoded = match initial_response {
+            Some(response) => response.to_string(),
+            None => {
+                self.reply(&format!("334 {prompt}"))?;
+                let Some(line) = self.read_line()? else {
+                    return Ok(Err(AuthStop::Closed));
+                };
+                line.text()
+            }
+        };
+        let decoded = match encoded.as_str() {
+            "*" => Err(AuthStop::Aborted),
+            "=" => Ok(Vec::new()),
+            _ => BASE64
+                .decode(encoded.as_bytes())
+                .map_err(|_| AuthStop::InvalidBase64),
+        };
+        Ok(decoded)
     }
 }
 
