@@ -121,3 +121,25 @@ fn status_of_unknown_store_explains() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("no such file"));
 }
+
+#[test]
+fn config_check_warns_small_scan_size() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("config.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[smtp]\nmax_message_size = 20000000\n[upstream]\naddress = \"127.0.0.1:25\"\n\
+             [store]\npath = \"{}\"\n[scan.clamd]\naddress = \"127.0.0.1:3310\"\nmax_scan_size = 1000000\n",
+            dir.path().join("store.db").display()
+        ),
+    )
+    .expect("write config");
+    let output = sendguard(&["config", "check", path.to_str().expect("utf-8 path")]);
+    assert!(output.status.success(), "a warning is not an error");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("warning: scan.clamd.max_scan_size"),
+        "{stdout}"
+    );
+}

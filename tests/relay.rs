@@ -717,3 +717,16 @@ fn stressed_postfix_upstream_still_delivers() {
         postfix.log()
     );
 }
+
+#[test]
+fn upstream_refusing_session_tempfails() {
+    let upstream = Upstream::start(
+        UpstreamOptions::default().greeting("554 5.3.2 upstream.test not accepting mail"),
+    );
+    let server = Sendguard::start(&upstream.address(), "");
+    let mut client = session(&server.address);
+    let reply = client.command("MAIL FROM:<alice@example.org>");
+    assert_eq!(reply.code, 451, "{}", reply.text());
+    client.quit();
+    assert!(upstream.messages().is_empty());
+}

@@ -24,7 +24,8 @@ fn listener_tls(pki: &TestPki, extra: &str) -> String {
 /// `[upstream]` settings appended to the config: sendguard's test config
 /// already has an [upstream] table, so these go in by rewriting it.
 fn with_upstream_settings(server: &Sendguard, settings: &str) {
-    server.rewrite_config(|text| text.replace("[upstream]\n", &format!("[upstream]\n{settings}\n")));
+    server
+        .rewrite_config(|text| text.replace("[upstream]\n", &format!("[upstream]\n{settings}\n")));
     server.reload();
 }
 
@@ -51,7 +52,11 @@ fn client_starttls_then_relay() {
 fn require_tls_refuses_plain_mail() {
     let pki = TestPki::new();
     let upstream = Upstream::start(UpstreamOptions::default());
-    let server = Sendguard::start_with(&upstream.address(), &listener_tls(&pki, "require_tls = true"), "");
+    let server = Sendguard::start_with(
+        &upstream.address(),
+        &listener_tls(&pki, "require_tls = true"),
+        "",
+    );
     let mut client = SmtpClient::connect(&server.address);
     client.cmd("EHLO client.test", 250);
     let reply = client.cmd("MAIL FROM:<a@example.org>", 530);
@@ -87,11 +92,16 @@ fn plaintext_after_client_starttls_discarded() {
 #[test]
 fn upstream_tls_required_verified() {
     let pki = TestPki::new();
-    let upstream = Upstream::start(UpstreamOptions::default().starttls(pki.rustls_server_config("smarthost.test")));
+    let upstream = Upstream::start(
+        UpstreamOptions::default().starttls(pki.rustls_server_config("smarthost.test")),
+    );
     let server = Sendguard::start(&upstream.address(), "");
     with_upstream_settings(
         &server,
-        &format!("tls = \"required\"\nca_file = \"{}\"\ntls_name = \"smarthost.test\"", pki.ca_file.display()),
+        &format!(
+            "tls = \"required\"\nca_file = \"{}\"\ntls_name = \"smarthost.test\"",
+            pki.ca_file.display()
+        ),
     );
     let mut client = SmtpClient::connect(&server.address);
     client.cmd("EHLO client.test", 250);
@@ -99,7 +109,10 @@ fn upstream_tls_required_verified() {
     assert_eq!(reply.code, 250, "{}", reply.text());
     client.quit();
     let messages = upstream.wait_for_messages(1, Duration::from_secs(10));
-    assert!(messages[0].tls, "the message crossed to the upstream inside TLS");
+    assert!(
+        messages[0].tls,
+        "the message crossed to the upstream inside TLS"
+    );
     assert_eq!(messages[0].content, MESSAGE.to_vec());
 }
 
@@ -107,11 +120,16 @@ fn upstream_tls_required_verified() {
 fn upstream_wrong_ca_tempfails() {
     let pki = TestPki::new();
     let other = TestPki::new();
-    let upstream = Upstream::start(UpstreamOptions::default().starttls(pki.rustls_server_config("smarthost.test")));
+    let upstream = Upstream::start(
+        UpstreamOptions::default().starttls(pki.rustls_server_config("smarthost.test")),
+    );
     let server = Sendguard::start(&upstream.address(), "");
     with_upstream_settings(
         &server,
-        &format!("tls = \"required\"\nca_file = \"{}\"\ntls_name = \"smarthost.test\"", other.ca_file.display()),
+        &format!(
+            "tls = \"required\"\nca_file = \"{}\"\ntls_name = \"smarthost.test\"",
+            other.ca_file.display()
+        ),
     );
     let mut client = SmtpClient::connect(&server.address);
     client.cmd("EHLO client.test", 250);
@@ -119,7 +137,11 @@ fn upstream_wrong_ca_tempfails() {
     assert_eq!(reply.code, 451, "{}", reply.text());
     client.quit();
     assert!(upstream.messages().is_empty());
-    assert!(server.log().contains("TLS with upstream"), "{}", server.log());
+    assert!(
+        server.log().contains("TLS with upstream"),
+        "{}",
+        server.log()
+    );
 }
 
 #[test]
@@ -131,7 +153,11 @@ fn upstream_required_without_starttls_tempfails() {
     client.cmd("EHLO client.test", 250);
     assert_eq!(client.command("MAIL FROM:<a@example.org>").code, 451);
     client.quit();
-    assert!(server.log().contains("does not offer STARTTLS"), "{}", server.log());
+    assert!(
+        server.log().contains("does not offer STARTTLS"),
+        "{}",
+        server.log()
+    );
 }
 
 #[test]
@@ -145,7 +171,10 @@ fn upstream_bytes_after_220_discarded() {
     let server = Sendguard::start(&upstream.address(), "");
     with_upstream_settings(
         &server,
-        &format!("tls = \"required\"\nca_file = \"{}\"\ntls_name = \"smarthost.test\"", pki.ca_file.display()),
+        &format!(
+            "tls = \"required\"\nca_file = \"{}\"\ntls_name = \"smarthost.test\"",
+            pki.ca_file.display()
+        ),
     );
     let mut client = SmtpClient::connect(&server.address);
     client.cmd("EHLO client.test", 250);
@@ -154,7 +183,13 @@ fn upstream_bytes_after_220_discarded() {
     client.quit();
     let messages = upstream.wait_for_messages(1, Duration::from_secs(10));
     assert!(messages[0].tls);
-    assert!(server.log().contains("sent data after its STARTTLS reply; discarded"), "{}", server.log());
+    assert!(
+        server
+            .log()
+            .contains("sent data after its STARTTLS reply; discarded"),
+        "{}",
+        server.log()
+    );
 }
 
 #[test]
@@ -171,7 +206,10 @@ fn upstream_auth_over_starttls() {
     std::fs::write(&password, "s3cret pass\n").expect("write password file");
     with_upstream_settings(
         &server,
-        &format!("username = \"relay@example.org\"\npassword_file = \"{}\"", password.display()),
+        &format!(
+            "username = \"relay@example.org\"\npassword_file = \"{}\"",
+            password.display()
+        ),
     );
     let mut client = SmtpClient::connect(&server.address);
     client.cmd("EHLO client.test", 250);
@@ -181,7 +219,10 @@ fn upstream_auth_over_starttls() {
     let messages = upstream.wait_for_messages(1, Duration::from_secs(10));
     assert_eq!(messages[0].auth_user.as_deref(), Some("relay@example.org"));
     assert!(messages[0].tls, "opportunistic STARTTLS came first");
-    assert!(!server.log().contains("s3cret"), "the password never reaches the log");
+    assert!(
+        !server.log().contains("s3cret"),
+        "the password never reaches the log"
+    );
 }
 
 #[test]
@@ -197,7 +238,10 @@ fn upstream_wrong_password_tempfails() {
     std::fs::write(&password, "wrong\n").expect("write password file");
     with_upstream_settings(
         &server,
-        &format!("username = \"relay@example.org\"\npassword_file = \"{}\"", password.display()),
+        &format!(
+            "username = \"relay@example.org\"\npassword_file = \"{}\"",
+            password.display()
+        ),
     );
     let mut client = SmtpClient::connect(&server.address);
     client.cmd("EHLO client.test", 250);
@@ -207,7 +251,10 @@ fn upstream_wrong_password_tempfails() {
     assert!(upstream.messages().is_empty());
     assert!(upstream.auth_failures() >= 1);
     let log = server.log();
-    assert!(log.contains("rejected the AUTH credentials of user \"relay@example.org\""), "{log}");
+    assert!(
+        log.contains("rejected the AUTH credentials of user \"relay@example.org\""),
+        "{log}"
+    );
     assert!(!log.contains("wrong"), "the password never reaches the log");
 }
 
@@ -219,14 +266,25 @@ fn plaintext_auth_refused_without_tls() {
     std::fs::write(&password, "pw\n").expect("write password file");
     with_upstream_settings(
         &server,
-        &format!("username = \"relay@example.org\"\npassword_file = \"{}\"", password.display()),
+        &format!(
+            "username = \"relay@example.org\"\npassword_file = \"{}\"",
+            password.display()
+        ),
     );
     let mut client = SmtpClient::connect(&server.address);
     client.cmd("EHLO client.test", 250);
     assert_eq!(client.command("MAIL FROM:<a@example.org>").code, 451);
     client.quit();
-    assert_eq!(upstream.auth_failures(), 0, "no credentials were sent in clear text");
-    assert!(server.log().contains("allow_plaintext_auth"), "{}", server.log());
+    assert_eq!(
+        upstream.auth_failures(),
+        0,
+        "no credentials were sent in clear text"
+    );
+    assert!(
+        server.log().contains("allow_plaintext_auth"),
+        "{}",
+        server.log()
+    );
 }
 
 #[test]
