@@ -27,6 +27,23 @@ pub struct Config {
     pub identity: IdentityConfig,
     pub directory: Option<DirectoryConfig>,
     pub store: StoreConfig,
+    /// `[milter]`; without it no milter listener runs.
+    pub milter: Option<MilterConfig>,
+}
+
+/// `[milter]`: the Postfix milter front-end.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MilterConfig {
+    /// `host:port` to listen on, or an absolute path for a unix socket.
+    pub listen: String,
+    /// Time allowed for each milter command from Postfix.
+    #[serde(default = "default_milter_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_milter_timeout() -> Duration {
+    Duration::from_secs(300)
 }
 
 /// `[smtp]`: the listener that internal senders relay through.
@@ -394,6 +411,7 @@ impl Config {
         let identity = section::<IdentityConfig>(&mut root, "identity", &mut problems);
         let directory = optional_section::<DirectoryConfig>(&mut root, "directory", &mut problems);
         let store = required_section::<StoreConfig>(&mut root, "store", &mut problems);
+        let milter = optional_section::<MilterConfig>(&mut root, "milter", &mut problems);
         for unknown in root.keys() {
             problems.push(
                 unknown.as_str(),
@@ -422,7 +440,20 @@ impl Config {
             problems.push("store.path", "is empty; give the SQLite database file");
         }
 
-        match (smtp, upstream, scan, policy, identity, directory, store) {
+        if let Some(Some(milter)) = &milter {
+            let is_path = milter.listen.starts_with('/');
+            if !is_path && milter.listen.parse::<SocketAddr>().is_err() {
+                problems.push(
+                    "milter.listen",
+                    format!("{:?} is neither host:port nor an absolute unix socket path", milter.listen),
+                );
+            }
+            if milter.timeout.is_zero() {
+                problems.push("milter.timeout", "must be longer than zero");
+            }
+        }
+
+        match (smtp, upstream, scan, policy, identity, directory, store, milter) {
             (
                 Some(smtp),
                 Some(upstream),
@@ -431,6 +462,7 @@ impl Config {
                 Some(identity),
                 Some(directory),
                 Some(store),
+                Some(milter),
             ) if problems.is_empty() => Ok(Config {
                 smtp,
                 upstream,
@@ -439,6 +471,7 @@ impl Config {
                 identity,
                 directory,
                 store,
+                milter,
             }),
             _ => Err(problems),
         }
