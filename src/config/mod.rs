@@ -74,6 +74,9 @@ pub struct SmtpConfig {
     pub tls_key_file: Option<PathBuf>,
     /// Refuse MAIL FROM until the client has started TLS.
     pub require_tls: bool,
+    /// Peers allowed to pass on the real client's address, HELO and login
+    /// with XFORWARD and XCLIENT, such as Postfix in front of sendguard.
+    pub xclient_peers: Vec<IpNet>,
     /// Pause before the greeting; a client that sends anything during it
     /// is disconnected. Zero sends the greeting at once.
     #[serde(with = "humantime_serde")]
@@ -119,6 +122,7 @@ impl Default for SmtpConfig {
             tls_cert_file: None,
             tls_key_file: None,
             require_tls: false,
+            xclient_peers: Vec::new(),
             greeting_timeout: Duration::from_secs(300),
             command_timeout: Duration::from_secs(300),
             idle_timeout: Duration::from_secs(300),
@@ -445,7 +449,10 @@ impl Config {
             if !is_path && milter.listen.parse::<SocketAddr>().is_err() {
                 problems.push(
                     "milter.listen",
-                    format!("{:?} is neither host:port nor an absolute unix socket path", milter.listen),
+                    format!(
+                        "{:?} is neither host:port nor an absolute unix socket path",
+                        milter.listen
+                    ),
                 );
             }
             if milter.timeout.is_zero() {
@@ -453,7 +460,9 @@ impl Config {
             }
         }
 
-        match (smtp, upstream, scan, policy, identity, directory, store, milter) {
+        match (
+            smtp, upstream, scan, policy, identity, directory, store, milter,
+        ) {
             (
                 Some(smtp),
                 Some(upstream),

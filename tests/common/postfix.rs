@@ -95,9 +95,9 @@ impl Postfix {
                     line.to_string()
                 }
             })
-            .chain(std::iter::once(
-                "postlog   unix-dgram n  -       n       -       1       postlogd".to_string(),
-            ))
+            .chain((!master.contains("postlogd")).then(|| {
+                "postlog   unix-dgram n  -       n       -       1       postlogd".to_string()
+            }))
             .collect::<Vec<_>>()
             .join("\n");
         std::fs::write(config.join("master.cf"), master + "\n").expect("write master.cf");

@@ -7,6 +7,7 @@
 //! it never sees `250` for a message the upstream did not accept.
 
 mod content;
+mod forward;
 
 use crate::guard::{Guard, SenderCheck, Transaction};
 use crate::reply::Reply;
@@ -137,6 +138,8 @@ pub struct Session {
     transactions: u32,
     /// Commands refused for syntax or sequence so far.
     errors: u32,
+    /// The real client's attributes, as a trusted peer passed them on.
+    forwarded: forward::Forwarded,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -164,6 +167,7 @@ impl Session {
             upstream: None,
             transactions: 0,
             errors: 0,
+            forwarded: forward::Forwarded::default(),
             shutdown,
         }
     }
@@ -245,6 +249,10 @@ impl Session {
                 }
                 CommandLine::Line(bytes) => bytes,
             };
+            if let Some((verb, arguments)) = forward::split_forward_command(&bytes) {
+                self.forward(verb, &arguments).await;
+                continue;
+            }
             let command = match parse_command(&bytes) {
                 Ok(command) => command,
                 Err(error) => {
@@ -429,6 +437,10 @@ impl Session {
         if self.shared.guard.runtime().tls_acceptor.is_some() && !self.stream.is_tls() {
             lines.push("STARTTLS".to_string());
         }
+        if self.is_forwarding_peer() {
+            lines.push("XFORWARD NAME ADDR PROTO HELO SOURCE PORT IDENT".to_string());
+            lines.push("XCLIENT NAME ADDR PROTO HELO LOGIN PORT".to_string());
+        }
         // Extensions that change what reaches the upstream are offered only
         // when the upstream offers them too. PIPELINING concerns only this
         // hop, because commands go upstream one at a time.
@@ -459,8 +471,11 @@ impl Session {
             id: envelope.id.clone(),
             sender_path: envelope.sender_path.clone(),
             sender: envelope.sender.clone(),
-            login: None,
-            client: self.peer.ip().to_canonical(),
+            login: self.forwarded.login.clone(),
+            client: self
+                .forwarded
+                .client
+                .unwrap_or_else(|| self.peer.ip().to_canonical()),
             recipients: envelope.accepted_recipients,
         }
     }
