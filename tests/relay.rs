@@ -730,3 +730,28 @@ fn upstream_refusing_session_tempfails() {
     client.quit();
     assert!(upstream.messages().is_empty());
 }
+
+#[test]
+fn upstream_spam_headers_trusted_only_when_enabled() {
+    let marked =
+        b"X-Spam-Flag: YES\r\nX-Spam-Status: Yes, score=12.0\r\nSubject: deal\r\n\r\nBuy now\r\n";
+    let upstream = Upstream::start(UpstreamOptions::default());
+    let ignoring = Sendguard::start(&upstream.address(), "");
+    let mut client = session(&ignoring.address);
+    assert_eq!(
+        client
+            .send_message("a@example.org", &["b@example.net"], marked)
+            .code,
+        250
+    );
+    client.quit();
+
+    let trusting = Sendguard::start(&upstream.address(), "[scan.spam]\ntrust_headers = true\n");
+    let mut client = session(&trusting.address);
+    let reply = client.send_message("a@example.org", &["b@example.net"], marked);
+    assert_eq!(reply.code, 550, "{}", reply.text());
+    client.quit();
+    let bad = trusting.events_of("bad_message");
+    assert_eq!(bad.len(), 1);
+    assert_eq!(bad[0]["counted"], true);
+}

@@ -203,6 +203,10 @@ pub struct SpamConfig {
     /// Operator rules, `[[scan.spam.rules]]`. A rule with the name of a
     /// default rule replaces it.
     pub rules: Vec<RuleConfig>,
+    /// Count a message an earlier filter marked as spam (`X-Spam-Flag:
+    /// YES`, `X-Spam-Status: Yes`, `X-Spam: Yes`) as spam. Off by default,
+    /// because a sender can write those headers itself.
+    pub trust_headers: bool,
 }
 
 /// Default `threshold` of `[scan.spam]`.
@@ -216,6 +220,7 @@ impl Default for SpamConfig {
             action: SpamAction::default(),
             default_rules: true,
             rules: Vec::new(),
+            trust_headers: false,
         }
     }
 }

@@ -92,6 +92,17 @@ impl Scanner {
             return Ok(Verdict::Virus { name });
         }
 
+        if self.spam.enabled
+            && self.spam.trust_headers
+            && let Some(header) = upstream_spam_header(input.message)
+        {
+            return Ok(Verdict::Spam {
+                engine: "upstream header".to_string(),
+                score: None,
+                rules: vec![header],
+            });
+        }
+
         let hits = self.rules.evaluate(input.message, input.recipients);
         if self.spam.enabled && hits.score >= self.spam.threshold {
             return Ok(Verdict::Spam {
@@ -162,3 +173,72 @@ impl Scanner {
 
 #[cfg(test)]
 mod tests;
+
+/// Returns the name of the header by which an earlier filter marked the
+/// message as spam: `X-Spam-Flag: YES`, `X-Spam-Status: Yes, ...` or
+/// `X-Spam: Yes`. Only the top-level header block is read, so a forwarded
+/// message attached below does not count.
+fn upstream_spam_header(message: &[u8]) -> Option<String> {
+    let end = message
+        .windows(4)
+        .position(|window| window == b"\r\n\r\n")
+        .unwrap_or(message.len());
+    let headers = String::from_utf8_lossy(&message[..end]);
+    for line in headers.split("\r\n") {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let name = name.trim();
+        let value = value.trim_start();
+        let says_yes = |text: &str| {
+            text.get(..3)
+                .is_some_and(|word| word.eq_ignore_ascii_case("yes"))
+        };
+        let marked = match name.to_ascii_lowercase().as_str() {
+            "x-spam-flag" | "x-spam" => says_yes(value),
+            "x-spam-status" => {
+                says_yes(value)
+                    && value
+                        .get(3..4)
+                        .is_none_or(|next| next == "," || next == " ")
+            }
+            _ => false,
+        };
+        if marked {
+            return Some(name.to_string());
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod header_tests {
+    use super::upstream_spam_header;
+
+    #[test]
+    fn spam_headers_recognised() {
+        let cases: [(&[u8], Option<&str>); 7] = [
+            (
+                b"X-Spam-Flag: YES\r\nSubject: x\r\n\r\nbody",
+                Some("X-Spam-Flag"),
+            ),
+            (
+                b"X-Spam-Status: Yes, score=9.1\r\n\r\nbody",
+                Some("X-Spam-Status"),
+            ),
+            (b"x-spam: yes\r\n\r\n", Some("x-spam")),
+            (b"X-Spam-Status: No, score=0.1\r\n\r\n", None),
+            (b"X-Spam-Flag: NO\r\n\r\n", None),
+            (b"Subject: x\r\n\r\nX-Spam-Flag: YES\r\n", None),
+            (b"X-Spam-Statusy: Yes\r\n\r\n", None),
+        ];
+        for (message, expected) in cases {
+            assert_eq!(
+                upstream_spam_header(message).as_deref(),
+                expected,
+                "{:?}",
+                String::from_utf8_lossy(message)
+            );
+        }
+    }
+}
