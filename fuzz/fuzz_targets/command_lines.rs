@@ -148,5 +148,9 @@ fuzz_target!(|input: Input| {
         }
     }
 
-    assert_eq!(lines, expected_lines(data, max_len), "chunking changed the lines");
+    assert_eq!(
+        lines,
+        expected_lines(data, max_len),
+        "chunking changed the lines"
+    );
 });

@@ -1,8 +1,8 @@
 //! Fuzzes `parse_command` with arbitrary lines.
 //!
-//! Checks that an accepted MAIL or RCPT command has a path that starts with `<` and ends with
-//! `>`, that no path, address or parameter text contains CR, LF or NUL, and that the command
-//! rebuilt from its path and parameters parses to the same command again.
+//! For an accepted MAIL or RCPT command, checks that the path starts with `<` and ends with
+//! `>`, and that no path, address or parameter text contains CR, LF or NUL. The command
+//! rebuilt from its path and parameters must parse to the same command again.
 
 #![no_main]
 
@@ -17,7 +17,10 @@ fn assert_no_line_break_or_nul(field: &str, value: &str) {
 }
 
 fn check_path(path: &str, address: &str, params: &str) {
-    assert!(path.starts_with('<'), "path {path:?} does not start with '<'");
+    assert!(
+        path.starts_with('<'),
+        "path {path:?} does not start with '<'"
+    );
     assert!(path.ends_with('>'), "path {path:?} does not end with '>'");
     assert_no_line_break_or_nul("path", path);
     assert_no_line_break_or_nul("address", address);

@@ -2,7 +2,8 @@
 //! its output.
 //!
 //! Checks:
-//! - the output contains no bare CR and no bare LF;
+//! - the output contains no bare CR and no bare LF, except a final CR of an incomplete
+//!   message, whose LF may still arrive;
 //! - `encode_data(output)` contains `CRLF . CRLF` (or starts with `. CRLF`) only as its final
 //!   terminator, and reading it back gives the output again;
 //! - feeding the input in one piece or in chunks gives the same outcome;
@@ -61,7 +62,11 @@ fn read(mode: BareLineEndings, max_size: usize, chunks: &[&[u8]]) -> Run {
             done = true;
             break;
         }
-        assert_eq!(feed.consumed, chunk.len(), "input left before the end of data");
+        assert_eq!(
+            feed.consumed,
+            chunk.len(),
+            "input left before the end of data"
+        );
     }
     Run {
         consumed,
@@ -137,7 +142,11 @@ fuzz_target!(|input: Input| {
     if whole.outcome.too_large {
         assert!(message.is_empty(), "too large message kept its content");
     }
-    assert_no_bare_line_endings(message);
+    if whole.done {
+        assert_no_bare_line_endings(message);
+    } else {
+        assert_no_bare_line_endings(message.strip_suffix(b"\r").unwrap_or(message));
+    }
 
     let mut encoded = Vec::new();
     encode_data(message, &mut encoded);
@@ -153,6 +162,9 @@ fuzz_target!(|input: Input| {
         assert!(again.done);
         assert_eq!(again.consumed, encoded.len());
         assert!(!again.outcome.bare_line_endings);
-        assert_eq!(&again.outcome.message, message, "round trip changed the message");
+        assert_eq!(
+            &again.outcome.message, message,
+            "round trip changed the message"
+        );
     }
 });

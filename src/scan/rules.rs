@@ -4,6 +4,8 @@
 use std::borrow::Cow;
 use std::cell::OnceCell;
 use std::collections::{BTreeSet, HashSet};
+use std::ops::Range;
+use std::panic::AssertUnwindSafe;
 
 use mail_parser::decoders::html::html_to_text;
 use mail_parser::{HeaderName, HeaderValue, Message, MessageParser, MimeHeaders, PartType};
@@ -27,6 +29,23 @@ pub const GTUBE_RULE: &str = "GTUBE";
 /// Depth to which attachments inside attached messages (message/rfc822) are
 /// listed for `attachment_type` rules.
 const MAX_NESTED_MESSAGES: usize = 4;
+
+/// Maximum number of MIME parts, counted as `--` pairs plus Content-Type
+/// fields, for which the rules parse a message's structure. mail-parser
+/// 0.11.9 keeps 0.25 to 1.5 KiB of heap per part, so without this limit 1 MiB
+/// of empty parts took 50 MiB, measured with the heap counter in
+/// tests/mime_robustness.rs. Real mail rarely has 100 parts.
+const MAX_PART_MARKERS: usize = 10_000;
+
+/// Maximum number of lines with a colon, each a possible header field, for
+/// which the rules parse a message's structure. mail-parser 0.11.9 keeps 120
+/// to 400 bytes of heap per header field, so without this limit 1 MiB of
+/// `To:a@b` lines took 60 MiB, measured the same way.
+const MAX_COLON_LINES: usize = 100_000;
+
+/// Lines at the top of a message whose header fields are parsed when its
+/// structure is not.
+const FALLBACK_HEADER_LINES: usize = 1_000;
 
 /// The rules that matched a message and their summed score.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -70,6 +89,8 @@ pub struct RuleSet {
     parser: MessageParser,
     gtube: regex::bytes::Regex,
     url: Regex,
+    /// The names Content-Type and Content-Transfer-Encoding in any case.
+    content_headers: regex::bytes::Regex,
 }
 
 impl std::fmt::Debug for RuleSet {
@@ -126,12 +147,17 @@ impl RuleSet {
             .map_err(|error| single_problem("scan.spam", format!("GTUBE pattern: {error}")))?;
         let url = Regex::new(r#"(?i)https?://([^\s/?#<>"'\\]+)"#)
             .map_err(|error| single_problem("scan.spam", format!("URL pattern: {error}")))?;
+        let content_headers = regex::bytes::Regex::new("(?i-u)content-(?:type|transfer-encoding)")
+            .map_err(|error| {
+                single_problem("scan.spam", format!("header name pattern: {error}"))
+            })?;
         Ok(RuleSet {
             enabled: spam.enabled,
             rules,
             parser: message_parser(),
             gtube,
             url,
+            content_headers,
         })
     }
 
@@ -141,16 +167,27 @@ impl RuleSet {
     }
 
     /// Scores `raw` (a whole RFC 5322 message) sent to `recipients` envelope
-    /// recipients. Any byte string is accepted: text that does not parse as
-    /// a message is only checked for GTUBE and the recipient count.
+    /// recipients. Any byte string is accepted. Text that does not parse as
+    /// a message is only checked for GTUBE and the recipient count. A message
+    /// whose structure is not parsed (see [`ParsedMessage`]) is scored on its
+    /// top-level headers and its raw text.
     pub fn evaluate(&self, raw: &[u8], recipients: usize) -> RuleHits {
         let mut hits = RuleHits::default();
         if !self.enabled {
             return hits;
         }
 
-        let parsed = self.parser.parse(raw);
-        let facts = MessageFacts::new(parsed.as_ref(), &self.url);
+        // mail-parser 0.11.9 drops the value of a last header field that has
+        // no line ending, which BDAT content can lack.
+        let terminated;
+        let parse_input = if raw.is_empty() || raw.ends_with(b"\n") {
+            raw
+        } else {
+            terminated = [raw, b"\r\n"].concat();
+            &terminated[..]
+        };
+        let parsed = ParsedMessage::parse(self, parse_input);
+        let facts = MessageFacts::new(&parsed, parse_input, &self.url);
 
         let gtube_in_body = || facts.bodies.iter().any(|body| body.contains(GTUBE));
         if self.gtube.is_match(raw) || gtube_in_body() {
@@ -164,6 +201,296 @@ impl RuleSet {
         }
         hits
     }
+}
+
+/// The parse of a message that the rules score: its MIME structure as parsed
+/// by mail-parser, or only its top-level headers when the structure cannot be
+/// parsed safely.
+struct ParsedMessage<'m> {
+    /// The parsed message, or `None` for text without a header.
+    message: Option<Message<'m>>,
+    /// Whether `message` contains the whole structure. When false it contains
+    /// the top-level headers at most, and the rules read the raw message as
+    /// one text body and see no attachments.
+    structure: bool,
+}
+
+impl<'m> ParsedMessage<'m> {
+    /// Parses `raw` in full unless [`check_structure`] finds that unsafe or
+    /// mail-parser panics on it. Without the structure, the top-level header
+    /// fields in the first [`FALLBACK_HEADER_LINES`] lines are parsed.
+    ///
+    /// mail-parser 0.11.9 parses the decoded content of a base64 or
+    /// quoted-printable message/* part separately. It copies the result with
+    /// a recursive `Message::into_owned`, which takes 0.8 to 1.6 KiB of stack
+    /// per nested message in a release build and 3.2 to 6.4 KiB in a debug
+    /// build, measured by parsing 20 000 levels in threads of set stack sizes.
+    /// So 2 000 nested message/rfc822 headers in one base64 part, about 80 KB,
+    /// can overflow a 2 MiB thread stack and abort the process, and such
+    /// messages are not parsed in full. RFC 2046 allows only 7bit, 8bit and
+    /// binary for message/rfc822, so real mail rarely has them.
+    ///
+    /// mail-parser also checks its part stack with `debug_assert!`, which
+    /// fails on some malformed nestings of multipart and message/rfc822 parts
+    /// in debug builds. A panic must not end the SMTP session, so it is caught.
+    fn parse(rules: &RuleSet, raw: &'m [u8]) -> ParsedMessage<'m> {
+        let parser = &rules.parser;
+        let skip_reason = match check_structure(raw, &rules.content_headers) {
+            StructureCheck::Parse => None,
+            StructureCheck::EncodedMessage => {
+                Some("it has a transfer-encoded message or digest part".to_string())
+            }
+            StructureCheck::TooManyColonLines(lines) => Some(format!(
+                "it has {lines} lines with a colon, more than {MAX_COLON_LINES}"
+            )),
+            StructureCheck::TooManyParts(markers) => Some(format!(
+                "it has {markers} \"--\" pairs and Content-Type fields, more than {MAX_PART_MARKERS}"
+            )),
+        };
+        if let Some(reason) = skip_reason {
+            tracing::warn!(
+                size = raw.len(),
+                "scoring the message's top-level headers and raw text without its MIME structure because {reason}"
+            );
+            let head = first_lines(raw, FALLBACK_HEADER_LINES);
+            return ParsedMessage {
+                message: catch_parse(raw, || parser.parse_headers(head))
+                    .ok()
+                    .flatten(),
+                structure: false,
+            };
+        }
+
+        match catch_parse(raw, || parser.parse(raw)) {
+            Ok(message) => ParsedMessage {
+                message,
+                structure: true,
+            },
+            Err(()) => ParsedMessage {
+                message: None,
+                structure: false,
+            },
+        }
+    }
+}
+
+impl Drop for ParsedMessage<'_> {
+    /// Drops the parsed tree one message at a time. A message/rfc822 part
+    /// contains its message, so the derived drop recurses once per nesting
+    /// level, and 50 000 nested message/rfc822 parts, about 1.5 MB, overflow a
+    /// 2 MiB stack in a debug build. mail-parser parses such nesting without
+    /// recursion when the parts are not transfer-encoded.
+    fn drop(&mut self) {
+        let mut pending: Vec<Message<'_>> = self.message.take().into_iter().collect();
+        while let Some(mut message) = pending.pop() {
+            for part in &mut message.parts {
+                if matches!(part.body, PartType::Message(_))
+                    && let PartType::Message(inner) =
+                        std::mem::replace(&mut part.body, PartType::Text(Cow::Borrowed("")))
+                {
+                    pending.push(inner);
+                }
+            }
+        }
+    }
+}
+
+/// Runs one mail-parser call. Returns `Err` when it panicked, which is
+/// logged here.
+fn catch_parse<'m>(
+    raw: &[u8],
+    parse: impl FnOnce() -> Option<Message<'m>>,
+) -> Result<Option<Message<'m>>, ()> {
+    // The parser is only read, so a panic cannot leave it in a broken state.
+    std::panic::catch_unwind(AssertUnwindSafe(parse)).map_err(|_| {
+        tracing::warn!(
+            size = raw.len(),
+            "mail-parser panicked on the message; scoring its raw text without headers or structure"
+        );
+    })
+}
+
+/// Outcome of [`check_structure`].
+#[derive(Debug, PartialEq, Eq)]
+enum StructureCheck {
+    Parse,
+    /// mail-parser might decode a part and parse the result as a message.
+    EncodedMessage,
+    /// The count of lines with a colon, above [`MAX_COLON_LINES`].
+    TooManyColonLines(usize),
+    /// The count of part markers, above [`MAX_PART_MARKERS`].
+    TooManyParts(usize),
+}
+
+/// Checks whether the structure of `raw` can be parsed safely.
+/// `content_headers` finds the names Content-Type and
+/// Content-Transfer-Encoding in any case.
+///
+/// mail-parser decodes a part and parses the result as a message when a
+/// header block has a Content-Type whose media type names `message` or
+/// `digest` and a Content-Transfer-Encoding other than 7bit, 8bit or binary.
+/// In a message that names `digest`, such an encoding anywhere is enough,
+/// because the parts of a multipart/digest are messages by default. The first
+/// such part is never inside encoded content, so its header block is a run of
+/// non-empty lines in `raw`.
+///
+/// Every part that mail-parser creates starts after a `--`, even one in the
+/// middle of a line, or is a message named by a Content-Type field, so those
+/// two counts bound the number of parts. Every header field starts with a
+/// line that contains a colon.
+///
+/// The check errs towards skipping the structure. Names count anywhere in a
+/// header field, and values are compared with comments, quotes, spaces and
+/// folding removed but encoded words left encoded.
+fn check_structure(raw: &[u8], content_headers: &regex::bytes::Regex) -> StructureCheck {
+    let colon_lines = raw
+        .split(|&byte| byte == b'\n')
+        .filter(|line| line.contains(&b':'))
+        .count();
+    if colon_lines > MAX_COLON_LINES {
+        return StructureCheck::TooManyColonLines(colon_lines);
+    }
+
+    let mut names = content_headers.find_iter(raw).peekable();
+    if names.peek().is_none() {
+        // Without a Content-Type there is one part.
+        return StructureCheck::Parse;
+    }
+
+    let mut markers = count_double_dashes(raw);
+    let mut names_digest = false;
+    let mut any_encoding = false;
+    let mut block_names_message = false;
+    let mut block_encoding = false;
+    for field in header_fields(raw) {
+        if field.is_empty() {
+            if block_names_message && block_encoding {
+                return StructureCheck::EncodedMessage;
+            }
+            block_names_message = false;
+            block_encoding = false;
+            continue;
+        }
+
+        // Only the first of each name in a field counts, which keeps the
+        // check linear in the length of `raw`.
+        let mut content_type = None;
+        let mut encoding = None;
+        while let Some(name) = names.next_if(|name| name.start() < field.end) {
+            let value = &raw[name.end()..field.end];
+            if name.len() == "content-type".len() {
+                content_type = content_type.or(Some(value));
+            } else {
+                encoding = encoding.or(Some(value));
+            }
+        }
+        if let Some(value) = content_type {
+            markers += 1;
+            // The media type ends at the first ';', where the parameters start.
+            let value = normalize_value(value);
+            let media_type = value.split(|&byte| byte == b';').next().unwrap_or_default();
+            let digest = contains(media_type, b"digest");
+            names_digest |= digest;
+            block_names_message |= digest || contains(media_type, b"message");
+        }
+        if let Some(value) = encoding {
+            let value = normalize_value(value);
+            let identity = matches!(&value[..], b"" | b"7bit" | b"8bit" | b"binary");
+            block_encoding |= !identity;
+            any_encoding |= !identity;
+        }
+    }
+
+    if (block_names_message && block_encoding) || (names_digest && any_encoding) {
+        StructureCheck::EncodedMessage
+    } else if markers > MAX_PART_MARKERS {
+        StructureCheck::TooManyParts(markers)
+    } else {
+        StructureCheck::Parse
+    }
+}
+
+/// Splits `raw` into header fields: each line with the lines after it that
+/// start with a space or a tab. A line ends at LF, and the range of a field
+/// leaves out its final LF and one CR before that LF. An empty range stands
+/// for an empty line.
+fn header_fields(raw: &[u8]) -> impl Iterator<Item = Range<usize>> + '_ {
+    let line_end = |start: usize| {
+        raw[start..]
+            .iter()
+            .position(|&byte| byte == b'\n')
+            .map_or(raw.len(), |offset| start + offset)
+    };
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        if start > raw.len() {
+            return None;
+        }
+        let mut end = line_end(start);
+        while raw
+            .get(end + 1)
+            .is_some_and(|&byte| byte == b' ' || byte == b'\t')
+        {
+            end = line_end(end + 1);
+        }
+        let field_end = if end > start && raw[end - 1] == b'\r' {
+            end - 1
+        } else {
+            end
+        };
+        let field = start..field_end;
+        start = end + 1;
+        Some(field)
+    })
+}
+
+/// Returns `raw` up to and including its `count`th LF, or all of it.
+fn first_lines(raw: &[u8], count: usize) -> &[u8] {
+    let end = raw
+        .iter()
+        .enumerate()
+        .filter(|&(_, &byte)| byte == b'\n')
+        .nth(count.saturating_sub(1))
+        .map_or(raw.len(), |(index, _)| index + 1);
+    &raw[..end]
+}
+
+/// Counts the non-overlapping occurrences of `--` in `raw`.
+fn count_double_dashes(raw: &[u8]) -> usize {
+    let mut count = 0;
+    let mut rest = raw;
+    while let Some(dash) = rest.iter().position(|&byte| byte == b'-') {
+        if rest.get(dash + 1) == Some(&b'-') {
+            count += 1;
+            rest = &rest[dash + 2..];
+        } else {
+            rest = &rest[dash + 1..];
+        }
+    }
+    count
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
+}
+
+/// Lower-cases a header value and removes a leading colon, white space, line
+/// breaks, quotes, backslashes and parenthesized comments from it.
+fn normalize_value(value: &[u8]) -> Vec<u8> {
+    let mut normalized = Vec::with_capacity(value.len());
+    let mut comment_depth = 0usize;
+    for &byte in value.strip_prefix(b":").unwrap_or(value) {
+        match byte {
+            b'(' => comment_depth += 1,
+            b')' => comment_depth = comment_depth.saturating_sub(1),
+            _ if comment_depth > 0 => {}
+            b' ' | b'\t' | b'\r' | b'\n' | b'"' | b'\\' => {}
+            _ => normalized.push(byte.to_ascii_lowercase()),
+        }
+    }
+    normalized
 }
 
 fn single_problem(key: &str, message: impl Into<String>) -> Problems {
@@ -220,9 +547,11 @@ fn host_is_within(host: &str, listed: &str) -> bool {
 /// names are only extracted when a rule needs them.
 struct MessageFacts<'p, 'm> {
     message: Option<&'p Message<'m>>,
+    /// Whether `message` contains the MIME structure, as in [`ParsedMessage`].
+    structure: bool,
     /// Decoded text/plain parts, the HTML source of text/html parts and the
     /// text rendering of that HTML, so that a phrase split by tags still
-    /// matches.
+    /// matches. Without the structure, the raw message as one text.
     bodies: Vec<Cow<'p, str>>,
     url: &'p Regex,
     url_hosts: OnceCell<BTreeSet<String>>,
@@ -230,30 +559,44 @@ struct MessageFacts<'p, 'm> {
 }
 
 impl<'p, 'm> MessageFacts<'p, 'm> {
-    fn new(message: Option<&'p Message<'m>>, url: &'p Regex) -> Self {
+    fn new(parsed: &'p ParsedMessage<'m>, raw: &'p [u8], url: &'p Regex) -> Self {
         let mut bodies = Vec::new();
-        if let Some(message) = message {
-            // Body parts of the message itself; attached messages are left out
-            // so that forwarding a spam sample as an attachment does not count.
-            let ids: BTreeSet<u32> = message
-                .text_body
-                .iter()
-                .chain(message.html_body.iter())
-                .copied()
-                .collect();
-            for id in ids {
-                match message.parts.get(id as usize).map(|part| &part.body) {
-                    Some(PartType::Text(text)) => bodies.push(Cow::Borrowed(text.as_ref())),
-                    Some(PartType::Html(html)) => {
-                        bodies.push(Cow::Borrowed(html.as_ref()));
-                        bodies.push(Cow::Owned(html_to_text(html)));
+        match &parsed.message {
+            _ if !parsed.structure => bodies.push(String::from_utf8_lossy(raw)),
+            None => {}
+            Some(message) => {
+                // Body parts of the message itself; attached messages are left
+                // out so that forwarding a spam sample as an attachment does
+                // not count.
+                let mut ids: BTreeSet<u32> = message
+                    .text_body
+                    .iter()
+                    .chain(message.html_body.iter())
+                    .copied()
+                    .collect();
+                // A multipart whose boundary never appears, for example
+                // because of an unbalanced quote in its Content-Type, comes
+                // back as one text part filed as an attachment. Mail clients
+                // show that text as the body.
+                let root = message.parts.first().map(|part| &part.body);
+                if matches!(root, Some(PartType::Text(_) | PartType::Html(_))) {
+                    ids.insert(0);
+                }
+                for id in ids {
+                    match message.parts.get(id as usize).map(|part| &part.body) {
+                        Some(PartType::Text(text)) => bodies.push(Cow::Borrowed(text.as_ref())),
+                        Some(PartType::Html(html)) => {
+                            bodies.push(Cow::Borrowed(html.as_ref()));
+                            bodies.push(Cow::Owned(html_to_text(html)));
+                        }
+                        _ => {}
                     }
-                    _ => {}
                 }
             }
         }
         MessageFacts {
-            message,
+            message: parsed.message.as_ref(),
+            structure: parsed.structure,
             bodies,
             url,
             url_hosts: OnceCell::new(),
@@ -293,7 +636,9 @@ impl<'p, 'm> MessageFacts<'p, 'm> {
     fn attachment_names(&self) -> &[String] {
         self.attachment_names.get_or_init(|| {
             let mut names = Vec::new();
-            if let Some(message) = self.message {
+            if let Some(message) = self.message
+                && self.structure
+            {
                 collect_attachment_names(message, 0, &mut names);
             }
             names

@@ -907,3 +907,284 @@ fn disabled_rules_are_still_checked() {
         Err(error) => assert!(error.starts_with("scan.spam.rules[0].body"), "{error}"),
     }
 }
+
+/// A message/rfc822 part whose body is another message/rfc822 header block,
+/// inside a multipart whose first boundary line runs into the part headers.
+/// mail-parser 0.11.9 loses track of its part stack on it and, in debug
+/// builds, panics in a `debug_assert!`.
+const PART_STACK_MISMATCH: &[u8] = b"Content-Type:multipart; boundary=outer\n\r\n\
+    --outerContent-Type: message/rfc822\n\n\
+    Content-Type: message/rfc822\r\n\n\n--outer--";
+
+#[test]
+fn parser_panic_falls_back_to_raw_checks() {
+    let scanner = default_scanner();
+    let mut message = PART_STACK_MISMATCH.to_vec();
+    message.extend_from_slice(b"\r\n");
+    message.extend_from_slice(GTUBE.as_bytes());
+
+    let hits = scanner.rules.evaluate(&message, 60);
+
+    assert_eq!(hits.rules, ["GTUBE", "MANY_RECIPIENTS"]);
+    assert_eq!(scan(&scanner, &message, 1).kind(), "spam");
+    assert_eq!(scan(&scanner, PART_STACK_MISMATCH, 1), Verdict::Clean);
+}
+
+/// Encodes `data` as base64 in lines of 76 characters.
+fn base64_lines(data: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut encoded = String::new();
+    for chunk in data.chunks(3) {
+        let bytes = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let value = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]);
+        for position in 0..4 {
+            if position <= chunk.len() {
+                encoded.push(char::from(
+                    ALPHABET[(value >> (18 - 6 * position)) as usize & 63],
+                ));
+            } else {
+                encoded.push('=');
+            }
+        }
+    }
+    let mut lines = String::new();
+    for (index, character) in encoded.chars().enumerate() {
+        if index > 0 && index % 76 == 0 {
+            lines.push_str("\r\n");
+        }
+        lines.push(character);
+    }
+    lines
+}
+
+/// Builds `depth` message/rfc822 headers, each starting the next nested
+/// message, around a short text message.
+fn message_chain(depth: usize) -> String {
+    let mut chain = String::new();
+    for level in 0..depth {
+        chain.push_str(&format!(
+            "Subject: level {level}\r\nContent-Type: message/rfc822\r\n\r\n"
+        ));
+    }
+    chain.push_str("Subject: innermost\r\n\r\ntext\r\n");
+    chain
+}
+
+#[test]
+fn encoded_nested_messages_no_overflow() {
+    // mail-parser 0.11.9 copies the parse of an encoded message part
+    // recursively, so this message would overflow the 2 MiB test thread
+    // stack if it were parsed in full.
+    let mut subject = rule("SUBJECT", 10.0);
+    subject.header = Some("Subject".to_string());
+    subject.pattern = Some("^outer$".to_string());
+    let mut body = rule("BODY", 10.0);
+    body.body = Some("plain text before".to_string());
+    let scanner = scanner(&operator_rules(vec![subject, body]));
+    let message = format!(
+        "Subject: outer\r\nMIME-Version: 1.0\r\n\
+         Content-Type: multipart/mixed; boundary=b1\r\n\r\n\
+         --b1\r\nContent-Type: text/plain\r\n\r\nplain text before\r\n\
+         --b1\r\nContent-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\n\
+         {}\r\n--b1--\r\n",
+        base64_lines(message_chain(20_000).as_bytes())
+    );
+
+    let hits = scanner.rules.evaluate(message.as_bytes(), 1);
+
+    // The top-level headers and the raw text are still scored.
+    assert_eq!(hits.rules, ["SUBJECT", "BODY"]);
+}
+
+#[test]
+fn message_chain_drops_iteratively() {
+    let scanner = default_scanner();
+    let mut message = String::from("Subject: outer\r\nMIME-Version: 1.0\r\n");
+    message.push_str(
+        "Content-Type: multipart/mixed; boundary=b1\r\n\r\n\
+         --b1\r\nContent-Type: application/octet-stream\r\n\
+         Content-Disposition: attachment; filename=\"run.scr\"\r\n\r\nMZ\r\n\
+         --b1\r\nContent-Type: message/rfc822\r\n\r\n",
+    );
+    // Below the part limit, so the structure is parsed.
+    message.push_str(&message_chain(9_000));
+    message.push_str("--b1--\r\n");
+
+    let hits = scanner.rules.evaluate(message.as_bytes(), 1);
+
+    // The attachment beside the chain shows that the structure was parsed.
+    assert_eq!(hits.rules, ["SCRIPT_ATTACHMENT"]);
+}
+
+#[test]
+fn encoded_message_parts_skip_structure() {
+    let mut decoded = rule("DECODED", 10.0);
+    decoded.body = Some("decoded probe".to_string());
+    let scanner = scanner(&operator_rules(vec![decoded]));
+    let text_part = format!(
+        "Content-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\n{}\r\n",
+        base64_lines(b"a decoded probe")
+    );
+    let inner = base64_lines(b"Subject: inner\r\n\r\nhello\r\n");
+    // (extra part, whether the structure is parsed)
+    let cases = [
+        (String::new(), true),
+        (
+            "Content-Type: message/rfc822\r\n\r\nSubject: inner\r\n\r\nhi\r\n".to_string(),
+            true,
+        ),
+        (
+            "Content-Type: message/rfc822\r\nContent-Transfer-Encoding: 8bit\r\n\r\n\
+             Subject: inner\r\n\r\nhi\r\n"
+                .to_string(),
+            true,
+        ),
+        (
+            format!(
+                "Content-Type: application/pdf; name=\"message.pdf\"\r\n\
+                 Content-Transfer-Encoding: base64\r\n\r\n{inner}\r\n"
+            ),
+            true,
+        ),
+        (
+            format!(
+                "Content-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\n{inner}\r\n"
+            ),
+            false,
+        ),
+        (
+            format!(
+                "content-transfer-encoding: Quoted-Printable\r\nCONTENT-TYPE: Message/Global\r\n\r\n{inner}\r\n"
+            ),
+            false,
+        ),
+        (
+            format!(
+                "Content-Type:\r\n (comment) \"message\"/rfc822\r\n\
+                 Content-Transfer-Encoding: =?utf-8?q?base64?=\r\n\r\n{inner}\r\n"
+            ),
+            false,
+        ),
+        (
+            format!(
+                "Content-Type: multipart/digest; boundary=d\r\n\r\n\
+                 --d\r\nContent-Transfer-Encoding: base64\r\n\r\n{inner}\r\n--d--\r\n"
+            ),
+            false,
+        ),
+    ];
+    for (extra_part, structure) in cases {
+        let message = format!(
+            "Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b1\r\n\r\n\
+             --b1\r\n{text_part}--b1\r\n{extra_part}--b1--\r\n"
+        );
+        let expected: &[&str] = if structure { &["DECODED"] } else { &[] };
+        assert_eq!(
+            scanner.rules.evaluate(message.as_bytes(), 1).rules,
+            expected,
+            "extra part:\n{extra_part}"
+        );
+    }
+}
+
+#[test]
+fn missing_boundary_scores_body() {
+    let mut phrase = rule("PHRASE", 10.0);
+    phrase.body = Some("visible phrase".to_string());
+    let scanner = scanner(&operator_rules(vec![phrase]));
+    // The unbalanced quote makes the boundary `b1; charset=`, which never
+    // appears, so the whole body is one text part.
+    let message = "Subject: x\r\nMIME-Version: 1.0\r\n\
+        Content-Type: multipart/mixed; boundary=\"b1; charset=\"utf-8\r\n\r\n\
+        --b1\r\nContent-Type: text/plain\r\n\r\na visible phrase\r\n--b1--\r\n";
+
+    assert_eq!(hits(&scanner, message, 1).rules, ["PHRASE"]);
+}
+
+#[test]
+fn unterminated_last_header_scored() {
+    let mut subject = rule("SUBJECT", 10.0);
+    subject.header = Some("Subject".to_string());
+    subject.pattern = Some("^probe".to_string());
+    let scanner = scanner(&operator_rules(vec![subject]));
+
+    for message in [
+        "Subject: probe",
+        "From: a@example.com\r\nSubject: probe",
+        "Subject: probe\r\n folded",
+        "Subject: probe\r\n folded\r\n\t",
+        "Subject: probe\n folded",
+    ] {
+        assert_eq!(
+            hits(&scanner, message, 1).rules,
+            ["SUBJECT"],
+            "message {message:?}"
+        );
+    }
+}
+
+#[test]
+fn part_limit_skips_structure() {
+    let mut phrase = rule("PHRASE", 10.0);
+    phrase.body = Some("visible phrase".to_string());
+    let scanner = scanner(&operator_rules(vec![phrase]));
+    let with_parts = |count: usize| {
+        let mut message = String::from(
+            "Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=s\r\n\r\n",
+        );
+        for _ in 0..count {
+            message.push_str("--s\r\n\r\nx\r\n");
+        }
+        message.push_str(
+            "--s\r\nContent-Type: application/octet-stream\r\n\
+             Content-Disposition: attachment; filename=\"run.scr\"\r\n\r\nMZ\r\n\
+             --s\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\n",
+        );
+        message.push_str(&base64_lines(b"a visible phrase"));
+        message.push_str("\r\n--s--\r\n");
+        message
+    };
+
+    // 9 000 parts are parsed, so the attachment and the decoded text count.
+    let below = with_parts(9_000);
+    let default_hits = hits(&default_scanner(), &below, 1);
+    assert_eq!(default_hits.rules, ["SCRIPT_ATTACHMENT"]);
+    assert_eq!(hits(&scanner, &below, 1).rules, ["PHRASE"]);
+
+    // Past 10 000 part markers only the raw text counts, where the phrase is
+    // still base64.
+    let above = with_parts(10_001);
+    assert!(hits(&default_scanner(), &above, 1).rules.is_empty());
+    assert!(hits(&scanner, &above, 1).rules.is_empty());
+}
+
+#[test]
+fn colon_line_limit_skips_structure() {
+    let mut subject = rule("SUBJECT", 10.0);
+    subject.header = Some("Subject".to_string());
+    subject.pattern = Some("^probe$".to_string());
+    let mut last = rule("LAST", 10.0);
+    last.header = Some("X-Last".to_string());
+    last.pattern = Some("^yes$".to_string());
+    let scanner = scanner(&operator_rules(vec![subject, last]));
+    let with_fields = |count: usize| {
+        let mut message = String::from("Subject: probe\r\n");
+        for index in 0..count {
+            message.push_str(&format!("X-Field-{index}: value\r\n"));
+        }
+        message.push_str("X-Last: yes\r\n\r\nbody\r\n");
+        message
+    };
+
+    assert_eq!(
+        hits(&scanner, &with_fields(99_990), 1).rules,
+        ["SUBJECT", "LAST"]
+    );
+    // Past 100 000 lines with a colon only the first 1 000 lines are read
+    // for header fields.
+    assert_eq!(hits(&scanner, &with_fields(100_000), 1).rules, ["SUBJECT"]);
+}
