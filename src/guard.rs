@@ -274,6 +274,10 @@ impl Guard {
             message,
             recipients: transaction.recipients,
         };
+        // NOTE: the built-in rules run on this async worker; a 10 MiB
+        // message holds it for up to about 2 s (debug build), so a few such
+        // messages at once delay other sessions. Moving the rules to a
+        // blocking pool needs a limit on how many scans hold memory at once.
         let verdict = match runtime.scanner.scan(input).await {
             Ok(verdict) => verdict,
             Err(error) => {
