@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages that the tests and the demo need: clamd for
-# virus scanning, Postfix for smtp-source and smtp-sink, and swaks.
+# virus scanning, Postfix for smtp-source and smtp-sink and as the MTA in
+# front of the milter, swaks, and sasl2-bin for the milter tests' SASL users.
 #
 # Idempotent: when every package is installed already it only checks and
 # exits. It never starts the system's clamav or postfix services, because
@@ -8,7 +9,7 @@
 # Needs root when something is missing.
 set -euo pipefail
 
-packages=(clamav clamav-daemon clamdscan postfix swaks)
+packages=(clamav clamav-daemon clamdscan postfix swaks sasl2-bin)
 
 missing=()
 for package in "${packages[@]}"; do

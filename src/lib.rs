@@ -25,6 +25,7 @@ pub mod directory;
 pub mod events;
 pub mod guard;
 pub mod identity;
+pub mod milter;
 pub mod policy;
 pub mod reply;
 pub mod scan;

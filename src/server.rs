@@ -2,6 +2,7 @@
 
 use crate::config::{Config, SmtpConfig};
 use crate::guard::{Guard, Runtime};
+use crate::milter::MilterListener;
 use crate::smtp::session::{Session, SessionShared};
 use crate::smtp::upstream::UpstreamConnection;
 use crate::store::Store;
@@ -36,6 +37,11 @@ pub enum ServeError {
         address: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot listen for milter connections on {listen}: {source}")]
+    MilterBind {
+        listen: String,
+        source: std::io::Error,
+    },
 }
 
 /// Loads the configuration, opens the store, binds the listener and serves
@@ -51,6 +57,7 @@ pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
     }
     let store = Store::open(&config.store.path)?;
     let listen = config.smtp.listen;
+    let milter_listen = config.milter.as_ref().map(|milter| milter.listen.clone());
     let runtime = Runtime::new(config).map_err(ServeError::Runtime)?;
     let guard = Arc::new(Guard::new(runtime, store));
 
@@ -62,6 +69,17 @@ pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
         .map_err(|error| ServeError::Runtime(format!("cannot watch SIGTERM: {error}")))?;
     let interrupt = signal(SignalKind::interrupt())
         .map_err(|error| ServeError::Runtime(format!("cannot watch SIGINT: {error}")))?;
+    // The milter listener is bound first, so a reachable SMTP listener
+    // means both are ready.
+    let milter_listener = match milter_listen {
+        Some(milter_listen) => Some(MilterListener::bind(&milter_listen).await.map_err(
+            |source| ServeError::MilterBind {
+                listen: milter_listen,
+                source,
+            },
+        )?),
+        None => None,
+    };
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|source| ServeError::Bind {
@@ -82,7 +100,17 @@ pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
         tracing::info!("shutdown requested; finishing open sessions");
         let _ = shutdown_sender.send(true);
     });
+    let milter = milter_listener.map(|milter_listener| {
+        tokio::spawn(crate::milter::run(
+            milter_listener,
+            guard.clone(),
+            shutdown.clone(),
+        ))
+    });
     run(listener, guard, shutdown).await;
+    if let Some(milter) = milter {
+        let _ = milter.await;
+    }
     tracing::info!("sendguard stopped");
     Ok(())
 }
@@ -272,10 +300,16 @@ pub async fn reload(guard: &Guard, path: &Path) {
         }
     };
     let current = guard.runtime();
+    let milter_changed = match (&config.milter, &current.config.milter) {
+        (Some(new), Some(old)) => new.listen != old.listen || new.timeout != old.timeout,
+        (None, None) => false,
+        _ => true,
+    };
     if config.smtp.listen != current.config.smtp.listen
         || config.store.path != current.config.store.path
+        || milter_changed
     {
-        tracing::warn!("smtp.listen and store.path take effect only after a restart");
+        tracing::warn!("smtp.listen, store.path and [milter] take effect only after a restart");
     }
     match Runtime::new(config) {
         Ok(runtime) => {

@@ -8,6 +8,20 @@ use common::smtp_client::SmtpClient;
 use common::upstream::{Upstream, UpstreamOptions};
 use std::time::{Duration, Instant};
 
+/// Connects until the server greets with 220: the harness's own readiness
+/// probe may still hold a place for a moment after start.
+fn connect_admitted(address: &str) -> SmtpClient {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let client = SmtpClient::connect(address);
+        if client.greeting().code == 220 {
+            return client;
+        }
+        assert!(Instant::now() < deadline, "never admitted: {}", client.greeting().text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn connections_per_client_limited() {
     let upstream = Upstream::start(UpstreamOptions::default());
@@ -16,8 +30,8 @@ fn connections_per_client_limited() {
         "max_connections_per_client = 2\nmax_connections = 3",
         "",
     );
-    let first = SmtpClient::connect(&server.address);
-    let second = SmtpClient::connect(&server.address);
+    let first = connect_admitted(&server.address);
+    let second = connect_admitted(&server.address);
     let mut third = SmtpClient::connect_without_greeting(&server.address);
     let refused = third.read_reply();
     assert_eq!(refused.code, 421, "{}", refused.text());

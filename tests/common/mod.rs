@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod clamd;
+pub mod milter_client;
 pub mod postfix;
 pub mod sendguard;
 pub mod smtp_client;

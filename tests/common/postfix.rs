@@ -13,10 +13,34 @@ pub struct Postfix {
     pub address: String,
 }
 
+/// What [`Postfix::start_with`] sets up beyond the defaults.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PostfixOptions<'a> {
+    /// Lines added at the end of main.cf; a later line overrides an
+    /// earlier one with the same name.
+    pub main_cf: &'a str,
+    /// SASL users (`name@realm`, password) for AUTH PLAIN and LOGIN. When
+    /// set, smtpd offers AUTH from a Cyrus sasldb in the instance's
+    /// directory and relays for authenticated clients.
+    pub sasl_users: &'a [(&'a str, &'a str)],
+}
+
 impl Postfix {
     /// Starts Postfix relaying everything it accepts to `relayhost`
     /// (`host:port`), with `main_cf` lines added to its main.cf.
     pub fn start(relayhost: &str, main_cf: &str) -> Postfix {
+        Postfix::start_with(
+            relayhost,
+            PostfixOptions {
+                main_cf,
+                ..PostfixOptions::default()
+            },
+        )
+    }
+
+    /// Like [`Postfix::start`], with SASL users when `options` has them.
+    pub fn start_with(relayhost: &str, options: PostfixOptions<'_>) -> Postfix {
+        let main_cf = options.main_cf;
         let dir = tempfile::Builder::new()
             .prefix("sendguard-postfix-")
             .tempdir()
@@ -44,6 +68,11 @@ impl Postfix {
         let port = super::sendguard::free_port();
         let address = format!("127.0.0.1:{port}");
         let (relay_host, relay_port) = relayhost.rsplit_once(':').expect("relayhost is host:port");
+        let sasl_main_cf = if options.sasl_users.is_empty() {
+            String::new()
+        } else {
+            setup_sasl(dir.path(), &config, options.sasl_users)
+        };
 
         std::fs::write(
             config.join("main.cf"),
@@ -74,6 +103,7 @@ impl Postfix {
                  queue_run_delay = 1s\n\
                  minimal_backoff_time = 1s\n\
                  maximal_backoff_time = 2s\n\
+                 {sasl_main_cf}\
                  {main_cf}\n",
                 queue = queue.display(),
                 data = data.display(),
@@ -149,6 +179,59 @@ impl Postfix {
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
+}
+
+/// Creates a Cyrus sasldb with `users` and the `sasl/smtpd.conf` that
+/// Debian's Postfix reads from its config directory, and returns the
+/// main.cf lines that turn AUTH on. smtpd runs unchrooted in this harness,
+/// so it reads the sasldb at its path in the temporary directory.
+fn setup_sasl(dir: &Path, config: &Path, users: &[(&str, &str)]) -> String {
+    let sasldb = dir.join("sasldb2");
+    for (user, password) in users {
+        let (name, realm) = user.split_once('@').expect("SASL user is name@realm");
+        let mut child = Command::new("saslpasswd2")
+            .arg("-f")
+            .arg(&sasldb)
+            .args(["-c", "-p", "-u", realm, name])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("run saslpasswd2 (package sasl2-bin)");
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().expect("saslpasswd2 stdin");
+            stdin
+                .write_all(password.as_bytes())
+                .expect("write the SASL password");
+        }
+        let status = child.wait().expect("wait for saslpasswd2");
+        assert!(status.success(), "saslpasswd2 failed for {user}");
+    }
+    let status = Command::new("chown")
+        .args(["postfix:postfix"])
+        .arg(&sasldb)
+        .status()
+        .expect("run chown");
+    assert!(status.success(), "chown of the sasldb failed");
+
+    let sasl_dir = config.join("sasl");
+    std::fs::create_dir_all(&sasl_dir).expect("create the sasl config directory");
+    std::fs::write(
+        sasl_dir.join("smtpd.conf"),
+        format!(
+            "pwcheck_method: auxprop\n\
+             auxprop_plugin: sasldb\n\
+             mech_list: PLAIN LOGIN\n\
+             sasldb_path: {}\n",
+            sasldb.display()
+        ),
+    )
+    .expect("write sasl/smtpd.conf");
+    "smtpd_sasl_auth_enable = yes\n\
+     smtpd_sasl_type = cyrus\n\
+     smtpd_sasl_path = smtpd\n\
+     smtpd_sasl_security_options = noanonymous\n\
+     smtpd_relay_restrictions = permit_sasl_authenticated, permit_mynetworks, reject\n"
+        .to_string()
 }
 
 impl Drop for Postfix {

@@ -1,0 +1,570 @@
+//! sendguard as a milter of a real Postfix: `smtpd_milters` with
+//! `milter_protocol = 6` and `milter_default_action = tempfail`, SASL
+//! logins from a Cyrus sasldb, and the recording SMTP server as Postfix's
+//! relayhost.
+
+mod common;
+
+use base64::Engine;
+use common::clamd::Clamd;
+use common::postfix::{Postfix, PostfixOptions};
+use common::sendguard::{Sendguard, free_port};
+use common::smtp_client::SmtpClient;
+use common::upstream::{Upstream, UpstreamOptions, closed_address};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const GTUBE: &str = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X";
+const EICAR: &str = r"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
+
+const ALICE: (&str, &str) = ("alice@example.org", "alice-secret");
+const BOB: (&str, &str) = ("bob@example.org", "bob-secret");
+
+/// Postfix in front, sendguard as its milter, the recording server behind.
+struct Chain {
+    sink: Upstream,
+    server: Sendguard,
+    postfix: Postfix,
+}
+
+/// Starts the chain; `sendguard_extra` is TOML for sendguard's config.
+fn start_chain(sendguard_extra: &str, sasl_users: &[(&str, &str)]) -> Chain {
+    let sink = Upstream::start(UpstreamOptions::default());
+    let milter = format!("127.0.0.1:{}", free_port());
+    // The SMTP relay's upstream is unused in milter mode.
+    let server = Sendguard::start(
+        &sink.address(),
+        &format!("[milter]\nlisten = \"{milter}\"\n{sendguard_extra}"),
+    );
+    let main_cf = format!(
+        "smtpd_milters = inet:{milter}\n\
+         non_smtpd_milters = inet:{milter}\n\
+         milter_protocol = 6\n\
+         milter_default_action = tempfail\n"
+    );
+    let postfix = Postfix::start_with(
+        &sink.address(),
+        PostfixOptions {
+            main_cf: &main_cf,
+            sasl_users,
+        },
+    );
+    Chain {
+        sink,
+        server,
+        postfix,
+    }
+}
+
+impl Chain {
+    /// Opens an SMTP session with Postfix, logged in as `user` when given.
+    fn session(&self, user: Option<(&str, &str)>) -> SmtpClient {
+        let mut client = SmtpClient::connect(&self.postfix.address);
+        client.cmd("EHLO client.test", 250);
+        if let Some((name, password)) = user {
+            let token =
+                base64::engine::general_purpose::STANDARD.encode(format!("\0{name}\0{password}"));
+            let reply = client.command(&format!("AUTH PLAIN {token}"));
+            assert_eq!(
+                reply.code,
+                235,
+                "AUTH failed: {}\n{}",
+                reply.text(),
+                self.postfix.log()
+            );
+        }
+        client
+    }
+
+    /// Panics with `description` and both logs when `condition` is false.
+    fn check(&self, condition: bool, description: &str) {
+        assert!(
+            condition,
+            "{description}\n--- sendguard log ---\n{}\n--- Postfix log ---\n{}",
+            self.server.log(),
+            self.postfix.log()
+        );
+    }
+}
+
+fn spam(subject: &str) -> Vec<u8> {
+    format!(
+        "From: sender@example.org\r\nTo: bob@example.net\r\nSubject: {subject}\r\n\
+         Date: Fri, 04 Dec 2026 21:00:00 +0000\r\nMessage-ID: <{subject}@example.org>\r\n\r\n{GTUBE}\r\n"
+    )
+    .into_bytes()
+}
+
+/// A clean message whose headers Postfix has no reason to complete, with
+/// the header forms the milter protocol could lose: a folded header,
+/// several spaces or a tab after the colon, an empty value.
+const CLEAN: &[u8] = b"From: Alice <alice@example.org>\r\n\
+To: bob@example.net\r\n\
+Subject: lunch plans\r\n\
+Date: Fri, 04 Dec 2026 21:00:00 +0000\r\n\
+Message-ID: <lunch-1@example.org>\r\n\
+X-Folded: first part\r\n\tsecond part\r\n  third part\r\n\
+X-Spaces:   three spaces\r\n\
+X-Tab:\ttab\r\n\
+X-Empty:\r\n\
+\r\n\
+Lunch at noon?\r\n\
+.leading dot, trailing spaces   \r\n\
+\r\n\
+last line\r\n";
+
+/// A stand-in for clamd that records what sendguard sends with INSTREAM
+/// and replies that it is clean, to see the message exactly as sendguard
+/// rebuilt it from Postfix's milter packets.
+struct RecordingClamd {
+    address: String,
+    messages: Arc<Mutex<Vec<Vec<u8>>>>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl RecordingClamd {
+    fn start() -> RecordingClamd {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the recording clamd");
+        listener.set_nonblocking(true).expect("non-blocking accept");
+        let address = listener.local_addr().expect("local address").to_string();
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (recorded, stop) = (messages.clone(), stopping.clone());
+        thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let recorded = recorded.clone();
+                        thread::spawn(move || serve_clamd_connection(stream, &recorded));
+                    }
+                    Err(error) if error.kind() == ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(5))
+                    }
+                    Err(error) => panic!("recording clamd: accept failed: {error}"),
+                }
+            }
+        });
+        RecordingClamd {
+            address,
+            messages,
+            stopping,
+        }
+    }
+
+    fn messages(&self) -> Vec<Vec<u8>> {
+        self.messages.lock().expect("lock").clone()
+    }
+}
+
+impl Drop for RecordingClamd {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Serves one clamd command in its `z` form: VERSION, PING, or INSTREAM
+/// with its length-prefixed chunks.
+fn serve_clamd_connection(mut stream: TcpStream, recorded: &Mutex<Vec<Vec<u8>>>) {
+    stream.set_nonblocking(false).expect("blocking stream");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    let mut command = Vec::new();
+    let mut byte = [0u8; 1];
+    while command.len() < 64 {
+        if stream.read_exact(&mut byte).is_err() || byte[0] == 0 {
+            break;
+        }
+        command.push(byte[0]);
+    }
+    let reply: &[u8] = match command.as_slice() {
+        b"zVERSION" => b"ClamAV 1.4.0/1/recording stand-in\0",
+        b"zPING" => b"PONG\0",
+        b"zINSTREAM" => {
+            let mut message = Vec::new();
+            // 64 MiB bounds a message far beyond the test messages.
+            while message.len() < 64 << 20 {
+                let mut length = [0u8; 4];
+                if stream.read_exact(&mut length).is_err() {
+                    return;
+                }
+                let length = u32::from_be_bytes(length) as usize;
+                if length == 0 {
+                    break;
+                }
+                let mut chunk = vec![0u8; length];
+                if stream.read_exact(&mut chunk).is_err() {
+                    return;
+                }
+                message.extend_from_slice(&chunk);
+            }
+            recorded.lock().expect("lock").push(message);
+            b"stream: OK\0"
+        }
+        _ => b"UNKNOWN COMMAND\0",
+    };
+    let _ = stream.write_all(reply);
+}
+
+/// Removes the first header (Postfix's own Received header, with its
+/// continuation lines) from a delivered message.
+fn without_first_header(message: &[u8]) -> &[u8] {
+    let mut rest = message;
+    let mut first = true;
+    loop {
+        let end = rest
+            .windows(2)
+            .position(|pair| pair == b"\r\n")
+            .map_or(rest.len(), |index| index + 2);
+        let continuation = rest
+            .first()
+            .is_some_and(|byte| *byte == b' ' || *byte == b'\t');
+        if !first && !continuation {
+            return rest;
+        }
+        first = false;
+        rest = &rest[end..];
+    }
+}
+
+#[test]
+fn clean_message_delivered_and_scanned_exactly() {
+    let clamd = RecordingClamd::start();
+    let chain = start_chain(
+        &format!("[scan.clamd]\naddress = \"{}\"\n", clamd.address),
+        &[],
+    );
+    let mut client = chain.session(None);
+    let reply = client.send_message("alice@example.org", &["bob@example.net"], CLEAN);
+    chain.check(
+        reply.code == 250,
+        &format!("clean message: {}", reply.text()),
+    );
+    client.quit();
+
+    let delivered = chain.sink.wait_for_messages(1, Duration::from_secs(20));
+    let content = &delivered[0].content;
+    let text = String::from_utf8_lossy(content);
+    assert!(text.starts_with("Received: from client.test"), "{text}");
+    assert_eq!(without_first_header(content), CLEAN, "delivered:\n{text}");
+
+    // sendguard scanned the message as the client sent it: Postfix hides
+    // its own Received header from milters, and every header kept its
+    // spaces and folding.
+    let scanned = clamd.messages();
+    let scanned: Vec<&Vec<u8>> = scanned
+        .iter()
+        .filter(|message| !message.is_empty())
+        .collect();
+    assert_eq!(scanned.len(), 1, "one message scanned");
+    assert_eq!(
+        String::from_utf8_lossy(scanned[0]),
+        String::from_utf8_lossy(CLEAN),
+        "scanned bytes"
+    );
+    assert_eq!(scanned[0].as_slice(), CLEAN);
+}
+
+#[test]
+fn eicar_rejected_at_end_of_data() {
+    let clamd = Clamd::start();
+    let chain = start_chain(
+        &format!("[scan.clamd]\naddress = \"{}\"\n", clamd.address),
+        &[],
+    );
+    let mut client = chain.session(None);
+    let content = format!("Subject: invoice\r\n\r\n{EICAR}\r\n");
+    let reply = client.send_message("erin@example.org", &["bob@example.net"], content.as_bytes());
+    chain.check(reply.code == 550, &format!("EICAR: {}", reply.text()));
+    assert_eq!(reply.enhanced_code(), Some("5.7.1"));
+    assert!(
+        reply.text().contains("Message rejected: virus Eicar"),
+        "{}",
+        reply.text()
+    );
+    client.quit();
+
+    let bad = chain.server.events_of("bad_message");
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    assert_eq!(bad[0]["mailbox"], "erin@example.org");
+    assert_eq!(bad[0]["client"], "127.0.0.1");
+    assert!(chain.sink.messages().is_empty(), "nothing delivered");
+}
+
+#[test]
+fn gtube_rejected_with_sendguard_text() {
+    let chain = start_chain("", &[]);
+    let mut client = chain.session(None);
+    let reply = client.send_message("frank@example.org", &["bob@example.net"], &spam("offer"));
+    chain.check(reply.code == 550, &format!("GTUBE: {}", reply.text()));
+    assert_eq!(
+        reply.text(),
+        "5.7.1 Message rejected as spam score 1000.0 (GTUBE); if it is legitimate, contact \
+         your mail administrator"
+    );
+    client.quit();
+    assert!(chain.sink.messages().is_empty(), "nothing delivered");
+}
+
+#[test]
+fn authenticated_user_locked_out_whatever_sender() {
+    let chain = start_chain("", &[ALICE, BOB]);
+    let mut client = chain.session(Some(ALICE));
+    for index in 0..5 {
+        let sender = format!("alias{index}@elsewhere.example");
+        let reply = client.send_message(
+            &sender,
+            &["bob@example.net"],
+            &spam(&format!("offer{index}")),
+        );
+        chain.check(
+            reply.code == 550,
+            &format!("spam {index}: {}", reply.text()),
+        );
+    }
+
+    // The login is locked out, whatever envelope sender it writes.
+    for sender in ["alice@example.org", "someone@other.example", ""] {
+        let reply = client.command(&format!("MAIL FROM:<{sender}>"));
+        chain.check(
+            reply.code == 550,
+            &format!("MAIL FROM:<{sender}>: {}", reply.text()),
+        );
+        assert!(
+            reply
+                .text()
+                .starts_with("5.7.1 Sender alice@example.org is locked out until "),
+            "{}",
+            reply.text()
+        );
+    }
+    client.quit();
+
+    let started = chain.server.events_of("lockout_started");
+    assert_eq!(started.len(), 1, "{started:?}");
+    assert_eq!(started[0]["mailbox"], "alice@example.org");
+    let bad = chain.server.events_of("bad_message");
+    assert_eq!(bad.len(), 5);
+    assert!(
+        bad.iter()
+            .all(|event| event["login"] == "alice@example.org"),
+        "{bad:?}"
+    );
+
+    // Another user is unaffected.
+    let mut client = chain.session(Some(BOB));
+    let reply = client.send_message("bob@example.org", &["carol@example.net"], CLEAN);
+    chain.check(reply.code == 250, &format!("bob: {}", reply.text()));
+    client.quit();
+    chain.sink.wait_for_messages(1, Duration::from_secs(20));
+}
+
+#[test]
+fn unauthenticated_sender_keyed_by_envelope() {
+    let chain = start_chain("", &[ALICE]);
+    let mut client = chain.session(None);
+    for index in 0..5 {
+        let reply = client.send_message(
+            "carol@example.org",
+            &["bob@example.net"],
+            &spam(&format!("c{index}")),
+        );
+        chain.check(
+            reply.code == 550,
+            &format!("spam {index}: {}", reply.text()),
+        );
+    }
+    let reply = client.command("MAIL FROM:<Carol+news@EXAMPLE.org>");
+    chain.check(
+        reply.code == 550,
+        &format!("locked-out sender: {}", reply.text()),
+    );
+    assert!(
+        reply
+            .text()
+            .contains("Sender carol@example.org is locked out"),
+        "{}",
+        reply.text()
+    );
+    client.command("RSET");
+
+    // Another envelope sender from the same client goes through.
+    let reply = client.send_message("dave@example.org", &["bob@example.net"], CLEAN);
+    chain.check(reply.code == 250, &format!("dave: {}", reply.text()));
+    client.quit();
+
+    let bad = chain.server.events_of("bad_message");
+    assert_eq!(bad.len(), 5);
+    assert!(
+        bad.iter()
+            .all(|event| event["mailbox"] == "carol@example.org"),
+        "{bad:?}"
+    );
+    assert!(bad.iter().all(|event| event["login"].is_null()), "{bad:?}");
+}
+
+#[test]
+fn percent_sign_in_reply_kept() {
+    // Postfix turns "%%" in a milter's reply into "%" and drops a single
+    // "%", so the address must come back whole only because sendguard
+    // doubles it.
+    let chain = start_chain("[policy]\nthreshold = 1\n", &[]);
+    let mut client = chain.session(None);
+    let reply = client.send_message(
+        "per%cent@example.org",
+        &["bob@example.net"],
+        &spam("percent"),
+    );
+    chain.check(reply.code == 550, &format!("spam: {}", reply.text()));
+    let reply = client.command("MAIL FROM:<per%cent@example.org>");
+    chain.check(
+        reply.code == 550,
+        &format!("locked-out sender: {}", reply.text()),
+    );
+    assert!(
+        reply
+            .text()
+            .contains("Sender per%cent@example.org is locked out"),
+        "{}",
+        reply.text()
+    );
+    client.quit();
+}
+
+#[test]
+fn clamd_down_tempfails() {
+    let chain = start_chain(
+        &format!("[scan.clamd]\naddress = \"{}\"\n", closed_address()),
+        &[],
+    );
+    let mut client = chain.session(None);
+    let reply = client.send_message("gina@example.org", &["bob@example.net"], CLEAN);
+    chain.check(reply.code == 451, &format!("clamd down: {}", reply.text()));
+    assert_eq!(reply.enhanced_code(), Some("4.7.1"));
+    assert!(
+        reply.text().contains("virus scanner is unavailable"),
+        "{}",
+        reply.text()
+    );
+    client.quit();
+    assert!(chain.sink.messages().is_empty(), "nothing delivered");
+    assert!(chain.server.events_of("bad_message").is_empty());
+}
+
+#[test]
+fn tag_mode_header_on_top_with_queue_id() {
+    let chain = start_chain("[scan.spam]\naction = \"tag\"\n", &[]);
+    let mut client = chain.session(None);
+    let content = spam("tagged");
+    let reply = client.send_message("hugo@example.org", &["bob@example.net"], &content);
+    chain.check(reply.code == 250, &format!("tagged spam: {}", reply.text()));
+    let queue_id = reply
+        .text()
+        .rsplit(' ')
+        .next()
+        .expect("queue id in the reply")
+        .to_string();
+    client.quit();
+
+    let delivered = chain.sink.wait_for_messages(1, Duration::from_secs(20));
+    let text = String::from_utf8_lossy(&delivered[0].content).into_owned();
+    let (first, rest) = text.split_once("\r\n").expect("a first line");
+    assert!(
+        first.starts_with("X-Sendguard-Spam: Yes, spam score 1000.0 (GTUBE)"),
+        "{text}"
+    );
+    assert!(rest.starts_with("Received: from client.test"), "{text}");
+    assert_eq!(without_first_header(rest.as_bytes()), content.as_slice());
+
+    let bad = chain
+        .server
+        .wait_for_events(Duration::from_secs(5), |events| {
+            events.iter().any(|event| event["type"] == "bad_message")
+        });
+    let bad: Vec<_> = bad
+        .iter()
+        .filter(|event| event["type"] == "bad_message")
+        .collect();
+    assert_eq!(bad[0]["queue_id"], queue_id.as_str(), "{:?}", bad[0]);
+    assert_eq!(bad[0]["mailbox"], "hugo@example.org");
+}
+
+#[test]
+fn local_submission_scanned() {
+    let chain = start_chain("", &[]);
+    let config = chain.postfix.path().join("etc");
+    for (subject, recipient) in [
+        ("local-spam", "bob@example.net"),
+        ("local-clean", "carol@example.net"),
+    ] {
+        let content = if subject == "local-spam" {
+            spam(subject)
+        } else {
+            CLEAN.to_vec()
+        };
+        let mut child = std::process::Command::new("/usr/sbin/sendmail")
+            .arg("-C")
+            .arg(&config)
+            .args(["-f", "ivan@example.org", recipient])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("run Postfix's sendmail");
+        child
+            .stdin
+            .take()
+            .expect("sendmail stdin")
+            .write_all(&content)
+            .expect("write the message");
+        let status = child.wait().expect("wait for sendmail");
+        chain.check(
+            status.success(),
+            "sendmail accepted the message for the queue",
+        );
+    }
+
+    // pickup hands both to cleanup, which runs the non_smtpd_milters.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while chain.server.events_of("bad_message").is_empty() {
+        chain.check(
+            Instant::now() < deadline,
+            "no bad_message event for the local spam",
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    // Postfix 3.7 reports a local submission as a connection from
+    // localhost, 127.0.0.1.
+    let bad = chain.server.events_of("bad_message");
+    assert_eq!(bad[0]["mailbox"], "ivan@example.org");
+    assert_eq!(bad[0]["client"], "127.0.0.1");
+
+    // The clean message reaches the relayhost; the spam does not (Postfix
+    // bounces it to the sender instead).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let messages = chain.sink.messages();
+        if messages.iter().any(|message| {
+            message
+                .accepted_rcpts
+                .iter()
+                .any(|rcpt| rcpt.contains("carol@example.net"))
+        }) {
+            assert!(
+                !messages.iter().any(|message| message
+                    .accepted_rcpts
+                    .iter()
+                    .any(|rcpt| rcpt.contains("bob@example.net"))),
+                "the spam was relayed"
+            );
+            break;
+        }
+        chain.check(
+            Instant::now() < deadline,
+            "the clean local message was not relayed",
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
