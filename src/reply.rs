@@ -297,6 +297,16 @@ impl Reply {
         )
     }
 
+    pub fn parameter_not_supported(command: &str, keyword: &str) -> Reply {
+        Reply::new(
+            555,
+            "5.5.4",
+            format!(
+                "{command} parameter {keyword} is not supported here; send the command without it"
+            ),
+        )
+    }
+
     pub fn tls_required() -> Reply {
         Reply::new(530, "5.7.0", "Must issue a STARTTLS command first")
     }

@@ -529,3 +529,81 @@ fn quoted_local_part_one_mailbox() {
     assert_eq!(started.len(), 1);
     assert_eq!(started[0]["mailbox"], "alice@example.org");
 }
+
+#[test]
+fn upstream_lost_at_rcpt_keeps_transaction() {
+    // The upstream drops a session that is silent for one second.
+    let upstream = Upstream::start(UpstreamOptions::default().read_timeout(Duration::from_secs(1)));
+    let server = Sendguard::start(&upstream.address(), "");
+    let mut client = session(&server.address);
+    client.cmd("MAIL FROM:<a@example.org>", 250);
+    std::thread::sleep(Duration::from_millis(1500));
+    let reply = client.command("RCPT TO:<bob@example.net>");
+    assert_eq!(reply.code, 451, "{}", reply.text());
+    // The transaction goes on: the next RCPT runs on a new upstream session
+    // with the envelope replayed, and DATA is accepted, not refused as
+    // "send MAIL first".
+    client.cmd("RCPT TO:<carol@example.net>", 250);
+    client.data(&data_payload(b"Subject: x\r\n\r\nhi\r\n"), 250);
+    client.quit();
+    let messages = upstream.wait_for_messages(1, Duration::from_secs(10));
+    assert_eq!(
+        messages[0].accepted_rcpts,
+        vec!["carol@example.net".to_string()]
+    );
+    assert_upstream_clean(&upstream, 1);
+}
+
+#[test]
+fn overlong_bdat_line_closes_session() {
+    let upstream = Upstream::start(UpstreamOptions::default());
+    let server = Sendguard::start(&upstream.address(), "");
+    let mut client = session(&server.address);
+    client.cmd("MAIL FROM:<a@example.org>", 250);
+    client.cmd("RCPT TO:<b@example.net>", 250);
+    let mut line = b"BDAT ".to_vec();
+    line.extend(std::iter::repeat_n(b'0', 3000));
+    line.extend_from_slice(b"30 LAST\r\nMAIL FROM:<evil@example.org>\r\n");
+    client.send_raw(&line);
+    let reply = client.expect_closed().expect("a closing reply");
+    assert_eq!(reply.code, 421, "{}", reply.text());
+    assert!(!String::from_utf8_lossy(&upstream.transcript()).contains("evil"));
+}
+
+#[test]
+fn unoffered_parameters_refused() {
+    let upstream = Upstream::start(UpstreamOptions::default());
+    let server = Sendguard::start(&upstream.address(), "");
+    let mut client = session(&server.address);
+    let reply = client.command("MAIL FROM:<alice@example.org> AUTH=ceo@example.org");
+    assert_eq!(reply.code, 555, "{}", reply.text());
+    client.cmd("MAIL FROM:<alice@example.org> SIZE=100 BODY=8BITMIME", 250);
+    let reply = client.command("RCPT TO:<bob@example.net> NOTIFY=NEVER");
+    assert_eq!(reply.code, 555, "{}", reply.text());
+    client.quit();
+    assert!(!String::from_utf8_lossy(&upstream.transcript()).contains("AUTH="));
+}
+
+#[test]
+fn bdat_data_timeout_covers_all_chunks() {
+    let upstream = Upstream::start(UpstreamOptions::default());
+    let server = Sendguard::start_with(&upstream.address(), "data_timeout = \"2s\"", "");
+    let mut client = session(&server.address);
+    client.cmd("MAIL FROM:<a@example.org>", 250);
+    client.cmd("RCPT TO:<b@example.net>", 250);
+    let mut closed = false;
+    // Bounded: at most 8 chunks, one every 500 ms.
+    for _ in 0..8 {
+        client.send_raw(b"BDAT 1\r\nx");
+        match client.try_read_reply() {
+            Ok(reply) if reply.code == 250 => {}
+            _ => {
+                closed = true;
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(closed, "chunks kept coming past data_timeout");
+    assert!(upstream.messages().is_empty());
+}

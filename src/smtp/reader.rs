@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 pub struct CommandLines {
     max_len: usize,
     discarding: bool,
+    /// Whether the over-long line being discarded, or the last one
+    /// reported, starts with `BDAT`.
+    too_long_bdat: bool,
 }
 
 /// One framed command line.
@@ -35,6 +38,7 @@ impl CommandLines {
         Self {
             max_len,
             discarding: false,
+            too_long_bdat: false,
         }
     }
 
@@ -55,6 +59,7 @@ impl CommandLines {
                     line_len -= 1;
                 }
                 let line = if line_len > self.max_len {
+                    self.too_long_bdat = starts_with_bdat(input);
                     CommandLine::TooLong
                 } else {
                     CommandLine::Line(input[..line_len].to_vec())
@@ -66,6 +71,7 @@ impl CommandLines {
                 return None;
             }
             self.discarding = true;
+            self.too_long_bdat = starts_with_bdat(input);
         }
 
         match input.iter().position(|&byte| byte == b'\n') {
@@ -79,6 +85,12 @@ impl CommandLines {
                 None
             }
         }
+    }
+
+    /// Whether the last over-long line was a BDAT command. Its chunk size
+    /// was never read, so the octets after it cannot be told from commands.
+    pub fn too_long_line_was_bdat(&self) -> bool {
+        self.too_long_bdat
     }
 
     /// Returns whether the framer is discarding the rest of an over-long line.
@@ -321,6 +333,11 @@ impl DataReader {
         }
         self.message.extend_from_slice(bytes);
     }
+}
+
+fn starts_with_bdat(line: &[u8]) -> bool {
+    line.get(..5)
+        .is_some_and(|start| start.eq_ignore_ascii_case(b"BDAT "))
 }
 
 /// Returns `message` with every bare CR and bare LF turned into CRLF, or

@@ -89,15 +89,31 @@ impl Session {
         let keep = refusal.is_none()
             && self.envelope.as_ref().is_some_and(|envelope| {
                 envelope.chunks.as_ref().is_none_or(|chunks| {
-                    !chunks.too_large && chunks.message.len() as u64 + size <= limit
+                    !chunks.too_large && (chunks.message.len() as u64).saturating_add(size) <= limit
                 }) && size <= limit
             });
-        let deadline = tokio::time::Instant::now() + smtp.data_timeout;
+        // data_timeout covers the whole message, from its first chunk.
+        let first_chunk = self
+            .envelope
+            .as_ref()
+            .and_then(|envelope| envelope.chunks.as_ref())
+            .map(|chunks| chunks.started);
+        let deadline = match first_chunk {
+            Some(started) => tokio::time::Instant::from_std(started + smtp.data_timeout),
+            None => tokio::time::Instant::now() + smtp.data_timeout,
+        };
+        if tokio::time::Instant::now() >= deadline {
+            tracing::info!("message not complete within data_timeout");
+            return Err(Stop::Timeout);
+        }
         let chunk = self.read_chunk(size, keep, deadline).await?;
 
         if let Some(reply) = refusal {
             tracing::debug!(size, "BDAT chunk read and discarded");
             self.queue(&reply);
+            if self.count_error() {
+                return Err(Stop::Closed);
+            }
             return Ok(());
         }
         let Some(envelope) = self.envelope.as_mut() else {
@@ -109,7 +125,7 @@ impl Session {
             too_large: false,
             started: Instant::now(),
         });
-        chunks.received += size;
+        chunks.received = chunks.received.saturating_add(size);
         match chunk {
             Some(chunk) if !chunks.too_large => chunks.message.extend_from_slice(&chunk),
             _ => {
@@ -263,7 +279,8 @@ impl Session {
                 }
             }
         };
-        let queue_id = reply.is_positive().then(|| queue_id(&reply)).flatten();
+        let accepted = (200..300).contains(&reply.code);
+        let queue_id = accepted.then(|| queue_id(&reply)).flatten();
         tracing::info!(transaction = %transaction.id, sender = %transaction.sender_path,
             recipients = transaction.recipients, size = content.message.len(),
             upstream_reply = %reply.one_line(), queue_id = queue_id.as_deref().unwrap_or(""),
@@ -277,7 +294,7 @@ impl Session {
             self.queue(&Reply::upstream_failed());
             return;
         }
-        if !reply.is_positive() {
+        if !accepted {
             self.reset_upstream().await;
         }
         self.queue(&reply);
@@ -289,7 +306,7 @@ impl Session {
     /// accepted RCPT lines again. A recipient the client was already told
     /// `250` for and that is refused now fails the whole message with a
     /// temporary error, so the client retries it whole.
-    async fn replay_envelope(&mut self, envelope: &Envelope) -> Result<(), Reply> {
+    pub(super) async fn replay_envelope(&mut self, envelope: &Envelope) -> Result<(), Reply> {
         self.upstream = None;
         let runtime = self.shared.guard.runtime();
         let mut connection = match UpstreamConnection::connect(&runtime.upstream).await {

@@ -110,8 +110,9 @@ impl Session {
     /// XFORWARD updates the attributes for the following transactions and
     /// answers `250`. XCLIENT replaces the session's client as if it had
     /// connected anew: the session resets and answers with a greeting, so
-    /// the peer says EHLO again (Postfix's XCLIENT rules).
-    pub(super) async fn forward(&mut self, verb: &'static str, arguments: &str) {
+    /// the peer says EHLO again (Postfix's XCLIENT rules). Returns false
+    /// when the command was refused.
+    pub(super) async fn forward(&mut self, verb: &'static str, arguments: &str) -> bool {
         if !self.is_forwarding_peer() {
             tracing::info!(
                 verb,
@@ -122,13 +123,13 @@ impl Session {
                 "5.7.0",
                 format!("{verb} is not allowed from this address"),
             ));
-            return;
+            return false;
         }
         if matches!(self.state, State::Mail | State::Rcpt) {
             self.queue(&Reply::bad_sequence(&format!(
                 "{verb} is not allowed inside a transaction"
             )));
-            return;
+            return false;
         }
         let mut forwarded = self.forwarded.clone();
         if verb == "XCLIENT" {
@@ -140,7 +141,7 @@ impl Session {
                 "5.5.4",
                 format!("Invalid {verb}: {problem}"),
             ));
-            return;
+            return false;
         }
         tracing::info!(verb, client = ?forwarded.client, login = ?forwarded.login,
             helo = ?forwarded.helo, "client attributes forwarded by a trusted peer");
@@ -153,6 +154,7 @@ impl Session {
         } else {
             self.queue(&Reply::ok("Ok"));
         }
+        true
     }
 }
 

@@ -78,6 +78,22 @@ fn ends_pipeline_group(command: &Command) -> bool {
     )
 }
 
+/// Returns the first ESMTP parameter keyword not in `offered`. Parameters of
+/// extensions this relay does not offer are refused rather than passed on:
+/// `AUTH=`, for one, would let any client name the submitter to an upstream
+/// that trusts sendguard's own login.
+fn unsupported_parameter(params: &str, offered: &[&str]) -> Option<String> {
+    params
+        .split_ascii_whitespace()
+        .map(|parameter| parameter.split('=').next().unwrap_or(parameter))
+        .find(|keyword| {
+            !offered
+                .iter()
+                .any(|known| known.eq_ignore_ascii_case(keyword))
+        })
+        .map(|keyword| keyword.chars().take(32).collect())
+}
+
 /// Whether a command line that failed to parse is a BDAT command.
 fn is_bdat_line(line: &[u8]) -> bool {
     line.get(..4)
@@ -239,6 +255,10 @@ impl Session {
                 Err(stop) => return stop,
             };
             let bytes = match line {
+                CommandLine::TooLong if self.lines.too_long_line_was_bdat() => {
+                    self.queue(&Reply::bdat_unreadable("command line too long"));
+                    return Stop::Closed;
+                }
                 CommandLine::TooLong => {
                     let limit = self.shared.guard.runtime().config.smtp.max_command_line;
                     self.queue(&Reply::line_too_long(limit));
@@ -250,7 +270,9 @@ impl Session {
                 CommandLine::Line(bytes) => bytes,
             };
             if let Some((verb, arguments)) = forward::split_forward_command(&bytes) {
-                self.forward(verb, &arguments).await;
+                if !self.forward(verb, &arguments).await && self.count_error() {
+                    return Stop::Closed;
+                }
                 continue;
             }
             let command = match parse_command(&bytes) {
@@ -365,8 +387,18 @@ impl Session {
             // BDAT is handled before the sequence check, with its chunk.
             Command::Bdat { .. } => {}
             Command::StartTls => self.start_tls().await?,
-            Command::Auth => self.queue(&Reply::not_implemented("AUTH")),
-            Command::Expn => self.queue(&Reply::not_implemented("EXPN")),
+            Command::Auth => {
+                self.queue(&Reply::not_implemented("AUTH"));
+                if self.count_error() {
+                    return Ok(false);
+                }
+            }
+            Command::Expn => {
+                self.queue(&Reply::not_implemented("EXPN"));
+                if self.count_error() {
+                    return Ok(false);
+                }
+            }
         }
         Ok(true)
     }
@@ -378,7 +410,11 @@ impl Session {
         let runtime = self.shared.guard.runtime();
         let Some(acceptor) = runtime.tls_acceptor.clone() else {
             self.queue(&Reply::not_implemented("STARTTLS"));
-            return Ok(());
+            return if self.count_error() {
+                Err(Stop::Closed)
+            } else {
+                Ok(())
+            };
         };
         if self.stream.is_tls() {
             self.queue(&Reply::bad_sequence("TLS is already active"));
@@ -498,6 +534,11 @@ impl Session {
             self.queue(&Reply::message_too_large(max_size));
             return;
         }
+        if let Some(keyword) = unsupported_parameter(&request.params, &["SIZE", "BODY", "SMTPUTF8"])
+        {
+            self.queue(&Reply::parameter_not_supported("MAIL", &keyword));
+            return;
+        }
         if let Some(reply) = self.unoffered_extension(&request) {
             self.queue(&reply);
             return;
@@ -570,6 +611,10 @@ impl Session {
             self.queue(&Reply::too_many_recipients(max_recipients));
             return;
         }
+        if let Some(keyword) = unsupported_parameter(&params, &[]) {
+            self.queue(&Reply::parameter_not_supported("RCPT", &keyword));
+            return;
+        }
         let smtputf8 = self
             .envelope
             .as_ref()
@@ -627,31 +672,46 @@ impl Session {
                 }
             }
         }
+        // Inside a transaction whose upstream session was lost (at an earlier
+        // RCPT), a new session with the envelope so far takes its place.
+        if self.upstream.is_none()
+            && !connect
+            && let Some(envelope) = self.envelope.take()
+        {
+            let replayed = self.replay_envelope(&envelope).await;
+            self.envelope = Some(envelope);
+            if let Err(reply) = replayed {
+                self.queue(&reply);
+                return None;
+            }
+        }
         let Some(upstream) = self.upstream.as_mut() else {
             self.abandon_transaction();
             self.queue(&Reply::upstream_failed());
             return None;
         };
-        match upstream.command(line).await {
+        let failure = match upstream.command(line).await {
             Ok(reply) if reply.code == 421 => {
-                // The upstream is closing its session, not ours: the client
-                // gets a temporary failure and the next transaction opens a
-                // new upstream session.
                 tracing::warn!(upstream_reply = %reply.one_line(), "upstream closed its session");
-                self.upstream = None;
-                self.abandon_transaction();
-                self.queue(&Reply::upstream_failed());
-                None
+                reply.one_line()
             }
-            Ok(reply) => Some(reply),
+            Ok(reply) => return Some(reply),
             Err(error) => {
                 tracing::warn!(%error, "upstream command failed");
-                self.upstream = None;
-                self.abandon_transaction();
-                self.queue(&Reply::upstream_failed());
-                None
+                error.to_string()
             }
+        };
+        // The upstream closed its session, not ours, so the client gets a
+        // temporary failure for this command. A failed MAIL leaves no
+        // transaction; after a failed RCPT the transaction goes on with the
+        // recipients accepted so far, replayed on a new upstream session.
+        tracing::debug!(failure, "upstream session dropped");
+        self.upstream = None;
+        if connect {
+            self.abandon_transaction();
         }
+        self.queue(&Reply::upstream_failed());
+        None
     }
 
     /// Drops the transaction in progress, upstream included.

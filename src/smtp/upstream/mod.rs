@@ -234,6 +234,18 @@ impl UpstreamConnection {
     /// On a network failure, a timeout or an invalid reply; the connection
     /// is unusable then.
     pub async fn command(&mut self, line: &str) -> Result<Reply, UpstreamError> {
+        // Bytes nobody asked for would be read as the reply to this
+        // command; the session is out of step and cannot be trusted.
+        if !self.stream.buffer().is_empty() {
+            return Err(UpstreamError::Protocol {
+                address: self.address.clone(),
+                line: format!(
+                    "{} unexpected bytes before {}",
+                    self.stream.buffer().len(),
+                    line.split(' ').next().unwrap_or("")
+                ),
+            });
+        }
         let mut bytes = Vec::with_capacity(line.len() + 2);
         bytes.extend_from_slice(line.as_bytes());
         bytes.extend_from_slice(b"\r\n");
@@ -265,6 +277,12 @@ impl UpstreamConnection {
         let mut encoded =
             Vec::with_capacity(header_length + message.len() + message.len() / 64 + 128);
         if self.capabilities.chunking {
+            if !self.stream.buffer().is_empty() {
+                return Err(SendFailure::NotStarted(UpstreamError::Protocol {
+                    address: self.address.clone(),
+                    line: "unexpected bytes before BDAT".to_string(),
+                }));
+            }
             let size = header_length + message.len();
             encoded.extend_from_slice(format!("BDAT {size} LAST\r\n").as_bytes());
             if let Some(header) = header {
@@ -283,6 +301,14 @@ impl UpstreamConnection {
                 }));
             }
             if reply.code != 354 {
+                if reply.is_positive() {
+                    // Only 354 invites the message; a 2xx or another 3xx
+                    // here means the upstream is out of step.
+                    return Err(SendFailure::NotStarted(UpstreamError::Protocol {
+                        address: self.address.clone(),
+                        line: format!("reply to DATA: {}", reply.one_line()),
+                    }));
+                }
                 return Ok(reply);
             }
             match header {
@@ -303,6 +329,12 @@ impl UpstreamConnection {
             .read_reply(self.data_timeout, "reply to the message")
             .await
             .map_err(SendFailure::Interrupted)?;
+        if (300..400).contains(&reply.code) {
+            return Err(SendFailure::Interrupted(UpstreamError::Protocol {
+                address: self.address.clone(),
+                line: format!("reply to the message: {}", reply.one_line()),
+            }));
+        }
         // After a refused message an RSET makes sure the upstream transaction
         // is closed, because a refused BDAT may leave it open.
         self.in_transaction = !reply.is_positive();
