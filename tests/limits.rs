@@ -17,7 +17,11 @@ fn connect_admitted(address: &str) -> SmtpClient {
         if client.greeting().code == 220 {
             return client;
         }
-        assert!(Instant::now() < deadline, "never admitted: {}", client.greeting().text());
+        assert!(
+            Instant::now() < deadline,
+            "never admitted: {}",
+            client.greeting().text()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
