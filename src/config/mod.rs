@@ -55,6 +55,7 @@ pub struct SmtpConfig {
     /// Name used in the greeting and the EHLO reply.
     pub hostname: String,
     /// Client networks allowed to relay; others get `554 5.7.1` at connect.
+    #[serde(deserialize_with = "networks")]
     pub relay_networks: Vec<IpNet>,
     /// Largest message accepted, in bytes.
     pub max_message_size: u64,
@@ -76,6 +77,7 @@ pub struct SmtpConfig {
     pub require_tls: bool,
     /// Peers allowed to pass on the real client's address, HELO and login
     /// with XFORWARD and XCLIENT, such as Postfix in front of sendguard.
+    #[serde(deserialize_with = "networks")]
     pub xclient_peers: Vec<IpNet>,
     /// Pause before the greeting; a client that sends anything during it
     /// is disconnected. Zero sends the greeting at once.
@@ -150,6 +152,24 @@ pub enum LongLines {
 /// The smallest command-line limit accepted: RFC 5321's minimum of 512
 /// octets, less the CRLF.
 pub const MIN_COMMAND_LINE: usize = 510;
+
+/// Reads a list of networks, where a bare address stands for itself alone
+/// (`127.0.0.1` is `127.0.0.1/32`).
+fn networks<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<IpNet>, D::Error> {
+    let texts = Vec::<String>::deserialize(deserializer)?;
+    texts
+        .iter()
+        .map(|text| {
+            text.parse::<IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "{text:?} is neither an IP address nor a network such as 192.0.2.0/24"
+                    ))
+                })
+        })
+        .collect()
+}
 
 fn default_hostname() -> String {
     std::fs::read_to_string("/etc/hostname")
