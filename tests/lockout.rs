@@ -7,6 +7,7 @@ mod common;
 use common::sendguard::Sendguard;
 use common::smtp_client::SmtpClient;
 use common::upstream::{Upstream, UpstreamOptions};
+use sendguard::policy::Timestamp;
 use std::time::{Duration, Instant};
 
 const GTUBE: &str = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X";
@@ -217,27 +218,14 @@ fn expiry_then_doubled_second_lockout() {
 fn lockout_seconds(event: &serde_json::Value) -> i64 {
     let parse = |text: &serde_json::Value| {
         let text = text.as_str().expect("time string");
-        time_secs(text)
+        Timestamp::parse_rfc3339(text)
+            .expect("RFC 3339 time")
+            .millis()
+            / 1000
     };
     let strikes = event["strikes"].as_array().expect("strikes");
     let started = parse(&strikes.last().expect("strike")["time"]);
     parse(&event["until"]) - started
-}
-
-/// Seconds since the epoch of an RFC 3339 UTC time `YYYY-MM-DDTHH:MM:SSZ`.
-fn time_secs(text: &str) -> i64 {
-    let date = |range: std::ops::Range<usize>| text[range].parse::<i64>().expect("digits");
-    let (year, month, day) = (date(0..4), date(5..7), date(8..10));
-    let (hour, minute, second) = (date(11..13), date(14..16), date(17..19));
-    // Days from civil date (proleptic Gregorian), Howard Hinnant's method.
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year - era * 400;
-    let month_index = (month + 9) % 12;
-    let day_of_year = (153 * month_index + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    let days = era * 146_097 + day_of_era - 719_468;
-    days * 86_400 + hour * 3600 + minute * 60 + second
 }
 
 #[test]

@@ -26,32 +26,16 @@ fn session(address: &str) -> SmtpClient {
     client
 }
 
+/// Encodes `data` as base64 in lines of 76 characters, as MIME bodies are.
 fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let bytes = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let value = (u32::from(bytes[0]) << 16) | (u32::from(bytes[1]) << 8) | u32::from(bytes[2]);
-        for index in 0..4 {
-            if index <= chunk.len() {
-                out.push(ALPHABET[((value >> (18 - 6 * index)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    let mut wrapped = String::new();
-    for (index, c) in out.chars().enumerate() {
-        if index > 0 && index % 76 == 0 {
-            wrapped.push_str("\r\n");
-        }
-        wrapped.push(c);
-    }
-    wrapped
+    use base64::Engine;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(data);
+    let lines: Vec<&str> = encoded
+        .as_bytes()
+        .chunks(76)
+        .map(|line| std::str::from_utf8(line).expect("base64 is ASCII"))
+        .collect();
+    lines.join("\r\n")
 }
 
 fn with_attachment(name: &str, data: &[u8]) -> Vec<u8> {

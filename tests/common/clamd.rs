@@ -10,9 +10,10 @@
 //! - `SENDGUARD_CLAMD_BIN` sets the clamd program; the default is `clamd`
 //!   from `PATH`, then `/usr/sbin/clamd`.
 
+use super::free_port;
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -157,22 +158,8 @@ impl Drop for Clamd {
     }
 }
 
-/// Returns a loopback address with nothing listening on it.
-pub fn closed_port_address() -> String {
-    format!("127.0.0.1:{}", free_port())
-}
-
-/// Picks a loopback port that is free now, by binding port 0 and closing it.
-fn free_port() -> u16 {
-    let listener = match TcpListener::bind("127.0.0.1:0") {
-        Ok(listener) => listener,
-        Err(error) => panic!("cannot bind a loopback port: {error}"),
-    };
-    match listener.local_addr() {
-        Ok(address) => address.port(),
-        Err(error) => panic!("cannot read the bound port: {error}"),
-    }
-}
+/// Returns a loopback address where no clamd listens.
+pub use super::closed_address as closed_port_address;
 
 fn create_dir(path: &Path) {
     if let Err(error) = fs::create_dir_all(path) {

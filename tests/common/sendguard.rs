@@ -14,13 +14,7 @@ pub struct Sendguard {
     child: Option<Child>,
 }
 
-/// Returns a loopback port that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("bind a free port")
-}
+pub use super::free_port;
 
 impl Sendguard {
     /// Starts sendguard relaying to `upstream`, with `extra` TOML appended to

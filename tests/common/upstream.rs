@@ -570,20 +570,7 @@ impl Drop for Upstream {
     }
 }
 
-/// Returns a loopback TCP port that was free a moment ago. Another process
-/// can take it before the caller binds it.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("failed to bind 127.0.0.1:0 to find a free port")
-        .port()
-}
-
-/// Returns `127.0.0.1:PORT` where nothing listens, for connection-refused
-/// tests.
-pub fn closed_address() -> String {
-    format!("127.0.0.1:{}", free_port())
-}
+pub use super::{closed_address, free_port};
 
 fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     while !shared.stopping.load(Ordering::SeqCst) {
