@@ -117,8 +117,8 @@ impl Event {
         self
     }
 
-    /// A bad message; `counted` says whether it added a strike and `note`
-    /// why not when it did not.
+    /// Builds a `bad_message` event; `counted` tells whether it added a
+    /// strike, and `note` gives the reason when it did not.
     pub fn bad_message(
         time: Timestamp,
         key: Option<&MailboxKey>,
@@ -137,7 +137,8 @@ impl Event {
             .with("monitor", monitor.then_some(true))
     }
 
-    /// A refused MAIL FROM; the store aggregates these per mailbox and minute.
+    /// Builds a `sender_refused` event; the store aggregates these per mailbox
+    /// and minute.
     pub fn sender_refused(
         time: Timestamp,
         key: &MailboxKey,
@@ -153,7 +154,7 @@ impl Event {
             .with("count", 1)
     }
 
-    /// The start of a lockout, timed or permanent.
+    /// Builds the event that starts a lockout, timed or permanent.
     pub fn lockout_started(
         key: &MailboxKey,
         facts: &MessageFacts,
@@ -183,7 +184,7 @@ impl Event {
             .with("strikes", strikes)
     }
 
-    /// The end of a timed lockout, recorded at its end time.
+    /// Builds the `lockout_ended` event, timed at the lockout's end.
     pub fn lockout_ended(key: &MailboxKey, lockout: &Lockout) -> Event {
         let until = lockout.until.unwrap_or(lockout.started);
         Event::new(until, EventKind::LockoutEnded, Some(key))
@@ -192,7 +193,7 @@ impl Event {
             .with("monitor", (!lockout.enforced).then_some(true))
     }
 
-    /// A configuration load, with the policy in force and its digest.
+    /// Builds a `config_loaded` event with the policy in force and its digest.
     pub fn config_loaded(time: Timestamp, digest: &str, policy: Value, reason: &str) -> Event {
         Event::new(time, EventKind::ConfigLoaded, None)
             .with("digest", digest)
@@ -200,8 +201,8 @@ impl Event {
             .with("reason", reason)
     }
 
-    /// The event as one JSON object with `time` (RFC 3339 UTC), `type` and
-    /// `mailbox` first.
+    /// Returns the event as one JSON object with `time` (RFC 3339 UTC),
+    /// `type` and `mailbox` first.
     pub fn to_json(&self) -> Value {
         let mut object = Map::new();
         object.insert("time".into(), Value::String(self.time.to_rfc3339()));
@@ -230,7 +231,7 @@ impl Event {
         }
     }
 
-    /// A one-line human summary of the details for the table format.
+    /// Returns a one-line summary of the details for the table format.
     fn summary(&self) -> String {
         match self.kind {
             EventKind::BadMessage => format!(

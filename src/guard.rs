@@ -71,7 +71,7 @@ impl Runtime {
     }
 }
 
-/// One SMTP transaction as the Guard sees it.
+/// The facts of one SMTP transaction that the Guard decides on.
 #[derive(Debug, Clone)]
 pub struct Transaction {
     /// sendguard's own transaction id, unique per message.
@@ -274,10 +274,10 @@ impl Guard {
             message,
             recipients: transaction.recipients,
         };
-        // NOTE: the built-in rules run on this async worker; a 10 MiB
-        // message holds it for up to about 2 s (debug build), so a few such
-        // messages at once delay other sessions. Moving the rules to a
-        // blocking pool needs a limit on how many scans hold memory at once.
+        // NOTE: the built-in rules run on this async worker. A 10 MiB
+        // message occupies it for up to about 2 s (debug build), so a few
+        // such messages at once delay other sessions. Moving the rules to a
+        // blocking pool needs a limit on how many scans keep memory at once.
         let verdict = match runtime.scanner.scan(input).await {
             Ok(verdict) => verdict,
             Err(error) => {
@@ -336,7 +336,7 @@ impl Guard {
         }
     }
 
-    /// Counts a tagged spam message after the upstream answered it.
+    /// Counts a tagged spam message after the upstream replied to it.
     pub async fn record_delivered(&self, pending: PendingStrike, queue_id: Option<String>) {
         // The message is already relayed, so a failure here can only be
         // logged (record_bad does).

@@ -95,7 +95,8 @@ impl Reply {
         )
     }
 
-    /// The refusal of a sender under a lockout, with its end time and number.
+    /// Builds the rejection of a locked-out sender, with the lockout's end
+    /// time and number.
     pub fn sender_blocked(key: &MailboxKey, lockout: &Lockout) -> Reply {
         let text = match lockout.until {
             Some(until) => format!(
@@ -136,7 +137,7 @@ impl Reply {
         )
     }
 
-    /// The rejection of a message the scanner could not scan whole. The
+    /// Builds the rejection of a message the scanner could not scan whole. The
     /// detailed reason stays in the log and the events; it names settings
     /// the client has no use for.
     pub fn unscannable() -> Reply {
@@ -249,7 +250,7 @@ impl Reply {
         )
     }
 
-    /// The closing reply to a BDAT command whose size cannot be read: the
+    /// Builds the closing reply to a BDAT command whose size cannot be read: the
     /// chunk's end is unknown, so its octets could be taken for commands.
     pub fn bdat_unreadable(problem: &str) -> Reply {
         Reply::new(

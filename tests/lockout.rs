@@ -21,7 +21,7 @@ fn spam_message() -> Vec<u8> {
         .into_bytes()
 }
 
-/// Opens a session, says EHLO and sends one message; returns the code of
+/// Opens a session, sends EHLO and one message; returns the code of
 /// MAIL FROM when it is refused, else the final reply code.
 fn send_from(address: &str, from: &str, content: &[u8]) -> (u16, String) {
     let mut client = SmtpClient::connect(address);
@@ -43,7 +43,7 @@ fn send_spam(address: &str, from: &str) -> (u16, String) {
     send_from(address, from, &spam_message())
 }
 
-/// A [policy] section with a ten-minute window, a two-second first lockout
+/// Returns a [policy] section with a ten-minute window, a two-second first lockout
 /// unless `extra` sets one, and `extra`.
 fn policy(extra: &str) -> String {
     let first_lockout = if extra.contains("first_lockout") {

@@ -19,7 +19,7 @@ fn clamd_section(clamd: &Clamd, extra: &str) -> String {
     )
 }
 
-/// A session that has said EHLO.
+/// Opens a session and sends EHLO.
 fn session(address: &str) -> SmtpClient {
     let mut client = SmtpClient::connect(address);
     client.cmd("EHLO client.test", 250);
@@ -50,7 +50,7 @@ fn with_attachment(name: &str, data: &[u8]) -> Vec<u8> {
     .into_bytes()
 }
 
-/// A zip archive holding one stored (uncompressed) file.
+/// Builds a zip archive containing one stored (uncompressed) file.
 fn zip_stored(name: &str, data: &[u8]) -> Vec<u8> {
     let crc = crc32(data);
     let size = u32::try_from(data.len()).expect("small file");

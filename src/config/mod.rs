@@ -59,11 +59,11 @@ pub struct SmtpConfig {
     pub relay_networks: Vec<IpNet>,
     /// Largest message accepted, in bytes.
     pub max_message_size: u64,
-    /// What to do with a message containing a bare CR or LF.
+    /// Treatment of a message containing a bare CR or LF.
     pub bare_line_endings: BareLineEndings,
-    /// What to do with a message line longer than 998 octets.
+    /// Treatment of a message line longer than 998 octets.
     pub long_lines: LongLines,
-    /// Longest command line accepted, in octets without CRLF.
+    /// Maximum command line length accepted, in octets without CRLF.
     pub max_command_line: usize,
     /// Invalid or out-of-sequence commands after which the session is
     /// closed with `421 4.7.0`.
@@ -137,7 +137,7 @@ impl Default for SmtpConfig {
     }
 }
 
-/// What to do with a message line longer than the 998 octets RFC 5322
+/// Treatment of a message line longer than the 998 octets RFC 5322
 /// allows. Lines are never folded, because the scanner has seen them whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -179,7 +179,7 @@ fn default_hostname() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
-/// How the relay uses TLS towards the upstream.
+/// TLS use towards the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum UpstreamTls {
@@ -333,7 +333,7 @@ impl PolicyConfig {
     }
 }
 
-/// Who a message without a SASL login is attributed to.
+/// Attribution of a message without a SASL login.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum Unauthenticated {
@@ -524,8 +524,8 @@ impl Config {
         warnings.0
     }
 
-    /// A stable digest of the settings that decide strikes and lockouts, so
-    /// the events report shows which policy was in force.
+    /// Returns a stable digest of the settings that decide strikes and
+    /// lockouts, so the events report shows which policy was in force.
     pub fn policy_digest(&self) -> String {
         use sha2::Digest;
         let text = serde_json::json!({

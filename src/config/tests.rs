@@ -96,10 +96,15 @@ fn digest_changes_with_policy() {
 
 #[test]
 fn bare_addresses_are_networks() {
-    let text = format!("{MINIMAL}\n[smtp]\nrelay_networks = [\"10.0.0.0/8\", \"127.0.0.1\", \"::1\"]\nxclient_peers = [\"192.0.2.5\"]\n");
+    let text = format!(
+        "{MINIMAL}\n[smtp]\nrelay_networks = [\"10.0.0.0/8\", \"127.0.0.1\", \"::1\"]\nxclient_peers = [\"192.0.2.5\"]\n"
+    );
     let config = Config::parse(&text).unwrap_or_else(|problems| panic!("{problems}"));
     assert_eq!(config.smtp.relay_networks.len(), 3);
-    assert!(config.smtp.relay_networks[1].contains(&"127.0.0.1".parse::<std::net::IpAddr>().expect("address")));
+    assert!(
+        config.smtp.relay_networks[1]
+            .contains(&"127.0.0.1".parse::<std::net::IpAddr>().expect("address"))
+    );
     assert_eq!(config.smtp.xclient_peers[0].prefix_len(), 32);
 
     let bad = format!("{MINIMAL}\n[smtp]\nrelay_networks = [\"bogus\"]\n");

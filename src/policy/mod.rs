@@ -103,7 +103,7 @@ impl Lockout {
         self.until.is_none()
     }
 
-    /// Whether the lockout is in force at `now`.
+    /// Returns whether the lockout is in force at `now`.
     pub fn is_active(&self, now: Timestamp) -> bool {
         match self.until {
             None => true,
@@ -134,7 +134,7 @@ pub enum SenderDecision {
     MonitorOnly(Lockout),
 }
 
-/// What recording one bad message did to a mailbox.
+/// The effect of recording one bad message on a mailbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StrikeOutcome {
     /// Counted; `in_window` strikes are now inside the window.
@@ -232,7 +232,7 @@ impl MailboxState {
         }
     }
 
-    /// Whether the state carries nothing worth storing at `now`: no strike
+    /// Returns whether the state carries nothing worth storing at `now`: no strike
     /// in the window, no lockout history.
     pub fn is_empty(&self, settings: &PolicySettings, now: Timestamp) -> bool {
         self.lockouts == 0

@@ -56,8 +56,8 @@ pub fn open(path: &Path) -> Result<Connection, StoreError> {
         message: source.to_string(),
     })?;
     if created {
-        // The store holds senders and client addresses: owner-only, and
-        // SQLite gives its -wal and -shm files the same mode.
+        // The store contains senders and client addresses, so it is
+        // owner-only. SQLite gives its -wal and -shm files the same mode.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
             |source| StoreError::Open {

@@ -9,7 +9,7 @@ use crate::smtp::reader::{BareLineEndings, DataReader, normalize_line_endings};
 use crate::smtp::upstream::{SendFailure, UpstreamConnection, queue_id};
 use std::time::Instant;
 
-/// Longest message line allowed by RFC 5322, in octets without CRLF.
+/// Maximum message line length allowed by RFC 5322, in octets without CRLF.
 const MAX_MESSAGE_LINE: usize = 998;
 
 /// Content received by BDAT chunks in one transaction.
@@ -74,7 +74,7 @@ impl Session {
         Ok(())
     }
 
-    /// Reads one BDAT chunk and answers it: `250` for a chunk taken, the
+    /// Reads one BDAT chunk and replies to it: `250` for a chunk taken, the
     /// final upstream reply after the last one. The chunk's octets are
     /// always read, also when the command is refused, so they can never be
     /// taken for commands.
@@ -188,7 +188,7 @@ impl Session {
         }
     }
 
-    /// Applies the size and line policies, asks the Guard, and relays or
+    /// Applies the size and line policies, gets the Guard's decision, and relays or
     /// rejects the message; the transaction ends either way.
     async fn finish_message(&mut self, content: Content) {
         let runtime = self.shared.guard.runtime();

@@ -10,7 +10,7 @@ use super::{Session, State};
 use crate::reply::Reply;
 use std::net::IpAddr;
 
-/// What a trusted peer said about the real client.
+/// Attributes of the real client, as a trusted peer passed them on.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(super) struct Forwarded {
     pub client: Option<IpAddr>,
@@ -92,7 +92,7 @@ pub(super) fn split_forward_command(line: &[u8]) -> Option<(&'static str, String
 }
 
 impl Session {
-    /// Whether the peer may use XFORWARD and XCLIENT.
+    /// Returns whether the peer may use XFORWARD and XCLIENT.
     pub(super) fn is_forwarding_peer(&self) -> bool {
         let peer = self.peer.ip().to_canonical();
         self.shared

@@ -94,7 +94,7 @@ fn unsupported_parameter(params: &str, offered: &[&str]) -> Option<String> {
         .map(|keyword| keyword.chars().take(32).collect())
 }
 
-/// Whether a command line that failed to parse is a BDAT command.
+/// Returns whether a command line that failed to parse is a BDAT command.
 fn is_bdat_line(line: &[u8]) -> bool {
     line.get(..4)
         .is_some_and(|verb| verb.eq_ignore_ascii_case(b"BDAT"))
@@ -129,7 +129,7 @@ struct Envelope {
 
 /// Reason a session ends early.
 enum Stop {
-    /// The client closed the connection or said QUIT.
+    /// The client closed the connection or sent QUIT.
     Closed,
     /// The client was silent for too long.
     Timeout,
@@ -403,7 +403,7 @@ impl Session {
         Ok(true)
     }
 
-    /// Answers STARTTLS and runs the TLS handshake. Commands the client
+    /// Replies to STARTTLS and runs the TLS handshake. Commands the client
     /// pipelined after STARTTLS were sent in plain text, so they are dropped,
     /// never executed inside TLS; the client starts over with EHLO.
     async fn start_tls(&mut self) -> Result<(), Stop> {
@@ -753,8 +753,8 @@ impl Session {
                 return Ok(line);
             }
             self.flush().await.map_err(Stop::Io)?;
-            // On shutdown a client between transactions is told to come back
-            // later; one in the middle of a transaction may finish it.
+            // On shutdown a client between transactions gets 421 and retries
+            // later. A client in the middle of a transaction may finish it.
             let idle = matches!(self.state, State::Connected | State::Ready);
             self.read_more(tokio::time::Instant::now() + timeout, idle)
                 .await?;

@@ -17,7 +17,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-/// Longest upstream reply line accepted, in octets (RFC 5321 allows 512).
+/// Maximum upstream reply line length accepted, in octets (RFC 5321 sets
+/// 512 as the line length every server must handle).
 const MAX_REPLY_LINE: usize = 4096;
 /// Most lines accepted in one multi-line upstream reply.
 const MAX_REPLY_LINES: usize = 100;
@@ -142,8 +143,8 @@ pub struct UpstreamConnection {
 }
 
 impl UpstreamConnection {
-    /// Connects, reads the greeting, says EHLO (HELO if EHLO is refused),
-    /// starts TLS and logs in as `target` says.
+    /// Connects, reads the greeting, sends EHLO (HELO if EHLO is refused),
+    /// starts TLS and logs in as `target` specifies.
     ///
     /// # Errors
     /// When the connection, the greeting, EHLO, TLS or AUTH fails.
@@ -211,7 +212,7 @@ impl UpstreamConnection {
         Ok(())
     }
 
-    /// Whether the session runs over TLS.
+    /// Returns whether the session runs over TLS.
     pub fn is_tls(&self) -> bool {
         self.stream.get_ref().is_tls()
     }
@@ -234,8 +235,8 @@ impl UpstreamConnection {
     /// On a network failure, a timeout or an invalid reply; the connection
     /// is unusable then.
     pub async fn command(&mut self, line: &str) -> Result<Reply, UpstreamError> {
-        // Bytes nobody asked for would be read as the reply to this
-        // command; the session is out of step and cannot be trusted.
+        // Unrequested bytes would be read as the reply to this command, so
+        // the session is out of step and cannot be trusted.
         if !self.stream.buffer().is_empty() {
             return Err(UpstreamError::Protocol {
                 address: self.address.clone(),
