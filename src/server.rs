@@ -118,12 +118,14 @@ pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
 /// Serves SMTP on `listener` until `shutdown` becomes true, then waits up
 /// to the grace period for open sessions.
 pub async fn run(listener: TcpListener, guard: Arc<Guard>, mut shutdown: watch::Receiver<bool>) {
+    let (probed_sender, upstream_probed) = watch::channel(false);
     let shared = Arc::new(SessionShared {
         guard: guard.clone(),
         upstream_capabilities: ArcSwapOption::empty(),
+        upstream_probed,
     });
     tokio::spawn(guard.clone().run_lockout_timer(shutdown.clone()));
-    tokio::spawn(probe_dependencies(shared.clone()));
+    tokio::spawn(probe_dependencies(shared.clone(), probed_sender));
 
     let prefix = session_prefix();
     let connections = ConnectionCounts::default();
@@ -254,7 +256,7 @@ fn session_prefix() -> String {
 /// Learns the upstream's extensions and checks clamd at start, and logs a
 /// warning for each one that cannot be reached. Sessions retry both per
 /// transaction.
-async fn probe_dependencies(shared: Arc<SessionShared>) {
+async fn probe_dependencies(shared: Arc<SessionShared>, probed: watch::Sender<bool>) {
     let runtime = shared.guard.runtime();
     match UpstreamConnection::connect(&runtime.upstream).await {
         Ok(connection) => {
@@ -269,6 +271,7 @@ async fn probe_dependencies(shared: Arc<SessionShared>) {
             tracing::warn!(%error, "upstream not reachable at start; will retry per transaction")
         }
     }
+    let _ = probed.send(true);
     match runtime.scanner.ping().await {
         Ok(Some(version)) => tracing::info!(clamd = %version, "clamd reachable"),
         Ok(None) => tracing::info!("no clamd configured; messages are not scanned for viruses"),

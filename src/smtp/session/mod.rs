@@ -35,6 +35,9 @@ pub struct SessionShared {
     /// Extensions the upstream offered in its last EHLO reply, or `None`
     /// before the first upstream session succeeded.
     pub upstream_capabilities: ArcSwapOption<Capabilities>,
+    /// Becomes true once the probe at start has finished, whether or not it
+    /// reached the upstream.
+    pub upstream_probed: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Position of a session in the SMTP dialogue.
@@ -328,6 +331,7 @@ impl Session {
             Command::Ehlo { host } => {
                 self.reset_transaction().await;
                 tracing::debug!(helo = %host, "EHLO");
+                self.wait_for_upstream_probe().await;
                 let reply = self.ehlo_reply(&hostname);
                 self.queue(&reply);
                 self.state = State::Ready;
@@ -454,6 +458,18 @@ impl Session {
                 Ok(())
             }
         }
+    }
+
+    /// Waits, at most the upstream connect timeout, for the probe at start,
+    /// so that the first clients are offered what the upstream supports
+    /// rather than the reduced set used when it is unknown.
+    async fn wait_for_upstream_probe(&self) {
+        let mut probed = self.shared.upstream_probed.clone();
+        if *probed.borrow() {
+            return;
+        }
+        let limit = self.shared.guard.runtime().config.upstream.connect_timeout;
+        let _ = tokio::time::timeout(limit, probed.wait_for(|done| *done)).await;
     }
 
     fn ehlo_reply(&self, hostname: &str) -> Reply {
