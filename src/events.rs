@@ -1,6 +1,7 @@
 //! The events report: every bad message, refusal, lockout and policy load,
 //! each with the raw facts behind it so the history can be replayed.
 
+use crate::actions::OutboxEntry;
 use crate::identity::MailboxKey;
 use crate::policy::{Lockout, Strike, Timestamp};
 use crate::scan::Verdict;
@@ -26,6 +27,14 @@ pub enum EventKind {
     BlockedPermanently,
     /// The configuration was loaded, at start or on reload.
     ConfigLoaded,
+    /// A webhook or alert e-mail was accepted by its receiver.
+    ActionDelivered,
+    /// An attempt to deliver a webhook or alert e-mail failed; another
+    /// follows.
+    ActionFailed,
+    /// A webhook or alert e-mail was given up: too old, or its receiver is
+    /// no longer configured.
+    ActionAbandoned,
 }
 
 impl EventKind {
@@ -37,6 +46,9 @@ impl EventKind {
             EventKind::LockoutEnded => "lockout_ended",
             EventKind::BlockedPermanently => "blocked_permanently",
             EventKind::ConfigLoaded => "config_loaded",
+            EventKind::ActionDelivered => "action_delivered",
+            EventKind::ActionFailed => "action_failed",
+            EventKind::ActionAbandoned => "action_abandoned",
         }
     }
 
@@ -48,6 +60,9 @@ impl EventKind {
             EventKind::LockoutEnded,
             EventKind::BlockedPermanently,
             EventKind::ConfigLoaded,
+            EventKind::ActionDelivered,
+            EventKind::ActionFailed,
+            EventKind::ActionAbandoned,
         ]
         .into_iter()
         .find(|kind| kind.as_str() == text)
@@ -201,6 +216,28 @@ impl Event {
             .with("reason", reason)
     }
 
+    /// Builds the event of one delivery attempt of a webhook or alert
+    /// e-mail; `detail` is the receiver's answer or the error.
+    pub fn action(
+        kind: EventKind,
+        time: Timestamp,
+        entry: &OutboxEntry,
+        attempt: u32,
+        detail: &str,
+        next_attempt: Option<Timestamp>,
+    ) -> Event {
+        let mut event = Event::new(time, kind, None)
+            .with("action", entry.kind.as_str())
+            .with("delivery_id", &entry.delivery_id)
+            .with("attempt", attempt)
+            .with("detail", detail)
+            .with("next_attempt", next_attempt.map(Timestamp::to_rfc3339))
+            .with("created", entry.created.to_rfc3339());
+        event.mailbox = entry.mailbox.clone();
+        event.key_client = entry.key_client.clone();
+        event
+    }
+
     /// Returns the event as one JSON object with `time` (RFC 3339 UTC),
     /// `type` and `mailbox` first.
     pub fn to_json(&self) -> Value {
@@ -270,6 +307,15 @@ impl Event {
                 self.detail_text("reason"),
                 self.detail_text("digest")
             ),
+            EventKind::ActionDelivered | EventKind::ActionFailed | EventKind::ActionAbandoned => {
+                format!(
+                    "{} {} attempt {}: {}",
+                    self.detail_text("action"),
+                    self.detail_text("delivery_id"),
+                    self.detail_text("attempt"),
+                    self.detail_text("detail")
+                )
+            }
         }
     }
 }

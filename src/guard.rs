@@ -3,6 +3,7 @@
 //! two questions (may this sender send? what happens to this message?) and
 //! hold no policy logic of their own.
 
+use crate::actions::{ActionClients, LockoutFacts, OutboxEntry};
 use crate::config::Config;
 use crate::directory::Directory;
 use crate::events::{Event, MessageFacts};
@@ -35,6 +36,8 @@ pub struct Runtime {
     pub upstream: UpstreamTarget,
     /// The listener's STARTTLS acceptor, when a certificate is set.
     pub tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
+    /// The webhook client, its secret and the alert e-mail relay.
+    pub actions: ActionClients,
 }
 
 impl Runtime {
@@ -43,12 +46,39 @@ impl Runtime {
     /// # Errors
     /// When the spam rules do not compile or the directory cannot be read.
     pub fn new(config: Config) -> Result<Runtime, String> {
-        let scanner = Scanner::new(config.scan.clamd.as_ref(), &config.scan.spam)?;
         let directory = match &config.directory {
             None => Directory::default(),
             Some(section) => Directory::load(&section.path, &config.identity)
                 .map_err(|error| format!("directory.path: {error}"))?,
         };
+        Runtime::with_directory(config, directory)
+    }
+
+    /// Builds the runtime for a reloaded `config`. A directory file that
+    /// cannot be read or parsed keeps `previous`'s directory, with a
+    /// warning, so a half-written file never loses the owners and devices.
+    ///
+    /// # Errors
+    /// When anything but the directory is invalid.
+    pub fn reload(config: Config, previous: &Runtime) -> Result<Runtime, String> {
+        let directory = match &config.directory {
+            None => Directory::default(),
+            Some(section) => match Directory::load(&section.path, &config.identity) {
+                Ok(directory) => directory,
+                Err(error) => {
+                    tracing::warn!(directory = %section.path.display(), %error,
+                        mailboxes = previous.directory.len(),
+                        "directory file not loaded; the previous directory stays in force");
+                    previous.directory.clone()
+                }
+            },
+        };
+        Runtime::with_directory(config, directory)
+    }
+
+    fn with_directory(config: Config, directory: Directory) -> Result<Runtime, String> {
+        let scanner = Scanner::new(config.scan.clamd.as_ref(), &config.scan.spam)?;
+        let actions = ActionClients::new(&config)?;
         let upstream = UpstreamTarget::new(&config.upstream, &config.smtp.hostname)?;
         let tls_acceptor = match (&config.smtp.tls_cert_file, &config.smtp.tls_key_file) {
             (Some(cert), Some(key)) => Some(
@@ -63,6 +93,7 @@ impl Runtime {
             scanner,
             upstream,
             tls_acceptor,
+            actions,
         })
     }
 
@@ -110,6 +141,7 @@ pub enum SenderCheck {
 pub struct PendingStrike {
     transaction: Transaction,
     verdict: Verdict,
+    header_message_id: Option<String>,
 }
 
 /// The fate of a message at end of data.
@@ -131,6 +163,7 @@ pub struct Guard {
     store: Store,
     shards: Vec<Mutex<LruCache<MailboxKey, MailboxState>>>,
     lockout_started: Notify,
+    outbox_added: Notify,
 }
 
 impl Guard {
@@ -143,7 +176,13 @@ impl Guard {
             runtime: ArcSwap::from_pointee(runtime),
             store,
             lockout_started: Notify::new(),
+            outbox_added: Notify::new(),
         }
+    }
+
+    /// Waits until a delivery is added to the outbox.
+    pub async fn outbox_added(&self) {
+        self.outbox_added.notified().await;
     }
 
     pub fn runtime(&self) -> Arc<Runtime> {
@@ -317,6 +356,7 @@ impl Guard {
                     pending: Some(PendingStrike {
                         transaction: transaction.clone(),
                         verdict,
+                        header_message_id: header_message_id(message),
                     }),
                 }
             }
@@ -326,7 +366,11 @@ impl Guard {
                 } else {
                     Reply::spam(&verdict)
                 };
-                match self.record_bad(transaction, &verdict, None).await {
+                let message_id = header_message_id(message);
+                match self
+                    .record_bad(transaction, &verdict, message_id, None)
+                    .await
+                {
                     Ok(()) => MessageDecision::Reject(reply),
                     // Without the strike on disk, a temporary failure makes
                     // the client retry, and the retry is counted.
@@ -341,7 +385,12 @@ impl Guard {
         // The message is already relayed, so a failure here can only be
         // logged (record_bad does).
         let _ = self
-            .record_bad(&pending.transaction, &pending.verdict, queue_id)
+            .record_bad(
+                &pending.transaction,
+                &pending.verdict,
+                pending.header_message_id,
+                queue_id,
+            )
             .await;
     }
 
@@ -351,6 +400,7 @@ impl Guard {
         &self,
         transaction: &Transaction,
         verdict: &Verdict,
+        header_message_id: Option<String>,
         queue_id: Option<String>,
     ) -> Result<(), ()> {
         let runtime = self.runtime();
@@ -394,9 +444,11 @@ impl Guard {
             at: now,
             verdict: verdict.summary(),
             message_id: transaction.id.clone(),
+            header_message_id,
         };
         let outcome = state.record_strike(&settings, strike);
         let mut events = Vec::with_capacity(2);
+        let mut deliveries = Vec::new();
         let mut lockout_started = false;
         match &outcome {
             StrikeOutcome::Counted { in_window } => {
@@ -415,12 +467,23 @@ impl Guard {
             }
             StrikeOutcome::LockoutStarted { lockout, strikes } => {
                 events.push(facts_event(true, None, Some(&key)));
-                events.push(Event::lockout_started(
-                    &key,
-                    &transaction.facts(),
+                let message = transaction.facts();
+                let facts = LockoutFacts {
+                    key: &key,
                     lockout,
                     strikes,
-                ));
+                    message: &message,
+                };
+                deliveries = crate::actions::plan_lockout_started(
+                    &runtime.config,
+                    &runtime.directory,
+                    &facts,
+                );
+                let mut event = Event::lockout_started(&key, &message, lockout, strikes);
+                event
+                    .details
+                    .insert("deliveries".into(), deliveries_json(&deliveries));
+                events.push(event);
                 lockout_started = true;
                 tracing::warn!(mailbox = %key, level = lockout.level,
                     until = %lockout.until.map_or("permanent".to_string(), |until| until.to_rfc3339()),
@@ -430,13 +493,23 @@ impl Guard {
         let keep = !state.is_empty(&settings, now);
         match self
             .store
-            .commit(key.clone(), state.clone(), keep, events, now)
+            .commit(
+                key.clone(),
+                state.clone(),
+                keep,
+                events,
+                deliveries.clone(),
+                now,
+            )
             .await
         {
             Ok(()) => {
                 cache.put(key, state);
                 if lockout_started {
                     self.lockout_started.notify_one();
+                }
+                if !deliveries.is_empty() {
+                    self.outbox_added.notify_one();
                 }
                 Ok(())
             }
@@ -466,12 +539,33 @@ impl Guard {
                 continue;
             };
             state.mark_end_recorded();
-            let event = Event::lockout_ended(&key, &lockout);
+            let runtime = self.runtime();
+            let deliveries = crate::actions::plan_lockout_ended(
+                &runtime.config,
+                &runtime.directory,
+                &key,
+                &lockout,
+            );
+            let mut event = Event::lockout_ended(&key, &lockout);
+            event
+                .details
+                .insert("deliveries".into(), deliveries_json(&deliveries));
+            let queued = !deliveries.is_empty();
             self.store
-                .commit(key.clone(), state.clone(), true, vec![event], now)
+                .commit(
+                    key.clone(),
+                    state.clone(),
+                    true,
+                    vec![event],
+                    deliveries,
+                    now,
+                )
                 .await?;
             tracing::info!(mailbox = %key, level = lockout.level, "lockout ended");
             cache.put(key, state);
+            if queued {
+                self.outbox_added.notify_one();
+            }
         }
         self.store.next_pending_end().await
     }
@@ -500,6 +594,73 @@ impl Guard {
             }
         }
     }
+}
+
+/// Lists the deliveries queued for a lockout, for its event.
+fn deliveries_json(deliveries: &[OutboxEntry]) -> serde_json::Value {
+    deliveries
+        .iter()
+        .map(|entry| {
+            serde_json::json!({
+                "action": entry.kind.as_str(),
+                "delivery_id": entry.delivery_id,
+            })
+        })
+        .collect()
+}
+
+/// Returns the `Message-ID` header field of a message, unfolded and cut to
+/// 256 characters, so alerts can name the message as its sender knows it.
+fn header_message_id(message: &[u8]) -> Option<String> {
+    const MAX_LENGTH: usize = 256;
+    let end = find_header_end(message);
+    let header = &message[..end];
+    let mut lines = header.split(|&byte| byte == b'\n').peekable();
+    while let Some(line) = lines.next() {
+        let Some(colon) = line.iter().position(|&byte| byte == b':') else {
+            continue;
+        };
+        if !line[..colon]
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"message-id")
+        {
+            continue;
+        }
+        let mut value = line[colon + 1..].to_vec();
+        // Continuation lines start with a space or a tab.
+        while let Some(next) =
+            lines.next_if(|next| next.first().is_some_and(|b| *b == b' ' || *b == b'\t'))
+        {
+            value.push(b' ');
+            value.extend_from_slice(next);
+        }
+        let text: String = String::from_utf8_lossy(&value)
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        if text.is_empty() {
+            return None;
+        }
+        return Some(text.chars().take(MAX_LENGTH).collect());
+    }
+    None
+}
+
+/// Returns the length of the header section: up to the first empty line, or
+/// the whole message when there is none.
+fn find_header_end(message: &[u8]) -> usize {
+    let mut start = 0;
+    for (index, &byte) in message.iter().enumerate() {
+        if byte == b'\n' {
+            let line = &message[start..index];
+            if line.is_empty() || line == b"\r" {
+                return start;
+            }
+            start = index + 1;
+        }
+    }
+    message.len()
 }
 
 fn shard_capacity(total: usize) -> NonZeroUsize {
@@ -535,6 +696,27 @@ mod tests {
 
     fn spam() -> Vec<u8> {
         format!("Subject: x\r\n\r\n{GTUBE}\r\n").into_bytes()
+    }
+
+    #[test]
+    fn message_id_header_found() {
+        let message = b"Subject: x\r\nmessage-ID:\r\n <a.b@example.org>\r\n\r\nbody\r\n";
+        assert_eq!(
+            header_message_id(message).as_deref(),
+            Some("<a.b@example.org>")
+        );
+    }
+
+    #[test]
+    fn message_id_in_body_ignored() {
+        let message = b"Subject: x\r\n\r\nMessage-ID: <not@header>\r\n";
+        assert_eq!(header_message_id(message), None);
+    }
+
+    #[test]
+    fn message_id_controls_removed() {
+        let message = b"Message-ID: <a\x1b[31m@b>\r\n\r\n";
+        assert_eq!(header_message_id(message).as_deref(), Some("<a [31m@b>"));
     }
 
     #[tokio::test]

@@ -20,6 +20,7 @@
 //! Every error that is caught and not passed on is logged once, with the
 //! ids it concerns. Message content and credentials are never logged.
 
+pub mod actions;
 pub mod config;
 pub mod directory;
 pub mod events;

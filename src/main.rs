@@ -51,6 +51,12 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// List webhooks and alert e-mails waiting for delivery, with their
+    /// attempts and last error.
+    Outbox {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Print the events report.
     Events {
         #[arg(long, short)]
@@ -94,6 +100,7 @@ fn main() -> ExitCode {
             client,
         } => status(&mailbox, &config, client),
         Command::Blocks { config } => blocks(&config),
+        Command::Outbox { config } => outbox(&config),
         Command::Events {
             config,
             since,
@@ -322,6 +329,39 @@ fn blocks(config: &Path) -> Result<(), String> {
             "{:<40}  {:>7}  {until:<22}  {mode}",
             key.to_string(),
             block.level
+        );
+    }
+    print(&out)
+}
+
+fn outbox(config: &Path) -> Result<(), String> {
+    use std::fmt::Write;
+    let config = load(config)?;
+    let connection =
+        sqlite::open_existing(&config.store.path).map_err(|error| error.to_string())?;
+    let waiting =
+        sendguard::store::outbox::waiting(&connection).map_err(|error| error.to_string())?;
+    if waiting.is_empty() {
+        return print("no webhook or alert e-mail is waiting\n");
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<32}  {:<13}  {:<32}  {:<20}  {:>8}  {:<20}  LAST ERROR",
+        "DELIVERY ID", "ACTION", "MAILBOX", "CREATED", "ATTEMPTS", "NEXT ATTEMPT"
+    );
+    for item in waiting {
+        let entry = &item.delivery.entry;
+        let _ = writeln!(
+            out,
+            "{:<32}  {:<13}  {:<32}  {:<20}  {:>8}  {:<20}  {}",
+            entry.delivery_id,
+            entry.kind.as_str(),
+            entry.mailbox.as_deref().unwrap_or("-"),
+            entry.created.to_rfc3339(),
+            item.delivery.attempts,
+            item.next_attempt.to_rfc3339(),
+            item.last_error.as_deref().unwrap_or("-")
         );
     }
     print(&out)

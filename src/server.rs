@@ -125,6 +125,7 @@ pub async fn run(listener: TcpListener, guard: Arc<Guard>, mut shutdown: watch::
         upstream_probed,
     });
     tokio::spawn(guard.clone().run_lockout_timer(shutdown.clone()));
+    tokio::spawn(crate::actions::run_outbox(guard.clone(), shutdown.clone()));
     tokio::spawn(probe_dependencies(shared.clone(), probed_sender));
 
     let prefix = session_prefix();
@@ -314,7 +315,7 @@ pub async fn reload(guard: &Guard, path: &Path) {
     {
         tracing::warn!("smtp.listen, store.path and [milter] take effect only after a restart");
     }
-    match Runtime::new(config) {
+    match Runtime::reload(config, &current) {
         Ok(runtime) => {
             guard.replace_runtime(runtime, "reload").await;
             tracing::info!(config = %path.display(), "configuration reloaded");

@@ -65,6 +65,20 @@ pub fn acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, String
 /// # Errors
 /// When the CA file cannot be read or no trust anchor is found.
 pub fn verifying_connector(ca_file: Option<&Path>) -> Result<TlsConnector, String> {
+    let config = verifying_client_config(ca_file, "upstream.ca_file")?;
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// Builds a client configuration that verifies servers against the system's
+/// trust store, or only against `ca_file` when one is given; `ca_key` names
+/// the setting in the error when the system store is empty.
+///
+/// # Errors
+/// When the CA file cannot be read or no trust anchor is found.
+pub fn verifying_client_config(
+    ca_file: Option<&Path>,
+    ca_key: &str,
+) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
     match ca_file {
         Some(path) => {
@@ -90,8 +104,7 @@ pub fn verifying_connector(ca_file: Option<&Path>) -> Result<TlsConnector, Strin
     if roots.is_empty() {
         return Err(match ca_file {
             Some(path) => format!("no CA certificate found in {}", path.display()),
-            None => "no trusted CA certificates found in the system store; set upstream.ca_file"
-                .to_string(),
+            None => format!("no trusted CA certificates found in the system store; set {ca_key}"),
         });
     }
     let config = rustls::ClientConfig::builder_with_provider(provider())
@@ -99,7 +112,7 @@ pub fn verifying_connector(ca_file: Option<&Path>) -> Result<TlsConnector, Strin
         .map_err(|error| format!("TLS set-up failed: {error}"))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    Ok(TlsConnector::from(Arc::new(config)))
+    Ok(config)
 }
 
 /// Builds a connector that encrypts without checking who the upstream is,

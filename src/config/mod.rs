@@ -3,8 +3,10 @@
 //!
 //! `config.toml.example` documents every key with its unit and default.
 
+mod actions;
 mod problems;
 
+pub use actions::{ActionsConfig, AlertsConfig, SynchronizedSecurityConfig};
 pub use problems::{Problem, Problems};
 
 use crate::policy::{Mode, PolicySettings};
@@ -29,6 +31,9 @@ pub struct Config {
     pub store: StoreConfig,
     /// `[milter]`; without it no milter listener runs.
     pub milter: Option<MilterConfig>,
+    pub synchronized_security: SynchronizedSecurityConfig,
+    pub alerts: AlertsConfig,
+    pub actions: ActionsConfig,
 }
 
 /// `[milter]`: the Postfix milter front-end.
@@ -436,6 +441,13 @@ impl Config {
         let directory = optional_section::<DirectoryConfig>(&mut root, "directory", &mut problems);
         let store = required_section::<StoreConfig>(&mut root, "store", &mut problems);
         let milter = optional_section::<MilterConfig>(&mut root, "milter", &mut problems);
+        let synchronized_security = section::<SynchronizedSecurityConfig>(
+            &mut root,
+            "synchronized_security",
+            &mut problems,
+        );
+        let alerts = section::<AlertsConfig>(&mut root, "alerts", &mut problems);
+        let actions = section::<ActionsConfig>(&mut root, "actions", &mut problems);
         for unknown in root.keys() {
             problems.push(
                 unknown.as_str(),
@@ -480,18 +492,27 @@ impl Config {
             }
         }
 
+        if let (Some(synchronized), Some(alerts), Some(actions)) =
+            (&synchronized_security, &alerts, &actions)
+        {
+            actions::validate(synchronized, alerts, actions, &mut problems);
+        }
+
         match (
-            smtp, upstream, scan, policy, identity, directory, store, milter,
+            (smtp, upstream, scan, policy, identity, directory, store),
+            (milter, synchronized_security, alerts, actions),
         ) {
             (
-                Some(smtp),
-                Some(upstream),
-                Some(scan),
-                Some(policy),
-                Some(identity),
-                Some(directory),
-                Some(store),
-                Some(milter),
+                (
+                    Some(smtp),
+                    Some(upstream),
+                    Some(scan),
+                    Some(policy),
+                    Some(identity),
+                    Some(directory),
+                    Some(store),
+                ),
+                (Some(milter), Some(synchronized_security), Some(alerts), Some(actions)),
             ) if problems.is_empty() => Ok(Config {
                 smtp,
                 upstream,
@@ -501,6 +522,9 @@ impl Config {
                 directory,
                 store,
                 milter,
+                synchronized_security,
+                alerts,
+                actions,
             }),
             _ => Err(problems),
         }
@@ -606,12 +630,15 @@ fn validate_smtp(smtp: &SmtpConfig, problems: &mut Problems) {
     }
 }
 
-fn validate_upstream(upstream: &UpstreamConfig, problems: &mut Problems) {
-    let valid_address = upstream
-        .address
+/// Checks the form `host:port` with a port from 1 to 65535.
+fn is_host_port(address: &str) -> bool {
+    address
         .rsplit_once(':')
-        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
-    if !valid_address {
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
+}
+
+fn validate_upstream(upstream: &UpstreamConfig, problems: &mut Problems) {
+    if !is_host_port(&upstream.address) {
         problems.push(
             "upstream.address",
             format!(

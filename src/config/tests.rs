@@ -111,3 +111,64 @@ fn bare_addresses_are_networks() {
     let problems = Config::parse(&bad).expect_err("invalid");
     assert!(problems.to_string().contains("\"bogus\""), "{problems}");
 }
+
+fn problem_keys(extra: &str) -> Vec<String> {
+    match Config::parse(&format!("{MINIMAL}{extra}")) {
+        Ok(_) => Vec::new(),
+        Err(problems) => problems.0.into_iter().map(|problem| problem.key).collect(),
+    }
+}
+
+#[test]
+fn actions_default_to_nothing() {
+    let config = Config::parse(MINIMAL).expect("valid");
+    assert!(!config.synchronized_security.enabled);
+    assert!(config.alerts.webhook_url.is_none());
+    assert!(config.alerts.admin_addresses.is_empty());
+    assert_eq!(config.actions.retry_initial, Duration::from_secs(30));
+    assert_eq!(config.actions.give_up_after, Duration::from_secs(172_800));
+}
+
+#[test]
+fn scan_enabled_needs_url() {
+    let keys = problem_keys("[synchronized_security]\nenabled = true\n");
+    assert_eq!(keys, ["synchronized_security.endpoint_scan_url"]);
+}
+
+#[test]
+fn webhook_needs_secret_file() {
+    let keys = problem_keys("[alerts]\nwebhook_url = \"https://alerts.example.org/hook\"\n");
+    assert_eq!(keys, ["actions.secret_file"]);
+}
+
+#[test]
+fn webhook_url_must_be_http() {
+    let keys = problem_keys(
+        "[alerts]\nwebhook_url = \"ftp://alerts.example.org/\"\n\
+         [actions]\nsecret_file = \"/etc/sendguard/secret\"\n",
+    );
+    assert_eq!(keys, ["alerts.webhook_url"]);
+}
+
+#[test]
+fn alert_addresses_validated() {
+    let keys = problem_keys(
+        "[alerts]\nadmin_addresses = [\"ok@example.org\", \"<bad@example.org>\", \"nobody\"]\n\
+         from = \"a b@example.org\"\nrelay = \"localhost\"\n",
+    );
+    assert_eq!(
+        keys,
+        [
+            "alerts.admin_addresses[1]",
+            "alerts.admin_addresses[2]",
+            "alerts.from",
+            "alerts.relay"
+        ]
+    );
+}
+
+#[test]
+fn retry_max_not_below_initial() {
+    let keys = problem_keys("[actions]\nretry_initial = \"10m\"\nretry_max = \"1m\"\n");
+    assert_eq!(keys, ["actions.retry_max"]);
+}

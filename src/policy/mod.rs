@@ -81,6 +81,9 @@ pub struct Strike {
     pub verdict: String,
     /// sendguard's transaction id of the message.
     pub message_id: String,
+    /// The message's `Message-ID` header field, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header_message_id: Option<String>,
 }
 
 /// A lockout of a mailbox: timed (with an end) or permanent.

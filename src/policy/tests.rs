@@ -13,6 +13,7 @@ fn strike(at: i64) -> Strike {
         at: Timestamp(at),
         verdict: "virus Test".to_string(),
         message_id: format!("tx-{at}"),
+        header_message_id: None,
     }
 }
 

@@ -5,10 +5,12 @@
 //! after its transaction committed, so a reply that depends on a strike is
 //! sent only once the strike is on disk.
 
+pub mod outbox;
 pub mod sqlite;
 
 pub use sqlite::EventFilter;
 
+use crate::actions::{OutboxEntry, PendingDelivery};
 use crate::events::Event;
 use crate::identity::MailboxKey;
 use crate::policy::{MailboxState, Timestamp};
@@ -96,8 +98,9 @@ impl Store {
             .await
     }
 
-    /// Writes a mailbox's state (or deletes it when `keep` is false) and
-    /// appends `events`, in one transaction.
+    /// Writes a mailbox's state (or deletes it when `keep` is false),
+    /// appends `events` and queues `deliveries`, in one transaction, so a
+    /// lockout is never stored without its webhooks and alerts.
     ///
     /// # Errors
     /// On a database failure; nothing is written then.
@@ -107,6 +110,7 @@ impl Store {
         state: MailboxState,
         keep: bool,
         events: Vec<Event>,
+        deliveries: Vec<OutboxEntry>,
         now: Timestamp,
     ) -> Result<(), StoreError> {
         self.call(move |connection| {
@@ -115,8 +119,59 @@ impl Store {
             for event in &events {
                 sqlite::insert_event(&transaction, event)?;
             }
+            for entry in &deliveries {
+                outbox::insert(&transaction, entry)?;
+            }
             transaction.commit()?;
             Ok(())
+        })
+        .await
+    }
+
+    /// Returns up to `limit` outbox deliveries due at `now`.
+    ///
+    /// # Errors
+    /// On a database failure.
+    pub async fn due_deliveries(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<PendingDelivery>, StoreError> {
+        self.call(move |connection| outbox::due(connection, now, limit))
+            .await
+    }
+
+    /// Returns when the next outbox delivery is due.
+    ///
+    /// # Errors
+    /// On a database failure.
+    pub async fn next_delivery_due(&self) -> Result<Option<Timestamp>, StoreError> {
+        self.call(|connection| outbox::next_due(connection)).await
+    }
+
+    /// Removes a delivered or abandoned delivery and records its event.
+    ///
+    /// # Errors
+    /// On a database failure.
+    pub async fn finish_delivery(&self, row: i64, event: Event) -> Result<(), StoreError> {
+        self.call(move |connection| outbox::finish(connection, row, &event))
+            .await
+    }
+
+    /// Schedules a failed delivery's next attempt and records its event.
+    ///
+    /// # Errors
+    /// On a database failure.
+    pub async fn retry_delivery(
+        &self,
+        row: i64,
+        attempts: u32,
+        next: Timestamp,
+        error: String,
+        event: Event,
+    ) -> Result<(), StoreError> {
+        self.call(move |connection| {
+            outbox::reschedule(connection, row, attempts, next, &error, &event)
         })
         .await
     }

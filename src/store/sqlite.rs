@@ -34,6 +34,19 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_time ON events (time);
 CREATE INDEX IF NOT EXISTS events_mailbox ON events (mailbox, time);
+CREATE TABLE IF NOT EXISTS outbox (
+    id           INTEGER PRIMARY KEY,
+    delivery_id  TEXT NOT NULL UNIQUE,
+    kind         TEXT NOT NULL,
+    mailbox      TEXT,
+    key_client   TEXT,
+    body         TEXT NOT NULL,
+    created      INTEGER NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_attempt INTEGER NOT NULL,
+    last_error   TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt);
 ";
 
 /// Opens (creating if needed) the database in WAL mode with the schema.

@@ -9,6 +9,7 @@ pub mod sendguard;
 pub mod smtp_client;
 pub mod tls;
 pub mod upstream;
+pub mod webhook;
 
 /// Returns a loopback port that was free a moment ago (bound to port 0 and
 /// closed again).
