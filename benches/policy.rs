@@ -22,6 +22,7 @@ fn tracked(count: usize) -> LruCache<MailboxKey, MailboxState> {
                     at: Timestamp(0),
                     verdict: "spam".into(),
                     message_id: format!("tx-{index}"),
+                    header_message_id: None,
                 },
             );
         }
@@ -69,6 +70,7 @@ fn policy(c: &mut Criterion) {
                         at: Timestamp(next * 1000),
                         verdict: "virus Eicar".into(),
                         message_id: "tx".into(),
+                        header_message_id: None,
                     },
                 );
                 // Keep the state below the threshold so each iteration
