@@ -278,7 +278,7 @@ fn status(mailbox: &str, config: &Path, client: Option<IpAddr>) -> Result<(), St
             }
         };
         let _ = writeln!(out, "blocked:           {blocked}");
-        let next = match state.next_lockout_length(&settings) {
+        let next = match state.next_lockout_length(&settings, now) {
             None => "permanent block".to_string(),
             Some(length) => humantime::format_duration(length).to_string(),
         };

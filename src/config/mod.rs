@@ -276,6 +276,10 @@ pub struct PolicyConfig {
     #[serde(with = "humantime_serde")]
     pub first_lockout: Duration,
     pub timed_lockouts: u32,
+    /// Time without a lockout after which a mailbox starts again from
+    /// lockout 1; off when absent.
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub forgive_after: Option<Duration>,
     /// Mailboxes whose state is kept in memory; the rest stays in the store.
     pub max_tracked_mailboxes: usize,
 }
@@ -293,6 +297,7 @@ impl Default for PolicyConfig {
             window: settings.window,
             first_lockout: settings.first_lockout,
             timed_lockouts: settings.timed_lockouts,
+            forgive_after: settings.forgive_after,
             max_tracked_mailboxes: 100_000,
         }
     }
@@ -307,6 +312,7 @@ impl PolicyConfig {
             window: self.window,
             first_lockout: self.first_lockout,
             timed_lockouts: self.timed_lockouts,
+            forgive_after: self.forgive_after,
         }
     }
 
@@ -330,6 +336,15 @@ impl PolicyConfig {
                     "is {}, above the maximum of {MAX_TIMED_LOCKOUTS}",
                     self.timed_lockouts
                 ),
+            );
+        }
+        if self
+            .forgive_after
+            .is_some_and(|forgive_after| forgive_after.is_zero())
+        {
+            problems.push(
+                "policy.forgive_after",
+                "must be longer than zero, such as \"90d\"; leave it out to keep lockout counts",
             );
         }
         if self.max_tracked_mailboxes == 0 {

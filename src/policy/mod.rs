@@ -6,8 +6,10 @@
 //! below and write the state back. The same code serves the SMTP proxy, the
 //! milter and any later replay of recorded history.
 
+mod exemption;
 mod time;
 
+pub use exemption::{Exemption, ExemptionFacts, ExemptionKind, find as find_exemption};
 pub use time::Timestamp;
 
 use serde::{Deserialize, Serialize};
@@ -38,6 +40,9 @@ pub struct PolicySettings {
     pub first_lockout: Duration,
     /// Number of timed lockouts; the trigger after them blocks permanently.
     pub timed_lockouts: u32,
+    /// Time without a lockout after which a mailbox's lockout count starts
+    /// again from zero; `None` keeps the count for ever.
+    pub forgive_after: Option<Duration>,
 }
 
 impl Default for PolicySettings {
@@ -48,6 +53,7 @@ impl Default for PolicySettings {
             window: Duration::from_secs(600),
             first_lockout: Duration::from_secs(3600),
             timed_lockouts: 6,
+            forgive_after: None,
         }
     }
 }
@@ -124,6 +130,36 @@ pub struct MailboxState {
     pub lockouts: u32,
     /// The most recent lockout, active or ended.
     pub block: Option<Lockout>,
+}
+
+/// A lockout count set back to zero by `forgive_after`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forgiven {
+    /// The count before it was forgiven.
+    pub lockouts: u32,
+    /// End of the last lockout, from which the forgiveness period ran.
+    pub last_end: Timestamp,
+}
+
+/// The result of lifting a block with the support credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lifted {
+    /// The permanent block that was lifted, if there was one.
+    pub block: Option<Lockout>,
+    /// Lockout count before the lift.
+    pub lockouts_before: u32,
+    /// Lockout count after it: zero when reset, unchanged otherwise.
+    pub lockouts_after: u32,
+}
+
+/// Why a lift was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LiftError {
+    /// A timed lockout is in force; it cannot be lifted early and ends on
+    /// its own.
+    TimedLockout(Lockout),
+    /// There is no permanent block to lift, and no count reset was requested.
+    NotBlocked,
 }
 
 /// The decision on a sender at MAIL FROM (or again at end of data).
@@ -214,6 +250,60 @@ impl MailboxState {
         StrikeOutcome::LockoutStarted { lockout, strikes }
     }
 
+    /// Sets the lockout count back to zero when `settings.forgive_after` has
+    /// passed since the end of the last lockout. A permanent block is never
+    /// forgiven, and neither is a lockout still in force.
+    pub fn forgive(&mut self, settings: &PolicySettings, now: Timestamp) -> Option<Forgiven> {
+        let forgive_after = settings.forgive_after?;
+        if self.lockouts == 0 {
+            return None;
+        }
+        let last_end = self.block.as_ref()?.until?;
+        if now < last_end || now.since(last_end) < forgive_after {
+            return None;
+        }
+        let forgiven = Forgiven {
+            lockouts: self.lockouts,
+            last_end,
+        };
+        self.lockouts = 0;
+        self.block = None;
+        Some(forgiven)
+    }
+
+    /// Lifts a permanent block and, when `reset_count` is set, sets the
+    /// lockout count back to zero; with no block in force, only resets the
+    /// count. Without a reset, the count stays, so the next trigger blocks
+    /// the mailbox permanently again. Timed lockouts cannot be lifted.
+    ///
+    /// # Errors
+    /// [`LiftError::TimedLockout`] while a timed lockout is in force, and
+    /// [`LiftError::NotBlocked`] when there is nothing to lift or reset.
+    pub fn lift(&mut self, now: Timestamp, reset_count: bool) -> Result<Lifted, LiftError> {
+        let lockouts_before = self.lockouts;
+        let block = match self.active_block(now) {
+            Some(block) if !block.is_permanent() => {
+                return Err(LiftError::TimedLockout(block.clone()));
+            }
+            Some(block) => Some(block.clone()),
+            None if reset_count => None,
+            None => return Err(LiftError::NotBlocked),
+        };
+        if block.is_some() {
+            self.block = None;
+            self.strikes.clear();
+        }
+        if reset_count {
+            self.lockouts = 0;
+            self.block = None;
+        }
+        Ok(Lifted {
+            block,
+            lockouts_before,
+            lockouts_after: self.lockouts,
+        })
+    }
+
     /// Drops strikes that are `window` or more older than `now`.
     pub fn expire_strikes(&mut self, settings: &PolicySettings, now: Timestamp) {
         self.strikes
@@ -254,10 +344,19 @@ impl MailboxState {
             .count()
     }
 
-    /// Length the next lockout would have under `settings`, or `None` when
-    /// the next trigger blocks permanently.
-    pub fn next_lockout_length(&self, settings: &PolicySettings) -> Option<Duration> {
-        let level = self.lockouts.saturating_add(1);
+    /// Length the next lockout would have under `settings` at `now`, or
+    /// `None` when the next trigger blocks permanently. A count that
+    /// `forgive_after` would set back to zero counts as zero.
+    pub fn next_lockout_length(
+        &self,
+        settings: &PolicySettings,
+        now: Timestamp,
+    ) -> Option<Duration> {
+        let lockouts = self
+            .clone()
+            .forgive(settings, now)
+            .map_or(self.lockouts, |_| 0);
+        let level = lockouts.saturating_add(1);
         (level <= settings.timed_lockouts).then(|| settings.lockout_length(level))
     }
 }

@@ -167,7 +167,10 @@ fn schedule_doubles_to_32_hours_then_permanent() {
         state.check_sender(Timestamp(i64::MAX), Mode::Enforce),
         SenderDecision::Refuse(_)
     ));
-    assert_eq!(state.next_lockout_length(&settings), None);
+    assert_eq!(
+        state.next_lockout_length(&settings, Timestamp(i64::MAX)),
+        None
+    );
 }
 
 #[test]
@@ -355,4 +358,140 @@ fn timestamp_formats_rfc3339() {
         Timestamp::parse_rfc3339("2026-12-04T21:07:00Z"),
         Some(moment)
     );
+}
+
+fn forgiving(after: i64) -> PolicySettings {
+    PolicySettings {
+        forgive_after: Some(Duration::from_millis(after as u64)),
+        ..settings()
+    }
+}
+
+#[test]
+fn forgive_after_quiet_period() {
+    let settings = forgiving(24 * HOUR);
+    let mut state = MailboxState::default();
+    let first = trigger_lockout(&mut state, &settings, 0);
+    let end = first.until.expect("timed").0;
+    assert_eq!(
+        state.forgive(&settings, Timestamp(end + 24 * HOUR - 1)),
+        None
+    );
+    assert_eq!(state.lockouts, 1);
+    let forgiven = state.forgive(&settings, Timestamp(end + 24 * HOUR));
+    assert_eq!(
+        forgiven,
+        Some(Forgiven {
+            lockouts: 1,
+            last_end: Timestamp(end)
+        })
+    );
+    assert_eq!(state.lockouts, 0);
+    let next = trigger_lockout(&mut state, &settings, end + 25 * HOUR);
+    assert_eq!(next.level, 1);
+}
+
+#[test]
+fn forgive_off_by_default() {
+    let settings = settings();
+    let mut state = MailboxState::default();
+    trigger_lockout(&mut state, &settings, 0);
+    assert_eq!(state.forgive(&settings, Timestamp(i64::MAX / 2)), None);
+    assert_eq!(state.lockouts, 1);
+}
+
+#[test]
+fn forgive_spares_permanent_block() {
+    let settings = PolicySettings {
+        timed_lockouts: 0,
+        ..forgiving(HOUR)
+    };
+    let mut state = MailboxState::default();
+    let block = trigger_lockout(&mut state, &settings, 0);
+    assert!(block.is_permanent());
+    assert_eq!(state.forgive(&settings, Timestamp(1000 * HOUR)), None);
+    assert!(state.active_block(Timestamp(1000 * HOUR)).is_some());
+}
+
+#[test]
+fn next_length_counts_forgiveness() {
+    let settings = forgiving(HOUR);
+    let mut state = MailboxState::default();
+    let first = trigger_lockout(&mut state, &settings, 0);
+    let end = first.until.expect("timed").0;
+    let two_hours = Some(Duration::from_secs(7200));
+    assert_eq!(
+        state.next_lockout_length(&settings, Timestamp(end)),
+        two_hours
+    );
+    let one_hour = Some(Duration::from_secs(3600));
+    assert_eq!(
+        state.next_lockout_length(&settings, Timestamp(end + HOUR)),
+        one_hour
+    );
+    assert_eq!(state.lockouts, 1, "asking does not forgive");
+}
+
+#[test]
+fn lift_permanent_keeps_count() {
+    let settings = PolicySettings {
+        timed_lockouts: 0,
+        ..settings()
+    };
+    let mut state = MailboxState::default();
+    trigger_lockout(&mut state, &settings, 0);
+    let lifted = state.lift(Timestamp(HOUR), false).expect("lifted");
+    assert!(lifted.block.is_some_and(|block| block.is_permanent()));
+    assert_eq!(lifted.lockouts_before, 1);
+    assert_eq!(lifted.lockouts_after, 1);
+    assert_eq!(
+        state.check_sender(Timestamp(HOUR), Mode::Enforce),
+        SenderDecision::Allow
+    );
+    // The count stayed past timed_lockouts, so the next trigger blocks again.
+    let again = trigger_lockout(&mut state, &settings, 2 * HOUR);
+    assert!(again.is_permanent());
+    assert_eq!(again.level, 2);
+}
+
+#[test]
+fn lift_with_reset_restarts_schedule() {
+    let settings = PolicySettings {
+        timed_lockouts: 0,
+        ..settings()
+    };
+    let mut state = MailboxState::default();
+    trigger_lockout(&mut state, &settings, 0);
+    let lifted = state.lift(Timestamp(HOUR), true).expect("lifted");
+    assert_eq!(lifted.lockouts_after, 0);
+    let timed = PolicySettings::default();
+    let next = trigger_lockout(&mut state, &timed, 2 * HOUR);
+    assert_eq!(next.level, 1);
+    assert!(!next.is_permanent());
+}
+
+#[test]
+fn lift_refuses_timed_lockout() {
+    let settings = settings();
+    let mut state = MailboxState::default();
+    let lockout = trigger_lockout(&mut state, &settings, 0);
+    let before = state.clone();
+    assert_eq!(
+        state.lift(Timestamp(10 * SECOND), true),
+        Err(LiftError::TimedLockout(lockout))
+    );
+    assert_eq!(state, before, "a refused lift changes nothing");
+}
+
+#[test]
+fn lift_without_block_needs_reset() {
+    let settings = settings();
+    let mut state = MailboxState::default();
+    let lockout = trigger_lockout(&mut state, &settings, 0);
+    let after = lockout.until.expect("timed");
+    assert_eq!(state.lift(after, false), Err(LiftError::NotBlocked));
+    let lifted = state.lift(after, true).expect("count reset");
+    assert_eq!(lifted.block, None);
+    assert_eq!(lifted.lockouts_before, 1);
+    assert_eq!(state.lockouts, 0);
 }
