@@ -168,6 +168,15 @@ impl Directory {
             .map(|&index| &self.entries[index])
     }
 
+    /// Returns the mailboxes whose owner uses the device with this id.
+    pub fn mailboxes_of_device(&self, device: &str) -> Vec<String> {
+        self.entries
+            .iter()
+            .filter(|entry| entry.devices.iter().any(|known| known.id == device))
+            .map(|entry| entry.address.clone())
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }

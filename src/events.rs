@@ -35,6 +35,19 @@ pub enum EventKind {
     /// A webhook or alert e-mail was given up: too old, or its receiver is
     /// no longer configured.
     ActionAbandoned,
+    /// A permanent block was lifted with the support credential.
+    BlockLifted,
+    /// A mailbox's lockout count was set back to zero with the support
+    /// credential.
+    LockoutCountReset,
+    /// `forgive_after` set a mailbox's lockout count back to zero.
+    LockoutsForgiven,
+    /// An exemption was added.
+    ExemptionAdded,
+    /// An exemption was removed before its end.
+    ExemptionRemoved,
+    /// An exemption reached its end.
+    ExemptionExpired,
 }
 
 impl EventKind {
@@ -49,23 +62,38 @@ impl EventKind {
             EventKind::ActionDelivered => "action_delivered",
             EventKind::ActionFailed => "action_failed",
             EventKind::ActionAbandoned => "action_abandoned",
+            EventKind::BlockLifted => "block_lifted",
+            EventKind::LockoutCountReset => "lockout_count_reset",
+            EventKind::LockoutsForgiven => "lockouts_forgiven",
+            EventKind::ExemptionAdded => "exemption_added",
+            EventKind::ExemptionRemoved => "exemption_removed",
+            EventKind::ExemptionExpired => "exemption_expired",
         }
     }
 
+    /// Every kind, in the order of this list.
+    pub const ALL: [EventKind; 15] = [
+        EventKind::BadMessage,
+        EventKind::SenderRefused,
+        EventKind::LockoutStarted,
+        EventKind::LockoutEnded,
+        EventKind::BlockedPermanently,
+        EventKind::ConfigLoaded,
+        EventKind::ActionDelivered,
+        EventKind::ActionFailed,
+        EventKind::ActionAbandoned,
+        EventKind::BlockLifted,
+        EventKind::LockoutCountReset,
+        EventKind::LockoutsForgiven,
+        EventKind::ExemptionAdded,
+        EventKind::ExemptionRemoved,
+        EventKind::ExemptionExpired,
+    ];
+
     pub fn parse(text: &str) -> Option<EventKind> {
-        [
-            EventKind::BadMessage,
-            EventKind::SenderRefused,
-            EventKind::LockoutStarted,
-            EventKind::LockoutEnded,
-            EventKind::BlockedPermanently,
-            EventKind::ConfigLoaded,
-            EventKind::ActionDelivered,
-            EventKind::ActionFailed,
-            EventKind::ActionAbandoned,
-        ]
-        .into_iter()
-        .find(|kind| kind.as_str() == text)
+        EventKind::ALL
+            .into_iter()
+            .find(|kind| kind.as_str() == text)
     }
 }
 
@@ -78,6 +106,8 @@ impl fmt::Display for EventKind {
 /// One entry of the events report.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
+    /// Row id in the store, once stored; increases with every event.
+    pub id: Option<i64>,
     pub time: Timestamp,
     pub kind: EventKind,
     /// Canonical mailbox, when the event concerns one.
@@ -103,6 +133,7 @@ pub struct MessageFacts {
 impl Event {
     fn new(time: Timestamp, kind: EventKind, key: Option<&MailboxKey>) -> Event {
         Event {
+            id: None,
             time,
             kind,
             mailbox: key.map(|key| key.mailbox.clone()),
@@ -238,10 +269,89 @@ impl Event {
         event
     }
 
+    /// Builds the event of a support lift of a permanent block or reset of
+    /// a lockout count.
+    pub fn lifted(
+        time: Timestamp,
+        key: &MailboxKey,
+        lifted: &crate::policy::Lifted,
+        reason: &str,
+        via: &str,
+    ) -> Event {
+        let kind = if lifted.block.is_some() {
+            EventKind::BlockLifted
+        } else {
+            EventKind::LockoutCountReset
+        };
+        Event::new(time, kind, Some(key))
+            .with("level", lifted.block.as_ref().map(|block| block.level))
+            .with(
+                "blocked_since",
+                lifted
+                    .block
+                    .as_ref()
+                    .map(|block| block.started.to_rfc3339()),
+            )
+            .with("lockouts_before", lifted.lockouts_before)
+            .with("lockouts_after", lifted.lockouts_after)
+            .with(
+                "count_reset",
+                lifted.lockouts_after != lifted.lockouts_before,
+            )
+            .with("reason", reason)
+            .with("by", "support")
+            .with("via", via)
+    }
+
+    /// Builds the event of a lockout count forgiven by `forgive_after`.
+    pub fn forgiven(
+        time: Timestamp,
+        key: &MailboxKey,
+        forgiven: &crate::policy::Forgiven,
+        forgive_after: std::time::Duration,
+    ) -> Event {
+        Event::new(time, EventKind::LockoutsForgiven, Some(key))
+            .with("lockouts_before", forgiven.lockouts)
+            .with("last_lockout_end", forgiven.last_end.to_rfc3339())
+            .with(
+                "forgive_after",
+                humantime::format_duration(forgive_after).to_string(),
+            )
+    }
+
+    /// Builds the event of an exemption added, removed or expired.
+    pub fn exemption(
+        time: Timestamp,
+        kind: EventKind,
+        exemption: &crate::policy::Exemption,
+        by: Option<&str>,
+    ) -> Event {
+        let (match_kind, value) = match &exemption.kind {
+            crate::policy::ExemptionKind::Sender(mailbox) => ("sender", mailbox.clone()),
+            crate::policy::ExemptionKind::Login(login) => ("login", login.clone()),
+            crate::policy::ExemptionKind::Network(network) => ("network", network.to_string()),
+        };
+        let mut event = Event::new(time, kind, None)
+            .with("exemption_id", exemption.id)
+            .with("match", match_kind)
+            .with("value", &value)
+            .with("reason", &exemption.reason)
+            .with("author", &exemption.author)
+            .with("expires", exemption.expires.to_rfc3339())
+            .with("by", by);
+        if match_kind == "sender" {
+            event.mailbox = Some(value);
+        }
+        event
+    }
+
     /// Returns the event as one JSON object with `time` (RFC 3339 UTC),
     /// `type` and `mailbox` first.
     pub fn to_json(&self) -> Value {
         let mut object = Map::new();
+        if let Some(id) = self.id {
+            object.insert("id".into(), Value::from(id));
+        }
         object.insert("time".into(), Value::String(self.time.to_rfc3339()));
         object.insert("type".into(), Value::String(self.kind.as_str().into()));
         object.insert(
@@ -314,6 +424,29 @@ impl Event {
                     self.detail_text("delivery_id"),
                     self.detail_text("attempt"),
                     self.detail_text("detail")
+                )
+            }
+            EventKind::BlockLifted | EventKind::LockoutCountReset => format!(
+                "lockout count {} -> {} by support: {}",
+                self.detail_text("lockouts_before"),
+                self.detail_text("lockouts_after"),
+                self.detail_text("reason")
+            ),
+            EventKind::LockoutsForgiven => format!(
+                "lockout count {} forgiven, no lockout for {}",
+                self.detail_text("lockouts_before"),
+                self.detail_text("forgive_after")
+            ),
+            EventKind::ExemptionAdded
+            | EventKind::ExemptionRemoved
+            | EventKind::ExemptionExpired => {
+                format!(
+                    "exemption {} ({} {}) until {}: {}",
+                    self.detail_text("exemption_id"),
+                    self.detail_text("match"),
+                    self.detail_text("value"),
+                    self.detail_text("expires"),
+                    self.detail_text("reason")
                 )
             }
         }

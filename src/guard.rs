@@ -8,8 +8,10 @@ use crate::config::Config;
 use crate::directory::Directory;
 use crate::events::{Event, MessageFacts};
 use crate::identity::{self, Attribution, MailboxKey, SenderFacts};
+use crate::metrics::Metrics;
 use crate::policy::{
-    MailboxState, Mode, PolicySettings, SenderDecision, Strike, StrikeOutcome, Timestamp,
+    Exemption, ExemptionFacts, LiftError, Lifted, MailboxState, Mode, PolicySettings,
+    SenderDecision, Strike, StrikeOutcome, Timestamp,
 };
 use crate::reply::Reply;
 use crate::scan::{OnUnscannable, ScanInput, Scanner, SpamAction, Verdict};
@@ -38,6 +40,8 @@ pub struct Runtime {
     pub tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
     /// The webhook client, its secret and the alert e-mail relay.
     pub actions: ActionClients,
+    /// The admin API's tokens.
+    pub credentials: crate::admin::Credentials,
 }
 
 impl Runtime {
@@ -79,6 +83,7 @@ impl Runtime {
     fn with_directory(config: Config, directory: Directory) -> Result<Runtime, String> {
         let scanner = Scanner::new(config.scan.clamd.as_ref(), &config.scan.spam)?;
         let actions = ActionClients::new(&config)?;
+        let credentials = crate::admin::Credentials::new(&config)?;
         let upstream = UpstreamTarget::new(&config.upstream, &config.smtp.hostname)?;
         let tls_acceptor = match (&config.smtp.tls_cert_file, &config.smtp.tls_key_file) {
             (Some(cert), Some(key)) => Some(
@@ -94,6 +99,7 @@ impl Runtime {
             upstream,
             tls_acceptor,
             actions,
+            credentials,
         })
     }
 
@@ -164,6 +170,18 @@ pub struct Guard {
     shards: Vec<Mutex<LruCache<MailboxKey, MailboxState>>>,
     lockout_started: Notify,
     outbox_added: Notify,
+    /// Exemptions in force, reloaded from the store after every change.
+    exemptions: ArcSwap<Vec<Exemption>>,
+    pub metrics: Metrics,
+}
+
+/// Why a support lift failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LiftFailure {
+    #[error("{0}")]
+    Refused(LiftError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 impl Guard {
@@ -177,6 +195,89 @@ impl Guard {
             store,
             lockout_started: Notify::new(),
             outbox_added: Notify::new(),
+            exemptions: ArcSwap::from_pointee(Vec::new()),
+            metrics: Metrics::new(),
+        }
+    }
+
+    /// Reads the exemptions in force from the store.
+    ///
+    /// # Errors
+    /// On a store failure; the exemptions loaded before stay in force.
+    pub async fn reload_exemptions(&self) -> Result<(), StoreError> {
+        let now = Timestamp::now();
+        let active = self
+            .store
+            .call(move |connection| crate::store::exemptions::active(connection, now))
+            .await?;
+        self.exemptions.store(Arc::new(active));
+        Ok(())
+    }
+
+    /// Returns the exemptions in force as last loaded.
+    pub fn exemptions(&self) -> Arc<Vec<Exemption>> {
+        self.exemptions.load_full()
+    }
+
+    /// Drops a mailbox's cached state, so the next read comes from the
+    /// store; for writes made outside this process.
+    pub async fn forget(&self, key: &MailboxKey) {
+        self.shard(key).lock().await.pop(key);
+    }
+
+    /// Returns a mailbox's state as the policy sees it now.
+    ///
+    /// # Errors
+    /// On a store failure.
+    pub async fn mailbox_state(&self, key: &MailboxKey) -> Result<MailboxState, StoreError> {
+        let mut cache = self.shard(key).lock().await;
+        self.load_state(&mut cache, key).await
+    }
+
+    /// Lifts a permanent block or resets a lockout count, as the support
+    /// credential allows, and records the event with `reason`. The caller
+    /// has checked the credential.
+    ///
+    /// # Errors
+    /// [`LiftFailure::Refused`] when the policy does not allow it (a timed
+    /// lockout, or nothing to lift), or a store failure.
+    pub async fn lift(
+        &self,
+        key: &MailboxKey,
+        reset_count: bool,
+        reason: &str,
+        via: &str,
+    ) -> Result<Lifted, LiftFailure> {
+        let now = Timestamp::now();
+        let mut cache = self.shard(key).lock().await;
+        let mut state = self.load_state(&mut cache, key).await?;
+        let lifted = state.lift(now, reset_count).map_err(LiftFailure::Refused)?;
+        let event = Event::lifted(now, key, &lifted, reason, via);
+        let settings = self.runtime().settings();
+        let keep = !state.is_empty(&settings, now);
+        match self
+            .store
+            .commit(
+                key.clone(),
+                state.clone(),
+                keep,
+                vec![event],
+                Vec::new(),
+                now,
+            )
+            .await
+        {
+            Ok(()) => {
+                cache.put(key.clone(), state);
+                tracing::warn!(mailbox = %key, lockouts_before = lifted.lockouts_before,
+                    lockouts_after = lifted.lockouts_after, permanent_block_lifted = lifted.block.is_some(),
+                    reason, via, "support lifted a block or reset a lockout count");
+                Ok(lifted)
+            }
+            Err(error) => {
+                cache.pop(key);
+                Err(error.into())
+            }
         }
     }
 
@@ -283,6 +384,7 @@ impl Guard {
                 let reply = Reply::sender_blocked(&key, &lockout);
                 tracing::info!(mailbox = %key, client = %transaction.client, level = lockout.level,
                     transaction = %transaction.id, "sender refused: mailbox is locked out");
+                self.metrics.sender_refused();
                 let event = Event::sender_refused(now, &key, &transaction.facts(), &lockout);
                 if let Err(error) = self.store.record_refusal(event).await {
                     tracing::error!(%error, mailbox = %key, "cannot record the sender_refused event");
@@ -320,12 +422,16 @@ impl Guard {
         let verdict = match runtime.scanner.scan(input).await {
             Ok(verdict) => verdict,
             Err(error) => {
+                self.metrics
+                    .message_scanned("scan_failed", started.elapsed().as_secs_f64());
                 tracing::warn!(%error, transaction = %transaction.id, client = %transaction.client,
                     sender = %transaction.sender_path, "scan failed; answering with a temporary failure");
                 return MessageDecision::Reject(Reply::scanner_failed());
             }
         };
-        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let elapsed = started.elapsed().as_secs_f64();
+        self.metrics.message_scanned(verdict.kind(), elapsed);
+        let elapsed_ms = elapsed * 1000.0;
         let mailbox = self
             .attribute(&runtime, transaction)
             .block_key
@@ -436,10 +542,41 @@ impl Guard {
             });
         };
 
+        let exemptions = self.exemptions();
+        let exemption_facts = ExemptionFacts {
+            mailbox: &key.mailbox,
+            login: transaction.login.as_deref(),
+            client: transaction.client,
+        };
+        if let Some(exemption) = crate::policy::find_exemption(&exemptions, &exemption_facts, now) {
+            let note = format!(
+                "exempt by exemption {} ({}): still rejected, never counted",
+                exemption.id, exemption.reason
+            );
+            tracing::info!(mailbox = %key, transaction = %transaction.id, exemption = exemption.id,
+                verdict = %verdict.summary(), "bad message from an exempt sender, not counted");
+            let mut event = facts_event(false, Some(&note), Some(&key));
+            event
+                .details
+                .insert("exemption_id".into(), exemption.id.into());
+            return self.store.append(vec![event]).await.map_err(|error| {
+                tracing::error!(%error, mailbox = %key, transaction = %transaction.id,
+                    "cannot record the bad_message event");
+            });
+        }
+
         let mut cache = self.shard(&key).lock().await;
         let mut state = self.load_state(&mut cache, &key).await.map_err(|error| {
             tracing::error!(%error, mailbox = %key, transaction = %transaction.id, "cannot read lockout state");
         })?;
+        let mut events = Vec::with_capacity(3);
+        if let Some(forgiven) = state.forgive(&settings, now) {
+            tracing::info!(mailbox = %key, lockouts_before = forgiven.lockouts,
+                "lockout count forgiven after a quiet period");
+            if let Some(forgive_after) = settings.forgive_after {
+                events.push(Event::forgiven(now, &key, &forgiven, forgive_after));
+            }
+        }
         let strike = Strike {
             at: now,
             verdict: verdict.summary(),
@@ -447,11 +584,11 @@ impl Guard {
             header_message_id,
         };
         let outcome = state.record_strike(&settings, strike);
-        let mut events = Vec::with_capacity(2);
         let mut deliveries = Vec::new();
         let mut lockout_started = false;
         match &outcome {
             StrikeOutcome::Counted { in_window } => {
+                self.metrics.strike_counted();
                 events.push(facts_event(true, None, Some(&key)));
                 tracing::info!(mailbox = %key, transaction = %transaction.id, verdict = %verdict.summary(),
                     in_window, threshold = settings.threshold, "strike counted");
@@ -466,6 +603,9 @@ impl Guard {
                     "bad message during a lockout, not counted");
             }
             StrikeOutcome::LockoutStarted { lockout, strikes } => {
+                self.metrics.strike_counted();
+                self.metrics
+                    .lockout_started(lockout.is_permanent(), lockout.enforced);
                 events.push(facts_event(true, None, Some(&key)));
                 let message = transaction.facts();
                 let facts = LockoutFacts {

@@ -168,6 +168,49 @@ fn mailbox_of_login(login: &str, config: &IdentityConfig, directory: &Directory)
     }
 }
 
+/// Turns a mailbox as an operator may type it (`<Alice@Example.org>`,
+/// `"alice"@example.org`, `alice+tag@example.org`) into its mailbox key.
+///
+/// # Errors
+/// When the text holds no address.
+pub fn mailbox_from_input(
+    text: &str,
+    config: &IdentityConfig,
+    directory: &Directory,
+) -> Result<String, String> {
+    let trimmed = text.trim();
+    let bare = trimmed
+        .strip_prefix('<')
+        .and_then(|inner| inner.strip_suffix('>'))
+        .unwrap_or(trimmed);
+    let unquoted = match bare.rsplit_once('@') {
+        Some((local, domain))
+            if local.len() >= 2 && local.starts_with('"') && local.ends_with('"') =>
+        {
+            let mut unescaped = String::new();
+            let mut characters = local[1..local.len() - 1].chars();
+            while let Some(character) = characters.next() {
+                // A quoted-pair stands for the character after the backslash.
+                let literal = if character == '\\' {
+                    characters.next()
+                } else {
+                    Some(character)
+                };
+                unescaped.extend(literal);
+            }
+            format!("{unescaped}@{domain}")
+        }
+        _ => bare.to_string(),
+    };
+    if unquoted.is_empty() || unquoted.starts_with('@') {
+        return Err(format!(
+            "invalid mailbox {text:?}: give an address such as alice@example.org"
+        ));
+    }
+    let canonical = canonical_address(&unquoted, config);
+    Ok(directory.mailbox_of_address(&canonical))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,11 +21,14 @@
 //! ids it concerns. Message content and credentials are never logged.
 
 pub mod actions;
+pub mod admin;
 pub mod config;
 pub mod directory;
 pub mod events;
 pub mod guard;
 pub mod identity;
+pub mod maintenance;
+pub mod metrics;
 pub mod milter;
 pub mod policy;
 pub mod reply;

@@ -3,7 +3,6 @@ use sendguard::config::Config;
 use sendguard::config::Unauthenticated;
 use sendguard::events::{Format, write_events};
 use sendguard::guard::Runtime;
-use sendguard::identity::canonical_address;
 use sendguard::policy::{Mode, Timestamp};
 use sendguard::scan::{ScanInput, Verdict};
 use sendguard::store::{EventFilter, sqlite};
@@ -180,40 +179,9 @@ fn check(file: &Path, config: &Path, recipients: usize) -> ExitCode {
     }
 }
 
-/// Turns a mailbox as an operator may type it (`<Alice@Example.org>`,
-/// `"alice"@example.org`, `alice+tag@example.org`) into its mailbox key.
+/// Turns a mailbox as an operator may type it into its mailbox key.
 fn mailbox_argument(text: &str, runtime: &Runtime) -> Result<String, String> {
-    let trimmed = text.trim();
-    let bare = trimmed
-        .strip_prefix('<')
-        .and_then(|inner| inner.strip_suffix('>'))
-        .unwrap_or(trimmed);
-    let unquoted = match bare.rsplit_once('@') {
-        Some((local, domain))
-            if local.len() >= 2 && local.starts_with('"') && local.ends_with('"') =>
-        {
-            let mut unescaped = String::new();
-            let mut characters = local[1..local.len() - 1].chars();
-            while let Some(character) = characters.next() {
-                // A quoted-pair stands for the character after the backslash.
-                let literal = if character == '\\' {
-                    characters.next()
-                } else {
-                    Some(character)
-                };
-                unescaped.extend(literal);
-            }
-            format!("{unescaped}@{domain}")
-        }
-        _ => bare.to_string(),
-    };
-    if unquoted.is_empty() || unquoted.starts_with('@') {
-        return Err(format!(
-            "invalid mailbox {text:?}: give an address such as alice@example.org"
-        ));
-    }
-    let canonical = canonical_address(&unquoted, &runtime.config.identity);
-    Ok(runtime.directory.mailbox_of_address(&canonical))
+    sendguard::identity::mailbox_from_input(text, &runtime.config.identity, &runtime.directory)
 }
 
 /// Writes command output to stdout; a reader that went away (`| head`) is

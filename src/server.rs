@@ -8,7 +8,7 @@ use crate::smtp::upstream::UpstreamConnection;
 use crate::store::Store;
 use arc_swap::ArcSwapOption;
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -42,6 +42,11 @@ pub enum ServeError {
         listen: String,
         source: std::io::Error,
     },
+    #[error("cannot listen for the admin API on {address}: {source}")]
+    AdminBind {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Loads the configuration, opens the store, binds the listener and serves
@@ -58,6 +63,7 @@ pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
     let store = Store::open(&config.store.path)?;
     let listen = config.smtp.listen;
     let milter_listen = config.milter.as_ref().map(|milter| milter.listen.clone());
+    let admin_listen = config.admin.listen;
     let runtime = Runtime::new(config).map_err(ServeError::Runtime)?;
     let guard = Arc::new(Guard::new(runtime, store));
 
@@ -80,6 +86,14 @@ pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
         )?),
         None => None,
     };
+    let admin_listener = match admin_listen {
+        Some(address) => Some(
+            TcpListener::bind(address)
+                .await
+                .map_err(|source| ServeError::AdminBind { address, source })?,
+        ),
+        None => None,
+    };
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|source| ServeError::Bind {
@@ -100,6 +114,13 @@ pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
         tracing::info!("shutdown requested; finishing open sessions");
         let _ = shutdown_sender.send(true);
     });
+    if let Some(admin_listener) = admin_listener {
+        tokio::spawn(crate::admin::serve(
+            admin_listener,
+            guard.clone(),
+            shutdown.clone(),
+        ));
+    }
     let milter = milter_listener.map(|milter_listener| {
         tokio::spawn(crate::milter::run(
             milter_listener,
@@ -126,6 +147,13 @@ pub async fn run(listener: TcpListener, guard: Arc<Guard>, mut shutdown: watch::
     });
     tokio::spawn(guard.clone().run_lockout_timer(shutdown.clone()));
     tokio::spawn(crate::actions::run_outbox(guard.clone(), shutdown.clone()));
+    if let Err(error) = guard.reload_exemptions().await {
+        tracing::error!(%error, "cannot read the exemptions; none is in force until the next change");
+    }
+    tokio::spawn(crate::maintenance::run_maintenance(
+        guard.clone(),
+        shutdown.clone(),
+    ));
     tokio::spawn(probe_dependencies(shared.clone(), probed_sender));
 
     let prefix = session_prefix();
@@ -311,9 +339,12 @@ pub async fn reload(guard: &Guard, path: &Path) {
     };
     if config.smtp.listen != current.config.smtp.listen
         || config.store.path != current.config.store.path
+        || config.admin.listen != current.config.admin.listen
         || milter_changed
     {
-        tracing::warn!("smtp.listen, store.path and [milter] take effect only after a restart");
+        tracing::warn!(
+            "smtp.listen, store.path, admin.listen and [milter] take effect only after a restart"
+        );
     }
     match Runtime::reload(config, &current) {
         Ok(runtime) => {

@@ -245,6 +245,12 @@ async fn record(
         }
     };
 
+    let outcome = match (kind, next) {
+        (EventKind::ActionDelivered, _) => "delivered",
+        (_, Some(_)) => "failed",
+        (_, None) => "abandoned",
+    };
+    guard.metrics.delivery_attempt(entry.kind.as_str(), outcome);
     let mailbox = entry.mailbox.as_deref().unwrap_or("-");
     match (kind, next) {
         (EventKind::ActionDelivered, _) => tracing::info!(delivery_id = %entry.delivery_id,

@@ -4,9 +4,11 @@
 //! `config.toml.example` documents every key with its unit and default.
 
 mod actions;
+mod admin;
 mod problems;
 
 pub use actions::{ActionsConfig, AlertsConfig, SynchronizedSecurityConfig};
+pub use admin::{AdminConfig, EventsConfig};
 pub use problems::{Problem, Problems};
 
 use crate::policy::{Mode, PolicySettings};
@@ -34,6 +36,8 @@ pub struct Config {
     pub synchronized_security: SynchronizedSecurityConfig,
     pub alerts: AlertsConfig,
     pub actions: ActionsConfig,
+    pub admin: AdminConfig,
+    pub events: EventsConfig,
 }
 
 /// `[milter]`: the Postfix milter front-end.
@@ -463,6 +467,8 @@ impl Config {
         );
         let alerts = section::<AlertsConfig>(&mut root, "alerts", &mut problems);
         let actions = section::<ActionsConfig>(&mut root, "actions", &mut problems);
+        let admin = section::<AdminConfig>(&mut root, "admin", &mut problems);
+        let events = section::<EventsConfig>(&mut root, "events", &mut problems);
         for unknown in root.keys() {
             problems.push(
                 unknown.as_str(),
@@ -512,10 +518,20 @@ impl Config {
         {
             actions::validate(synchronized, alerts, actions, &mut problems);
         }
+        if let (Some(admin), Some(events)) = (&admin, &events) {
+            admin::validate(admin, events, &mut problems);
+        }
 
         match (
             (smtp, upstream, scan, policy, identity, directory, store),
-            (milter, synchronized_security, alerts, actions),
+            (
+                milter,
+                synchronized_security,
+                alerts,
+                actions,
+                admin,
+                events,
+            ),
         ) {
             (
                 (
@@ -527,7 +543,14 @@ impl Config {
                     Some(directory),
                     Some(store),
                 ),
-                (Some(milter), Some(synchronized_security), Some(alerts), Some(actions)),
+                (
+                    Some(milter),
+                    Some(synchronized_security),
+                    Some(alerts),
+                    Some(actions),
+                    Some(admin),
+                    Some(events),
+                ),
             ) if problems.is_empty() => Ok(Config {
                 smtp,
                 upstream,
@@ -540,6 +563,8 @@ impl Config {
                 synchronized_security,
                 alerts,
                 actions,
+                admin,
+                events,
             }),
             _ => Err(problems),
         }

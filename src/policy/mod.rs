@@ -162,6 +162,28 @@ pub enum LiftError {
     NotBlocked,
 }
 
+impl std::fmt::Display for LiftError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LiftError::TimedLockout(lockout) => write!(
+                f,
+                "lockout {} is a timed lockout: timed lockouts cannot be lifted early, and this one \
+                 ends at {}",
+                lockout.level,
+                lockout
+                    .until
+                    .map_or_else(String::new, Timestamp::to_rfc3339)
+            ),
+            LiftError::NotBlocked => f.write_str(
+                "the mailbox has no permanent block to lift; to reset its lockout count, ask for a \
+                 count reset",
+            ),
+        }
+    }
+}
+
+impl std::error::Error for LiftError {}
+
 /// The decision on a sender at MAIL FROM (or again at end of data).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SenderDecision {
@@ -344,6 +366,16 @@ impl MailboxState {
             .count()
     }
 
+    /// Returns the lockout count the next trigger builds on at `now`: zero
+    /// when `forgive_after` would forgive the count, the count otherwise.
+    pub fn effective_lockouts(&self, settings: &PolicySettings, now: Timestamp) -> u32 {
+        let mut copy = self.clone();
+        match copy.forgive(settings, now) {
+            Some(_) => 0,
+            None => self.lockouts,
+        }
+    }
+
     /// Length the next lockout would have under `settings` at `now`, or
     /// `None` when the next trigger blocks permanently. A count that
     /// `forgive_after` would set back to zero counts as zero.
@@ -352,11 +384,7 @@ impl MailboxState {
         settings: &PolicySettings,
         now: Timestamp,
     ) -> Option<Duration> {
-        let lockouts = self
-            .clone()
-            .forgive(settings, now)
-            .map_or(self.lockouts, |_| 0);
-        let level = lockouts.saturating_add(1);
+        let level = self.effective_lockouts(settings, now).saturating_add(1);
         (level <= settings.timed_lockouts).then(|| settings.lockout_length(level))
     }
 }

@@ -47,6 +47,23 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error   TEXT
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt);
+CREATE TABLE IF NOT EXISTS exemptions (
+    id              INTEGER PRIMARY KEY,
+    kind            TEXT NOT NULL,
+    value           TEXT NOT NULL,
+    reason          TEXT NOT NULL,
+    author          TEXT NOT NULL,
+    created         INTEGER NOT NULL,
+    expires         INTEGER NOT NULL,
+    removed         INTEGER,
+    removed_by      TEXT,
+    expiry_recorded INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS changes (
+    id      INTEGER PRIMARY KEY,
+    mailbox TEXT,
+    client  TEXT NOT NULL DEFAULT ''
+);
 ";
 
 /// Opens (creating if needed) the database in WAL mode with the schema.
@@ -234,6 +251,13 @@ pub struct EventFilter {
     pub until: Option<Timestamp>,
     pub mailbox: Option<String>,
     pub kind: Option<EventKind>,
+    /// A device id: events that name it in their `device` field, or that
+    /// concern one of `device_mailboxes`.
+    pub device: Option<String>,
+    /// Mailboxes of the device's owner, from the directory.
+    pub device_mailboxes: Vec<String>,
+    /// Only events stored after the event with this id (a page cursor).
+    pub after: Option<i64>,
     pub limit: Option<usize>,
 }
 
@@ -245,36 +269,47 @@ pub fn query_events(
     connection: &Connection,
     filter: &EventFilter,
 ) -> Result<Vec<Event>, StoreError> {
+    // Events are read in id order, which is the order they were stored
+    // and the order of the page cursor. Ids grow with time except for
+    // the few events dated back (lockout ends recorded after a restart).
     let mut statement = connection.prepare(
-        "SELECT time, type, mailbox, key_client, details FROM events
+        "SELECT id, time, type, mailbox, key_client, details FROM events
          WHERE (?1 IS NULL OR time >= ?1) AND (?2 IS NULL OR time < ?2)
            AND (?3 IS NULL OR mailbox = ?3) AND (?4 IS NULL OR type = ?4)
-         ORDER BY time, id LIMIT ?5",
+           AND (?5 IS NULL OR json_extract(details, '$.device') = ?5
+                OR mailbox IN (SELECT value FROM json_each(?6)))
+           AND (?7 IS NULL OR id > ?7)
+         ORDER BY id LIMIT ?8",
     )?;
     let limit = filter
         .limit
         .map_or(-1, |limit| i64::try_from(limit).unwrap_or(i64::MAX));
+    let device_mailboxes = serde_json::to_string(&filter.device_mailboxes)?;
     let rows = statement.query_map(
         params![
             filter.since.map(Timestamp::millis),
             filter.until.map(Timestamp::millis),
             filter.mailbox,
             filter.kind.map(EventKind::as_str),
+            filter.device,
+            device_mailboxes,
+            filter.after,
             limit
         ],
         |row| {
             Ok((
                 row.get::<_, i64>(0)?,
-                row.get::<_, String>(1)?,
-                row.get::<_, Option<String>>(2)?,
+                row.get::<_, i64>(1)?,
+                row.get::<_, String>(2)?,
                 row.get::<_, Option<String>>(3)?,
-                row.get::<_, String>(4)?,
+                row.get::<_, Option<String>>(4)?,
+                row.get::<_, String>(5)?,
             ))
         },
     )?;
     let mut events = Vec::new();
     for row in rows {
-        let (time, kind, mailbox, key_client, details) = row?;
+        let (id, time, kind, mailbox, key_client, details) = row?;
         let kind = EventKind::parse(&kind)
             .ok_or_else(|| StoreError::Corrupt(format!("unknown event type {kind:?}")))?;
         let details = match serde_json::from_str(&details)? {
@@ -286,6 +321,7 @@ pub fn query_events(
             }
         };
         events.push(Event {
+            id: Some(id),
             time: Timestamp(time),
             kind,
             mailbox,
@@ -386,4 +422,21 @@ pub fn mailbox_states(
         ));
     }
     Ok(states)
+}
+
+/// Deletes up to `batch` events older than `before`; returns how many went.
+///
+/// # Errors
+/// On a database failure.
+pub fn delete_events_before(
+    connection: &Connection,
+    before: Timestamp,
+    batch: usize,
+) -> Result<usize, StoreError> {
+    let batch = i64::try_from(batch).unwrap_or(i64::MAX);
+    let deleted = connection.execute(
+        "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE time < ?1 LIMIT ?2)",
+        params![before.millis(), batch],
+    )?;
+    Ok(deleted)
 }
