@@ -349,9 +349,6 @@ impl Event {
     /// `type` and `mailbox` first.
     pub fn to_json(&self) -> Value {
         let mut object = Map::new();
-        if let Some(id) = self.id {
-            object.insert("id".into(), Value::from(id));
-        }
         object.insert("time".into(), Value::String(self.time.to_rfc3339()));
         object.insert("type".into(), Value::String(self.kind.as_str().into()));
         object.insert(
@@ -363,6 +360,9 @@ impl Event {
         );
         if let Some(client) = &self.key_client {
             object.insert("key_client".into(), Value::String(client.clone()));
+        }
+        if let Some(id) = self.id {
+            object.insert("id".into(), Value::from(id));
         }
         for (name, value) in &self.details {
             object.insert(name.clone(), value.clone());

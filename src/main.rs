@@ -1,11 +1,13 @@
+mod commands;
+
 use clap::{Parser, Subcommand};
+use commands::{Output, Remote, print};
+use sendguard::admin::ExemptionRequest;
 use sendguard::config::Config;
-use sendguard::config::Unauthenticated;
-use sendguard::events::{Format, write_events};
+use sendguard::events::Format;
 use sendguard::guard::Runtime;
-use sendguard::policy::{Mode, Timestamp};
 use sendguard::scan::{ScanInput, Verdict};
-use sendguard::store::{EventFilter, sqlite};
+use sendguard::store::sqlite;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -36,7 +38,8 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         recipients: usize,
     },
-    /// Show a mailbox's strikes in the window, lockout count and block.
+    /// Show a mailbox's strikes in the window, lockout count, block,
+    /// next lockout length and exemptions.
     Status {
         mailbox: String,
         #[arg(long, short)]
@@ -44,11 +47,55 @@ enum Command {
         /// Client address, for the pair key under unauthenticated = "client-and-sender".
         #[arg(long)]
         client: Option<IpAddr>,
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        format: Output,
     },
     /// List mailboxes that are locked out now.
     Blocks {
         #[arg(long, short)]
         config: PathBuf,
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        format: Output,
+    },
+    /// Lift a permanent block, or reset a mailbox's lockout count, with the
+    /// support token. Timed lockouts cannot be lifted.
+    Unblock {
+        mailbox: String,
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Why; recorded in the events report.
+        #[arg(long)]
+        reason: String,
+        /// Also set the lockout count back to zero, so the schedule starts
+        /// again from lockout 1.
+        #[arg(long)]
+        reset_count: bool,
+        /// File with the support token (its SHA-256 must match
+        /// admin.support_token_sha256).
+        #[arg(long)]
+        support_token_file: PathBuf,
+        /// Client address, for the pair key under unauthenticated = "client-and-sender".
+        #[arg(long)]
+        client: Option<IpAddr>,
+        /// URL of a running server's admin API; without it the store is
+        /// written directly.
+        #[arg(long)]
+        server: Option<String>,
+    },
+    /// Manage exemptions: senders, logins or client networks whose bad
+    /// mail is still rejected but never starts a lockout.
+    Exemptions {
+        #[command(subcommand)]
+        command: ExemptionCommand,
+    },
+    /// Make and hash bearer tokens for the admin API.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
     },
     /// List webhooks and alert e-mails waiting for delivery, with their
     /// attempts and last error.
@@ -62,19 +109,92 @@ enum Command {
         config: PathBuf,
         /// Only events since this: a duration back from now such as 1h or 30d,
         /// or an RFC 3339 time such as 2026-12-04T21:00:00Z.
-        #[arg(long, value_parser = parse_since)]
-        since: Option<Timestamp>,
+        #[arg(long)]
+        since: Option<String>,
+        /// Only events before this, in the same forms as --since.
+        #[arg(long)]
+        until: Option<String>,
         /// Only events of this mailbox (any spelling; it is canonicalised).
         #[arg(long)]
         mailbox: Option<String>,
+        /// Only events of mailboxes whose owner uses this device (by id).
+        #[arg(long)]
+        device: Option<String>,
+        /// Only events of this type, such as lockout_started.
+        #[arg(long = "type")]
+        kind: Option<String>,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
+        #[command(flatten)]
+        remote: Remote,
     },
     /// Configuration tools.
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum ExemptionCommand {
+    /// List exemptions in force (with --all, also removed and expired ones).
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        format: Output,
+    },
+    /// Add an exemption for one sender, login or client network.
+    Add {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// A sender's mailbox, such as news@example.org.
+        #[arg(long, group = "subject")]
+        sender: Option<String>,
+        /// A SASL login.
+        #[arg(long, group = "subject")]
+        login: Option<String>,
+        /// A client network, such as 192.0.2.0/24.
+        #[arg(long, group = "subject")]
+        network: Option<String>,
+        /// Why; recorded in the events report.
+        #[arg(long)]
+        reason: String,
+        /// Who adds it; recorded in the events report.
+        #[arg(long)]
+        author: String,
+        /// How long it lasts, such as 7d.
+        #[arg(long = "for", group = "end")]
+        duration: Option<String>,
+        /// When it ends, as an RFC 3339 time.
+        #[arg(long, group = "end")]
+        expires: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Remove an exemption before its end.
+    Remove {
+        id: i64,
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Who removes it; recorded in the events report.
+        #[arg(long, default_value = "admin")]
+        by: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a new random token (32 bytes, base64url).
+    Generate,
+    /// Print the SHA-256 of the token in FILE, for admin.support_token_sha256.
+    Hash { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -97,15 +217,60 @@ fn main() -> ExitCode {
             mailbox,
             config,
             client,
-        } => status(&mailbox, &config, client),
-        Command::Blocks { config } => blocks(&config),
+            remote,
+            format,
+        } => commands::status(&mailbox, &config, client, &remote, format),
+        Command::Blocks {
+            config,
+            remote,
+            format,
+        } => commands::blocks(&config, &remote, format),
+        Command::Unblock {
+            mailbox,
+            config,
+            reason,
+            reset_count,
+            support_token_file,
+            client,
+            server,
+        } => commands::unblock(commands::Unblock {
+            mailbox: &mailbox,
+            config: &config,
+            client,
+            reason: &reason,
+            reset_count,
+            support_token_file: &support_token_file,
+            server,
+        }),
+        Command::Exemptions { command } => exemptions(command),
+        Command::Token {
+            command: TokenCommand::Generate,
+        } => commands::generate_token(),
+        Command::Token {
+            command: TokenCommand::Hash { file },
+        } => commands::hash_token(&file),
         Command::Outbox { config } => outbox(&config),
         Command::Events {
             config,
             since,
+            until,
             mailbox,
+            device,
+            kind,
             format,
-        } => events(&config, since, mailbox, format),
+            remote,
+        } => commands::events(
+            &config,
+            commands::EventsQuery {
+                since,
+                until,
+                mailbox,
+                device,
+                kind,
+            },
+            format,
+            &remote,
+        ),
         Command::Config {
             command: ConfigCommand::Check { file },
         } => config_check(&file),
@@ -179,127 +344,44 @@ fn check(file: &Path, config: &Path, recipients: usize) -> ExitCode {
     }
 }
 
-/// Turns a mailbox as an operator may type it into its mailbox key.
-fn mailbox_argument(text: &str, runtime: &Runtime) -> Result<String, String> {
-    sendguard::identity::mailbox_from_input(text, &runtime.config.identity, &runtime.directory)
-}
-
-/// Writes command output to stdout; a reader that went away (`| head`) is
-/// not an error.
-fn print(text: &str) -> Result<(), String> {
-    use std::io::Write;
-    match std::io::stdout().lock().write_all(text.as_bytes()) {
-        Ok(()) => Ok(()),
-        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        Err(error) => Err(format!("cannot write to standard output: {error}")),
+fn exemptions(command: ExemptionCommand) -> Result<(), String> {
+    match command {
+        ExemptionCommand::List {
+            config,
+            all,
+            remote,
+            format,
+        } => commands::list_exemptions(&config, &remote, all, format),
+        ExemptionCommand::Add {
+            config,
+            sender,
+            login,
+            network,
+            reason,
+            author,
+            duration,
+            expires,
+            remote,
+        } => commands::add_exemption(
+            &config,
+            &remote,
+            ExemptionRequest {
+                sender,
+                login,
+                network,
+                reason: Some(reason),
+                author: Some(author),
+                expires,
+                duration,
+            },
+        ),
+        ExemptionCommand::Remove {
+            id,
+            config,
+            by,
+            remote,
+        } => commands::remove_exemption(&config, &remote, id, &by),
     }
-}
-
-fn status(mailbox: &str, config: &Path, client: Option<IpAddr>) -> Result<(), String> {
-    use std::fmt::Write;
-    let config = load(config)?;
-    let runtime = Runtime::new(config)?;
-    let canonical = mailbox_argument(mailbox, &runtime)?;
-    if client.is_some()
-        && runtime.config.identity.unauthenticated != Unauthenticated::ClientAndSender
-    {
-        return Err(
-            "--client applies only with [identity] unauthenticated = \"client-and-sender\"; leave it out"
-                .to_string(),
-        );
-    }
-    let connection =
-        sqlite::open_existing(&runtime.config.store.path).map_err(|error| error.to_string())?;
-    let states =
-        sqlite::mailbox_states(&connection, &canonical).map_err(|error| error.to_string())?;
-    let states: Vec<_> = states
-        .into_iter()
-        .filter(|(key, _)| client.is_none() || key.client == client)
-        .collect();
-    let settings = runtime.settings();
-    let now = Timestamp::now();
-    if states.is_empty() {
-        return print(&format!(
-            "{canonical}: no strikes and no lockouts recorded\n"
-        ));
-    }
-    let mut out = String::new();
-    for (key, state) in states {
-        let _ = writeln!(out, "mailbox:           {key}");
-        let _ = writeln!(
-            out,
-            "strikes in window: {} of {} (window {})",
-            state.strikes_in_window(&settings, now),
-            settings.threshold,
-            humantime::format_duration(settings.window)
-        );
-        let _ = writeln!(out, "lockouts so far:   {}", state.lockouts);
-        let blocked = match state.active_block(now) {
-            None => "no".to_string(),
-            Some(block) => {
-                let monitor_only = !block.enforced && settings.mode == Mode::Monitor;
-                let note = if monitor_only { ", monitor only" } else { "" };
-                match block.until {
-                    None => format!("permanently (lockout {}{note})", block.level),
-                    Some(until) => format!("until {until} (lockout {}{note})", block.level),
-                }
-            }
-        };
-        let _ = writeln!(out, "blocked:           {blocked}");
-        let next = match state.next_lockout_length(&settings, now) {
-            None => "permanent block".to_string(),
-            Some(length) => humantime::format_duration(length).to_string(),
-        };
-        let _ = writeln!(out, "next lockout:      {next}");
-        for strike in state
-            .strikes
-            .iter()
-            .filter(|strike| now.since(strike.at) < settings.window)
-        {
-            let _ = writeln!(
-                out,
-                "  strike {}  {}  {}",
-                strike.at, strike.verdict, strike.message_id
-            );
-        }
-    }
-    print(&out)
-}
-
-fn blocks(config: &Path) -> Result<(), String> {
-    use std::fmt::Write;
-    let config = load(config)?;
-    let connection =
-        sqlite::open_existing(&config.store.path).map_err(|error| error.to_string())?;
-    let blocks =
-        sqlite::active_blocks(&connection, Timestamp::now()).map_err(|error| error.to_string())?;
-    if blocks.is_empty() {
-        return print("no mailbox is locked out\n");
-    }
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:<40}  {:>7}  {:<22}  MODE",
-        "MAILBOX", "LOCKOUT", "UNTIL"
-    );
-    for (key, state) in blocks {
-        let Some(block) = state.block else { continue };
-        let until = block
-            .until
-            .map_or("permanent".to_string(), |until| until.to_rfc3339());
-        let mode = if block.enforced || config.policy.mode == Mode::Enforce {
-            "enforced"
-        } else {
-            "monitor"
-        };
-        let _ = writeln!(
-            out,
-            "{:<40}  {:>7}  {until:<22}  {mode}",
-            key.to_string(),
-            block.level
-        );
-    }
-    print(&out)
 }
 
 fn outbox(config: &Path) -> Result<(), String> {
@@ -333,43 +415,6 @@ fn outbox(config: &Path) -> Result<(), String> {
         );
     }
     print(&out)
-}
-
-fn events(
-    config: &Path,
-    since: Option<Timestamp>,
-    mailbox: Option<String>,
-    format: Format,
-) -> Result<(), String> {
-    let config = load(config)?;
-    let runtime = Runtime::new(config)?;
-    let mailbox = mailbox
-        .map(|mailbox| mailbox_argument(&mailbox, &runtime))
-        .transpose()?;
-    let connection =
-        sqlite::open_existing(&runtime.config.store.path).map_err(|error| error.to_string())?;
-    let filter = EventFilter {
-        since,
-        mailbox,
-        ..EventFilter::default()
-    };
-    let events = sqlite::query_events(&connection, &filter).map_err(|error| error.to_string())?;
-    let mut out = Vec::new();
-    write_events(&mut out, &events, format)
-        .map_err(|error| format!("cannot write the report: {error}"))?;
-    print(&String::from_utf8_lossy(&out))
-}
-
-/// Parses `--since`: a duration back from now, or an RFC 3339 time.
-fn parse_since(text: &str) -> Result<Timestamp, String> {
-    if let Ok(duration) = humantime::parse_duration(text) {
-        return Ok(Timestamp::now().saturating_sub(duration));
-    }
-    Timestamp::parse_rfc3339(text).ok_or_else(|| {
-        format!(
-            "invalid value {text:?}: give a duration such as 1h or 30d, or a time such as 2026-12-04T21:00:00Z"
-        )
-    })
 }
 
 fn config_check(file: &Path) -> Result<(), String> {

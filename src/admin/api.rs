@@ -1,7 +1,7 @@
 //! The API's routes and handlers.
 
 use super::views::{block_json, exemption_json, ledger_json};
-use super::{ApiError, Role, authenticate, forbidden, ok_json};
+use super::{ApiError, Role, authenticate, forbidden, ok_json, percent_encode};
 use crate::config::Unauthenticated;
 use crate::events::{EventKind, Format, write_events};
 use crate::guard::{Guard, LiftFailure, Runtime};
@@ -350,18 +350,6 @@ fn url_pairs(query: &EventsQuery) -> Vec<(String, String)> {
         pairs.push(("limit".to_string(), limit.to_string()));
     }
     pairs
-}
-
-fn percent_encode(text: &str) -> String {
-    let mut encoded = String::new();
-    for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
-            encoded.push(char::from(byte));
-        } else {
-            encoded.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    encoded
 }
 
 #[derive(Deserialize)]

@@ -7,6 +7,7 @@
 //! alone may lift a permanent block or reset a lockout count.
 
 mod api;
+pub mod client;
 pub mod views;
 
 pub use api::{ExemptionRequest, new_exemption, parse_time};
@@ -218,6 +219,20 @@ pub async fn serve(listener: TcpListener, guard: Arc<Guard>, mut shutdown: watch
     {
         tracing::error!(%error, listen = %address, "admin API stopped with an error");
     }
+}
+
+/// Percent-encodes a URL path segment or query value, keeping only
+/// unreserved characters and `@`.
+pub fn percent_encode(text: &str) -> String {
+    let mut encoded = String::new();
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~' | b'@') {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
 }
 
 /// The JSON body of a success without other content.
