@@ -3,6 +3,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod clamd;
+pub mod http;
 pub mod milter_client;
 pub mod postfix;
 pub mod sendguard;
