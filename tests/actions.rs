@@ -6,7 +6,7 @@
 mod common;
 
 use common::sendguard::Sendguard;
-use common::smtp_client::SmtpClient;
+use common::smtp_client::send_from;
 use common::upstream::{Received, Upstream, UpstreamOptions};
 use common::webhook::{Receiver, Request};
 use hmac::{Hmac, Mac};
@@ -111,25 +111,13 @@ fn spam_message(index: usize) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Sends one message from `from`; returns the MAIL FROM reply code when it
-/// is refused, else the final reply code.
+/// Sends three GTUBE messages from alice, the threshold of these tests.
+/// Sends one message from `from` and returns the reply code of MAIL FROM
+/// when it is refused, else the final reply code.
 fn send(address: &str, from: &str, content: &[u8]) -> u16 {
-    let mut client = SmtpClient::connect(address);
-    client.cmd("EHLO client.test", 250);
-    let reply = client.command(&format!("MAIL FROM:<{from}>"));
-    if reply.code != 250 {
-        client.quit();
-        return reply.code;
-    }
-    client.cmd("RCPT TO:<bob@example.net>", 250);
-    client.cmd("DATA", 354);
-    client.send_raw(&common::smtp_client::data_payload(content));
-    let reply = client.read_reply();
-    client.quit();
-    reply.code
+    send_from(address, from, content).0
 }
 
-/// Sends three GTUBE messages from alice, the threshold of these tests.
 fn trigger_lockout(server: &Sendguard) {
     for index in 0..3 {
         assert_eq!(

@@ -6,7 +6,7 @@ mod common;
 
 use common::http::{Response, request};
 use common::sendguard::Sendguard;
-use common::smtp_client::SmtpClient;
+use common::smtp_client::send_from;
 use common::upstream::{Upstream, UpstreamOptions};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
@@ -74,22 +74,10 @@ impl Admin {
     }
 }
 
-/// Sends one message; returns the MAIL FROM reply code when it is refused,
-/// else the final reply code.
+/// Sends one message from `from` and returns the reply code of MAIL FROM
+/// when it is refused, else the final reply code.
 fn send(address: &str, from: &str, content: &str) -> u16 {
-    let mut client = SmtpClient::connect(address);
-    client.cmd("EHLO client.test", 250);
-    let reply = client.command(&format!("MAIL FROM:<{from}>"));
-    if reply.code != 250 {
-        client.quit();
-        return reply.code;
-    }
-    client.cmd("RCPT TO:<bob@example.net>", 250);
-    client.cmd("DATA", 354);
-    client.send_raw(&common::smtp_client::data_payload(content.as_bytes()));
-    let reply = client.read_reply();
-    client.quit();
-    reply.code
+    send_from(address, from, content.as_bytes()).0
 }
 
 fn spam(index: usize) -> String {

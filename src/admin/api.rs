@@ -1,6 +1,6 @@
 //! The API's routes and handlers.
 
-use super::views::{block_json, exemption_json, ledger_json};
+use super::views::{block_json, exemption_json, exemption_list_json, ledger_json};
 use super::{ApiError, Role, authenticate, forbidden, ok_json, percent_encode};
 use crate::config::Unauthenticated;
 use crate::events::{EventKind, Format, write_events};
@@ -370,20 +370,7 @@ async fn list_exemptions(
         .call(|connection| crate::store::exemptions::all(connection))
         .await
         .map_err(store_error)?;
-    let list: Vec<Value> = listed
-        .iter()
-        .filter(|listed| query.all || (listed.removed.is_none() && now < listed.exemption.expires))
-        .map(|listed| {
-            let mut value = exemption_json(&listed.exemption, now);
-            if let (Value::Object(map), Some((time, by))) = (&mut value, &listed.removed) {
-                map.insert("in_force".into(), false.into());
-                map.insert("removed".into(), time.to_rfc3339().into());
-                map.insert("removed_by".into(), by.clone().into());
-            }
-            value
-        })
-        .collect();
-    Ok(ok_json(json!({ "exemptions": list })))
+    Ok(ok_json(exemption_list_json(&listed, query.all, now)))
 }
 
 /// A request to add an exemption, as the API and the command line take it.

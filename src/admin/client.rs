@@ -2,7 +2,7 @@
 //! running server's API (`--server`) or works on the store directly, and
 //! returns the same JSON the API returns.
 
-use super::views::{block_json, exemption_json, ledger_json};
+use super::views::{block_json, exemption_json, exemption_list_json, ledger_json};
 use super::{ExemptionRequest, new_exemption, percent_encode as encode};
 use crate::config::Unauthenticated;
 use crate::events::Event;
@@ -75,10 +75,7 @@ impl Client {
 
     async fn get_json(&self, path: &str) -> Result<Value, String> {
         let response = self.request(reqwest::Method::GET, path, None, None).await?;
-        response
-            .json()
-            .await
-            .map_err(|error| format!("invalid JSON from the server: {error}"))
+        read_json(response).await
     }
 
     fn mailbox_key(&self, mailbox: &str, client: Option<IpAddr>) -> Result<MailboxKey, String> {
@@ -199,10 +196,7 @@ impl Client {
                     Some(body),
                 )
                 .await?;
-            return response
-                .json()
-                .await
-                .map_err(|error| format!("invalid JSON from the server: {error}"));
+            return read_json(response).await;
         }
         let key = self.mailbox_key(mailbox, client)?;
         let mut connection = self.connection()?;
@@ -298,20 +292,7 @@ impl Client {
         let now = Timestamp::now();
         let listed = crate::store::exemptions::all(&self.connection()?)
             .map_err(|error| error.to_string())?;
-        let list: Vec<Value> = listed
-            .iter()
-            .filter(|listed| all || (listed.removed.is_none() && now < listed.exemption.expires))
-            .map(|listed| {
-                let mut value = exemption_json(&listed.exemption, now);
-                if let (Value::Object(map), Some((time, by))) = (&mut value, &listed.removed) {
-                    map.insert("in_force".into(), false.into());
-                    map.insert("removed".into(), time.to_rfc3339().into());
-                    map.insert("removed_by".into(), by.clone().into());
-                }
-                value
-            })
-            .collect();
-        Ok(json!({ "exemptions": list }))
+        Ok(exemption_list_json(&listed, all, now))
     }
 
     /// Adds an exemption, as `POST /api/v1/exemptions`.
@@ -337,10 +318,7 @@ impl Client {
                     Some(body),
                 )
                 .await?;
-            return response
-                .json()
-                .await
-                .map_err(|error| format!("invalid JSON from the server: {error}"));
+            return read_json(response).await;
         }
         let new = new_exemption(&self.runtime, request)?;
         let mut connection = self.connection()?;
@@ -359,10 +337,7 @@ impl Client {
             let response = self
                 .request(reqwest::Method::DELETE, &path, None, None)
                 .await?;
-            return response
-                .json()
-                .await
-                .map_err(|error| format!("invalid JSON from the server: {error}"));
+            return read_json(response).await;
         }
         let now = Timestamp::now();
         let mut connection = self.connection()?;
@@ -375,4 +350,11 @@ impl Client {
             )),
         }
     }
+}
+
+async fn read_json(response: reqwest::Response) -> Result<Value, String> {
+    response
+        .json()
+        .await
+        .map_err(|error| format!("invalid JSON from the server: {error}"))
 }

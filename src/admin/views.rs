@@ -3,6 +3,7 @@
 use crate::directory::Directory;
 use crate::identity::MailboxKey;
 use crate::policy::{Exemption, ExemptionKind, Lockout, MailboxState, PolicySettings, Timestamp};
+use crate::store::exemptions::ListedExemption;
 use serde_json::{Value, json};
 
 /// Describes a lockout.
@@ -46,6 +47,25 @@ pub fn exemption_json(exemption: &Exemption, now: Timestamp) -> Value {
         "expires": exemption.expires.to_rfc3339(),
         "in_force": now < exemption.expires,
     })
+}
+
+/// Lists exemptions: those in force, or with `all` every one ever added,
+/// each removed one with its removal.
+pub fn exemption_list_json(listed: &[ListedExemption], all: bool, now: Timestamp) -> Value {
+    let list: Vec<Value> = listed
+        .iter()
+        .filter(|listed| all || (listed.removed.is_none() && now < listed.exemption.expires))
+        .map(|listed| {
+            let mut value = exemption_json(&listed.exemption, now);
+            if let (Value::Object(map), Some((time, by))) = (&mut value, &listed.removed) {
+                map.insert("in_force".into(), false.into());
+                map.insert("removed".into(), time.to_rfc3339().into());
+                map.insert("removed_by".into(), by.clone().into());
+            }
+            value
+        })
+        .collect();
+    json!({ "exemptions": list })
 }
 
 /// The strike ledger of one mailbox key: strikes in the window, lockout
