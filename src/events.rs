@@ -218,7 +218,8 @@ impl Event {
                 json!({
                     "time": strike.at.to_rfc3339(),
                     "verdict": strike.verdict,
-                    "message_id": strike.message_id,
+                    "transaction": strike.message_id,
+                    "message_id": strike.header_message_id,
                 })
             })
             .collect();
@@ -418,8 +419,12 @@ impl Event {
                 self.detail_text("digest")
             ),
             EventKind::ActionDelivered | EventKind::ActionFailed | EventKind::ActionAbandoned => {
+                let next = match self.detail_text("next_attempt") {
+                    next if next.is_empty() => String::new(),
+                    next => format!("; next attempt {next}"),
+                };
                 format!(
-                    "{} {} attempt {}: {}",
+                    "{} {} attempt {}: {}{next}",
                     self.detail_text("action"),
                     self.detail_text("delivery_id"),
                     self.detail_text("attempt"),

@@ -42,6 +42,9 @@ pub struct Runtime {
     pub actions: ActionClients,
     /// The admin API's tokens.
     pub credentials: crate::admin::Credentials,
+    /// Why the directory file was not loaded on the last reload, when the
+    /// previous directory was kept.
+    pub directory_problem: Option<String>,
 }
 
 impl Runtime {
@@ -65,19 +68,60 @@ impl Runtime {
     /// # Errors
     /// When anything but the directory is invalid.
     pub fn reload(config: Config, previous: &Runtime) -> Result<Runtime, String> {
+        let mut problem = None;
         let directory = match &config.directory {
             None => Directory::default(),
             Some(section) => match Directory::load(&section.path, &config.identity) {
                 Ok(directory) => directory,
                 Err(error) => {
+                    // One line, so log collectors keep the error together
+                    // (TOML errors quote the file over several lines).
+                    let error = error
+                        .to_string()
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" ");
                     tracing::warn!(directory = %section.path.display(), %error,
                         mailboxes = previous.directory.len(),
                         "directory file not loaded; the previous directory stays in force");
+                    problem = Some(error);
                     previous.directory.clone()
                 }
             },
         };
-        Runtime::with_directory(config, directory)
+        let mut runtime = Runtime::with_directory(config, directory)?;
+        runtime.directory_problem = problem;
+        Ok(runtime)
+    }
+
+    /// Checks every file the configuration names (directory, TLS, secrets,
+    /// tokens, spam rules) and returns each problem found, for `config
+    /// check`.
+    pub fn check_files(config: &Config) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Some(section) = &config.directory
+            && let Err(error) = Directory::load(&section.path, &config.identity)
+        {
+            problems.push(format!("directory.path: {error}"));
+        }
+        if let Err(error) = Scanner::new(config.scan.clamd.as_ref(), &config.scan.spam) {
+            problems.push(error);
+        }
+        if let Err(error) = ActionClients::new(config) {
+            problems.push(error);
+        }
+        if let Err(error) = crate::admin::Credentials::new(config) {
+            problems.push(error);
+        }
+        if let Err(error) = UpstreamTarget::new(&config.upstream, &config.smtp.hostname) {
+            problems.push(error);
+        }
+        if let (Some(cert), Some(key)) = (&config.smtp.tls_cert_file, &config.smtp.tls_key_file)
+            && let Err(error) = crate::tls::acceptor(cert, key)
+        {
+            problems.push(format!("smtp.tls_cert_file: {error}"));
+        }
+        problems
     }
 
     fn with_directory(config: Config, directory: Directory) -> Result<Runtime, String> {
@@ -100,6 +144,7 @@ impl Runtime {
             tls_acceptor,
             actions,
             credentials,
+            directory_problem: None,
         })
     }
 
@@ -313,7 +358,14 @@ impl Guard {
             "policy": config.policy,
             "identity": config.identity,
         });
-        let event = Event::config_loaded(Timestamp::now(), &config.policy_digest(), policy, reason);
+        let mut event =
+            Event::config_loaded(Timestamp::now(), &config.policy_digest(), policy, reason);
+        if let Some(problem) = &runtime.directory_problem {
+            event.details.insert(
+                "directory_kept".into(),
+                format!("directory file not loaded, previous directory kept: {problem}").into(),
+            );
+        }
         if let Err(error) = self.store.append(vec![event]).await {
             tracing::error!(%error, reason, "cannot record the config_loaded event");
         }

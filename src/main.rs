@@ -422,7 +422,14 @@ fn config_check(file: &Path) -> Result<(), String> {
     // Compiling the rules and reading the directory finds what the schema
     // cannot.
     let warnings = config.warnings();
-    Runtime::new(config)?;
+    let problems = Runtime::check_files(&config);
+    if !problems.is_empty() {
+        return Err(format!(
+            "invalid config file {}:\n{}",
+            file.display(),
+            problems.join("\n")
+        ));
+    }
     let mut out = String::new();
     for warning in warnings {
         out.push_str(&format!("warning: {warning}\n"));

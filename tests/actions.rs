@@ -573,6 +573,80 @@ fn lockout_end_alerted_by_webhook() {
 }
 
 #[test]
+fn refused_alert_mail_not_retried() {
+    let upstream = Upstream::start(UpstreamOptions::default());
+    let relay = Upstream::start(
+        UpstreamOptions::default().reject_rcpt("secops@example.org", "550 5.1.1 no such user"),
+    );
+    let files = Files::new();
+    let extra = format!("relay = \"{}\"\n", relay.address());
+    let server = start(
+        &upstream,
+        &files,
+        &Setup {
+            admin_addresses: &["secops@example.org"],
+            extra: &extra,
+            ..Setup::default()
+        },
+    );
+    trigger_lockout(&server);
+    let events = server.wait_for_events(WAIT, |events| {
+        events
+            .iter()
+            .any(|event| event["type"] == "action_abandoned")
+    });
+    let abandoned = events
+        .iter()
+        .find(|event| event["type"] == "action_abandoned")
+        .expect("action_abandoned");
+    assert_eq!(abandoned["action"], "alert_mail");
+    assert_eq!(abandoned["attempt"], 1);
+    let detail = abandoned["detail"].as_str().expect("detail");
+    assert!(detail.contains("refused for good"), "{detail}");
+    assert!(detail.contains("alert relay"), "{detail}");
+    assert!(server.events_of("action_failed").is_empty());
+}
+
+#[test]
+fn webhook_credentials_redacted() {
+    let upstream = Upstream::start(UpstreamOptions::default());
+    let alert = Receiver::start();
+    alert.set_status(500);
+    let files = Files::new();
+    let url = format!(
+        "http://hookuser:Pa55word@127.0.0.1:{}/alert?api_key=TOPSECRET",
+        alert.port()
+    );
+    let server = start(
+        &upstream,
+        &files,
+        &Setup {
+            alert_url: Some(url),
+            ..Setup::default()
+        },
+    );
+    trigger_lockout(&server);
+    let requests = alert.wait_for(1, WAIT);
+    assert_eq!(requests[0].path, "/alert?api_key=TOPSECRET");
+    assert!(
+        requests[0]
+            .header("Authorization")
+            .is_some_and(|value| value.starts_with("Basic "))
+    );
+    let events = server.wait_for_events(WAIT, |events| {
+        events.iter().any(|event| event["type"] == "action_failed")
+    });
+    let report = serde_json::to_string(&events).expect("JSON");
+    assert!(!report.contains("Pa55word"), "{report}");
+    assert!(!report.contains("TOPSECRET"), "{report}");
+    assert!(report.contains("api_key=REDACTED"), "{report}");
+    let log = server.log();
+    assert!(!log.contains("Pa55word") && !log.contains("TOPSECRET"));
+    let outbox = server.cli(&["outbox"]);
+    assert!(!String::from_utf8_lossy(&outbox.stdout).contains("TOPSECRET"));
+}
+
+#[test]
 fn permanent_block_requests_scan() {
     let upstream = Upstream::start(UpstreamOptions::default());
     let scan = Receiver::start();

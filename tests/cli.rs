@@ -143,3 +143,30 @@ fn config_check_warns_small_scan_size() {
         "{stdout}"
     );
 }
+
+#[test]
+fn config_check_lists_every_file_problem() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("config.toml");
+    let missing = dir.path().join("missing");
+    std::fs::write(
+        &path,
+        format!(
+            "[upstream]\naddress = \"127.0.0.1:25\"\n[store]\npath = \"{store}\"\n\
+             [directory]\npath = \"{missing}/directory.toml\"\n\
+             [alerts]\nwebhook_url = \"http://127.0.0.1:9/alert\"\n\
+             [actions]\nsecret_file = \"{missing}/secret\"\n\
+             [admin]\nlisten = \"127.0.0.1:8025\"\ntoken_file = \"{missing}/admin.token\"\n",
+            store = dir.path().join("store.db").display(),
+            missing = missing.display(),
+        ),
+    )
+    .expect("write config");
+    let output = sendguard(&["config", "check", path.to_str().expect("utf-8 path")]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for key in ["directory.path", "actions.secret_file", "admin.token_file"] {
+        assert!(stderr.contains(key), "{key} missing from:\n{stderr}");
+    }
+    assert!(stderr.contains("head -c 32 /dev/urandom"), "{stderr}");
+}

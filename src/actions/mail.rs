@@ -124,7 +124,9 @@ fn render_body(payload: &Value) -> String {
             devices.join(", ")
         },
     );
-    let scan = if payload["endpoint_scan_requested"] == Value::Bool(true) {
+    let scan = if payload["endpoint_scan_requested"] == Value::Bool(true) && devices.is_empty() {
+        "requested for the mailbox; the directory lists no devices for it"
+    } else if payload["endpoint_scan_requested"] == Value::Bool(true) {
         "requested for the owner's devices"
     } else if payload["monitor"] == Value::Bool(true) {
         "not requested in monitor mode"
@@ -175,30 +177,55 @@ fn render_body(payload: &Value) -> String {
     for line in lines {
         // Payload text is the relay's own, but an owner's name comes from
         // the directory file: no control character may break a line.
-        let clean: String = line
-            .chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .collect();
+        let clean = printable(&line);
         body.push_str(clean.trim_end());
         body.push_str("\r\n");
     }
     body
 }
 
-/// Encodes a header value as one RFC 2047 encoded word when it is not
-/// plain ASCII.
+/// Replaces control characters and the bidirectional formatting marks
+/// (which can make a name display backwards) with spaces.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            let bidi = matches!(c, '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}');
+            if c.is_control() || bidi { ' ' } else { c }
+        })
+        .collect()
+}
+
+/// Encodes a header value as RFC 2047 encoded words when it is not plain
+/// ASCII, each word at most 75 characters and on its own folded line.
 fn encode_header_text(text: &str) -> String {
-    let clean: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
+    /// Bytes of text per word: 45 bytes give 60 base64 characters, which
+    /// with the 12 of `=?utf-8?b??=` stay below the 75 allowed.
+    const WORD_BYTES: usize = 45;
+    let clean = printable(text);
     if clean.is_ascii() {
         return clean;
     }
-    format!(
-        "=?utf-8?b?{}?=",
-        base64::engine::general_purpose::STANDARD.encode(clean.as_bytes())
-    )
+    let mut words = Vec::new();
+    let mut current = String::new();
+    for c in clean.chars() {
+        if current.len() + c.len_utf8() > WORD_BYTES {
+            words.push(std::mem::take(&mut current));
+        }
+        current.push(c);
+    }
+    if !current.is_empty() {
+        words.push(current);
+    }
+    let encoded: Vec<String> = words
+        .iter()
+        .map(|word| {
+            format!(
+                "=?utf-8?b?{}?=",
+                base64::engine::general_purpose::STANDARD.encode(word.as_bytes())
+            )
+        })
+        .collect();
+    encoded.join("\r\n ")
 }
 
 fn wrap_base64(bytes: &[u8]) -> String {
@@ -211,69 +238,104 @@ fn wrap_base64(bytes: &[u8]) -> String {
     wrapped
 }
 
+/// A failed attempt to send an alert e-mail.
+#[derive(Debug)]
+pub struct SendError {
+    pub message: String,
+    /// True for a 5xx refusal, which a retry cannot change (RFC 5321).
+    pub permanent: bool,
+}
+
+impl SendError {
+    fn temporary(message: String) -> SendError {
+        SendError {
+            message,
+            permanent: false,
+        }
+    }
+
+    fn from_reply(message: String, code: u16) -> SendError {
+        SendError {
+            message,
+            permanent: (500..600).contains(&code),
+        }
+    }
+}
+
 /// Sends `message` from `from` to every address in `to`; returns the
-/// relay's reply to the message.
+/// relay's reply to the message. `relay_name` names the server in errors.
 ///
 /// # Errors
-/// A description of the failure: the relay could not be reached, refused
-/// the sender, every recipient, or the message.
+/// The relay could not be reached, or refused the sender, every
+/// recipient, or the message.
 pub async fn send(
     target: &UpstreamTarget,
+    relay_name: &str,
     from: &str,
     to: &[String],
     message: &[u8],
-) -> Result<String, String> {
+) -> Result<String, SendError> {
     let mut connection = UpstreamConnection::connect(target)
         .await
-        .map_err(|error| error.to_string())?;
-    let result = transaction(&mut connection, from, to, message).await;
+        .map_err(|error| SendError::temporary(name_relay(&error.to_string(), relay_name)))?;
+    let result = transaction(&mut connection, relay_name, from, to, message).await;
     connection.quit().await;
     result
 }
 
+/// Rewords the SMTP client's errors, which call their server "upstream",
+/// for the relay that alert e-mail really goes through.
+fn name_relay(error: &str, relay_name: &str) -> String {
+    error.replacen("upstream", relay_name, 1)
+}
+
 async fn transaction(
     connection: &mut UpstreamConnection,
+    relay_name: &str,
     from: &str,
     to: &[String],
     message: &[u8],
-) -> Result<String, String> {
+) -> Result<String, SendError> {
+    let failed = |error: crate::smtp::upstream::UpstreamError| {
+        SendError::temporary(name_relay(&error.to_string(), relay_name))
+    };
+    let relay = format!("{relay_name} {}", connection.address());
     let reply = connection
         .command(&format!("MAIL FROM:<{from}>"))
         .await
-        .map_err(|error| error.to_string())?;
+        .map_err(failed)?;
     if !reply.is_positive() {
-        return Err(format!(
-            "relay {} refused the sender {from}: {}",
-            connection.address(),
-            reply.one_line()
+        return Err(SendError::from_reply(
+            format!("{relay} refused the sender {from}: {}", reply.one_line()),
+            reply.code,
         ));
     }
     let mut refused = Vec::new();
+    let mut all_permanent = true;
     for recipient in to {
         let reply = connection
             .command(&format!("RCPT TO:<{recipient}>"))
             .await
-            .map_err(|error| error.to_string())?;
+            .map_err(failed)?;
         if !reply.is_positive() {
+            all_permanent &= reply.code >= 500;
             refused.push(format!("{recipient}: {}", reply.one_line()));
         }
     }
     if refused.len() == to.len() {
-        return Err(format!(
-            "relay {} refused every recipient ({})",
-            connection.address(),
-            refused.join("; ")
-        ));
+        return Err(SendError {
+            message: format!("{relay} refused every recipient ({})", refused.join("; ")),
+            permanent: all_permanent,
+        });
     }
     let reply = connection
         .send_message(None, message)
         .await
-        .map_err(|error| error.to_string())?;
+        .map_err(|error| SendError::temporary(name_relay(&error.to_string(), relay_name)))?;
     if !reply.is_positive() {
-        return Err(format!(
-            "relay {} refused the message: {}",
-            connection.address(),
-            reply.one_line()
+        return Err(SendError::from_reply(
+            format!("{relay} refused the message: {}", reply.one_line()),
+            reply.code,
         ));
     }
     let mut outcome = format!("relay accepted: {}", reply.one_line());
@@ -363,5 +425,30 @@ mod tests {
     fn non_ascii_subject_encoded() {
         assert_eq!(encode_header_text("plain"), "plain");
         assert_eq!(encode_header_text("ü"), "=?utf-8?b?w7w=?=");
+    }
+
+    #[test]
+    fn long_subject_split_into_words() {
+        let subject = format!("sendguard: {} is locked out", "zoë".repeat(30));
+        let encoded = encode_header_text(&subject);
+        let mut decoded = Vec::new();
+        for word in encoded.split("\r\n ") {
+            assert!(word.len() <= 75, "{word} is {} long", word.len());
+            let inner = word
+                .strip_prefix("=?utf-8?b?")
+                .and_then(|rest| rest.strip_suffix("?="))
+                .expect("encoded word");
+            decoded.extend(
+                base64::engine::general_purpose::STANDARD
+                    .decode(inner)
+                    .expect("base64"),
+            );
+        }
+        assert_eq!(String::from_utf8(decoded).expect("UTF-8"), subject);
+    }
+
+    #[test]
+    fn bidi_marks_removed() {
+        assert_eq!(printable("Eve\u{202E}lanimirc"), "Eve lanimirc");
     }
 }

@@ -16,7 +16,7 @@ mod webhook;
 
 pub use outbox::{ActionClients, retry_delay, run_outbox};
 pub use payload::{LockoutFacts, plan_lockout_ended, plan_lockout_started};
-pub use webhook::signature;
+pub use webhook::{redact_url, signature};
 
 use crate::policy::Timestamp;
 use serde::{Deserialize, Serialize};

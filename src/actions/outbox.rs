@@ -38,7 +38,9 @@ impl ActionClients {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|error| {
                     format!(
-                        "actions.secret_file: cannot read {}: {error}",
+                        "actions.secret_file: cannot read {}: {error}; create it with \
+                         `head -c 32 /dev/urandom | base64 > {}` and share it with the receivers",
+                        path.display(),
                         path.display()
                     )
                 })?;
@@ -90,7 +92,10 @@ pub fn retry_delay(failures: u32, initial: Duration, max: Duration) -> Duration 
 enum Attempt {
     Delivered(String),
     Failed(String),
-    /// The receiver is no longer configured, so no retry can succeed.
+    /// The receiver refused for good (an SMTP 5xx), so no retry can succeed.
+    Refused(String),
+    /// The receiver is no longer configured, so nothing was sent and no
+    /// retry can succeed.
     Unconfigured(String),
 }
 
@@ -167,9 +172,10 @@ async fn attempt(runtime: &Runtime, entry: &OutboxEntry) -> Attempt {
     let Some(secret) = &clients.secret else {
         return Attempt::Unconfigured("actions.secret_file is not set".to_string());
     };
-    match webhook::post(&clients.http, url, secret, entry).await {
-        Ok(status) => Attempt::Delivered(format!("{url} answered {status}")),
-        Err(error) => Attempt::Failed(format!("{url}: {error}")),
+    let shown = webhook::redact_url(url);
+    match webhook::post(&clients.http, url, secret, entry, config.actions.timeout).await {
+        Ok(status) => Attempt::Delivered(format!("{shown} answered {status}")),
+        Err(error) => Attempt::Failed(format!("{shown}: {error}")),
     }
 }
 
@@ -196,17 +202,17 @@ async fn send_mail(runtime: &Runtime, entry: &OutboxEntry) -> Attempt {
         hostname: &config.smtp.hostname,
     };
     let message = mail::render(&payload, &addresses, time::OffsetDateTime::now_utc());
-    let target = runtime
-        .actions
-        .alert_relay
-        .as_ref()
-        .unwrap_or(&runtime.upstream);
-    let send = mail::send(target, &from, to, &message);
+    let (target, relay_name) = match &runtime.actions.alert_relay {
+        Some(relay) => (relay, "alert relay"),
+        None => (&runtime.upstream, "upstream"),
+    };
+    let send = mail::send(target, relay_name, &from, to, &message);
     // The relay's own timeouts apply per step; this bounds the whole.
     let limit = config.actions.timeout.saturating_mul(4);
     match tokio::time::timeout(limit, send).await {
         Ok(Ok(reply)) => Attempt::Delivered(reply),
-        Ok(Err(error)) => Attempt::Failed(error),
+        Ok(Err(error)) if error.permanent => Attempt::Refused(error.message),
+        Ok(Err(error)) => Attempt::Failed(error.message),
         Err(_) => Attempt::Failed(format!(
             "sending the alert e-mail timed out after {}",
             humantime::format_duration(limit)
@@ -221,13 +227,23 @@ async fn record(
     outcome: Attempt,
 ) -> Result<(), StoreError> {
     let now = Timestamp::now();
-    let attempt = pending.attempts + 1;
     let entry = &pending.entry;
+    // An unconfigured receiver got no request, so it is no attempt.
+    let attempt = match outcome {
+        Attempt::Unconfigured(_) => pending.attempts,
+        _ => pending.attempts + 1,
+    };
     let actions = &runtime.config.actions;
+    let deadline = entry.created.saturating_add(actions.give_up_after);
     let (kind, detail, next) = match outcome {
         Attempt::Delivered(detail) => (EventKind::ActionDelivered, detail, None),
         Attempt::Unconfigured(reason) => (EventKind::ActionAbandoned, reason, None),
-        Attempt::Failed(error) if now.since(entry.created) >= actions.give_up_after => {
+        Attempt::Refused(error) => (
+            EventKind::ActionAbandoned,
+            format!("refused for good, so not retried: {error}"),
+            None,
+        ),
+        Attempt::Failed(error) if now >= deadline => {
             let age = Duration::from_secs(now.since(entry.created).as_secs());
             let reason = format!(
                 "given up after {attempt} attempts over {}; last error: {error}",
@@ -236,12 +252,10 @@ async fn record(
             (EventKind::ActionAbandoned, reason, None)
         }
         Attempt::Failed(error) => {
+            // The last retry happens at the deadline, never after it.
             let delay = retry_delay(attempt, actions.retry_initial, actions.retry_max);
-            (
-                EventKind::ActionFailed,
-                error,
-                Some(now.saturating_add(delay)),
-            )
+            let next = now.saturating_add(delay).min(deadline);
+            (EventKind::ActionFailed, error, Some(next))
         }
     };
 

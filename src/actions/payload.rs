@@ -90,7 +90,7 @@ pub fn plan_lockout_started(
                 "transaction": facts.message.transaction,
             },
             "endpoint_scan_requested": scan_requested,
-            "summary": summary(facts.key, lockout, config, &reason),
+            "summary": summary(facts.key, lockout, config, &reason, entry.is_some()),
         });
         if let Value::Object(extra) = extra {
             body.extend(extra);
@@ -248,19 +248,33 @@ fn strike_json(strike: &Strike) -> Value {
     })
 }
 
-fn summary(key: &MailboxKey, lockout: &Lockout, config: &Config, reason: &str) -> String {
+fn summary(
+    key: &MailboxKey,
+    lockout: &Lockout,
+    config: &Config,
+    reason: &str,
+    owner_known: bool,
+) -> String {
     let monitor = if lockout.enforced {
         ""
     } else {
         " (monitor mode: nothing is refused)"
     };
+    let owner = if owner_known {
+        ""
+    } else {
+        "; owner unknown, because the mailbox is not in the directory file"
+    };
     match lockout.until {
+        None if config.policy.timed_lockouts == 0 => format!(
+            "{key} is blocked permanently after {reason}, at its first trigger (timed_lockouts = 0){monitor}{owner}"
+        ),
         None => format!(
-            "{key} is blocked permanently after {reason}, at the trigger after {} timed lockouts{monitor}",
+            "{key} is blocked permanently after {reason}, at the trigger after {} timed lockouts{monitor}{owner}",
             config.policy.timed_lockouts
         ),
         Some(until) => format!(
-            "{key} is locked out until {} (lockout {} of {}) after {reason}{monitor}",
+            "{key} is locked out until {} (lockout {} of {}) after {reason}{monitor}{owner}",
             until.to_rfc3339(),
             lockout.level,
             config.policy.timed_lockouts

@@ -53,6 +53,7 @@ pub async fn post(
     url: &str,
     secret: &[u8],
     entry: &OutboxEntry,
+    timeout: Duration,
 ) -> Result<u16, String> {
     let timestamp = crate::policy::Timestamp::now().millis().div_euclid(1000);
     let body = entry.body.as_bytes();
@@ -64,7 +65,10 @@ pub async fn post(
         .header("Sendguard-Timestamp", timestamp.to_string())
         .header("Sendguard-Signature", signature(secret, timestamp, body))
         .body(entry.body.clone());
-    let response = request.send().await.map_err(describe)?;
+    let response = request
+        .send()
+        .await
+        .map_err(|error| describe(error, timeout))?;
     let status = response.status();
     if status.is_success() {
         return Ok(status.as_u16());
@@ -73,8 +77,8 @@ pub async fn post(
         .headers()
         .get(reqwest::header::LOCATION)
         .and_then(|value| value.to_str().ok())
-        .map(str::to_string);
-    let text = response.text().await.unwrap_or_default();
+        .map(redact_url);
+    let text = read_excerpt(response).await;
     let excerpt: String = text
         .chars()
         .take(200)
@@ -97,24 +101,72 @@ fn event_name(kind: ActionKind) -> &'static str {
     }
 }
 
+/// Bytes of an error answer read at most, so a huge error page cannot
+/// fill the memory.
+const MAX_ERROR_BODY: usize = 4096;
+
+/// Reads the start of an error answer's body.
+async fn read_excerpt(mut response: reqwest::Response) -> String {
+    let mut body = Vec::new();
+    while body.len() < MAX_ERROR_BODY {
+        match response.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    body.truncate(MAX_ERROR_BODY);
+    String::from_utf8_lossy(&body).into_owned()
+}
+
 /// Describes a request failure with its cause chain, which reqwest keeps
-/// out of its own message.
-fn describe(error: reqwest::Error) -> String {
-    let kind = if error.is_timeout() {
-        "request timed out"
-    } else if error.is_connect() {
+/// out of its own message, without the URL (the caller names the receiver).
+fn describe(error: reqwest::Error, timeout: Duration) -> String {
+    if error.is_timeout() {
+        return format!(
+            "no answer within {} (actions.timeout)",
+            humantime::format_duration(timeout)
+        );
+    }
+    let kind = if error.is_connect() {
         "cannot connect"
     } else {
         "request failed"
     };
-    let mut text = format!("{kind}: {error}");
+    let mut text = kind.to_string();
     let mut source = std::error::Error::source(&error);
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
         source = cause.source();
     }
+    if text.contains("InvalidContentType") || text.contains("corrupt message") {
+        text.push_str(
+            " (the receiver does not speak TLS here; is the URL http:// rather than https://?)",
+        );
+    }
     text
+}
+
+/// Returns `url` without its password and query values, for logs and
+/// events: webhook URLs may carry credentials.
+pub fn redact_url(url: &str) -> String {
+    let Ok(mut parsed) = reqwest::Url::parse(url) else {
+        return "(invalid URL)".to_string();
+    };
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("REDACTED"));
+    }
+    if parsed.query().is_some() {
+        let names: Vec<String> = parsed
+            .query_pairs()
+            .map(|(name, _)| format!("{name}=REDACTED"))
+            .collect();
+        parsed.set_query(Some(&names.join("&")));
+    }
+    parsed.to_string()
 }
 
 #[cfg(test)]
@@ -129,6 +181,20 @@ mod tests {
         assert_eq!(
             value,
             "sha256=49f24e537407743fa4a0242bb63b94b9a47ee99cbbe071ccd8a22550ae411686"
+        );
+    }
+
+    #[test]
+    fn redaction_hides_credentials() {
+        let url = "https://user:Pa55@alerts.example.org/hook?api_key=SECRET&x=1";
+        let redacted = redact_url(url);
+        assert_eq!(
+            redacted,
+            "https://user:REDACTED@alerts.example.org/hook?api_key=REDACTED&x=REDACTED"
+        );
+        assert_eq!(
+            redact_url("http://127.0.0.1:8080/scan"),
+            "http://127.0.0.1:8080/scan"
         );
     }
 

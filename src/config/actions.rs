@@ -114,7 +114,10 @@ pub(super) fn validate(
         if !is_plain_address(address) {
             problems.push(
                 format!("alerts.admin_addresses[{index}]"),
-                format!("{address:?} is not an e-mail address such as \"secops@example.org\""),
+                format!(
+                    "{address:?} is not an ASCII e-mail address such as \"secops@example.org\" \
+                     (write an internationalised domain in its xn-- form)"
+                ),
             );
         }
     }
@@ -158,26 +161,52 @@ pub(super) fn validate(
 }
 
 fn validate_url(key: &str, url: &str, problems: &mut Problems) {
+    let shown = crate::actions::redact_url(url);
+    // The URL parser forgives a missing host ("http:///x" becomes host
+    // "x") and surrounding spaces; a typo like that should be reported.
+    let host_written = url
+        .split_once("://")
+        .is_some_and(|(_, rest)| !rest.starts_with('/'));
     match reqwest::Url::parse(url) {
-        Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.has_host() => {}
+        Ok(parsed)
+            if matches!(parsed.scheme(), "http" | "https")
+                && parsed.has_host()
+                && host_written
+                && url.trim() == url
+                && parsed.port() != Some(0) => {}
         Ok(_) => problems.push(
             key,
-            format!("{url:?} is not an http:// or https:// URL with a host"),
+            format!(
+                "{shown:?} is not an http:// or https:// URL with a host and a port other than 0"
+            ),
         ),
-        Err(error) => problems.push(key, format!("{url:?} is not a valid URL: {error}")),
+        Err(error) => problems.push(key, format!("{shown:?} is not a valid URL: {error}")),
     }
 }
 
-/// Checks the form `local@domain` without brackets, spaces or controls,
-/// which is what the alert e-mail writes into `MAIL FROM`, `RCPT TO` and
-/// its headers.
+/// Checks the form `local@domain` in ASCII, which is what the alert e-mail
+/// writes into `MAIL FROM`, `RCPT TO` and its headers without needing
+/// SMTPUTF8: one `@`, no brackets, spaces or controls, a local part that
+/// does not start with `-` or `.`, and a domain of letters, digits and
+/// hyphens between dots.
 fn is_plain_address(address: &str) -> bool {
-    let Some((local, domain)) = address.rsplit_once('@') else {
+    let Some((local, domain)) = address.split_once('@') else {
         return false;
     };
-    !local.is_empty()
-        && !domain.is_empty()
-        && !address
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '<' | '>' | ',' | '"'))
+    let local_valid = !local.is_empty()
+        && !local.starts_with(['-', '.'])
+        && local.chars().all(|c| {
+            c.is_ascii_graphic()
+                && !matches!(
+                    c,
+                    '<' | '>' | ',' | '"' | '@' | '(' | ')' | '[' | ']' | ';' | ':' | '\\'
+                )
+        });
+    let domain_valid = domain.split('.').all(|label| {
+        !label.is_empty()
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    });
+    local_valid && domain_valid
 }

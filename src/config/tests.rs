@@ -153,7 +153,8 @@ fn webhook_url_must_be_http() {
 #[test]
 fn alert_addresses_validated() {
     let keys = problem_keys(
-        "[alerts]\nadmin_addresses = [\"ok@example.org\", \"<bad@example.org>\", \"nobody\"]\n\
+        "[alerts]\nadmin_addresses = [\"ok@example.org\", \"<bad@example.org>\", \"nobody\", \
+         \"sécu@exämple.org\", \"a@b@c\", \"-oops@x\", \"x@.\", \"root@localhost\"]\n\
          from = \"a b@example.org\"\nrelay = \"localhost\"\n",
     );
     assert_eq!(
@@ -161,10 +162,29 @@ fn alert_addresses_validated() {
         [
             "alerts.admin_addresses[1]",
             "alerts.admin_addresses[2]",
+            "alerts.admin_addresses[3]",
+            "alerts.admin_addresses[4]",
+            "alerts.admin_addresses[5]",
+            "alerts.admin_addresses[6]",
             "alerts.from",
             "alerts.relay"
         ]
     );
+}
+
+#[test]
+fn webhook_url_typos_reported() {
+    for url in [
+        "http:///x",
+        "http://127.0.0.1:0/x",
+        " http://a.example/",
+        "mailto:a@b",
+    ] {
+        let keys = problem_keys(&format!(
+            "[alerts]\nwebhook_url = \"{url}\"\n[actions]\nsecret_file = \"/etc/secret\"\n"
+        ));
+        assert_eq!(keys, ["alerts.webhook_url"], "{url}");
+    }
 }
 
 #[test]
