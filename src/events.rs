@@ -48,6 +48,19 @@ pub enum EventKind {
     ExemptionRemoved,
     /// An exemption reached its end.
     ExemptionExpired,
+    /// A device's health state changed (green, yellow, red, offline,
+    /// missing).
+    DeviceStateChanged,
+    /// A device refused an access request, or was kept from an unsafe
+    /// destination; logged on that device.
+    AccessRefused,
+    /// The relay refused an SMTP client whose address belongs to an unsafe
+    /// device.
+    RelayRefused,
+    /// A device was excluded from access decisions through the API.
+    DeviceExclusionAdded,
+    /// A device exclusion made through the API was removed.
+    DeviceExclusionRemoved,
 }
 
 impl EventKind {
@@ -68,11 +81,16 @@ impl EventKind {
             EventKind::ExemptionAdded => "exemption_added",
             EventKind::ExemptionRemoved => "exemption_removed",
             EventKind::ExemptionExpired => "exemption_expired",
+            EventKind::DeviceStateChanged => "device_state_changed",
+            EventKind::AccessRefused => "access_refused",
+            EventKind::RelayRefused => "relay_refused",
+            EventKind::DeviceExclusionAdded => "device_exclusion_added",
+            EventKind::DeviceExclusionRemoved => "device_exclusion_removed",
         }
     }
 
     /// Every kind, in the order of this list.
-    pub const ALL: [EventKind; 15] = [
+    pub const ALL: [EventKind; 20] = [
         EventKind::BadMessage,
         EventKind::SenderRefused,
         EventKind::LockoutStarted,
@@ -88,6 +106,11 @@ impl EventKind {
         EventKind::ExemptionAdded,
         EventKind::ExemptionRemoved,
         EventKind::ExemptionExpired,
+        EventKind::DeviceStateChanged,
+        EventKind::AccessRefused,
+        EventKind::RelayRefused,
+        EventKind::DeviceExclusionAdded,
+        EventKind::DeviceExclusionRemoved,
     ];
 
     pub fn parse(text: &str) -> Option<EventKind> {
@@ -346,6 +369,19 @@ impl Event {
         event
     }
 
+    /// Builds an event about the device `device`, which the events API's
+    /// `device=` filter finds, with `details` after the device id.
+    pub fn for_device(
+        time: Timestamp,
+        kind: EventKind,
+        device: Option<&str>,
+        details: Map<String, Value>,
+    ) -> Event {
+        let mut event = Event::new(time, kind, None).with("device", device);
+        event.details.extend(details);
+        event
+    }
+
     /// Returns the event as one JSON object with `time` (RFC 3339 UTC),
     /// `type` and `mailbox` first.
     pub fn to_json(&self) -> Value {
@@ -454,6 +490,24 @@ impl Event {
                     self.detail_text("reason")
                 )
             }
+            EventKind::DeviceStateChanged => format!(
+                "{} {}: {} -> {}",
+                self.detail_text("device"),
+                self.detail_text("name"),
+                self.detail_text("from"),
+                self.detail_text("to")
+            ),
+            EventKind::AccessRefused | EventKind::RelayRefused => format!(
+                "{}: {}",
+                self.detail_text("device"),
+                self.detail_text("text")
+            ),
+            EventKind::DeviceExclusionAdded | EventKind::DeviceExclusionRemoved => format!(
+                "{} by {}: {}",
+                self.detail_text("device"),
+                self.detail_text("by"),
+                self.detail_text("reason")
+            ),
         }
     }
 }

@@ -110,6 +110,11 @@ impl Runtime {
         if let Err(error) = ActionClients::new(config) {
             problems.push(error);
         }
+        if let Some(path) = &config.devices.file
+            && let Err(error) = crate::config::devices::DeviceBook::load(path)
+        {
+            problems.push(format!("devices.file: {error}"));
+        }
         if let Err(error) = crate::admin::Credentials::new(config) {
             problems.push(error);
         }
@@ -218,6 +223,8 @@ pub struct Guard {
     /// Exemptions in force, reloaded from the store after every change.
     exemptions: ArcSwap<Vec<Exemption>>,
     pub metrics: Metrics,
+    /// Device health, access decisions and the relay gate.
+    devices: crate::heartbeat::Registry,
 }
 
 /// Why a support lift failed.
@@ -237,6 +244,7 @@ impl Guard {
                 .map(|_| Mutex::new(LruCache::new(shard_capacity(capacity))))
                 .collect(),
             runtime: ArcSwap::from_pointee(runtime),
+            devices: crate::heartbeat::Registry::new(store.clone(), Timestamp::now()),
             store,
             lockout_started: Notify::new(),
             outbox_added: Notify::new(),
@@ -328,7 +336,27 @@ impl Guard {
 
     /// Waits until a delivery is added to the outbox.
     pub async fn outbox_added(&self) {
-        self.outbox_added.notified().await;
+        tokio::select! {
+            _ = self.outbox_added.notified() => {}
+            _ = self.devices.outbox_queued() => {}
+        }
+    }
+
+    /// Returns the device registry.
+    pub fn devices(&self) -> &crate::heartbeat::Registry {
+        &self.devices
+    }
+
+    /// Returns the refusal of an SMTP client whose address belongs to an
+    /// unsafe device, when the relay gate is on; `stage` names the point
+    /// of the refusal in its event.
+    pub async fn check_client_device(&self, client: IpAddr, stage: &str) -> Option<Reply> {
+        let runtime = self.runtime();
+        let refusal = self
+            .devices
+            .relay_gate(&runtime.config.devices, client, stage, Timestamp::now())
+            .await?;
+        Some(Reply::unsafe_device(&refusal.text))
     }
 
     pub fn runtime(&self) -> Arc<Runtime> {
@@ -343,6 +371,7 @@ impl Guard {
     /// event. Active lockouts keep their end times.
     pub async fn replace_runtime(&self, runtime: Runtime, reason: &str) {
         let new_capacity = shard_capacity(runtime.config.policy.max_tracked_mailboxes);
+        self.devices.reload_book(&runtime.config.devices);
         self.runtime.store(Arc::new(runtime));
         for shard in &self.shards {
             shard.lock().await.resize(new_capacity);
@@ -408,6 +437,10 @@ impl Guard {
     /// Decides whether a sender may send, at MAIL FROM and again at end of
     /// data (for a transaction that passed MAIL FROM before its lockout).
     pub async fn check_sender(&self, transaction: &Transaction) -> SenderCheck {
+        // The first point where a client behind Postfix sees our reply.
+        if let Some(reply) = self.check_client_device(transaction.client, "mail").await {
+            return SenderCheck::Refuse(reply);
+        }
         let runtime = self.runtime();
         let Some(key) = self.attribute(&runtime, transaction).block_key else {
             return SenderCheck::Allow;

@@ -26,6 +26,7 @@ pub mod config;
 pub mod directory;
 pub mod events;
 pub mod guard;
+pub mod heartbeat;
 pub mod identity;
 pub mod maintenance;
 pub mod metrics;

@@ -87,6 +87,12 @@ impl Reply {
         }
     }
 
+    /// Builds the relay gate's refusal of a client on an unsafe device,
+    /// with the product's event text.
+    pub fn unsafe_device(text: &str) -> Reply {
+        Reply::new(554, "5.7.1", text)
+    }
+
     pub fn relay_denied(client: &str) -> Reply {
         Reply::new(
             554,

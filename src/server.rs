@@ -66,6 +66,13 @@ pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
     let admin_listen = config.admin.listen;
     let runtime = Runtime::new(config).map_err(ServeError::Runtime)?;
     let guard = Arc::new(Guard::new(runtime, store));
+    guard
+        .devices()
+        .load_book(&guard.runtime().config.devices)
+        .map_err(ServeError::Runtime)?;
+    // Device states are read before any listener opens, so no report can
+    // be overwritten by the stored state.
+    guard.devices().load().await?;
 
     // Signal handlers go in before the listener opens: a SIGHUP that
     // arrives before them would end the process with the default action.
@@ -147,6 +154,10 @@ pub async fn run(listener: TcpListener, guard: Arc<Guard>, mut shutdown: watch::
     });
     tokio::spawn(guard.clone().run_lockout_timer(shutdown.clone()));
     tokio::spawn(crate::actions::run_outbox(guard.clone(), shutdown.clone()));
+    tokio::spawn(crate::heartbeat::run_device_timer(
+        guard.clone(),
+        shutdown.clone(),
+    ));
     if let Err(error) = guard.reload_exemptions().await {
         tracing::error!(%error, "cannot read the exemptions; none is in force until the next change");
     }

@@ -32,6 +32,9 @@ pub enum ActionKind {
     AdminAlert,
     /// The alert e-mail to `alerts.admin_addresses`.
     AlertMail,
+    /// The `subnet_notice` webhook: a device on a subnet became unsafe or
+    /// safe again.
+    SubnetNotice,
 }
 
 impl ActionKind {
@@ -40,6 +43,7 @@ impl ActionKind {
             ActionKind::EndpointScan => "endpoint_scan",
             ActionKind::AdminAlert => "admin_alert",
             ActionKind::AlertMail => "alert_mail",
+            ActionKind::SubnetNotice => "subnet_notice",
         }
     }
 
@@ -48,6 +52,7 @@ impl ActionKind {
             ActionKind::EndpointScan,
             ActionKind::AdminAlert,
             ActionKind::AlertMail,
+            ActionKind::SubnetNotice,
         ]
         .into_iter()
         .find(|kind| kind.as_str() == text)

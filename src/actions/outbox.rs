@@ -165,6 +165,7 @@ async fn attempt(runtime: &Runtime, entry: &OutboxEntry) -> Attempt {
         }
         ActionKind::AdminAlert => config.alerts.webhook_url.as_deref(),
         ActionKind::AlertMail => return send_mail(runtime, entry).await,
+        ActionKind::SubnetNotice => config.devices.subnet_webhook_url.as_deref(),
     };
     let Some(url) = url else {
         return Attempt::Unconfigured(format!("no URL for {} is configured any more", entry.kind));

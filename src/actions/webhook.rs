@@ -98,6 +98,7 @@ fn event_name(kind: ActionKind) -> &'static str {
     match kind {
         ActionKind::EndpointScan => "endpoint_scan",
         ActionKind::AdminAlert | ActionKind::AlertMail => "admin_alert",
+        ActionKind::SubnetNotice => "subnet_notice",
     }
 }
 

@@ -40,6 +40,7 @@ pub fn router(guard: Arc<Guard>) -> Router {
         .route("/api/v1/exemptions/{id}", delete(remove_exemption))
         .route("/metrics", get(metrics))
         .route("/healthz", get(health))
+        .merge(super::devices::routes())
         .fallback(not_found)
         .with_state(guard)
 }

@@ -8,6 +8,7 @@
 
 mod api;
 pub mod client;
+pub mod devices;
 pub mod views;
 
 pub use api::{ExemptionRequest, new_exemption, parse_time};

@@ -5,10 +5,12 @@
 
 mod actions;
 mod admin;
+pub mod devices;
 mod problems;
 
 pub use actions::{ActionsConfig, AlertsConfig, SynchronizedSecurityConfig};
 pub use admin::{AdminConfig, EventsConfig};
+pub use devices::DevicesConfig;
 pub use problems::{Problem, Problems};
 
 use crate::policy::{Mode, PolicySettings};
@@ -38,6 +40,8 @@ pub struct Config {
     pub actions: ActionsConfig,
     pub admin: AdminConfig,
     pub events: EventsConfig,
+    /// `[devices]`: device health heartbeats and access decisions.
+    pub devices: DevicesConfig,
 }
 
 /// `[milter]`: the Postfix milter front-end.
@@ -469,6 +473,7 @@ impl Config {
         let actions = section::<ActionsConfig>(&mut root, "actions", &mut problems);
         let admin = section::<AdminConfig>(&mut root, "admin", &mut problems);
         let events = section::<EventsConfig>(&mut root, "events", &mut problems);
+        let devices = section::<DevicesConfig>(&mut root, "devices", &mut problems);
         for unknown in root.keys() {
             problems.push(
                 unknown.as_str(),
@@ -521,6 +526,9 @@ impl Config {
         if let (Some(admin), Some(events)) = (&admin, &events) {
             admin::validate(admin, events, &mut problems);
         }
+        if let (Some(devices), Some(actions)) = (&devices, &actions) {
+            devices::validate(devices, actions.secret_file.is_some(), &mut problems);
+        }
 
         match (
             (smtp, upstream, scan, policy, identity, directory, store),
@@ -531,6 +539,7 @@ impl Config {
                 actions,
                 admin,
                 events,
+                devices,
             ),
         ) {
             (
@@ -550,6 +559,7 @@ impl Config {
                     Some(actions),
                     Some(admin),
                     Some(events),
+                    Some(devices),
                 ),
             ) if problems.is_empty() => Ok(Config {
                 smtp,
@@ -565,6 +575,7 @@ impl Config {
                 actions,
                 admin,
                 events,
+                devices,
             }),
             _ => Err(problems),
         }

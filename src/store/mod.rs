@@ -5,6 +5,7 @@
 //! after its transaction committed, so a reply that depends on a strike is
 //! sent only once the strike is on disk.
 
+pub mod devices;
 pub mod exemptions;
 pub mod outbox;
 pub mod sqlite;

@@ -103,6 +103,7 @@ pub fn open(path: &Path) -> Result<Connection, StoreError> {
     connection.pragma_update(None, "journal_mode", "WAL")?;
     connection.pragma_update(None, "synchronous", "NORMAL")?;
     connection.execute_batch(SCHEMA)?;
+    connection.execute_batch(super::devices::SCHEMA)?;
     Ok(connection)
 }
 

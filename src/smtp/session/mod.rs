@@ -210,6 +210,20 @@ impl Session {
         }
         let greeting_delay = runtime.config.smtp.greeting_delay;
         drop(runtime);
+        // A client that talks to sendguard directly sees the relay gate's
+        // refusal at connect. A forwarding peer's clients are checked at
+        // MAIL, once XFORWARD or XCLIENT has named them.
+        if !self.is_forwarding_peer()
+            && let Some(reply) = self
+                .shared
+                .guard
+                .check_client_device(client, "connect")
+                .await
+        {
+            self.queue(&reply);
+            let _ = self.flush().await;
+            return;
+        }
 
         // Anything the client sent before our greeting comes from a client
         // that does not wait for replies; none of it is ever relayed.

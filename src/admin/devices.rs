@@ -1,0 +1,536 @@
+//! The device endpoints: heartbeats, access decisions, the device list,
+//! subnet notices as server-sent events, and device exclusions.
+//!
+//! A device calls with its own token (the SHA-256 in the devices file) and
+//! may report only for itself and read only its own views. The admin and
+//! support tokens may call every device endpoint; only the admin token may
+//! change exclusions.
+
+use super::{ApiError, Role, forbidden, ok_json};
+use crate::guard::Guard;
+use crate::heartbeat::{Access, Health, LookupError, Report};
+use crate::policy::Timestamp;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+type Shared = State<Arc<Guard>>;
+
+/// Interval of the comment lines that keep an idle event stream open
+/// through proxies.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// The device routes, merged into the API's router.
+pub fn routes() -> Router<Arc<Guard>> {
+    Router::new()
+        .route("/api/v1/heartbeats", post(heartbeat))
+        .route("/api/v1/access", post(access))
+        .route("/api/v1/devices", get(list))
+        .route("/api/v1/devices/{id}", get(show))
+        .route("/api/v1/devices/{id}/subnet", get(subnet))
+        .route("/api/v1/devices/{id}/events", get(events))
+        .route(
+            "/api/v1/device-exclusions",
+            get(list_exclusions).post(add_exclusion),
+        )
+        .route("/api/v1/device-exclusions/{id}", delete(remove_exclusion))
+}
+
+/// Who calls a device endpoint.
+enum Caller {
+    Operator(Role),
+    Device(String),
+}
+
+impl Caller {
+    /// Checks that the caller may act for device `id`.
+    fn require(&self, id: &str) -> Result<(), ApiError> {
+        match self {
+            Caller::Operator(_) => Ok(()),
+            Caller::Device(own) if own == id => Ok(()),
+            Caller::Device(own) => Err(forbidden(&format!(
+                "the token of device {own:?} may act only for {own:?}, not for {id:?}"
+            ))),
+        }
+    }
+
+    fn require_operator(&self) -> Result<Role, ApiError> {
+        match self {
+            Caller::Operator(role) => Ok(*role),
+            Caller::Device(_) => Err(forbidden(
+                "this endpoint needs the admin or support token; a device token cannot use it",
+            )),
+        }
+    }
+}
+
+/// Checks the bearer token: the admin or support token, or a device's.
+fn caller(guard: &Guard, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|text| text.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing or invalid bearer token: send \"Authorization: Bearer TOKEN\" with the \
+                 device's token or the admin token",
+            )
+        })?;
+    if let Some(role) = guard.runtime().credentials.role_of(token) {
+        return Ok(Caller::Operator(role));
+    }
+    guard
+        .devices()
+        .token_owner(&super::sha256(token))
+        .map(Caller::Device)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid token: it matches neither the admin token, the support token nor a \
+                 device's token_sha256 in the devices file",
+            )
+        })
+}
+
+fn lookup_error(error: LookupError) -> ApiError {
+    match error {
+        LookupError::NotFound(message) => ApiError::new(StatusCode::NOT_FOUND, message),
+        LookupError::Store(error) => ApiError::internal(error),
+    }
+}
+
+fn json_body<T>(body: Result<Json<T>, JsonRejection>, example: &str) -> Result<T, ApiError> {
+    body.map(|Json(value)| value).map_err(|rejection| {
+        ApiError::bad_request(format!(
+            "{}; send a JSON object such as {example}",
+            rejection.body_text()
+        ))
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HeartbeatRequest {
+    device: String,
+    health: String,
+    #[serde(default)]
+    addresses: Vec<String>,
+}
+
+const HEARTBEAT_EXAMPLE: &str =
+    r#"{"device": "dev-17", "health": "green", "addresses": ["10.1.2.3"]}"#;
+
+async fn heartbeat(
+    headers: HeaderMap,
+    State(guard): Shared,
+    body: Result<Json<HeartbeatRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let caller = caller(&guard, &headers)?;
+    let request = json_body(body, HEARTBEAT_EXAMPLE)?;
+    caller.require(&request.device)?;
+    let report = if request.health == "offline" {
+        Report::Offline
+    } else {
+        let health = Health::parse(&request.health).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "invalid health {:?}: give green, yellow, red, or offline when the agent sleeps or stops",
+                request.health
+            ))
+        })?;
+        let mut addresses = Vec::with_capacity(request.addresses.len());
+        for text in &request.addresses {
+            let address: IpAddr = text.parse().map_err(|_| {
+                ApiError::bad_request(format!(
+                    "invalid address {text:?} in addresses: give IP addresses such as 10.1.2.3 or 2001:db8::7"
+                ))
+            })?;
+            addresses.push(address);
+        }
+        Report::Heartbeat { health, addresses }
+    };
+    let runtime = guard.runtime();
+    let view = guard
+        .devices()
+        .report(
+            &runtime.config.devices,
+            &request.device,
+            report,
+            Timestamp::now(),
+        )
+        .await
+        .map_err(lookup_error)?;
+    Ok(ok_json(view))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccessRequest {
+    source: String,
+    destination: String,
+}
+
+async fn access(
+    headers: HeaderMap,
+    State(guard): Shared,
+    body: Result<Json<AccessRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let caller = caller(&guard, &headers)?;
+    let request = json_body(
+        body,
+        r#"{"source": "10.1.2.3", "destination": "dev-17"} (device ids, computer names or addresses)"#,
+    )?;
+    if let Caller::Device(own) = &caller
+        && request.source != *own
+        && request.destination != *own
+    {
+        return Err(forbidden(&format!(
+            "device {own:?} may ask only about connections from or to itself: give its id as \
+             source or destination"
+        )));
+    }
+    let runtime = guard.runtime();
+    let outcome = guard
+        .devices()
+        .access(
+            &runtime.config.devices,
+            &request.source,
+            &request.destination,
+            Timestamp::now(),
+        )
+        .await
+        .map_err(lookup_error)?;
+    let party = |party: &crate::heartbeat::Party| {
+        json!({
+            "id": party.id,
+            "name": party.name,
+            "unsafe": party.is_unsafe,
+            "excluded": party.excluded.is_some(),
+        })
+    };
+    let mut body = json!({
+        "source": party(&outcome.source),
+        "destination": party(&outcome.destination),
+    });
+    match &outcome.decision {
+        Access::Allowed { reason } => {
+            body["allowed"] = true.into();
+            body["reason"] = reason.clone().into();
+        }
+        Access::Refused { refusals } => {
+            body["allowed"] = false.into();
+            let texts: Vec<&str> = refusals.iter().map(|r| r.text.as_str()).collect();
+            body["reason"] = texts.join("; ").into();
+            body["refusals"] = refusals
+                .iter()
+                .map(|refusal| {
+                    json!({
+                        "device": refusal.device,
+                        "side": refusal.side.as_str(),
+                        "text": refusal.text,
+                    })
+                })
+                .collect();
+        }
+    }
+    Ok(ok_json(body))
+}
+
+async fn list(headers: HeaderMap, State(guard): Shared) -> Result<Response, ApiError> {
+    caller(&guard, &headers)?.require_operator()?;
+    let runtime = guard.runtime();
+    let devices = guard
+        .devices()
+        .list(&runtime.config.devices, Timestamp::now())
+        .await;
+    Ok(ok_json(json!({
+        "reject_unsafe": runtime.config.devices.reject_unsafe,
+        "relay_gate": runtime.config.devices.relay_gate,
+        "heartbeat_timeout": humantime::format_duration(runtime.config.devices.heartbeat_timeout).to_string(),
+        "devices": devices,
+    })))
+}
+
+async fn show(
+    headers: HeaderMap,
+    State(guard): Shared,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    caller(&guard, &headers)?.require(&id)?;
+    let runtime = guard.runtime();
+    let view = guard
+        .devices()
+        .view(&runtime.config.devices, &id, Timestamp::now())
+        .await
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "device {id:?} is not in the devices file; list them with GET /api/v1/devices"
+                ),
+            )
+        })?;
+    Ok(ok_json(view))
+}
+
+async fn subnet(
+    headers: HeaderMap,
+    State(guard): Shared,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    caller(&guard, &headers)?.require(&id)?;
+    let runtime = guard.runtime();
+    let view = guard
+        .devices()
+        .subnet_view(&runtime.config.devices, &id, Timestamp::now())
+        .await
+        .map_err(lookup_error)?;
+    Ok(ok_json(view))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    /// Resume after this notice id, like the `Last-Event-ID` header.
+    after: Option<i64>,
+}
+
+/// State of one event stream between notices.
+struct Stream {
+    guard: Arc<Guard>,
+    device: String,
+    cursor: i64,
+    pending: VecDeque<crate::store::devices::Notice>,
+    newest: tokio::sync::watch::Receiver<i64>,
+}
+
+async fn events(
+    headers: HeaderMap,
+    State(guard): Shared,
+    Path(id): Path<String>,
+    Query(query): Query<EventsQuery>,
+) -> Result<Response, ApiError> {
+    caller(&guard, &headers)?.require(&id)?;
+    if guard.devices().book().get(&id).is_none() {
+        return Err(lookup_error(LookupError::NotFound(format!(
+            "device {id:?} is not in the devices file"
+        ))));
+    }
+    let last_event_id = match headers.get("last-event-id") {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|text| text.trim().parse::<i64>().ok())
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "invalid Last-Event-ID {value:?}: send the id of the last event received"
+                    ))
+                })?,
+        ),
+    };
+    // Without a resume point the stream starts with the next notice; the
+    // current unsafe devices are at /api/v1/devices/{id}/subnet.
+    let cursor = last_event_id
+        .or(query.after)
+        .unwrap_or_else(|| guard.devices().newest_notice());
+    tracing::info!(device = %id, after = cursor, "device event stream opened");
+    let newest = guard.devices().subscribe();
+    let state = Stream {
+        guard,
+        device: id,
+        cursor,
+        pending: VecDeque::new(),
+        newest,
+    };
+    let stream = futures_util::stream::unfold(state, next_event);
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response())
+}
+
+/// Returns the next notice of a stream, waiting for one; `None` ends the
+/// stream (the device left the devices file, or the store failed).
+async fn next_event(mut state: Stream) -> Option<(Result<SseEvent, Infallible>, Stream)> {
+    loop {
+        if let Some(notice) = state.pending.pop_front() {
+            let kind = notice.body["type"].as_str().unwrap_or("notice").to_string();
+            let event = SseEvent::default()
+                .id(notice.id.to_string())
+                .event(kind)
+                .data(notice.body.to_string());
+            return Some((Ok(event), state));
+        }
+        // Mark the newest id as seen before reading, so a notice stored
+        // during the read wakes the wait below.
+        state.newest.borrow_and_update();
+        let runtime = state.guard.runtime();
+        let read = state
+            .guard
+            .devices()
+            .notices_for(&runtime.config.devices, &state.device, state.cursor)
+            .await;
+        match read {
+            Ok((notices, cursor)) => {
+                let advanced = cursor != state.cursor;
+                state.cursor = cursor;
+                state.pending.extend(notices);
+                if advanced {
+                    continue;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, device = %state.device, "device event stream ended");
+                return None;
+            }
+        }
+        state.newest.changed().await.ok()?;
+    }
+}
+
+async fn list_exclusions(headers: HeaderMap, State(guard): Shared) -> Result<Response, ApiError> {
+    caller(&guard, &headers)?.require_operator()?;
+    let runtime = guard.runtime();
+    let config = &runtime.config.devices;
+    let added = guard
+        .devices()
+        .added_exclusions()
+        .await
+        .map_err(ApiError::internal)?;
+    let added: Vec<Value> = added
+        .iter()
+        .map(|row| {
+            json!({
+                "device": row.device,
+                "reason": row.reason,
+                "author": row.author,
+                "created": row.created.to_rfc3339(),
+            })
+        })
+        .collect();
+    let in_force: Vec<Value> = guard
+        .devices()
+        .list(config, Timestamp::now())
+        .await
+        .into_iter()
+        .filter(|device| device["excluded"] == true)
+        .map(|device| {
+            json!({
+                "id": device["id"],
+                "name": device["name"],
+                "reason": device["exclusion_reason"],
+            })
+        })
+        .collect();
+    Ok(ok_json(json!({
+        "configured": config.exclusions,
+        "exclude_update_caches": config.exclude_update_caches,
+        "exclude_message_relays": config.exclude_message_relays,
+        "added": added,
+        "excluded": in_force,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExclusionRequest {
+    device: String,
+    reason: Option<String>,
+    author: Option<String>,
+}
+
+async fn add_exclusion(
+    headers: HeaderMap,
+    State(guard): Shared,
+    body: Result<Json<ExclusionRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    if caller(&guard, &headers)?.require_operator()? != Role::Admin {
+        return Err(forbidden(
+            "device exclusions are managed with the admin token; the support token can only read them",
+        ));
+    }
+    let request = json_body(
+        body,
+        r#"{"device": "dev-40", "reason": "file server", "author": "jdoe"}"#,
+    )?;
+    let reason = request.reason.unwrap_or_default().trim().to_string();
+    let author = request.author.unwrap_or_default().trim().to_string();
+    if reason.is_empty() || author.is_empty() {
+        return Err(ApiError::bad_request(
+            "missing reason or author: say why the device is excluded and who excludes it; both are recorded",
+        ));
+    }
+    let added = guard
+        .devices()
+        .add_exclusion(&request.device, &reason, &author, Timestamp::now())
+        .await
+        .map_err(lookup_error)?;
+    if !added {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "device {:?} is already excluded through the API; remove that exclusion first to change it",
+                request.device
+            ),
+        ));
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "device": request.device, "reason": reason, "author": author })),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveQuery {
+    by: Option<String>,
+}
+
+async fn remove_exclusion(
+    headers: HeaderMap,
+    State(guard): Shared,
+    Path(id): Path<String>,
+    Query(query): Query<RemoveQuery>,
+) -> Result<Response, ApiError> {
+    if caller(&guard, &headers)?.require_operator()? != Role::Admin {
+        return Err(forbidden(
+            "device exclusions are managed with the admin token; the support token can only read them",
+        ));
+    }
+    let by = query.by.unwrap_or_else(|| "admin".to_string());
+    let removed = guard
+        .devices()
+        .remove_exclusion(&id, &by, Timestamp::now())
+        .await
+        .map_err(ApiError::internal)?;
+    match removed {
+        Some(row) => Ok(ok_json(json!({
+            "device": row.device,
+            "reason": row.reason,
+            "author": row.author,
+            "removed_by": by,
+        }))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "device {id:?} has no exclusion made through the API; exclusions in \
+                 devices.exclusions or by role change only in the configuration file"
+            ),
+        )),
+    }
+}

@@ -1,0 +1,909 @@
+//! The device registry: device definitions from the devices file, each
+//! device's status in memory over the store, address ownership, state
+//! changes with their events, subnet notices and webhooks.
+
+use super::access::{self, ExclusionRules, Party};
+use super::health::{DeviceStatus, Health, Timing};
+use crate::actions::{ActionKind, OutboxEntry, new_delivery_id};
+use crate::config::DevicesConfig;
+use crate::config::devices::{DeviceBook, DeviceDefinition};
+use crate::events::{Event, EventKind};
+use crate::guard::Guard;
+use crate::policy::Timestamp;
+use crate::store::devices::{self as device_store, Change, ExclusionRow, Notice};
+use crate::store::{Store, StoreError};
+use arc_swap::ArcSwap;
+use ipnet::IpNet;
+use serde_json::{Map, Value, json};
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Mutex, Notify, watch};
+
+/// Notices read from the store per query of a stream.
+const NOTICE_BATCH: usize = 500;
+
+/// What a device's agent reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    /// A heartbeat with the device's health and current addresses.
+    Heartbeat {
+        health: Health,
+        addresses: Vec<IpAddr>,
+    },
+    /// An orderly sign-off: the agent goes to sleep or stops.
+    Offline,
+}
+
+/// Why a device or address could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// An access decision with the events it recorded.
+#[derive(Debug, Clone)]
+pub struct AccessOutcome {
+    pub source: Party,
+    pub destination: Party,
+    pub decision: access::Access,
+}
+
+/// The relay gate's refusal of an SMTP client.
+#[derive(Debug, Clone)]
+pub struct RelayRefusal {
+    pub device: String,
+    pub name: String,
+    /// The product's text, for the SMTP reply.
+    pub text: String,
+}
+
+#[derive(Default)]
+struct Table {
+    statuses: HashMap<String, DeviceStatus>,
+    /// Each address and the device that reported it last.
+    owners: HashMap<IpAddr, String>,
+}
+
+impl Table {
+    fn status(&self, id: &str) -> DeviceStatus {
+        self.statuses.get(id).cloned().unwrap_or_default()
+    }
+
+    fn rebuild_owners(&mut self) {
+        let mut owners = HashMap::new();
+        for (id, status) in &self.statuses {
+            for address in &status.addresses {
+                owners.insert(*address, id.clone());
+            }
+        }
+        self.owners = owners;
+    }
+}
+
+/// The device registry, shared by the API, the relay gate and the timer.
+pub struct Registry {
+    store: Store,
+    book: ArcSwap<DeviceBook>,
+    table: Mutex<Table>,
+    /// Device ids excluded through the API.
+    added_exclusions: ArcSwap<BTreeSet<String>>,
+    started: Timestamp,
+    /// Wakes the missing-detection timer after a report.
+    reported: Notify,
+    /// The id of the newest notice; streams wait for it to change.
+    newest_notice: watch::Sender<i64>,
+    /// Wakes the outbox after a subnet webhook was queued.
+    outbox_queued: Notify,
+}
+
+impl Registry {
+    /// Creates an empty registry; `started` is when this process started.
+    pub fn new(store: Store, started: Timestamp) -> Registry {
+        Registry {
+            store,
+            book: ArcSwap::from_pointee(DeviceBook::default()),
+            table: Mutex::new(Table::default()),
+            added_exclusions: ArcSwap::from_pointee(BTreeSet::new()),
+            started,
+            reported: Notify::new(),
+            newest_notice: watch::Sender::new(0),
+            outbox_queued: Notify::new(),
+        }
+    }
+
+    /// Reads the devices file named by `config`.
+    ///
+    /// # Errors
+    /// When the file cannot be read or has invalid entries.
+    pub fn load_book(&self, config: &DevicesConfig) -> Result<(), String> {
+        let book = match &config.file {
+            None => DeviceBook::default(),
+            Some(path) => {
+                DeviceBook::load(path).map_err(|error| format!("devices.file: {error}"))?
+            }
+        };
+        tracing::info!(devices = book.devices.len(), "devices file loaded");
+        self.book.store(Arc::new(book));
+        Ok(())
+    }
+
+    /// Reads the devices file again; a file that cannot be read or parsed
+    /// keeps the previous definitions, with a warning.
+    pub fn reload_book(&self, config: &DevicesConfig) {
+        if let Err(error) = self.load_book(config) {
+            tracing::warn!(%error, devices = self.book.load().devices.len(),
+                "devices file not loaded; the previous device definitions stay in force");
+        }
+    }
+
+    /// Returns the device definitions in force.
+    pub fn book(&self) -> Arc<DeviceBook> {
+        self.book.load_full()
+    }
+
+    /// Reads device statuses, API exclusions and the newest notice id from
+    /// the store.
+    ///
+    /// # Errors
+    /// On a store failure.
+    pub async fn load(&self) -> Result<(), StoreError> {
+        let (statuses, exclusions, newest) = self
+            .store
+            .call(|connection| {
+                Ok((
+                    device_store::load_all(connection)?,
+                    device_store::exclusions(connection)?,
+                    device_store::last_notice_id(connection)?,
+                ))
+            })
+            .await?;
+        let mut table = self.table.lock().await;
+        table.statuses = statuses.into_iter().collect();
+        table.rebuild_owners();
+        self.added_exclusions.store(Arc::new(
+            exclusions.into_iter().map(|row| row.device).collect(),
+        ));
+        self.newest_notice.send_replace(newest);
+        Ok(())
+    }
+
+    fn timing(&self, config: &DevicesConfig) -> Timing {
+        Timing {
+            heartbeat_timeout: config.heartbeat_timeout,
+            started: self.started,
+        }
+    }
+
+    /// Returns the token hash of each device that has one, for the API.
+    pub fn token_owner(&self, presented: &[u8; 32]) -> Option<String> {
+        let book = self.book.load();
+        book.devices
+            .iter()
+            .find(|device| {
+                device
+                    .token_hash()
+                    .is_some_and(|hash| constant_time_eq(&hash, presented))
+            })
+            .map(|device| device.id.clone())
+    }
+
+    fn exclusion(&self, config: &DevicesConfig, device: &DeviceDefinition) -> Option<String> {
+        let added = self.added_exclusions.load();
+        let rules = ExclusionRules {
+            configured: &config.exclusions,
+            added: &added,
+            update_caches: config.exclude_update_caches,
+            message_relays: config.exclude_message_relays,
+        };
+        access::exclusion_reason(device, &rules)
+    }
+
+    fn subnets(
+        config: &DevicesConfig,
+        device: &DeviceDefinition,
+        status: &DeviceStatus,
+    ) -> Vec<IpNet> {
+        access::device_subnets(
+            device.subnet,
+            &status.addresses,
+            config.subnet_prefix_v4,
+            config.subnet_prefix_v6,
+        )
+    }
+
+    /// Applies a device's report and records any state change.
+    ///
+    /// # Errors
+    /// [`LookupError::NotFound`] for a device not in the devices file, or a
+    /// store failure (nothing changes then).
+    pub async fn report(
+        &self,
+        config: &DevicesConfig,
+        id: &str,
+        report: Report,
+        now: Timestamp,
+    ) -> Result<Value, LookupError> {
+        let book = self.book.load_full();
+        let Some(device) = book.get(id) else {
+            return Err(unknown_device(id));
+        };
+        let timing = self.timing(config);
+        let mut table = self.table.lock().await;
+        let mut status = table.status(id);
+        let mut touched: Vec<(String, DeviceStatus)> = Vec::new();
+        match &report {
+            Report::Heartbeat { health, addresses } => {
+                let mut addresses: Vec<IpAddr> = addresses
+                    .iter()
+                    .map(|address| address.to_canonical())
+                    .collect();
+                addresses.sort();
+                addresses.dedup();
+                // An address belongs to the device that reported it last.
+                for address in &addresses {
+                    let Some(previous) = table.owners.get(address) else {
+                        continue;
+                    };
+                    if previous == id {
+                        continue;
+                    }
+                    let mut other = touched
+                        .iter()
+                        .position(|(other, _)| other == previous)
+                        .map(|index| touched.remove(index).1)
+                        .unwrap_or_else(|| table.status(previous));
+                    other.addresses.retain(|owned| owned != address);
+                    tracing::info!(address = %address, from = %previous, to = %id,
+                        "address moved to the device that reported it last");
+                    touched.push((previous.clone(), other));
+                }
+                status.heartbeat(*health, addresses, now);
+            }
+            Report::Offline => status.sign_off(now),
+        }
+        let mut change = Change::default();
+        self.transition(
+            config,
+            &book,
+            &table,
+            device,
+            &mut status,
+            now,
+            timing,
+            &mut change,
+        );
+        change.statuses.push((id.to_string(), status.clone()));
+        let touched_copy = touched.clone();
+        change.statuses.extend(touched);
+        let notices = self.commit(change, now).await?;
+
+        for (other, other_status) in touched_copy {
+            table.statuses.insert(other, other_status);
+        }
+        table.statuses.insert(id.to_string(), status.clone());
+        table.rebuild_owners();
+        drop(table);
+        self.publish(&notices);
+        self.reported.notify_one();
+        tracing::debug!(device = %id, state = %status.state, "device reported");
+        Ok(self.view_of(config, device, &status, now))
+    }
+
+    /// Records `status`'s state at `now` into `change`: the event of a
+    /// state change, and the notices and webhooks when the device became
+    /// unsafe or safe again.
+    #[allow(clippy::too_many_arguments)]
+    fn transition(
+        &self,
+        config: &DevicesConfig,
+        book: &DeviceBook,
+        table: &Table,
+        device: &DeviceDefinition,
+        status: &mut DeviceStatus,
+        now: Timestamp,
+        timing: Timing,
+        change: &mut Change,
+    ) {
+        let state = status.evaluate(now, timing);
+        let Some(previous) = status.record(state, now) else {
+            return;
+        };
+        let reason = status.unsafe_reason(timing);
+        let mut details = Map::new();
+        details.insert("name".into(), device.name.clone().into());
+        details.insert("from".into(), previous.as_str().into());
+        details.insert("to".into(), state.as_str().into());
+        details.insert("unsafe".into(), state.is_unsafe().into());
+        if let Some(reason) = &reason {
+            details.insert("reason".into(), reason.clone().into());
+        }
+        change.events.push(Event::for_device(
+            now,
+            EventKind::DeviceStateChanged,
+            Some(&device.id),
+            details,
+        ));
+        if state.is_unsafe() {
+            tracing::warn!(device = %device.id, name = %device.name, from = %previous, to = %state,
+                reason = reason.as_deref().unwrap_or(""), "device state changed");
+        } else {
+            tracing::info!(device = %device.id, name = %device.name, from = %previous, to = %state,
+                "device state changed");
+        }
+        if previous.is_unsafe() == state.is_unsafe() {
+            return;
+        }
+
+        // The device became unsafe or safe again: tell its subnets.
+        let kind = if state.is_unsafe() {
+            "device_unsafe"
+        } else {
+            "device_safe"
+        };
+        for subnet in Self::subnets(config, device, status) {
+            let body = json!({
+                "type": kind,
+                "time": now.to_rfc3339(),
+                "subnet": subnet.to_string(),
+                "device": device.id,
+                "name": device.name,
+                "role": device.role.as_str(),
+                "state": state.as_str(),
+                "previous": previous.as_str(),
+                "unsafe": state.is_unsafe(),
+                "reason": reason,
+            });
+            tracing::info!(device = %device.id, subnet = %subnet, kind, "subnet notified");
+            if config.subnet_webhook_url.is_some() {
+                let peers = self.devices_on(config, book, table, subnet, &device.id);
+                change
+                    .deliveries
+                    .push(subnet_webhook(&body, peers, device, now));
+            }
+            change.notices.push(Notice {
+                id: 0,
+                time: now,
+                subnet: subnet.to_string(),
+                device: device.id.clone(),
+                body,
+            });
+        }
+    }
+
+    /// Returns the devices on `subnet` other than `except`, as id and name.
+    fn devices_on(
+        &self,
+        config: &DevicesConfig,
+        book: &DeviceBook,
+        table: &Table,
+        subnet: IpNet,
+        except: &str,
+    ) -> Vec<Value> {
+        book.devices
+            .iter()
+            .filter(|other| other.id != except)
+            .filter(|other| {
+                let status = table.status(&other.id);
+                Self::subnets(config, other, &status).contains(&subnet)
+            })
+            .map(|other| json!({ "id": other.id, "name": other.name }))
+            .collect()
+    }
+
+    async fn commit(&self, change: Change, now: Timestamp) -> Result<Vec<Notice>, StoreError> {
+        let queued = !change.deliveries.is_empty();
+        let notices = self
+            .store
+            .call(move |connection| device_store::commit(connection, change, now))
+            .await?;
+        if queued {
+            self.outbox_queued.notify_one();
+        }
+        Ok(notices)
+    }
+
+    fn publish(&self, notices: &[Notice]) {
+        if let Some(newest) = notices.iter().map(|notice| notice.id).max() {
+            self.newest_notice.send_replace(newest);
+        }
+    }
+
+    /// Finds devices that became missing by `now`, records them, and
+    /// returns when the next one would.
+    ///
+    /// # Errors
+    /// On a store failure; the devices are checked again on the next run.
+    pub async fn detect_missing(
+        &self,
+        config: &DevicesConfig,
+        now: Timestamp,
+    ) -> Result<Option<Timestamp>, StoreError> {
+        let book = self.book.load_full();
+        let timing = self.timing(config);
+        let mut table = self.table.lock().await;
+        let mut change = Change::default();
+        for device in &book.devices {
+            let mut status = table.status(&device.id);
+            let before = status.clone();
+            self.transition(
+                config,
+                &book,
+                &table,
+                device,
+                &mut status,
+                now,
+                timing,
+                &mut change,
+            );
+            if status != before {
+                change.statuses.push((device.id.clone(), status));
+            }
+        }
+        if !change.statuses.is_empty() {
+            let statuses = change.statuses.clone();
+            let notices = self.commit(change, now).await?;
+            for (id, status) in statuses {
+                table.statuses.insert(id, status);
+            }
+            self.publish(&notices);
+        }
+        Ok(book
+            .devices
+            .iter()
+            .filter_map(|device| table.status(&device.id).missing_at(timing))
+            .min())
+    }
+
+    /// Waits until a subnet webhook is queued.
+    pub async fn outbox_queued(&self) {
+        self.outbox_queued.notified().await;
+    }
+
+    /// Waits until a device reports.
+    pub async fn reported(&self) {
+        self.reported.notified().await;
+    }
+
+    fn party(
+        &self,
+        config: &DevicesConfig,
+        device: &DeviceDefinition,
+        status: &DeviceStatus,
+        now: Timestamp,
+    ) -> Party {
+        Party {
+            id: Some(device.id.clone()),
+            name: device.name.clone(),
+            is_unsafe: status.evaluate(now, self.timing(config)).is_unsafe(),
+            excluded: self.exclusion(config, device),
+        }
+    }
+
+    /// Resolves a device id, a reported address or a computer name.
+    fn resolve(
+        &self,
+        config: &DevicesConfig,
+        book: &DeviceBook,
+        table: &Table,
+        text: &str,
+        now: Timestamp,
+    ) -> Result<Party, LookupError> {
+        if let Some(device) = book.get(text) {
+            return Ok(self.party(config, device, &table.status(&device.id), now));
+        }
+        if let Ok(address) = text.parse::<IpAddr>() {
+            let address = address.to_canonical();
+            let owner = table.owners.get(&address).and_then(|id| book.get(id));
+            return Ok(match owner {
+                Some(device) => self.party(config, device, &table.status(&device.id), now),
+                // No device has reported the address, so nothing is known
+                // against it.
+                None => Party {
+                    id: None,
+                    name: address.to_string(),
+                    is_unsafe: false,
+                    excluded: None,
+                },
+            });
+        }
+        if let Some(device) = book.find(text) {
+            return Ok(self.party(config, device, &table.status(&device.id), now));
+        }
+        Err(LookupError::NotFound(format!(
+            "{text:?} is neither a device id, a computer name in the devices file nor an IP address"
+        )))
+    }
+
+    /// Decides whether `source` may connect to `destination` (each a device
+    /// id, name or address) and records each refusal on the device that
+    /// refused.
+    ///
+    /// # Errors
+    /// [`LookupError::NotFound`] for an unknown id or name, or a store
+    /// failure while recording the refusal.
+    pub async fn access(
+        &self,
+        config: &DevicesConfig,
+        source: &str,
+        destination: &str,
+        now: Timestamp,
+    ) -> Result<AccessOutcome, LookupError> {
+        let book = self.book.load_full();
+        let (source, destination) = {
+            let table = self.table.lock().await;
+            (
+                self.resolve(config, &book, &table, source, now)?,
+                self.resolve(config, &book, &table, destination, now)?,
+            )
+        };
+        let decision = access::decide(&source, &destination, config.reject_unsafe);
+        if let access::Access::Refused { refusals } = &decision {
+            let mut events = Vec::new();
+            for refusal in refusals {
+                let mut details = Map::new();
+                details.insert("text".into(), refusal.text.clone().into());
+                details.insert("side".into(), refusal.side.as_str().into());
+                details.insert("source".into(), party_json(&source));
+                details.insert("destination".into(), party_json(&destination));
+                tracing::info!(device = refusal.device.as_deref().unwrap_or("-"),
+                    source = %source.name, destination = %destination.name, text = %refusal.text,
+                    "access refused");
+                events.push(Event::for_device(
+                    now,
+                    EventKind::AccessRefused,
+                    refusal.device.as_deref(),
+                    details,
+                ));
+            }
+            self.store.append(events).await?;
+        }
+        Ok(AccessOutcome {
+            source,
+            destination,
+            decision,
+        })
+    }
+
+    /// Returns the refusal of an SMTP client whose address belongs to an
+    /// unsafe device, and records it, when `relay_gate` and
+    /// `reject_unsafe` are both on and the device is not excluded.
+    pub async fn relay_gate(
+        &self,
+        config: &DevicesConfig,
+        client: IpAddr,
+        stage: &str,
+        now: Timestamp,
+    ) -> Option<RelayRefusal> {
+        if !(config.relay_gate && config.reject_unsafe) {
+            return None;
+        }
+        let book = self.book.load_full();
+        let party = {
+            let table = self.table.lock().await;
+            let id = table.owners.get(&client.to_canonical())?;
+            let device = book.get(id)?;
+            self.party(config, device, &table.status(id), now)
+        };
+        if !party.is_unsafe || party.excluded.is_some() {
+            return None;
+        }
+        let device = party.id.clone().unwrap_or_default();
+        let text = access::incoming_refusal_text(&party.name);
+        tracing::info!(device = %device, address = %client, stage, "relay refused an unsafe device");
+        let mut details = Map::new();
+        details.insert("name".into(), party.name.clone().into());
+        details.insert("client".into(), client.to_string().into());
+        details.insert("stage".into(), stage.into());
+        details.insert("text".into(), text.clone().into());
+        let event = Event::for_device(now, EventKind::RelayRefused, Some(&device), details);
+        if let Err(error) = self.store.append(vec![event]).await {
+            tracing::error!(%error, device = %device, "cannot record the relay_refused event");
+        }
+        Some(RelayRefusal {
+            device,
+            name: party.name,
+            text,
+        })
+    }
+
+    fn view_of(
+        &self,
+        config: &DevicesConfig,
+        device: &DeviceDefinition,
+        status: &DeviceStatus,
+        now: Timestamp,
+    ) -> Value {
+        let timing = self.timing(config);
+        let state = status.evaluate(now, timing);
+        let mut shown = status.clone();
+        shown.state = state;
+        let exclusion = self.exclusion(config, device);
+        json!({
+            "id": device.id,
+            "name": device.name,
+            "role": device.role.as_str(),
+            "owner": device.owner,
+            "subnets": Self::subnets(config, device, status).iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "addresses": status.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "state": state.as_str(),
+            "health": status.health,
+            "unsafe": state.is_unsafe(),
+            "unsafe_reason": shown.unsafe_reason(timing),
+            "last_heartbeat": status.last_report.map(Timestamp::to_rfc3339),
+            "missing_at": status.missing_at(timing).map(Timestamp::to_rfc3339),
+            "state_since": status.changed.map(Timestamp::to_rfc3339),
+            "excluded": exclusion.is_some(),
+            "exclusion_reason": exclusion,
+        })
+    }
+
+    /// Returns one device's view, or `None` for an id not in the devices
+    /// file.
+    pub async fn view(&self, config: &DevicesConfig, id: &str, now: Timestamp) -> Option<Value> {
+        let book = self.book.load_full();
+        let device = book.get(id)?;
+        let status = self.table.lock().await.status(id);
+        Some(self.view_of(config, device, &status, now))
+    }
+
+    /// Returns every device's view, in devices-file order.
+    pub async fn list(&self, config: &DevicesConfig, now: Timestamp) -> Vec<Value> {
+        let book = self.book.load_full();
+        let table = self.table.lock().await;
+        book.devices
+            .iter()
+            .map(|device| self.view_of(config, device, &table.status(&device.id), now))
+            .collect()
+    }
+
+    /// Returns the subnets of device `id` and the unsafe devices on them.
+    ///
+    /// # Errors
+    /// [`LookupError::NotFound`] for an id not in the devices file.
+    pub async fn subnet_view(
+        &self,
+        config: &DevicesConfig,
+        id: &str,
+        now: Timestamp,
+    ) -> Result<Value, LookupError> {
+        let book = self.book.load_full();
+        let device = book.get(id).ok_or_else(|| unknown_device(id))?;
+        let table = self.table.lock().await;
+        let subnets = Self::subnets(config, device, &table.status(id));
+        let timing = self.timing(config);
+        let unsafe_devices: Vec<Value> = book
+            .devices
+            .iter()
+            .filter(|other| other.id != id)
+            .filter(|other| {
+                let status = table.status(&other.id);
+                status.evaluate(now, timing).is_unsafe()
+                    && Self::subnets(config, other, &status)
+                        .iter()
+                        .any(|subnet| subnets.contains(subnet))
+            })
+            .map(|other| self.view_of(config, other, &table.status(&other.id), now))
+            .collect();
+        Ok(json!({
+            "device": id,
+            "subnets": subnets.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "unsafe": unsafe_devices,
+        }))
+    }
+
+    /// Returns a receiver that changes whenever a notice is stored.
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.newest_notice.subscribe()
+    }
+
+    /// Returns the id of the newest notice.
+    pub fn newest_notice(&self) -> i64 {
+        *self.newest_notice.borrow()
+    }
+
+    /// Returns the notices after `after` for device `id`: those about other
+    /// devices on its current subnets. The second value is the id to
+    /// continue after, past notices for other subnets.
+    ///
+    /// # Errors
+    /// [`LookupError::NotFound`] for an id not in the devices file, or a
+    /// store failure.
+    pub async fn notices_for(
+        &self,
+        config: &DevicesConfig,
+        id: &str,
+        after: i64,
+    ) -> Result<(Vec<Notice>, i64), LookupError> {
+        let book = self.book.load_full();
+        let device = book.get(id).ok_or_else(|| unknown_device(id))?;
+        let subnets: Vec<String> = {
+            let table = self.table.lock().await;
+            Self::subnets(config, device, &table.status(id))
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        let read = self
+            .store
+            .call(move |connection| device_store::notices_after(connection, after, NOTICE_BATCH))
+            .await?;
+        let cursor = read.last().map_or(after, |notice| notice.id);
+        let notices = read
+            .into_iter()
+            .filter(|notice| notice.device != id && subnets.contains(&notice.subnet))
+            .collect();
+        Ok((notices, cursor))
+    }
+
+    /// Returns the exclusions made through the API.
+    ///
+    /// # Errors
+    /// On a store failure.
+    pub async fn added_exclusions(&self) -> Result<Vec<ExclusionRow>, StoreError> {
+        self.store
+            .call(|connection| device_store::exclusions(connection))
+            .await
+    }
+
+    /// Excludes device `id` and records who did it and why; returns false
+    /// when it was already excluded through the API.
+    ///
+    /// # Errors
+    /// [`LookupError::NotFound`] for an id not in the devices file, or a
+    /// store failure.
+    pub async fn add_exclusion(
+        &self,
+        id: &str,
+        reason: &str,
+        author: &str,
+        now: Timestamp,
+    ) -> Result<bool, LookupError> {
+        if self.book.load().get(id).is_none() {
+            return Err(unknown_device(id));
+        }
+        let row = ExclusionRow {
+            device: id.to_string(),
+            reason: reason.to_string(),
+            author: author.to_string(),
+            created: now,
+        };
+        let mut details = Map::new();
+        details.insert("reason".into(), reason.into());
+        details.insert("by".into(), author.into());
+        let event = Event::for_device(now, EventKind::DeviceExclusionAdded, Some(id), details);
+        let added = self
+            .store
+            .call(move |connection| device_store::add_exclusion(connection, &row, &event))
+            .await?;
+        self.load_exclusions().await?;
+        tracing::info!(device = %id, author, reason, added, "device exclusion added");
+        Ok(added)
+    }
+
+    /// Removes an exclusion made through the API and records who removed
+    /// it; returns the removed exclusion, or `None` when there was none.
+    ///
+    /// # Errors
+    /// On a store failure.
+    pub async fn remove_exclusion(
+        &self,
+        id: &str,
+        by: &str,
+        now: Timestamp,
+    ) -> Result<Option<ExclusionRow>, StoreError> {
+        let mut details = Map::new();
+        details.insert("by".into(), by.into());
+        let event = Event::for_device(now, EventKind::DeviceExclusionRemoved, Some(id), details);
+        let id_owned = id.to_string();
+        let removed = self
+            .store
+            .call(move |connection| device_store::remove_exclusion(connection, &id_owned, &event))
+            .await?;
+        self.load_exclusions().await?;
+        tracing::info!(device = %id, by, removed = removed.is_some(), "device exclusion removed");
+        Ok(removed)
+    }
+
+    async fn load_exclusions(&self) -> Result<(), StoreError> {
+        let rows = self.added_exclusions().await?;
+        self.added_exclusions
+            .store(Arc::new(rows.into_iter().map(|row| row.device).collect()));
+        Ok(())
+    }
+
+    /// Deletes notices older than `before`.
+    ///
+    /// # Errors
+    /// On a store failure.
+    pub async fn prune_notices(&self, before: Timestamp) -> Result<usize, StoreError> {
+        self.store
+            .call(move |connection| device_store::delete_notices_before(connection, before))
+            .await
+    }
+}
+
+fn unknown_device(id: &str) -> LookupError {
+    LookupError::NotFound(format!(
+        "device {id:?} is not in the devices file (devices.file); add a [[device]] entry and reload"
+    ))
+}
+
+fn party_json(party: &Party) -> Value {
+    json!({ "id": party.id, "name": party.name })
+}
+
+fn subnet_webhook(
+    notice: &Value,
+    peers: Vec<Value>,
+    device: &DeviceDefinition,
+    now: Timestamp,
+) -> OutboxEntry {
+    let delivery_id = new_delivery_id();
+    let mut body = notice.clone();
+    if let Value::Object(map) = &mut body {
+        map.insert("type".into(), "subnet_notice".into());
+        map.insert("delivery_id".into(), delivery_id.clone().into());
+        map.insert("notice".into(), notice["type"].clone());
+        map.insert("owner".into(), device.owner.clone().into());
+        map.insert("notify".into(), peers.into());
+    }
+    OutboxEntry {
+        delivery_id,
+        kind: ActionKind::SubnetNotice,
+        mailbox: None,
+        key_client: None,
+        body: body.to_string(),
+        created: now,
+    }
+}
+
+fn constant_time_eq(left: &[u8; 32], right: &[u8; 32]) -> bool {
+    left.iter()
+        .zip(right)
+        .fold(0u8, |difference, (a, b)| difference | (a ^ b))
+        == 0
+}
+
+/// Records devices that become missing when they do, and deletes notices
+/// older than `events.keep` hourly, until `shutdown` fires.
+pub async fn run_device_timer(guard: Arc<Guard>, mut shutdown: watch::Receiver<bool>) {
+    const RETRY: Duration = Duration::from_secs(5);
+    const IDLE: Duration = Duration::from_secs(3600);
+    let mut next_prune = Timestamp::now();
+    loop {
+        let now = Timestamp::now();
+        let runtime = guard.runtime();
+        if now >= next_prune {
+            let before = now.saturating_sub(runtime.config.events.keep);
+            match guard.devices().prune_notices(before).await {
+                Ok(deleted) if deleted > 0 => tracing::info!(deleted, "old subnet notices deleted"),
+                Ok(_) => {}
+                Err(error) => tracing::error!(%error, "cannot delete old subnet notices"),
+            }
+            next_prune = now.saturating_add(IDLE);
+        }
+        let wait = match guard
+            .devices()
+            .detect_missing(&runtime.config.devices, now)
+            .await
+        {
+            Ok(Some(next)) => next.since(Timestamp::now()).min(IDLE),
+            Ok(None) => IDLE,
+            Err(error) => {
+                tracing::error!(%error, "cannot record missing devices; retrying");
+                RETRY
+            }
+        };
+        drop(runtime);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = guard.devices().reported() => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! Device state, subnet notices and device exclusions in SQLite.
+
+use super::{StoreError, outbox, sqlite};
+use crate::actions::OutboxEntry;
+use crate::events::Event;
+use crate::heartbeat::DeviceStatus;
+use crate::policy::Timestamp;
+use rusqlite::{Connection, OptionalExtension, params};
+
+pub(super) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS devices (
+    id      TEXT PRIMARY KEY,
+    status  TEXT NOT NULL,
+    updated INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS device_notices (
+    id     INTEGER PRIMARY KEY,
+    time   INTEGER NOT NULL,
+    subnet TEXT NOT NULL,
+    device TEXT NOT NULL,
+    body   TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS device_notices_time ON device_notices (time);
+CREATE TABLE IF NOT EXISTS device_exclusions (
+    device  TEXT PRIMARY KEY,
+    reason  TEXT NOT NULL,
+    author  TEXT NOT NULL,
+    created INTEGER NOT NULL
+);
+";
+
+/// A notice to the devices of one subnet that a device became unsafe or
+/// safe again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notice {
+    /// Row id; the SSE event id, increasing.
+    pub id: i64,
+    pub time: Timestamp,
+    pub subnet: String,
+    /// The device the notice is about.
+    pub device: String,
+    /// The JSON object sent to the devices.
+    pub body: serde_json::Value,
+}
+
+/// A device excluded through the API.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExclusionRow {
+    pub device: String,
+    pub reason: String,
+    pub author: String,
+    pub created: Timestamp,
+}
+
+/// Reads the stored status of every device.
+///
+/// # Errors
+/// On a database failure or a row that does not decode.
+pub fn load_all(connection: &Connection) -> Result<Vec<(String, DeviceStatus)>, StoreError> {
+    let mut statement = connection.prepare("SELECT id, status FROM devices ORDER BY id")?;
+    let rows = statement.query_map([], |row| {
+        Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+    })?;
+    let mut statuses = Vec::new();
+    for row in rows {
+        let (id, status) = row?;
+        statuses.push((id, serde_json::from_str(&status)?));
+    }
+    Ok(statuses)
+}
+
+/// A change of device state to write in one transaction.
+#[derive(Debug, Default)]
+pub struct Change {
+    pub statuses: Vec<(String, DeviceStatus)>,
+    pub events: Vec<Event>,
+    /// Notices without their id, which the store assigns.
+    pub notices: Vec<Notice>,
+    pub deliveries: Vec<OutboxEntry>,
+}
+
+/// Writes statuses, events, notices and deliveries in one transaction and
+/// returns the notices with their ids.
+///
+/// # Errors
+/// On a database failure; nothing is written then.
+pub fn commit(
+    connection: &mut Connection,
+    change: Change,
+    now: Timestamp,
+) -> Result<Vec<Notice>, StoreError> {
+    let transaction = connection.transaction()?;
+    for (id, status) in &change.statuses {
+        transaction.execute(
+            "INSERT INTO devices (id, status, updated) VALUES (?1, ?2, ?3)
+             ON CONFLICT (id) DO UPDATE SET status = excluded.status, updated = excluded.updated",
+            params![id, serde_json::to_string(status)?, now.millis()],
+        )?;
+    }
+    for event in &change.events {
+        sqlite::insert_event(&transaction, event)?;
+    }
+    let mut notices = Vec::with_capacity(change.notices.len());
+    for mut notice in change.notices {
+        transaction.execute(
+            "INSERT INTO device_notices (time, subnet, device, body) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                notice.time.millis(),
+                notice.subnet,
+                notice.device,
+                notice.body.to_string()
+            ],
+        )?;
+        notice.id = transaction.last_insert_rowid();
+        if let serde_json::Value::Object(body) = &mut notice.body {
+            body.insert("id".into(), notice.id.into());
+        }
+        notices.push(notice);
+    }
+    for entry in &change.deliveries {
+        outbox::insert(&transaction, entry)?;
+    }
+    transaction.commit()?;
+    Ok(notices)
+}
+
+/// Returns up to `limit` notices stored after the notice `after`, oldest
+/// first.
+///
+/// # Errors
+/// On a database failure or a row that does not decode.
+pub fn notices_after(
+    connection: &Connection,
+    after: i64,
+    limit: usize,
+) -> Result<Vec<Notice>, StoreError> {
+    let mut statement = connection.prepare(
+        "SELECT id, time, subnet, device, body FROM device_notices WHERE id > ?1 ORDER BY id LIMIT ?2",
+    )?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = statement.query_map(params![after, limit], |row| {
+        Ok((
+            row.get::<_, i64>(0)?,
+            row.get::<_, i64>(1)?,
+            row.get::<_, String>(2)?,
+            row.get::<_, String>(3)?,
+            row.get::<_, String>(4)?,
+        ))
+    })?;
+    let mut notices = Vec::new();
+    for row in rows {
+        let (id, time, subnet, device, body) = row?;
+        let mut body: serde_json::Value = serde_json::from_str(&body)?;
+        if let serde_json::Value::Object(map) = &mut body {
+            map.insert("id".into(), id.into());
+        }
+        notices.push(Notice {
+            id,
+            time: Timestamp(time),
+            subnet,
+            device,
+            body,
+        });
+    }
+    Ok(notices)
+}
+
+/// Returns the id of the newest notice, 0 when there is none.
+///
+/// # Errors
+/// On a database failure.
+pub fn last_notice_id(connection: &Connection) -> Result<i64, StoreError> {
+    Ok(connection.query_row(
+        "SELECT COALESCE(MAX(id), 0) FROM device_notices",
+        [],
+        |row| row.get(0),
+    )?)
+}
+
+/// Deletes notices older than `before` and returns how many.
+///
+/// # Errors
+/// On a database failure.
+pub fn delete_notices_before(
+    connection: &Connection,
+    before: Timestamp,
+) -> Result<usize, StoreError> {
+    Ok(connection.execute(
+        "DELETE FROM device_notices WHERE time < ?1",
+        params![before.millis()],
+    )?)
+}
+
+/// Returns the exclusions made through the API.
+///
+/// # Errors
+/// On a database failure.
+pub fn exclusions(connection: &Connection) -> Result<Vec<ExclusionRow>, StoreError> {
+    let mut statement = connection
+        .prepare("SELECT device, reason, author, created FROM device_exclusions ORDER BY device")?;
+    let rows = statement.query_map([], |row| {
+        Ok(ExclusionRow {
+            device: row.get(0)?,
+            reason: row.get(1)?,
+            author: row.get(2)?,
+            created: Timestamp(row.get(3)?),
+        })
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// Adds an exclusion with its event; returns false when the device was
+/// already excluded (nothing is written then).
+///
+/// # Errors
+/// On a database failure.
+pub fn add_exclusion(
+    connection: &mut Connection,
+    row: &ExclusionRow,
+    event: &Event,
+) -> Result<bool, StoreError> {
+    let transaction = connection.transaction()?;
+    let added = transaction.execute(
+        "INSERT INTO device_exclusions (device, reason, author, created) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (device) DO NOTHING",
+        params![row.device, row.reason, row.author, row.created.millis()],
+    )? == 1;
+    if added {
+        sqlite::insert_event(&transaction, event)?;
+    }
+    transaction.commit()?;
+    Ok(added)
+}
+
+/// Removes an exclusion with its event; returns the removed row, or `None`
+/// when the device had no exclusion.
+///
+/// # Errors
+/// On a database failure.
+pub fn remove_exclusion(
+    connection: &mut Connection,
+    device: &str,
+    event: &Event,
+) -> Result<Option<ExclusionRow>, StoreError> {
+    let transaction = connection.transaction()?;
+    let row = transaction
+        .query_row(
+            "SELECT device, reason, author, created FROM device_exclusions WHERE device = ?1",
+            params![device],
+            |row| {
+                Ok(ExclusionRow {
+                    device: row.get(0)?,
+                    reason: row.get(1)?,
+                    author: row.get(2)?,
+                    created: Timestamp(row.get(3)?),
+                })
+            },
+        )
+        .optional()?;
+    if row.is_some() {
+        transaction.execute(
+            "DELETE FROM device_exclusions WHERE device = ?1",
+            params![device],
+        )?;
+        sqlite::insert_event(&transaction, event)?;
+    }
+    transaction.commit()?;
+    Ok(row)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::EventKind;
+
+    fn notice(subnet: &str, device: &str) -> Notice {
+        Notice {
+            id: 0,
+            time: Timestamp::from_secs(100),
+            subnet: subnet.to_string(),
+            device: device.to_string(),
+            body: serde_json::json!({ "device": device }),
+        }
+    }
+
+    #[test]
+    fn notices_numbered_and_resumed() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let mut connection = sqlite::open(&dir.path().join("s.db")).expect("open");
+        let change = Change {
+            notices: vec![notice("10.0.0.0/24", "a"), notice("10.0.1.0/24", "b")],
+            ..Change::default()
+        };
+        let stored = commit(&mut connection, change, Timestamp::from_secs(100)).expect("commit");
+        assert_eq!(stored[0].body["id"], stored[0].id);
+        assert_eq!(last_notice_id(&connection).expect("id"), stored[1].id);
+        let after = notices_after(&connection, stored[0].id, 10).expect("read");
+        assert_eq!(after.len(), 1);
+        assert_eq!(after[0].device, "b");
+        assert_eq!(after[0].body["id"], stored[1].id);
+    }
+
+    #[test]
+    fn status_round_trip() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let mut connection = sqlite::open(&dir.path().join("s.db")).expect("open");
+        let mut status = DeviceStatus::default();
+        status.heartbeat(
+            crate::heartbeat::Health::Red,
+            vec!["10.0.0.1".parse().expect("address")],
+            Timestamp::from_secs(5),
+        );
+        let change = Change {
+            statuses: vec![("dev-1".to_string(), status.clone())],
+            ..Change::default()
+        };
+        commit(&mut connection, change, Timestamp::from_secs(5)).expect("commit");
+        let loaded = load_all(&connection).expect("load");
+        assert_eq!(loaded, vec![("dev-1".to_string(), status)]);
+    }
+
+    #[test]
+    fn exclusion_added_once_removed_once() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let mut connection = sqlite::open(&dir.path().join("s.db")).expect("open");
+        let row = ExclusionRow {
+            device: "dev-1".to_string(),
+            reason: "file server".to_string(),
+            author: "jdoe".to_string(),
+            created: Timestamp::from_secs(1),
+        };
+        let event = Event::for_device(
+            Timestamp::from_secs(1),
+            EventKind::DeviceExclusionAdded,
+            Some("dev-1"),
+            serde_json::Map::new(),
+        );
+        assert!(add_exclusion(&mut connection, &row, &event).expect("add"));
+        assert!(!add_exclusion(&mut connection, &row, &event).expect("add again"));
+        assert_eq!(exclusions(&connection).expect("list"), vec![row.clone()]);
+        let removed = remove_exclusion(&mut connection, "dev-1", &event).expect("remove");
+        assert_eq!(removed, Some(row));
+        assert_eq!(
+            remove_exclusion(&mut connection, "dev-1", &event).expect("remove again"),
+            None
+        );
+    }
+}
