@@ -1,4 +1,5 @@
 mod commands;
+mod device_commands;
 
 use clap::{Parser, Subcommand};
 use commands::{Output, Remote, print};
@@ -91,6 +92,12 @@ enum Command {
     Exemptions {
         #[command(subcommand)]
         command: ExemptionCommand,
+    },
+    /// Device health: report as an agent, watch subnet notices, list
+    /// devices, decide access, manage exclusions.
+    Device {
+        #[command(subcommand)]
+        command: device_commands::DeviceCommand,
     },
     /// Make and hash bearer tokens for the admin API.
     Token {
@@ -243,6 +250,7 @@ fn main() -> ExitCode {
             server,
         }),
         Command::Exemptions { command } => exemptions(command),
+        Command::Device { command } => device_commands::run(command),
         Command::Token {
             command: TokenCommand::Generate,
         } => commands::generate_token(),

@@ -8,6 +8,7 @@ pub mod milter_client;
 pub mod postfix;
 pub mod sendguard;
 pub mod smtp_client;
+pub mod sse;
 pub mod tls;
 pub mod upstream;
 pub mod webhook;
