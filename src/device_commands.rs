@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Where the device commands send their requests.
+/// The server and token the device commands use.
 #[derive(Args, Clone)]
 pub struct Connection {
     /// URL of the server's admin API, such as http://127.0.0.1:8025.
@@ -350,7 +350,7 @@ async fn watch(api: &Api, id: &str, mut last_event_id: Option<i64>) -> Result<()
                 let body = response.text().await.unwrap_or_default();
                 return Err(format!("server answered {status}: {body}"));
             }
-            Ok(response) => eprintln!("sendguard: server answered {}", response.status()),
+            Ok(response) => eprintln!("sendguard: server returned {}", response.status()),
             Err(error) => eprintln!("sendguard: request to {address} failed: {error}"),
         }
         eprintln!(

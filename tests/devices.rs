@@ -359,7 +359,7 @@ fn restart_keeps_state_and_grace() {
     site.report("dev-b", "red", &["10.1.0.2"]);
 
     // Down for longer than the timeout: the reports sent meanwhile were
-    // lost, so nobody may be missing at once after the start.
+    // lost, so no device may be missing at once after the start.
     site.server.kill9();
     std::thread::sleep(Duration::from_secs(4));
     let restarted = Instant::now();
@@ -511,7 +511,7 @@ fn watch_command_prints_notices() {
             let _ = lines_sender.send(line);
         }
     });
-    // The watcher says on standard error when it is connected; until then
+    // The watcher writes to standard error once it is connected; before that
     // a notice could come before the stream starts.
     let stderr = watch.stderr.take().expect("stderr");
     let mut stderr = std::io::BufReader::new(stderr);
@@ -683,20 +683,23 @@ fn reject_unsafe_off_refuses_nothing() {
             .iter()
             .any(|event| event["type"] == "device_state_changed" && event["to"] == "red")
     );
-    let mut client = SmtpClient::connect_from(&site.server.address, "127.0.0.2");
-    client.cmd("EHLO client.test", 250);
-    let reply = client.send_message(
-        "alice@example.org",
-        &["bob@example.net"],
-        b"Subject: hi\r\n\r\nLunch?\r\n",
-    );
+    let reply = send_clean(&site.server.address, "127.0.0.2");
     assert_eq!(reply.code, 250, "{}", reply.text());
-    client.quit();
     assert!(site.texts_on("dev-a").is_empty());
     assert!(site.texts_on("dev-b").is_empty());
 }
 
 const CLEAN: &[u8] = b"Subject: hi\r\n\r\nLunch?\r\n";
+
+/// Sends one clean message from `client_address` through `server` and
+/// returns the final reply.
+fn send_clean(server: &str, client_address: &str) -> common::smtp_client::Reply {
+    let mut client = SmtpClient::connect_from(server, client_address);
+    client.cmd("EHLO client.test", 250);
+    let reply = client.send_message("alice@example.org", &["bob@example.net"], CLEAN);
+    client.quit();
+    reply
+}
 const GATE_TEXT: &str = "Access request from computer PC-A denied because it may be unsafe";
 
 fn gate_devices() -> Vec<Spec> {
@@ -744,21 +747,15 @@ fn relay_gate_refuses_at_connect() {
 
     // A healthy device and an excluded server are served.
     for address in ["127.0.0.3", "127.0.0.4", "127.0.0.5"] {
-        let mut client = SmtpClient::connect_from(&site.server.address, address);
-        client.cmd("EHLO client.test", 250);
-        let reply = client.send_message("alice@example.org", &["bob@example.net"], CLEAN);
+        let reply = send_clean(&site.server.address, address);
         assert_eq!(reply.code, 250, "{address}: {}", reply.text());
-        client.quit();
     }
 
     // The address is reused by a healthy device: it follows that device.
     site.report("dev-n", "green", &["127.0.0.2"]);
     assert_eq!(site.device("dev-a")["addresses"], json!([]));
-    let mut client = SmtpClient::connect_from(&site.server.address, "127.0.0.2");
-    client.cmd("EHLO client.test", 250);
-    let reply = client.send_message("alice@example.org", &["bob@example.net"], CLEAN);
+    let reply = send_clean(&site.server.address, "127.0.0.2");
     assert_eq!(reply.code, 250, "{}", reply.text());
-    client.quit();
 
     // With the gate off, an unsafe client is served too.
     let open = Site::start(
@@ -769,11 +766,8 @@ fn relay_gate_refuses_at_connect() {
         "",
     );
     report_gate_devices(&open);
-    let mut client = SmtpClient::connect_from(&open.server.address, "127.0.0.2");
-    client.cmd("EHLO client.test", 250);
-    let reply = client.send_message("alice@example.org", &["bob@example.net"], CLEAN);
+    let reply = send_clean(&open.server.address, "127.0.0.2");
     assert_eq!(reply.code, 250, "{}", reply.text());
-    client.quit();
     assert!(open.texts_on("dev-a").is_empty());
 }
 
@@ -821,19 +815,13 @@ fn relay_gate_behind_proxy_filter() {
     assert_eq!(refused[0]["stage"], "mail");
 
     for address in ["127.0.0.3", "127.0.0.4"] {
-        let mut client = SmtpClient::connect_from(&postfix.address, address);
-        client.cmd("EHLO client.test", 250);
-        let reply = client.send_message("alice@example.org", &["bob@example.net"], CLEAN);
+        let reply = send_clean(&postfix.address, address);
         assert_eq!(reply.code, 250, "{address}: {}", reply.text());
-        client.quit();
     }
 
     turn_gate_off(&site);
-    let mut client = SmtpClient::connect_from(&postfix.address, "127.0.0.2");
-    client.cmd("EHLO client.test", 250);
-    let reply = client.send_message("alice@example.org", &["bob@example.net"], CLEAN);
+    let reply = send_clean(&postfix.address, "127.0.0.2");
     assert_eq!(reply.code, 250, "{}", reply.text());
-    client.quit();
     sink.wait_for_messages(3, Duration::from_secs(30));
 }
 
@@ -866,19 +854,13 @@ fn relay_gate_in_milter() {
     client.quit();
 
     for address in ["127.0.0.3", "127.0.0.4"] {
-        let mut client = SmtpClient::connect_from(&postfix.address, address);
-        client.cmd("EHLO client.test", 250);
-        let reply = client.send_message("alice@example.org", &["bob@example.net"], CLEAN);
+        let reply = send_clean(&postfix.address, address);
         assert_eq!(reply.code, 250, "{address}: {}", reply.text());
-        client.quit();
     }
 
     turn_gate_off(&site);
-    let mut client = SmtpClient::connect_from(&postfix.address, "127.0.0.2");
-    client.cmd("EHLO client.test", 250);
-    let reply = client.send_message("alice@example.org", &["bob@example.net"], CLEAN);
+    let reply = send_clean(&postfix.address, "127.0.0.2");
     assert_eq!(reply.code, 250, "{}", reply.text());
-    client.quit();
     sink.wait_for_messages(3, Duration::from_secs(60));
     assert_eq!(site.texts_on("dev-a"), [GATE_TEXT]);
 }

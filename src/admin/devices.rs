@@ -31,7 +31,7 @@ type Shared = State<Arc<Guard>>;
 /// through proxies.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
-/// The device routes, merged into the API's router.
+/// Builds the device routes, which the API merges into its router.
 pub fn routes() -> Router<Arc<Guard>> {
     Router::new()
         .route("/api/v1/heartbeats", post(heartbeat))
@@ -47,7 +47,7 @@ pub fn routes() -> Router<Arc<Guard>> {
         .route("/api/v1/device-exclusions/{id}", delete(remove_exclusion))
 }
 
-/// Who calls a device endpoint.
+/// The caller of a device endpoint.
 enum Caller {
     Operator(Role),
     Device(String),

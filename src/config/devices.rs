@@ -94,7 +94,7 @@ pub(super) fn validate(devices: &DevicesConfig, has_secret: bool, problems: &mut
     }
 }
 
-/// What a device is used for; update caches and message relays are
+/// The purpose of a device; update caches and message relays are
 /// excluded by default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]

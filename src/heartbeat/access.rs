@@ -5,18 +5,18 @@ use ipnet::IpNet;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-/// The event text logged on a destination that refused an unsafe source.
+/// Builds the event text logged on a destination that refused an unsafe source.
 pub fn incoming_refusal_text(source_name: &str) -> String {
     format!("Access request from computer {source_name} denied because it may be unsafe")
 }
 
-/// The event text logged on a source that was kept from an unsafe
+/// Builds the event text logged on a source that was kept from an unsafe
 /// destination.
 pub fn outgoing_refusal_text(destination_name: &str) -> String {
     format!("Access to computer {destination_name} denied because it may be unsafe")
 }
 
-/// One end of a connection, as the decision sees it.
+/// One end of a connection, with the facts the decision uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Party {
     /// Device id; `None` for an address no device has reported.

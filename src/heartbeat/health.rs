@@ -28,12 +28,12 @@ impl Health {
     }
 }
 
-/// The state a device is in, as sendguard sees it.
+/// The health state of a device as derived by sendguard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceState {
-    /// The device has never reported. It is not unsafe: sendguard knows
-    /// nothing against it.
+    /// The device has never reported. It is not unsafe, because sendguard has
+    /// no report against it.
     #[default]
     Unknown,
     Green,
@@ -79,7 +79,7 @@ impl fmt::Display for DeviceState {
     }
 }
 
-/// What sendguard stores about a device between reports.
+/// The stored state of a device between its reports.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DeviceStatus {
     /// Health of the last heartbeat; `None` before the first one.

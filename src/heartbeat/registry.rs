@@ -24,7 +24,7 @@ use tokio::sync::{Mutex, Notify, watch};
 /// Notices read from the store per query of a stream.
 const NOTICE_BATCH: usize = 500;
 
-/// What a device's agent reports.
+/// A report from a device's agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Report {
     /// A heartbeat with the device's health and current addresses.
@@ -36,7 +36,7 @@ pub enum Report {
     Offline,
 }
 
-/// Why a device or address could not be used.
+/// The failure to use a device or address.
 #[derive(Debug, thiserror::Error)]
 pub enum LookupError {
     #[error("{0}")]
