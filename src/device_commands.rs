@@ -82,6 +82,22 @@ pub enum DeviceCommand {
         source: String,
         destination: String,
     },
+    /// Show the device settings in force with their source, or override
+    /// reject_unsafe until it is reset (a reload does not undo it).
+    Settings {
+        #[command(flatten)]
+        connection: Connection,
+        /// true or false overrides devices.reject_unsafe; file goes back
+        /// to the configuration file's value.
+        #[arg(long)]
+        reject_unsafe: Option<String>,
+        /// Why; recorded in the events report.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Who; recorded in the events report.
+        #[arg(long)]
+        author: Option<String>,
+    },
     /// List, add or remove device exclusions made through the API.
     Exclusions {
         #[command(subcommand)]
@@ -194,6 +210,35 @@ async fn execute(command: DeviceCommand) -> Result<(), String> {
             };
             println!("{verdict}: {}", text(&answer["reason"]));
             Ok(())
+        }
+        DeviceCommand::Settings {
+            connection,
+            reject_unsafe,
+            reason,
+            author,
+        } => {
+            let api = Api::new(&connection)?;
+            let Some(value) = reject_unsafe else {
+                return print_json(
+                    &api.send(reqwest::Method::GET, "/api/v1/device-settings", None)
+                        .await?,
+                );
+            };
+            let value = match value.as_str() {
+                "true" => Value::Bool(true),
+                "false" => Value::Bool(false),
+                "file" => Value::Null,
+                other => {
+                    return Err(format!(
+                        "invalid --reject-unsafe {other:?}: give true, false, or file to use the configuration file's value"
+                    ));
+                }
+            };
+            let body = json!({ "reject_unsafe": value, "reason": reason, "author": author });
+            print_json(
+                &api.send(reqwest::Method::PUT, "/api/v1/device-settings", Some(body))
+                    .await?,
+            )
         }
         DeviceCommand::Exclusions { command } => exclusions(command).await,
     }

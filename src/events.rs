@@ -61,6 +61,8 @@ pub enum EventKind {
     DeviceExclusionAdded,
     /// A device exclusion made through the API was removed.
     DeviceExclusionRemoved,
+    /// A device setting was overridden or reset through the API.
+    DeviceSettingChanged,
 }
 
 impl EventKind {
@@ -86,11 +88,12 @@ impl EventKind {
             EventKind::RelayRefused => "relay_refused",
             EventKind::DeviceExclusionAdded => "device_exclusion_added",
             EventKind::DeviceExclusionRemoved => "device_exclusion_removed",
+            EventKind::DeviceSettingChanged => "device_setting_changed",
         }
     }
 
     /// Every kind, in the order of this list.
-    pub const ALL: [EventKind; 20] = [
+    pub const ALL: [EventKind; 21] = [
         EventKind::BadMessage,
         EventKind::SenderRefused,
         EventKind::LockoutStarted,
@@ -111,6 +114,7 @@ impl EventKind {
         EventKind::RelayRefused,
         EventKind::DeviceExclusionAdded,
         EventKind::DeviceExclusionRemoved,
+        EventKind::DeviceSettingChanged,
     ];
 
     pub fn parse(text: &str) -> Option<EventKind> {
@@ -501,6 +505,13 @@ impl Event {
                 "{}: {}",
                 self.detail_text("device"),
                 self.detail_text("text")
+            ),
+            EventKind::DeviceSettingChanged => format!(
+                "{} = {} by {}: {}",
+                self.detail_text("setting"),
+                self.detail_text("value"),
+                self.detail_text("by"),
+                self.detail_text("reason")
             ),
             EventKind::DeviceExclusionAdded | EventKind::DeviceExclusionRemoved => format!(
                 "{} by {}: {}",

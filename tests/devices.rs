@@ -89,6 +89,12 @@ impl Site {
         }
     }
 
+    /// Starts a site whose upstream does not listen, for tests that send
+    /// no mail.
+    fn without_relay(devices: &[Spec], devices_section: &str) -> Site {
+        Site::start(&common::closed_address(), devices, devices_section, "", "")
+    }
+
     fn token(&self, id: &str) -> &str {
         &self.tokens[id]
     }
@@ -126,6 +132,11 @@ impl Site {
         let response = self.get(&format!("/api/v1/devices/{id}"));
         assert_eq!(response.status, 200, "{}", response.body);
         response.json()
+    }
+
+    /// Sends a request with the admin token.
+    fn admin(&self, method: &str, path: &str, body: Option<&Value>) -> Response {
+        request(&self.api, method, path, Some(ADMIN_TOKEN), body)
     }
 
     fn get(&self, path: &str) -> Response {
@@ -206,13 +217,7 @@ fn office() -> Vec<Spec> {
 
 #[test]
 fn red_device_refused_both_ways() {
-    let site = Site::start(
-        &common::closed_address(),
-        &office(),
-        "reject_unsafe = true",
-        "",
-        "",
-    );
+    let site = Site::without_relay(&office(), "reject_unsafe = true");
     site.report("dev-a", "red", &["10.1.0.1"]);
     site.report("dev-b", "green", &["10.1.0.2"]);
     site.report("dev-c", "yellow", &["10.1.0.3"]);
@@ -480,13 +485,7 @@ fn subnet_told_over_events_and_webhook() {
 
 #[test]
 fn watch_command_prints_notices() {
-    let site = Site::start(
-        &common::closed_address(),
-        &office(),
-        "reject_unsafe = true",
-        "",
-        "",
-    );
+    let site = Site::without_relay(&office(), "reject_unsafe = true");
     site.report("dev-a", "green", &["10.1.0.1"]);
     site.report("dev-b", "green", &["10.1.0.2"]);
     let token_file = site.files.path().join("dev-b.token");
@@ -577,13 +576,7 @@ fn servers() -> Vec<Spec> {
 
 #[test]
 fn excluded_servers_by_default() {
-    let site = Site::start(
-        &common::closed_address(),
-        &servers(),
-        "reject_unsafe = true",
-        "",
-        "",
-    );
+    let site = Site::without_relay(&servers(), "reject_unsafe = true");
     site.report("dev-a", "red", &["10.1.0.1"]);
     site.report("dev-b", "green", &["10.1.0.2"]);
     site.report("cache", "red", &["10.1.0.3"]);
@@ -597,22 +590,14 @@ fn excluded_servers_by_default() {
     assert_eq!(site.access("dev-a", "files")["allowed"], false);
 
     // An operator excludes the file server through the API, audited.
-    let response = request(
-        &site.api,
+    let response = site.admin(
         "POST",
         "/api/v1/device-exclusions",
-        Some(ADMIN_TOKEN),
         Some(&json!({ "device": "files", "reason": "backups", "author": "jdoe" })),
     );
     assert_eq!(response.status, 201, "{}", response.body);
     assert_eq!(site.access("dev-a", "files")["allowed"], true);
-    let response = request(
-        &site.api,
-        "DELETE",
-        "/api/v1/device-exclusions/files?by=jdoe",
-        Some(ADMIN_TOKEN),
-        None,
-    );
+    let response = site.admin("DELETE", "/api/v1/device-exclusions/files?by=jdoe", None);
     assert_eq!(response.status, 200, "{}", response.body);
     assert_eq!(site.access("dev-a", "files")["allowed"], false);
     let audit: Vec<Value> = site
@@ -630,12 +615,9 @@ fn excluded_servers_by_default() {
     assert_eq!(audit[0]["reason"], "backups");
 
     // Without the default exclusions, both are refused.
-    let strict = Site::start(
-        &common::closed_address(),
+    let strict = Site::without_relay(
         &servers(),
         "reject_unsafe = true\nexclude_update_caches = false\nexclude_message_relays = false",
-        "",
-        "",
     );
     strict.report("dev-a", "red", &["10.1.0.1"]);
     strict.report("cache", "green", &["10.1.0.3"]);
@@ -867,13 +849,7 @@ fn relay_gate_in_milter() {
 
 #[test]
 fn devices_file_reload_keeps_previous() {
-    let site = Site::start(
-        &common::closed_address(),
-        &office(),
-        "reject_unsafe = true",
-        "",
-        "",
-    );
+    let site = Site::without_relay(&office(), "reject_unsafe = true");
     std::fs::write(site.devices_file(), "[[device]]\nid = \"x\"\n").expect("break file");
     site.server.reload();
     let response = site.get("/api/v1/devices");
@@ -895,4 +871,65 @@ fn devices_file_reload_keeps_previous() {
     let stderr = String::from_utf8_lossy(&output.stderr).to_string()
         + &String::from_utf8_lossy(&output.stdout);
     assert!(stderr.contains("devices.file"), "{stderr}");
+}
+
+#[test]
+fn reject_unsafe_set_through_api() {
+    let site = Site::without_relay(&office(), "reject_unsafe = true");
+    site.report("dev-a", "red", &["10.1.0.1"]);
+    site.report("dev-b", "green", &["10.1.0.2"]);
+    assert_eq!(site.access("dev-a", "dev-b")["allowed"], false);
+
+    // The command line overrides the file's value, recorded with who and why.
+    let output = site.server.cli(&[
+        "device",
+        "settings",
+        "--reject-unsafe",
+        "false",
+        "--reason",
+        "incident drill",
+        "--author",
+        "jdoe",
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let shown: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(shown["reject_unsafe"]["value"], false);
+    assert_eq!(shown["reject_unsafe"]["source"], "api");
+    assert_eq!(site.access("dev-a", "dev-b")["allowed"], true);
+
+    // A reload of the file does not undo it.
+    site.server.reload();
+    assert_eq!(site.access("dev-a", "dev-b")["allowed"], true);
+
+    // Reset: the file's value is in force again.
+    let response = site.admin(
+        "PUT",
+        "/api/v1/device-settings",
+        Some(&json!({ "reject_unsafe": null, "reason": "drill over", "author": "jdoe" })),
+    );
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(response.json()["reject_unsafe"]["source"], "file");
+    assert_eq!(site.access("dev-a", "dev-b")["allowed"], false);
+
+    let response = site.get("/api/v1/events?type=device_setting_changed");
+    let changes: Vec<Value> = response
+        .body
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("JSON line"))
+        .collect();
+    assert_eq!(changes.len(), 2);
+    assert_eq!(changes[0]["value"], false);
+    assert_eq!(changes[0]["by"], "jdoe");
+    assert_eq!(changes[1]["value"], Value::Null);
+
+    let response = site.admin(
+        "PUT",
+        "/api/v1/device-settings",
+        Some(&json!({ "reject_unsafe": false })),
+    );
+    assert_eq!(response.status, 400, "reason and author are required");
 }

@@ -45,6 +45,10 @@ pub fn routes() -> Router<Arc<Guard>> {
             get(list_exclusions).post(add_exclusion),
         )
         .route("/api/v1/device-exclusions/{id}", delete(remove_exclusion))
+        .route(
+            "/api/v1/device-settings",
+            get(settings).put(change_settings),
+        )
 }
 
 /// The caller of a device endpoint.
@@ -257,7 +261,7 @@ async fn list(headers: HeaderMap, State(guard): Shared) -> Result<Response, ApiE
         .list(&runtime.config.devices, Timestamp::now())
         .await;
     Ok(ok_json(json!({
-        "reject_unsafe": runtime.config.devices.reject_unsafe,
+        "reject_unsafe": guard.devices().reject_unsafe(&runtime.config.devices),
         "relay_gate": runtime.config.devices.relay_gate,
         "heartbeat_timeout": humantime::format_duration(runtime.config.devices.heartbeat_timeout).to_string(),
         "devices": devices,
@@ -533,4 +537,74 @@ async fn remove_exclusion(
             ),
         )),
     }
+}
+
+/// Returns the device settings in force, each with its source.
+fn settings_json(guard: &Guard) -> Value {
+    let runtime = guard.runtime();
+    let config = &runtime.config.devices;
+    let reject_unsafe = match guard.devices().reject_unsafe_override() {
+        Some(row) => json!({
+            "value": row.value,
+            "source": "api",
+            "file_value": config.reject_unsafe,
+            "author": row.author,
+            "reason": row.reason,
+            "changed": row.changed.to_rfc3339(),
+        }),
+        None => json!({ "value": config.reject_unsafe, "source": "file" }),
+    };
+    json!({
+        "reject_unsafe": reject_unsafe,
+        "relay_gate": { "value": config.relay_gate, "source": "file" },
+    })
+}
+
+async fn settings(headers: HeaderMap, State(guard): Shared) -> Result<Response, ApiError> {
+    caller(&guard, &headers)?.require_operator()?;
+    Ok(ok_json(settings_json(&guard)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SettingsRequest {
+    /// `true` or `false` overrides the file; `null` goes back to it.
+    reject_unsafe: Option<bool>,
+    reason: Option<String>,
+    author: Option<String>,
+}
+
+async fn change_settings(
+    headers: HeaderMap,
+    State(guard): Shared,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    if caller(&guard, &headers)?.require_operator()? != Role::Admin {
+        return Err(forbidden(
+            "device settings are changed with the admin token; the support token can only read them",
+        ));
+    }
+    const EXAMPLE: &str = r#"{"reject_unsafe": true, "reason": "...", "author": "..."} (null resets to the file's value)"#;
+    let value = json_body(body, EXAMPLE)?;
+    if value.get("reject_unsafe").is_none() {
+        return Err(ApiError::bad_request(format!(
+            "missing reject_unsafe; send {EXAMPLE}"
+        )));
+    }
+    let request: SettingsRequest = serde_json::from_value(value).map_err(|error| {
+        ApiError::bad_request(format!("invalid settings: {error}; send {EXAMPLE}"))
+    })?;
+    let reason = request.reason.unwrap_or_default().trim().to_string();
+    let author = request.author.unwrap_or_default().trim().to_string();
+    if reason.is_empty() || author.is_empty() {
+        return Err(ApiError::bad_request(
+            "missing reason or author: say why the setting changes and who changes it; both are recorded",
+        ));
+    }
+    guard
+        .devices()
+        .set_reject_unsafe(request.reject_unsafe, &author, &reason, Timestamp::now())
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(ok_json(settings_json(&guard)))
 }

@@ -10,7 +10,7 @@ use crate::config::devices::{DeviceBook, DeviceDefinition};
 use crate::events::{Event, EventKind};
 use crate::guard::Guard;
 use crate::policy::Timestamp;
-use crate::store::devices::{self as device_store, Change, ExclusionRow, Notice};
+use crate::store::devices::{self as device_store, Change, ExclusionRow, Notice, SettingRow};
 use crate::store::{Store, StoreError};
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
@@ -20,6 +20,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Mutex, Notify, watch};
+
+/// Name of the `reject_unsafe` setting in the store and in events.
+const REJECT_UNSAFE: &str = "reject_unsafe";
 
 /// Notices read from the store per query of a stream.
 const NOTICE_BATCH: usize = 500;
@@ -99,6 +102,8 @@ pub struct Registry {
     newest_notice: watch::Sender<i64>,
     /// Wakes the outbox after a subnet webhook was queued.
     outbox_queued: Notify,
+    /// `reject_unsafe` as set through the API, which overrides the file.
+    reject_override: ArcSwap<Option<SettingRow>>,
 }
 
 impl Registry {
@@ -113,6 +118,7 @@ impl Registry {
             reported: Notify::new(),
             newest_notice: watch::Sender::new(0),
             outbox_queued: Notify::new(),
+            reject_override: ArcSwap::from_pointee(None),
         }
     }
 
@@ -152,16 +158,22 @@ impl Registry {
     /// # Errors
     /// On a store failure.
     pub async fn load(&self) -> Result<(), StoreError> {
-        let (statuses, exclusions, newest) = self
+        let (statuses, exclusions, newest, settings) = self
             .store
             .call(|connection| {
                 Ok((
                     device_store::load_all(connection)?,
                     device_store::exclusions(connection)?,
                     device_store::last_notice_id(connection)?,
+                    device_store::settings(connection)?,
                 ))
             })
             .await?;
+        self.reject_override.store(Arc::new(
+            settings
+                .into_iter()
+                .find(|row| row.name == REJECT_UNSAFE && row.value.is_boolean()),
+        ));
         let mut table = self.table.lock().await;
         table.statuses = statuses.into_iter().collect();
         table.rebuild_owners();
@@ -169,6 +181,58 @@ impl Registry {
             exclusions.into_iter().map(|row| row.device).collect(),
         ));
         self.newest_notice.send_replace(newest);
+        Ok(())
+    }
+
+    /// Returns whether unsafe devices are refused: the API's setting when
+    /// one is in force, else `devices.reject_unsafe`.
+    pub fn reject_unsafe(&self, config: &DevicesConfig) -> bool {
+        self.reject_override
+            .load()
+            .as_ref()
+            .as_ref()
+            .and_then(|row| row.value.as_bool())
+            .unwrap_or(config.reject_unsafe)
+    }
+
+    /// Returns the `reject_unsafe` override set through the API, if any.
+    pub fn reject_unsafe_override(&self) -> Option<SettingRow> {
+        self.reject_override.load().as_ref().clone()
+    }
+
+    /// Overrides `reject_unsafe` (or with `None` goes back to the file's
+    /// value) and records who did it and why.
+    ///
+    /// # Errors
+    /// On a store failure; the setting in force stays then.
+    pub async fn set_reject_unsafe(
+        &self,
+        value: Option<bool>,
+        author: &str,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let row = SettingRow {
+            name: REJECT_UNSAFE.to_string(),
+            value: value.map_or(Value::Null, Value::Bool),
+            author: author.to_string(),
+            reason: reason.to_string(),
+            changed: now,
+        };
+        let mut details = Map::new();
+        details.insert("setting".into(), REJECT_UNSAFE.into());
+        details.insert("value".into(), row.value.clone());
+        details.insert("by".into(), author.into());
+        details.insert("reason".into(), reason.into());
+        let event = Event::for_device(now, EventKind::DeviceSettingChanged, None, details);
+        let stored = row.clone();
+        self.store
+            .call(move |connection| device_store::save_setting(connection, &stored, &event))
+            .await?;
+        tracing::warn!(setting = REJECT_UNSAFE, value = ?value, author, reason,
+            "device setting changed through the API");
+        self.reject_override
+            .store(Arc::new(value.is_some().then_some(row)));
         Ok(())
     }
 
@@ -541,7 +605,7 @@ impl Registry {
                 self.resolve(config, &book, &table, destination, now)?,
             )
         };
-        let decision = access::decide(&source, &destination, config.reject_unsafe);
+        let decision = access::decide(&source, &destination, self.reject_unsafe(config));
         if let access::Access::Refused { refusals } = &decision {
             let mut events = Vec::new();
             for refusal in refusals {
@@ -579,7 +643,7 @@ impl Registry {
         stage: &str,
         now: Timestamp,
     ) -> Option<RelayRefusal> {
-        if !(config.relay_gate && config.reject_unsafe) {
+        if !(config.relay_gate && self.reject_unsafe(config)) {
             return None;
         }
         let book = self.book.load_full();
@@ -594,6 +658,9 @@ impl Registry {
         }
         let device = party.id.clone().unwrap_or_default();
         let text = access::incoming_refusal_text(&party.name);
+        // NOTE: every refusal is its own event, unlike sender_refused,
+        // which is folded per minute; a client that reconnects in a loop
+        // adds one event per connection.
         tracing::info!(device = %device, address = %client, stage, "relay refused an unsafe device");
         let mut details = Map::new();
         details.insert("name".into(), party.name.clone().into());

@@ -21,6 +21,13 @@ CREATE TABLE IF NOT EXISTS device_notices (
     body   TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS device_notices_time ON device_notices (time);
+CREATE TABLE IF NOT EXISTS device_settings (
+    name    TEXT PRIMARY KEY,
+    value   TEXT NOT NULL,
+    author  TEXT NOT NULL,
+    reason  TEXT NOT NULL,
+    changed INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS device_exclusions (
     device  TEXT PRIMARY KEY,
     reason  TEXT NOT NULL,
@@ -189,6 +196,84 @@ pub fn delete_notices_before(
         "DELETE FROM device_notices WHERE time < ?1",
         params![before.millis()],
     )?)
+}
+
+/// A setting changed through the API, which overrides the configuration
+/// file until it is reset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SettingRow {
+    pub name: String,
+    pub value: serde_json::Value,
+    pub author: String,
+    pub reason: String,
+    pub changed: Timestamp,
+}
+
+/// Returns the settings changed through the API.
+///
+/// # Errors
+/// On a database failure or a value that does not decode.
+pub fn settings(connection: &Connection) -> Result<Vec<SettingRow>, StoreError> {
+    let mut statement = connection.prepare(
+        "SELECT name, value, author, reason, changed FROM device_settings ORDER BY name",
+    )?;
+    let rows = statement.query_map([], |row| {
+        Ok((
+            row.get::<_, String>(0)?,
+            row.get::<_, String>(1)?,
+            row.get::<_, String>(2)?,
+            row.get::<_, String>(3)?,
+            row.get::<_, i64>(4)?,
+        ))
+    })?;
+    let mut settings = Vec::new();
+    for row in rows {
+        let (name, value, author, reason, changed) = row?;
+        settings.push(SettingRow {
+            name,
+            value: serde_json::from_str(&value)?,
+            author,
+            reason,
+            changed: Timestamp(changed),
+        });
+    }
+    Ok(settings)
+}
+
+/// Stores a setting, or removes it when `row.value` is null, with its
+/// event.
+///
+/// # Errors
+/// On a database failure; nothing is written then.
+pub fn save_setting(
+    connection: &mut Connection,
+    row: &SettingRow,
+    event: &Event,
+) -> Result<(), StoreError> {
+    let transaction = connection.transaction()?;
+    if row.value.is_null() {
+        transaction.execute(
+            "DELETE FROM device_settings WHERE name = ?1",
+            params![row.name],
+        )?;
+    } else {
+        transaction.execute(
+            "INSERT INTO device_settings (name, value, author, reason, changed)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value, author = excluded.author,
+                 reason = excluded.reason, changed = excluded.changed",
+            params![
+                row.name,
+                row.value.to_string(),
+                row.author,
+                row.reason,
+                row.changed.millis()
+            ],
+        )?;
+    }
+    sqlite::insert_event(&transaction, event)?;
+    transaction.commit()?;
+    Ok(())
 }
 
 /// Returns the exclusions made through the API.
