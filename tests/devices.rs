@@ -875,7 +875,7 @@ fn devices_file_reload_keeps_previous() {
 
 #[test]
 fn reject_unsafe_set_through_api() {
-    let site = Site::without_relay(&office(), "reject_unsafe = true");
+    let mut site = Site::without_relay(&office(), "reject_unsafe = true");
     site.report("dev-a", "red", &["10.1.0.1"]);
     site.report("dev-b", "green", &["10.1.0.2"]);
     assert_eq!(site.access("dev-a", "dev-b")["allowed"], false);
@@ -901,8 +901,11 @@ fn reject_unsafe_set_through_api() {
     assert_eq!(shown["reject_unsafe"]["source"], "api");
     assert_eq!(site.access("dev-a", "dev-b")["allowed"], true);
 
-    // A reload of the file does not undo it.
+    // Neither a reload of the file nor a restart undoes it.
     site.server.reload();
+    assert_eq!(site.access("dev-a", "dev-b")["allowed"], true);
+    site.server.restart();
+    wait_for_api(&site.api);
     assert_eq!(site.access("dev-a", "dev-b")["allowed"], true);
 
     // Reset: the file's value is in force again.
