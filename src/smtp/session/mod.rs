@@ -210,7 +210,7 @@ impl Session {
         }
         let greeting_delay = runtime.config.smtp.greeting_delay;
         drop(runtime);
-        // A client that talks to sendguard directly sees the relay gate's
+        // A client that talks to sendguard directly gets the relay gate's
         // refusal at connect. A forwarding peer's clients are checked at
         // MAIL, once XFORWARD or XCLIENT has named them.
         if !self.is_forwarding_peer()
