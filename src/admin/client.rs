@@ -1,6 +1,6 @@
-//! The command line's side of the admin functions: each one either asks a
-//! running server's API (`--server`) or works on the store directly, and
-//! returns the same JSON the API returns.
+//! The command line's side of the admin functions: each one either sends
+//! its request to a running server's API (`--server`) or works on the store
+//! directly, and returns the same JSON as the API.
 
 use super::views::{block_json, exemption_json, exemption_list_json, ledger_json};
 use super::{ExemptionRequest, new_exemption, percent_encode as encode};
@@ -13,7 +13,7 @@ use crate::store::{EventFilter, sqlite};
 use serde_json::{Value, json};
 use std::net::IpAddr;
 
-/// Where the command line sends its requests.
+/// The destination of the command line's requests.
 pub enum Target {
     /// The store named in the configuration, opened directly.
     Store,

@@ -25,7 +25,7 @@ use tokio::sync::watch;
 /// Shortest token accepted, in characters; shorter ones are guessable.
 const MIN_TOKEN_LENGTH: usize = 16;
 
-/// Who a request comes from.
+/// The role a request's token grants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Admin,
@@ -123,8 +123,8 @@ fn constant_time_eq(left: &[u8; 32], right: &[u8; 32]) -> bool {
         == 0
 }
 
-/// An API error: a status and a message that says what was wrong and what
-/// to do.
+/// An API error: a status and a message that states what was wrong and
+/// what to do.
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -235,7 +235,7 @@ pub fn percent_encode(text: &str) -> String {
     encoded
 }
 
-/// The JSON body of a success without other content.
+/// Returns a `200 OK` answer with `value` as its JSON body.
 pub fn ok_json(value: serde_json::Value) -> Response {
     (StatusCode::OK, Json(value)).into_response()
 }

@@ -1,5 +1,5 @@
-//! Exemptions and the change log that tells a running server about writes
-//! made by the command line straight to the store.
+//! Exemptions, and the change log through which a running server learns
+//! of writes that the command line made straight to the store.
 
 use super::StoreError;
 use super::sqlite::insert_event;
@@ -22,7 +22,7 @@ pub struct NewExemption {
 #[derive(Debug, Clone)]
 pub struct ListedExemption {
     pub exemption: Exemption,
-    /// When it was removed, and by whom.
+    /// Removal time and the name of the person who removed it.
     pub removed: Option<(Timestamp, String)>,
 }
 
