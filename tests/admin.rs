@@ -53,6 +53,8 @@ impl Admin {
             files.path().join("directory.toml").display(),
         );
         let server = Sendguard::start(&upstream.address(), &config);
+        // The harness moves a listener whose port was taken meanwhile.
+        let api = server.listen_address("admin");
         Admin {
             server,
             api,
