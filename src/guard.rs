@@ -626,7 +626,7 @@ impl Guard {
             tracing::info!(mailbox = %key, lockouts_before = forgiven.lockouts,
                 "lockout count forgiven after a quiet period");
             if let Some(forgive_after) = settings.forgive_after {
-                events.push(Event::forgiven(now, &key, &forgiven, forgive_after));
+                events.push(Event::forgiven(&key, &forgiven, forgive_after));
             }
         }
         let strike = Strike {
@@ -714,6 +714,52 @@ impl Guard {
                 Err(())
             }
         }
+    }
+
+    /// Sets back the lockout count of every mailbox whose quiet period of
+    /// `forgive_after` has passed, so its ledger and the events show it
+    /// without waiting for its next bad message; returns how many.
+    ///
+    /// # Errors
+    /// On a store failure.
+    pub async fn forgive_due(&self) -> Result<usize, StoreError> {
+        let settings = self.runtime().settings();
+        let Some(forgive_after) = settings.forgive_after else {
+            return Ok(0);
+        };
+        let now = Timestamp::now();
+        let ended_before = now.saturating_sub(forgive_after);
+        let keys = self
+            .store
+            .call(move |connection| crate::store::sqlite::quiet_since(connection, ended_before))
+            .await?;
+        let mut forgiven_count = 0;
+        for key in keys {
+            let mut cache = self.shard(&key).lock().await;
+            let Some(mut state) = self.store.load_mailbox(key.clone()).await? else {
+                continue;
+            };
+            let Some(forgiven) = state.forgive(&settings, now) else {
+                continue;
+            };
+            let event = Event::forgiven(&key, &forgiven, forgive_after);
+            let keep = !state.is_empty(&settings, now);
+            self.store
+                .commit(
+                    key.clone(),
+                    state.clone(),
+                    keep,
+                    vec![event],
+                    Vec::new(),
+                    now,
+                )
+                .await?;
+            tracing::info!(mailbox = %key, lockouts_before = forgiven.lockouts,
+                "lockout count forgiven after a quiet period");
+            cache.put(key, state);
+            forgiven_count += 1;
+        }
+        Ok(forgiven_count)
     }
 
     /// Records the end of every timed lockout that has ended, at its end

@@ -25,6 +25,7 @@ struct Cli {
 enum Command {
     /// Run the SMTP relay.
     Serve {
+        /// The configuration file, such as /etc/sendguard/config.toml.
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -32,6 +33,7 @@ enum Command {
     Check {
         /// The message, as an RFC 5322 file.
         file: PathBuf,
+        /// The configuration file, such as /etc/sendguard/config.toml.
         #[arg(long, short)]
         config: PathBuf,
         /// Envelope recipient count the rules see.
@@ -41,7 +43,9 @@ enum Command {
     /// Show a mailbox's strikes in the window, lockout count, block,
     /// next lockout length and exemptions.
     Status {
+        /// The mailbox, in any spelling (it is canonicalised), or a login from the directory file.
         mailbox: String,
+        /// The configuration file, such as /etc/sendguard/config.toml.
         #[arg(long, short)]
         config: PathBuf,
         /// Client address, for the pair key under unauthenticated = "client-and-sender".
@@ -54,6 +58,7 @@ enum Command {
     },
     /// List mailboxes that are locked out now.
     Blocks {
+        /// The configuration file, such as /etc/sendguard/config.toml.
         #[arg(long, short)]
         config: PathBuf,
         #[command(flatten)]
@@ -64,7 +69,9 @@ enum Command {
     /// Lift a permanent block, or reset a mailbox's lockout count, with the
     /// support token. Timed lockouts cannot be lifted.
     Unblock {
+        /// The mailbox, in any spelling (it is canonicalised), or a login from the directory file.
         mailbox: String,
+        /// The configuration file, such as /etc/sendguard/config.toml.
         #[arg(long, short)]
         config: PathBuf,
         /// Why; recorded in the events report.
@@ -100,11 +107,13 @@ enum Command {
     /// List webhooks and alert e-mails waiting for delivery, with their
     /// attempts and last error.
     Outbox {
+        /// The configuration file, such as /etc/sendguard/config.toml.
         #[arg(long, short)]
         config: PathBuf,
     },
     /// Print the events report.
     Events {
+        /// The configuration file, such as /etc/sendguard/config.toml.
         #[arg(long, short)]
         config: PathBuf,
         /// Only events since this: a duration back from now such as 1h or 30d,
@@ -139,6 +148,7 @@ enum Command {
 enum ExemptionCommand {
     /// List exemptions in force (with --all, also removed and expired ones).
     List {
+        /// The configuration file, such as /etc/sendguard/config.toml.
         #[arg(long, short)]
         config: PathBuf,
         #[arg(long)]
@@ -150,6 +160,7 @@ enum ExemptionCommand {
     },
     /// Add an exemption for one sender, login or client network.
     Add {
+        /// The configuration file, such as /etc/sendguard/config.toml.
         #[arg(long, short)]
         config: PathBuf,
         /// A sender's mailbox, such as news@example.org.
@@ -178,7 +189,9 @@ enum ExemptionCommand {
     },
     /// Remove an exemption before its end.
     Remove {
+        /// The exemption id, as `exemptions list` shows it.
         id: i64,
+        /// The configuration file, such as /etc/sendguard/config.toml.
         #[arg(long, short)]
         config: PathBuf,
         /// Who removes it; recorded in the events report.

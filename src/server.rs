@@ -42,7 +42,7 @@ pub enum ServeError {
         listen: String,
         source: std::io::Error,
     },
-    #[error("cannot listen for the admin API on {address}: {source}")]
+    #[error("cannot listen for the admin API on {address} (admin.listen): {source}")]
     AdminBind {
         address: SocketAddr,
         source: std::io::Error,

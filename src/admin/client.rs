@@ -57,10 +57,16 @@ impl Client {
         if let Some(body) = body {
             request = request.json(&body);
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|error| format!("request to {address} failed: {error}"))?;
+        let response = request.send().await.map_err(|error| {
+            let mut text = format!("request to {address} failed");
+            let mut source = std::error::Error::source(&error);
+            while let Some(cause) = source {
+                text.push_str(": ");
+                text.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            text
+        })?;
         if response.status().is_success() {
             return Ok(response);
         }

@@ -521,6 +521,17 @@ impl Config {
         if let (Some(admin), Some(events)) = (&admin, &events) {
             admin::validate(admin, events, &mut problems);
         }
+        if let (Some(admin), Some(smtp)) = (&admin, &smtp)
+            && admin.listen == Some(smtp.listen)
+        {
+            problems.push(
+                "admin.listen",
+                format!(
+                    "is {}, the same address as smtp.listen; give the API its own port",
+                    smtp.listen
+                ),
+            );
+        }
 
         match (
             (smtp, upstream, scan, policy, identity, directory, store),
@@ -582,6 +593,17 @@ impl Config {
                     "is {} bytes, below smtp.max_message_size ({} bytes): messages between the two are \
                      accepted by size but rejected as unscannable",
                     clamd.max_scan_size, self.smtp.max_message_size
+                ),
+            );
+        }
+        if let Some(listen) = self.admin.listen
+            && !listen.ip().is_loopback()
+        {
+            warnings.push(
+                "admin.listen",
+                format!(
+                    "is {listen}, reachable from the network, and the API speaks plain HTTP: bearer \
+                     tokens cross the network in clear text unless a TLS reverse proxy is in front"
                 ),
             );
         }
