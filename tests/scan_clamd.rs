@@ -393,9 +393,11 @@ async fn clamd_down_is_error() {
     let scanner = scanner(&clamd_config(&address));
     match scan(&scanner, &text_message("hello")).await {
         Err(ScanError::Connect {
+            engine,
             address: reported,
             source,
         }) => {
+            assert_eq!(engine, "clamd");
             assert_eq!(reported, address);
             assert_eq!(source.kind(), std::io::ErrorKind::ConnectionRefused);
         }

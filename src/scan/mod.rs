@@ -8,6 +8,7 @@ mod clamd;
 mod config;
 mod default_rules;
 mod error;
+mod net;
 mod rules;
 mod verdict;
 
