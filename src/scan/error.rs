@@ -61,6 +61,17 @@ pub enum ScanError {
     ScannerLimit { address: String, signature: String },
 }
 
+/// Why an engine's reply cannot be used, before it is tied to an engine's
+/// address as a [`ScanError`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReplyError {
+    /// The reply does not follow the protocol; the text says how.
+    Malformed(String),
+    /// The engine answered with an error of its own, such as spamd's
+    /// `76 Bad header line` or an HTTP 500 from rspamd.
+    Reported(String),
+}
+
 impl ScanError {
     /// Returns the address of the engine the error is about.
     pub fn address(&self) -> &str {

@@ -29,6 +29,7 @@ fn scan(scanner: &Scanner, message: &[u8], recipients: usize) -> Verdict {
     match runtime.block_on(scanner.scan(ScanInput {
         message,
         recipients,
+        envelope: None,
     })) {
         Ok(verdict) => verdict,
         Err(error) => panic!("scan failed: {error}"),
@@ -277,6 +278,7 @@ fn two_strong_signals_are_spam() {
         Verdict::Spam {
             engine: "builtin".to_string(),
             score: Some(6.0),
+            action: None,
             rules: vec![
                 "SCRIPT_ATTACHMENT".to_string(),
                 "PHISH_VERIFY_ACCOUNT".to_string()
@@ -310,6 +312,7 @@ fn gtube_raw_is_spam() {
         Verdict::Spam {
             engine: "builtin".to_string(),
             score: Some(1000.0),
+            action: None,
             rules: vec!["GTUBE".to_string()],
         }
     );
@@ -887,6 +890,7 @@ fn huge_timeout_does_not_panic() {
     let result = runtime.block_on(scanner.scan(ScanInput {
         message: b"Subject: x\r\n\r\nhello\r\n",
         recipients: 1,
+        envelope: None,
     }));
     assert!(
         matches!(result, Err(ScanError::Connect { .. })),
