@@ -224,20 +224,7 @@ fn write_config(
 }
 
 fn clamd_program() -> PathBuf {
-    if let Some(program) = std::env::var_os("SENDGUARD_CLAMD_BIN") {
-        return PathBuf::from(program);
-    }
-    let on_path = std::env::var_os("PATH")
-        .map(|path| {
-            std::env::split_paths(&path)
-                .map(|dir| dir.join("clamd"))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    on_path
-        .into_iter()
-        .find(|candidate| candidate.is_file())
-        .unwrap_or_else(|| PathBuf::from("/usr/sbin/clamd"))
+    super::program("SENDGUARD_CLAMD_BIN", "clamd", "/usr/sbin/clamd")
 }
 
 fn spawn_clamd(config: &Path, log: &Path) -> Child {

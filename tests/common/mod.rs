@@ -1,12 +1,14 @@
-//! Shared harness for the integration tests: real clamd, a recording upstream
-//! SMTP server and a line-by-line SMTP client.
+//! Shared harness for the integration tests: real clamd, rspamd and spamd,
+//! a recording upstream SMTP server and a line-by-line SMTP client.
 #![allow(dead_code, unused_imports)]
 
 pub mod clamd;
 pub mod milter_client;
 pub mod postfix;
+pub mod rspamd;
 pub mod sendguard;
 pub mod smtp_client;
+pub mod spamd;
 pub mod tls;
 pub mod upstream;
 
@@ -23,4 +25,49 @@ pub fn free_port() -> u16 {
 /// tests.
 pub fn closed_address() -> String {
     format!("127.0.0.1:{}", free_port())
+}
+
+/// Returns the program named by the environment variable `variable`, else
+/// `name` found on `PATH`, else `fallback`.
+pub fn program(variable: &str, name: &str, fallback: &str) -> std::path::PathBuf {
+    if let Some(program) = std::env::var_os(variable) {
+        return std::path::PathBuf::from(program);
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| std::path::PathBuf::from(fallback))
+}
+
+/// Returns whether the tests run as root, by the owner of `/proc/self`.
+pub fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|metadata| metadata.uid() == 0)
+}
+
+/// Stops a daemon that was spawned as the leader of its own process group
+/// (`CommandExt::process_group(0)`), workers included: SIGTERM to the
+/// group, then SIGKILL to the group after 10 s.
+pub fn stop_process_group(child: &mut std::process::Child) {
+    let group = format!("-{}", child.id());
+    let signal = |name: &str| {
+        let _ = std::process::Command::new("kill")
+            .args([name, "--", &group])
+            .stderr(std::process::Stdio::null())
+            .status();
+    };
+    signal("-TERM");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            // Workers may outlive the leader for a moment.
+            signal("-KILL");
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    signal("-KILL");
+    let _ = child.wait();
 }
