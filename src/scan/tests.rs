@@ -1192,3 +1192,48 @@ fn colon_line_limit_skips_structure() {
     // for header fields.
     assert_eq!(hits(&scanner, &with_fields(100_000), 1).rules, ["SUBJECT"]);
 }
+
+#[test]
+fn config_example_engines_parse_with_defaults() {
+    // The commented [scan.rspamd] and [scan.spamd] settings, uncommented:
+    // settings start with '#' and a key, prose with "# ".
+    let text: String = include_str!("../../config.toml.example")
+        .lines()
+        .skip_while(|line| !line.starts_with("#[scan.rspamd]"))
+        .take_while(|line| !line.starts_with("[scan.spam]"))
+        .filter_map(|line| line.strip_prefix('#'))
+        .filter(|line| !line.is_empty() && !line.starts_with([' ', '#']))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    #[derive(serde::Deserialize)]
+    struct Example {
+        scan: ExampleScan,
+    }
+    #[derive(serde::Deserialize)]
+    struct ExampleScan {
+        rspamd: RspamdConfig,
+        spamd: SpamdConfig,
+    }
+    let example: Example = match toml::from_str(&text) {
+        Ok(example) => example,
+        Err(error) => panic!("engine examples do not parse: {error}\n{text}"),
+    };
+    assert_eq!(
+        example.scan.rspamd,
+        RspamdConfig {
+            address: "127.0.0.1:11333".to_string(),
+            ..RspamdConfig::default()
+        }
+    );
+    assert_eq!(
+        example.scan.spamd,
+        SpamdConfig {
+            address: "127.0.0.1:783".to_string(),
+            ..SpamdConfig::default()
+        }
+    );
+    let mut problems = crate::config::Problems::default();
+    example.scan.rspamd.validate(&mut problems);
+    example.scan.spamd.validate(&mut problems);
+    assert!(problems.is_empty(), "{problems}");
+}
