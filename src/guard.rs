@@ -129,7 +129,9 @@ pub enum SenderCheck {
 /// the upstream's queue id.
 #[derive(Debug, Clone)]
 pub struct PendingStrike {
-    transaction: Transaction,
+    // Boxed to keep `MessageDecision` small: a transaction carries its
+    // recipient list.
+    transaction: Box<Transaction>,
     verdict: Verdict,
 }
 
@@ -360,7 +362,7 @@ impl Guard {
                 MessageDecision::Deliver {
                     header: Some(format!("X-Sendguard-Spam: Yes, {}", verdict.summary())),
                     pending: Some(PendingStrike {
-                        transaction: transaction.clone(),
+                        transaction: Box::new(transaction.clone()),
                         verdict,
                     }),
                 }

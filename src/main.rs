@@ -27,7 +27,7 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Scan one message file, print each engine's answer and the verdict
+    /// Scan one message file, print each engine's result and the verdict
     /// (exit 0 clean, suspect or unscannable, 1 virus or spam, 2 error).
     Check {
         /// The message, as an RFC 5322 file.
@@ -201,15 +201,15 @@ fn check(file: &Path, config: &Path, recipients: usize, facts: &CheckEnvelope) -
     };
 
     let mut out = String::new();
-    for answer in &report.answers {
-        let text = match &answer.result {
+    for engine in &report.results {
+        let text = match &engine.result {
             Ok(verdict) => verdict.summary(),
-            Err(error) => format!("error ({}): {error}", on_error_name(answer.on_error)),
+            Err(error) => format!("error ({}): {error}", on_error_name(engine.on_error)),
         };
         out.push_str(&format!(
             "{:<16} {text} [{:.1} ms]\n",
-            answer.engine,
-            answer.elapsed.as_secs_f64() * 1000.0
+            engine.engine,
+            engine.elapsed.as_secs_f64() * 1000.0
         ));
     }
     let code = match report.into_verdict() {

@@ -41,9 +41,9 @@ fn check(dir: &Path, config: &str, content: &str) -> Output {
     ])
 }
 
-/// Returns the answer `check` printed for `engine` ("verdict" for the
+/// Returns the result `check` printed for `engine` ("verdict" for the
 /// combined verdict), without the timing.
-fn answer(output: &Output, engine: &str) -> String {
+fn printed(output: &Output, engine: &str) -> String {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let line = stdout
         .lines()
@@ -64,9 +64,9 @@ fn check_exit_codes() {
 
     let clean = check(dir.path(), &config, "Subject: hi\r\n\r\nLunch?\r\n");
     assert_eq!(clean.status.code(), Some(0));
-    assert_eq!(answer(&clean, "clamd"), "clean");
-    assert_eq!(answer(&clean, "builtin"), "clean");
-    assert_eq!(answer(&clean, "verdict"), "clean");
+    assert_eq!(printed(&clean, "clamd"), "clean");
+    assert_eq!(printed(&clean, "builtin"), "clean");
+    assert_eq!(printed(&clean, "verdict"), "clean");
 
     let virus = check(
         dir.path(),
@@ -74,8 +74,8 @@ fn check_exit_codes() {
         &format!("Subject: hi\r\n\r\n{EICAR}\r\n"),
     );
     assert_eq!(virus.status.code(), Some(1));
-    assert!(answer(&virus, "clamd").contains("Eicar"));
-    assert!(answer(&virus, "verdict").contains("Eicar"));
+    assert!(printed(&virus, "clamd").contains("Eicar"));
+    assert!(printed(&virus, "verdict").contains("Eicar"));
 
     let spam = check(
         dir.path(),
@@ -83,8 +83,8 @@ fn check_exit_codes() {
         &format!("Subject: hi\r\n\r\n{GTUBE}\r\n"),
     );
     assert_eq!(spam.status.code(), Some(1));
-    assert_eq!(answer(&spam, "clamd"), "clean");
-    assert_eq!(answer(&spam, "verdict"), "spam score 1000.0 (GTUBE)");
+    assert_eq!(printed(&spam, "clamd"), "clean");
+    assert_eq!(printed(&spam, "verdict"), "spam score 1000.0 (GTUBE)");
 }
 
 #[test]
@@ -93,14 +93,14 @@ fn check_scanner_down_exits_2() {
     let config = write_config(dir.path(), &common::clamd::closed_port_address());
     let output = check(dir.path(), &config, "Subject: hi\r\n\r\nLunch?\r\n");
     assert_eq!(output.status.code(), Some(2));
-    let clamd = answer(&output, "clamd");
+    let clamd = printed(&output, "clamd");
     assert!(
         clamd.starts_with("error (on_error tempfail): cannot connect to clamd at"),
         "{clamd}"
     );
-    assert_eq!(answer(&output, "builtin"), "clean");
+    assert_eq!(printed(&output, "builtin"), "clean");
     assert_eq!(
-        answer(&output, "verdict"),
+        printed(&output, "verdict"),
         "temporary failure: clamd failed"
     );
 }

@@ -19,8 +19,9 @@ use tokio::net::{TcpListener, TcpStream};
 
 const GTUBE: &str = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X";
 
-/// An ordinary business message with a Date header and real words. Stock
-/// SpamAssassin scores a message without them close to its threshold.
+/// Returns an ordinary business message with a Date header and real words,
+/// with `extra_line` in its body. Stock SpamAssassin scores a message
+/// without them close to its threshold.
 fn realistic_message(extra_line: &str) -> Vec<u8> {
     format!(
         "From: Alice Example <alice@example.org>\r\n\
@@ -68,8 +69,8 @@ fn spamd_config(address: &str) -> SpamdConfig {
     }
 }
 
-/// A scanner with the given engines and the built-in rules turned off, so
-/// every verdict comes from the engines under test.
+/// Builds a scanner with the given engines and the built-in rules turned
+/// off, so every verdict comes from the engines under test.
 fn scanner(rspamd: Option<RspamdConfig>, spamd: Option<SpamdConfig>) -> Scanner {
     let config = ScanConfig {
         clamd: None,
@@ -86,7 +87,8 @@ fn scanner(rspamd: Option<RspamdConfig>, spamd: Option<SpamdConfig>) -> Scanner 
     }
 }
 
-/// The envelope of a message from 127.0.0.1, which rspamd treats as local.
+/// Returns the envelope of a message from 127.0.0.1, which rspamd treats
+/// as local.
 fn local_envelope<'a>(recipients: &'a [String]) -> Envelope<'a> {
     Envelope {
         transaction: "test-1",
@@ -249,12 +251,12 @@ async fn realistic_message_is_clean_everywhere() {
         Some(spamd_config(&spamd.address)),
     );
     let report = report(&scanner, &realistic_message("")).await;
-    let engines: Vec<&str> = report.answers.iter().map(|answer| answer.engine).collect();
+    let engines: Vec<&str> = report.results.iter().map(|result| result.engine).collect();
     assert_eq!(engines, ["rspamd", "spamd"]);
-    for answer in &report.answers {
-        match &answer.result {
-            Ok(verdict) => assert_eq!(*verdict, Verdict::Clean, "{}", answer.engine),
-            Err(error) => panic!("{} failed: {error}", answer.engine),
+    for engine in &report.results {
+        match &engine.result {
+            Ok(verdict) => assert_eq!(*verdict, Verdict::Clean, "{}", engine.engine),
+            Err(error) => panic!("{} failed: {error}", engine.engine),
         }
     }
     assert_eq!(report.into_verdict().ok(), Some(Verdict::Clean));
@@ -263,7 +265,7 @@ async fn realistic_message_is_clean_everywhere() {
 #[tokio::test]
 async fn spamd_over_unix_socket() {
     let shared = Spamd::start();
-    // A reused spamd may not have told its socket; start one that has.
+    // A reused spamd may come without its socket path; start one with it.
     let own;
     let socket = if shared.socket.as_os_str().is_empty() {
         own = Spamd::start_own();

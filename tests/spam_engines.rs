@@ -1,7 +1,7 @@
 //! rspamd and spamd verdicts end to end: the real binary with real engines
 //! (see `tests/common/rspamd.rs` and `tests/common/spamd.rs`), a real SMTP
 //! client and a recording upstream. The built-in rules are turned off
-//! unless a test says otherwise, so every verdict comes from the engines.
+//! unless a test turns them on, so every verdict comes from the engines.
 
 mod common;
 
@@ -15,8 +15,8 @@ use std::time::Duration;
 
 const GTUBE: &str = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X";
 
-/// An ordinary business message with a Date header and real words, with
-/// `extra_line` in its body.
+/// Returns an ordinary business message with a Date header and real
+/// words, with `extra_line` in its body.
 fn realistic_message(extra_line: &str) -> Vec<u8> {
     format!(
         "From: Alice Example <alice@example.org>\r\n\
@@ -40,8 +40,9 @@ fn realistic_message(extra_line: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// The `[scan]` and `[policy]` sections: the built-in rules off, `engines`
-/// as given (TOML sections), a ten-minute window and `policy` lines.
+/// Returns the `[scan]` and `[policy]` sections: the built-in rules off,
+/// `engines` as given (TOML sections), a ten-minute window and `policy`
+/// lines.
 fn config(engines: &str, policy: &str) -> String {
     format!("[scan.spam]\nenabled = false\n{engines}\n[policy]\nwindow = \"10m\"\n{policy}\n")
 }
@@ -403,8 +404,9 @@ fn check_shows_every_engine() {
         rspamd_section(&rspamd.address, ""),
         spamd_section(&spamd.address, "")
     );
-    // The built-in rules on as well, so three engines answer.
+    // The built-in rules on as well, so three engines report.
     let server = Sendguard::start(&upstream.address(), &engines);
+
     let file = server.dir.path().join("gtube.eml");
     std::fs::write(&file, realistic_message(GTUBE)).expect("write message");
     let output = server.cli(&[
@@ -417,6 +419,7 @@ fn check_shows_every_engine() {
     ]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(1), "{stdout}");
+
     let line = |engine: &str| {
         stdout
             .lines()

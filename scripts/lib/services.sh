@@ -35,14 +35,14 @@ clamd_replies_to_ping() {
     [[ $reply == PONG ]]
 }
 
-# Returns 0 when rspamd's worker on 127.0.0.1:PORT answers GET /ping.
+# Returns 0 when rspamd's worker on 127.0.0.1:PORT replies to GET /ping.
 rspamd_replies_to_ping() {
     local port=$1 reply
     reply=$(timeout 3 bash -c "exec 3<>/dev/tcp/127.0.0.1/$port && printf 'GET /ping HTTP/1.0\r\n\r\n' >&3 && cat <&3" 2>/dev/null) || return 1
     [[ $reply == *pong* ]]
 }
 
-# Returns 0 when spamd on 127.0.0.1:PORT answers PING with PONG.
+# Returns 0 when spamd on 127.0.0.1:PORT replies PONG to PING.
 spamd_replies_to_ping() {
     local port=$1 reply
     reply=$(timeout 3 bash -c "exec 3<>/dev/tcp/127.0.0.1/$port && printf 'PING SPAMC/1.5\r\n\r\n' >&3 && cat <&3" 2>/dev/null) || return 1

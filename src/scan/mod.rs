@@ -1,9 +1,9 @@
 //! Message scanning: clamd for viruses, and the built-in rules, rspamd and
 //! spamd for spam.
 //!
-//! [`Scanner::scan`] asks every configured engine about the message
-//! (clamd, rspamd and spamd at the same time, the built-in rules meanwhile)
-//! and combines their answers into one [`Verdict`], as
+//! [`Scanner::scan`] sends the message to every configured engine (clamd,
+//! rspamd and spamd at the same time, the built-in rules meanwhile) and
+//! combines their results into one [`Verdict`], as
 //! [`ScanReport::deciding`] describes.
 
 mod clamd;
@@ -23,7 +23,7 @@ pub use config::{
 };
 pub use default_rules::DEFAULT_RULES_TOML;
 pub use error::{ReplyError, ScanError};
-pub use report::{EngineAnswer, ScanReport};
+pub use report::{EngineResult, ScanReport};
 pub use rspamd::{ActionClass, DEFAULT_RSPAMD_TIMEOUT, RspamdConfig, default_actions};
 pub use rules::{GTUBE, GTUBE_RULE, GTUBE_SCORE};
 pub use spamd::{DEFAULT_SPAMD_TIMEOUT, SpamdCommand, SpamdConfig};
@@ -69,7 +69,7 @@ pub struct Envelope<'a> {
 }
 
 /// Scans messages with every configured engine. Cheap to share in an
-/// `Arc`: it holds the configuration, the compiled rules and rspamd's
+/// `Arc`: it contains the configuration, the compiled rules and rspamd's
 /// connection pool, and opens a new clamd or spamd connection per scan.
 #[derive(Debug)]
 pub struct Scanner {
@@ -152,7 +152,7 @@ impl Scanner {
         self.rules.len()
     }
 
-    /// Scans one message and combines the engines' answers. Returns `Err`
+    /// Scans one message and combines the engines' results. Returns `Err`
     /// when an engine failed under `on_error = "tempfail"` and no engine
     /// found a virus or spam. Failures that do not decide the message are
     /// logged here, once each; the deciding one is the caller's to log.
@@ -162,8 +162,8 @@ impl Scanner {
         report.into_verdict()
     }
 
-    /// Asks every configured engine about one message and returns all their
-    /// answers, without logging failures.
+    /// Scans one message with every configured engine and returns each
+    /// engine's result, without logging failures.
     pub async fn report(&self, input: ScanInput<'_>) -> ScanReport {
         let (clamd, rspamd, spamd, local) = tokio::join!(
             self.ask_clamd(input.message),
@@ -173,12 +173,12 @@ impl Scanner {
             // way while the rules run on this task.
             async { self.ask_local(&input) },
         );
-        let mut answers = Vec::with_capacity(5);
-        answers.extend(clamd);
-        answers.extend(local);
-        answers.extend(rspamd);
-        answers.extend(spamd);
-        ScanReport { answers }
+        let mut results = Vec::with_capacity(5);
+        results.extend(clamd);
+        results.extend(local);
+        results.extend(rspamd);
+        results.extend(spamd);
+        ScanReport { results }
     }
 
     /// Returns clamd's VERSION reply, or `None` when no clamd is configured.
@@ -189,27 +189,27 @@ impl Scanner {
         }
     }
 
-    /// Checks that rspamd and spamd answer, for the log at start. Returns
-    /// each configured engine's name, address and answer.
+    /// Pings rspamd and spamd, for the log at start. Returns each
+    /// configured engine's name, address and reply.
     pub async fn ping_spam_engines(
         &self,
     ) -> Vec<(&'static str, String, Result<String, ScanError>)> {
-        let mut answers = Vec::new();
+        let mut replies = Vec::new();
         if let Some(client) = &self.rspamd {
-            answers.push((
+            replies.push((
                 "rspamd",
                 client.config().address.clone(),
                 client.ping().await,
             ));
         }
         if let Some(config) = &self.spamd {
-            answers.push(("spamd", config.address.clone(), spamd::ping(config).await));
+            replies.push(("spamd", config.address.clone(), spamd::ping(config).await));
         }
-        answers
+        replies
     }
 
     /// Runs clamd, or returns `None` when it is not configured.
-    async fn ask_clamd(&self, message: &[u8]) -> Option<EngineAnswer> {
+    async fn ask_clamd(&self, message: &[u8]) -> Option<EngineResult> {
         let config = self.clamd.as_ref()?;
         let started = Instant::now();
         let size = message.len() as u64;
@@ -235,7 +235,7 @@ impl Scanner {
                     ClamdFinding::Unscannable(reason) => Verdict::Unscannable { reason },
                 })
         };
-        Some(EngineAnswer {
+        Some(EngineResult {
             engine: "clamd",
             result,
             on_error: config.on_error,
@@ -244,14 +244,14 @@ impl Scanner {
     }
 
     /// Runs rspamd, or returns `None` when it is not configured.
-    async fn ask_rspamd(&self, input: &ScanInput<'_>) -> Option<EngineAnswer> {
+    async fn ask_rspamd(&self, input: &ScanInput<'_>) -> Option<EngineResult> {
         let client = self.rspamd.as_ref()?;
         let started = Instant::now();
         let result = client
             .check(input.message, input.envelope.as_ref())
             .await
             .map(|reply| rspamd::verdict(client.config(), &reply));
-        Some(EngineAnswer {
+        Some(EngineResult {
             engine: "rspamd",
             result,
             on_error: client.config().on_error,
@@ -260,13 +260,13 @@ impl Scanner {
     }
 
     /// Runs spamd, or returns `None` when it is not configured.
-    async fn ask_spamd(&self, message: &[u8]) -> Option<EngineAnswer> {
+    async fn ask_spamd(&self, message: &[u8]) -> Option<EngineResult> {
         let config = self.spamd.as_ref()?;
         let started = Instant::now();
         let result = spamd::check(config, message)
             .await
             .map(|reply| spamd::verdict(config, &reply));
-        Some(EngineAnswer {
+        Some(EngineResult {
             engine: "spamd",
             result,
             on_error: config.on_error,
@@ -277,12 +277,12 @@ impl Scanner {
     /// Runs the checks inside sendguard: the spam marks of an earlier
     /// filter (when `trust_headers` is on) and the built-in rules, when
     /// `scan.spam` is enabled.
-    fn ask_local(&self, input: &ScanInput<'_>) -> Vec<EngineAnswer> {
-        let mut answers = Vec::new();
+    fn ask_local(&self, input: &ScanInput<'_>) -> Vec<EngineResult> {
+        let mut results = Vec::new();
         if !self.spam.enabled {
-            return answers;
+            return results;
         }
-        let local_answer = |engine, verdict, started: Instant| EngineAnswer {
+        let local_result = |engine, verdict, started: Instant| EngineResult {
             engine,
             result: Ok(verdict),
             on_error: OnError::Tempfail,
@@ -300,7 +300,7 @@ impl Scanner {
                 },
                 None => Verdict::Clean,
             };
-            answers.push(local_answer("upstream header", verdict, started));
+            results.push(local_result("upstream header", verdict, started));
         }
 
         let started = Instant::now();
@@ -323,8 +323,8 @@ impl Scanner {
             }
             Verdict::Clean
         };
-        answers.push(local_answer("builtin", verdict, started));
-        answers
+        results.push(local_result("builtin", verdict, started));
+        results
     }
 }
 
@@ -338,18 +338,18 @@ fn log_undecisive_failures(report: &ScanReport, input: &ScanInput<'_>) {
         .envelope
         .and_then(|envelope| envelope.client)
         .map_or_else(|| "-".to_string(), |client| client.to_string());
-    for (index, answer) in report.answers.iter().enumerate() {
-        let Err(error) = &answer.result else {
+    for (index, engine) in report.results.iter().enumerate() {
+        let Err(error) = &engine.result else {
             continue;
         };
         if Some(index) == deciding {
             continue;
         }
-        if answer.on_error == OnError::Accept {
-            tracing::warn!(engine = answer.engine, transaction, client, %error,
+        if engine.on_error == OnError::Accept {
+            tracing::warn!(engine = engine.engine, transaction, client, %error,
                 "scan engine failed; the other engines decide, as its on_error is accept");
         } else {
-            tracing::warn!(engine = answer.engine, transaction, client, %error,
+            tracing::warn!(engine = engine.engine, transaction, client, %error,
                 "scan engine failed; another engine's finding decides the message");
         }
     }

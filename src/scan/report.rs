@@ -1,4 +1,4 @@
-//! Each engine's answer to one scan, and how the answers combine into one
+//! Each engine's result for one scan, and how the results combine into one
 //! verdict.
 
 use std::time::Duration;
@@ -7,60 +7,60 @@ use super::config::OnError;
 use super::error::ScanError;
 use super::verdict::Verdict;
 
-/// One engine's answer to one scan.
+/// One engine's result for one scan.
 #[derive(Debug)]
-pub struct EngineAnswer {
+pub struct EngineResult {
     /// "clamd", "upstream header", "builtin", "rspamd" or "spamd".
     pub engine: &'static str,
     pub result: Result<Verdict, ScanError>,
-    /// What a failure of this engine means: `tempfail` holds the message
+    /// Treatment of a failure of this engine: `tempfail` keeps the message
     /// back, `accept` leaves it to the other engines.
     pub on_error: OnError,
     pub elapsed: Duration,
 }
 
-/// Every engine's answer to one scan, in the order the engines are listed
+/// Every engine's result for one scan, in the order the engines are listed
 /// in the configuration: clamd, the upstream header, the built-in rules,
 /// rspamd, spamd.
 #[derive(Debug, Default)]
 pub struct ScanReport {
-    pub answers: Vec<EngineAnswer>,
+    pub results: Vec<EngineResult>,
 }
 
 impl ScanReport {
-    /// Returns the index of the answer that decides the message. The first
-    /// answer of the highest rank decides, ranked: virus, spam, a failure
+    /// Returns the index of the result that decides the message. The first
+    /// result of the highest rank decides, ranked: virus, spam, a failure
     /// under `on_error = "tempfail"`, unscannable, suspect, clean. A failure
     /// under `on_error = "accept"` never decides. So a virus from any engine
     /// wins, and a scan that partly failed is never clean where the failing
-    /// engine's policy is tempfail. `None` when no answer can decide.
+    /// engine's policy is tempfail. `None` when no result can decide.
     pub fn deciding(&self) -> Option<usize> {
-        self.answers
+        self.results
             .iter()
             .enumerate()
-            .filter_map(|(index, answer)| rank(answer).map(|rank| (rank, index)))
+            .filter_map(|(index, result)| rank(result).map(|rank| (rank, index)))
             .min()
             .map(|(_, index)| index)
     }
 
     /// Returns the combined verdict, or the deciding failure. Without any
-    /// answer that can decide (no engine at all, or only failures under
+    /// result that can decide (no engine at all, or only failures under
     /// `on_error = "accept"`), the message is clean.
     pub fn into_verdict(mut self) -> Result<Verdict, ScanError> {
         match self.deciding() {
-            Some(index) => self.answers.swap_remove(index).result,
+            Some(index) => self.results.swap_remove(index).result,
             None => Ok(Verdict::Clean),
         }
     }
 }
 
-/// Returns the rank of an answer (lower decides first), or `None` for a
+/// Returns the rank of a result (lower decides first), or `None` for a
 /// failure that the engine's `on_error = "accept"` sets aside.
-fn rank(answer: &EngineAnswer) -> Option<u8> {
-    match &answer.result {
+fn rank(engine: &EngineResult) -> Option<u8> {
+    match &engine.result {
         Ok(Verdict::Virus { .. }) => Some(0),
         Ok(Verdict::Spam { .. }) => Some(1),
-        Err(_) if answer.on_error == OnError::Tempfail => Some(2),
+        Err(_) if engine.on_error == OnError::Tempfail => Some(2),
         Err(_) => None,
         Ok(Verdict::Unscannable { .. }) => Some(3),
         Ok(Verdict::Suspect { .. }) => Some(4),
@@ -72,8 +72,8 @@ fn rank(answer: &EngineAnswer) -> Option<u8> {
 mod tests {
     use super::*;
 
-    fn answer(engine: &'static str, result: Result<Verdict, ScanError>) -> EngineAnswer {
-        EngineAnswer {
+    fn finding(engine: &'static str, result: Result<Verdict, ScanError>) -> EngineResult {
+        EngineResult {
             engine,
             result,
             on_error: OnError::Tempfail,
@@ -81,10 +81,10 @@ mod tests {
         }
     }
 
-    fn failure(engine: &'static str, on_error: OnError) -> EngineAnswer {
-        EngineAnswer {
+    fn failure(engine: &'static str, on_error: OnError) -> EngineResult {
+        EngineResult {
             on_error,
-            ..answer(
+            ..finding(
                 engine,
                 Err(ScanError::Connect {
                     engine,
@@ -125,13 +125,13 @@ mod tests {
         }
     }
 
-    /// Combines the answers and describes the outcome as "verdict kind by
+    /// Combines the results and describes the outcome as "verdict kind by
     /// engine" or "error by engine".
-    fn outcome(answers: Vec<EngineAnswer>) -> String {
-        let report = ScanReport { answers };
+    fn outcome(results: Vec<EngineResult>) -> String {
+        let report = ScanReport { results };
         let engine = report
             .deciding()
-            .map_or("nobody", |index| report.answers[index].engine);
+            .map_or("nobody", |index| report.results[index].engine);
         match report.into_verdict() {
             Ok(verdict) => format!("{} by {engine}", verdict.kind()),
             Err(error) => format!("error by {}", error.engine()),
@@ -140,26 +140,26 @@ mod tests {
 
     #[test]
     fn combination_table() {
-        let cases: Vec<(Vec<EngineAnswer>, &str)> = vec![
+        let cases: Vec<(Vec<EngineResult>, &str)> = vec![
             (Vec::new(), "clean by nobody"),
             (
                 vec![
-                    answer("clamd", Ok(Verdict::Clean)),
-                    answer("rspamd", Ok(Verdict::Clean)),
+                    finding("clamd", Ok(Verdict::Clean)),
+                    finding("rspamd", Ok(Verdict::Clean)),
                 ],
                 "clean by clamd",
             ),
             (
                 vec![
-                    answer("clamd", Ok(Verdict::Clean)),
-                    answer("rspamd", Ok(spam("rspamd"))),
+                    finding("clamd", Ok(Verdict::Clean)),
+                    finding("rspamd", Ok(spam("rspamd"))),
                 ],
                 "spam by rspamd",
             ),
             (
                 vec![
-                    answer("rspamd", Ok(spam("rspamd"))),
-                    answer("spamd", Ok(spam("spamd"))),
+                    finding("rspamd", Ok(spam("rspamd"))),
+                    finding("spamd", Ok(spam("spamd"))),
                 ],
                 "spam by rspamd",
             ),
@@ -167,8 +167,8 @@ mod tests {
             (
                 vec![
                     failure("rspamd", OnError::Tempfail),
-                    answer("builtin", Ok(spam("builtin"))),
-                    answer("clamd", Ok(virus())),
+                    finding("builtin", Ok(spam("builtin"))),
+                    finding("clamd", Ok(virus())),
                 ],
                 "virus by clamd",
             ),
@@ -176,28 +176,28 @@ mod tests {
             (
                 vec![
                     failure("clamd", OnError::Tempfail),
-                    answer("spamd", Ok(spam("spamd"))),
+                    finding("spamd", Ok(spam("spamd"))),
                 ],
                 "spam by spamd",
             ),
             // A failure under tempfail is never clean, suspect or unscannable.
             (
                 vec![
-                    answer("clamd", Ok(Verdict::Clean)),
+                    finding("clamd", Ok(Verdict::Clean)),
                     failure("rspamd", OnError::Tempfail),
                 ],
                 "error by rspamd",
             ),
             (
                 vec![
-                    answer("rspamd", Ok(suspect())),
+                    finding("rspamd", Ok(suspect())),
                     failure("spamd", OnError::Tempfail),
                 ],
                 "error by spamd",
             ),
             (
                 vec![
-                    answer("clamd", Ok(unscannable())),
+                    finding("clamd", Ok(unscannable())),
                     failure("spamd", OnError::Tempfail),
                 ],
                 "error by spamd",
@@ -213,7 +213,7 @@ mod tests {
             // A failure under accept leaves the others to decide.
             (
                 vec![
-                    answer("clamd", Ok(Verdict::Clean)),
+                    finding("clamd", Ok(Verdict::Clean)),
                     failure("rspamd", OnError::Accept),
                 ],
                 "clean by clamd",
@@ -235,28 +235,28 @@ mod tests {
             // Unscannable outranks suspect, suspect outranks clean.
             (
                 vec![
-                    answer("rspamd", Ok(suspect())),
-                    answer("clamd", Ok(unscannable())),
+                    finding("rspamd", Ok(suspect())),
+                    finding("clamd", Ok(unscannable())),
                 ],
                 "unscannable by clamd",
             ),
             (
                 vec![
-                    answer("clamd", Ok(Verdict::Clean)),
-                    answer("rspamd", Ok(suspect())),
+                    finding("clamd", Ok(Verdict::Clean)),
+                    finding("rspamd", Ok(suspect())),
                 ],
                 "suspect by rspamd",
             ),
             (
                 vec![
-                    answer("rspamd", Ok(suspect())),
-                    answer("spamd", Ok(spam("spamd"))),
+                    finding("rspamd", Ok(suspect())),
+                    finding("spamd", Ok(spam("spamd"))),
                 ],
                 "spam by spamd",
             ),
         ];
-        for (index, (answers, expected)) in cases.into_iter().enumerate() {
-            assert_eq!(outcome(answers), expected, "case {index}");
+        for (index, (results, expected)) in cases.into_iter().enumerate() {
+            assert_eq!(outcome(results), expected, "case {index}");
         }
     }
 }

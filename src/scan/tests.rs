@@ -1205,6 +1205,7 @@ fn config_example_engines_parse_with_defaults() {
         .filter(|line| !line.is_empty() && !line.starts_with([' ', '#']))
         .map(|line| format!("{line}\n"))
         .collect();
+
     #[derive(serde::Deserialize)]
     struct Example {
         scan: ExampleScan,
@@ -1232,6 +1233,7 @@ fn config_example_engines_parse_with_defaults() {
             ..SpamdConfig::default()
         }
     );
+
     let mut problems = crate::config::Problems::default();
     example.scan.rspamd.validate(&mut problems);
     example.scan.spamd.validate(&mut problems);

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// How long rspamd may take to answer `/ping`; the first start compiles
+/// How long rspamd may take to reply to `/ping`; the first start compiles
 /// the Hyperscan databases.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -59,7 +59,7 @@ impl Rspamd {
         Rspamd::start_own()
     }
 
-    /// Starts a new rspamd. Panics with its output if it does not answer
+    /// Starts a new rspamd. Panics with its output if it does not reply to
     /// `/ping` in time.
     pub fn start_own() -> Rspamd {
         let dir = match tempfile::Builder::new()
@@ -230,7 +230,7 @@ fn spawn_rspamd(instance: &Path, cache: &Path, port: u16, dns_port: u16, log: &P
     }
 }
 
-/// Waits until rspamd answers `/ping`, or fails when it exits or the
+/// Waits until rspamd replies to `/ping`, or fails when it exits or the
 /// start-up time runs out.
 fn wait_until_ready(child: &mut Child, address: &str) -> Result<(), String> {
     let deadline = Instant::now() + STARTUP_TIMEOUT;
@@ -240,18 +240,18 @@ fn wait_until_ready(child: &mut Child, address: &str) -> Result<(), String> {
             Ok(None) => {}
             Err(error) => return Err(format!("cannot check rspamd's status: {error}")),
         }
-        if answers_ping(address) {
+        if replies_to_ping(address) {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     Err(format!(
-        "rspamd did not answer /ping on {address} within {STARTUP_TIMEOUT:?}"
+        "rspamd did not reply to /ping on {address} within {STARTUP_TIMEOUT:?}"
     ))
 }
 
-/// Returns whether rspamd at `address` answers `GET /ping` with "pong".
-pub fn answers_ping(address: &str) -> bool {
+/// Returns whether rspamd at `address` replies "pong" to `GET /ping`.
+pub fn replies_to_ping(address: &str) -> bool {
     let Ok(mut stream) = TcpStream::connect(address) else {
         return false;
     };

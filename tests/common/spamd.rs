@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// How long spamd may take to load its rules and answer PING.
+/// How long spamd may take to load its rules and reply to PING.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Attempts at starting spamd, because the free port picked for it can be
@@ -65,7 +65,7 @@ impl Spamd {
         Spamd::start_own()
     }
 
-    /// Starts a new spamd. Panics with its output if it does not answer
+    /// Starts a new spamd. Panics with its output if it does not reply to
     /// PING in time.
     pub fn start_own() -> Spamd {
         let dir = match tempfile::Builder::new()
@@ -193,7 +193,7 @@ fn spawn_spamd(dir: &Path, site: &Path, port: u16, socket: &Path, log: &Path) ->
     }
 }
 
-/// Waits until spamd answers PING, or fails when it exits or the start-up
+/// Waits until spamd replies to PING, or fails when it exits or the start-up
 /// time runs out.
 fn wait_until_ready(child: &mut Child, address: &str) -> Result<(), String> {
     let deadline = Instant::now() + STARTUP_TIMEOUT;
@@ -203,18 +203,18 @@ fn wait_until_ready(child: &mut Child, address: &str) -> Result<(), String> {
             Ok(None) => {}
             Err(error) => return Err(format!("cannot check spamd's status: {error}")),
         }
-        if answers_ping(address) {
+        if replies_to_ping(address) {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     Err(format!(
-        "spamd did not answer PING on {address} within {STARTUP_TIMEOUT:?}"
+        "spamd did not reply to PING on {address} within {STARTUP_TIMEOUT:?}"
     ))
 }
 
-/// Returns whether spamd at `address` answers PING with PONG.
-pub fn answers_ping(address: &str) -> bool {
+/// Returns whether spamd at `address` replies PONG to PING.
+pub fn replies_to_ping(address: &str) -> bool {
     let Ok(mut stream) = TcpStream::connect(address) else {
         return false;
     };

@@ -10,7 +10,7 @@ use crate::config::Problems;
 
 use super::super::config::{OnError, check_host_port};
 
-/// What an rspamd action means for the message.
+/// Class of an rspamd action: the treatment of the message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ActionClass {
@@ -29,7 +29,7 @@ pub enum ActionClass {
 /// mail it finds clean.
 const NEVER_SPAM: [&str; 3] = ["no action", "greylist", "soft reject"];
 
-/// `[scan.rspamd]`: how to reach rspamd and how to read its answer.
+/// `[scan.rspamd]`: how to reach rspamd and how to read its reply.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RspamdConfig {

@@ -2,7 +2,7 @@
 //! worker, with the envelope and the client passed as request headers.
 //!
 //! The HTTP client keeps connections alive and reuses them when the server
-//! allows it. rspamd 3.4 (Debian 12) answers every request with
+//! allows it. rspamd 3.4 (Debian 12) replies to every request with
 //! `Connection: close`, so against it each scan opens a new connection.
 
 mod config;
@@ -76,7 +76,7 @@ impl Client {
     /// rspamd's parsed reply.
     ///
     /// # Errors
-    /// When rspamd cannot be reached, times out, answers with an HTTP error
+    /// When rspamd cannot be reached, times out, replies with an HTTP error
     /// or with JSON that lacks the action or score.
     pub async fn check(
         &self,
@@ -103,7 +103,7 @@ impl Client {
         parse_reply(status, &body).map_err(|error| self.reply_error(error))
     }
 
-    /// Sends `GET /ping` and returns rspamd's answer, "pong".
+    /// Sends `GET /ping` and returns rspamd's reply, "pong".
     pub async fn ping(&self) -> Result<String, ScanError> {
         let response = self
             .http
@@ -193,7 +193,7 @@ impl Client {
 
 /// Returns the request headers for the envelope, in rspamd's names.
 /// Without a known client host name the `Hostname` header is `unknown`,
-/// Postfix's word for a client without reverse DNS: with no `Hostname` at
+/// Postfix's word for a client without reverse DNS. With no `Hostname` at
 /// all, rspamd 3.4 adds HFILTER_HOSTNAME_UNKNOWN (2.5 points) to every
 /// message from a client outside its `local_addrs` that did not log in.
 pub fn request_headers(envelope: Option<&Envelope<'_>>) -> Vec<(&'static str, String)> {

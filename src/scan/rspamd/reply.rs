@@ -17,7 +17,7 @@ use super::config::{ActionClass, RspamdConfig, normalize_action};
 /// Most symbols a verdict names.
 const MAX_SYMBOLS: usize = 5;
 
-/// rspamd's answer for one message.
+/// rspamd's reply for one message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CheckReply {
     /// rspamd's action, such as `reject` or `add header`.

@@ -29,7 +29,7 @@ impl SpamdCommand {
     }
 }
 
-/// `[scan.spamd]`: how to reach spamd and how to read its answer.
+/// `[scan.spamd]`: how to reach spamd and how to read its reply.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SpamdConfig {

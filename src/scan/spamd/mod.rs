@@ -35,7 +35,7 @@ fn endpoint(config: &SpamdConfig) -> Endpoint<'_> {
 /// parsed reply.
 ///
 /// # Errors
-/// When spamd cannot be reached, times out, closes early, answers with a
+/// When spamd cannot be reached, times out, closes early, replies with a
 /// non-zero status or breaks the protocol.
 pub async fn check(config: &SpamdConfig, message: &[u8]) -> Result<SpamdReply, ScanError> {
     let endpoint = endpoint(config);
@@ -53,7 +53,7 @@ pub async fn check(config: &SpamdConfig, message: &[u8]) -> Result<SpamdReply, S
         .await?
     {
         Ok(()) => read_reply(&endpoint, &mut connection, deadline).await,
-        // spamd answers a bad request at once and closes, so a write can
+        // spamd replies to a bad request at once and closes, so a write can
         // fail while its reply is waiting to be read.
         Err(source) => match read_reply(&endpoint, &mut connection, deadline).await {
             Ok(reply) => Ok(reply),
@@ -63,7 +63,7 @@ pub async fn check(config: &SpamdConfig, message: &[u8]) -> Result<SpamdReply, S
     }
 }
 
-/// Sends PING and returns spamd's answer, such as "SPAMD/1.5 0 PONG".
+/// Sends PING and returns spamd's reply, such as "SPAMD/1.5 0 PONG".
 pub async fn ping(config: &SpamdConfig) -> Result<String, ScanError> {
     let endpoint = endpoint(config);
     let deadline = endpoint.deadline();
@@ -91,7 +91,7 @@ pub async fn ping(config: &SpamdConfig) -> Result<String, ScanError> {
 }
 
 /// Returns the verdict for a reply: spam when `threshold` is set and the
-/// score reaches it, or else when spamd itself says so.
+/// score reaches it, or else when spamd's own verdict is spam.
 pub fn verdict(config: &SpamdConfig, reply: &SpamdReply) -> Verdict {
     let spam = match config.threshold {
         Some(threshold) => reply.score >= threshold,

@@ -14,7 +14,7 @@
 
 use super::super::error::ReplyError;
 
-/// spamd's answer for one message.
+/// spamd's reply for one message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SpamdReply {
     /// spamd's own verdict: the score reached its `required_score`.
