@@ -24,9 +24,14 @@ pub use config::{
 pub use default_rules::DEFAULT_RULES_TOML;
 pub use error::{ReplyError, ScanError};
 pub use report::{EngineResult, ScanReport};
-pub use rspamd::{ActionClass, DEFAULT_RSPAMD_TIMEOUT, RspamdConfig, default_actions};
+pub use rspamd::{
+    ActionClass, CheckReply, DEFAULT_RSPAMD_TIMEOUT, RspamdConfig, default_actions,
+    parse_reply as parse_rspamd_reply,
+};
 pub use rules::{GTUBE, GTUBE_RULE, GTUBE_SCORE};
-pub use spamd::{DEFAULT_SPAMD_TIMEOUT, SpamdCommand, SpamdConfig};
+pub use spamd::{
+    DEFAULT_SPAMD_TIMEOUT, SpamdCommand, SpamdConfig, SpamdReply, parse_reply as parse_spamd_reply,
+};
 pub use verdict::Verdict;
 
 use std::net::IpAddr;
