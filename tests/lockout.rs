@@ -5,7 +5,7 @@
 mod common;
 
 use common::sendguard::Sendguard;
-use common::smtp_client::SmtpClient;
+use common::smtp_client::{SmtpClient, send_from};
 use common::upstream::{Upstream, UpstreamOptions};
 use sendguard::policy::Timestamp;
 use std::time::{Duration, Instant};
@@ -19,24 +19,6 @@ fn clean_message() -> Vec<u8> {
 fn spam_message() -> Vec<u8> {
     format!("From: sender@example.org\r\nTo: bob@example.net\r\nSubject: offer\r\n\r\n{GTUBE}\r\n")
         .into_bytes()
-}
-
-/// Opens a session, sends EHLO and one message; returns the code of
-/// MAIL FROM when it is refused, else the final reply code.
-fn send_from(address: &str, from: &str, content: &[u8]) -> (u16, String) {
-    let mut client = SmtpClient::connect(address);
-    client.cmd("EHLO client.test", 250);
-    let reply = client.command(&format!("MAIL FROM:<{from}>"));
-    if reply.code != 250 {
-        client.quit();
-        return (reply.code, reply.text());
-    }
-    client.cmd("RCPT TO:<bob@example.net>", 250);
-    client.cmd("DATA", 354);
-    client.send_raw(&common::smtp_client::data_payload(content));
-    let reply = client.read_reply();
-    client.quit();
-    (reply.code, reply.text())
 }
 
 fn send_spam(address: &str, from: &str) -> (u16, String) {

@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::realistic_message;
 use common::rspamd::Rspamd;
 use common::spamd::Spamd;
 use sendguard::config::ScanConfig;
@@ -18,32 +19,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const GTUBE: &str = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X";
-
-/// Returns an ordinary business message with a Date header and real words,
-/// with `extra_line` in its body. Stock SpamAssassin scores a message
-/// without them close to its threshold.
-fn realistic_message(extra_line: &str) -> Vec<u8> {
-    format!(
-        "From: Alice Example <alice@example.org>\r\n\
-         To: Bob Example <bob@example.net>\r\n\
-         Subject: Minutes of the planning meeting\r\n\
-         Date: Fri, 04 Dec 2026 10:15:00 +0000\r\n\
-         Message-ID: <20261204101500.12345@example.org>\r\n\
-         MIME-Version: 1.0\r\n\
-         Content-Type: text/plain; charset=us-ascii\r\n\
-         \r\n\
-         Hi Bob,\r\n\
-         \r\n\
-         thank you for joining the planning meeting this morning. As agreed, the\r\n\
-         budget review moves to Tuesday, and Carol will send the updated figures\r\n\
-         before then. Please check the draft schedule and tell me if the dates\r\n\
-         for the site visit work for your team.\r\n\
-         {extra_line}\r\n\
-         Best regards,\r\n\
-         Alice\r\n"
-    )
-    .into_bytes()
-}
 
 fn gtube_message() -> Vec<u8> {
     realistic_message(GTUBE)

@@ -6,39 +6,15 @@
 mod common;
 
 use common::milter_client::{MilterClient, Response, SMFIC_BODYEOB, SMFIC_MAIL};
+use common::realistic_message;
 use common::rspamd::Rspamd;
 use common::sendguard::Sendguard;
-use common::smtp_client::{SmtpClient, data_payload};
+use common::smtp_client::{SmtpClient, data_payload, send_from};
 use common::spamd::Spamd;
 use common::upstream::{Upstream, UpstreamOptions};
 use std::time::Duration;
 
 const GTUBE: &str = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X";
-
-/// Returns an ordinary business message with a Date header and real
-/// words, with `extra_line` in its body.
-fn realistic_message(extra_line: &str) -> Vec<u8> {
-    format!(
-        "From: Alice Example <alice@example.org>\r\n\
-         To: Bob Example <bob@example.net>\r\n\
-         Subject: Minutes of the planning meeting\r\n\
-         Date: Fri, 04 Dec 2026 10:15:00 +0000\r\n\
-         Message-ID: <20261204101500.12345@example.org>\r\n\
-         MIME-Version: 1.0\r\n\
-         Content-Type: text/plain; charset=us-ascii\r\n\
-         \r\n\
-         Hi Bob,\r\n\
-         \r\n\
-         thank you for joining the planning meeting this morning. As agreed, the\r\n\
-         budget review moves to Tuesday, and Carol will send the updated figures\r\n\
-         before then. Please check the draft schedule and tell me if the dates\r\n\
-         for the site visit work for your team.\r\n\
-         {extra_line}\r\n\
-         Best regards,\r\n\
-         Alice\r\n"
-    )
-    .into_bytes()
-}
 
 /// Returns the `[scan]` and `[policy]` sections: the built-in rules off,
 /// `engines` as given (TOML sections), a ten-minute window and `policy`
@@ -55,26 +31,26 @@ fn spamd_section(address: &str, extra: &str) -> String {
     format!("[scan.spamd]\naddress = \"{address}\"\ntimeout = \"30s\"\n{extra}\n")
 }
 
-/// Sends one message from `from` to bob@example.net; returns the reply to
-/// MAIL FROM when it is refused, else the reply to the end of DATA.
-fn send(address: &str, from: &str, content: &[u8]) -> (u16, String) {
-    let mut client = SmtpClient::connect(address);
-    client.cmd("EHLO client.test", 250);
-    let reply = client.command(&format!("MAIL FROM:<{from}>"));
-    if reply.code != 250 {
-        client.quit();
-        return (reply.code, reply.text());
-    }
-    client.cmd("RCPT TO:<bob@example.net>", 250);
-    client.cmd("DATA", 354);
-    client.send_raw(&data_payload(content));
-    let reply = client.read_reply();
-    client.quit();
-    (reply.code, reply.text())
+/// Returns the sections for both engines with their defaults.
+fn both_engines(rspamd: &Rspamd, spamd: &Spamd) -> String {
+    format!(
+        "{}{}",
+        rspamd_section(&rspamd.address, ""),
+        spamd_section(&spamd.address, "")
+    )
 }
 
 fn bad_messages(server: &Sendguard) -> Vec<serde_json::Value> {
     server.events_of("bad_message")
+}
+
+/// Checks that `mailbox` has no strike and no lockout on record.
+fn assert_no_strikes(server: &Sendguard, mailbox: &str) {
+    let status = server.cli(&["status", mailbox]);
+    assert_eq!(
+        String::from_utf8_lossy(&status.stdout).trim(),
+        format!("{mailbox}: no strikes and no lockouts recorded")
+    );
 }
 
 #[test]
@@ -92,7 +68,7 @@ fn gtube_rejected_by_each_engine() {
     ];
     for (engines, expected) in cases {
         let server = Sendguard::start(&upstream.address(), &config(&engines, ""));
-        let (code, text) = send(
+        let (code, text) = send_from(
             &server.address,
             "alice@example.org",
             &realistic_message(GTUBE),
@@ -120,24 +96,16 @@ fn realistic_message_not_counted() {
     let rspamd = Rspamd::start();
     let spamd = Spamd::start();
     let upstream = Upstream::start(UpstreamOptions::default());
-    let engines = format!(
-        "{}{}",
-        rspamd_section(&rspamd.address, ""),
-        spamd_section(&spamd.address, "")
-    );
+    let engines = both_engines(&rspamd, &spamd);
     let server = Sendguard::start(&upstream.address(), &config(&engines, ""));
     let message = realistic_message("");
-    let (code, text) = send(&server.address, "alice@example.org", &message);
+    let (code, text) = send_from(&server.address, "alice@example.org", &message);
     assert_eq!(code, 250, "{text}");
 
     let received = upstream.wait_for_messages(1, Duration::from_secs(10));
     assert_eq!(received[0].content, message, "relayed unchanged");
     assert!(bad_messages(&server).is_empty(), "{:#?}", server.events());
-    let status = server.cli(&["status", "alice@example.org"]);
-    assert_eq!(
-        String::from_utf8_lossy(&status.stdout).trim(),
-        "alice@example.org: no strikes and no lockouts recorded"
-    );
+    assert_no_strikes(&server, "alice@example.org");
 }
 
 #[test]
@@ -151,7 +119,7 @@ fn add_header_tags_without_strike() {
     let message = realistic_message("Reference: sendguard-test-marker");
     // Twice the threshold: none of them counts, so no lockout starts.
     for attempt in 1..=6 {
-        let (code, text) = send(&server.address, "alice@example.org", &message);
+        let (code, text) = send_from(&server.address, "alice@example.org", &message);
         assert_eq!(code, 250, "attempt {attempt}: {text}");
     }
 
@@ -180,11 +148,7 @@ fn add_header_tags_without_strike() {
         );
     }
     assert!(server.events_of("lockout_started").is_empty());
-    let status = server.cli(&["status", "alice@example.org"]);
-    assert_eq!(
-        String::from_utf8_lossy(&status.stdout).trim(),
-        "alice@example.org: no strikes and no lockouts recorded"
-    );
+    assert_no_strikes(&server, "alice@example.org");
 }
 
 #[test]
@@ -198,14 +162,14 @@ fn add_header_mapped_to_spam_counts() {
     let server = Sendguard::start(&upstream.address(), &config(&engines, "threshold = 2"));
     let message = realistic_message("Reference: sendguard-test-marker");
     for attempt in 1..=2 {
-        let (code, text) = send(&server.address, "alice@example.org", &message);
+        let (code, text) = send_from(&server.address, "alice@example.org", &message);
         assert_eq!(code, 550, "attempt {attempt}: {text}");
         assert!(
             text.contains("spam rspamd score 7.2 action add header"),
             "{text}"
         );
     }
-    let (code, text) = send(&server.address, "alice@example.org", &message);
+    let (code, text) = send_from(&server.address, "alice@example.org", &message);
     assert_eq!(code, 550, "{text}");
     assert!(text.contains("lockout 1"), "MAIL FROM refused: {text}");
 
@@ -223,7 +187,7 @@ fn engine_down_gives_configured_result() {
     for section in [rspamd_section(&closed, ""), spamd_section(&closed, "")] {
         // Under the default on_error = "tempfail" the client retries later.
         let server = Sendguard::start(&upstream.address(), &config(&section, ""));
-        let (code, text) = send(&server.address, "alice@example.org", &realistic_message(""));
+        let (code, text) = send_from(&server.address, "alice@example.org", &realistic_message(""));
         assert_eq!(code, 451, "{section}: {text}");
         assert!(text.contains("4.7.1"), "{text}");
         assert!(text.contains("spam scanner is unavailable"), "{text}");
@@ -234,7 +198,7 @@ fn engine_down_gives_configured_result() {
         // the engine that is down.
         let accepting = format!("{section}on_error = \"accept\"\n");
         let server = Sendguard::start(&upstream.address(), &config(&accepting, ""));
-        let (code, text) = send(&server.address, "alice@example.org", &realistic_message(""));
+        let (code, text) = send_from(&server.address, "alice@example.org", &realistic_message(""));
         assert_eq!(code, 250, "{accepting}: {text}");
         let log = server.log();
         assert!(
@@ -255,14 +219,14 @@ fn rspamd_alone_starts_lockout() {
         &config(&rspamd_section(&rspamd.address, ""), "threshold = 5"),
     );
     for attempt in 1..=5 {
-        let (code, text) = send(
+        let (code, text) = send_from(
             &server.address,
             "alice@example.org",
             &realistic_message(GTUBE),
         );
         assert_eq!(code, 550, "attempt {attempt}: {text}");
     }
-    let (code, text) = send(&server.address, "alice@example.org", &realistic_message(""));
+    let (code, text) = send_from(&server.address, "alice@example.org", &realistic_message(""));
     assert_eq!(code, 550, "{text}");
     assert!(text.contains("lockout 1"), "{text}");
 
@@ -280,7 +244,7 @@ fn rspamd_alone_starts_lockout() {
         );
     }
     // Another mailbox still sends.
-    let (code, _) = send(&server.address, "carol@example.org", &realistic_message(""));
+    let (code, _) = send_from(&server.address, "carol@example.org", &realistic_message(""));
     assert_eq!(code, 250);
 }
 
@@ -399,11 +363,7 @@ fn check_shows_every_engine() {
     let rspamd = Rspamd::start();
     let spamd = Spamd::start();
     let upstream = Upstream::start(UpstreamOptions::default());
-    let engines = format!(
-        "{}{}",
-        rspamd_section(&rspamd.address, ""),
-        spamd_section(&spamd.address, "")
-    );
+    let engines = both_engines(&rspamd, &spamd);
     // The built-in rules on as well, so three engines report.
     let server = Sendguard::start(&upstream.address(), &engines);
 

@@ -14,14 +14,16 @@
 //! - `SENDGUARD_RSPAMD_BIN` sets the rspamd program; the default is
 //!   `rspamd` from `PATH`, then `/usr/bin/rspamd`.
 
-use super::{free_port, program, running_as_root, stop_process_group};
+use super::{
+    free_port, program, reused_server, running_as_root, stop_process_group, wait_for_daemon,
+};
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long rspamd may take to reply to `/ping`; the first start compiles
 /// the Hyperscan databases.
@@ -45,11 +47,9 @@ pub struct Rspamd {
 impl Rspamd {
     /// Returns the server named by `SENDGUARD_TEST_RSPAMD`, or starts one.
     pub fn start() -> Rspamd {
-        if let Ok(address) = std::env::var("SENDGUARD_TEST_RSPAMD")
-            && !address.trim().is_empty()
-        {
+        if let Some(address) = reused_server("SENDGUARD_TEST_RSPAMD") {
             return Rspamd {
-                address: address.trim().to_string(),
+                address,
                 child: None,
                 dns: None,
                 log: None,
@@ -92,7 +92,13 @@ impl Rspamd {
             let log = instance.join("rspamd.out");
             let mut child = spawn_rspamd(&instance, &cache, port, dns.port, &log);
             let address = format!("127.0.0.1:{port}");
-            match wait_until_ready(&mut child, &address) {
+            match wait_for_daemon(
+                &mut child,
+                "rspamd",
+                &address,
+                STARTUP_TIMEOUT,
+                replies_to_ping,
+            ) {
                 Ok(()) => {
                     return Rspamd {
                         address,
@@ -228,26 +234,6 @@ fn spawn_rspamd(instance: &Path, cache: &Path, port: u16, dns_port: u16, log: &P
             program.display()
         ),
     }
-}
-
-/// Waits until rspamd replies to `/ping`, or fails when it exits or the
-/// start-up time runs out.
-fn wait_until_ready(child: &mut Child, address: &str) -> Result<(), String> {
-    let deadline = Instant::now() + STARTUP_TIMEOUT;
-    while Instant::now() < deadline {
-        match child.try_wait() {
-            Ok(Some(status)) => return Err(format!("rspamd exited with {status}")),
-            Ok(None) => {}
-            Err(error) => return Err(format!("cannot check rspamd's status: {error}")),
-        }
-        if replies_to_ping(address) {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Err(format!(
-        "rspamd did not reply to /ping on {address} within {STARTUP_TIMEOUT:?}"
-    ))
 }
 
 /// Returns whether rspamd at `address` replies "pong" to `GET /ping`.

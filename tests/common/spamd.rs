@@ -12,7 +12,7 @@
 //! - `SENDGUARD_SPAMD_BIN` sets the spamd program; the default is `spamd`
 //!   from `PATH`, then `/usr/sbin/spamd`.
 
-use super::{free_port, program, stop_process_group};
+use super::{free_port, program, reused_server, stop_process_group, wait_for_daemon};
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -20,7 +20,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long spamd may take to load its rules and reply to PING.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -48,14 +48,12 @@ pub struct Spamd {
 impl Spamd {
     /// Returns the server named by `SENDGUARD_TEST_SPAMD`, or starts one.
     pub fn start() -> Spamd {
-        if let Ok(address) = std::env::var("SENDGUARD_TEST_SPAMD")
-            && !address.trim().is_empty()
-        {
+        if let Some(address) = reused_server("SENDGUARD_TEST_SPAMD") {
             let socket = std::env::var_os("SENDGUARD_TEST_SPAMD_SOCKET")
                 .map(PathBuf::from)
                 .unwrap_or_default();
             return Spamd {
-                address: address.trim().to_string(),
+                address,
                 socket,
                 child: None,
                 log: None,
@@ -90,7 +88,13 @@ impl Spamd {
             let _ = fs::remove_file(&socket);
             let mut child = spawn_spamd(dir.path(), &site, port, &socket, &log);
             let address = format!("127.0.0.1:{port}");
-            match wait_until_ready(&mut child, &address) {
+            match wait_for_daemon(
+                &mut child,
+                "spamd",
+                &address,
+                STARTUP_TIMEOUT,
+                replies_to_ping,
+            ) {
                 Ok(()) => {
                     return Spamd {
                         address,
@@ -191,26 +195,6 @@ fn spawn_spamd(dir: &Path, site: &Path, port: u16, socket: &Path, log: &Path) ->
             program.display()
         ),
     }
-}
-
-/// Waits until spamd replies to PING, or fails when it exits or the start-up
-/// time runs out.
-fn wait_until_ready(child: &mut Child, address: &str) -> Result<(), String> {
-    let deadline = Instant::now() + STARTUP_TIMEOUT;
-    while Instant::now() < deadline {
-        match child.try_wait() {
-            Ok(Some(status)) => return Err(format!("spamd exited with {status}")),
-            Ok(None) => {}
-            Err(error) => return Err(format!("cannot check spamd's status: {error}")),
-        }
-        if replies_to_ping(address) {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Err(format!(
-        "spamd did not reply to PING on {address} within {STARTUP_TIMEOUT:?}"
-    ))
 }
 
 /// Returns whether spamd at `address` replies PONG to PING.
