@@ -142,6 +142,58 @@ fn config_check_lists_every_problem() {
 }
 
 #[test]
+fn config_check_lists_engine_problems() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[upstream]\naddress = \"127.0.0.1:25\"\n[store]\npath = \"{}\"\n\
+             [scan.rspamd]\naddress = \"/run/rspamd.sock\"\ntimeout = \"0s\"\n\
+             [scan.rspamd.actions]\ngreylist = \"spam\"\n\
+             [scan.spamd]\naddress = \"spamd\"\nuser = \"two words\"\n",
+            dir.path().join("store.db").display()
+        ),
+    )
+    .expect("write config");
+    let output = sendguard(&["config", "check", path.to_str().expect("utf-8 path")]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for (key, reason) in [
+        ("scan.rspamd.address", "sendguard reaches rspamd over TCP"),
+        ("scan.rspamd.timeout", "must be longer than zero"),
+        (
+            "scan.rspamd.actions.\"greylist\"",
+            "never counts as a strike",
+        ),
+        ("scan.spamd.address", "neither \"host:port\""),
+        ("scan.spamd.user", "\"two words\" is not a user name"),
+    ] {
+        let line = stderr
+            .lines()
+            .find(|line| line.contains(&format!("{key}: ")))
+            .unwrap_or_else(|| panic!("{key} missing from:\n{stderr}"));
+        assert!(line.contains(reason), "{line}");
+    }
+
+    // An unknown key in an engine section is named with its section.
+    std::fs::write(
+        &path,
+        format!(
+            "[upstream]\naddress = \"127.0.0.1:25\"\n[store]\npath = \"{}\"\n\
+             [scan.spamd]\naddress = \"127.0.0.1:783\"\nusername = \"x\"\n",
+            dir.path().join("store.db").display()
+        ),
+    )
+    .expect("write config");
+    let output = sendguard(&["config", "check", path.to_str().expect("utf-8 path")]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("scan.spamd"), "{stderr}");
+    assert!(stderr.contains("username"), "{stderr}");
+}
+
+#[test]
 fn status_of_unknown_store_explains() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let config = write_config(dir.path(), "127.0.0.1:3310");

@@ -56,6 +56,9 @@ impl ScanReport {
 
 /// Returns the rank of a result (lower decides first), or `None` for a
 /// failure that the engine's `on_error = "accept"` sets aside.
+// NOTE: only the deciding result reaches the guard, so a suspect result is
+// not recorded when clamd's unscannable result decides, even when
+// `on_unscannable = "accept"` then relays the message.
 fn rank(engine: &EngineResult) -> Option<u8> {
     match &engine.result {
         Ok(Verdict::Virus { .. }) => Some(0),
