@@ -12,7 +12,7 @@ pub use admin::{AdminConfig, EventsConfig};
 pub use problems::{Problem, Problems};
 
 use crate::policy::{Mode, PolicySettings};
-use crate::scan::{ClamdConfig, SpamConfig};
+use crate::scan::{ClamdConfig, RspamdConfig, SpamConfig, SpamdConfig};
 use crate::smtp::reader::BareLineEndings;
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
@@ -258,6 +258,10 @@ pub struct ScanConfig {
     pub clamd: Option<ClamdConfig>,
     /// `[scan.spam]`: the built-in rules.
     pub spam: SpamConfig,
+    /// `[scan.rspamd]`; without it rspamd is not asked.
+    pub rspamd: Option<RspamdConfig>,
+    /// `[scan.spamd]`; without it spamd is not asked.
+    pub spamd: Option<SpamdConfig>,
 }
 
 #[derive(Deserialize)]
@@ -267,6 +271,10 @@ struct ScanSection {
     clamd: Option<toml::Value>,
     #[serde(default)]
     spam: Option<toml::Value>,
+    #[serde(default)]
+    rspamd: Option<toml::Value>,
+    #[serde(default)]
+    spamd: Option<toml::Value>,
 }
 
 /// `[policy]`: strikes, windows and lockouts.
@@ -490,6 +498,12 @@ impl Config {
                 clamd.validate(&mut problems);
             }
             scan.spam.validate(&mut problems);
+            if let Some(rspamd) = &scan.rspamd {
+                rspamd.validate(&mut problems);
+            }
+            if let Some(spamd) = &scan.spamd {
+                spamd.validate(&mut problems);
+            }
         }
         if let Some(store) = &store
             && store.path.as_os_str().is_empty()
@@ -759,9 +773,19 @@ fn scan_section(root: &mut toml::Table, problems: &mut Problems) -> Option<ScanC
         None => Some(SpamConfig::default()),
         Some(value) => decode::<SpamConfig>(value, "scan.spam", problems),
     };
+    let rspamd = match section.rspamd {
+        None => Some(None),
+        Some(value) => decode::<RspamdConfig>(value, "scan.rspamd", problems).map(Some),
+    };
+    let spamd = match section.spamd {
+        None => Some(None),
+        Some(value) => decode::<SpamdConfig>(value, "scan.spamd", problems).map(Some),
+    };
     Some(ScanConfig {
         clamd: clamd?,
         spam: spam?,
+        rspamd: rspamd?,
+        spamd: spamd?,
     })
 }
 
