@@ -243,6 +243,9 @@ pub async fn serve(listener: TcpListener, guard: Arc<Guard>, mut shutdown: watch
         .map(|address| address.to_string())
         .unwrap_or_default();
     tracing::info!(listen = %address, "admin API started");
+        // NOTE: axum's server sets no limit on connections or on the time a
+    // client may take to send its request headers; keep the listener on
+    // loopback or behind a reverse proxy that sets them.
     let router = api::router(guard);
     let stop = async move {
         let _ = shutdown.wait_for(|stop| *stop).await;
