@@ -5,7 +5,7 @@
 #   scripts/fuzz.sh [SECONDS]
 #
 # SECONDS is the run time of each target (default 60). Environment:
-#   FUZZ_TARGETS    targets to run, separated by spaces (default: all four)
+#   FUZZ_TARGETS    targets to run, separated by spaces (default: all five)
 #   FUZZ_SANITIZER  cargo-fuzz sanitizer: address (default) or none, which
 #                   runs faster but misses memory errors in unsafe code
 #
@@ -27,7 +27,7 @@ if ! [[ $seconds =~ ^[1-9][0-9]*$ ]]; then
     echo "usage: $0 [SECONDS]; SECONDS must be a positive whole number, got '$seconds'" >&2
     exit 2
 fi
-targets=${FUZZ_TARGETS:-command_lines data_reader command_parser classifier}
+targets=${FUZZ_TARGETS:-command_lines data_reader command_parser classifier engine_replies}
 sanitizer=${FUZZ_SANITIZER:-address}
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -47,6 +47,7 @@ target_options() {
         command_parser) echo "-dict=fuzz/dictionaries/smtp.dict -max_len=1024" ;;
         command_lines | data_reader) echo "-dict=fuzz/dictionaries/smtp.dict -max_len=8192" ;;
         classifier) echo "-dict=fuzz/dictionaries/mime.dict -max_len=65536" ;;
+        engine_replies) echo "-max_len=4096" ;;
         *)
             echo "unknown fuzz target '$1'; the targets are in fuzz/fuzz_targets" >&2
             return 1

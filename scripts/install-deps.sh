@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Installs the Debian packages that the tests and the demo need: clamd for
-# virus scanning, Postfix for smtp-source and smtp-sink and as the MTA in
-# front of the milter, swaks, and sasl2-bin for the milter tests' SASL users.
+# virus scanning, rspamd and SpamAssassin's spamd as spam engines, Postfix
+# for smtp-source and smtp-sink and as the MTA in front of the milter,
+# swaks, and sasl2-bin for the milter tests' SASL users.
 #
 # Idempotent: when every package is installed already it only checks and
-# exits. It never starts the system's clamav or postfix services, because
-# /usr/sbin/policy-rc.d (exit 101) makes package scripts skip service starts.
+# exits. It never starts the system's clamav, rspamd, spamd or postfix
+# services, because /usr/sbin/policy-rc.d (exit 101) makes package scripts
+# skip service starts.
 # Needs root when something is missing.
 set -euo pipefail
 
-packages=(clamav clamav-daemon clamdscan postfix swaks sasl2-bin)
+packages=(clamav clamav-daemon clamdscan rspamd spamassassin spamd postfix swaks sasl2-bin)
 
 missing=()
 for package in "${packages[@]}"; do

@@ -52,25 +52,36 @@ fn tokio_runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|error| format!("cannot start the async runtime: {error}"))
 }
 
+/// Builds the runtime the admin commands need. Files of secrets these
+/// commands never use (the admin token, the webhook key, the upstream
+/// password, the TLS key) are left unread, so support staff can run them
+/// without access to those files.
 fn runtime(config: &Path) -> Result<Runtime, String> {
-    let config = Config::load(config).map_err(|error| error.to_string())?;
+    let mut config = Config::load(config).map_err(|error| error.to_string())?;
+    config.admin.token_file = None;
+    config.actions.secret_file = None;
+    config.upstream.username = None;
+    config.upstream.password_file = None;
+    config.smtp.tls_cert_file = None;
+    config.smtp.tls_key_file = None;
     Runtime::new(config)
 }
 
 /// Builds the client for `remote`, reading the admin token when a server
 /// is given.
 fn client(config: &Path, remote: &Remote) -> Result<Client, String> {
+    let token_file = Config::load(config)
+        .map_err(|error| error.to_string())?
+        .admin
+        .token_file;
     let runtime = runtime(config)?;
     let target = match &remote.server {
         None => Target::Store,
         Some(url) => {
-            let path = remote
-                .token_file
-                .clone()
-                .or_else(|| runtime.config.admin.token_file.clone())
-                .ok_or(
-                    "--server needs the admin token: give --token-file or set admin.token_file",
-                )?;
+            check_server_url(url)?;
+            let path = remote.token_file.clone().or(token_file).ok_or(
+                "--server needs the admin token: give --token-file or set admin.token_file",
+            )?;
             let token = sendguard::admin::read_token(&path)?;
             Target::Server {
                 url: url.clone(),
@@ -94,6 +105,25 @@ fn text(value: &Value) -> String {
         Value::Null => "-".to_string(),
         other => other.to_string(),
     }
+}
+
+/// Checks a `--server` URL: http or https, a host, and no path beyond `/`.
+fn check_server_url(url: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|error| {
+        format!("invalid --server {url:?}: {error}; give one such as http://127.0.0.1:8025")
+    })?;
+    if !matches!(parsed.scheme(), "http" | "https") || !parsed.has_host() {
+        return Err(format!(
+            "invalid --server {url:?}: give an http:// or https:// URL such as http://127.0.0.1:8025"
+        ));
+    }
+    if parsed.path() != "/" {
+        return Err(format!(
+            "invalid --server {url:?}: give the server's address without a path, such as \
+             http://127.0.0.1:8025; the command adds /api/v1/..."
+        ));
+    }
+    Ok(())
 }
 
 /// `sendguard status`: a mailbox's strike ledger.
@@ -293,6 +323,9 @@ pub struct Unblock<'a> {
 /// with the support token.
 pub fn unblock(arguments: Unblock<'_>) -> Result<(), String> {
     let support_token = sendguard::admin::read_token(arguments.support_token_file)?;
+    if let Some(url) = &arguments.server {
+        check_server_url(url)?;
+    }
     let runtime = runtime(arguments.config)?;
     let target = match arguments.server {
         None => Target::Store,

@@ -331,13 +331,14 @@ impl Event {
             .with("via", via)
     }
 
-    /// Builds the event of a lockout count forgiven by `forgive_after`.
+    /// Builds the event of a lockout count forgiven by `forgive_after`,
+    /// timed when the quiet period ended.
     pub fn forgiven(
-        time: Timestamp,
         key: &MailboxKey,
         forgiven: &crate::policy::Forgiven,
         forgive_after: std::time::Duration,
     ) -> Event {
+        let time = forgiven.last_end.saturating_add(forgive_after);
         Event::new(time, EventKind::LockoutsForgiven, Some(key))
             .with("lockouts_before", forgiven.lockouts)
             .with("last_lockout_end", forgiven.last_end.to_rfc3339())
@@ -471,7 +472,13 @@ impl Event {
                     self.detail_text("detail")
                 )
             }
-            EventKind::BlockLifted | EventKind::LockoutCountReset => format!(
+            EventKind::BlockLifted => format!(
+                "permanent block lifted by support, lockout count {} -> {}: {}",
+                self.detail_text("lockouts_before"),
+                self.detail_text("lockouts_after"),
+                self.detail_text("reason")
+            ),
+            EventKind::LockoutCountReset => format!(
                 "lockout count {} -> {} by support: {}",
                 self.detail_text("lockouts_before"),
                 self.detail_text("lockouts_after"),
@@ -557,7 +564,7 @@ pub fn write_events(out: &mut impl Write, events: &[Event], format: Format) -> s
             }
         }
         Format::Csv => {
-            writeln!(out, "{},queue_id,details", CSV_COLUMNS.join(","))?;
+            writeln!(out, "{},queue_id,id,details", CSV_COLUMNS.join(","))?;
             for event in events {
                 let mut fields: Vec<String> = vec![
                     event.time.to_rfc3339(),
@@ -569,6 +576,7 @@ pub fn write_events(out: &mut impl Write, events: &[Event], format: Format) -> s
                     fields.push(event.detail_text(name));
                 }
                 fields.push(event.detail_text("queue_id"));
+                fields.push(event.id.map(|id| id.to_string()).unwrap_or_default());
                 fields.push(Value::Object(event.details.clone()).to_string());
                 let line: Vec<String> = fields.iter().map(|field| csv_field(field)).collect();
                 writeln!(out, "{}", line.join(","))?;
@@ -586,13 +594,19 @@ pub fn write_events(out: &mut impl Write, events: &[Event], format: Format) -> s
                     (Some(mailbox), None) => mailbox.clone(),
                     (None, _) => "-".to_string(),
                 };
+                // Free text (reasons, senders) must not start a line of its
+                // own in the table.
+                let summary: String = event
+                    .summary()
+                    .chars()
+                    .map(|c| if c.is_control() { ' ' } else { c })
+                    .collect();
                 writeln!(
                     out,
-                    "{:<20}  {:<19}  {:<32}  {}",
+                    "{:<20}  {:<19}  {:<32}  {summary}",
                     event.time.to_rfc3339(),
                     event.kind.as_str(),
                     mailbox,
-                    event.summary()
                 )?;
             }
         }

@@ -14,7 +14,7 @@ use crate::policy::{
     SenderDecision, Strike, StrikeOutcome, Timestamp,
 };
 use crate::reply::Reply;
-use crate::scan::{OnUnscannable, ScanInput, Scanner, SpamAction, Verdict};
+use crate::scan::{Envelope, OnUnscannable, ScanInput, Scanner, SpamAction, Verdict};
 use crate::smtp::upstream::UpstreamTarget;
 use crate::store::{Store, StoreError};
 use arc_swap::ArcSwap;
@@ -104,7 +104,7 @@ impl Runtime {
         {
             problems.push(format!("directory.path: {error}"));
         }
-        if let Err(error) = Scanner::new(config.scan.clamd.as_ref(), &config.scan.spam) {
+        if let Err(error) = Scanner::from_config(&config.scan) {
             problems.push(error);
         }
         if let Err(error) = ActionClients::new(config) {
@@ -130,7 +130,7 @@ impl Runtime {
     }
 
     fn with_directory(config: Config, directory: Directory) -> Result<Runtime, String> {
-        let scanner = Scanner::new(config.scan.clamd.as_ref(), &config.scan.spam)?;
+        let scanner = Scanner::from_config(&config.scan)?;
         let actions = ActionClients::new(&config)?;
         let credentials = crate::admin::Credentials::new(&config)?;
         let upstream = UpstreamTarget::new(&config.upstream, &config.smtp.hostname)?;
@@ -170,9 +170,30 @@ pub struct Transaction {
     pub login: Option<String>,
     pub client: IpAddr,
     pub recipients: usize,
+    /// The client's HELO or EHLO name, or the one a trusted peer forwarded.
+    pub helo: Option<String>,
+    /// The client's host name when known: from a trusted peer's XFORWARD or
+    /// XCLIENT `NAME`, or from the MTA's milter connect.
+    pub client_name: Option<String>,
+    /// Accepted recipient paths with angle brackets, as the client wrote
+    /// them.
+    pub recipient_paths: Vec<String>,
 }
 
 impl Transaction {
+    /// Returns the facts the scan engines take, rspamd's request headers.
+    fn envelope(&self) -> Envelope<'_> {
+        Envelope {
+            transaction: &self.id,
+            sender: &self.sender_path,
+            recipients: &self.recipient_paths,
+            client: Some(self.client),
+            client_name: self.client_name.as_deref(),
+            helo: self.helo.as_deref(),
+            login: self.login.as_deref(),
+        }
+    }
+
     fn facts(&self) -> MessageFacts {
         MessageFacts {
             sender: self.sender_path.clone(),
@@ -195,7 +216,9 @@ pub enum SenderCheck {
 /// the upstream's queue id.
 #[derive(Debug, Clone)]
 pub struct PendingStrike {
-    transaction: Transaction,
+    // Boxed to keep `MessageDecision` small: a transaction carries its
+    // recipient list.
+    transaction: Box<Transaction>,
     verdict: Verdict,
     header_message_id: Option<String>,
 }
@@ -496,9 +519,14 @@ impl Guard {
             return MessageDecision::Reject(reply);
         }
 
+        let key = self.attribute(&runtime, transaction).block_key;
+        let mailbox = key
+            .as_ref()
+            .map_or_else(|| "-".to_string(), ToString::to_string);
         let input = ScanInput {
             message,
             recipients: transaction.recipients,
+            envelope: Some(transaction.envelope()),
         };
         // NOTE: the built-in rules run on this async worker. A 10 MiB
         // message occupies it for up to about 2 s (debug build), so a few
@@ -509,20 +537,18 @@ impl Guard {
             Err(error) => {
                 self.metrics
                     .message_scanned("scan_failed", started.elapsed().as_secs_f64());
-                tracing::warn!(%error, transaction = %transaction.id, client = %transaction.client,
-                    sender = %transaction.sender_path, "scan failed; answering with a temporary failure");
-                return MessageDecision::Reject(Reply::scanner_failed());
+                tracing::warn!(%error, engine = error.engine(), transaction = %transaction.id,
+                    client = %transaction.client, mailbox, sender = %transaction.sender_path,
+                    "scan failed; answering with a temporary failure");
+                return MessageDecision::Reject(Reply::scanner_failed(error.engine()));
             }
         };
         let elapsed = started.elapsed().as_secs_f64();
         self.metrics.message_scanned(verdict.kind(), elapsed);
         let elapsed_ms = elapsed * 1000.0;
-        let mailbox = self
-            .attribute(&runtime, transaction)
-            .block_key
-            .map_or_else(|| "-".to_string(), |key| key.to_string());
         tracing::info!(transaction = %transaction.id, client = %transaction.client, mailbox,
-            sender = %transaction.sender_path, verdict = %verdict.summary(), elapsed_ms, "message scanned");
+            sender = %transaction.sender_path, verdict = %verdict.summary(),
+            engine = verdict.engine().unwrap_or("-"), elapsed_ms, "message scanned");
 
         match &verdict {
             Verdict::Clean => MessageDecision::Deliver {
@@ -541,11 +567,32 @@ impl Guard {
                     _ => MessageDecision::Reject(Reply::unscannable()),
                 }
             }
+            Verdict::Suspect { .. } => {
+                // Recorded for the report, never a strike: a lockout on a
+                // suspicion would cost a legitimate sender too much.
+                let event = Event::bad_message(
+                    Timestamp::now(),
+                    key.as_ref(),
+                    &transaction.facts(),
+                    &verdict,
+                    false,
+                    Some("suspect, not spam: delivered with a header and never counted"),
+                    runtime.config.policy.mode == Mode::Monitor,
+                );
+                if let Err(error) = self.store.append(vec![event]).await {
+                    tracing::error!(%error, transaction = %transaction.id, mailbox,
+                        "cannot record the bad_message event of a suspect message");
+                }
+                MessageDecision::Deliver {
+                    header: Some(format!("X-Sendguard-Spam: Suspect, {}", verdict.summary())),
+                    pending: None,
+                }
+            }
             Verdict::Spam { .. } if runtime.config.scan.spam.action == SpamAction::Tag => {
                 MessageDecision::Deliver {
                     header: Some(format!("X-Sendguard-Spam: Yes, {}", verdict.summary())),
                     pending: Some(PendingStrike {
-                        transaction: transaction.clone(),
+                        transaction: Box::new(transaction.clone()),
                         verdict,
                         header_message_id: header_message_id(message),
                     }),
@@ -659,7 +706,7 @@ impl Guard {
             tracing::info!(mailbox = %key, lockouts_before = forgiven.lockouts,
                 "lockout count forgiven after a quiet period");
             if let Some(forgive_after) = settings.forgive_after {
-                events.push(Event::forgiven(now, &key, &forgiven, forgive_after));
+                events.push(Event::forgiven(&key, &forgiven, forgive_after));
             }
         }
         let strike = Strike {
@@ -747,6 +794,52 @@ impl Guard {
                 Err(())
             }
         }
+    }
+
+    /// Sets back the lockout count of every mailbox whose quiet period of
+    /// `forgive_after` has passed, so its ledger and the events show it
+    /// without waiting for its next bad message; returns how many.
+    ///
+    /// # Errors
+    /// On a store failure.
+    pub async fn forgive_due(&self) -> Result<usize, StoreError> {
+        let settings = self.runtime().settings();
+        let Some(forgive_after) = settings.forgive_after else {
+            return Ok(0);
+        };
+        let now = Timestamp::now();
+        let ended_before = now.saturating_sub(forgive_after);
+        let keys = self
+            .store
+            .call(move |connection| crate::store::sqlite::quiet_since(connection, ended_before))
+            .await?;
+        let mut forgiven_count = 0;
+        for key in keys {
+            let mut cache = self.shard(&key).lock().await;
+            let Some(mut state) = self.store.load_mailbox(key.clone()).await? else {
+                continue;
+            };
+            let Some(forgiven) = state.forgive(&settings, now) else {
+                continue;
+            };
+            let event = Event::forgiven(&key, &forgiven, forgive_after);
+            let keep = !state.is_empty(&settings, now);
+            self.store
+                .commit(
+                    key.clone(),
+                    state.clone(),
+                    keep,
+                    vec![event],
+                    Vec::new(),
+                    now,
+                )
+                .await?;
+            tracing::info!(mailbox = %key, lockouts_before = forgiven.lockouts,
+                "lockout count forgiven after a quiet period");
+            cache.put(key, state);
+            forgiven_count += 1;
+        }
+        Ok(forgiven_count)
     }
 
     /// Records the end of every timed lockout that has ended, at its end
@@ -916,6 +1009,9 @@ mod tests {
             login: None,
             client: "192.0.2.1".parse().expect("address"),
             recipients: 1,
+            helo: None,
+            client_name: None,
+            recipient_paths: vec!["<rcpt@example.net>".to_string()],
         }
     }
 

@@ -202,10 +202,33 @@ pub fn mailbox_from_input(
         }
         _ => bare.to_string(),
     };
-    if unquoted.is_empty() || unquoted.starts_with('@') {
-        return Err(format!(
-            "invalid mailbox {text:?}: give an address such as alice@example.org"
-        ));
+    let invalid = || {
+        format!(
+            "invalid mailbox {text:?}: give an address such as alice@example.org, or a login \
+             listed in the directory file"
+        )
+    };
+    if !bare.contains('@') {
+        // A SASL login stands for the mailbox the directory maps it to.
+        return directory
+            .mailbox_of_login(bare)
+            .map(str::to_string)
+            .ok_or_else(invalid);
+    }
+    let quoted_local = bare.starts_with('"');
+    let (local, domain) = unquoted.rsplit_once('@').ok_or_else(invalid)?;
+    let domain_valid = !domain.is_empty()
+        && (domain.starts_with('[')
+            || !domain.chars().any(|c| {
+                c.is_whitespace()
+                    || matches!(
+                        c,
+                        '/' | '\\' | '<' | '>' | '(' | ')' | ',' | ';' | ':' | '"' | '[' | ']'
+                    )
+            }));
+    let local_valid = !local.is_empty() && (quoted_local || !local.contains('@'));
+    if !domain_valid || !local_valid || unquoted.chars().any(char::is_control) {
+        return Err(invalid());
     }
     let canonical = canonical_address(&unquoted, config);
     Ok(directory.mailbox_of_address(&canonical))
@@ -215,6 +238,42 @@ pub fn mailbox_from_input(
 mod tests {
     use super::*;
     use crate::directory::Directory;
+
+    #[test]
+    fn mailbox_input_rejects_typos() {
+        let directory = Directory::parse(
+            "[[mailbox]]\naddress = \"alice@example.org\"\nlogins = [\"alice\"]\n",
+        )
+        .expect("directory");
+        let config = IdentityConfig::default();
+        for text in [
+            "alice@@example.org",
+            "/",
+            "a\u{0}b@example.org",
+            "alice@example.org/unblock",
+            "@",
+            "",
+            "<>",
+            "bob",
+        ] {
+            assert!(
+                mailbox_from_input(text, &config, &directory).is_err(),
+                "{text:?} was accepted"
+            );
+        }
+        for (text, mailbox) in [
+            ("Alice@Example.org", "alice@example.org"),
+            ("<alice+news@example.org>", "alice@example.org"),
+            ("alice", "alice@example.org"),
+            ("\"bob\"@example.org", "bob@example.org"),
+        ] {
+            assert_eq!(
+                mailbox_from_input(text, &config, &directory).as_deref(),
+                Ok(mailbox),
+                "{text:?}"
+            );
+        }
+    }
 
     fn config() -> IdentityConfig {
         IdentityConfig::default()

@@ -7,7 +7,7 @@ use sendguard::admin::ExemptionRequest;
 use sendguard::config::Config;
 use sendguard::events::Format;
 use sendguard::guard::Runtime;
-use sendguard::scan::{ScanInput, Verdict};
+use sendguard::scan::{Envelope, OnError, ScanInput, ScanReport};
 use sendguard::store::sqlite;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -26,23 +26,30 @@ struct Cli {
 enum Command {
     /// Run the SMTP relay.
     Serve {
+        /// The configuration file, such as /etc/sendguard/config.toml.
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Scan one message file and print its verdict (exit 0 clean, 1 bad, 2 error).
+    /// Scan one message file, print each engine's result and the verdict
+    /// (exit 0 clean, suspect or unscannable, 1 virus or spam, 2 error).
     Check {
         /// The message, as an RFC 5322 file.
         file: PathBuf,
+        /// The configuration file, such as /etc/sendguard/config.toml.
         #[arg(long, short)]
         config: PathBuf,
         /// Envelope recipient count the rules see.
         #[arg(long, default_value_t = 1)]
         recipients: usize,
+        #[command(flatten)]
+        envelope: CheckEnvelope,
     },
     /// Show a mailbox's strikes in the window, lockout count, block,
     /// next lockout length and exemptions.
     Status {
+        /// The mailbox, in any spelling (it is canonicalised), or a login from the directory file.
         mailbox: String,
+        /// The configuration file, such as /etc/sendguard/config.toml.
         #[arg(long, short)]
         config: PathBuf,
         /// Client address, for the pair key under unauthenticated = "client-and-sender".
@@ -55,6 +62,7 @@ enum Command {
     },
     /// List mailboxes that are locked out now.
     Blocks {
+        /// The configuration file, such as /etc/sendguard/config.toml.
         #[arg(long, short)]
         config: PathBuf,
         #[command(flatten)]
@@ -65,7 +73,9 @@ enum Command {
     /// Lift a permanent block, or reset a mailbox's lockout count, with the
     /// support token. Timed lockouts cannot be lifted.
     Unblock {
+        /// The mailbox, in any spelling (it is canonicalised), or a login from the directory file.
         mailbox: String,
+        /// The configuration file, such as /etc/sendguard/config.toml.
         #[arg(long, short)]
         config: PathBuf,
         /// Why; recorded in the events report.
@@ -107,11 +117,13 @@ enum Command {
     /// List webhooks and alert e-mails waiting for delivery, with their
     /// attempts and last error.
     Outbox {
+        /// The configuration file, such as /etc/sendguard/config.toml.
         #[arg(long, short)]
         config: PathBuf,
     },
     /// Print the events report.
     Events {
+        /// The configuration file, such as /etc/sendguard/config.toml.
         #[arg(long, short)]
         config: PathBuf,
         /// Only events since this: a duration back from now such as 1h or 30d,
@@ -142,10 +154,33 @@ enum Command {
     },
 }
 
+/// The SMTP facts `check` passes to rspamd, as the relay would.
+#[derive(clap::Args)]
+struct CheckEnvelope {
+    /// Envelope sender, such as alice@example.org.
+    #[arg(long)]
+    sender: Option<String>,
+    /// Client IP address. Without it rspamd scores the message as from an
+    /// unknown host.
+    #[arg(long)]
+    client: Option<IpAddr>,
+    /// Client host name; rspamd gets "unknown" when --client is given
+    /// without it.
+    #[arg(long)]
+    client_name: Option<String>,
+    /// The client's HELO name.
+    #[arg(long)]
+    helo: Option<String>,
+    /// SASL login of the sender.
+    #[arg(long)]
+    login: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum ExemptionCommand {
     /// List exemptions in force (with --all, also removed and expired ones).
     List {
+        /// The configuration file, such as /etc/sendguard/config.toml.
         #[arg(long, short)]
         config: PathBuf,
         #[arg(long)]
@@ -157,6 +192,7 @@ enum ExemptionCommand {
     },
     /// Add an exemption for one sender, login or client network.
     Add {
+        /// The configuration file, such as /etc/sendguard/config.toml.
         #[arg(long, short)]
         config: PathBuf,
         /// A sender's mailbox, such as news@example.org.
@@ -185,7 +221,9 @@ enum ExemptionCommand {
     },
     /// Remove an exemption before its end.
     Remove {
+        /// The exemption id, as `exemptions list` shows it.
         id: i64,
+        /// The configuration file, such as /etc/sendguard/config.toml.
         #[arg(long, short)]
         config: PathBuf,
         /// Who removes it; recorded in the events report.
@@ -219,7 +257,8 @@ fn main() -> ExitCode {
             file,
             config,
             recipients,
-        } => return check(&file, &config, recipients),
+            envelope,
+        } => return check(&file, &config, recipients, &envelope),
         Command::Status {
             mailbox,
             config,
@@ -319,36 +358,77 @@ fn load(config: &Path) -> Result<Config, String> {
     Config::load(config).map_err(|error| error.to_string())
 }
 
-fn check(file: &Path, config: &Path, recipients: usize) -> ExitCode {
-    let result = (|| -> Result<Verdict, String> {
+fn check(file: &Path, config: &Path, recipients: usize, facts: &CheckEnvelope) -> ExitCode {
+    let result = (|| -> Result<ScanReport, String> {
         let config = load(config)?;
         let message = std::fs::read(file)
             .map_err(|error| format!("cannot read {}: {error}", file.display()))?;
         let runtime = Runtime::new(config)?;
-        tokio_runtime()?.block_on(async {
-            runtime
-                .scanner
-                .scan(ScanInput {
-                    message: &message,
-                    recipients,
-                })
-                .await
-                .map_err(|error| format!("scan failed: {error}"))
-        })
+        let sender = facts.sender.as_deref().map(|sender| {
+            let bare = sender.trim().trim_start_matches('<').trim_end_matches('>');
+            format!("<{bare}>")
+        });
+        let envelope = Envelope {
+            transaction: "check",
+            sender: sender.as_deref().unwrap_or(""),
+            recipients: &[],
+            client: facts.client,
+            client_name: facts.client_name.as_deref(),
+            helo: facts.helo.as_deref(),
+            login: facts.login.as_deref(),
+        };
+        let input = ScanInput {
+            message: &message,
+            recipients,
+            envelope: Some(envelope),
+        };
+        Ok(tokio_runtime()?.block_on(runtime.scanner.report(input)))
     })();
-    match result {
-        Ok(verdict) => {
-            println!("{}", verdict.summary());
-            if verdict.is_bad() {
-                ExitCode::from(1)
-            } else {
-                ExitCode::SUCCESS
-            }
-        }
+    let report = match result {
+        Ok(report) => report,
         Err(message) => {
             eprintln!("sendguard: {message}");
-            ExitCode::from(2)
+            return ExitCode::from(2);
         }
+    };
+
+    let mut out = String::new();
+    for engine in &report.results {
+        let text = match &engine.result {
+            Ok(verdict) => verdict.summary(),
+            Err(error) => format!("error ({}): {error}", on_error_name(engine.on_error)),
+        };
+        out.push_str(&format!(
+            "{:<16} {text} [{:.1} ms]\n",
+            engine.engine,
+            engine.elapsed.as_secs_f64() * 1000.0
+        ));
+    }
+    let code = match report.into_verdict() {
+        Ok(verdict) => {
+            out.push_str(&format!("{:<16} {}\n", "verdict", verdict.summary()));
+            if verdict.is_bad() { 1 } else { 0 }
+        }
+        Err(error) => {
+            out.push_str(&format!(
+                "{:<16} temporary failure: {} failed\n",
+                "verdict",
+                error.engine()
+            ));
+            2
+        }
+    };
+    if let Err(message) = print(&out) {
+        eprintln!("sendguard: {message}");
+        return ExitCode::from(2);
+    }
+    ExitCode::from(code)
+}
+
+fn on_error_name(on_error: OnError) -> &'static str {
+    match on_error {
+        OnError::Tempfail => "on_error tempfail",
+        OnError::Accept => "on_error accept, set aside",
     }
 }
 

@@ -11,6 +11,8 @@ use tokio::sync::watch;
 
 /// How often the change log and exemption expiries are checked.
 const POLL: Duration = Duration::from_secs(2);
+/// How often lockout counts due for forgiveness are set back.
+const FORGIVE_EVERY: Duration = Duration::from_secs(60);
 /// How often old events are deleted.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Events deleted per transaction, so the store thread is never held long.
@@ -31,6 +33,7 @@ pub async fn run_maintenance(guard: Arc<Guard>, mut shutdown: watch::Receiver<bo
         }
     };
     let mut next_prune = Instant::now();
+    let mut next_forgive = Instant::now();
     loop {
         match apply_changes(&guard, last_change).await {
             Ok(last) => last_change = last,
@@ -38,6 +41,12 @@ pub async fn run_maintenance(guard: Arc<Guard>, mut shutdown: watch::Receiver<bo
         }
         if let Err(error) = record_expiries(&guard).await {
             tracing::error!(%error, "cannot record exemption expiries; retrying");
+        }
+        if Instant::now() >= next_forgive {
+            next_forgive = Instant::now() + FORGIVE_EVERY;
+            if let Err(error) = guard.forgive_due().await {
+                tracing::error!(%error, "cannot apply forgive_after; retrying in a minute");
+            }
         }
         if Instant::now() >= next_prune {
             next_prune = Instant::now() + PRUNE_EVERY;

@@ -88,6 +88,22 @@ impl Metrics {
             "Webhooks and alert e-mails waiting for delivery",
             outbox_waiting.clone(),
         );
+        // Every label combination exists from the start, so a scrape after
+        // a restart shows zeros instead of missing series.
+        for verdict in ["clean", "virus", "spam", "unscannable", "scan_failed"] {
+            let _ = messages.get_or_create(&vec![("verdict", verdict)]);
+        }
+        for kind in ["timed", "permanent"] {
+            for mode in ["enforce", "monitor"] {
+                let _ = lockouts.get_or_create(&vec![("kind", kind), ("mode", mode)]);
+            }
+            let _ = active_blocks.get_or_create(&vec![("kind", kind)]);
+        }
+        for action in ["endpoint_scan", "admin_alert", "alert_mail"] {
+            for outcome in ["delivered", "failed", "abandoned"] {
+                let _ = deliveries.get_or_create(&vec![("action", action), ("outcome", outcome)]);
+            }
+        }
         Metrics {
             registry,
             messages,

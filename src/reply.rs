@@ -155,11 +155,18 @@ impl Reply {
         )
     }
 
-    pub fn scanner_failed() -> Reply {
+    /// Builds the temporary failure for a scan that `engine` could not
+    /// finish.
+    pub fn scanner_failed(engine: &str) -> Reply {
+        let scanner = if engine == "clamd" {
+            "virus scanner"
+        } else {
+            "spam scanner"
+        };
         Reply::new(
             451,
             "4.7.1",
-            "Message not scanned because the virus scanner is unavailable; try again later",
+            format!("Message not scanned because the {scanner} is unavailable; try again later"),
         )
     }
 

@@ -42,7 +42,7 @@ pub enum ServeError {
         listen: String,
         source: std::io::Error,
     },
-    #[error("cannot listen for the admin API on {address}: {source}")]
+    #[error("cannot listen for the admin API on {address} (admin.listen): {source}")]
     AdminBind {
         address: SocketAddr,
         source: std::io::Error,
@@ -293,9 +293,9 @@ fn session_prefix() -> String {
     format!("{:06x}", rand::random::<u32>() & 0xff_ffff)
 }
 
-/// Learns the upstream's extensions and checks clamd at start, and logs a
-/// warning for each one that cannot be reached. Sessions retry both per
-/// transaction.
+/// Learns the upstream's extensions and checks clamd, rspamd and spamd at
+/// start, and logs a warning for each one that cannot be reached. Sessions
+/// retry all of them per transaction.
 async fn probe_dependencies(shared: Arc<SessionShared>, probed: watch::Sender<bool>) {
     let runtime = shared.guard.runtime();
     match UpstreamConnection::connect(&runtime.upstream).await {
@@ -316,6 +316,13 @@ async fn probe_dependencies(shared: Arc<SessionShared>, probed: watch::Sender<bo
         Ok(Some(version)) => tracing::info!(clamd = %version, "clamd reachable"),
         Ok(None) => tracing::info!("no clamd configured; messages are not scanned for viruses"),
         Err(error) => tracing::warn!(%error, "clamd not reachable at start"),
+    }
+    for (engine, address, answer) in runtime.scanner.ping_spam_engines().await {
+        match answer {
+            Ok(reply) => tracing::info!(engine, address, reply, "spam engine reachable"),
+            Err(error) => tracing::warn!(engine, address, %error,
+                "spam engine not reachable at start; will retry per message"),
+        }
     }
 }
 

@@ -53,6 +53,8 @@ impl Admin {
             files.path().join("directory.toml").display(),
         );
         let server = Sendguard::start(&upstream.address(), &config);
+        // The harness moves a listener whose port was taken meanwhile.
+        let api = server.listen_address("admin");
         Admin {
             server,
             api,
@@ -249,6 +251,13 @@ fn timed_lockout_answers_conflict() {
         json!({"reason": "check"}),
     );
     assert_eq!(nothing.status, 409, "{}", nothing.body);
+    let no_reset = admin.post(
+        "/api/v1/mailboxes/nobody@example.org/unblock",
+        SUPPORT,
+        json!({"reason": "check", "reset_count": true}),
+    );
+    assert_eq!(no_reset.status, 409, "{}", no_reset.body);
+    assert!(admin.server.events_of("lockout_count_reset").is_empty());
 }
 
 #[test]
@@ -600,7 +609,7 @@ fn metrics_count_traffic() {
 
 #[test]
 fn forgive_after_restarts_schedule() {
-    let admin = Admin::start("threshold = 2\nfirst_lockout = \"1s\"\nforgive_after = \"2s\"");
+    let mut admin = Admin::start("threshold = 2\nfirst_lockout = \"1s\"\nforgive_after = \"2s\"");
     send_spam(&admin, "gina@example.org", 2);
     admin.server.wait_for_events(WAIT, |events| {
         events.iter().any(|event| event["type"] == "lockout_ended")
@@ -611,6 +620,13 @@ fn forgive_after_restarts_schedule() {
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The sweep at start forgives the quiet mailbox before it sends again.
+    admin.server.restart();
+    let ledger = admin
+        .get("/api/v1/mailboxes/gina@example.org", ADMIN)
+        .json();
+    assert_eq!(ledger["lockouts"], 0, "{ledger}");
+    assert_eq!(admin.server.events_of("lockouts_forgiven").len(), 1);
     send_spam(&admin, "gina@example.org", 2);
     let started = admin.server.events_of("lockout_started");
     let levels: Vec<&Value> = started.iter().map(|event| &event["level"]).collect();
@@ -764,4 +780,153 @@ fn old_events_pruned() {
         Some(2),
         "pruning events keeps the strikes"
     );
+}
+
+#[test]
+fn malformed_requests_get_json_errors() {
+    let admin = Admin::start("threshold = 5");
+    let cases: [(&str, &str, Option<Value>, u16); 6] = [
+        (
+            "POST",
+            "/api/v1/mailboxes/alice@example.org/unblock",
+            None,
+            415,
+        ),
+        (
+            "POST",
+            "/api/v1/mailboxes/alice@example.org/unblock",
+            Some(json!({"reason": "x", "resetCount": true})),
+            422,
+        ),
+        ("GET", "/api/v1/exemptions?all=yes", None, 400),
+        ("GET", "/api/v1/mailboxes/alice@@example.org", None, 400),
+        ("DELETE", "/api/v1/exemptions", None, 405),
+        ("GET", "/api/v1/events?since=1h&until=2h", None, 400),
+    ];
+    for (method, path, body, status) in cases {
+        let token = if method == "POST" { SUPPORT } else { ADMIN };
+        let response = request(&admin.api, method, path, Some(token), body.as_ref());
+        assert_eq!(
+            response.status, status,
+            "{method} {path}: {}",
+            response.body
+        );
+        assert!(
+            response.json()["error"]
+                .as_str()
+                .is_some_and(|text| !text.is_empty()),
+            "{method} {path}: {}",
+            response.body
+        );
+    }
+    let unauthenticated = request(&admin.api, "DELETE", "/api/v1/exemptions", None, None);
+    assert_eq!(unauthenticated.status, 401);
+    // The support token is hashed in the config; a login maps to its mailbox.
+    let login = admin.get("/api/v1/mailboxes/alice", ADMIN);
+    assert_eq!(login.status, 400, "alice is not a login in this directory");
+}
+
+#[test]
+fn exemptions_bounded() {
+    let admin = Admin::start("threshold = 5");
+    for (body, fragment) in [
+        (
+            json!({"sender": "a@example.org", "reason": "r", "author": "a", "for": "99999999999999d"}),
+            "at most",
+        ),
+        (
+            json!({"sender": "a@example.org", "reason": "r", "author": "a", "expires": "9999-12-31T23:59:59Z"}),
+            "at most",
+        ),
+        (
+            json!({"network": "0.0.0.0/0", "reason": "r", "author": "a", "for": "1d"}),
+            "wider than /8",
+        ),
+        (
+            json!({"sender": "a@example.org", "reason": "x".repeat(501), "author": "a", "for": "1d"}),
+            "keep it to 500",
+        ),
+    ] {
+        let response = admin.post("/api/v1/exemptions", ADMIN, body);
+        assert_eq!(response.status, 400, "{}", response.body);
+        let message = response.json()["error"].as_str().unwrap_or("").to_string();
+        assert!(message.contains(fragment), "{message}");
+    }
+}
+
+#[test]
+fn cli_changes_reach_server_each_time() {
+    let admin = Admin::start("threshold = 2\nfirst_lockout = \"1h\"");
+    for sender in ["one@example.org", "two@example.org", "three@example.org"] {
+        let added = admin.server.cli(&[
+            "exemptions",
+            "add",
+            "--sender",
+            sender,
+            "--reason",
+            "import",
+            "--author",
+            "ops",
+            "--for",
+            "1h",
+        ]);
+        assert!(
+            added.status.success(),
+            "{}",
+            String::from_utf8_lossy(&added.stderr)
+        );
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let ledger = admin
+                .get(&format!("/api/v1/mailboxes/{sender}"), ADMIN)
+                .json();
+            if ledger["exemptions"]
+                .as_array()
+                .is_some_and(|list| !list.is_empty())
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{sender}'s exemption never reached the server"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    // Exempt senders are rejected but never locked out.
+    send_spam(&admin, "three@example.org", 3);
+    assert_eq!(
+        send(&admin.server.address, "three@example.org", &clean()),
+        250
+    );
+}
+
+#[test]
+fn support_token_must_differ() {
+    let upstream = Upstream::start(UpstreamOptions::default());
+    let files = tempfile::tempdir().expect("temporary directory");
+    let token_file = files.path().join("admin.token");
+    std::fs::write(&token_file, format!("{ADMIN}\n")).expect("write token");
+    let same = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(ADMIN.as_bytes()));
+    let config = files.path().join("sendguard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[upstream]\naddress = \"{}\"\n[store]\npath = \"{}\"\n\
+             [admin]\nlisten = \"127.0.0.1:{}\"\ntoken_file = \"{}\"\nsupport_token_sha256 = \"{same}\"\n",
+            upstream.address(),
+            files.path().join("store.db").display(),
+            common::free_port(),
+            token_file.display()
+        ),
+    )
+    .expect("write config");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_sendguard"))
+        .args(["config", "check"])
+        .arg(&config)
+        .output()
+        .expect("run config check");
+    assert_eq!(output.status.code(), Some(2));
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(message.contains("hash of the admin token"), "{message}");
 }

@@ -41,6 +41,21 @@ fn check(dir: &Path, config: &str, content: &str) -> Output {
     ])
 }
 
+/// Returns the result `check` printed for `engine` ("verdict" for the
+/// combined verdict), without the timing.
+fn printed(output: &Output, engine: &str) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .find(|line| line.split_whitespace().next() == Some(engine))
+        .unwrap_or_else(|| panic!("no line for {engine} in {stdout:?}"));
+    let text = line[engine.len()..].trim();
+    match text.rfind(" [") {
+        Some(timing) if text.ends_with(" ms]") => text[..timing].to_string(),
+        _ => text.to_string(),
+    }
+}
+
 #[test]
 fn check_exit_codes() {
     let clamd = Clamd::start();
@@ -49,7 +64,9 @@ fn check_exit_codes() {
 
     let clean = check(dir.path(), &config, "Subject: hi\r\n\r\nLunch?\r\n");
     assert_eq!(clean.status.code(), Some(0));
-    assert_eq!(String::from_utf8_lossy(&clean.stdout).trim(), "clean");
+    assert_eq!(printed(&clean, "clamd"), "clean");
+    assert_eq!(printed(&clean, "builtin"), "clean");
+    assert_eq!(printed(&clean, "verdict"), "clean");
 
     let virus = check(
         dir.path(),
@@ -57,7 +74,8 @@ fn check_exit_codes() {
         &format!("Subject: hi\r\n\r\n{EICAR}\r\n"),
     );
     assert_eq!(virus.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&virus.stdout).contains("Eicar"));
+    assert!(printed(&virus, "clamd").contains("Eicar"));
+    assert!(printed(&virus, "verdict").contains("Eicar"));
 
     let spam = check(
         dir.path(),
@@ -65,7 +83,8 @@ fn check_exit_codes() {
         &format!("Subject: hi\r\n\r\n{GTUBE}\r\n"),
     );
     assert_eq!(spam.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&spam.stdout).contains("GTUBE"));
+    assert_eq!(printed(&spam, "clamd"), "clean");
+    assert_eq!(printed(&spam, "verdict"), "spam score 1000.0 (GTUBE)");
 }
 
 #[test]
@@ -74,7 +93,16 @@ fn check_scanner_down_exits_2() {
     let config = write_config(dir.path(), &common::clamd::closed_port_address());
     let output = check(dir.path(), &config, "Subject: hi\r\n\r\nLunch?\r\n");
     assert_eq!(output.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("scan failed"));
+    let clamd = printed(&output, "clamd");
+    assert!(
+        clamd.starts_with("error (on_error tempfail): cannot connect to clamd at"),
+        "{clamd}"
+    );
+    assert_eq!(printed(&output, "builtin"), "clean");
+    assert_eq!(
+        printed(&output, "verdict"),
+        "temporary failure: clamd failed"
+    );
 }
 
 #[test]
@@ -111,6 +139,58 @@ fn config_check_lists_every_problem() {
     ] {
         assert!(stderr.contains(key), "{key} missing from:\n{stderr}");
     }
+}
+
+#[test]
+fn config_check_lists_engine_problems() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[upstream]\naddress = \"127.0.0.1:25\"\n[store]\npath = \"{}\"\n\
+             [scan.rspamd]\naddress = \"/run/rspamd.sock\"\ntimeout = \"0s\"\n\
+             [scan.rspamd.actions]\ngreylist = \"spam\"\n\
+             [scan.spamd]\naddress = \"spamd\"\nuser = \"two words\"\n",
+            dir.path().join("store.db").display()
+        ),
+    )
+    .expect("write config");
+    let output = sendguard(&["config", "check", path.to_str().expect("utf-8 path")]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for (key, reason) in [
+        ("scan.rspamd.address", "sendguard reaches rspamd over TCP"),
+        ("scan.rspamd.timeout", "must be longer than zero"),
+        (
+            "scan.rspamd.actions.\"greylist\"",
+            "never counts as a strike",
+        ),
+        ("scan.spamd.address", "neither \"host:port\""),
+        ("scan.spamd.user", "\"two words\" is not a user name"),
+    ] {
+        let line = stderr
+            .lines()
+            .find(|line| line.contains(&format!("{key}: ")))
+            .unwrap_or_else(|| panic!("{key} missing from:\n{stderr}"));
+        assert!(line.contains(reason), "{line}");
+    }
+
+    // An unknown key in an engine section is named with its section.
+    std::fs::write(
+        &path,
+        format!(
+            "[upstream]\naddress = \"127.0.0.1:25\"\n[store]\npath = \"{}\"\n\
+             [scan.spamd]\naddress = \"127.0.0.1:783\"\nusername = \"x\"\n",
+            dir.path().join("store.db").display()
+        ),
+    )
+    .expect("write config");
+    let output = sendguard(&["config", "check", path.to_str().expect("utf-8 path")]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("scan.spamd"), "{stderr}");
+    assert!(stderr.contains("username"), "{stderr}");
 }
 
 #[test]

@@ -1187,3 +1187,23 @@ fn upstream_records_swaks_tls_auth() {
     assert!(!upstream.saw_plaintext_after_starttls());
     assert!(upstream.tls_handshake_errors().is_empty());
 }
+
+#[test]
+fn busy_listener_port_replaced() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let busy = holder.local_addr().expect("address").to_string();
+    let files = tempfile::tempdir().expect("temporary directory");
+    let token = files.path().join("admin.token");
+    std::fs::write(&token, "token-for-the-harness-test-0123456789\n").expect("write token");
+    let server = common::sendguard::Sendguard::start(
+        &common::closed_address(),
+        &format!(
+            "[admin]\nlisten = \"{busy}\"\ntoken_file = \"{}\"\n",
+            token.display()
+        ),
+    );
+    let moved = server.listen_address("admin");
+    assert_ne!(moved, busy);
+    assert!(server.log().contains("Address already in use"));
+    assert!(std::net::TcpStream::connect(&moved).is_ok());
+}

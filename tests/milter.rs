@@ -40,6 +40,7 @@ fn start_chain(sendguard_extra: &str, sasl_users: &[(&str, &str)]) -> Chain {
         &sink.address(),
         &format!("[milter]\nlisten = \"{milter}\"\n{sendguard_extra}"),
     );
+    let milter = server.listen_address("milter");
     let main_cf = format!(
         "smtpd_milters = inet:{milter}\n\
          non_smtpd_milters = inet:{milter}\n\

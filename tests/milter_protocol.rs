@@ -28,6 +28,7 @@ fn start_milter(extra: &str) -> (Sendguard, String) {
         &closed_address(),
         &format!("[milter]\nlisten = \"{address}\"\ntimeout = \"10s\"\n{extra}"),
     );
+    let address = server.listen_address("milter");
     (server, address)
 }
 

@@ -176,6 +176,7 @@ async fn measure_scan(scanner: &Scanner, message: &[u8]) -> Measured {
         .scan(ScanInput {
             message,
             recipients: 1,
+            envelope: None,
         })
         .await;
     let elapsed = started.elapsed();

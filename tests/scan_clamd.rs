@@ -48,6 +48,7 @@ async fn scan(scanner: &Scanner, message: &[u8]) -> Result<Verdict, ScanError> {
         .scan(ScanInput {
             message,
             recipients: 1,
+            envelope: None,
         })
         .await
 }
@@ -287,6 +288,7 @@ async fn phishing_signature_is_spam() {
         Verdict::Spam {
             engine: "clamd".to_string(),
             score: None,
+            action: None,
             rules: vec!["Heuristics.Phishing.Sendguard.Test.UNOFFICIAL".to_string()],
         }
     );
@@ -346,6 +348,7 @@ async fn gtube_is_spam() {
         Verdict::Spam {
             engine: "builtin".to_string(),
             score: Some(1000.0),
+            action: None,
             rules: vec!["GTUBE".to_string()],
         }
     );
@@ -393,9 +396,11 @@ async fn clamd_down_is_error() {
     let scanner = scanner(&clamd_config(&address));
     match scan(&scanner, &text_message("hello")).await {
         Err(ScanError::Connect {
+            engine,
             address: reported,
             source,
         }) => {
+            assert_eq!(engine, "clamd");
             assert_eq!(reported, address);
             assert_eq!(source.kind(), std::io::ErrorKind::ConnectionRefused);
         }

@@ -67,6 +67,7 @@ fuzz_target!(init: let_mail_parser_panics_unwind(), |message: &[u8]| {
     let result = runtime().block_on(scanner().scan(ScanInput {
         message,
         recipients,
+        envelope: None,
     }));
     match result {
         Ok(Verdict::Clean | Verdict::Spam { .. }) => {}

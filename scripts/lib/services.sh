@@ -1,5 +1,6 @@
-# Shell functions shared by .ci/run and scripts/demo.sh to run clamd and
-# check loopback services. Source this file from bash; it sets no options.
+# Shell functions shared by .ci/run and scripts/demo.sh to run clamd, rspamd
+# and spamd and check loopback services. Source this file from bash; it sets
+# no options.
 
 # Prints a section header.
 section() {
@@ -32,6 +33,85 @@ clamd_replies_to_ping() {
     local port=$1 reply
     reply=$(timeout 3 bash -c "exec 3<>/dev/tcp/127.0.0.1/$port && printf 'nPING\n' >&3 && head -c 4 <&3" 2>/dev/null) || return 1
     [[ $reply == PONG ]]
+}
+
+# Returns 0 when rspamd's worker on 127.0.0.1:PORT replies to GET /ping.
+rspamd_replies_to_ping() {
+    local port=$1 reply
+    reply=$(timeout 3 bash -c "exec 3<>/dev/tcp/127.0.0.1/$port && printf 'GET /ping HTTP/1.0\r\n\r\n' >&3 && cat <&3" 2>/dev/null) || return 1
+    [[ $reply == *pong* ]]
+}
+
+# Returns 0 when spamd on 127.0.0.1:PORT replies PONG to PING.
+spamd_replies_to_ping() {
+    local port=$1 reply
+    reply=$(timeout 3 bash -c "exec 3<>/dev/tcp/127.0.0.1/$port && printf 'PING SPAMC/1.5\r\n\r\n' >&3 && cat <&3" 2>/dev/null) || return 1
+    [[ $reply == SPAMD/*PONG* ]]
+}
+
+# Starts scripts/lib/refuse-dns.pl, a DNS server on 127.0.0.1 that refuses
+# every query, in the background with its output in DIRECTORY. Sets
+# refuse_dns_pid and refuse_dns_port.
+start_refusing_dns() {
+    local directory=$1 script
+    script="$(dirname "${BASH_SOURCE[0]}")/refuse-dns.pl"
+    mkdir -p "$directory"
+    perl "$script" > "$directory/dns.port" 2> "$directory/dns.log" < /dev/null &
+    refuse_dns_pid=$!
+    local waited=0
+    while [[ ! -s $directory/dns.port ]] && ((waited < 50)); do
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+    refuse_dns_port=$(head -n 1 "$directory/dns.port")
+    if [[ ! $refuse_dns_port =~ ^[0-9]+$ ]]; then
+        echo "start_refusing_dns: $script printed no port; its log:" >&2
+        cat "$directory/dns.log" >&2 || true
+        return 1
+    fi
+}
+
+# Starts Debian's rspamd in the foreground, in the background of this
+# shell, with the stock rules, OVERRIDES as its override directory
+# (LOCAL_CONFDIR), its worker on 127.0.0.1:PORT, DNS sent to
+# 127.0.0.1:DNS_PORT and the compiled Hyperscan databases kept in CACHE.
+# Its files and log go to DIRECTORY. Sets rspamd_pid.
+start_rspamd() {
+    local directory=$1 overrides=$2 port=$3 dns_port=$4 cache=$5
+    mkdir -p "$directory/db" "$directory/run" "$directory/log" "$cache"
+    local user_options=()
+    if [[ $(id -u) -eq 0 ]]; then
+        # Otherwise rspamd drops to its own user, which cannot write to
+        # directories made by root.
+        user_options=(-u root -g root -i)
+    fi
+    rspamd -f "${user_options[@]}" -c /etc/rspamd/rspamd.conf \
+        --var=LOCAL_CONFDIR="$overrides" \
+        --var=DBDIR="$directory/db" --var=RUNDIR="$directory/run" --var=LOGDIR="$directory/log" \
+        --var=SENDGUARD_HS_CACHE="$cache" \
+        --var=SENDGUARD_RSPAMD_PORT="$port" --var=SENDGUARD_DNS_PORT="$dns_port" \
+        > "$directory/rspamd.log" 2>&1 < /dev/null &
+    rspamd_pid=$!
+}
+
+# Starts spamd in the background of this shell: local tests only (no DNS),
+# no user configuration, and a private site configuration in DIRECTORY/site
+# made of the system's *.pre files and RULES (a local.cf). It listens on
+# 127.0.0.1:PORT and on DIRECTORY/spamd.sock. Sets spamd_pid.
+start_spamd() {
+    local directory=$1 rules=$2 port=$3
+    mkdir -p "$directory/site"
+    # spamd started by root reads its configuration as "nobody".
+    chmod 755 "$directory" "$directory/site"
+    cp /etc/spamassassin/*.pre "$directory/site/"
+    cp "$rules" "$directory/site/local.cf"
+    rm -f "$directory/spamd.sock"
+    spamd --local --nouser-config --syslog=stderr --max-children=2 --min-children=1 \
+        --siteconfigpath="$directory/site" \
+        --listen="127.0.0.1:$port" --listen="$directory/spamd.sock" \
+        --pidfile="$directory/spamd.pid" \
+        > "$directory/spamd.log" 2>&1 < /dev/null &
+    spamd_pid=$!
 }
 
 # Returns 0 when the SMTP server on 127.0.0.1:PORT sends a 220 greeting.

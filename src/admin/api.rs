@@ -22,6 +22,13 @@ use std::sync::Arc;
 
 type Shared = State<Arc<Guard>>;
 
+/// Narrowest network prefixes an exemption may cover; wider ones would
+/// switch counting off for most senders.
+const MIN_PREFIX_V4: u8 = 8;
+const MIN_PREFIX_V6: u8 = 16;
+/// Longest an exemption may last.
+const MAX_EXEMPTION: std::time::Duration = std::time::Duration::from_secs(366 * 24 * 3600);
+
 /// Events returned per page when the request sets no limit.
 const DEFAULT_PAGE: usize = 1000;
 /// Largest page of events one request may ask for.
@@ -42,7 +49,69 @@ pub fn router(guard: Arc<Guard>) -> Router {
         .route("/healthz", get(health))
         .merge(super::devices::routes())
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(guard)
+}
+
+async fn method_not_allowed(
+    headers: HeaderMap,
+    State(guard): Shared,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+) -> Result<Response, ApiError> {
+    authenticate(&guard, &headers)?;
+    Err(ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "{method} is not allowed on {}; see the README for the methods of each endpoint",
+            uri.path()
+        ),
+    ))
+}
+
+/// Longest reason, author or name accepted, in characters.
+const MAX_TEXT: usize = 500;
+
+/// Checks a free-text field: trimmed, not empty, at most [`MAX_TEXT`]
+/// characters, control characters replaced with spaces so it cannot forge
+/// lines in logs or reports.
+///
+/// # Errors
+/// When the text is missing, empty or too long.
+pub fn clean_text(field: &str, text: Option<String>, why: &str) -> Result<String, String> {
+    let text = text.unwrap_or_default();
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(format!("missing {field}: {why}"));
+    }
+    let length = text.chars().count();
+    if length > MAX_TEXT {
+        return Err(format!(
+            "{field} is {length} characters long; keep it to {MAX_TEXT}"
+        ));
+    }
+    Ok(text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect())
+}
+
+/// Unwraps a JSON body, turning axum's rejection into a JSON error that
+/// shows an example of what to send.
+fn json_body<T>(
+    body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
+    example: &str,
+) -> Result<T, ApiError> {
+    match body {
+        Ok(Json(value)) => Ok(value),
+        Err(rejection) => Err(ApiError::new(
+            rejection.status(),
+            format!(
+                "{}; send a JSON object such as {example}",
+                rejection.body_text()
+            ),
+        )),
+    }
 }
 
 async fn not_found(headers: HeaderMap, State(guard): Shared) -> Result<Response, ApiError> {
@@ -109,12 +178,15 @@ async fn mailbox_key(
                 })
                 .await
                 .map_err(store_error)?;
-            let clients: Vec<String> = known.iter().map(|(key, _)| key.to_string()).collect();
+            let clients: Vec<String> = known
+                .iter()
+                .filter_map(|(key, _)| key.client.map(|client| client.to_string()))
+                .collect();
             let mut error = ApiError::bad_request(format!(
                 "{canonical} is counted per client address under unauthenticated = \
                  \"client-and-sender\"; add ?client=ADDRESS (\"client\" in a request body)"
             ));
-            error.details.insert("known_keys".into(), json!(clients));
+            error.details.insert("known_clients".into(), json!(clients));
             Err(error)
         }
         (_, client) => Ok(MailboxKey {
@@ -158,7 +230,7 @@ async fn unblock(
     headers: HeaderMap,
     State(guard): Shared,
     Path(mailbox): Path<String>,
-    body: Option<Json<UnblockRequest>>,
+    body: Result<Json<UnblockRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     let role = authenticate(&guard, &headers)?;
     if role != Role::Support {
@@ -167,22 +239,15 @@ async fn unblock(
              the admin token cannot do it",
         ));
     }
-    let Some(Json(request)) = body else {
-        return Err(ApiError::bad_request(
-            "missing JSON body: send {\"reason\": \"...\", \"reset_count\": false}",
-        ));
-    };
-    let reason = request.reason.unwrap_or_default();
-    if reason.trim().is_empty() {
-        return Err(ApiError::bad_request(
-            "missing reason: say why the block is lifted; it is recorded in the events report",
-        ));
-    }
+    let request = json_body(body, "{\"reason\": \"...\", \"reset_count\": false}")?;
+    let reason = clean_text(
+        "reason",
+        request.reason,
+        "say why the block is lifted; it is recorded in the events report",
+    )
+    .map_err(ApiError::bad_request)?;
     let key = mailbox_key(&guard, &mailbox, request.client.as_deref()).await?;
-    match guard
-        .lift(&key, request.reset_count, reason.trim(), "api")
-        .await
-    {
+    match guard.lift(&key, request.reset_count, &reason, "api").await {
         Ok(lifted) => Ok(ok_json(json!({
             "mailbox": key.mailbox,
             "key_client": key.client.map(|client| client.to_string()),
@@ -237,12 +302,7 @@ async fn events(
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     authenticate(&guard, &headers)?;
-    let Query(query) = query.map_err(|rejection| {
-        ApiError::bad_request(format!(
-            "{}; known parameters: since, until, mailbox, device, type, format, limit, after",
-            rejection.body_text()
-        ))
-    })?;
+    let Query(query) = query.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
     let runtime = guard.runtime();
     let mut filter = EventFilter::default();
     if let Some(since) = &query.since {
@@ -250,6 +310,15 @@ async fn events(
     }
     if let Some(until) = &query.until {
         filter.until = Some(parse_time("until", until).map_err(ApiError::bad_request)?);
+    }
+    if let (Some(since), Some(until)) = (filter.since, filter.until)
+        && since >= until
+    {
+        return Err(ApiError::bad_request(format!(
+            "since ({}) is not before until ({}), so no event could match",
+            since.to_rfc3339(),
+            until.to_rfc3339()
+        )));
     }
     if let Some(mailbox) = &query.mailbox {
         filter.mailbox = Some(
@@ -362,9 +431,15 @@ struct ExemptionsQuery {
 async fn list_exemptions(
     headers: HeaderMap,
     State(guard): Shared,
-    Query(query): Query<ExemptionsQuery>,
+    query: Result<Query<ExemptionsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     authenticate(&guard, &headers)?;
+    let Query(query) = query.map_err(|rejection| {
+        ApiError::bad_request(format!(
+            "{}; use all=true or all=false",
+            rejection.body_text()
+        ))
+    })?;
     let now = Timestamp::now();
     let listed = guard
         .store()
@@ -413,6 +488,7 @@ pub fn new_exemption(runtime: &Runtime, request: ExemptionRequest) -> Result<New
         (None, Some(login), None) if !login.trim().is_empty() => {
             ExemptionKind::Login(login.trim().to_lowercase())
         }
+        (None, Some(_), None) => return Err("login is empty: give the SASL login".to_string()),
         (None, None, Some(network)) => {
             let parsed = network
                 .parse::<ipnet::IpNet>()
@@ -420,23 +496,36 @@ pub fn new_exemption(runtime: &Runtime, request: ExemptionRequest) -> Result<New
                 .map_err(|_| {
                     format!("invalid network {network:?}: give one such as 192.0.2.0/24 or 2001:db8::/32")
                 })?;
+            let shortest = match parsed {
+                ipnet::IpNet::V4(_) => MIN_PREFIX_V4,
+                ipnet::IpNet::V6(_) => MIN_PREFIX_V6,
+            };
+            if parsed.prefix_len() < shortest {
+                return Err(format!(
+                    "network {parsed} is wider than /{shortest}, so it would stop counting for most \
+                     senders; exempt the networks that need it one by one"
+                ));
+            }
             ExemptionKind::Network(parsed.trunc())
         }
         _ => {
             return Err(
-                "give exactly one of sender, login or network, such as \"sender\": \"news@example.org\""
+                "give exactly one of sender, login or network (--sender, --login or --network on \
+                 the command line), such as \"sender\": \"news@example.org\""
                     .to_string(),
             );
         }
     };
-    let reason = reason.unwrap_or_default().trim().to_string();
-    if reason.is_empty() {
-        return Err("missing reason: say why the sender is exempt; it is recorded".to_string());
-    }
-    let author = author.unwrap_or_default().trim().to_string();
-    if author.is_empty() {
-        return Err("missing author: say who adds the exemption; it is recorded".to_string());
-    }
+    let reason = clean_text(
+        "reason",
+        reason,
+        "say why the sender is exempt; it is recorded",
+    )?;
+    let author = clean_text(
+        "author",
+        author,
+        "say who adds the exemption; it is recorded",
+    )?;
     let now = Timestamp::now();
     let expires = match (expires, duration) {
         (Some(expires), None) => Timestamp::parse_rfc3339(&expires).ok_or_else(|| {
@@ -452,8 +541,8 @@ pub fn new_exemption(runtime: &Runtime, request: ExemptionRequest) -> Result<New
         }
         _ => {
             return Err(
-                "give exactly one of expires (an RFC 3339 time) or for (a duration such as 7d); \
-                 every exemption ends"
+                "give exactly one of expires (an RFC 3339 time; --expires) or for (a duration \
+                 such as 7d; --for); every exemption ends"
                     .to_string(),
             );
         }
@@ -462,6 +551,14 @@ pub fn new_exemption(runtime: &Runtime, request: ExemptionRequest) -> Result<New
         return Err(format!(
             "the exemption would end at {}, which is not in the future",
             expires.to_rfc3339()
+        ));
+    }
+    if expires > now.saturating_add(MAX_EXEMPTION) {
+        return Err(format!(
+            "the exemption would end at {}, more than {} from now; exemptions last at most that \
+             long, so renew it when it ends",
+            expires.to_rfc3339(),
+            humantime::format_duration(MAX_EXEMPTION)
         ));
     }
     Ok(NewExemption {
@@ -484,13 +581,10 @@ async fn add_exemption(
             "exemptions are managed with the admin token; the support token can only read them",
         ));
     }
-    let Json(request) = body.map_err(|rejection| {
-        ApiError::bad_request(format!(
-            "{}; send a JSON object such as {{\"sender\": \"news@example.org\", \"reason\": \"...\", \
-             \"author\": \"...\", \"for\": \"7d\"}}",
-            rejection.body_text()
-        ))
-    })?;
+    let request = json_body(
+        body,
+        "{\"sender\": \"news@example.org\", \"reason\": \"...\", \"author\": \"...\", \"for\": \"7d\"}",
+    )?;
     let new = new_exemption(&guard.runtime(), request).map_err(ApiError::bad_request)?;
     let exemption = guard
         .store()
@@ -526,7 +620,11 @@ async fn remove_exemption(
             "invalid exemption id {id:?}: ids are whole numbers"
         ))
     })?;
-    let by = query.by.unwrap_or_else(|| "admin".to_string());
+    let by = match query.by {
+        None => "admin".to_string(),
+        by => clean_text("by", by, "say who removes the exemption, or leave by out")
+            .map_err(ApiError::bad_request)?,
+    };
     let now = Timestamp::now();
     let removed = guard
         .store()

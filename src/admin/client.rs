@@ -1,6 +1,6 @@
-//! The command line's side of the admin functions: each one either asks a
-//! running server's API (`--server`) or works on the store directly, and
-//! returns the same JSON the API returns.
+//! The command line's side of the admin functions: each one either sends
+//! its request to a running server's API (`--server`) or works on the store
+//! directly, and returns the same JSON as the API.
 
 use super::views::{block_json, exemption_json, exemption_list_json, ledger_json};
 use super::{ExemptionRequest, new_exemption, percent_encode as encode};
@@ -13,7 +13,7 @@ use crate::store::{EventFilter, sqlite};
 use serde_json::{Value, json};
 use std::net::IpAddr;
 
-/// Where the command line sends its requests.
+/// The destination of the command line's requests.
 pub enum Target {
     /// The store named in the configuration, opened directly.
     Store,
@@ -57,10 +57,16 @@ impl Client {
         if let Some(body) = body {
             request = request.json(&body);
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|error| format!("request to {address} failed: {error}"))?;
+        let response = request.send().await.map_err(|error| {
+            let mut text = format!("request to {address} failed");
+            let mut source = std::error::Error::source(&error);
+            while let Some(cause) = source {
+                text.push_str(": ");
+                text.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            text
+        })?;
         if response.status().is_success() {
             return Ok(response);
         }

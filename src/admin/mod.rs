@@ -26,7 +26,7 @@ use tokio::sync::watch;
 /// Shortest token accepted, in characters; shorter ones are guessable.
 const MIN_TOKEN_LENGTH: usize = 16;
 
-/// Who a request comes from.
+/// The role a request's token grants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Admin,
@@ -60,6 +60,13 @@ impl Credentials {
             .as_deref()
             .and_then(|text| hex::decode(text).ok())
             .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok());
+        if support.is_some() && support == admin {
+            return Err(
+                "admin.support_token_sha256 is the hash of the admin token; the support token \
+                 must be a different token, or the admin could lift permanent blocks"
+                    .to_string(),
+            );
+        }
         Ok(Credentials { admin, support })
     }
 
@@ -100,12 +107,12 @@ pub fn read_token(path: &std::path::Path) -> Result<String, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
     let token = text.lines().next().unwrap_or("").trim().to_string();
-    if token.len() < MIN_TOKEN_LENGTH {
+    let length = token.chars().count();
+    if length < MIN_TOKEN_LENGTH {
         return Err(format!(
-            "the token in {} is {} characters long, below the minimum of {MIN_TOKEN_LENGTH}; \
-             create one with `sendguard token generate > {}`",
-            path.display(),
-            token.len(),
+            "the token in {} is {length} characters long, below the minimum of \
+             {MIN_TOKEN_LENGTH}; use the token the server was given (`sendguard token generate` \
+             makes a new one)",
             path.display()
         ));
     }
@@ -124,8 +131,8 @@ fn constant_time_eq(left: &[u8; 32], right: &[u8; 32]) -> bool {
         == 0
 }
 
-/// An API error: a status and a message that says what was wrong and what
-/// to do.
+/// An API error: a status and a message that states what was wrong and
+/// what to do.
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -177,6 +184,7 @@ impl IntoResponse for ApiError {
 /// 401 when the token is missing or matches neither credential.
 pub fn authenticate(guard: &Guard, headers: &HeaderMap) -> Result<Role, ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
+        log_refusal();
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "missing bearer token: send the header \"Authorization: Bearer TOKEN\"",
@@ -195,12 +203,38 @@ pub fn authenticate(guard: &Guard, headers: &HeaderMap) -> Result<Role, ApiError
                 "invalid Authorization header: use \"Authorization: Bearer TOKEN\"",
             )
         })?;
-    guard.runtime().credentials.role_of(token).ok_or_else(|| {
+    let role = guard.runtime().credentials.role_of(token);
+    if role.is_none() {
+        log_refusal();
+    }
+    role.ok_or_else(|| {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
             "invalid token: it matches neither the admin token nor the support token",
         )
     })
+}
+
+/// Logs refused tokens at most once per ten seconds, with the number of
+/// refusals since the last line, so guessing cannot flood the log.
+fn log_refusal() {
+    use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+    static LAST_LOGGED: AtomicI64 = AtomicI64::new(i64::MIN);
+    static SINCE_LAST: AtomicU64 = AtomicU64::new(0);
+    let refused = SINCE_LAST.fetch_add(1, Ordering::Relaxed) + 1;
+    let now = crate::policy::Timestamp::now().millis();
+    let last = LAST_LOGGED.load(Ordering::Relaxed);
+    if now.saturating_sub(last) >= 10_000
+        && LAST_LOGGED
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        SINCE_LAST.store(0, Ordering::Relaxed);
+        tracing::warn!(
+            refused,
+            "admin API request refused: the bearer token matches no configured token"
+        );
+    }
 }
 
 /// Serves the API on `listener` until `shutdown` becomes true.
@@ -210,6 +244,9 @@ pub async fn serve(listener: TcpListener, guard: Arc<Guard>, mut shutdown: watch
         .map(|address| address.to_string())
         .unwrap_or_default();
     tracing::info!(listen = %address, "admin API started");
+    // NOTE: axum's server sets no limit on connections or on the time a
+    // client may take to send its request headers; keep the listener on
+    // loopback or behind a reverse proxy that sets them.
     let router = api::router(guard);
     let stop = async move {
         let _ = shutdown.wait_for(|stop| *stop).await;
@@ -236,7 +273,7 @@ pub fn percent_encode(text: &str) -> String {
     encoded
 }
 
-/// The JSON body of a success without other content.
+/// Returns a `200 OK` answer with `value` as its JSON body.
 pub fn ok_json(value: serde_json::Value) -> Response {
     (StatusCode::OK, Json(value)).into_response()
 }

@@ -68,9 +68,9 @@ pub fn exemption_list_json(listed: &[ListedExemption], all: bool, now: Timestamp
     json!({ "exemptions": list })
 }
 
-/// The strike ledger of one mailbox key: strikes in the window, lockout
-/// count, the block in force, the next lockout's length, the exemptions
-/// that cover it, and its owner and devices.
+/// Builds the strike ledger of one mailbox key: strikes in the window,
+/// lockout count, the block in force, the next lockout's length, the
+/// exemptions that cover it, and its owner and devices.
 pub fn ledger_json(
     key: &MailboxKey,
     state: &MailboxState,

@@ -46,6 +46,17 @@ pub(super) fn validate(admin: &AdminConfig, events: &EventsConfig, problems: &mu
              `sendguard token generate > FILE`)",
         );
     }
+    /// SHA-256 of the empty string: what `printf '' | sha256sum` prints.
+    const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+    if let Some(hash) = &admin.support_token_sha256
+        && hash.eq_ignore_ascii_case(EMPTY_SHA256)
+    {
+        problems.push(
+            "admin.support_token_sha256",
+            "is the SHA-256 of an empty text; hash the support token's file with \
+             `sendguard token hash FILE`",
+        );
+    }
     if let Some(hash) = &admin.support_token_sha256
         && !(hash.len() == 64 && hash.chars().all(|c| c.is_ascii_hexdigit()))
     {

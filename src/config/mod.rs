@@ -14,7 +14,7 @@ pub use devices::DevicesConfig;
 pub use problems::{Problem, Problems};
 
 use crate::policy::{Mode, PolicySettings};
-use crate::scan::{ClamdConfig, SpamConfig};
+use crate::scan::{ClamdConfig, RspamdConfig, SpamConfig, SpamdConfig};
 use crate::smtp::reader::BareLineEndings;
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
@@ -262,6 +262,10 @@ pub struct ScanConfig {
     pub clamd: Option<ClamdConfig>,
     /// `[scan.spam]`: the built-in rules.
     pub spam: SpamConfig,
+    /// `[scan.rspamd]`; without it rspamd is not asked.
+    pub rspamd: Option<RspamdConfig>,
+    /// `[scan.spamd]`; without it spamd is not asked.
+    pub spamd: Option<SpamdConfig>,
 }
 
 #[derive(Deserialize)]
@@ -271,6 +275,10 @@ struct ScanSection {
     clamd: Option<toml::Value>,
     #[serde(default)]
     spam: Option<toml::Value>,
+    #[serde(default)]
+    rspamd: Option<toml::Value>,
+    #[serde(default)]
+    spamd: Option<toml::Value>,
 }
 
 /// `[policy]`: strikes, windows and lockouts.
@@ -495,6 +503,12 @@ impl Config {
                 clamd.validate(&mut problems);
             }
             scan.spam.validate(&mut problems);
+            if let Some(rspamd) = &scan.rspamd {
+                rspamd.validate(&mut problems);
+            }
+            if let Some(spamd) = &scan.spamd {
+                spamd.validate(&mut problems);
+            }
         }
         if let Some(store) = &store
             && store.path.as_os_str().is_empty()
@@ -528,6 +542,17 @@ impl Config {
         }
         if let (Some(devices), Some(actions)) = (&devices, &actions) {
             devices::validate(devices, actions.secret_file.is_some(), &mut problems);
+        }
+        if let (Some(admin), Some(smtp)) = (&admin, &smtp)
+            && admin.listen == Some(smtp.listen)
+        {
+            problems.push(
+                "admin.listen",
+                format!(
+                    "is {}, the same address as smtp.listen; give the API its own port",
+                    smtp.listen
+                ),
+            );
         }
 
         match (
@@ -593,6 +618,17 @@ impl Config {
                     "is {} bytes, below smtp.max_message_size ({} bytes): messages between the two are \
                      accepted by size but rejected as unscannable",
                     clamd.max_scan_size, self.smtp.max_message_size
+                ),
+            );
+        }
+        if let Some(listen) = self.admin.listen
+            && !listen.ip().is_loopback()
+        {
+            warnings.push(
+                "admin.listen",
+                format!(
+                    "is {listen}, reachable from the network, and the API speaks plain HTTP: bearer \
+                     tokens cross the network in clear text unless a TLS reverse proxy is in front"
                 ),
             );
         }
@@ -748,9 +784,19 @@ fn scan_section(root: &mut toml::Table, problems: &mut Problems) -> Option<ScanC
         None => Some(SpamConfig::default()),
         Some(value) => decode::<SpamConfig>(value, "scan.spam", problems),
     };
+    let rspamd = match section.rspamd {
+        None => Some(None),
+        Some(value) => decode::<RspamdConfig>(value, "scan.rspamd", problems).map(Some),
+    };
+    let spamd = match section.spamd {
+        None => Some(None),
+        Some(value) => decode::<SpamdConfig>(value, "scan.spamd", problems).map(Some),
+    };
     Some(ScanConfig {
         clamd: clamd?,
         spam: spam?,
+        rspamd: rspamd?,
+        spamd: spamd?,
     })
 }
 

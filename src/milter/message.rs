@@ -313,7 +313,7 @@ mod tests {
         assert_eq!(converted.enhanced, "5.7.1");
         assert_eq!(converted.lines, vec!["100%% spam".to_string()]);
 
-        let temporary = milter_reply(&Reply::scanner_failed()).expect("a refusal");
+        let temporary = milter_reply(&Reply::scanner_failed("clamd")).expect("a refusal");
         assert!(!temporary.permanent);
         assert_eq!(temporary.enhanced, "4.7.1");
     }

@@ -37,6 +37,11 @@ pub struct Connection {
     /// Protocol options agreed with the MTA.
     options: ProtoOpts,
     client: IpAddr,
+    /// The client's host name from the connect packet; `None` when the
+    /// MTA sent an address literal or "unknown".
+    client_name: Option<String>,
+    /// The client's HELO or EHLO name.
+    helo: Option<String>,
     transactions: u64,
     message: Option<OpenMessage>,
 }
@@ -55,6 +60,8 @@ impl Connection {
             span,
             options: ProtoOpts::empty(),
             client: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            client_name: None,
+            helo: None,
             transactions: 0,
             message: None,
         }
@@ -121,6 +128,11 @@ pub fn connect(cx: &mut Context<Connection>, hostname: &CStr, socket: SocketInfo
         SocketInfo::Unknown => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
     };
     connection.message = None;
+    // Postfix sends "unknown" for a client without a verified reverse DNS
+    // name, and Sendmail an address literal such as "[192.0.2.1]".
+    let name = hostname.to_string_lossy();
+    connection.client_name = (!name.is_empty() && name != "unknown" && !name.starts_with('['))
+        .then(|| name.into_owned());
     connection
         .span
         .record("client", tracing::field::display(connection.client));
@@ -133,6 +145,7 @@ pub fn helo(cx: &mut Context<Connection>, hostname: &CStr) -> Status {
         return missing_state();
     };
     tracing::debug!(helo = %hostname.to_string_lossy(), "HELO");
+    connection.helo = Some(hostname.to_string_lossy().into_owned());
     connection.continue_status(ProtoOpts::NOREPLY_HELO)
 }
 
@@ -157,6 +170,9 @@ pub async fn mail(guard: &Guard, cx: &mut Context<Connection>, arguments: Vec<CS
         login,
         client: connection.client,
         recipients: 0,
+        helo: connection.helo.clone(),
+        client_name: connection.client_name.clone(),
+        recipient_paths: Vec::new(),
     };
     tracing::debug!(transaction = %transaction.id, sender = %transaction.sender_path,
         parameters = ?parameters, login = transaction.login.as_deref().unwrap_or(""), "MAIL");
@@ -188,6 +204,10 @@ pub fn rcpt(cx: &mut Context<Connection>, arguments: &[CString]) -> Status {
     };
     if let Some(message) = connection.message.as_mut() {
         message.transaction.recipients += 1;
+        if let Some(recipient) = arguments.first() {
+            let path = parse_sender(&recipient.to_string_lossy()).path;
+            message.transaction.recipient_paths.push(path);
+        }
     }
     if let Some(recipient) = arguments.first() {
         tracing::debug!(recipient = %recipient.to_string_lossy(), "RCPT");

@@ -7,7 +7,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 
-/// What an exemption matches.
+/// The subject an exemption matches.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "value", rename_all = "snake_case")]
 pub enum ExemptionKind {
@@ -27,7 +27,7 @@ pub struct Exemption {
     #[serde(flatten)]
     pub kind: ExemptionKind,
     pub reason: String,
-    /// Who created it, as the creator gave it.
+    /// Name of the person who created it, as given.
     pub author: String,
     pub created: Timestamp,
     /// End of the exemption (exclusive).

@@ -160,6 +160,9 @@ pub enum LiftError {
     TimedLockout(Lockout),
     /// There is no permanent block to lift, and no count reset was requested.
     NotBlocked,
+    /// A count reset was requested, but the count is already zero and no
+    /// block is in force.
+    NothingToReset,
 }
 
 impl std::fmt::Display for LiftError {
@@ -175,8 +178,12 @@ impl std::fmt::Display for LiftError {
                     .map_or_else(String::new, Timestamp::to_rfc3339)
             ),
             LiftError::NotBlocked => f.write_str(
-                "the mailbox has no permanent block to lift; to reset its lockout count, ask for a \
-                 count reset",
+                "the mailbox has no permanent block to lift; to set its lockout count back to \
+                 zero, ask for a count reset",
+            ),
+            LiftError::NothingToReset => f.write_str(
+                "the mailbox has no block and its lockout count is already zero, so there is \
+                 nothing to lift or reset; check the spelling of the mailbox",
             ),
         }
     }
@@ -308,6 +315,7 @@ impl MailboxState {
                 return Err(LiftError::TimedLockout(block.clone()));
             }
             Some(block) => Some(block.clone()),
+            None if reset_count && self.lockouts == 0 => return Err(LiftError::NothingToReset),
             None if reset_count => None,
             None => return Err(LiftError::NotBlocked),
         };

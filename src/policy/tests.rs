@@ -494,4 +494,5 @@ fn lift_without_block_needs_reset() {
     assert_eq!(lifted.block, None);
     assert_eq!(lifted.lockouts_before, 1);
     assert_eq!(state.lockouts, 0);
+    assert_eq!(state.lift(after, true), Err(LiftError::NothingToReset));
 }

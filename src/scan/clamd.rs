@@ -5,16 +5,14 @@
 //! sends the message as chunks, each a 4-byte big-endian length followed by
 //! the data, and ends with a zero-length chunk.
 
-use std::future::Future;
 use std::io;
-use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use super::config::{ClamdConfig, NameClass};
 use super::error::ScanError;
+use super::net::{Connection, Endpoint, clip};
 
 /// Bytes of message data per INSTREAM chunk.
 const CHUNK_SIZE: usize = 64 * 1024;
@@ -45,10 +43,6 @@ pub enum ClamdFinding {
     Unscannable(String),
 }
 
-trait Connection: AsyncRead + AsyncWrite + Unpin + Send {}
-
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Connection for T {}
-
 /// Sends `message` to clamd with INSTREAM and classifies the reply.
 pub async fn scan(config: &ClamdConfig, message: &[u8]) -> Result<ClamdFinding, ScanError> {
     let reply = instream(config, message).await?;
@@ -57,45 +51,48 @@ pub async fn scan(config: &ClamdConfig, message: &[u8]) -> Result<ClamdFinding, 
 
 /// Returns clamd's VERSION reply, such as "ClamAV 1.4.6/27500/Mon Dec 1 2025".
 pub async fn version(config: &ClamdConfig) -> Result<String, ScanError> {
-    let address = config.address.as_str();
-    let deadline = deadline_after(config.timeout);
-    let mut connection = connect(config, deadline).await?;
+    let endpoint = endpoint(config);
+    let deadline = endpoint.deadline();
+    let mut connection = endpoint.connect(deadline).await?;
 
     let write = async {
         connection.write_all(b"zVERSION\0").await?;
         connection.flush().await
     };
-    match with_deadline(config, deadline, "sending the command", write).await? {
-        Ok(()) => {}
-        Err(source) => {
-            return Err(ScanError::Io {
-                address: address.to_string(),
-                stage: "sending the command",
-                source,
-            });
-        }
+    endpoint
+        .within(deadline, "sending the command", write)
+        .await?
+        .map_err(|source| endpoint.io_error("sending the command", source))?;
+    read_reply(&endpoint, &mut connection, deadline).await
+}
+
+fn endpoint(config: &ClamdConfig) -> Endpoint<'_> {
+    Endpoint {
+        engine: "clamd",
+        address: &config.address,
+        timeout: config.timeout,
     }
-    read_reply(config, &mut connection, deadline).await
 }
 
 /// Runs the INSTREAM command and returns clamd's reply without the NUL.
 async fn instream(config: &ClamdConfig, message: &[u8]) -> Result<String, ScanError> {
-    let deadline = deadline_after(config.timeout);
-    let mut connection = connect(config, deadline).await?;
+    let endpoint = endpoint(config);
+    let deadline = endpoint.deadline();
+    let mut connection = endpoint.connect(deadline).await?;
 
-    let sent = with_deadline(
-        config,
-        deadline,
-        "sending the message",
-        send_chunks(&mut connection, message),
-    )
-    .await?;
+    let sent = endpoint
+        .within(
+            deadline,
+            "sending the message",
+            send_chunks(&mut connection, message),
+        )
+        .await?;
     match sent {
-        Ok(()) => read_reply(config, &mut connection, deadline).await,
+        Ok(()) => read_reply(&endpoint, &mut connection, deadline).await,
         // clamd replies and closes the connection as soon as the stream
         // exceeds its StreamMaxLength, so the rest of the message meets a
         // broken pipe or a reset. The reply is usually still readable.
-        Err(source) => match read_reply(config, &mut connection, deadline).await {
+        Err(source) => match read_reply(&endpoint, &mut connection, deadline).await {
             Ok(reply) => {
                 tracing::debug!(
                     clamd = %config.address,
@@ -105,58 +102,9 @@ async fn instream(config: &ClamdConfig, message: &[u8]) -> Result<String, ScanEr
                 );
                 Ok(reply)
             }
-            Err(_) => Err(ScanError::Io {
-                address: config.address.clone(),
-                stage: "sending the message",
-                source,
-            }),
+            Err(_) => Err(endpoint.io_error("sending the message", source)),
         },
     }
-}
-
-async fn connect(
-    config: &ClamdConfig,
-    deadline: Instant,
-) -> Result<Box<dyn Connection>, ScanError> {
-    let address = config.address.as_str();
-    let connect_error = |source| ScanError::Connect {
-        address: address.to_string(),
-        source,
-    };
-
-    if address.starts_with('/') {
-        #[cfg(unix)]
-        {
-            let stream = with_deadline(
-                config,
-                deadline,
-                "connecting",
-                tokio::net::UnixStream::connect(address),
-            )
-            .await?
-            .map_err(connect_error)?;
-            return Ok(Box::new(stream));
-        }
-        #[cfg(not(unix))]
-        {
-            return Err(connect_error(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "unix sockets are not supported on this platform",
-            )));
-        }
-    }
-
-    let stream = with_deadline(config, deadline, "connecting", TcpStream::connect(address))
-        .await?
-        .map_err(connect_error)?;
-    // Each chunk goes out in one write, so Nagle's algorithm would only delay
-    // the final zero-length chunk.
-    stream.set_nodelay(true).map_err(|source| ScanError::Io {
-        address: address.to_string(),
-        stage: "connecting",
-        source,
-    })?;
-    Ok(Box::new(stream))
 }
 
 /// Writes the INSTREAM command, the chunks and the terminating empty chunk,
@@ -185,7 +133,7 @@ async fn send_chunks(connection: &mut Box<dyn Connection>, message: &[u8]) -> io
 
 /// Reads the reply up to its NUL or the end of the connection.
 async fn read_reply(
-    config: &ClamdConfig,
+    endpoint: &Endpoint<'_>,
     connection: &mut Box<dyn Connection>,
     deadline: Instant,
 ) -> Result<String, ScanError> {
@@ -207,61 +155,29 @@ async fn read_reply(
             }
         }
     };
-    let reply = with_deadline(config, deadline, "reading the reply", read)
+    let reply = endpoint
+        .within(deadline, "reading the reply", read)
         .await?
-        .map_err(|source| ScanError::Io {
-            address: config.address.clone(),
-            stage: "reading the reply",
-            source,
-        })?;
+        .map_err(|source: io::Error| endpoint.io_error("reading the reply", source))?;
 
     let text = String::from_utf8_lossy(&reply).trim().to_string();
     if text.is_empty() {
-        return Err(ScanError::Protocol {
-            address: config.address.clone(),
-            reply: "connection closed without a reply".to_string(),
-        });
+        return Err(endpoint.protocol_error("connection closed without a reply"));
     }
     if reply.len() > MAX_REPLY_LEN {
-        return Err(ScanError::Protocol {
-            address: config.address.clone(),
-            reply: format!(
-                "reply longer than {MAX_REPLY_LEN} bytes: {}",
-                clip(&text, 200)
-            ),
-        });
+        return Err(endpoint.protocol_error(&format!(
+            "reply longer than {MAX_REPLY_LEN} bytes: {}",
+            clip(&text, 200)
+        )));
     }
     Ok(text)
-}
-
-/// Returns the instant `timeout` from now. A timeout too large to add (such
-/// as "1000years") is cut to one year.
-fn deadline_after(timeout: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(timeout)
-        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 60 * 60))
-}
-
-/// Runs `future` until `deadline`, mapping the time-out to `ScanError::Timeout`.
-async fn with_deadline<F: Future>(
-    config: &ClamdConfig,
-    deadline: Instant,
-    stage: &'static str,
-    future: F,
-) -> Result<F::Output, ScanError> {
-    tokio::time::timeout_at(deadline, future)
-        .await
-        .map_err(|_| ScanError::Timeout {
-            address: config.address.clone(),
-            timeout: config.timeout,
-            stage,
-        })
 }
 
 /// Classifies an INSTREAM reply. With several findings (one per line), a
 /// virus wins over a scan-time failure, which wins over spam, then
 /// unscannable, then clean.
 pub fn interpret_reply(config: &ClamdConfig, reply: &str) -> Result<ClamdFinding, ScanError> {
+    let endpoint = endpoint(config);
     let address = config.address.as_str();
     let mut virus = None;
     let mut spam = None;
@@ -317,24 +233,15 @@ pub fn interpret_reply(config: &ClamdConfig, reply: &str) -> Result<ClamdFinding
             } else {
                 let message = message.trim();
                 let message = message.strip_prefix("stream:").unwrap_or(message).trim();
-                failure.get_or_insert(ScanError::Clamd {
-                    address: address.to_string(),
-                    message: clip(message, 200),
-                });
+                failure.get_or_insert(endpoint.reported(message));
             }
         } else {
-            return Err(ScanError::Protocol {
-                address: address.to_string(),
-                reply: clip(reply, 200),
-            });
+            return Err(endpoint.protocol_error(reply));
         }
     }
 
     if !answered {
-        return Err(ScanError::Protocol {
-            address: address.to_string(),
-            reply: clip(reply, 200),
-        });
+        return Err(endpoint.protocol_error(reply));
     }
     if let Some(name) = virus {
         return Ok(ClamdFinding::Virus(name));
@@ -349,11 +256,6 @@ pub fn interpret_reply(config: &ClamdConfig, reply: &str) -> Result<ClamdFinding
         return Ok(ClamdFinding::Unscannable(reason));
     }
     Ok(ClamdFinding::Clean)
-}
-
-/// Cuts `text` to at most `max` characters.
-fn clip(text: &str, max: usize) -> String {
-    text.chars().take(max).collect()
 }
 
 #[cfg(test)]
@@ -452,7 +354,12 @@ mod tests {
     #[test]
     fn reply_other_error_is_error() {
         match error("stream: Can't allocate memory ERROR") {
-            ScanError::Clamd { message, .. } => assert_eq!(message, "Can't allocate memory"),
+            ScanError::Reported {
+                engine, message, ..
+            } => {
+                assert_eq!(engine, "clamd");
+                assert_eq!(message, "Can't allocate memory");
+            }
             other => panic!("expected a clamd error, got {other:?}"),
         }
     }
@@ -479,6 +386,7 @@ mod tests {
     #[test]
     fn error_display_is_lower_case_and_names_address() {
         let error = ScanError::Timeout {
+            engine: "clamd",
             address: "127.0.0.1:3310".to_string(),
             timeout: std::time::Duration::from_secs(30),
             stage: "reading the reply",

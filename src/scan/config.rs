@@ -128,7 +128,8 @@ impl Default for ClamdConfig {
 impl ClamdConfig {
     /// Checks the values that deserializing cannot, under `scan.clamd.<key>`.
     pub fn validate(&self, problems: &mut Problems) {
-        if let Err(message) = check_address(&self.address) {
+        let hint = "give clamd's TCPSocket as \"host:port\" or its LocalSocket as an absolute path";
+        if let Err(message) = check_address(&self.address, hint) {
             problems.push("scan.clamd.address", message);
         }
         if self.timeout.is_zero() {
@@ -163,20 +164,28 @@ impl ClamdConfig {
     }
 }
 
-/// Checks that `address` is an absolute unix socket path or `host:port`.
-fn check_address(address: &str) -> Result<(), String> {
+/// Checks that `address` is an absolute unix socket path or `host:port`;
+/// `hint` tells an operator what to give when it is empty.
+pub(super) fn check_address(address: &str, hint: &str) -> Result<(), String> {
     if address.trim().is_empty() {
-        return Err(
-            "is empty; give clamd's TCPSocket as \"host:port\" or its LocalSocket as an absolute path"
-                .to_string(),
-        );
+        return Err(format!("is empty; {hint}"));
     }
     if address.starts_with('/') {
         return Ok(());
     }
-    let Some((host, port)) = address.rsplit_once(':') else {
+    if !address.contains(':') {
         return Err(format!(
             "{address:?} is neither \"host:port\" nor an absolute unix socket path"
+        ));
+    }
+    check_host_port(address)
+}
+
+/// Checks that `address` is `host:port` with a port from 1 to 65535.
+pub(super) fn check_host_port(address: &str) -> Result<(), String> {
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return Err(format!(
+            "{address:?} is not \"host:port\", such as \"127.0.0.1:11333\""
         ));
     };
     if host.is_empty() || host == "[]" {
@@ -381,7 +390,7 @@ mod tests {
             "clamd:3310",
             "/run/clamav/clamd.ctl",
         ] {
-            assert_eq!(check_address(good), Ok(()), "{good}");
+            assert_eq!(check_address(good, "hint"), Ok(()), "{good}");
         }
         for bad in [
             "",
@@ -393,7 +402,7 @@ mod tests {
             "host:99999",
             "host:x",
         ] {
-            assert!(check_address(bad).is_err(), "{bad:?} accepted");
+            assert!(check_address(bad, "hint").is_err(), "{bad:?} accepted");
         }
     }
 

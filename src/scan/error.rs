@@ -1,44 +1,57 @@
-//! Errors from talking to clamd.
+//! Errors from talking to a scanning engine: clamd, rspamd or spamd.
 
 use std::io;
 use std::time::Duration;
 
-/// A failed clamd scan or ping. Each variant names the clamd address.
+/// A failed scan or ping. Each variant names the engine and its address.
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {
-    #[error("cannot connect to clamd at {address}: {source}")]
+    #[error("cannot connect to {engine} at {address}: {source}")]
     Connect {
+        engine: &'static str,
         address: String,
         #[source]
         source: io::Error,
     },
 
     #[error(
-        "clamd at {address} timed out after {} while {stage}",
+        "{engine} at {address} timed out after {} while {stage}",
         humantime::format_duration(*timeout)
     )]
     Timeout {
+        engine: &'static str,
         address: String,
         timeout: Duration,
-        /// Step in progress: "connecting", "sending the message" or
+        /// Step in progress, such as "connecting", "sending the message" or
         /// "reading the reply".
         stage: &'static str,
     },
 
-    #[error("i/o error with clamd at {address} while {stage}: {source}")]
+    #[error("i/o error with {engine} at {address} while {stage}: {source}")]
     Io {
+        engine: &'static str,
         address: String,
         stage: &'static str,
         #[source]
         source: io::Error,
     },
 
-    #[error("unexpected reply from clamd at {address}: {reply:?}")]
-    Protocol { address: String, reply: String },
+    /// A reply that does not follow the engine's protocol.
+    #[error("unexpected reply from {engine} at {address}: {reply:?}")]
+    Protocol {
+        engine: &'static str,
+        address: String,
+        reply: String,
+    },
 
-    /// Error reported by clamd itself, such as "Can't allocate memory".
-    #[error("clamd at {address} reported an error: {message:?}")]
-    Clamd { address: String, message: String },
+    /// Error reported by the engine itself, such as clamd's "Can't allocate
+    /// memory" or spamd's `EX_TEMPFAIL`.
+    #[error("{engine} at {address} reported an error: {message:?}")]
+    Reported {
+        engine: &'static str,
+        address: String,
+        message: String,
+    },
 
     /// clamd stopped scanning at one of its own limits, such as MaxScanTime.
     /// Retrying later may succeed, unlike a size limit.
@@ -48,16 +61,39 @@ pub enum ScanError {
     ScannerLimit { address: String, signature: String },
 }
 
+/// Why an engine's reply cannot be used, before it is tied to an engine's
+/// address as a [`ScanError`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReplyError {
+    /// The reply does not follow the protocol; the text says how.
+    Malformed(String),
+    /// The engine answered with an error of its own, such as spamd's
+    /// `76 Bad header line` or an HTTP 500 from rspamd.
+    Reported(String),
+}
+
 impl ScanError {
-    /// Returns the clamd address the error is about.
+    /// Returns the address of the engine the error is about.
     pub fn address(&self) -> &str {
         match self {
             ScanError::Connect { address, .. }
             | ScanError::Timeout { address, .. }
             | ScanError::Io { address, .. }
             | ScanError::Protocol { address, .. }
-            | ScanError::Clamd { address, .. }
+            | ScanError::Reported { address, .. }
             | ScanError::ScannerLimit { address, .. } => address,
+        }
+    }
+
+    /// Returns the engine's name: "clamd", "rspamd" or "spamd".
+    pub fn engine(&self) -> &'static str {
+        match self {
+            ScanError::Connect { engine, .. }
+            | ScanError::Timeout { engine, .. }
+            | ScanError::Io { engine, .. }
+            | ScanError::Protocol { engine, .. }
+            | ScanError::Reported { engine, .. } => engine,
+            ScanError::ScannerLimit { .. } => "clamd",
         }
     }
 }

@@ -29,6 +29,7 @@ fn scan(scanner: &Scanner, message: &[u8], recipients: usize) -> Verdict {
     match runtime.block_on(scanner.scan(ScanInput {
         message,
         recipients,
+        envelope: None,
     })) {
         Ok(verdict) => verdict,
         Err(error) => panic!("scan failed: {error}"),
@@ -277,6 +278,7 @@ fn two_strong_signals_are_spam() {
         Verdict::Spam {
             engine: "builtin".to_string(),
             score: Some(6.0),
+            action: None,
             rules: vec![
                 "SCRIPT_ATTACHMENT".to_string(),
                 "PHISH_VERIFY_ACCOUNT".to_string()
@@ -310,6 +312,7 @@ fn gtube_raw_is_spam() {
         Verdict::Spam {
             engine: "builtin".to_string(),
             score: Some(1000.0),
+            action: None,
             rules: vec!["GTUBE".to_string()],
         }
     );
@@ -887,6 +890,7 @@ fn huge_timeout_does_not_panic() {
     let result = runtime.block_on(scanner.scan(ScanInput {
         message: b"Subject: x\r\n\r\nhello\r\n",
         recipients: 1,
+        envelope: None,
     }));
     assert!(
         matches!(result, Err(ScanError::Connect { .. })),
@@ -1187,4 +1191,51 @@ fn colon_line_limit_skips_structure() {
     // Past 100 000 lines with a colon only the first 1 000 lines are read
     // for header fields.
     assert_eq!(hits(&scanner, &with_fields(100_000), 1).rules, ["SUBJECT"]);
+}
+
+#[test]
+fn config_example_engines_parse_with_defaults() {
+    // The commented [scan.rspamd] and [scan.spamd] settings, uncommented:
+    // settings start with '#' and a key, prose with "# ".
+    let text: String = include_str!("../../config.toml.example")
+        .lines()
+        .skip_while(|line| !line.starts_with("#[scan.rspamd]"))
+        .take_while(|line| !line.starts_with("[scan.spam]"))
+        .filter_map(|line| line.strip_prefix('#'))
+        .filter(|line| !line.is_empty() && !line.starts_with([' ', '#']))
+        .map(|line| format!("{line}\n"))
+        .collect();
+
+    #[derive(serde::Deserialize)]
+    struct Example {
+        scan: ExampleScan,
+    }
+    #[derive(serde::Deserialize)]
+    struct ExampleScan {
+        rspamd: RspamdConfig,
+        spamd: SpamdConfig,
+    }
+    let example: Example = match toml::from_str(&text) {
+        Ok(example) => example,
+        Err(error) => panic!("engine examples do not parse: {error}\n{text}"),
+    };
+    assert_eq!(
+        example.scan.rspamd,
+        RspamdConfig {
+            address: "127.0.0.1:11333".to_string(),
+            ..RspamdConfig::default()
+        }
+    );
+    assert_eq!(
+        example.scan.spamd,
+        SpamdConfig {
+            address: "127.0.0.1:783".to_string(),
+            ..SpamdConfig::default()
+        }
+    );
+
+    let mut problems = crate::config::Problems::default();
+    example.scan.rspamd.validate(&mut problems);
+    example.scan.spamd.validate(&mut problems);
+    assert!(problems.is_empty(), "{problems}");
 }

@@ -8,11 +8,26 @@ const MAX_SUMMARY_LEN: usize = 200;
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Verdict {
     Clean,
-    /// `engine` is "builtin" (rules, with a summed score) or "clamd" (a
-    /// signature classed as spam, without a score).
+    /// `engine` is "builtin" (rules, with a summed score), "clamd" (a
+    /// signature classed as spam, without a score), "upstream header",
+    /// "rspamd" or "spamd". `action` is the action rspamd chose, and
+    /// `rules` are the rules or symbols that matched, the highest scores
+    /// first where the engine reports them.
     Spam {
         engine: String,
         score: Option<f64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        action: Option<String>,
+        rules: Vec<String>,
+    },
+    /// Suspicious but below the spam level, such as rspamd's `add header`:
+    /// the message is delivered with a header and recorded, but never
+    /// counts as a strike.
+    Suspect {
+        engine: String,
+        score: Option<f64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        action: Option<String>,
         rules: Vec<String>,
     },
     /// `name` is the clamd signature name.
@@ -32,36 +47,72 @@ impl Verdict {
         matches!(self, Verdict::Virus { .. } | Verdict::Spam { .. })
     }
 
-    /// "clean", "spam", "virus" or "unscannable".
+    /// "clean", "spam", "suspect", "virus" or "unscannable".
     pub fn kind(&self) -> &'static str {
         match self {
             Verdict::Clean => "clean",
             Verdict::Spam { .. } => "spam",
+            Verdict::Suspect { .. } => "suspect",
             Verdict::Virus { .. } => "virus",
             Verdict::Unscannable { .. } => "unscannable",
         }
     }
 
+    /// Returns the engine that found the virus, spam or suspicion.
+    pub fn engine(&self) -> Option<&str> {
+        match self {
+            Verdict::Spam { engine, .. } | Verdict::Suspect { engine, .. } => Some(engine),
+            Verdict::Virus { .. } => Some("clamd"),
+            Verdict::Clean | Verdict::Unscannable { .. } => None,
+        }
+    }
+
     /// Formats a short description for logs and SMTP replies, such as
-    /// "virus Eicar-Test-Signature.UNOFFICIAL" or "spam score 1000.0 (GTUBE)".
-    /// The text is printable ASCII only (anything else becomes '?') and at
-    /// most 200 characters long.
+    /// "virus Eicar-Test-Signature.UNOFFICIAL", "spam score 1000.0 (GTUBE)"
+    /// for the built-in rules or "spam rspamd score 15.0 action reject
+    /// (GTUBE)" for an external engine. The text is printable ASCII only
+    /// (anything else becomes '?') and at most 200 characters long.
     pub fn summary(&self) -> String {
         let text = match self {
             Verdict::Clean => "clean".to_string(),
             Verdict::Spam {
+                engine,
                 score: Some(score),
+                action,
                 rules,
-                ..
-            } => format!("spam score {score:.1} ({})", rules.join(", ")),
+            } => format!("spam {}", scored(engine, *score, action.as_deref(), rules)),
             Verdict::Spam {
                 score: None, rules, ..
             } => format!("spam {}", rules.join(", ")),
+            Verdict::Suspect {
+                engine,
+                score: Some(score),
+                action,
+                rules,
+            } => format!(
+                "suspect {}",
+                scored(engine, *score, action.as_deref(), rules)
+            ),
+            Verdict::Suspect { engine, rules, .. } => {
+                format!("suspect {engine} ({})", rules.join(", "))
+            }
             Verdict::Virus { name } => format!("virus {name}"),
             Verdict::Unscannable { reason } => format!("unscannable: {reason}"),
         };
         smtp_safe(&text)
     }
+}
+
+/// Formats the scored part of a summary. The built-in rules are the
+/// default engine and go unnamed.
+fn scored(engine: &str, score: f64, action: Option<&str>, rules: &[String]) -> String {
+    let engine = if engine == "builtin" {
+        String::new()
+    } else {
+        format!("{engine} ")
+    };
+    let action = action.map_or_else(String::new, |action| format!(" action {action}"));
+    format!("{engine}score {score:.1}{action} ({})", rules.join(", "))
 }
 
 /// Replaces everything but printable ASCII with '?' and cuts the text to
@@ -102,6 +153,7 @@ mod tests {
                 Verdict::Spam {
                     engine: "builtin".to_string(),
                     score: Some(1000.0),
+                    action: None,
                     rules: vec!["GTUBE".to_string()],
                 },
                 "spam score 1000.0 (GTUBE)",
@@ -110,6 +162,7 @@ mod tests {
                 Verdict::Spam {
                     engine: "builtin".to_string(),
                     score: Some(5.5),
+                    action: None,
                     rules: vec!["A".to_string(), "B".to_string()],
                 },
                 "spam score 5.5 (A, B)",
@@ -118,9 +171,37 @@ mod tests {
                 Verdict::Spam {
                     engine: "clamd".to_string(),
                     score: None,
+                    action: None,
                     rules: vec!["Heuristics.Phishing.X".to_string()],
                 },
                 "spam Heuristics.Phishing.X",
+            ),
+            (
+                Verdict::Spam {
+                    engine: "rspamd".to_string(),
+                    score: Some(15.0),
+                    action: Some("reject".to_string()),
+                    rules: vec!["GTUBE".to_string()],
+                },
+                "spam rspamd score 15.0 action reject (GTUBE)",
+            ),
+            (
+                Verdict::Spam {
+                    engine: "spamd".to_string(),
+                    score: Some(7.2),
+                    action: None,
+                    rules: vec!["MARKER".to_string(), "NO_RELAYS".to_string()],
+                },
+                "spam spamd score 7.2 (MARKER, NO_RELAYS)",
+            ),
+            (
+                Verdict::Suspect {
+                    engine: "rspamd".to_string(),
+                    score: Some(7.15),
+                    action: Some("add header".to_string()),
+                    rules: vec!["MARKER(7.25)".to_string()],
+                },
+                "suspect rspamd score 7.2 action add header (MARKER(7.25))",
             ),
             (
                 Verdict::Unscannable {
@@ -154,6 +235,13 @@ mod tests {
         let spam = Verdict::Spam {
             engine: "clamd".to_string(),
             score: None,
+            action: None,
+            rules: Vec::new(),
+        };
+        let suspect = Verdict::Suspect {
+            engine: "rspamd".to_string(),
+            score: Some(7.0),
+            action: Some("add header".to_string()),
             rules: Vec::new(),
         };
         let virus = Verdict::Virus {
@@ -164,10 +252,12 @@ mod tests {
         };
         assert_eq!(Verdict::Clean.kind(), "clean");
         assert_eq!(spam.kind(), "spam");
+        assert_eq!(suspect.kind(), "suspect");
         assert_eq!(virus.kind(), "virus");
         assert_eq!(unscannable.kind(), "unscannable");
         assert!(!Verdict::Clean.is_bad());
         assert!(spam.is_bad());
+        assert!(!suspect.is_bad());
         assert!(virus.is_bad());
         assert!(!unscannable.is_bad());
     }

@@ -1,5 +1,5 @@
-//! Exemptions and the change log that tells a running server about writes
-//! made by the command line straight to the store.
+//! Exemptions, and the change log through which a running server learns
+//! of writes that the command line made straight to the store.
 
 use super::StoreError;
 use super::sqlite::insert_event;
@@ -22,7 +22,7 @@ pub struct NewExemption {
 #[derive(Debug, Clone)]
 pub struct ListedExemption {
     pub exemption: Exemption,
-    /// When it was removed, and by whom.
+    /// Removal time and the name of the person who removed it.
     pub removed: Option<(Timestamp, String)>,
 }
 
@@ -258,7 +258,8 @@ fn record_exemption_change(connection: &Connection) -> Result<(), StoreError> {
 pub type Change = Option<MailboxKey>;
 
 /// Returns the changes logged after `after` with the last id read, and
-/// deletes those up to it, since only one server reads them.
+/// deletes those before it, since only one server reads them. The last row
+/// stays, so SQLite never hands out its id again.
 ///
 /// # Errors
 /// On a database failure.
@@ -282,6 +283,6 @@ pub fn take_changes(connection: &Connection, after: i64) -> Result<(i64, Vec<Cha
             client: client.parse().ok(),
         }));
     }
-    connection.execute("DELETE FROM changes WHERE id <= ?1", params![last])?;
+    connection.execute("DELETE FROM changes WHERE id < ?1", params![last])?;
     Ok((last, changes))
 }

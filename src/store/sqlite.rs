@@ -221,8 +221,14 @@ pub fn insert_event(connection: &Connection, event: &Event) -> Result<(), StoreE
 /// On a database failure.
 pub fn insert_refusal(connection: &Connection, event: &Event) -> Result<(), StoreError> {
     let minute = event.time.millis().div_euclid(60_000);
+    // Refusals of different lockouts within one minute stay apart.
+    let level = event
+        .details
+        .get("level")
+        .map(ToString::to_string)
+        .unwrap_or_default();
     let aggregate = format!(
-        "sender_refused\u{1f}{}\u{1f}{}\u{1f}{minute}",
+        "sender_refused\u{1f}{}\u{1f}{}\u{1f}{minute}\u{1f}{level}",
         event.mailbox.as_deref().unwrap_or(""),
         event.key_client.as_deref().unwrap_or("")
     );
@@ -440,4 +446,28 @@ pub fn delete_events_before(
         params![before.millis(), batch],
     )?;
     Ok(deleted)
+}
+
+/// Returns the mailboxes whose last timed lockout ended at or before
+/// `ended_before`, with its end recorded: the candidates for forgiveness.
+///
+/// # Errors
+/// On a database failure.
+pub fn quiet_since(
+    connection: &Connection,
+    ended_before: Timestamp,
+) -> Result<Vec<MailboxKey>, StoreError> {
+    let mut statement = connection.prepare(
+        "SELECT mailbox, client FROM mailboxes
+         WHERE permanent = 0 AND end_pending = 0 AND block_until IS NOT NULL AND block_until <= ?1",
+    )?;
+    let rows = statement.query_map(params![ended_before.millis()], |row| {
+        Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+    })?;
+    let mut keys = Vec::new();
+    for row in rows {
+        let (mailbox, client) = row?;
+        keys.push(key_from_columns(mailbox, client));
+    }
+    Ok(keys)
 }

@@ -16,8 +16,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long clamd may take to load the test signatures and reply to PING.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -47,14 +46,12 @@ impl Clamd {
     /// Starts clamd with its default `StreamMaxLength`, or returns the server
     /// named by `SENDGUARD_TEST_CLAMD`.
     pub fn start() -> Clamd {
-        if let Ok(address) = std::env::var("SENDGUARD_TEST_CLAMD")
-            && !address.trim().is_empty()
-        {
+        if let Some(address) = super::reused_server("SENDGUARD_TEST_CLAMD") {
             let socket = std::env::var_os("SENDGUARD_TEST_CLAMD_SOCKET")
                 .map(PathBuf::from)
                 .unwrap_or_default();
             return Clamd {
-                address: address.trim().to_string(),
+                address,
                 socket,
                 child: None,
                 files: None,
@@ -224,20 +221,7 @@ fn write_config(
 }
 
 fn clamd_program() -> PathBuf {
-    if let Some(program) = std::env::var_os("SENDGUARD_CLAMD_BIN") {
-        return PathBuf::from(program);
-    }
-    let on_path = std::env::var_os("PATH")
-        .map(|path| {
-            std::env::split_paths(&path)
-                .map(|dir| dir.join("clamd"))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    on_path
-        .into_iter()
-        .find(|candidate| candidate.is_file())
-        .unwrap_or_else(|| PathBuf::from("/usr/sbin/clamd"))
+    super::program("SENDGUARD_CLAMD_BIN", "clamd", "/usr/sbin/clamd")
 }
 
 fn spawn_clamd(config: &Path, log: &Path) -> Child {
@@ -273,21 +257,9 @@ fn wait_until_ready(child: &mut Child, address: &str) -> Result<(), String> {
         Ok(parsed) => parsed,
         Err(error) => return Err(format!("invalid address {address}: {error}")),
     };
-    let deadline = Instant::now() + STARTUP_TIMEOUT;
-    while Instant::now() < deadline {
-        match child.try_wait() {
-            Ok(Some(status)) => return Err(format!("clamd exited with {status}")),
-            Ok(None) => {}
-            Err(error) => return Err(format!("cannot check clamd's status: {error}")),
-        }
-        if ping(socket_address) {
-            return Ok(());
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    Err(format!(
-        "clamd did not answer PING on {address} within {STARTUP_TIMEOUT:?}"
-    ))
+    super::wait_for_daemon(child, "clamd", address, STARTUP_TIMEOUT, |_| {
+        ping(socket_address)
+    })
 }
 
 fn ping(address: SocketAddr) -> bool {

@@ -1,7 +1,6 @@
 //! Runs the real `sendguard` binary on a free loopback port with a config
 //! written into a temporary directory.
 
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -54,34 +53,94 @@ impl Sendguard {
     }
 
     fn spawn(&mut self) {
+        // A port from `free_port` can be taken by another test between the
+        // check and sendguard's bind; sendguard then exits, and the port is
+        // replaced with a new one. Readiness is the "sendguard started" log
+        // line, written once every listener is bound, because a successful
+        // connect could reach the other test's server.
+        const ATTEMPTS: usize = 5;
+        for _ in 0..ATTEMPTS {
+            let before = self.log().len();
+            let child = self.spawn_child();
+            self.child = Some(child);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let log = self.log();
+                let new_log = log.get(before..).unwrap_or("");
+                if new_log.contains("sendguard started") {
+                    return;
+                }
+                if let Some(child) = self.child.as_mut()
+                    && let Ok(Some(status)) = child.try_wait()
+                {
+                    self.child = None;
+                    if self.replace_busy_port(new_log) {
+                        break;
+                    }
+                    panic!("sendguard exited with {status}:\n{log}");
+                }
+                assert!(Instant::now() < deadline, "sendguard did not start:\n{log}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!(
+            "sendguard found no free port in {ATTEMPTS} attempts:\n{}",
+            self.log()
+        );
+    }
+
+    fn spawn_child(&self) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join("sendguard.log"))
             .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_sendguard"))
+        Command::new(env!("CARGO_BIN_EXE_sendguard"))
             .args(["serve", "--config"])
             .arg(&self.config_path)
             .env("SENDGUARD_LOG", "debug")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("start sendguard");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(&self.address).is_err() {
-            if let Some(child) = self.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                panic!("sendguard exited with {status}:\n{}", self.log());
+            .expect("start sendguard")
+    }
+
+    /// Moves the listener that failed with "Address already in use" to a
+    /// new free port; returns false when the log names no such listener.
+    fn replace_busy_port(&mut self, log: &str) -> bool {
+        let Some(line) = log
+            .lines()
+            .find(|line| line.contains("Address already in use"))
+        else {
+            return false;
+        };
+        let config = std::fs::read_to_string(&self.config_path).expect("read config");
+        for word in line.split([' ', ',', ';']) {
+            let address = word.trim_end_matches(':');
+            let quoted = format!("\"{address}\"");
+            if !address.starts_with("127.0.0.1:") || !config.contains(&quoted) {
+                continue;
             }
-            assert!(
-                Instant::now() < deadline,
-                "sendguard did not listen:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+            let replacement = format!("127.0.0.1:{}", free_port());
+            let config = config.replace(&quoted, &format!("\"{replacement}\""));
+            std::fs::write(&self.config_path, config).expect("write config");
+            if self.address == address {
+                self.address = replacement;
+            }
+            return true;
         }
+        false
+    }
+
+    /// Returns the `listen` address of a config section, such as
+    /// `"admin"` or `"milter"`, as the server uses it now.
+    pub fn listen_address(&self, section: &str) -> String {
+        let text = std::fs::read_to_string(&self.config_path).expect("read config");
+        let table: toml::Table = text.parse().expect("config is TOML");
+        table[section]["listen"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {section}.listen in the config"))
+            .to_string()
     }
 
     /// Sends SIGTERM.

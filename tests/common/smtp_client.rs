@@ -626,6 +626,24 @@ fn invalid_reply(problem: &str, raw: &[u8]) -> io::Error {
     )
 }
 
+/// Opens a session, sends EHLO and one message; returns the code of
+/// MAIL FROM when it is refused, else the final reply code.
+pub fn send_from(address: &str, from: &str, content: &[u8]) -> (u16, String) {
+    let mut client = SmtpClient::connect(address);
+    client.cmd("EHLO client.test", 250);
+    let reply = client.command(&format!("MAIL FROM:<{from}>"));
+    if reply.code != 250 {
+        client.quit();
+        return (reply.code, reply.text());
+    }
+    client.cmd("RCPT TO:<bob@example.net>", 250);
+    client.cmd("DATA", 354);
+    client.send_raw(&data_payload(content));
+    let reply = client.read_reply();
+    client.quit();
+    (reply.code, reply.text())
+}
+
 /// Dot-stuffs `content`: adds a `.` before every line that starts with `.`.
 /// Lines start at the beginning of the content and after each CRLF, as in
 /// RFC 5321, so a dot after a bare LF is left alone.
@@ -651,22 +669,4 @@ pub fn data_payload(content: &[u8]) -> Vec<u8> {
     }
     payload.extend_from_slice(b".\r\n");
     payload
-}
-
-/// Opens a session, sends EHLO and one message; returns the code of
-/// MAIL FROM when it is refused, else the final reply code.
-pub fn send_from(address: &str, from: &str, content: &[u8]) -> (u16, String) {
-    let mut client = SmtpClient::connect(address);
-    client.cmd("EHLO client.test", 250);
-    let reply = client.command(&format!("MAIL FROM:<{from}>"));
-    if reply.code != 250 {
-        client.quit();
-        return (reply.code, reply.text());
-    }
-    client.cmd("RCPT TO:<bob@example.net>", 250);
-    client.cmd("DATA", 354);
-    client.send_raw(&data_payload(content));
-    let reply = client.read_reply();
-    client.quit();
-    (reply.code, reply.text())
 }

@@ -16,6 +16,8 @@ pub(super) struct Forwarded {
     pub client: Option<IpAddr>,
     pub login: Option<String>,
     pub helo: Option<String>,
+    /// The client's host name, from `NAME`.
+    pub name: Option<String>,
 }
 
 /// Decodes xtext: `+XX` becomes the byte 0xXX.
@@ -67,9 +69,10 @@ fn parse_attributes(arguments: &str, forwarded: &mut Forwarded) -> Result<(), St
             }
             "LOGIN" => forwarded.login = known.then_some(value).filter(|login| !login.is_empty()),
             "HELO" => forwarded.helo = known.then_some(value),
-            // NAME, PORT, PROTO, IDENT, SOURCE, DESTADDR, DESTPORT carry
-            // nothing the policy uses.
-            "NAME" | "PORT" | "PROTO" | "IDENT" | "SOURCE" | "DESTADDR" | "DESTPORT" => {}
+            "NAME" => forwarded.name = known.then_some(value),
+            // PORT, PROTO, IDENT, SOURCE, DESTADDR, DESTPORT carry nothing
+            // the policy or the scan engines use.
+            "PORT" | "PROTO" | "IDENT" | "SOURCE" | "DESTADDR" | "DESTPORT" => {}
             _ => return Err(format!("unknown attribute {name}")),
         }
     }
@@ -144,7 +147,8 @@ impl Session {
             return false;
         }
         tracing::info!(verb, client = ?forwarded.client, login = ?forwarded.login,
-            helo = ?forwarded.helo, "client attributes forwarded by a trusted peer");
+            helo = ?forwarded.helo, name = ?forwarded.name,
+            "client attributes forwarded by a trusted peer");
         self.forwarded = forwarded;
         if verb == "XCLIENT" {
             self.reset_transaction().await;
@@ -184,6 +188,10 @@ mod tests {
             Some("192.0.2.7".parse().expect("address"))
         );
         assert_eq!(forwarded.helo.as_deref(), Some("client.example"));
+        assert_eq!(forwarded.name.as_deref(), Some("client.example"));
+
+        parse_attributes("NAME=[UNAVAILABLE]", &mut forwarded).expect("valid");
+        assert_eq!(forwarded.name, None);
 
         parse_attributes("LOGIN=alice ADDR=IPV6:2001:db8::1", &mut forwarded).expect("valid");
         assert_eq!(forwarded.login.as_deref(), Some("alice"));

@@ -120,6 +120,8 @@ struct Envelope {
     sender_path: String,
     sender: String,
     accepted_recipients: usize,
+    /// The accepted recipients' paths, for the scan engines.
+    recipient_paths: Vec<String>,
     /// The MAIL and accepted RCPT lines as sent upstream, to replay the
     /// envelope on a new upstream connection.
     upstream_lines: Vec<String>,
@@ -159,6 +161,8 @@ pub struct Session {
     errors: u32,
     /// The real client's attributes, as a trusted peer passed them on.
     forwarded: forward::Forwarded,
+    /// The name from the client's last EHLO or HELO.
+    helo: Option<String>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -187,6 +191,7 @@ impl Session {
             transactions: 0,
             errors: 0,
             forwarded: forward::Forwarded::default(),
+            helo: None,
             shutdown,
         }
     }
@@ -345,6 +350,7 @@ impl Session {
             Command::Ehlo { host } => {
                 self.reset_transaction().await;
                 tracing::debug!(helo = %host, "EHLO");
+                self.helo = Some(host);
                 self.wait_for_upstream_probe().await;
                 let reply = self.ehlo_reply(&hostname);
                 self.queue(&reply);
@@ -353,6 +359,7 @@ impl Session {
             Command::Helo { host } => {
                 self.reset_transaction().await;
                 tracing::debug!(helo = %host, "HELO");
+                self.helo = Some(host);
                 self.queue(&Reply {
                     code: 250,
                     enhanced: None,
@@ -543,6 +550,11 @@ impl Session {
                 .client
                 .unwrap_or_else(|| self.peer.ip().to_canonical()),
             recipients: envelope.accepted_recipients,
+            // Behind Postfix the forwarded HELO is the real client's; the
+            // peer's own EHLO names only Postfix.
+            helo: self.forwarded.helo.clone().or_else(|| self.helo.clone()),
+            client_name: self.forwarded.name.clone(),
+            recipient_paths: envelope.recipient_paths.clone(),
         }
     }
 
@@ -584,6 +596,7 @@ impl Session {
             sender_path: request.path,
             sender: request.address,
             accepted_recipients: 0,
+            recipient_paths: Vec::new(),
             upstream_lines: Vec::new(),
             smtputf8: request.smtputf8,
             body: request.body,
@@ -665,6 +678,7 @@ impl Session {
             && let Some(envelope) = self.envelope.as_mut()
         {
             envelope.accepted_recipients += 1;
+            envelope.recipient_paths.push(path);
             envelope.upstream_lines.push(line);
             self.state = State::Rcpt;
         }
