@@ -387,6 +387,15 @@ async fn watch(api: &Api, id: &str, mut last_event_id: Option<i64>) -> Result<()
         match request.send().await {
             Ok(response) if response.status().is_success() => {
                 eprintln!("sendguard: watching {address}");
+                if last_event_id.is_none() {
+                    // Resume from where this stream started, even when no
+                    // notice arrives before the connection is lost.
+                    last_event_id = response
+                        .headers()
+                        .get("sendguard-stream-start")
+                        .and_then(|value| value.to_str().ok())
+                        .and_then(|text| text.parse().ok());
+                }
                 wait = Duration::from_secs(1);
                 read_stream(response, &mut last_event_id).await;
             }
@@ -396,7 +405,16 @@ async fn watch(api: &Api, id: &str, mut last_event_id: Option<i64>) -> Result<()
                 return Err(format!("server answered {status}: {body}"));
             }
             Ok(response) => eprintln!("sendguard: server returned {}", response.status()),
-            Err(error) => eprintln!("sendguard: request to {address} failed: {error}"),
+            Err(error) => {
+                let mut text = error.to_string();
+                let mut source = std::error::Error::source(&error);
+                while let Some(cause) = source {
+                    text.push_str(": ");
+                    text.push_str(&cause.to_string());
+                    source = cause.source();
+                }
+                eprintln!("sendguard: request to {address} failed: {text}");
+            }
         }
         eprintln!(
             "sendguard: event stream lost; connecting again in {}",

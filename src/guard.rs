@@ -110,10 +110,21 @@ impl Runtime {
         if let Err(error) = ActionClients::new(config) {
             problems.push(error);
         }
-        if let Some(path) = &config.devices.file
-            && let Err(error) = crate::config::devices::DeviceBook::load(path)
-        {
-            problems.push(format!("devices.file: {error}"));
+        if let Some(path) = &config.devices.file {
+            match crate::config::devices::DeviceBook::load(path) {
+                Err(error) => problems.push(format!("devices.file: {error}")),
+                Ok(book) => {
+                    for name in &config.devices.exclusions {
+                        if book.find(name).is_none() {
+                            problems.push(format!(
+                                "devices.exclusions: {name:?} is neither an id nor a name in \
+                                 {}; check its spelling",
+                                path.display()
+                            ));
+                        }
+                    }
+                }
+            }
         }
         if let Err(error) = crate::admin::Credentials::new(config) {
             problems.push(error);

@@ -80,6 +80,8 @@ impl Site {
             book_path.display()
         );
         let server = Sendguard::start_with(upstream, smtp_extra, &config);
+        // The harness moves a listener whose port was taken meanwhile.
+        let api = server.listen_address("admin");
         wait_for_api(&api);
         Site {
             server,
@@ -935,4 +937,78 @@ fn reject_unsafe_set_through_api() {
         Some(&json!({ "reject_unsafe": false })),
     );
     assert_eq!(response.status, 400, "reason and author are required");
+}
+
+#[test]
+fn unsafe_device_cannot_sign_off_its_state() {
+    let site = Site::without_relay(&office(), "reject_unsafe = true");
+    site.report("dev-a", "red", &["10.1.0.1"]);
+    site.report("dev-b", "green", &["10.1.0.2"]);
+    site.report("dev-a", "offline", &[]);
+    assert_eq!(site.device("dev-a")["state"], "red");
+    let decision = site.access("dev-a", "dev-b");
+    assert_eq!(decision["allowed"], false, "{decision}");
+    site.report("dev-a", "green", &["10.1.0.1"]);
+    assert_eq!(site.access("dev-a", "dev-b")["allowed"], true);
+}
+
+#[test]
+fn heartbeats_need_the_device_token() {
+    let site = Site::without_relay(&office(), "reject_unsafe = true");
+    site.report("dev-a", "red", &["10.1.0.1"]);
+    let body = json!({ "device": "dev-a", "health": "green", "addresses": ["10.1.0.1"] });
+    let by_admin = site.admin("POST", "/api/v1/heartbeats", Some(&body));
+    assert_eq!(by_admin.status, 403, "{}", by_admin.body);
+    let by_other = request(
+        &site.api,
+        "POST",
+        "/api/v1/heartbeats",
+        Some(site.token("dev-b")),
+        Some(&body),
+    );
+    assert_eq!(by_other.status, 403, "{}", by_other.body);
+    assert_eq!(site.device("dev-a")["state"], "red");
+}
+
+#[test]
+fn heartbeat_addresses_checked() {
+    let site = Site::without_relay(&office(), "reject_unsafe = true");
+    let view = site.report(
+        "dev-a",
+        "green",
+        &["fe80::1%eth0", "10.1.0.1", "0.0.0.0", "junk"],
+    );
+    assert_eq!(view["ignored_addresses"], json!(["0.0.0.0", "junk"]));
+    let device = site.device("dev-a");
+    let addresses = device["addresses"].as_array().expect("addresses").clone();
+    assert!(addresses.contains(&json!("fe80::1")), "{device}");
+    assert!(addresses.contains(&json!("10.1.0.1")), "{device}");
+    let many: Vec<String> = (0..65).map(|index| format!("10.9.{index}.1")).collect();
+    let body = json!({ "device": "dev-a", "health": "green", "addresses": many });
+    let response = request(
+        &site.api,
+        "POST",
+        "/api/v1/heartbeats",
+        Some(site.token("dev-a")),
+        Some(&body),
+    );
+    assert_eq!(response.status, 400, "{}", response.body);
+}
+
+#[test]
+fn unsafe_device_moving_subnet_told() {
+    let site = Site::without_relay(&office(), "reject_unsafe = true");
+    site.report("dev-a", "red", &["10.1.0.1"]);
+    site.report("dev-b", "green", &["10.1.0.2"]);
+    site.report("dev-d", "green", &["10.2.0.4"]);
+    let mut old_subnet = site.stream("dev-b", None);
+    let mut new_subnet = site.stream("dev-d", None);
+    site.report("dev-a", "red", &["10.2.0.1"]);
+    let wait = Duration::from_secs(20);
+    let joined = new_subnet.next_event(wait).expect("the new subnet is told");
+    assert_eq!(joined.event.as_deref(), Some("device_unsafe"));
+    assert_eq!(joined.json()["device"], "dev-a");
+    let left = old_subnet.next_event(wait).expect("the old subnet is told");
+    assert_eq!(left.event.as_deref(), Some("device_safe"));
+    assert_eq!(left.json()["subnet"], "10.1.0.0/24");
 }

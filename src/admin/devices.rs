@@ -2,9 +2,11 @@
 //! subnet notices as server-sent events, and device exclusions.
 //!
 //! A device calls with its own token (the SHA-256 in the devices file) and
-//! may report only for itself and read only its own views. The admin and
-//! support tokens may call every device endpoint; only the admin token may
-//! change exclusions.
+//! may report only for itself and read only its own views. Heartbeats come
+//! only from the device's own token, because a report is what makes an
+//! unsafe device safe again and no one may override that. The admin and
+//! support tokens may call the other device endpoints; only the admin token
+//! may change exclusions.
 
 use super::{ApiError, Role, forbidden, ok_json};
 use crate::guard::Guard;
@@ -138,6 +140,23 @@ struct HeartbeatRequest {
 const HEARTBEAT_EXAMPLE: &str =
     r#"{"device": "dev-17", "health": "green", "addresses": ["10.1.2.3"]}"#;
 
+/// Most addresses one heartbeat may carry; each address's subnet is told
+/// of the device's state changes.
+const MAX_ADDRESSES: usize = 64;
+
+/// Parses a reported address, dropping an IPv6 zone (`fe80::1%eth0`).
+/// Returns `None` for text that is no address, and for addresses no device
+/// can connect from (unspecified, broadcast, multicast).
+fn device_address(text: &str) -> Option<IpAddr> {
+    let without_zone = text.split_once('%').map_or(text, |(address, _)| address);
+    let address: IpAddr = without_zone.trim().parse().ok()?;
+    let usable = match address {
+        IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast()),
+        IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_multicast()),
+    };
+    usable.then_some(address)
+}
+
 async fn heartbeat(
     headers: HeaderMap,
     State(guard): Shared,
@@ -145,7 +164,23 @@ async fn heartbeat(
 ) -> Result<Response, ApiError> {
     let caller = caller(&guard, &headers)?;
     let request = json_body(body, HEARTBEAT_EXAMPLE)?;
+    match &caller {
+        Caller::Operator(_) => {
+            tracing::warn!(device = %request.device,
+                "heartbeat refused: it came with the admin or support token, not the device's own");
+            return Err(forbidden(
+                "heartbeats come only with the device's own token: no one may report health \
+                 for a device, because that would override its refusals",
+            ));
+        }
+        Caller::Device(own) if *own != request.device => {
+            tracing::warn!(device = %own, claimed = %request.device,
+                "heartbeat refused: a device reported for another device");
+        }
+        Caller::Device(_) => {}
+    }
     caller.require(&request.device)?;
+    let mut ignored = Vec::new();
     let report = if request.health == "offline" {
         Report::Offline
     } else {
@@ -155,14 +190,23 @@ async fn heartbeat(
                 request.health
             ))
         })?;
+        if request.addresses.len() > MAX_ADDRESSES {
+            return Err(ApiError::bad_request(format!(
+                "{} addresses in one heartbeat; report at most {MAX_ADDRESSES}, the device's own \
+                 interface addresses",
+                request.addresses.len()
+            )));
+        }
         let mut addresses = Vec::with_capacity(request.addresses.len());
         for text in &request.addresses {
-            let address: IpAddr = text.parse().map_err(|_| {
-                ApiError::bad_request(format!(
-                    "invalid address {text:?} in addresses: give IP addresses such as 10.1.2.3 or 2001:db8::7"
-                ))
-            })?;
-            addresses.push(address);
+            match device_address(text) {
+                Some(address) => addresses.push(address),
+                None => ignored.push(text.clone()),
+            }
+        }
+        if !ignored.is_empty() {
+            tracing::warn!(device = %request.device, ignored = ?ignored,
+                "heartbeat addresses ignored: not a unicast IP address");
         }
         Report::Heartbeat { health, addresses }
     };
@@ -177,6 +221,12 @@ async fn heartbeat(
         )
         .await
         .map_err(lookup_error)?;
+    let mut view = view;
+    if !ignored.is_empty()
+        && let serde_json::Value::Object(map) = &mut view
+    {
+        map.insert("ignored_addresses".into(), ignored.into());
+    }
     Ok(ok_json(view))
 }
 
@@ -197,16 +247,24 @@ async fn access(
         body,
         r#"{"source": "10.1.2.3", "destination": "dev-17"} (device ids, computer names or addresses)"#,
     )?;
-    if let Caller::Device(own) = &caller
-        && request.source != *own
-        && request.destination != *own
-    {
-        return Err(forbidden(&format!(
-            "device {own:?} may ask only about connections from or to itself: give its id as \
-             source or destination"
-        )));
-    }
     let runtime = guard.runtime();
+    if let Caller::Device(own) = &caller {
+        // A device may name itself by id, computer name or its address.
+        let source = guard.devices().device_named(&request.source).await;
+        let destination = guard.devices().device_named(&request.destination).await;
+        let own = own.as_str();
+        if source.as_deref() != Some(own) && destination.as_deref() != Some(own) {
+            return Err(forbidden(&format!(
+                "device {own:?} may ask only about connections from or to itself: give its id, \
+                 name or address as source or destination"
+            )));
+        }
+    }
+    if request.source == request.destination {
+        return Err(ApiError::bad_request(
+            "source and destination are the same; ask about a connection between two devices",
+        ));
+    }
     let outcome = guard
         .devices()
         .access(
@@ -362,9 +420,17 @@ async fn events(
         newest,
     };
     let stream = futures_util::stream::unfold(state, next_event);
-    Ok(Sse::new(stream)
+    let mut response = Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
-        .into_response())
+        .into_response();
+    // The stream's starting point, so a client that receives no notice
+    // before a reconnect can still resume without a gap.
+    if let Ok(value) = axum::http::HeaderValue::from_str(&cursor.to_string()) {
+        response
+            .headers_mut()
+            .insert("sendguard-stream-start", value);
+    }
+    Ok(response)
 }
 
 /// Returns the next notice of a stream, waiting for one; `None` ends the

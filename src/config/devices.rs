@@ -183,6 +183,7 @@ impl DeviceBook {
         let mut problems = Vec::new();
         let mut ids = HashSet::new();
         let mut names = HashSet::new();
+        let mut tokens = HashSet::new();
         for (index, device) in file.device.iter().enumerate() {
             let at = format!("device[{index}]");
             if device.id.trim().is_empty() || device.id.contains(['/', '?', '#']) {
@@ -210,6 +211,26 @@ impl DeviceBook {
                 problems.push(format!(
                     "{at}.token_sha256 {hash:?} is not a SHA-256 in hexadecimal (64 digits); \
                      print it with `sendguard token hash FILE`"
+                ));
+            }
+            if let Some(hash) = device.token_hash()
+                && !tokens.insert(hash)
+            {
+                problems.push(format!(
+                    "{at}.token_sha256 is the hash of another device's token; give each device \
+                     its own token, or one device could report for the other"
+                ));
+            }
+            if device.name.chars().any(char::is_control) {
+                problems.push(format!("{at}.name contains control characters"));
+            }
+        }
+        for device in &file.device {
+            if device.name != device.id && ids.contains(&device.name) {
+                problems.push(format!(
+                    "device {:?} has the name {:?}, which is another device's id; exclusions and \
+                     access requests would be ambiguous",
+                    device.id, device.name
                 ));
             }
         }

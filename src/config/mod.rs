@@ -621,6 +621,13 @@ impl Config {
                 ),
             );
         }
+        if self.devices.relay_gate && !self.devices.reject_unsafe {
+            warnings.push(
+                "devices.relay_gate",
+                "is on, but devices.reject_unsafe is off, so the relay refuses no device until \
+                 reject_unsafe is turned on (in the file or through the API)",
+            );
+        }
         if let Some(listen) = self.admin.listen
             && !listen.ip().is_loopback()
         {

@@ -125,16 +125,22 @@ impl DeviceStatus {
         )
     }
 
-    /// Returns the device's state at `now`.
+    /// Returns the device's state at `now`. Only a green or yellow report
+    /// makes an unsafe device safe again: a red or missing device that
+    /// signs off stays unsafe, so a compromised agent cannot lift the
+    /// refusals by saying it goes to sleep.
     pub fn evaluate(&self, now: Timestamp, timing: Timing) -> DeviceState {
         if self.last_report.is_none() {
             return DeviceState::Unknown;
         }
-        if self.offline {
-            return DeviceState::Offline;
+        if self.health == Some(Health::Red) {
+            return DeviceState::Red;
         }
         if self.missing_since.is_some() {
             return DeviceState::Missing;
+        }
+        if self.offline {
+            return DeviceState::Offline;
         }
         if self.missing_at(timing).is_some_and(|at| now >= at) {
             return DeviceState::Missing;
@@ -152,10 +158,10 @@ impl DeviceStatus {
     }
 
     /// Applies an orderly sign-off received at `now`. The addresses stay
-    /// with the device until another device reports them.
+    /// with the device until another device reports them. A device already
+    /// missing stays missing.
     pub fn sign_off(&mut self, now: Timestamp) {
         self.offline = true;
-        self.missing_since = None;
         self.last_report = Some(now);
     }
 
@@ -210,6 +216,34 @@ mod tests {
         let mut status = DeviceStatus::default();
         status.heartbeat(health, Vec::new(), Timestamp::from_secs(at));
         status
+    }
+
+    #[test]
+    fn unsafe_device_stays_unsafe_when_signing_off() {
+        let mut red = reported(Health::Red, 0);
+        red.sign_off(Timestamp::from_secs(10));
+        assert_eq!(
+            red.evaluate(Timestamp::from_secs(20), timing(0)),
+            DeviceState::Red
+        );
+
+        let mut missing = reported(Health::Green, 0);
+        let late = Timestamp::from_secs(100);
+        let state = missing.evaluate(late, timing(0));
+        assert_eq!(state, DeviceState::Missing);
+        missing.record(state, late);
+        missing.sign_off(Timestamp::from_secs(110));
+        assert_eq!(
+            missing.evaluate(Timestamp::from_secs(120), timing(0)),
+            DeviceState::Missing
+        );
+
+        let mut green = reported(Health::Green, 0);
+        green.sign_off(Timestamp::from_secs(10));
+        assert_eq!(
+            green.evaluate(Timestamp::from_secs(1000), timing(0)),
+            DeviceState::Offline
+        );
     }
 
     #[test]
@@ -284,7 +318,7 @@ mod tests {
 
     #[test]
     fn offline_never_missing() {
-        let mut status = reported(Health::Red, 1000);
+        let mut status = reported(Health::Green, 1000);
         status.sign_off(Timestamp::from_secs(1010));
         let state = status.evaluate(Timestamp::from_secs(100_000), timing(0));
         assert_eq!(state, DeviceState::Offline);

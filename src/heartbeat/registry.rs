@@ -3,7 +3,7 @@
 //! changes with their events, subnet notices and webhooks.
 
 use super::access::{self, ExclusionRules, Party};
-use super::health::{DeviceStatus, Health, Timing};
+use super::health::{DeviceState, DeviceStatus, Health, Timing};
 use crate::actions::{ActionKind, OutboxEntry, new_delivery_id};
 use crate::config::DevicesConfig;
 use crate::config::devices::{DeviceBook, DeviceDefinition};
@@ -300,6 +300,7 @@ impl Registry {
         let mut table = self.table.lock().await;
         let mut status = table.status(id);
         let mut touched: Vec<(String, DeviceStatus)> = Vec::new();
+        let old_subnets = Self::subnets(config, device, &status);
         match &report {
             Report::Heartbeat { health, addresses } => {
                 let mut addresses: Vec<IpAddr> = addresses
@@ -331,6 +332,7 @@ impl Registry {
             Report::Offline => status.sign_off(now),
         }
         let mut change = Change::default();
+        let was_unsafe = status.state.is_unsafe();
         self.transition(
             config,
             &book,
@@ -341,6 +343,72 @@ impl Registry {
             timing,
             &mut change,
         );
+        if was_unsafe && status.state.is_unsafe() {
+            // An unsafe device that moved subnet: the subnets it joined learn
+            // it is unsafe, the ones it left that it is gone.
+            let new_subnets = Self::subnets(config, device, &status);
+            let joined: Vec<IpNet> = new_subnets
+                .iter()
+                .filter(|subnet| !old_subnets.contains(subnet))
+                .copied()
+                .collect();
+            let left: Vec<IpNet> = old_subnets
+                .iter()
+                .filter(|subnet| !new_subnets.contains(subnet))
+                .copied()
+                .collect();
+            let reason = status.unsafe_reason(timing);
+            let state = status.state;
+            self.notify(
+                config,
+                &book,
+                &table,
+                device,
+                "device_unsafe",
+                state,
+                state,
+                reason.clone(),
+                &joined,
+                now,
+                &mut change,
+            );
+            let moved = Some("the device moved to another subnet".to_string());
+            self.notify(
+                config,
+                &book,
+                &table,
+                device,
+                "device_safe",
+                state,
+                state,
+                moved,
+                &left,
+                now,
+                &mut change,
+            );
+        } else if was_unsafe && !status.state.is_unsafe() {
+            // Subnets the device left while unsafe still list it as unsafe.
+            let new_subnets = Self::subnets(config, device, &status);
+            let left: Vec<IpNet> = old_subnets
+                .iter()
+                .filter(|subnet| !new_subnets.contains(subnet))
+                .copied()
+                .collect();
+            let state = status.state;
+            self.notify(
+                config,
+                &book,
+                &table,
+                device,
+                "device_safe",
+                state,
+                state,
+                None,
+                &left,
+                now,
+                &mut change,
+            );
+        }
         change.statuses.push((id.to_string(), status.clone()));
         let touched_copy = touched.clone();
         change.statuses.extend(touched);
@@ -383,9 +451,16 @@ impl Registry {
         details.insert("from".into(), previous.as_str().into());
         details.insert("to".into(), state.as_str().into());
         details.insert("unsafe".into(), state.is_unsafe().into());
-        if let Some(reason) = &reason {
-            details.insert("reason".into(), reason.clone().into());
-        }
+        let at = status
+            .last_report
+            .map_or("-".to_string(), Timestamp::to_rfc3339);
+        let why = match (&reason, state) {
+            (Some(reason), _) => reason.clone(),
+            (None, DeviceState::Offline) => format!("the agent signed off at {at}"),
+            (None, DeviceState::Unknown) => "no report since the device was added".to_string(),
+            (None, state) => format!("reported {state} health at {at}"),
+        };
+        details.insert("reason".into(), why.into());
         change.events.push(Event::for_device(
             now,
             EventKind::DeviceStateChanged,
@@ -409,7 +484,30 @@ impl Registry {
         } else {
             "device_safe"
         };
-        for subnet in Self::subnets(config, device, status) {
+        let subnets = Self::subnets(config, device, status);
+        self.notify(
+            config, book, table, device, kind, state, previous, reason, &subnets, now, change,
+        );
+    }
+
+    /// Queues a notice of `kind` for every subnet in `subnets`: stored for
+    /// the event streams and, when configured, a webhook per subnet.
+    #[allow(clippy::too_many_arguments)]
+    fn notify(
+        &self,
+        config: &DevicesConfig,
+        book: &DeviceBook,
+        table: &Table,
+        device: &DeviceDefinition,
+        kind: &str,
+        state: DeviceState,
+        previous: DeviceState,
+        reason: Option<String>,
+        subnets: &[IpNet],
+        now: Timestamp,
+        change: &mut Change,
+    ) {
+        for &subnet in subnets {
             let body = json!({
                 "type": kind,
                 "time": now.to_rfc3339(),
@@ -581,6 +679,17 @@ impl Registry {
         Err(LookupError::NotFound(format!(
             "{text:?} is neither a device id, a computer name in the devices file nor an IP address"
         )))
+    }
+
+    /// Returns the id of the device `text` names: an id, a computer name, or
+    /// an address the device reported last.
+    pub async fn device_named(&self, text: &str) -> Option<String> {
+        let book = self.book.load_full();
+        if let Some(device) = book.find(text) {
+            return Some(device.id.clone());
+        }
+        let address = text.parse::<IpAddr>().ok()?.to_canonical();
+        self.table.lock().await.owners.get(&address).cloned()
     }
 
     /// Decides whether `source` may connect to `destination` (each a device
@@ -830,9 +939,12 @@ impl Registry {
         author: &str,
         now: Timestamp,
     ) -> Result<bool, LookupError> {
-        if self.book.load().get(id).is_none() {
+        // The configured exclusions take an id or a name; so does this.
+        let book = self.book.load_full();
+        let Some(device) = book.find(id) else {
             return Err(unknown_device(id));
-        }
+        };
+        let id = device.id.as_str();
         let row = ExclusionRow {
             device: id.to_string(),
             reason: reason.to_string(),
