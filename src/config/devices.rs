@@ -177,7 +177,13 @@ impl DeviceBook {
     /// As [`DeviceBook::load`].
     pub fn parse(text: &str) -> Result<DeviceBook, String> {
         let file: DevicesFile = toml::from_str(text).map_err(|error| {
-            let message = error.message().to_string();
+            // The full text names the line and column; one line keeps it
+            // together in logs.
+            let message = error
+                .to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
             format!("invalid devices file: {message}")
         })?;
         let mut problems = Vec::new();
