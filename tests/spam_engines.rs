@@ -402,3 +402,29 @@ fn check_shows_every_engine() {
         "{stdout}"
     );
 }
+
+#[test]
+fn spamd_answers_message_without_final_newline() {
+    let spamd = Spamd::start();
+    let upstream = Upstream::start(UpstreamOptions::default());
+    // spamd's own wait for the rest of a request is 30 s, far above this
+    // timeout, so the check only passes when the request is closed.
+    let engines = format!(
+        "[scan.spamd]\naddress = \"{}\"\ntimeout = \"10s\"\n",
+        spamd.address
+    );
+    let server = Sendguard::start(&upstream.address(), &engines);
+    let file = server.dir.path().join("no-newline.eml");
+    let mut message = realistic_message("See you at noon.");
+    while message
+        .last()
+        .is_some_and(|byte| *byte == b'\n' || *byte == b'\r')
+    {
+        message.pop();
+    }
+    std::fs::write(&file, message).expect("write message");
+    let output = server.cli(&["check", file.to_str().expect("utf-8 path")]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    assert!(!stdout.contains("timed out"), "{stdout}");
+}

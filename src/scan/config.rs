@@ -183,6 +183,11 @@ pub(super) fn check_address(address: &str, hint: &str) -> Result<(), String> {
 
 /// Checks that `address` is `host:port` with a port from 1 to 65535.
 pub(super) fn check_host_port(address: &str) -> Result<(), String> {
+    if address.contains("://") {
+        return Err(format!(
+            "{address:?} is a URL; give only \"host:port\", such as \"127.0.0.1:11333\""
+        ));
+    }
     let Some((host, port)) = address.rsplit_once(':') else {
         return Err(format!(
             "{address:?} is not \"host:port\", such as \"127.0.0.1:11333\""
@@ -190,6 +195,11 @@ pub(super) fn check_host_port(address: &str) -> Result<(), String> {
     };
     if host.is_empty() || host == "[]" {
         return Err(format!("{address:?} has no host before the port"));
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err(format!(
+            "{address:?} has an IPv6 address without brackets; write it as \"[::1]:11333\""
+        ));
     }
     match port.parse::<u16>() {
         Ok(0) | Err(_) => Err(format!(
@@ -286,6 +296,16 @@ pub struct RuleConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_port_rejects_urls_and_bare_ipv6() {
+        for address in ["http://127.0.0.1:11333", "::1:11333", "127.0.0.1", "host:0"] {
+            assert!(check_host_port(address).is_err(), "{address} was accepted");
+        }
+        for address in ["127.0.0.1:11333", "[::1]:11333", "rspamd.internal:11333"] {
+            assert!(check_host_port(address).is_ok(), "{address} was rejected");
+        }
+    }
 
     fn clamd_from_toml(text: &str) -> ClamdConfig {
         match toml::from_str(text) {

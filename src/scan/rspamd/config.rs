@@ -78,9 +78,9 @@ pub fn default_actions() -> BTreeMap<String, ActionClass> {
 }
 
 /// Returns an action name in the form rspamd reports it: lower case, with
-/// spaces between words.
+/// spaces between words (written with spaces, `_` or `-` in the config).
 pub fn normalize_action(name: &str) -> String {
-    name.trim().to_ascii_lowercase().replace('_', " ")
+    name.trim().to_ascii_lowercase().replace(['_', '-'], " ")
 }
 
 fn actions_over_defaults<'de, D>(deserializer: D) -> Result<BTreeMap<String, ActionClass>, D::Error>

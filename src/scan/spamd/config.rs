@@ -99,6 +99,18 @@ impl SpamdConfig {
             );
         }
         if let Some(threshold) = self.threshold
+            && threshold.is_finite()
+            && threshold <= 0.0
+        {
+            problems.push(
+                "scan.spamd.threshold",
+                format!(
+                    "is {threshold}, so nearly every clean message (score 0 or more) would be \
+                     spam and a strike; use spamd's scale, such as 5.0"
+                ),
+            );
+        }
+        if let Some(threshold) = self.threshold
             && !threshold.is_finite()
         {
             problems.push(

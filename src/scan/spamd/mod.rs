@@ -43,10 +43,13 @@ pub async fn check(config: &SpamdConfig, message: &[u8]) -> Result<SpamdReply, S
     let mut connection = endpoint.connect(deadline).await?;
 
     let request = request_head(config, message.len());
+    // Closing the write side, as spamc does, tells spamd the message is
+    // complete: spamd 4.0 otherwise waits for its own 30 s timeout on a
+    // message that does not end in a line break.
     let write = async {
         connection.write_all(request.as_bytes()).await?;
         connection.write_all(message).await?;
-        connection.flush().await
+        connection.shutdown().await
     };
     match endpoint
         .within(deadline, "sending the message", write)
