@@ -355,7 +355,7 @@ fn log_undecisive_failures(report: &ScanReport, input: &ScanInput<'_>) {
                 "scan engine failed; the other engines decide, as its on_error is accept");
         } else {
             tracing::warn!(engine = engine.engine, transaction, client, %error,
-                "scan engine failed; another engine's finding decides the message");
+                                "scan engine failed; another engine's result or failure decides the message");
         }
     }
 }

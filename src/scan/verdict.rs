@@ -93,6 +93,9 @@ impl Verdict {
                 "suspect {}",
                 scored(engine, *score, action.as_deref(), rules)
             ),
+            Verdict::Suspect { engine, rules, .. } if rules.is_empty() => {
+                format!("suspect {engine}")
+            }
             Verdict::Suspect { engine, rules, .. } => {
                 format!("suspect {engine} ({})", rules.join(", "))
             }
@@ -112,7 +115,17 @@ fn scored(engine: &str, score: f64, action: Option<&str>, rules: &[String]) -> S
         format!("{engine} ")
     };
     let action = action.map_or_else(String::new, |action| format!(" action {action}"));
-    format!("{engine}score {score:.1}{action} ({})", rules.join(", "))
+    // A score beyond any engine's scale is shown in exponent form, so it
+    // cannot push the action and rules out of the summary's length limit.
+    let score = if score.abs() >= 1e6 {
+        format!("{score:.1e}")
+    } else {
+        format!("{score:.1}")
+    };
+    if rules.is_empty() {
+        return format!("{engine}score {score}{action}");
+    }
+    format!("{engine}score {score}{action} ({})", rules.join(", "))
 }
 
 /// Replaces everything but printable ASCII with '?' and cuts the text to

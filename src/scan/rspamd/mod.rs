@@ -94,10 +94,9 @@ impl Client {
             }
         }
 
-        let response = request
-            .send()
-            .await
-            .map_err(|error| self.http_error(error, "sending the message"))?;
+        let response = request.send().await.map_err(|error| {
+            self.http_error(error, "sending the message or waiting for the reply")
+        })?;
         let status = response.status().as_u16();
         let body = self.read_body(response).await?;
         parse_reply(status, &body).map_err(|error| self.reply_error(error))
