@@ -5,9 +5,9 @@ mod common;
 
 use common::clamd::Clamd;
 use common::milter_client::{
-    MilterClient, Response, SMFIC_BODYEOB, SMFIC_MAIL, SMFIF_ADDHDRS, SMFIM_EOM, SMFIM_MAIL,
-    SMFIP_HDR_LEADSPC, SMFIP_NODATA, SMFIP_NOHREPL, SMFIP_NOUNKNOWN, SMFIP_NR_BODY, SMFIP_NR_CONN,
-    SMFIP_NR_EOH, SMFIP_NR_HELO, SMFIP_NR_MAIL, SMFIP_NR_RCPT,
+    MilterClient, Response, SMFIC_BODYEOB, SMFIC_DATA, SMFIC_MAIL, SMFIF_ADDHDRS, SMFIM_EOM,
+    SMFIM_MAIL, SMFIP_HDR_LEADSPC, SMFIP_NODATA, SMFIP_NOHREPL, SMFIP_NOUNKNOWN, SMFIP_NR_BODY,
+    SMFIP_NR_CONN, SMFIP_NR_EOH, SMFIP_NR_HELO, SMFIP_NR_MAIL, SMFIP_NR_RCPT,
 };
 use common::sendguard::{Sendguard, free_port};
 use common::upstream::closed_address;
@@ -37,7 +37,13 @@ fn open_session(address: &str) -> MilterClient {
     let mut client = MilterClient::connect(address);
     client.negotiate_all();
     client.connect_info("client.test", "192.0.2.10", 40000);
+    assert_eq!(
+        client.read_response(),
+        Response::Continue,
+        "reply to connect"
+    );
     client.helo("client.test");
+    assert_eq!(client.read_response(), Response::Continue, "reply to HELO");
     client
 }
 
@@ -49,8 +55,8 @@ fn mail(client: &mut MilterClient, arguments: &[&str], login: &str) -> Response 
     client.read_response()
 }
 
-/// Sends a recipient, the headers and the body (whose replies sendguard
-/// waived, except for body chunks), then the end of the message, and
+/// Sends a recipient, the headers and the body (sendguard waived the
+/// replies to the headers and the end of headers), then the end of the message, and
 /// returns the end-of-message responses.
 fn send_content(
     client: &mut MilterClient,
@@ -58,6 +64,9 @@ fn send_content(
     chunks: &[&[u8]],
 ) -> Vec<Response> {
     client.rcpt(&["<bob@example.net>"]);
+    assert_eq!(client.read_response(), Response::Continue, "reply to RCPT");
+    client.send(SMFIC_DATA, &[]);
+    assert_eq!(client.read_response(), Response::Continue, "reply to DATA");
     for (name, value) in headers {
         client.header(name, value);
     }
@@ -82,20 +91,28 @@ fn negotiation_requests_only_what_is_used() {
 
     assert_eq!(negotiated.version, 6);
     assert_eq!(negotiated.actions, SMFIF_ADDHDRS, "only header insertion");
-    let expected = SMFIP_HDR_LEADSPC
-        | SMFIP_NODATA
-        | SMFIP_NOUNKNOWN
-        | SMFIP_NR_CONN
-        | SMFIP_NR_HELO
-        | SMFIP_NR_RCPT
-        | SMFIP_NOHREPL
-        | SMFIP_NR_EOH;
+    let expected = SMFIP_HDR_LEADSPC | SMFIP_NOHREPL | SMFIP_NR_EOH;
     assert_eq!(
         negotiated.options, expected,
         "options {:#x}, expected {expected:#x}",
         negotiated.options
     );
     assert_eq!(negotiated.options & SMFIP_NR_MAIL, 0, "MAIL needs a reply");
+    // Postfix waits for its client after these stages. A skipped reply
+    // there makes its next packet wait about 40 ms for the delayed ACK.
+    assert_eq!(negotiated.options & SMFIP_NODATA, 0, "DATA is sent");
+    assert_eq!(
+        negotiated.options & SMFIP_NOUNKNOWN,
+        0,
+        "unknown commands are sent"
+    );
+    for (option, stage) in [
+        (SMFIP_NR_CONN, "connect"),
+        (SMFIP_NR_HELO, "HELO"),
+        (SMFIP_NR_RCPT, "RCPT"),
+    ] {
+        assert_eq!(negotiated.options & option, 0, "{stage} gets a reply");
+    }
     assert_eq!(
         negotiated.options & SMFIP_NR_BODY,
         0,
@@ -273,6 +290,7 @@ fn end_of_message_data_gets_one_reply() {
         Response::Continue
     );
     client.rcpt(&["<bob@example.net>"]);
+    assert_eq!(client.read_response(), Response::Continue, "reply to RCPT");
     client.header("Subject", " last chunk");
     client.end_of_headers();
     // Body data inside the end-of-message packet, as libmilter allows.
@@ -361,6 +379,7 @@ fn blocked_mail_then_abort_then_new_transaction() {
         Response::Continue
     );
     client.rcpt(&["<bob@example.net>"]);
+    assert_eq!(client.read_response(), Response::Continue, "reply to RCPT");
     client.header("Subject", " dropped");
     client.end_of_headers();
     client.body(body.as_bytes());
@@ -398,6 +417,7 @@ fn dropped_connection_mid_message() {
         Response::Continue
     );
     client.rcpt(&["<bob@example.net>"]);
+    assert_eq!(client.read_response(), Response::Continue, "reply to RCPT");
     client.header("Subject", " cut off");
     client.end_of_headers();
     client.body(format!("{GTUBE}\r\n").as_bytes());
@@ -430,6 +450,7 @@ fn malformed_packet_closes_connection() {
         Response::Continue
     );
     client.rcpt(&["<bob@example.net>"]);
+    assert_eq!(client.read_response(), Response::Continue, "reply to RCPT");
     client.header("Subject", " malformed");
     client.end_of_headers();
     // A body packet that claims 4 GiB.

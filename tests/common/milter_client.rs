@@ -13,6 +13,7 @@ use std::time::Duration;
 pub const SMFIC_ABORT: u8 = b'A';
 pub const SMFIC_BODY: u8 = b'B';
 pub const SMFIC_CONNECT: u8 = b'C';
+pub const SMFIC_DATA: u8 = b'T';
 pub const SMFIC_MACRO: u8 = b'D';
 pub const SMFIC_BODYEOB: u8 = b'E';
 pub const SMFIC_HELO: u8 = b'H';
