@@ -9,7 +9,8 @@ parallel sessions, it measures:
   1  smtp-source -> smtp-sink                      (the machine's SMTP limit)
   2  smtp-source -> sendguard proxy, scanners off -> smtp-sink
   3  smtp-source -> sendguard proxy, clamd + built-in rules -> smtp-sink
-  3r smtp-source -> sendguard proxy, rspamd only -> smtp-sink (--rspamd)
+  3r smtp-source -> sendguard proxy, rspamd only -> smtp-sink (--no-rspamd
+     leaves it out)
   4  smtp-source -> Postfix relaying, no milter -> smtp-sink
   5  smtp-source -> Postfix + sendguard milter (clamd + rules) -> smtp-sink
   6  clamd INSTREAM on the same message (examples/loadgen.rs, 20 connections)
@@ -85,7 +86,7 @@ class Processes:
 
     def stop(self, child):
         if child.poll() is None:
-            # Each child leads its own process group, which holds its
+            # Each child leads its own process group, which contains its
             # workers (rspamd) too.
             os.killpg(child.pid, signal.SIGTERM)
             try:
@@ -97,6 +98,9 @@ class Processes:
     def stop_all(self):
         for directory in self.postfix_dirs:
             postfix_command(directory, "stop", check=False)
+            master = postfix_master_pid(directory)
+            if master is not None and Path(f"/proc/{master}").exists():
+                os.kill(master, signal.SIGTERM)
         self.postfix_dirs.clear()
         for _, child in reversed(self.children):
             try:
@@ -193,6 +197,7 @@ def start_rspamd(processes, work, port):
     directory = work / "rspamd"
     for name in ("db", "run", "log"):
         (directory / name).mkdir(parents=True)
+
     # The DNS server that refuses every query keeps rspamd off the network.
     dns_log = directory / "dns.log"
     dns = processes.start(
@@ -202,6 +207,7 @@ def start_rspamd(processes, work, port):
     )
     wait_until(lambda: dns_log.stat().st_size > 0, 10, "refuse-dns.pl", dns, dns_log)
     dns_port = int(dns_log.read_text().split()[0])
+
     cache = REPO / "target/tmp/rspamd-hs-cache"
     cache.mkdir(parents=True, exist_ok=True)
     user = ["-u", "root", "-g", "root", "-i"] if os.getuid() == 0 else []
@@ -280,6 +286,7 @@ def start_postfix(processes, work, name, relay_port, main_cf_extra=""):
         (directory / sub).mkdir(parents=True)
     directory.chmod(0o755)
     shutil.chown(directory / "data", "postfix", "postfix")
+
     port = free_port()
     (directory / "etc/main.cf").write_text(
         "compatibility_level = 3.6\n"
@@ -307,6 +314,7 @@ def start_postfix(processes, work, name, relay_port, main_cf_extra=""):
     if not any("postlogd" in line for line in master):
         master.append("postlog   unix-dgram n  -       n       -       1       postlogd")
     (directory / "etc/master.cf").write_text("\n".join(master) + "\n")
+
     postfix_command(directory, "start")
     processes.postfix_dirs.append(directory)
     wait_until(lambda: greets(port), 60, f"Postfix {name}", None, directory / "maillog")
@@ -399,11 +407,16 @@ def write_message(path, size):
 # ---------------------------------------------------------------- accounting
 
 
-def process_cpu(pid):
-    """CPU seconds (user + system) of a live process and its threads."""
+def process_cpu(pid, with_children=False):
+    """CPU seconds (user + system) of a live process and its threads, and
+    with `with_children` also of its children that exited and were waited
+    for, such as Postfix's recycled smtpd processes."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        ticks = int(fields[11]) + int(fields[12])
+        if with_children:
+            ticks += int(fields[13]) + int(fields[14])
+        return ticks / CLOCK_TICKS
     except (OSError, IndexError, ValueError):
         return 0.0
 
@@ -440,11 +453,6 @@ def machine_busy_seconds():
     return (sum(values[:8]) - idle) / CLOCK_TICKS
 
 
-def children_cpu():
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def load_average():
     return float(Path("/proc/loadavg").read_text().split()[0])
 
@@ -452,27 +460,36 @@ def load_average():
 class ForeignLoad:
     """Measures how much CPU processes other than this benchmark's used
     during a run: the machine's busy time minus the CPU of this script's
-    process tree and of its Postfix instances."""
+    process tree and of its Postfix instances, each with its children that
+    exited during the run. Also keeps the CPU of each named service, so that
+    a service busy outside its own row shows up."""
 
-    def __init__(self, roots_callback):
+    def __init__(self, roots_callback, services_callback):
         self.roots_callback = roots_callback
+        self.services_callback = services_callback
+
+    def tree_cpu(self, root):
+        return sum(process_cpu(pid, True) for pid in descendants([root]))
 
     def begin(self):
         self.started = time.monotonic()
         self.busy = machine_busy_seconds()
-        self.children = children_cpu()
-        self.self_cpu = sum(os.times()[:2])
-        self.ours = {pid: process_cpu(pid) for pid in descendants(self.roots_callback())}
+        self.ours = {pid: process_cpu(pid, True) for pid in descendants(self.roots_callback())}
+        self.services = {name: self.tree_cpu(pid) for name, pid in self.services_callback().items()}
 
     def end(self):
+        """Returns the share of the machine that other processes used, and
+        the CPU seconds of each service."""
         elapsed = time.monotonic() - self.started
         busy = machine_busy_seconds() - self.busy
-        ours_now = {pid: process_cpu(pid) for pid in descendants(self.roots_callback())}
+        ours_now = {pid: process_cpu(pid, True) for pid in descendants(self.roots_callback())}
         ours = sum(cpu - self.ours.get(pid, 0.0) for pid, cpu in ours_now.items())
-        ours += children_cpu() - self.children
-        ours += sum(os.times()[:2]) - self.self_cpu
         foreign = max(0.0, busy - ours)
-        return foreign / (elapsed * os.cpu_count())
+        services = {
+            name: round(self.tree_cpu(pid) - self.services.get(name, 0.0), 3)
+            for name, pid in self.services_callback().items()
+        }
+        return foreign / (elapsed * os.cpu_count()), services
 
 
 def peak_rss_reset(pid):
@@ -554,18 +571,20 @@ def run_once(row, message_file, count, reuse, foreign):
         elapsed = smtp_source(row.port, message_file, count, reuse)
         delivered_elapsed = elapsed
         if row.postfix:
-            # Postfix answers 250 once the message is in its queue; the
+            # Postfix replies 250 once the message is in its queue, so the
             # run ends when the queue is empty again.
             started = time.monotonic() - elapsed
             wait_until(lambda: postfix_queue_size(row.postfix) == 0, 120,
                        f"{row.label}: queue drain")
             delivered_elapsed = time.monotonic() - started
+    foreign_share, services = foreign.end()
     figures = {
         "count": count,
         "seconds": elapsed,
         "rate": count / elapsed,
         "delivered_rate": count / delivered_elapsed,
-        "foreign_cpu": foreign.end(),
+        "foreign_cpu": foreign_share,
+        "cpu_by_service": services,
         "load_before": load_before,
     }
     if pid:
@@ -680,7 +699,12 @@ def targets(results):
         checks.append(("memory", "RSS MiB with 10 000 idle connections (goal ≤ 256)", value, 256, value <= 256))
     lines = ["| scenario | target | measured | met |", "|---|---|---:|---|"]
     for title, name, value, _, met in checks:
-        verdict = "-" if met is None else ("met" if met else "**missed**")
+        if met is None:
+            verdict = "-"
+        elif met:
+            verdict = "met"
+        else:
+            verdict = "**missed**"
         lines.append(f"| {title} | {name} | {format_number(value, 2)} | {verdict} |")
     return "\n".join(lines)
 
@@ -751,11 +775,15 @@ def main():
     parser.add_argument("--seconds", type=float, default=3.0, help="target length of one run in seconds; default 3")
     parser.add_argument("--sizes", default="2k,64k", help="message sizes: 2k, 64k or both; default 2k,64k")
     parser.add_argument("--modes", default="new,reused", help="session modes: new, reused or both")
-    parser.add_argument("--rspamd", action="store_true", help="add row 3r, the proxy with rspamd")
+    parser.add_argument("--no-rspamd", action="store_true", help="leave out row 3r, the proxy with rspamd")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     parser.add_argument("--out", default=str(REPO / "target/e2e"), help="directory for results.json and table.md")
     parser.add_argument("--chart", default=str(REPO / "docs/benchmarks.png"), help="PNG chart to write")
+    parser.add_argument("--replot", metavar="RESULTS", help="only draw the chart from a results.json of an earlier run")
     options = parser.parse_args()
+    if options.replot:
+        write_chart(json.loads(Path(options.replot).read_text()), options.chart)
+        return
 
     for program in ("smtp-source", "smtp-sink", "clamd", "postfix", "script"):
         if shutil.which(program) is None:
@@ -770,8 +798,11 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="sendguard-e2e-"))
     work.chmod(0o755)
-    processes = Processes()
+    # atexit runs the last registered first: the processes must stop
+    # before their directory goes, because "postfix stop" reads its
+    # configuration there.
     atexit.register(lambda: shutil.rmtree(work, ignore_errors=True))
+    processes = Processes()
     load_at_start = Path("/proc/loadavg").read_text().split()[:3]
     log(f"load average at start: {' '.join(load_at_start)}; work directory {work}")
 
@@ -783,9 +814,9 @@ def main():
 
     # Services.
     sink_port = free_port()
-    start_smtp_sink(processes, work, sink_port)
+    sink = start_smtp_sink(processes, work, sink_port)
     clamd_port = free_port()
-    start_clamd(processes, work, clamd_port)
+    clamd = start_clamd(processes, work, clamd_port)
     scan_off = "[scan.spam]\nenabled = false\n"
     scan_clamd = f'[scan.clamd]\naddress = "127.0.0.1:{clamd_port}"\n[scan.spam]\nenabled = true\n'
     proxy_off, proxy_off_port = start_sendguard(processes, work, "proxy-off", sink_port, scan_off)
@@ -808,9 +839,9 @@ def main():
         Row("2", "sendguard proxy, scanners off", port=proxy_off_port, sendguard=proxy_off),
         Row("3", "sendguard proxy, clamd + rules", port=proxy_clamd_port, sendguard=proxy_clamd),
     ]
-    if options.rspamd:
+    if not options.no_rspamd:
         rspamd_port = free_port()
-        start_rspamd(processes, work, rspamd_port)
+        rspamd = start_rspamd(processes, work, rspamd_port)
         scan_rspamd = f'[scan.spam]\nenabled = false\n[scan.rspamd]\naddress = "127.0.0.1:{rspamd_port}"\n'
         proxy_rspamd, proxy_rspamd_port = start_sendguard(processes, work, "proxy-rspamd", sink_port, scan_rspamd)
         rows.append(Row("3r", "sendguard proxy, rspamd only", port=proxy_rspamd_port, sendguard=proxy_rspamd))
@@ -828,7 +859,20 @@ def main():
                 pids.append(master)
         return pids
 
-    foreign = ForeignLoad(roots)
+    services = {"smtp-sink": sink.pid, "clamd": clamd.pid, "proxy-off": proxy_off.pid,
+                "proxy-clamd": proxy_clamd.pid, "milter": milter.pid}
+    if not options.no_rspamd:
+        services.update({"rspamd": rspamd.pid, "proxy-rspamd": proxy_rspamd.pid})
+
+    def service_roots():
+        named = dict(services)
+        for name, directory in (("postfix-plain", postfix_plain), ("postfix-milter", postfix_milter)):
+            master = postfix_master_pid(directory)
+            if master:
+                named[name] = master
+        return named
+
+    foreign = ForeignLoad(roots, service_roots)
     results = {
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine_description(),
@@ -857,18 +901,35 @@ def main():
             log(f"scenario: {title}")
             counts = {}
             for row in rows:
-                calibration = run_once(row, message_file, 200 if row.postfix else 500, reuse, foreign)
+                try:
+                    calibration = run_once(row, message_file, 200 if row.postfix else 500, reuse, foreign)
+                except RuntimeError as error:
+                    # A row that fails (smtp-source stops at the first
+                    # unexpected reply) is reported empty; the others go on.
+                    log(f"  row {row.key} failed its calibration run: {error}")
+                    counts[row.key] = None
+                    continue
                 counts[row.key] = max(200, min(30_000, int(calibration["rate"] * options.seconds)))
             runs = {row.key: [] for row in rows}
             for repetition in range(options.reps):
                 for row in rows:
-                    figures = run_once(row, message_file, counts[row.key], reuse, foreign)
+                    if counts[row.key] is None:
+                        continue
+                    try:
+                        figures = run_once(row, message_file, counts[row.key], reuse, foreign)
+                    except RuntimeError as error:
+                        log(f"  rep {repetition + 1} row {row.key} failed: {error}")
+                        continue
                     runs[row.key].append(figures)
+                    busiest = sorted(figures["cpu_by_service"].items(), key=lambda item: -item[1])[:4]
                     log(f"  rep {repetition + 1} row {row.key}: {figures['rate']:.0f} msg/s, "
-                        f"other CPU {figures['foreign_cpu']:.0%}")
+                        f"other CPU {figures['foreign_cpu']:.0%}, CPU s by service {dict(busiest)}")
             scenario = {"title": title, "size_name": size_name, "reuse": reuse, "rows": {}, "runs": runs}
             for row in rows:
                 row_runs = runs[row.key]
+                if not row_runs:
+                    scenario["rows"][row.key] = {"label": row.label + " (failed)"}
+                    continue
                 scenario["rows"][row.key] = {
                     "label": row.label,
                     "count": counts[row.key],
@@ -888,11 +949,12 @@ def main():
                 latency_rate = scenario["rows"]["2"]["rate"] / 2
                 scenario["latency_rate"] = latency_rate
                 samples = {row.key: [] for row in rows}
+                measured = [row for row in rows if scenario["rows"][row.key].get("rate")]
                 for _ in range(options.reps):
-                    for row in rows:
+                    for row in measured:
                         rate = min(latency_rate, scenario["rows"][row.key]["rate"] / 2)
                         samples[row.key].append(latency_once(row, message_file, rate, options.seconds))
-                for row in rows:
+                for row in measured:
                     failed = sum(sample["failed"] for sample in samples[row.key])
                     if failed:
                         log(f"  latency row {row.key}: {failed} transactions failed: "
@@ -961,12 +1023,17 @@ def main():
     )
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (out / "table.md").write_text(summary)
+    print(summary, flush=True)
+    write_chart(results, options.chart)
+
+
+def write_chart(results, path):
     try:
-        chart(results, options.chart)
-        log(f"chart written to {options.chart}")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        chart(results, path)
+        log(f"chart written to {path}")
     except ImportError:
         log("matplotlib is missing (Debian package python3-matplotlib); no chart written")
-    print(summary)
 
 
 if __name__ == "__main__":
