@@ -10,7 +10,8 @@
 //! - `idle`: opens many SMTP connections, reads each greeting, prints
 //!   `ready` and holds them open for a while.
 //! - `mailboxes`: fills the policy cache with tracked mailboxes, each with
-//!   one strike, and prints the resident memory per mailbox.
+//!   the given number of strikes, and prints the resident memory per
+//!   mailbox.
 //!
 //! Every mode prints one JSON object on standard output. Every loop is
 //! bounded by a count, and every network wait by a timeout.
@@ -59,7 +60,7 @@ fn usage(problem: &str) -> ! {
          loadgen latency --target HOST:PORT --message FILE --rate PER_SECOND --count N --concurrency N\n  \
          loadgen clamd --target HOST:PORT --message FILE --count N --concurrency N\n  \
          loadgen idle --target HOST:PORT --connections N --hold SECONDS\n  \
-         loadgen mailboxes --count N"
+         loadgen mailboxes --count N --strikes N"
     );
     std::process::exit(2);
 }
@@ -395,6 +396,7 @@ fn resident_bytes() -> Result<u64, String> {
 
 fn mailboxes(options: &HashMap<String, String>) -> Result<String, String> {
     let count: usize = option(options, "count");
+    let strikes: usize = option(options, "strikes");
     let capacity = NonZeroUsize::new(count).unwrap_or_else(|| usage("--count must be positive"));
     let settings = PolicySettings::default();
 
@@ -402,16 +404,18 @@ fn mailboxes(options: &HashMap<String, String>) -> Result<String, String> {
     let mut cache: LruCache<MailboxKey, MailboxState> = LruCache::new(capacity);
     for index in 0..count {
         let mut state = MailboxState::default();
-        // A strike as the Guard records it: its verdict and ids.
-        state.record_strike(
-            &settings,
-            Strike {
-                at: Timestamp(index as i64),
-                verdict: "virus Eicar-Test-Signature".to_string(),
-                message_id: format!("19a4f3c2e-{index}"),
-                header_message_id: Some(format!("<{index}.1234567@mail.example.org>")),
-            },
-        );
+        // Strikes as the Guard records them: verdict and ids.
+        for strike in 0..strikes {
+            state.record_strike(
+                &settings,
+                Strike {
+                    at: Timestamp((index + strike) as i64),
+                    verdict: "virus Eicar-Test-Signature".to_string(),
+                    message_id: format!("19a4f3c2e-{index}-{strike}"),
+                    header_message_id: Some(format!("<{index}.{strike}@mail.example.org>")),
+                },
+            );
+        }
         cache.put(
             MailboxKey::mailbox(format!("user{index}@example.org")),
             state,
@@ -421,6 +425,7 @@ fn mailboxes(options: &HashMap<String, String>) -> Result<String, String> {
     let per_mailbox = after.saturating_sub(before) as f64 / count as f64;
     Ok(serde_json::json!({
         "mailboxes": cache.len(),
+        "strikes_each": strikes,
         "rss_before": before,
         "rss_after": after,
         "bytes_per_mailbox": per_mailbox,

@@ -5,9 +5,9 @@ mod common;
 
 use common::clamd::Clamd;
 use common::milter_client::{
-    MilterClient, Response, SMFIC_BODYEOB, SMFIC_DATA, SMFIC_MAIL, SMFIF_ADDHDRS, SMFIM_EOM,
-    SMFIM_MAIL, SMFIP_HDR_LEADSPC, SMFIP_NODATA, SMFIP_NOHREPL, SMFIP_NOUNKNOWN, SMFIP_NR_BODY,
-    SMFIP_NR_CONN, SMFIP_NR_EOH, SMFIP_NR_HELO, SMFIP_NR_MAIL, SMFIP_NR_RCPT,
+    MilterClient, Response, SMFIC_BODYEOB, SMFIC_MAIL, SMFIF_ADDHDRS, SMFIM_EOM, SMFIM_MAIL,
+    SMFIP_HDR_LEADSPC, SMFIP_NODATA, SMFIP_NOHREPL, SMFIP_NOUNKNOWN, SMFIP_NR_BODY, SMFIP_NR_CONN,
+    SMFIP_NR_EOH, SMFIP_NR_HELO, SMFIP_NR_MAIL, SMFIP_NR_RCPT,
 };
 use common::sendguard::{Sendguard, free_port};
 use common::upstream::closed_address;
@@ -36,14 +36,10 @@ fn start_milter(extra: &str) -> (Sendguard, String) {
 fn open_session(address: &str) -> MilterClient {
     let mut client = MilterClient::connect(address);
     client.negotiate_all();
-    client.connect_info("client.test", "192.0.2.10", 40000);
-    assert_eq!(
-        client.read_response(),
-        Response::Continue,
-        "reply to connect"
-    );
-    client.helo("client.test");
-    assert_eq!(client.read_response(), Response::Continue, "reply to HELO");
+    let reply = client.connect_info("client.test", "192.0.2.10", 40000);
+    assert_eq!(reply, Some(Response::Continue), "reply to connect");
+    let reply = client.helo("client.test");
+    assert_eq!(reply, Some(Response::Continue), "reply to HELO");
     client
 }
 
@@ -63,10 +59,9 @@ fn send_content(
     headers: &[(&str, &str)],
     chunks: &[&[u8]],
 ) -> Vec<Response> {
-    client.rcpt(&["<bob@example.net>"]);
-    assert_eq!(client.read_response(), Response::Continue, "reply to RCPT");
-    client.send(SMFIC_DATA, &[]);
-    assert_eq!(client.read_response(), Response::Continue, "reply to DATA");
+    let reply = client.rcpt(&["<bob@example.net>"]);
+    assert_eq!(reply, Some(Response::Continue), "reply to RCPT");
+    assert_eq!(client.data(), Some(Response::Continue), "reply to DATA");
     for (name, value) in headers {
         client.header(name, value);
     }
@@ -289,8 +284,8 @@ fn end_of_message_data_gets_one_reply() {
         mail(&mut client, &["<frank@example.org>"], ""),
         Response::Continue
     );
-    client.rcpt(&["<bob@example.net>"]);
-    assert_eq!(client.read_response(), Response::Continue, "reply to RCPT");
+    let reply = client.rcpt(&["<bob@example.net>"]);
+    assert_eq!(reply, Some(Response::Continue), "reply to RCPT");
     client.header("Subject", " last chunk");
     client.end_of_headers();
     // Body data inside the end-of-message packet, as libmilter allows.
@@ -378,8 +373,8 @@ fn blocked_mail_then_abort_then_new_transaction() {
         mail(&mut client, &["<alice@example.org>"], ""),
         Response::Continue
     );
-    client.rcpt(&["<bob@example.net>"]);
-    assert_eq!(client.read_response(), Response::Continue, "reply to RCPT");
+    let reply = client.rcpt(&["<bob@example.net>"]);
+    assert_eq!(reply, Some(Response::Continue), "reply to RCPT");
     client.header("Subject", " dropped");
     client.end_of_headers();
     client.body(body.as_bytes());
@@ -416,8 +411,8 @@ fn dropped_connection_mid_message() {
         mail(&mut client, &["<ivan@example.org>"], ""),
         Response::Continue
     );
-    client.rcpt(&["<bob@example.net>"]);
-    assert_eq!(client.read_response(), Response::Continue, "reply to RCPT");
+    let reply = client.rcpt(&["<bob@example.net>"]);
+    assert_eq!(reply, Some(Response::Continue), "reply to RCPT");
     client.header("Subject", " cut off");
     client.end_of_headers();
     client.body(format!("{GTUBE}\r\n").as_bytes());
@@ -449,8 +444,8 @@ fn malformed_packet_closes_connection() {
         mail(&mut client, &["<judy@example.org>"], ""),
         Response::Continue
     );
-    client.rcpt(&["<bob@example.net>"]);
-    assert_eq!(client.read_response(), Response::Continue, "reply to RCPT");
+    let reply = client.rcpt(&["<bob@example.net>"]);
+    assert_eq!(reply, Some(Response::Continue), "reply to RCPT");
     client.header("Subject", " malformed");
     client.end_of_headers();
     // A body packet that claims 4 GiB.
