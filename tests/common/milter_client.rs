@@ -135,8 +135,8 @@ impl Write for Transport {
 
 pub struct MilterClient {
     stream: Transport,
-    /// Protocol options the milter agreed to in the last negotiation,
-    /// which say which commands it answers.
+    /// Protocol options the milter agreed to in the last negotiation. They
+    /// tell which commands get a reply.
     options: u32,
 }
 
