@@ -13,6 +13,7 @@ use std::time::Duration;
 pub const SMFIC_ABORT: u8 = b'A';
 pub const SMFIC_BODY: u8 = b'B';
 pub const SMFIC_CONNECT: u8 = b'C';
+pub const SMFIC_DATA: u8 = b'T';
 pub const SMFIC_MACRO: u8 = b'D';
 pub const SMFIC_BODYEOB: u8 = b'E';
 pub const SMFIC_HELO: u8 = b'H';
@@ -134,6 +135,9 @@ impl Write for Transport {
 
 pub struct MilterClient {
     stream: Transport,
+    /// Protocol options the milter agreed to in the last negotiation. They
+    /// tell which commands get a reply.
+    options: u32,
 }
 
 impl MilterClient {
@@ -154,7 +158,7 @@ impl MilterClient {
         stream
             .set_read_timeout(Some(Duration::from_secs(20)))
             .expect("set read timeout");
-        MilterClient { stream }
+        MilterClient { stream, options: 0 }
     }
 
     /// Sends one packet.
@@ -213,7 +217,9 @@ impl MilterClient {
         self.send(SMFIC_OPTNEG, &payload);
         let (command, payload) = self.read_packet().expect("option negotiation reply");
         assert_eq!(command, SMFIC_OPTNEG, "reply to SMFIC_OPTNEG");
-        parse_negotiated(&payload)
+        let negotiated = parse_negotiated(&payload);
+        self.options = negotiated.options;
+        negotiated
     }
 
     /// Negotiates like Postfix 3.7 with `milter_protocol = 6`: every action
@@ -233,20 +239,31 @@ impl MilterClient {
         self.send(SMFIC_MACRO, &payload);
     }
 
-    /// Sends SMFIC_CONNECT for an IPv4 client.
-    pub fn connect_info(&mut self, hostname: &str, address: &str, port: u16) {
+    /// Sends SMFIC_CONNECT for an IPv4 client and returns the reply, or
+    /// `None` when the milter waived it (SMFIP_NR_CONN).
+    pub fn connect_info(&mut self, hostname: &str, address: &str, port: u16) -> Option<Response> {
         let mut payload = Vec::new();
         push_string(&mut payload, hostname.as_bytes());
         payload.push(b'4');
         payload.extend_from_slice(&port.to_be_bytes());
         push_string(&mut payload, address.as_bytes());
         self.send(SMFIC_CONNECT, &payload);
+        self.reply_unless(SMFIP_NR_CONN)
     }
 
-    pub fn helo(&mut self, hostname: &str) {
+    /// Sends SMFIC_HELO and returns the reply, or `None` when the milter
+    /// waived it (SMFIP_NR_HELO).
+    pub fn helo(&mut self, hostname: &str) -> Option<Response> {
         let mut payload = Vec::new();
         push_string(&mut payload, hostname.as_bytes());
         self.send(SMFIC_HELO, &payload);
+        self.reply_unless(SMFIP_NR_HELO)
+    }
+
+    /// Reads the reply to the command just sent, unless the negotiated
+    /// `no_reply` option waived it.
+    fn reply_unless(&mut self, no_reply: u32) -> Option<Response> {
+        (self.options & no_reply == 0).then(|| self.read_response())
     }
 
     /// Sends SMFIC_MAIL: the sender path, then ESMTP arguments.
@@ -254,8 +271,21 @@ impl MilterClient {
         self.send(SMFIC_MAIL, &strings(arguments));
     }
 
-    pub fn rcpt(&mut self, arguments: &[&str]) {
+    /// Sends SMFIC_RCPT and returns the reply, or `None` when the milter
+    /// waived it (SMFIP_NR_RCPT).
+    pub fn rcpt(&mut self, arguments: &[&str]) -> Option<Response> {
         self.send(SMFIC_RCPT, &strings(arguments));
+        self.reply_unless(SMFIP_NR_RCPT)
+    }
+
+    /// Sends SMFIC_DATA and returns the reply, or `None` when the milter
+    /// left DATA out (SMFIP_NODATA) and the MTA sends only its macros.
+    pub fn data(&mut self) -> Option<Response> {
+        if self.options & SMFIP_NODATA != 0 {
+            return None;
+        }
+        self.send(SMFIC_DATA, &[]);
+        Some(self.read_response())
     }
 
     pub fn header(&mut self, name: &str, value: &str) {
