@@ -820,6 +820,8 @@ fn relay_gate_in_milter() {
         "",
         &format!("[milter]\nlisten = \"{milter}\"\n"),
     );
+    // The harness moves a listener whose port was taken meanwhile.
+    let milter = site.server.listen_address("milter");
     report_gate_devices(&site);
     let postfix = Postfix::start(
         &sink.address(),

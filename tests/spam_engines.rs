@@ -295,6 +295,8 @@ fn milter_passes_envelope_and_tags() {
             config(&rspamd_section(&rspamd.address, ""), "")
         ),
     );
+    // The harness moves a listener whose port was taken meanwhile.
+    let milter = server.listen_address("milter");
     let transaction = |body: &str| {
         let mut client = MilterClient::connect(&milter);
         client.negotiate_all();
