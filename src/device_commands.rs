@@ -407,12 +407,7 @@ async fn watch(api: &Api, id: &str, mut last_event_id: Option<i64>) -> Result<()
             Ok(response) => eprintln!("sendguard: server returned {}", response.status()),
             Err(error) => {
                 let mut text = error.to_string();
-                let mut source = std::error::Error::source(&error);
-                while let Some(cause) = source {
-                    text.push_str(": ");
-                    text.push_str(&cause.to_string());
-                    source = cause.source();
-                }
+                sendguard::append_causes(&mut text, &error);
                 eprintln!("sendguard: request to {address} failed: {text}");
             }
         }

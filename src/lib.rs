@@ -38,3 +38,18 @@ pub mod server;
 pub mod smtp;
 pub mod store;
 pub mod tls;
+
+/// Appends the causes of `error` to `text`, each after ": ", skipping a
+/// cause whose text `text` already ends with. HTTP clients keep the reason
+/// (such as "Connection refused") in the causes, out of their own message.
+pub fn append_causes(text: &mut String, error: &dyn std::error::Error) {
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+}

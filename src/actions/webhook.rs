@@ -134,15 +134,7 @@ fn describe(error: reqwest::Error, timeout: Duration) -> String {
         "request failed"
     };
     let mut text = kind.to_string();
-    let mut source = std::error::Error::source(&error);
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.ends_with(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
+    crate::append_causes(&mut text, &error);
     if text.contains("InvalidContentType") || text.contains("corrupt message") {
         text.push_str(
             " (the receiver does not speak TLS here; is the URL http:// rather than https://?)",

@@ -660,7 +660,7 @@ async fn metrics(headers: HeaderMap, State(guard): Shared) -> Result<Response, A
         .store()
         .call(move |connection| {
             let blocks = crate::store::sqlite::active_blocks(connection, now)?;
-            let waiting = crate::store::outbox::waiting(connection)?.len();
+            let waiting = crate::store::outbox::count(connection)?;
             Ok((blocks, waiting))
         })
         .await

@@ -59,12 +59,7 @@ impl Client {
         }
         let response = request.send().await.map_err(|error| {
             let mut text = format!("request to {address} failed");
-            let mut source = std::error::Error::source(&error);
-            while let Some(cause) = source {
-                text.push_str(": ");
-                text.push_str(&cause.to_string());
-                source = cause.source();
-            }
+            crate::append_causes(&mut text, &error);
             text
         })?;
         if response.status().is_success() {

@@ -124,7 +124,8 @@ pub fn sha256(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-fn constant_time_eq(left: &[u8; 32], right: &[u8; 32]) -> bool {
+/// Compares two hashes in time that does not depend on where they differ.
+pub(crate) fn constant_time_eq(left: &[u8; 32], right: &[u8; 32]) -> bool {
     left.iter()
         .zip(right)
         .fold(0u8, |difference, (a, b)| difference | (a ^ b))

@@ -251,7 +251,7 @@ impl Registry {
             .find(|device| {
                 device
                     .token_hash()
-                    .is_some_and(|hash| constant_time_eq(&hash, presented))
+                    .is_some_and(|hash| crate::admin::constant_time_eq(&hash, presented))
             })
             .map(|device| device.id.clone())
     }
@@ -1039,13 +1039,6 @@ fn subnet_webhook(
         body: body.to_string(),
         created: now,
     }
-}
-
-fn constant_time_eq(left: &[u8; 32], right: &[u8; 32]) -> bool {
-    left.iter()
-        .zip(right)
-        .fold(0u8, |difference, (a, b)| difference | (a ^ b))
-        == 0
 }
 
 /// Records devices that become missing when they do, and deletes notices

@@ -149,3 +149,12 @@ pub fn reschedule(
     transaction.commit()?;
     Ok(())
 }
+
+/// Returns the number of deliveries waiting.
+///
+/// # Errors
+/// On a database failure.
+pub fn count(connection: &Connection) -> Result<u64, StoreError> {
+    let waiting = connection.query_row("SELECT COUNT(*) FROM outbox", [], |row| row.get(0))?;
+    Ok(waiting)
+}
