@@ -42,8 +42,8 @@ pub struct Runtime {
     pub actions: ActionClients,
     /// The admin API's tokens.
     pub credentials: crate::admin::Credentials,
-    /// Why the directory file was not loaded on the last reload, when the
-    /// previous directory was kept.
+    /// The error that kept the directory file from loading on the last
+    /// reload, when the previous directory was kept.
     pub directory_problem: Option<String>,
 }
 
@@ -261,7 +261,7 @@ pub struct Guard {
     devices: crate::heartbeat::Registry,
 }
 
-/// Why a support lift failed.
+/// The failure of a support lift.
 #[derive(Debug, thiserror::Error)]
 pub enum LiftFailure {
     #[error("{0}")]
@@ -312,7 +312,7 @@ impl Guard {
         self.shard(key).lock().await.pop(key);
     }
 
-    /// Returns a mailbox's state as the policy sees it now.
+    /// Returns a mailbox's current state from the cache or the store.
     ///
     /// # Errors
     /// On a store failure.
@@ -471,7 +471,7 @@ impl Guard {
     /// Decides whether a sender may send, at MAIL FROM and again at end of
     /// data (for a transaction that passed MAIL FROM before its lockout).
     pub async fn check_sender(&self, transaction: &Transaction) -> SenderCheck {
-        // The first point where a client behind Postfix sees our reply.
+        // The first command whose reply reaches a client behind Postfix.
         if let Some(reply) = self.check_client_device(transaction.client, "mail").await {
             return SenderCheck::Refuse(reply);
         }
@@ -939,7 +939,7 @@ fn deliveries_json(deliveries: &[OutboxEntry]) -> serde_json::Value {
 }
 
 /// Returns the `Message-ID` header field of a message, unfolded and cut to
-/// 256 characters, so alerts can name the message as its sender knows it.
+/// 256 characters, so alerts can name the message as its sender's mail client shows it.
 fn header_message_id(message: &[u8]) -> Option<String> {
     const MAX_LENGTH: usize = 256;
     let end = find_header_end(message);

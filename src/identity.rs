@@ -172,7 +172,7 @@ fn mailbox_of_login(login: &str, config: &IdentityConfig, directory: &Directory)
 /// `"alice"@example.org`, `alice+tag@example.org`) into its mailbox key.
 ///
 /// # Errors
-/// When the text holds no address.
+/// When the text contains no valid address and is no login in the directory.
 pub fn mailbox_from_input(
     text: &str,
     config: &IdentityConfig,

@@ -207,7 +207,7 @@ enum ExemptionCommand {
         /// Why; recorded in the events report.
         #[arg(long)]
         reason: String,
-        /// Who adds it; recorded in the events report.
+        /// Name of the person adding it; recorded in the events report.
         #[arg(long)]
         author: String,
         /// How long it lasts, such as 7d.
@@ -226,7 +226,7 @@ enum ExemptionCommand {
         /// The configuration file, such as /etc/sendguard/config.toml.
         #[arg(long, short)]
         config: PathBuf,
-        /// Who removes it; recorded in the events report.
+        /// Name of the person removing it; recorded in the events report.
         #[arg(long, default_value = "admin")]
         by: String,
         #[command(flatten)]

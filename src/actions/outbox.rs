@@ -17,7 +17,8 @@ use tokio::task::JoinSet;
 /// Deliveries attempted at once.
 const BATCH: usize = 16;
 
-/// What the outbox needs to reach receivers, built with each configuration.
+/// The clients and secret the outbox uses to reach receivers, built with
+/// each configuration.
 pub struct ActionClients {
     /// Key of the webhook signatures, from `actions.secret_file`.
     secret: Option<Vec<u8>>,

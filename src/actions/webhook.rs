@@ -22,7 +22,7 @@ pub fn signature(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
 }
 
 /// Builds the HTTP client for webhooks: no redirects (a signed payload goes
-/// only where the operator said), the given per-request timeout, and a
+/// only to the configured URL), the given per-request timeout, and a
 /// verifying TLS configuration.
 ///
 /// # Errors
@@ -43,7 +43,8 @@ pub fn client(
         .map_err(|error| format!("cannot build the webhook HTTP client: {error}"))
 }
 
-/// Posts one outbox entry to `url`; returns the HTTP status of a 2xx answer.
+/// Posts one outbox entry to `url` and returns the HTTP status of a 2xx
+/// response.
 ///
 /// # Errors
 /// A description of the failure: the request failed, timed out, or the
@@ -102,8 +103,8 @@ fn event_name(kind: ActionKind) -> &'static str {
     }
 }
 
-/// Bytes of an error answer read at most, so a huge error page cannot
-/// fill the memory.
+/// Maximum number of bytes read from an error response, so a huge error
+/// page cannot fill the memory.
 const MAX_ERROR_BODY: usize = 4096;
 
 /// Reads the start of an error answer's body.

@@ -26,7 +26,7 @@ type Shared = State<Arc<Guard>>;
 /// switch counting off for most senders.
 const MIN_PREFIX_V4: u8 = 8;
 const MIN_PREFIX_V6: u8 = 16;
-/// Longest an exemption may last.
+/// Maximum duration of an exemption.
 const MAX_EXEMPTION: std::time::Duration = std::time::Duration::from_secs(366 * 24 * 3600);
 
 /// Events returned per page when the request sets no limit.
@@ -69,7 +69,7 @@ async fn method_not_allowed(
     ))
 }
 
-/// Longest reason, author or name accepted, in characters.
+/// Maximum length of a reason, author or name, in characters.
 const MAX_TEXT: usize = 500;
 
 /// Checks a free-text field: trimmed, not empty, at most [`MAX_TEXT`]

@@ -140,8 +140,8 @@ struct HeartbeatRequest {
 const HEARTBEAT_EXAMPLE: &str =
     r#"{"device": "dev-17", "health": "green", "addresses": ["10.1.2.3"]}"#;
 
-/// Most addresses one heartbeat may carry; each address's subnet is told
-/// of the device's state changes.
+/// Maximum number of addresses in one heartbeat; the subnet of each address
+/// receives a notice of the device's state changes.
 const MAX_ADDRESSES: usize = 64;
 
 /// Parses a reported address, dropping an IPv6 zone (`fe80::1%eth0`).

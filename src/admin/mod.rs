@@ -274,7 +274,7 @@ pub fn percent_encode(text: &str) -> String {
     encoded
 }
 
-/// Returns a `200 OK` answer with `value` as its JSON body.
+/// Returns a `200 OK` response with `value` as its JSON body.
 pub fn ok_json(value: serde_json::Value) -> Response {
     (StatusCode::OK, Json(value)).into_response()
 }

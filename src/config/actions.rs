@@ -53,7 +53,7 @@ pub struct ActionsConfig {
     /// Wait before the first retry; each later retry waits twice as long.
     #[serde(with = "humantime_serde")]
     pub retry_initial: Duration,
-    /// Longest wait between two attempts.
+    /// Maximum wait between two attempts.
     #[serde(with = "humantime_serde")]
     pub retry_max: Duration,
     /// Age after which an undelivered webhook or e-mail is given up, with

@@ -24,11 +24,11 @@ pub struct Party {
     /// Computer name in event texts; the address for an unknown party.
     pub name: String,
     pub is_unsafe: bool,
-    /// Why the party is excluded, when it is.
+    /// The reason the party is excluded, when it is.
     pub excluded: Option<String>,
 }
 
-/// Which device logs a refusal.
+/// The end of a connection whose device logs a refusal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
     /// The destination refused an unsafe source.

@@ -61,13 +61,13 @@ pub enum ScanError {
     ScannerLimit { address: String, signature: String },
 }
 
-/// Why an engine's reply cannot be used, before it is tied to an engine's
-/// address as a [`ScanError`].
+/// The reason an engine's reply cannot be used, before it is tied to the
+/// engine's address as a [`ScanError`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum ReplyError {
-    /// The reply does not follow the protocol; the text says how.
+    /// The reply does not follow the protocol; the text describes how.
     Malformed(String),
-    /// The engine answered with an error of its own, such as spamd's
+    /// The engine replied with an error of its own, such as spamd's
     /// `76 Bad header line` or an HTTP 500 from rspamd.
     Reported(String),
 }

@@ -47,12 +47,12 @@ pub struct Receiver {
 }
 
 impl Receiver {
-    /// Starts a receiver on a free port that answers 200.
+    /// Starts a receiver on a free port that replies 200.
     pub fn start() -> Receiver {
         Receiver::start_on(0)
     }
 
-    /// Starts a receiver on `port` (0 for a free one) that answers 200.
+    /// Starts a receiver on `port` (0 for a free one) that replies 200.
     pub fn start_on(port: u16) -> Receiver {
         let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind webhook receiver");
         listener
