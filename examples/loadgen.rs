@@ -9,14 +9,14 @@
 //!   answers, over concurrent connections, and prints the rate.
 //! - `idle`: opens many SMTP connections, reads each greeting, prints
 //!   `ready` and holds them open for a while.
-//! - `mailboxes`: fills the policy cache with tracked mailboxes, each with
-//!   the given number of strikes, and prints the resident memory per
-//!   mailbox.
+//! - `mailboxes`: fills the Guard's sender cache with tracked mailboxes,
+//!   each after the given number of strikes (the policy's threshold of
+//!   them starts a lockout), and prints the resident memory per mailbox.
 //!
 //! Every mode prints one JSON object on standard output. Every loop is
 //! bounded by a count, and every network wait by a timeout.
 
-use lru::LruCache;
+use sendguard::guard::SenderCache;
 use sendguard::identity::MailboxKey;
 use sendguard::policy::{MailboxState, PolicySettings, Strike, Timestamp};
 use std::collections::HashMap;
@@ -401,10 +401,12 @@ fn mailboxes(options: &HashMap<String, String>) -> Result<String, String> {
     let settings = PolicySettings::default();
 
     let before = resident_bytes()?;
-    let mut cache: LruCache<MailboxKey, MailboxState> = LruCache::new(capacity);
+    let mut cache = SenderCache::new(capacity);
     for index in 0..count {
+        // The Guard records strikes on the state read from the store, then
+        // caches what sender checks need: the most recent lockout, which
+        // the threshold's worth of strikes starts.
         let mut state = MailboxState::default();
-        // Strikes as the Guard records them: verdict and ids.
         for strike in 0..strikes {
             state.record_strike(
                 &settings,
@@ -418,7 +420,7 @@ fn mailboxes(options: &HashMap<String, String>) -> Result<String, String> {
         }
         cache.put(
             MailboxKey::mailbox(format!("user{index}@example.org")),
-            state,
+            state.block,
         );
     }
     let after = resident_bytes()?;

@@ -10,8 +10,8 @@ use crate::events::{Event, MessageFacts};
 use crate::identity::{self, Attribution, MailboxKey, SenderFacts};
 use crate::metrics::Metrics;
 use crate::policy::{
-    Exemption, ExemptionFacts, LiftError, Lifted, MailboxState, Mode, PolicySettings,
-    SenderDecision, Strike, StrikeOutcome, Timestamp,
+    Exemption, ExemptionFacts, LiftError, Lifted, Lockout, MailboxState, Mode, PolicySettings,
+    SenderDecision, Strike, StrikeOutcome, Timestamp, check_block,
 };
 use crate::reply::Reply;
 use crate::scan::{Envelope, OnUnscannable, ScanInput, Scanner, SpamAction, Verdict};
@@ -28,6 +28,12 @@ use tokio::sync::{Mutex, Notify};
 /// Number of independently locked parts of the mailbox cache; strikes of
 /// different mailboxes rarely wait for each other.
 const CACHE_SHARDS: usize = 16;
+
+/// The sender cache: each mailbox's most recent lockout, or `None` for a
+/// mailbox seen without one. A sender check needs nothing else, so the
+/// strikes and their details stay in the store, and a tracked mailbox
+/// costs the cache only its key and one lockout.
+pub type SenderCache = LruCache<MailboxKey, Option<Lockout>>;
 
 /// The configuration in force with what is derived from it.
 pub struct Runtime {
@@ -251,7 +257,7 @@ pub enum MessageDecision {
 pub struct Guard {
     runtime: ArcSwap<Runtime>,
     store: Store,
-    shards: Vec<Mutex<LruCache<MailboxKey, MailboxState>>>,
+    shards: Vec<Mutex<SenderCache>>,
     lockout_started: Notify,
     outbox_added: Notify,
     /// Exemptions in force, reloaded from the store after every change.
@@ -312,13 +318,12 @@ impl Guard {
         self.shard(key).lock().await.pop(key);
     }
 
-    /// Returns a mailbox's current state from the cache or the store.
+    /// Returns a mailbox's current state from the store.
     ///
     /// # Errors
     /// On a store failure.
     pub async fn mailbox_state(&self, key: &MailboxKey) -> Result<MailboxState, StoreError> {
-        let mut cache = self.shard(key).lock().await;
-        self.load_state(&mut cache, key).await
+        self.load_stored(key).await
     }
 
     /// Lifts a permanent block or resets a lockout count, as the support
@@ -337,7 +342,7 @@ impl Guard {
     ) -> Result<Lifted, LiftFailure> {
         let now = Timestamp::now();
         let mut cache = self.shard(key).lock().await;
-        let mut state = self.load_state(&mut cache, key).await?;
+        let mut state = self.load_stored(key).await?;
         let lifted = state.lift(now, reset_count).map_err(LiftFailure::Refused)?;
         let event = Event::lifted(now, key, &lifted, reason, via);
         let settings = self.runtime().settings();
@@ -355,7 +360,7 @@ impl Guard {
             .await
         {
             Ok(()) => {
-                cache.put(key.clone(), state);
+                cache.put(key.clone(), state.block);
                 tracing::warn!(mailbox = %key, lockouts_before = lifted.lockouts_before,
                     lockouts_after = lifted.lockouts_after, permanent_block_lifted = lifted.block.is_some(),
                     reason, via, "support lifted a block or reset a lockout count");
@@ -443,7 +448,7 @@ impl Guard {
         identity::attribute(facts, &runtime.config.identity, &runtime.directory)
     }
 
-    fn shard(&self, key: &MailboxKey) -> &Mutex<LruCache<MailboxKey, MailboxState>> {
+    fn shard(&self, key: &MailboxKey) -> &Mutex<SenderCache> {
         use std::hash::{BuildHasher, RandomState};
         // The shard only needs to be stable within this process.
         static SEED: std::sync::OnceLock<RandomState> = std::sync::OnceLock::new();
@@ -451,21 +456,28 @@ impl Guard {
         &self.shards[(hash as usize) % self.shards.len()]
     }
 
-    async fn load_state(
+    /// Returns a mailbox's most recent lockout from the cache, reading the
+    /// store on a miss.
+    async fn cached_block(
         &self,
-        cache: &mut LruCache<MailboxKey, MailboxState>,
+        cache: &mut SenderCache,
         key: &MailboxKey,
-    ) -> Result<MailboxState, StoreError> {
-        if let Some(state) = cache.get(key) {
-            return Ok(state.clone());
+    ) -> Result<Option<Lockout>, StoreError> {
+        if let Some(block) = cache.get(key) {
+            return Ok(block.clone());
         }
-        let state = self
+        let block = self.load_stored(key).await?.block;
+        cache.put(key.clone(), block.clone());
+        Ok(block)
+    }
+
+    /// Reads a mailbox's whole state, strikes included, from the store.
+    async fn load_stored(&self, key: &MailboxKey) -> Result<MailboxState, StoreError> {
+        Ok(self
             .store
             .load_mailbox(key.clone())
             .await?
-            .unwrap_or_default();
-        cache.put(key.clone(), state.clone());
-        Ok(state)
+            .unwrap_or_default())
     }
 
     /// Decides whether a sender may send, at MAIL FROM and again at end of
@@ -480,10 +492,10 @@ impl Guard {
             return SenderCheck::Allow;
         };
         let now = Timestamp::now();
-        let state = {
+        let block = {
             let mut cache = self.shard(&key).lock().await;
-            match self.load_state(&mut cache, &key).await {
-                Ok(state) => state,
+            match self.cached_block(&mut cache, &key).await {
+                Ok(block) => block,
                 Err(error) => {
                     tracing::error!(%error, mailbox = %key, transaction = %transaction.id,
                         "cannot read lockout state; answering with a temporary failure");
@@ -492,7 +504,7 @@ impl Guard {
             }
         };
 
-        match state.check_sender(now, runtime.config.policy.mode) {
+        match check_block(block.as_ref(), now, runtime.config.policy.mode) {
             SenderDecision::Allow => SenderCheck::Allow,
             SenderDecision::MonitorOnly(lockout) => {
                 tracing::info!(mailbox = %key, client = %transaction.client, level = lockout.level,
@@ -709,7 +721,7 @@ impl Guard {
         }
 
         let mut cache = self.shard(&key).lock().await;
-        let mut state = self.load_state(&mut cache, &key).await.map_err(|error| {
+        let mut state = self.load_stored(&key).await.map_err(|error| {
             tracing::error!(%error, mailbox = %key, transaction = %transaction.id, "cannot read lockout state");
         })?;
         let mut events = Vec::with_capacity(3);
@@ -787,7 +799,7 @@ impl Guard {
             .await
         {
             Ok(()) => {
-                cache.put(key, state);
+                cache.put(key, state.block);
                 if lockout_started {
                     self.lockout_started.notify_one();
                 }
@@ -847,7 +859,7 @@ impl Guard {
                 .await?;
             tracing::info!(mailbox = %key, lockouts_before = forgiven.lockouts,
                 "lockout count forgiven after a quiet period");
-            cache.put(key, state);
+            cache.put(key, state.block);
             forgiven_count += 1;
         }
         Ok(forgiven_count)
@@ -891,7 +903,7 @@ impl Guard {
                 )
                 .await?;
             tracing::info!(mailbox = %key, level = lockout.level, "lockout ended");
-            cache.put(key, state);
+            cache.put(key, state.block);
             if queued {
                 self.outbox_added.notify_one();
             }

@@ -217,6 +217,20 @@ pub enum StrikeOutcome {
     },
 }
 
+/// Decides whether a mailbox whose most recent lockout is `block` may send
+/// at `now` under `mode`, as [`MailboxState::check_sender`] does. Only the
+/// most recent lockout matters, so a cache for sender checks can keep that
+/// alone and leave the strikes in the store.
+pub fn check_block(block: Option<&Lockout>, now: Timestamp, mode: Mode) -> SenderDecision {
+    match block.filter(|block| block.is_active(now)) {
+        None => SenderDecision::Allow,
+        Some(block) if block.enforced || mode == Mode::Enforce => {
+            SenderDecision::Refuse(block.clone())
+        }
+        Some(block) => SenderDecision::MonitorOnly(block.clone()),
+    }
+}
+
 impl MailboxState {
     /// Returns the lockout in force at `now`, if any.
     pub fn active_block(&self, now: Timestamp) -> Option<&Lockout> {
@@ -232,13 +246,7 @@ impl MailboxState {
     /// counted during a lockout, so leaving it unenforced would exempt the
     /// worst senders of the trial.
     pub fn check_sender(&self, now: Timestamp, mode: Mode) -> SenderDecision {
-        match self.active_block(now) {
-            None => SenderDecision::Allow,
-            Some(block) if block.enforced || mode == Mode::Enforce => {
-                SenderDecision::Refuse(block.clone())
-            }
-            Some(block) => SenderDecision::MonitorOnly(block.clone()),
-        }
+        check_block(self.block.as_ref(), now, mode)
     }
 
     /// Counts one bad message received at `strike.at` and starts a lockout
