@@ -5,6 +5,7 @@ use crate::guard::{Guard, Runtime};
 use crate::milter::MilterListener;
 use crate::smtp::session::{Session, SessionShared};
 use crate::smtp::upstream::UpstreamConnection;
+use crate::smtp::upstream::pool::close_in_background;
 use crate::store::Store;
 use arc_swap::ArcSwapOption;
 use std::collections::HashMap;
@@ -13,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
@@ -166,6 +167,7 @@ pub async fn run(listener: TcpListener, guard: Arc<Guard>, mut shutdown: watch::
         shutdown.clone(),
     ));
     tokio::spawn(probe_dependencies(shared.clone(), probed_sender));
+    tokio::spawn(sweep_upstream_pool(guard.clone(), shutdown.clone()));
 
     let prefix = session_prefix();
     let connections = ConnectionCounts::default();
@@ -221,6 +223,28 @@ pub async fn run(listener: TcpListener, guard: Arc<Guard>, mut shutdown: watch::
             "grace period over; closing the remaining sessions"
         );
         sessions.abort_all();
+    }
+    for connection in guard.runtime().upstream.pool.drain() {
+        connection.quit().await;
+    }
+}
+
+/// Closes idle upstream sessions once they are past their idle time or
+/// age, or the upstream ended them, and those of a configuration that a
+/// reload replaced.
+async fn sweep_upstream_pool(guard: Arc<Guard>, mut shutdown: watch::Receiver<bool>) {
+    let mut runtime = guard.runtime();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.changed() => return,
+        }
+        let current = guard.runtime();
+        if !Arc::ptr_eq(&runtime, &current) {
+            close_in_background(runtime.upstream.pool.drain());
+            runtime = current;
+        }
+        close_in_background(runtime.upstream.pool.remove_stale(Instant::now()));
     }
 }
 
@@ -305,7 +329,10 @@ async fn probe_dependencies(shared: Arc<SessionShared>, probed: watch::Sender<bo
             shared
                 .upstream_capabilities
                 .store(Some(Arc::new(connection.capabilities().clone())));
-            connection.quit().await;
+            // Kept for the first client, like any session that ends.
+            if let Err(connection) = runtime.upstream.pool.put(connection, Instant::now()) {
+                connection.quit().await;
+            }
         }
         Err(error) => {
             tracing::warn!(%error, "upstream not reachable at start; will retry per transaction")

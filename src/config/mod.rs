@@ -241,6 +241,28 @@ pub struct UpstreamConfig {
     /// Time allowed for the upstream's reply after the end of the message.
     #[serde(default = "default_upstream_data_timeout", with = "humantime_serde")]
     pub data_timeout: Duration,
+    /// Idle upstream sessions kept for later client sessions; 0 closes each
+    /// session with its client's.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// How long an idle upstream session is kept.
+    #[serde(default = "default_pool_idle_time", with = "humantime_serde")]
+    pub pool_idle_time: Duration,
+    /// Age after which an upstream session is closed instead of kept.
+    #[serde(default = "default_pool_max_age", with = "humantime_serde")]
+    pub pool_max_age: Duration,
+}
+
+fn default_pool_size() -> usize {
+    32
+}
+
+fn default_pool_idle_time() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_pool_max_age() -> Duration {
+    Duration::from_secs(300)
 }
 
 fn default_upstream_timeout() -> Duration {
@@ -765,6 +787,8 @@ fn validate_upstream(upstream: &UpstreamConfig, problems: &mut Problems) {
         ("upstream.timeout", upstream.timeout),
         ("upstream.connect_timeout", upstream.connect_timeout),
         ("upstream.data_timeout", upstream.data_timeout),
+        ("upstream.pool_idle_time", upstream.pool_idle_time),
+        ("upstream.pool_max_age", upstream.pool_max_age),
     ] {
         if value.is_zero() {
             problems.push(key, "must be longer than zero");

@@ -24,13 +24,24 @@ impl Sendguard {
 
     /// Like [`Sendguard::start`], with `smtp_extra` lines added to [smtp].
     pub fn start_with(upstream: &str, smtp_extra: &str, extra: &str) -> Sendguard {
+        Sendguard::start_full(upstream, smtp_extra, "", extra)
+    }
+
+    /// Like [`Sendguard::start_with`], with `upstream_extra` lines added to
+    /// [upstream].
+    pub fn start_full(
+        upstream: &str,
+        smtp_extra: &str,
+        upstream_extra: &str,
+        extra: &str,
+    ) -> Sendguard {
         let dir = tempfile::tempdir().expect("temporary directory");
         let port = free_port();
         let address = format!("127.0.0.1:{port}");
         let config = format!(
             "[smtp]\nlisten = \"{address}\"\nhostname = \"sendguard.test\"\n\
              relay_networks = [\"127.0.0.0/8\", \"::1/128\"]\n{smtp_extra}\n\
-             [upstream]\naddress = \"{upstream}\"\ntimeout = \"10s\"\nconnect_timeout = \"5s\"\n\
+             [upstream]\naddress = \"{upstream}\"\ntimeout = \"10s\"\nconnect_timeout = \"5s\"\n{upstream_extra}\n\
              [store]\npath = \"{}\"\n{extra}\n",
             dir.path().join("sendguard.db").display()
         );

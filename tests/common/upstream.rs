@@ -81,6 +81,9 @@ pub struct UpstreamOptions {
     /// Reply to every MAIL command in place of `250 2.1.0 Ok`. A non-2xx
     /// reply rejects the transaction.
     pub mail_reply: Option<String>,
+    /// Replies to the first MAIL commands, in order, across all
+    /// connections; later ones get `mail_reply`.
+    pub mail_replies: Vec<String>,
     /// Reply to the end of DATA. `{queue_id}` is replaced by the queue id.
     pub data_reply: String,
     /// Replies to the end of DATA for the first messages, in order, across
@@ -129,6 +132,7 @@ impl Default for UpstreamOptions {
             capabilities: DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).collect(),
             rcpt_replies: Vec::new(),
             mail_reply: None,
+            mail_replies: Vec::new(),
             data_reply: DEFAULT_DATA_REPLY.to_string(),
             data_replies: Vec::new(),
             reply_delay: Duration::ZERO,
@@ -183,6 +187,11 @@ impl UpstreamOptions {
 
     pub fn data_reply(mut self, reply: &str) -> Self {
         self.data_reply = reply.to_string();
+        self
+    }
+
+    pub fn mail_replies(mut self, replies: &[&str]) -> Self {
+        self.mail_replies = replies.iter().map(|r| r.to_string()).collect();
         self
     }
 
@@ -354,6 +363,7 @@ struct State {
     transcript: Vec<u8>,
     bare_line_ending: bool,
     replied_messages: usize,
+    replied_mails: usize,
     plaintext_after_starttls: bool,
     auth_failures: usize,
     tls_handshake_errors: Vec<String>,
@@ -853,11 +863,18 @@ impl Session {
             return self.reply("552 5.3.4 Message size exceeds fixed limit");
         }
 
-        let reply = self
-            .options
-            .mail_reply
-            .clone()
-            .unwrap_or_else(|| "250 2.1.0 Ok".to_string());
+        let reply = {
+            let mut state = self.shared.lock_state();
+            let reply = self
+                .options
+                .mail_replies
+                .get(state.replied_mails)
+                .or(self.options.mail_reply.as_ref())
+                .cloned()
+                .unwrap_or_else(|| "250 2.1.0 Ok".to_string());
+            state.replied_mails += 1;
+            reply
+        };
         if reply.starts_with('2') {
             self.transaction = Some(Transaction {
                 mail_line: text.to_string(),

@@ -13,11 +13,13 @@ use crate::guard::{Guard, SenderCheck, Transaction};
 use crate::reply::Reply;
 use crate::smtp::command::{Body, Command, parse_command};
 use crate::smtp::reader::{CommandLine, CommandLines};
+use crate::smtp::upstream::pool::close_in_background;
 use crate::smtp::upstream::{Capabilities, UpstreamConnection};
 use crate::tls::MaybeTls;
 use arc_swap::ArcSwapOption;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -156,6 +158,9 @@ pub struct Session {
     state: State,
     envelope: Option<Envelope>,
     upstream: Option<UpstreamConnection>,
+    /// Whether `upstream` came from the pool and has carried no command for
+    /// this session yet.
+    upstream_from_pool: bool,
     transactions: u32,
     /// Commands refused for syntax or sequence so far.
     errors: u32,
@@ -188,6 +193,7 @@ impl Session {
             state: State::Connected,
             envelope: None,
             upstream: None,
+            upstream_from_pool: false,
             transactions: 0,
             errors: 0,
             forwarded: forward::Forwarded::default(),
@@ -255,6 +261,7 @@ impl Session {
         }
         self.queue(&Reply::greeting(&hostname));
         let stop = self.dialogue().await;
+        let shutting_down = matches!(stop, Stop::Shutdown);
         match stop {
             Stop::Closed => {}
             Stop::Timeout => {
@@ -265,7 +272,30 @@ impl Session {
             Stop::Io(error) => tracing::info!(%error, "client connection failed"),
         }
         let _ = self.flush().await;
-        if let Some(upstream) = self.upstream.take() {
+        self.release_upstream(shutting_down).await;
+    }
+
+    /// Hands the upstream session to the pool for the next client session
+    /// after an RSET, or closes it when it cannot be kept.
+    async fn release_upstream(&mut self, shutting_down: bool) {
+        let Some(mut upstream) = self.upstream.take() else {
+            return;
+        };
+        let runtime = self.shared.guard.runtime();
+        let pool = &runtime.upstream.pool;
+        if shutting_down
+            || !pool.keeps_sessions()
+            || upstream.is_closed()
+            || upstream.pool_id() != pool.id()
+        {
+            upstream.quit().await;
+            return;
+        }
+        if let Err(error) = upstream.reset_for_reuse().await {
+            tracing::debug!(%error, "upstream RSET failed; session not kept");
+            return;
+        }
+        if let Err(upstream) = pool.put(upstream, Instant::now()) {
             upstream.quit().await;
         }
     }
@@ -702,6 +732,15 @@ impl Session {
         }
         if self.upstream.is_none() && connect {
             let runtime = self.shared.guard.runtime();
+            let (pooled, stale) = runtime.upstream.pool.take(Instant::now());
+            close_in_background(stale);
+            if let Some(connection) = pooled {
+                self.upstream = Some(connection);
+                self.upstream_from_pool = true;
+            }
+        }
+        if self.upstream.is_none() && connect {
+            let runtime = self.shared.guard.runtime();
             match UpstreamConnection::connect(&runtime.upstream).await {
                 Ok(connection) => {
                     self.shared
@@ -734,7 +773,20 @@ impl Session {
             self.queue(&Reply::upstream_failed());
             return None;
         };
+        let from_pool = std::mem::take(&mut self.upstream_from_pool);
         let failure = match upstream.command(line).await {
+            Ok(reply) if reply.code == 421 && from_pool => {
+                // The upstream ended the idle session just as it was taken:
+                // the command goes again on a new session.
+                tracing::debug!(upstream_reply = %reply.one_line(), "pooled upstream session closed; reconnecting");
+                self.upstream = None;
+                return Box::pin(self.upstream_command(line, connect)).await;
+            }
+            Err(error) if from_pool => {
+                tracing::debug!(%error, "pooled upstream session failed; reconnecting");
+                self.upstream = None;
+                return Box::pin(self.upstream_command(line, connect)).await;
+            }
             Ok(reply) if reply.code == 421 => {
                 tracing::warn!(upstream_reply = %reply.one_line(), "upstream closed its session");
                 reply.one_line()

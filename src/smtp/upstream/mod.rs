@@ -5,6 +5,7 @@
 //! with `TCP_NODELAY`, one write per message, exact dot-stuffing (the first
 //! line included) and a timeout on every wait.
 
+pub mod pool;
 mod secure;
 
 pub use secure::UpstreamTarget;
@@ -12,7 +13,7 @@ pub use secure::UpstreamTarget;
 use crate::reply::{Reply, sanitize};
 use crate::smtp::reader::encode_data;
 use secure::UpstreamStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -135,6 +136,10 @@ impl Capabilities {
 pub struct UpstreamConnection {
     stream: BufReader<UpstreamStream>,
     address: String,
+    /// When the session was opened.
+    opened: Instant,
+    /// The pool of the configuration the session was opened under.
+    pool_id: u64,
     reply_timeout: Duration,
     data_timeout: Duration,
     capabilities: Capabilities,
@@ -173,6 +178,8 @@ impl UpstreamConnection {
         let mut connection = UpstreamConnection {
             stream: BufReader::new(UpstreamStream::Plain(stream)),
             address,
+            opened: Instant::now(),
+            pool_id: target.pool.id(),
             reply_timeout: config.timeout,
             data_timeout: config.data_timeout,
             capabilities: Capabilities::default(),
@@ -227,6 +234,14 @@ impl UpstreamConnection {
 
     pub fn in_transaction(&self) -> bool {
         self.in_transaction
+    }
+
+    pub fn opened(&self) -> Instant {
+        self.opened
+    }
+
+    pub fn pool_id(&self) -> u64 {
+        self.pool_id
     }
 
     /// Sends one command line and returns the upstream's reply.
@@ -370,6 +385,15 @@ impl UpstreamConnection {
         if !self.in_transaction {
             return Ok(());
         }
+        self.reset_for_reuse().await
+    }
+
+    /// Sends RSET whether or not a transaction is open, so a session kept
+    /// for another client starts clean and is known to be alive.
+    ///
+    /// # Errors
+    /// When RSET fails; the connection is unusable then.
+    pub async fn reset_for_reuse(&mut self) -> Result<(), UpstreamError> {
         let reply = self.command("RSET").await?;
         if reply.code != 250 {
             return Err(UpstreamError::Protocol {

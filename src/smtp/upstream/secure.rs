@@ -30,6 +30,8 @@ pub struct UpstreamTarget {
     tls: Option<TlsConnector>,
     server_name: ServerName<'static>,
     credentials: Option<Credentials>,
+    /// Idle sessions kept for the next client sessions.
+    pub pool: super::pool::UpstreamPool,
 }
 
 impl UpstreamTarget {
@@ -75,6 +77,7 @@ impl UpstreamTarget {
             _ => None,
         };
         Ok(UpstreamTarget {
+            pool: super::pool::UpstreamPool::new(config),
             config: config.clone(),
             helo_name: helo_name.to_string(),
             tls,
