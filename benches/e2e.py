@@ -566,7 +566,7 @@ def run_once(row, message_file, count, reuse, foreign):
     if row.clamd_port:
         outcome = loadgen(
             "clamd", "--target", f"127.0.0.1:{row.clamd_port}", "--message", message_file,
-            "--count", count, "--concurrency", SESSIONS,
+            "--count", count, "--concurrency", SESSIONS, "--sessions", "1",
         )
         elapsed = outcome["seconds"]
         delivered_elapsed = elapsed

@@ -58,7 +58,7 @@ fn usage(problem: &str) -> ! {
         "loadgen: {problem}\n\
          usage:\n  \
          loadgen latency --target HOST:PORT --message FILE --rate PER_SECOND --count N --concurrency N\n  \
-         loadgen clamd --target HOST:PORT --message FILE --count N --concurrency N\n  \
+         loadgen clamd --target HOST:PORT --message FILE --count N --concurrency N [--sessions 1]\n  \
          loadgen idle --target HOST:PORT --connections N --hold SECONDS\n  \
          loadgen mailboxes --count N --strikes N"
     );
@@ -274,6 +274,7 @@ fn clamd(options: &HashMap<String, String>) -> Result<String, String> {
     let message = read_message(&option::<String>(options, "message"))?;
     let count: usize = option(options, "count");
     let concurrency: usize = option(options, "concurrency");
+    let sessions = options.get("sessions").is_some_and(|value| value == "1");
 
     // One request is one write: with separate small writes, Nagle's
     // algorithm and the delayed ACK add tens of milliseconds per scan.
@@ -292,8 +293,16 @@ fn clamd(options: &HashMap<String, String>) -> Result<String, String> {
             let (target, request, next) = (target.clone(), request.clone(), next.clone());
             std::thread::spawn(move || -> Result<usize, String> {
                 let mut scans = 0;
+                let mut session = if sessions {
+                    Some(ClamdSession::open(&target)?)
+                } else {
+                    None
+                };
                 while next.fetch_add(1, Ordering::Relaxed) < count {
-                    let reply = instream(&target, &request)?;
+                    let reply = match session.as_mut() {
+                        Some(session) => session.instream(&request)?,
+                        None => instream(&target, &request)?,
+                    };
                     if !reply.ends_with("OK") {
                         return Err(format!("clamd replied {reply:?}, expected OK"));
                     }
@@ -318,10 +327,10 @@ fn clamd(options: &HashMap<String, String>) -> Result<String, String> {
     .to_string())
 }
 
-/// Sends one INSTREAM request on a new connection and returns the reply
-/// without its terminating NUL.
-fn instream(target: &str, request: &[u8]) -> Result<String, String> {
-    let mut stream = TcpStream::connect(target)
+/// Connects to clamd with `TCP_NODELAY` and time limits on reads and
+/// writes.
+fn connect_clamd(target: &str) -> Result<TcpStream, String> {
+    let stream = TcpStream::connect(target)
         .map_err(|error| format!("cannot connect to {target}: {error}"))?;
     let configure = |stream: &TcpStream| -> std::io::Result<()> {
         stream.set_nodelay(true)?;
@@ -329,6 +338,53 @@ fn instream(target: &str, request: &[u8]) -> Result<String, String> {
         stream.set_write_timeout(Some(NETWORK_TIMEOUT))
     };
     configure(&stream).map_err(|error| format!("cannot configure the socket: {error}"))?;
+    Ok(stream)
+}
+
+/// One clamd connection in an IDSESSION session, as sendguard keeps them.
+struct ClamdSession {
+    stream: TcpStream,
+}
+
+impl ClamdSession {
+    fn open(target: &str) -> Result<ClamdSession, String> {
+        let mut stream = connect_clamd(target)?;
+        stream
+            .write_all(b"zIDSESSION\0")
+            .map_err(|error| format!("write to clamd failed: {error}"))?;
+        Ok(ClamdSession { stream })
+    }
+
+    /// Sends one request and returns its reply without the session's
+    /// number and the terminating NUL.
+    fn instream(&mut self, request: &[u8]) -> Result<String, String> {
+        self.stream
+            .write_all(request)
+            .map_err(|error| format!("write to clamd failed: {error}"))?;
+        let mut reply = Vec::new();
+        let mut byte = [0u8; 256];
+        while !reply.ends_with(&[0]) {
+            let count = self
+                .stream
+                .read(&mut byte)
+                .map_err(|error| format!("read from clamd failed: {error}"))?;
+            if count == 0 {
+                return Err("clamd ended the session".to_string());
+            }
+            reply.extend_from_slice(&byte[..count]);
+        }
+        reply.pop();
+        let text = String::from_utf8_lossy(&reply).into_owned();
+        Ok(text
+            .split_once(": ")
+            .map_or(text.clone(), |(_, rest)| rest.to_string()))
+    }
+}
+
+/// Sends one INSTREAM request on a new connection and returns the reply
+/// without its terminating NUL.
+fn instream(target: &str, request: &[u8]) -> Result<String, String> {
+    let mut stream = connect_clamd(target)?;
     stream
         .write_all(request)
         .map_err(|error| format!("write to clamd failed: {error}"))?;

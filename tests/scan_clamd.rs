@@ -36,6 +36,15 @@ fn clamd_config(address: &str) -> ClamdConfig {
     }
 }
 
+/// Configuration for a fake clamd that answers one request per
+/// connection, without IDSESSION.
+fn fake_config(address: &str) -> ClamdConfig {
+    ClamdConfig {
+        sessions: 0,
+        ..clamd_config(address)
+    }
+}
+
 fn scanner(clamd: &ClamdConfig) -> Scanner {
     match Scanner::new(Some(clamd), &SpamConfig::default()) {
         Ok(scanner) => scanner,
@@ -472,12 +481,8 @@ async fn stream_max_length_is_unscannable() {
     assert_eq!(verdict(&scanner, &eicar()).await, virus(EICAR_NAME));
 }
 
-/// Starts a loopback server that runs `reply` on the first connection.
-async fn fake_clamd<F, Fut>(reply: F) -> String
-where
-    F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
+/// Binds a listener on a free loopback port and returns it with its address.
+async fn bind_loopback() -> (TcpListener, String) {
     let listener = match TcpListener::bind("127.0.0.1:0").await {
         Ok(listener) => listener,
         Err(error) => panic!("cannot bind a loopback port: {error}"),
@@ -486,6 +491,16 @@ where
         Ok(address) => address.to_string(),
         Err(error) => panic!("cannot read the bound address: {error}"),
     };
+    (listener, address)
+}
+
+/// Starts a loopback server that runs `reply` on the first connection.
+async fn fake_clamd<F, Fut>(reply: F) -> String
+where
+    F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let (listener, address) = bind_loopback().await;
     tokio::spawn(async move {
         if let Ok((stream, _)) = listener.accept().await {
             reply(stream).await;
@@ -526,7 +541,7 @@ async fn silent_clamd_times_out() {
         tokio::time::sleep(Duration::from_secs(30)).await;
     })
     .await;
-    let mut config = clamd_config(&address);
+    let mut config = fake_config(&address);
     config.timeout = Duration::from_millis(300);
     let scanner = scanner(&config);
 
@@ -552,7 +567,7 @@ async fn max_scan_time_is_error() {
             .await;
     })
     .await;
-    let scanner = scanner(&clamd_config(&address));
+    let scanner = scanner(&fake_config(&address));
     match scan(&scanner, &text_message("hello")).await {
         Err(ScanError::ScannerLimit { signature, .. }) => {
             assert_eq!(signature, "Heuristics.Limits.Exceeded.MaxScanTime");
@@ -570,7 +585,7 @@ async fn max_scan_time_under_accept_runs_rules() {
             .await;
     })
     .await;
-    let mut config = clamd_config(&address);
+    let mut config = fake_config(&address);
     config.on_error = OnError::Accept;
     let scanner = scanner(&config);
     let message = text_message(&format!("test {GTUBE}"));
@@ -587,7 +602,7 @@ async fn reply_without_nul_is_read_to_eof() {
         let _ = stream.write_all(b"stream: Win.Test.Fake FOUND").await;
     })
     .await;
-    let scanner = scanner(&clamd_config(&address));
+    let scanner = scanner(&fake_config(&address));
     let message = text_message(&"line of text\r\n".repeat(20_000));
     assert_eq!(verdict(&scanner, &message).await, virus("Win.Test.Fake"));
     assert_eq!(*received.lock().await, message);
@@ -599,7 +614,7 @@ async fn closed_without_reply_is_protocol_error() {
         read_instream(&mut stream).await;
     })
     .await;
-    let scanner = scanner(&clamd_config(&address));
+    let scanner = scanner(&fake_config(&address));
     match scan(&scanner, &text_message("hello")).await {
         Err(ScanError::Protocol { .. }) => {}
         other => panic!("expected a protocol error, got {other:?}"),
@@ -613,7 +628,7 @@ async fn unexpected_reply_is_protocol_error() {
         let _ = stream.write_all(b"UNKNOWN COMMAND\0").await;
     })
     .await;
-    let scanner = scanner(&clamd_config(&address));
+    let scanner = scanner(&fake_config(&address));
     match scan(&scanner, &text_message("hello")).await {
         Err(ScanError::Protocol { reply, .. }) => assert_eq!(reply, "UNKNOWN COMMAND"),
         other => panic!("expected a protocol error, got {other:?}"),
@@ -634,12 +649,137 @@ async fn reply_after_early_close_is_read() {
         }
     })
     .await;
-    let scanner = scanner(&clamd_config(&address));
+    let scanner = scanner(&fake_config(&address));
     let message = text_message(&"b".repeat(16 * 1024 * 1024));
     match verdict(&scanner, &message).await {
         Verdict::Unscannable { reason } => {
             assert!(reason.contains("StreamMaxLength"), "{reason}");
         }
         other => panic!("expected unscannable, got {other:?}"),
+    }
+}
+
+/// Starts a loopback server that runs `serve` on every connection, with
+/// the connection's number counting from 0.
+async fn fake_clamd_sessions<F, Fut>(serve: F) -> String
+where
+    F: Fn(usize, tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (listener, address) = bind_loopback().await;
+    tokio::spawn(async move {
+        let mut number = 0;
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(serve(number, stream));
+            number += 1;
+        }
+    });
+    address
+}
+
+/// Reads the IDSESSION command that opens a session.
+async fn read_idsession(stream: &mut tokio::net::TcpStream) {
+    let mut command = [0u8; 11];
+    stream.read_exact(&mut command).await.expect("IDSESSION");
+    assert_eq!(&command, b"zIDSESSION\0");
+}
+
+#[tokio::test]
+async fn scans_share_one_session() {
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = connections.clone();
+    let address = fake_clamd_sessions(move |_, mut stream| {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            read_idsession(&mut stream).await;
+            for number in 1.. {
+                let data = read_instream(&mut stream).await;
+                if data.is_empty() {
+                    return;
+                }
+                let reply = if data.windows(4).any(|window| window == b"BAD!") {
+                    format!("{number}: stream: Win.Test.Fake FOUND\0")
+                } else {
+                    format!("{number}: stream: OK\0")
+                };
+                let _ = stream.write_all(reply.as_bytes()).await;
+            }
+        }
+    })
+    .await;
+    let scanner = scanner(&clamd_config(&address));
+
+    assert_eq!(
+        verdict(&scanner, &text_message("hello")).await,
+        Verdict::Clean
+    );
+    assert_eq!(
+        verdict(&scanner, &text_message("BAD!")).await,
+        virus("Win.Test.Fake")
+    );
+    assert_eq!(
+        verdict(&scanner, &text_message("again")).await,
+        Verdict::Clean
+    );
+    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn ended_session_replaced() {
+    // The first session ends without a reply to its second scan, as when
+    // clamd closes a session at its IdleTimeout just as it is reused.
+    let address = fake_clamd_sessions(|number, mut stream| async move {
+        read_idsession(&mut stream).await;
+        read_instream(&mut stream).await;
+        if number == 0 {
+            let _ = stream.write_all(b"1: stream: OK\0").await;
+            read_instream(&mut stream).await;
+            return;
+        }
+        let _ = stream.write_all(b"1: stream: Win.Test.Fake FOUND\0").await;
+    })
+    .await;
+    let scanner = scanner(&clamd_config(&address));
+
+    assert_eq!(
+        verdict(&scanner, &text_message("hello")).await,
+        Verdict::Clean
+    );
+    assert_eq!(
+        verdict(&scanner, &text_message("second")).await,
+        virus("Win.Test.Fake")
+    );
+}
+
+#[tokio::test]
+async fn misnumbered_reply_is_protocol_error() {
+    let address = fake_clamd_sessions(|_, mut stream| async move {
+        read_idsession(&mut stream).await;
+        read_instream(&mut stream).await;
+        let _ = stream.write_all(b"2: stream: OK\0").await;
+    })
+    .await;
+    let scanner = scanner(&clamd_config(&address));
+    match scan(&scanner, &text_message("hello")).await {
+        Err(ScanError::Protocol { reply, .. }) => {
+            assert_eq!(
+                reply,
+                "reply numbered 2 where 1 was expected: 2: stream: OK"
+            );
+        }
+        other => panic!("expected a protocol error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn real_clamd_sessions_keep_verdicts() {
+    let clamd = Clamd::start();
+    let scanner = scanner(&clamd_config(&clamd.address));
+    for _ in 0..3 {
+        assert_eq!(
+            verdict(&scanner, &text_message("hello")).await,
+            Verdict::Clean
+        );
+        assert_eq!(verdict(&scanner, &eicar()).await, virus(EICAR_NAME));
     }
 }

@@ -4,8 +4,15 @@
 //! Commands use the `z` form (NUL-terminated command and reply). INSTREAM
 //! sends the message as chunks, each a 4-byte big-endian length followed by
 //! the data, and ends with a zero-length chunk.
+//!
+//! Scans run in IDSESSION sessions kept open between scans, which saves a
+//! connect, an accept and a close on both sides for each message. Inside a
+//! session clamd numbers its replies (`1: stream: OK`), counting the
+//! session's commands from 1.
 
 use std::io;
+use std::sync::Mutex;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
@@ -31,6 +38,86 @@ const MAX_SCAN_TIME: &str = "Heuristics.Limits.Exceeded.MaxScanTime";
 /// clamd's reply to INSTREAM once more than `StreamMaxLength` bytes arrived.
 const SIZE_LIMIT_REPLY: &str = "INSTREAM size limit exceeded";
 
+/// How long a kept session may stay idle. clamd ends a session that is idle
+/// for its `IdleTimeout` (30 s by default); one that clamd ended sooner is
+/// noticed and replaced.
+const SESSION_IDLE_TIME: Duration = Duration::from_secs(10);
+
+/// Commands after which a session is closed instead of kept.
+const SESSION_MAX_COMMANDS: u64 = 10_000;
+
+/// clamd connections kept open between scans, each in an IDSESSION session.
+pub struct ClamdSessions {
+    max_idle: usize,
+    idle: Mutex<Vec<Session>>,
+}
+
+struct Session {
+    connection: Box<dyn Connection>,
+    /// Number of the next command in the session, as clamd counts them.
+    next_id: u64,
+    idle_since: Instant,
+}
+
+impl std::fmt::Debug for ClamdSessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClamdSessions")
+            .field("max_idle", &self.max_idle)
+            .field("idle", &self.lock().len())
+            .finish()
+    }
+}
+
+impl ClamdSessions {
+    /// Keeps at most `max_idle` idle sessions; 0 keeps none.
+    pub fn new(max_idle: usize) -> ClamdSessions {
+        ClamdSessions {
+            max_idle,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Takes the most recently used session that is still open, closing
+    /// those past their idle time or ended by clamd.
+    fn take(&self) -> Option<Session> {
+        loop {
+            let mut session = self.lock().pop()?;
+            if session.idle_since.elapsed() < SESSION_IDLE_TIME
+                && !is_closed(&mut session.connection)
+            {
+                return Some(session);
+            }
+        }
+    }
+
+    fn put(&self, session: Session) {
+        let mut idle = self.lock();
+        if idle.len() < self.max_idle {
+            idle.push(session);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Session>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Returns true when the peer has closed the connection or sent unrequested
+/// bytes. Never waits.
+fn is_closed(connection: &mut Box<dyn Connection>) -> bool {
+    use std::task::{Context, Poll, Waker};
+    use tokio::io::ReadBuf;
+    let mut probe = [0u8; 1];
+    let mut buffer = ReadBuf::new(&mut probe);
+    let mut context = Context::from_waker(Waker::noop());
+    match std::pin::Pin::new(connection.as_mut()).poll_read(&mut context, &mut buffer) {
+        Poll::Pending => false,
+        Poll::Ready(_) => true,
+    }
+}
+
 /// The result of one clamd scan, after classifying signature names.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClamdFinding {
@@ -43,9 +130,18 @@ pub enum ClamdFinding {
     Unscannable(String),
 }
 
-/// Sends `message` to clamd with INSTREAM and classifies the reply.
-pub async fn scan(config: &ClamdConfig, message: &[u8]) -> Result<ClamdFinding, ScanError> {
-    let reply = instream(config, message).await?;
+/// Sends `message` to clamd with INSTREAM, in a kept session when
+/// `config.sessions` allows, and classifies the reply.
+pub async fn scan(
+    config: &ClamdConfig,
+    sessions: &ClamdSessions,
+    message: &[u8],
+) -> Result<ClamdFinding, ScanError> {
+    let reply = if config.sessions == 0 {
+        instream(config, message).await?
+    } else {
+        instream_in_session(config, sessions, message).await?
+    };
     interpret_reply(config, &reply)
 }
 
@@ -84,7 +180,7 @@ async fn instream(config: &ClamdConfig, message: &[u8]) -> Result<String, ScanEr
         .within(
             deadline,
             "sending the message",
-            send_chunks(&mut connection, message),
+            send_chunks(&mut connection, b"", message),
         )
         .await?;
     match sent {
@@ -107,10 +203,111 @@ async fn instream(config: &ClamdConfig, message: &[u8]) -> Result<String, ScanEr
     }
 }
 
-/// Writes the INSTREAM command, the chunks and the terminating empty chunk,
-/// one chunk per write.
-async fn send_chunks(connection: &mut Box<dyn Connection>, message: &[u8]) -> io::Result<()> {
+/// Runs INSTREAM in a kept session, or in a new one when none is kept or
+/// the kept one fails, and returns the reply without its number.
+async fn instream_in_session(
+    config: &ClamdConfig,
+    sessions: &ClamdSessions,
+    message: &[u8],
+) -> Result<String, ScanError> {
+    let endpoint = endpoint(config);
+    let deadline = endpoint.deadline();
+    if let Some(session) = sessions.take() {
+        match session_instream(&endpoint, session, message, deadline).await {
+            Ok((reply, session)) => {
+                if let Some(session) = session {
+                    sessions.put(session);
+                }
+                return Ok(reply);
+            }
+            // clamd may end a session at any time; scanning again is safe.
+            Err(error) => {
+                tracing::debug!(clamd = %config.address, %error,
+                    "kept clamd session failed; scanning in a new one");
+            }
+        }
+    }
+    let session = Session {
+        connection: endpoint.connect(deadline).await?,
+        next_id: 0,
+        idle_since: Instant::now(),
+    };
+    let (reply, session) = session_instream(&endpoint, session, message, deadline).await?;
+    if let Some(session) = session {
+        sessions.put(session);
+    }
+    Ok(reply)
+}
+
+/// Sends one INSTREAM in `session`, opening the session with IDSESSION in
+/// the same write when it is new (`next_id` 0). Returns the reply without
+/// its number, and the session when it can carry another scan.
+async fn session_instream(
+    endpoint: &Endpoint<'_>,
+    mut session: Session,
+    message: &[u8],
+    deadline: Instant,
+) -> Result<(String, Option<Session>), ScanError> {
+    let opening: &[u8] = if session.next_id == 0 {
+        session.next_id = 1;
+        b"zIDSESSION\0"
+    } else {
+        b""
+    };
+    let sent = endpoint
+        .within(
+            deadline,
+            "sending the message",
+            send_chunks(&mut session.connection, opening, message),
+        )
+        .await?;
+    let reply = match sent {
+        Ok(()) => read_reply(endpoint, &mut session.connection, deadline).await?,
+        // As without a session: past StreamMaxLength clamd replies and
+        // closes while the message is still being written.
+        Err(source) => match read_reply(endpoint, &mut session.connection, deadline).await {
+            Ok(reply) => {
+                return Ok((
+                    strip_reply_number(&reply, session.next_id).to_string(),
+                    None,
+                ));
+            }
+            Err(_) => return Err(endpoint.io_error("sending the message", source)),
+        },
+    };
+    let number = session.next_id.to_string();
+    let text = match reply.split_once(": ") {
+        Some((prefix, text)) if prefix == number => text.to_string(),
+        Some((prefix, _)) if prefix.bytes().all(|byte| byte.is_ascii_digit()) => {
+            return Err(endpoint.protocol_error(&format!(
+                "reply numbered {prefix} where {number} was expected: {reply}"
+            )));
+        }
+        // An unnumbered reply, such as an error clamd sends before ending
+        // the session, is judged as it is.
+        _ => return Ok((reply, None)),
+    };
+    session.next_id += 1;
+    session.idle_since = Instant::now();
+    let reusable = (text.ends_with(" OK") || text.ends_with(" FOUND"))
+        && session.next_id <= SESSION_MAX_COMMANDS;
+    Ok((text, reusable.then_some(session)))
+}
+
+/// Removes the `N: ` number clamd puts before a reply inside a session.
+fn strip_reply_number(reply: &str, number: u64) -> &str {
+    reply.strip_prefix(&format!("{number}: ")).unwrap_or(reply)
+}
+
+/// Writes `prefix`, the INSTREAM command, the chunks and the terminating
+/// empty chunk, one chunk per write.
+async fn send_chunks(
+    connection: &mut Box<dyn Connection>,
+    prefix: &[u8],
+    message: &[u8],
+) -> io::Result<()> {
     let mut buffer = Vec::with_capacity(CHUNK_SIZE + 32);
+    buffer.extend_from_slice(prefix);
     buffer.extend_from_slice(b"zINSTREAM\0");
 
     let mut chunks = message.chunks(CHUNK_SIZE).peekable();

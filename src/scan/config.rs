@@ -72,6 +72,17 @@ pub struct ClamdConfig {
     /// [`default_names`].
     #[serde(default = "default_names", deserialize_with = "names_over_defaults")]
     pub names: BTreeMap<String, NameClass>,
+    /// Idle clamd connections kept open between scans, each in an
+    /// IDSESSION session; 0 opens a connection per scan.
+    #[serde(default = "default_sessions")]
+    pub sessions: usize,
+}
+
+/// Default `sessions` of `[scan.clamd]`.
+pub const DEFAULT_CLAMD_SESSIONS: usize = 16;
+
+fn default_sessions() -> usize {
+    DEFAULT_CLAMD_SESSIONS
 }
 
 /// Default `timeout` of `[scan.clamd]`.
@@ -121,6 +132,7 @@ impl Default for ClamdConfig {
             on_unscannable: OnUnscannable::default(),
             max_scan_size: DEFAULT_MAX_SCAN_SIZE,
             names: default_names(),
+            sessions: DEFAULT_CLAMD_SESSIONS,
         }
     }
 }

@@ -74,11 +74,13 @@ pub struct Envelope<'a> {
 }
 
 /// Scans messages with every configured engine. Cheap to share in an
-/// `Arc`: it contains the configuration, the compiled rules and rspamd's
-/// connection pool, and opens a new clamd or spamd connection per scan.
+/// `Arc`: it contains the configuration, the compiled rules, the kept clamd
+/// sessions and rspamd's connection pool, and opens a new spamd connection
+/// per scan.
 #[derive(Debug)]
 pub struct Scanner {
     clamd: Option<ClamdConfig>,
+    clamd_sessions: clamd::ClamdSessions,
     spam: SpamConfig,
     rules: RuleSet,
     rspamd: Option<rspamd::Client>,
@@ -127,6 +129,9 @@ impl Scanner {
             .map(rspamd::Client::new)
             .transpose()?;
         Ok(Scanner {
+            clamd_sessions: clamd::ClamdSessions::new(
+                config.clamd.as_ref().map_or(0, |clamd| clamd.sessions),
+            ),
             clamd: config.clamd.clone(),
             spam: config.spam.clone(),
             rules,
@@ -226,7 +231,7 @@ impl Scanner {
                 ),
             })
         } else {
-            clamd::scan(config, message)
+            clamd::scan(config, &self.clamd_sessions, message)
                 .await
                 .map(|finding| match finding {
                     ClamdFinding::Clean => Verdict::Clean,
