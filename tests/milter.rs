@@ -8,13 +8,11 @@ mod common;
 use base64::Engine;
 use common::clamd::Clamd;
 use common::postfix::{Postfix, PostfixOptions};
+use common::recording_clamd::RecordingClamd;
 use common::sendguard::{Sendguard, free_port};
 use common::smtp_client::SmtpClient;
 use common::upstream::{Upstream, UpstreamOptions, closed_address};
-use std::io::{ErrorKind, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::io::Write;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -118,99 +116,6 @@ Lunch at noon?\r\n\
 \r\n\
 last line\r\n";
 
-/// A stand-in for clamd that records what sendguard sends with INSTREAM
-/// and replies that it is clean, to see the message exactly as sendguard
-/// rebuilt it from Postfix's milter packets.
-struct RecordingClamd {
-    address: String,
-    messages: Arc<Mutex<Vec<Vec<u8>>>>,
-    stopping: Arc<AtomicBool>,
-}
-
-impl RecordingClamd {
-    fn start() -> RecordingClamd {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the recording clamd");
-        listener.set_nonblocking(true).expect("non-blocking accept");
-        let address = listener.local_addr().expect("local address").to_string();
-        let messages = Arc::new(Mutex::new(Vec::new()));
-        let stopping = Arc::new(AtomicBool::new(false));
-        let (recorded, stop) = (messages.clone(), stopping.clone());
-        thread::spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        let recorded = recorded.clone();
-                        thread::spawn(move || serve_clamd_connection(stream, &recorded));
-                    }
-                    Err(error) if error.kind() == ErrorKind::WouldBlock => {
-                        thread::sleep(Duration::from_millis(5))
-                    }
-                    Err(error) => panic!("recording clamd: accept failed: {error}"),
-                }
-            }
-        });
-        RecordingClamd {
-            address,
-            messages,
-            stopping,
-        }
-    }
-
-    fn messages(&self) -> Vec<Vec<u8>> {
-        self.messages.lock().expect("lock").clone()
-    }
-}
-
-impl Drop for RecordingClamd {
-    fn drop(&mut self) {
-        self.stopping.store(true, Ordering::SeqCst);
-    }
-}
-
-/// Serves one clamd command in its `z` form: VERSION, PING, or INSTREAM
-/// with its length-prefixed chunks.
-fn serve_clamd_connection(mut stream: TcpStream, recorded: &Mutex<Vec<Vec<u8>>>) {
-    stream.set_nonblocking(false).expect("blocking stream");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("read timeout");
-    let mut command = Vec::new();
-    let mut byte = [0u8; 1];
-    while command.len() < 64 {
-        if stream.read_exact(&mut byte).is_err() || byte[0] == 0 {
-            break;
-        }
-        command.push(byte[0]);
-    }
-    let reply: &[u8] = match command.as_slice() {
-        b"zVERSION" => b"ClamAV 1.4.0/1/recording stand-in\0",
-        b"zPING" => b"PONG\0",
-        b"zINSTREAM" => {
-            let mut message = Vec::new();
-            // 64 MiB bounds a message far beyond the test messages.
-            while message.len() < 64 << 20 {
-                let mut length = [0u8; 4];
-                if stream.read_exact(&mut length).is_err() {
-                    return;
-                }
-                let length = u32::from_be_bytes(length) as usize;
-                if length == 0 {
-                    break;
-                }
-                let mut chunk = vec![0u8; length];
-                if stream.read_exact(&mut chunk).is_err() {
-                    return;
-                }
-                message.extend_from_slice(&chunk);
-            }
-            recorded.lock().expect("lock").push(message);
-            b"stream: OK\0"
-        }
-        _ => b"UNKNOWN COMMAND\0",
-    };
-    let _ = stream.write_all(reply);
-}
-
 /// Removes the first header (Postfix's own Received header, with its
 /// continuation lines) from a delivered message.
 fn without_first_header(message: &[u8]) -> &[u8] {
@@ -256,7 +161,7 @@ fn clean_message_delivered_and_scanned_exactly() {
     // sendguard scanned the message as the client sent it: Postfix hides
     // its own Received header from milters, and every header kept its
     // spaces and folding.
-    let scanned = clamd.messages();
+    let scanned = clamd.payloads();
     let scanned: Vec<&Vec<u8>> = scanned
         .iter()
         .filter(|message| !message.is_empty())

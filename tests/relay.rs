@@ -4,6 +4,7 @@
 mod common;
 
 use common::clamd::Clamd;
+use common::recording_clamd::RecordingClamd;
 use common::sendguard::Sendguard;
 use common::smtp_client::{SmtpClient, data_payload};
 use common::upstream::{ClosePoint, Upstream, UpstreamOptions};
@@ -502,82 +503,9 @@ fn ehlo_advertises_upstream_extensions_only() {
     client.quit();
 }
 
-/// A stand-in for clamd that records each INSTREAM payload and answers
-/// `stream: OK`. A real clamd cannot hand back the bytes it scanned, so
-/// this one is a mock; every other test uses the real clamd.
-struct RecordingScanner {
-    address: String,
-    payloads: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl RecordingScanner {
-    fn start() -> RecordingScanner {
-        use std::io::{Read, Write};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let address = listener.local_addr().expect("address").to_string();
-        let payloads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (recorded, stopping) = (payloads.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                if stopping.load(std::sync::atomic::Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(mut stream) = stream else { continue };
-                let mut command = Vec::new();
-                let mut byte = [0u8; 1];
-                while stream.read_exact(&mut byte).is_ok() && byte[0] != 0 {
-                    command.push(byte[0]);
-                }
-                if command != b"zINSTREAM" {
-                    let _ = stream.write_all(b"ClamAV 1.4.6/27000/recording stand-in\0");
-                    continue;
-                }
-                let mut payload = Vec::new();
-                loop {
-                    let mut length = [0u8; 4];
-                    if stream.read_exact(&mut length).is_err() {
-                        break;
-                    }
-                    let length = u32::from_be_bytes(length) as usize;
-                    if length == 0 {
-                        let _ = stream.write_all(b"stream: OK\0");
-                        break;
-                    }
-                    let mut chunk = vec![0u8; length];
-                    if stream.read_exact(&mut chunk).is_err() {
-                        break;
-                    }
-                    payload.extend_from_slice(&chunk);
-                }
-                recorded.lock().expect("lock").push(payload);
-            }
-        });
-        RecordingScanner {
-            address,
-            payloads,
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for RecordingScanner {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        // Wake the accept loop so it sees the flag.
-        let _ = std::net::TcpStream::connect(&self.address);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 #[test]
 fn scanner_sees_relayed_bytes() {
-    let scanner = RecordingScanner::start();
+    let scanner = RecordingClamd::start();
     let upstream = Upstream::start(UpstreamOptions::default());
     let extra = format!(
         "[scan.clamd]\naddress = \"{}\"\ntimeout = \"5s\"\n",
@@ -593,7 +521,7 @@ fn scanner_sees_relayed_bytes() {
     client.quit();
     let received = upstream.wait_for_messages(1, Duration::from_secs(10));
     assert_eq!(received[0].content, content);
-    let payloads = scanner.payloads.lock().expect("lock").clone();
+    let payloads = scanner.payloads();
     assert_eq!(payloads.len(), 1, "one scan per message");
     assert_eq!(
         payloads[0], content,
