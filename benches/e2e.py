@@ -13,6 +13,7 @@ parallel sessions, it measures:
      leaves it out)
   4  smtp-source -> Postfix relaying, no milter -> smtp-sink
   5  smtp-source -> Postfix + sendguard milter (clamd + rules) -> smtp-sink
+  5u the same with the milter on a unix socket
   6  clamd INSTREAM on the same message (examples/loadgen.rs, 20 connections)
 
 Every row is run --reps times, interleaved (rows 1..6, then again), and
@@ -658,7 +659,7 @@ def table(results):
             lines.append("")
             lines.append(
                 f"Latency offered at {format_number(scenario['latency_rate'])} msg/s "
-                "(half of row 2's rate; rows 4 and 5 at half their own rate when lower)."
+                "(half of row 2's rate; rows 4 to 5u at half their own rate when lower)."
             )
     return "\n".join(lines)
 
@@ -669,7 +670,8 @@ def targets(results):
     for scenario in results["scenarios"]:
         rows = scenario["rows"]
         rate = lambda key: rows.get(key, {}).get("rate")
-        direct, off, clamd_row, postfix, milter = (rate(k) for k in ("1", "2", "3", "4", "5"))
+        direct, off, clamd_row, postfix, milter, milter_unix = (
+            rate(k) for k in ("1", "2", "3", "4", "5", "5u"))
         clamd_rate = results["clamd_rate"].get(scenario["size_name"])
         title = scenario["title"]
 
@@ -690,6 +692,8 @@ def targets(results):
             check("clamd: × Postfix relaying (goal 1.5)", clamd_row / postfix, 1.5)
         if postfix and milter:
             check("milter: × Postfix without milter (goal 0.7)", milter / postfix, 0.7)
+        if postfix and milter_unix:
+            check("milter on a unix socket: × Postfix without milter (goal 0.7)", milter_unix / postfix, 0.7)
         added = scenario.get("added_p99_ms")
         if added is not None:
             checks.append((title, "p99 added by the proxy, scanners off (goal ≤ 1 ms)", added, 1.0, added <= 1.0))
@@ -833,10 +837,24 @@ def main():
         extra=f'[milter]\nlisten = "127.0.0.1:{milter_port}"\n',
     )
     wait_until(lambda: listens(milter_port), 30, "sendguard milter")
+    # The same milter on a unix socket, where sendguard waives more replies.
+    milter_socket = work / "milter-unix.sock"
+    milter_unix, _ = start_sendguard(
+        processes, work, "milter-unix", sink_port, scan_clamd,
+        extra=f'[milter]\nlisten = "{milter_socket}"\n',
+    )
+    wait_until(milter_socket.exists, 30, "sendguard milter on a unix socket")
+    # Postfix's smtpd connects as the user postfix.
+    milter_socket.chmod(0o666)
     postfix_plain, postfix_plain_port = start_postfix(processes, work, "postfix-plain", sink_port)
     postfix_milter, postfix_milter_port = start_postfix(
         processes, work, "postfix-milter", sink_port,
         f"smtpd_milters = inet:127.0.0.1:{milter_port}\n"
+        "milter_protocol = 6\nmilter_default_action = tempfail\n",
+    )
+    postfix_milter_unix, postfix_milter_unix_port = start_postfix(
+        processes, work, "postfix-milter-unix", sink_port,
+        f"smtpd_milters = unix:{milter_socket}\n"
         "milter_protocol = 6\nmilter_default_action = tempfail\n",
     )
 
@@ -855,24 +873,28 @@ def main():
         Row("4", "Postfix relaying, no milter", port=postfix_plain_port, postfix=postfix_plain),
         Row("5", "Postfix + sendguard milter (clamd + rules)", port=postfix_milter_port,
             postfix=postfix_milter, sendguard=milter),
+        Row("5u", "the same, milter on a unix socket", port=postfix_milter_unix_port,
+            postfix=postfix_milter_unix, sendguard=milter_unix),
     ]
 
     def roots():
         pids = [os.getpid()]
-        for directory in (postfix_plain, postfix_milter):
+        for directory in (postfix_plain, postfix_milter, postfix_milter_unix):
             master = postfix_master_pid(directory)
             if master:
                 pids.append(master)
         return pids
 
     services = {"smtp-sink": sink.pid, "clamd": clamd.pid, "proxy-off": proxy_off.pid,
-                "proxy-clamd": proxy_clamd.pid, "milter": milter.pid}
+                "proxy-clamd": proxy_clamd.pid, "milter": milter.pid,
+                "milter-unix": milter_unix.pid}
     if not options.no_rspamd:
         services.update({"rspamd": rspamd.pid, "proxy-rspamd": proxy_rspamd.pid})
 
     def service_roots():
         named = dict(services)
-        for name, directory in (("postfix-plain", postfix_plain), ("postfix-milter", postfix_milter)):
+        for name, directory in (("postfix-plain", postfix_plain), ("postfix-milter", postfix_milter),
+                                ("postfix-milter-unix", postfix_milter_unix)):
             master = postfix_master_pid(directory)
             if master:
                 named[name] = master

@@ -29,19 +29,46 @@ struct Chain {
     postfix: Postfix,
 }
 
-/// Starts the chain; `sendguard_extra` is TOML for sendguard's config.
+/// Starts the chain with the milter on TCP; `sendguard_extra` is TOML for
+/// sendguard's config.
 fn start_chain(sendguard_extra: &str, sasl_users: &[(&str, &str)]) -> Chain {
+    start_chain_on(None, sendguard_extra, sasl_users)
+}
+
+/// Starts the chain with the milter on the unix socket `socket`, or on a
+/// loopback TCP port when it is `None`.
+fn start_chain_on(
+    socket: Option<&std::path::Path>,
+    sendguard_extra: &str,
+    sasl_users: &[(&str, &str)],
+) -> Chain {
     let sink = Upstream::start(UpstreamOptions::default());
-    let milter = format!("127.0.0.1:{}", free_port());
+    let listen = match socket {
+        Some(path) => path.display().to_string(),
+        None => format!("127.0.0.1:{}", free_port()),
+    };
     // The SMTP relay's upstream is unused in milter mode.
     let server = Sendguard::start(
         &sink.address(),
-        &format!("[milter]\nlisten = \"{milter}\"\n{sendguard_extra}"),
+        &format!("[milter]\nlisten = \"{listen}\"\n{sendguard_extra}"),
     );
-    let milter = server.listen_address("milter");
+    let milter = match socket {
+        Some(path) => {
+            // Postfix's smtpd connects as the user postfix, as in a real
+            // deployment where the directory and umask allow it.
+            use std::os::unix::fs::PermissionsExt;
+            let directory = path.parent().expect("socket directory");
+            std::fs::set_permissions(directory, std::fs::Permissions::from_mode(0o755))
+                .expect("open the socket directory");
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+                .expect("open the socket");
+            format!("unix:{}", path.display())
+        }
+        None => format!("inet:{}", server.listen_address("milter")),
+    };
     let main_cf = format!(
-        "smtpd_milters = inet:{milter}\n\
-         non_smtpd_milters = inet:{milter}\n\
+        "smtpd_milters = {milter}\n\
+         non_smtpd_milters = {milter}\n\
          milter_protocol = 6\n\
          milter_default_action = tempfail\n"
     );
@@ -173,6 +200,58 @@ fn clean_message_delivered_and_scanned_exactly() {
         "scanned bytes"
     );
     assert_eq!(scanned[0].as_slice(), CLEAN);
+}
+
+#[test]
+fn unix_socket_milter_scans_and_locks_out() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let socket = dir.path().join("milter.sock");
+    let clamd = RecordingClamd::start();
+    let chain = start_chain_on(
+        Some(&socket),
+        &format!("[scan.clamd]\naddress = \"{}\"\n", clamd.address),
+        &[ALICE],
+    );
+
+    // Over a unix socket the milter waives the replies to connect, HELO and
+    // RCPT and leaves DATA out; the message still arrives whole.
+    let mut client = chain.session(None);
+    let reply = client.send_message(
+        "carol@example.org",
+        &["bob@example.net", "dan@example.net"],
+        CLEAN,
+    );
+    chain.check(
+        reply.code == 250,
+        &format!("clean message: {}", reply.text()),
+    );
+    client.quit();
+    let delivered = chain.sink.wait_for_messages(1, Duration::from_secs(20));
+    assert_eq!(without_first_header(&delivered[0].content), CLEAN);
+    let scanned = clamd.payloads();
+    assert_eq!(scanned.len(), 1, "one message scanned");
+    assert_eq!(scanned[0].as_slice(), CLEAN);
+
+    let mut client = chain.session(Some(ALICE));
+    for index in 0..5 {
+        let reply = client.send_message(
+            "alice@example.org",
+            &["bob@example.net", "dan@example.net"],
+            &spam(&format!("unix{index}")),
+        );
+        chain.check(
+            reply.code == 550,
+            &format!("spam {index}: {}", reply.text()),
+        );
+    }
+    let reply = client.command("MAIL FROM:<alice@example.org>");
+    chain.check(reply.code == 550, &format!("locked out: {}", reply.text()));
+    client.quit();
+
+    let bad = chain.server.events_of("bad_message");
+    assert_eq!(bad.len(), 5, "{bad:?}");
+    assert_eq!(bad[0]["recipients"], 2, "{:?}", bad[0]);
+    assert_eq!(chain.server.events_of("lockout_started").len(), 1);
 }
 
 #[test]

@@ -121,7 +121,12 @@ pub async fn run(listener: MilterListener, guard: Arc<Guard>, shutdown: watch::R
     } = listener;
     tracing::info!(listen = %description, "milter listening");
 
-    let callbacks = callbacks(guard);
+    let skippable = if socket_path.is_some() {
+        session::UNIX_OPTIONS
+    } else {
+        session::TCP_OPTIONS
+    };
+    let callbacks = callbacks(guard, skippable);
     let accepting = RetryingListener {
         listener,
         pause: None,
@@ -143,7 +148,7 @@ pub async fn run(listener: MilterListener, guard: Arc<Guard>, shutdown: watch::R
 
 /// Wires each milter stage to its handler in [`session`], inside the
 /// connection's tracing span.
-fn callbacks(guard: Arc<Guard>) -> Callbacks<Connection> {
+fn callbacks(guard: Arc<Guard>, skippable: indymilter::ProtoOpts) -> Callbacks<Connection> {
     let prefix = format!("m{:06x}", rand::random::<u32>() & 0xff_ffff);
     let counter = Arc::new(AtomicU64::new(0));
     let mail_guard = guard.clone();
@@ -153,7 +158,7 @@ fn callbacks(guard: Arc<Guard>) -> Callbacks<Connection> {
         .on_negotiate(move |cx, actions, options| {
             let id = format!("{prefix}{:x}", counter.fetch_add(1, Ordering::Relaxed));
             Box::pin(std::future::ready(session::negotiate(
-                cx, id, actions, options,
+                cx, id, actions, options, skippable,
             )))
         })
         .on_connect(|cx, hostname, socket| {
