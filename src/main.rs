@@ -341,15 +341,23 @@ fn init_tracing() {
         .init();
 }
 
-fn tokio_runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread()
+/// Builds the multi-threaded runtime with `threads` workers, or one per
+/// CPU core when `threads` is 0.
+fn tokio_runtime(threads: usize) -> Result<tokio::runtime::Runtime, String> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if threads > 0 {
+        builder.worker_threads(threads);
+    }
+    builder
         .enable_all()
         .build()
         .map_err(|error| format!("cannot start the async runtime: {error}"))
 }
 
 fn serve(config: &Path) -> Result<(), String> {
-    tokio_runtime()?
+    // A file that does not load is reported by the server itself.
+    let threads = Config::load(config).map_or(0, |config| config.smtp.worker_threads);
+    tokio_runtime(threads)?
         .block_on(sendguard::server::serve(config))
         .map_err(|error| error.to_string())
 }
@@ -382,7 +390,7 @@ fn check(file: &Path, config: &Path, recipients: usize, facts: &CheckEnvelope) -
             recipients,
             envelope: Some(envelope),
         };
-        Ok(tokio_runtime()?.block_on(runtime.scanner.report(input)))
+        Ok(tokio_runtime(0)?.block_on(runtime.scanner.report(input)))
     })();
     let report = match result {
         Ok(report) => report,

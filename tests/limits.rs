@@ -177,3 +177,30 @@ fn many_idle_connections_do_not_block_service() {
     );
     drop(idle);
 }
+
+/// Counts the threads of process `pid` named `name`.
+fn threads_named(pid: u32, name: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("list the threads")
+        .filter_map(Result::ok)
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.trim() == name)
+        })
+        .count()
+}
+
+#[test]
+fn worker_threads_setting_applied() {
+    let upstream = Upstream::start(UpstreamOptions::default());
+    let server = Sendguard::start_with(&upstream.address(), "worker_threads = 3", "");
+    let mut client = SmtpClient::connect(&server.address);
+    client.cmd("EHLO client.test", 250);
+    let reply = client.send_message(
+        "alice@example.org",
+        &["bob@example.net"],
+        b"Subject: x\r\n\r\nhi\r\n",
+    );
+    assert_eq!(reply.code, 250, "{}", reply.text());
+    client.quit();
+    assert_eq!(threads_named(server.pid(), "tokio-rt-worker"), 3);
+}

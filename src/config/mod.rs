@@ -117,6 +117,9 @@ pub struct SmtpConfig {
     /// Time allowed for the client to send the whole message after `354`.
     #[serde(with = "humantime_serde")]
     pub data_timeout: Duration,
+    /// Threads serving SMTP, milter and API connections; 0 starts one per
+    /// CPU core.
+    pub worker_threads: usize,
 }
 
 impl Default for SmtpConfig {
@@ -146,6 +149,7 @@ impl Default for SmtpConfig {
             max_connections_per_client: 50,
             max_recipients: 1000,
             data_timeout: Duration::from_secs(600),
+            worker_threads: 0,
         }
     }
 }
@@ -744,7 +748,19 @@ fn validate_smtp(smtp: &SmtpConfig, problems: &mut Problems) {
             problems.push(key, "must be at least 1");
         }
     }
+    if smtp.worker_threads > MAX_WORKER_THREADS {
+        problems.push(
+            "smtp.worker_threads",
+            format!(
+                "is {}, above the limit of {MAX_WORKER_THREADS}; use 0 for one thread per CPU core",
+                smtp.worker_threads
+            ),
+        );
+    }
 }
+
+/// Highest `smtp.worker_threads` accepted.
+const MAX_WORKER_THREADS: usize = 256;
 
 /// Checks the form `host:port` with a port from 1 to 65535.
 fn is_host_port(address: &str) -> bool {

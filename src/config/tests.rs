@@ -192,3 +192,33 @@ fn retry_max_not_below_initial() {
     let keys = problem_keys("[actions]\nretry_initial = \"10m\"\nretry_max = \"1m\"\n");
     assert_eq!(keys, ["actions.retry_max"]);
 }
+
+#[test]
+fn worker_threads_bounded() {
+    assert!(problem_keys("[smtp]\nworker_threads = 1\n").is_empty());
+    assert!(problem_keys("[smtp]\nworker_threads = 256\n").is_empty());
+    assert_eq!(
+        problem_keys("[smtp]\nworker_threads = 100000\n"),
+        ["smtp.worker_threads"]
+    );
+}
+
+#[test]
+fn pool_durations_above_zero() {
+    assert_eq!(
+        pool_problem_keys("pool_idle_time = \"0s\"\npool_max_age = \"0s\"\n"),
+        ["upstream.pool_idle_time", "upstream.pool_max_age"]
+    );
+}
+
+/// Returns the keys of the problems found with `extra` lines in [upstream].
+fn pool_problem_keys(extra: &str) -> Vec<String> {
+    let text = MINIMAL.replace(
+        "address = \"127.0.0.1:2526\"\n",
+        &format!("address = \"127.0.0.1:2526\"\n{extra}"),
+    );
+    match Config::parse(&text) {
+        Ok(_) => Vec::new(),
+        Err(problems) => problems.0.into_iter().map(|problem| problem.key).collect(),
+    }
+}
