@@ -54,6 +54,8 @@ RUN_TIMEOUT = 180
 # File descriptors for the 10 000 idle connections on both ends.
 IDLE_CONNECTIONS = 10_000
 TRACKED_MAILBOXES = 1_000_000
+# [smtp] worker_threads of every sendguard started; set from --worker-threads.
+WORKER_THREADS = 0
 
 
 def log(message):
@@ -247,6 +249,7 @@ def start_sendguard(processes, work, name, upstream_port, scan, smtp_extra="", e
         f'listen = "127.0.0.1:{port}"\n'
         'hostname = "sendguard.bench"\n'
         'relay_networks = ["127.0.0.0/8"]\n'
+        f"worker_threads = {WORKER_THREADS}\n"
         f"{smtp_extra}\n"
         "[upstream]\n"
         f'address = "127.0.0.1:{upstream_port}"\n'
@@ -800,12 +803,16 @@ def main():
     parser.add_argument("--modes", default="new,reused", help="session modes: new, reused or both")
     parser.add_argument("--no-rspamd", action="store_true", help="leave out row 3r, the proxy with rspamd")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    parser.add_argument("--worker-threads", type=int, default=0,
+                        help="[smtp] worker_threads of every sendguard; default 0, one per core")
     parser.add_argument("--rows", help="run only these rows, such as 1,2 (rows 1, 2 and 4 are the "
                         "references of the ratios); default all")
     parser.add_argument("--out", default=str(REPO / "target/e2e"), help="directory for results.json and table.md")
     parser.add_argument("--chart", default=str(REPO / "docs/benchmarks.png"), help="PNG chart to write")
     parser.add_argument("--replot", metavar="RESULTS", help="only draw the chart from a results.json of an earlier run")
     options = parser.parse_args()
+    global WORKER_THREADS
+    WORKER_THREADS = options.worker_threads
     if options.replot:
         write_chart(json.loads(Path(options.replot).read_text()), options.chart)
         return
