@@ -1,0 +1,275 @@
+#!/usr/bin/env bash
+# Builds the Debian package and checks it in a fresh Debian 12 (bookworm)
+# root made with debootstrap: the files land where the README says, the
+# unit passes `systemd-analyze verify` and is enabled, the binary runs and
+# accepts the shipped config, the service user can start the relay and
+# create its store, an upgrade keeps an edited config, removing keeps
+# /var/lib/sendguard and purging deletes it.
+#
+# Usage: scripts/test-deb.sh [--fresh] [--keep]
+#   --fresh  run debootstrap even when a cached root is at hand
+#   --keep   leave the root in target/deb-test/root for inspection
+#
+# Runs as root on Debian 12 and installs debootstrap when it is missing.
+# The first run downloads about 60 MB from the Debian mirror
+# (SENDGUARD_DEB_MIRROR, default http://deb.debian.org/debian) and keeps
+# the new root as target/deb-test/bookworm-root.tar for later runs. Prints
+# PASS or FAIL per check and exits 1 when any check fails.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+
+mirror=${SENDGUARD_DEB_MIRROR:-http://deb.debian.org/debian}
+work="$repo/target/deb-test"
+root="$work/root"
+cache="$work/bookworm-root.tar"
+fresh=0
+keep=0
+for argument in "$@"; do
+    case $argument in
+        --fresh) fresh=1 ;;
+        --keep) keep=1 ;;
+        *)
+            echo "test-deb: unknown argument $argument; expected --fresh or --keep" >&2
+            exit 2
+            ;;
+    esac
+done
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "test-deb: run this script as root; it needs debootstrap and chroot" >&2
+    exit 2
+fi
+
+started=$SECONDS
+passed=0
+failed=0
+serve_pid=""
+
+pass() {
+    echo "PASS: $1"
+    passed=$((passed + 1))
+}
+
+fail() {
+    echo "FAIL: $1" >&2
+    failed=$((failed + 1))
+}
+
+# Records `check DESCRIPTION COMMAND...` as passed when COMMAND succeeds.
+check() {
+    local description=$1
+    shift
+    if "$@"; then
+        pass "$description"
+    else
+        fail "$description"
+    fi
+}
+
+section() {
+    printf '\n== %s (%d s)\n' "$1" "$((SECONDS - started))"
+}
+
+in_root() {
+    chroot "$root" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8 \
+        DEBIAN_FRONTEND=noninteractive "$@"
+}
+
+unmount_root() {
+    local mount_point
+    for mount_point in "$root/proc" "$root/dev/pts" "$root/dev"; do
+        if mountpoint -q "$mount_point"; then
+            umount -l "$mount_point"
+        fi
+    done
+}
+
+cleanup() {
+    if [[ -n $serve_pid ]] && kill -0 "$serve_pid" 2> /dev/null; then
+        kill "$serve_pid" 2> /dev/null || true
+        wait "$serve_pid" 2> /dev/null || true
+    fi
+    unmount_root
+    if [[ $keep -eq 0 ]]; then
+        rm -rf "$root"
+    fi
+}
+trap cleanup EXIT
+
+section "Build the packages"
+if ! command -v debootstrap > /dev/null; then
+    apt-get -o DPkg::Lock::Timeout=300 update || true
+    apt-get -o DPkg::Lock::Timeout=300 install -y debootstrap
+fi
+# The second package differs only in its revision, as a packaging fix
+# would, to test an upgrade over an edited config.
+package=$(scripts/build-deb.sh | grep '\.deb$')
+upgrade=$(cargo deb --no-build --locked --deb-revision 2 | grep '\.deb$')
+check "package built: $package" test -f "$package"
+check "upgrade package built: $upgrade" test -f "$upgrade"
+version=$(dpkg-deb --field "$package" Version)
+conffiles=$(dpkg-deb --ctrl-tarfile "$package" | tar -xO ./conffiles)
+check "/etc/sendguard/config.toml is a conffile" grep -qx /etc/sendguard/config.toml <<< "$conffiles"
+echo "Depends: $(dpkg-deb --field "$package" Depends)"
+
+section "Make a Debian 12 root"
+unmount_root
+rm -rf "$root"
+mkdir -p "$root"
+if [[ $fresh -eq 0 && -f $cache ]]; then
+    tar -xf "$cache" -C "$root"
+    echo "unpacked the cached root $cache (delete it or pass --fresh for a new one)"
+else
+    # systemd comes along for systemd-analyze and deb-systemd-helper, as on
+    # any Debian 12 server.
+    debootstrap --variant=minbase --include=systemd bookworm "$root" "$mirror" \
+        > "$work/debootstrap.log" 2>&1 || {
+        tail -n 20 "$work/debootstrap.log" >&2
+        fail "debootstrap bookworm from $mirror (log: $work/debootstrap.log)"
+        exit 1
+    }
+    tar -cf "$cache" -C "$root" .
+    echo "made a new root with debootstrap from $mirror and cached it as $cache"
+fi
+mount -t proc proc "$root/proc"
+# Package installs in the root start no services.
+printf '#!/bin/sh\nexit 101\n' > "$root/usr/sbin/policy-rc.d"
+chmod 755 "$root/usr/sbin/policy-rc.d"
+check "root is Debian 12" grep -q '^VERSION_ID="12"' "$root/etc/os-release"
+
+section "Install the package"
+cp "$package" "$upgrade" "$root/tmp/"
+in_root apt-get -o DPkg::Lock::Timeout=300 update > "$work/apt.log" 2>&1 || true
+if in_root apt-get install -y --no-install-recommends "/tmp/$(basename "$package")" \
+    >> "$work/apt.log" 2>&1; then
+    pass "apt-get install ./$(basename "$package") with its dependencies"
+else
+    tail -n 30 "$work/apt.log" >&2
+    fail "apt-get install ./$(basename "$package") (log: $work/apt.log)"
+    exit 1
+fi
+installed=$(in_root dpkg-query -W -f='${Version} ${Status}' sendguard)
+check "dpkg reports $version installed" test "$installed" = "$version install ok installed"
+
+section "Files land where the README says"
+for path in \
+    /usr/bin/sendguard \
+    /etc/sendguard/config.toml \
+    /usr/lib/systemd/system/sendguard.service \
+    /usr/share/man/man8/sendguard.8.gz \
+    /usr/share/man/man8/sendguard-serve.8.gz \
+    /usr/share/man/man8/sendguard-config-check.8.gz \
+    /usr/share/bash-completion/completions/sendguard \
+    /usr/share/zsh/vendor-completions/_sendguard \
+    /usr/share/fish/vendor_completions.d/sendguard.fish \
+    /usr/share/doc/sendguard/config.toml.example \
+    /usr/share/doc/sendguard/README.md \
+    /usr/share/doc/sendguard/copyright; do
+    check "$path installed" test -f "$root$path"
+done
+check "config is config.toml.example" cmp -s config.toml.example "$root/etc/sendguard/config.toml"
+man_page=$(MANWIDTH=80 man -l "$root/usr/share/man/man8/sendguard.8.gz" 2> /dev/null || true)
+check "man page renders and lists sendguard-serve(8)" grep -q 'sendguard-serve(8)' <<< "$man_page"
+check "man page names /etc/sendguard/config.toml" grep -q '/etc/sendguard/config.toml' <<< "$man_page"
+
+section "Service user, state directory and unit"
+account=$(in_root getent passwd sendguard || true)
+check "system user sendguard exists: $account" test -n "$account"
+uid=$(cut -d: -f3 <<< "$account")
+check "sendguard is a system user (uid ${uid:-none} below 1000)" test "${uid:-1000}" -lt 1000
+check "sendguard cannot log in" grep -q ':/usr/sbin/nologin$' <<< "$account"
+state=$(stat -c '%U:%G %a' "$root/var/lib/sendguard" 2> /dev/null || true)
+check "/var/lib/sendguard is sendguard:sendguard 750 (is ${state:-missing})" test "$state" = "sendguard:sendguard 750"
+check "sendguard.service is enabled for multi-user.target" \
+    test -L "$root/etc/systemd/system/multi-user.target.wants/sendguard.service"
+verify=$(in_root systemd-analyze verify /usr/lib/systemd/system/sendguard.service 2>&1) \
+    && verified=0 || verified=$?
+[[ -n $verify ]] && echo "$verify"
+check "systemd-analyze verify sendguard.service" test "$verified" -eq 0
+check "systemd-analyze verify printed nothing about sendguard.service" \
+    test -z "$(grep -i sendguard <<< "$verify" || true)"
+unit=$(in_root systemctl cat sendguard.service 2> /dev/null || cat "$root/usr/lib/systemd/system/sendguard.service")
+for setting in 'User=sendguard' 'ProtectSystem=strict' 'StateDirectory=sendguard' \
+    'ExecReload=/bin/kill -HUP $MAINPID' 'NoNewPrivileges=yes' 'CapabilityBoundingSet='; do
+    check "unit sets $setting" grep -qxF "$setting" <<< "$unit"
+done
+
+section "The binary runs in the root"
+printed=$(in_root sendguard --version 2>&1 || true)
+check "sendguard --version prints ${version%-*} (printed: $printed)" test "$printed" = "sendguard ${version%-*}"
+printed=$(in_root sendguard config check /etc/sendguard/config.toml 2>&1) && status=0 || status=$?
+echo "$printed"
+check "sendguard config check /etc/sendguard/config.toml as root" test "$status" -eq 0
+printed=$(in_root setpriv --reuid=sendguard --regid=sendguard --init-groups \
+    sendguard config check /etc/sendguard/config.toml 2>&1) && status=0 || status=$?
+check "sendguard config check as the sendguard user" test "$status" -eq 0
+
+# The relay starts as the service user with the shipped config, moved to a
+# free loopback port so that it cannot clash with another relay on this
+# machine, and creates its store in /var/lib/sendguard.
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+sed "s/^listen = \"127.0.0.1:2525\"/listen = \"127.0.0.1:$port\"/" \
+    "$root/etc/sendguard/config.toml" > "$root/tmp/serve.toml"
+chmod 644 "$root/tmp/serve.toml"
+in_root setpriv --reuid=sendguard --regid=sendguard --init-groups \
+    sendguard serve --config /tmp/serve.toml > "$work/serve.log" 2>&1 &
+serve_pid=$!
+greeting=""
+for _ in $(seq 50); do
+    if greeting=$(timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$port && head -n 1 <&3" 2> /dev/null); then
+        break
+    fi
+    sleep 0.2
+done
+check "relay as the sendguard user greets on 127.0.0.1:$port (greeting: ${greeting%$'\r'})" \
+    grep -q '^220 ' <<< "$greeting"
+store=$(stat -c '%U:%G' "$root/var/lib/sendguard/sendguard.db" 2> /dev/null || true)
+check "store /var/lib/sendguard/sendguard.db created by sendguard (owner: ${store:-missing})" \
+    test "$store" = "sendguard:sendguard"
+kill -HUP "$serve_pid" 2> /dev/null || true
+sleep 1
+check "relay still runs after SIGHUP" kill -0 "$serve_pid"
+kill -TERM "$serve_pid" 2> /dev/null || true
+wait "$serve_pid" && status=0 || status=$?
+serve_pid=""
+check "relay stops with status 0 on SIGTERM (status $status)" test "$status" -eq 0
+check "relay logged no error" test -z "$(grep -E ' (ERROR|WARN) ' "$work/serve.log" | grep -v -e clamd -e upstream || true)"
+echo "relay log:"
+sed 's/^/  /' "$work/serve.log"
+
+section "Upgrade keeps the edited config"
+echo '# Edited by test-deb.sh.' >> "$root/etc/sendguard/config.toml"
+if in_root dpkg -i "/tmp/$(basename "$upgrade")" >> "$work/apt.log" 2>&1; then
+    pass "dpkg -i $(basename "$upgrade")"
+else
+    fail "dpkg -i $(basename "$upgrade") (log: $work/apt.log)"
+fi
+upgraded=$(in_root dpkg-query -W -f='${Version}' sendguard)
+check "version is ${version%-*}-2 (is $upgraded)" test "$upgraded" = "${version%-*}-2"
+check "edited config kept" grep -qx '# Edited by test-deb.sh.' "$root/etc/sendguard/config.toml"
+check "no config.toml.dpkg-new or .dpkg-dist left" \
+    test -z "$(ls "$root/etc/sendguard" | grep dpkg || true)"
+in_root dpkg -i "/tmp/$(basename "$upgrade")" >> "$work/apt.log" 2>&1 || true
+check "reinstalling the same package keeps the edited config" \
+    grep -qx '# Edited by test-deb.sh.' "$root/etc/sendguard/config.toml"
+check "store kept over the upgrade" test -f "$root/var/lib/sendguard/sendguard.db"
+
+section "Remove keeps the state, purge deletes it"
+check "dpkg --remove sendguard" in_root dpkg --remove sendguard
+check "/usr/bin/sendguard removed" test ! -e "$root/usr/bin/sendguard"
+check "/var/lib/sendguard kept with the store" test -f "$root/var/lib/sendguard/sendguard.db"
+check "edited /etc/sendguard/config.toml kept" grep -qx '# Edited by test-deb.sh.' "$root/etc/sendguard/config.toml"
+check "dpkg --purge sendguard" in_root dpkg --purge sendguard
+check "/var/lib/sendguard deleted" test ! -e "$root/var/lib/sendguard"
+check "/etc/sendguard/config.toml deleted" test ! -e "$root/etc/sendguard/config.toml"
+check "sendguard.service no longer enabled" \
+    test ! -e "$root/etc/systemd/system/multi-user.target.wants/sendguard.service"
+
+section "Result"
+echo "$passed passed, $failed failed"
+echo "test-deb took $((SECONDS - started)) s"
+if [[ $failed -ne 0 ]]; then
+    exit 1
+fi
