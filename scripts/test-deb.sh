@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the Debian package and checks it in a fresh Debian 12 (bookworm)
-# root made with debootstrap: the files land where the README says, the
+# root made with debootstrap: the files land where the README lists them, the
 # unit passes `systemd-analyze verify` and is enabled, the binary runs and
 # accepts the shipped config, the service user can start the relay and
 # create its store, an upgrade keeps an edited config, removing keeps
@@ -35,14 +35,14 @@ for argument in "$@"; do
         --fresh) fresh=1 ;;
         --keep) keep=1 ;;
         *)
-            echo "test-deb: unknown argument $argument; expected --fresh or --keep" >&2
+            echo "test-deb: invalid argument $argument (expected --fresh or --keep)" >&2
             exit 2
             ;;
     esac
 done
 
 if [[ $(id -u) -ne 0 ]]; then
-    echo "test-deb: run this script as root; it needs debootstrap and chroot" >&2
+    echo "test-deb: run this script as root, because debootstrap and chroot need root" >&2
     exit 2
 fi
 

@@ -595,8 +595,8 @@ fn write_man_page(
     let mut page = Vec::new();
     man.render(&mut page)?;
 
-    // The top page also says where the packaged files are and how the
-    // service is controlled, which the command line cannot express.
+    // The top page also lists the packaged files, signals and environment,
+    // which the command line cannot express.
     if command.get_name() == "sendguard" {
         service_sections().to_writer(&mut page)?;
     }
