@@ -103,9 +103,9 @@ cleanup() {
 trap cleanup EXIT
 
 section "Build the packages"
-if ! command -v debootstrap > /dev/null; then
+if ! command -v debootstrap > /dev/null || ! command -v systemd-nspawn > /dev/null; then
     apt-get -o DPkg::Lock::Timeout=300 update || true
-    apt-get -o DPkg::Lock::Timeout=300 install -y debootstrap
+    apt-get -o DPkg::Lock::Timeout=300 install -y debootstrap systemd-container
 fi
 # The second package differs only in its revision, as a packaging fix
 # would, to test an upgrade over an edited config.
@@ -250,6 +250,63 @@ check "relay stops with status 0 on SIGTERM (status $status)" test "$status" -eq
 check "relay logged no error" test -z "$(grep -E 'ERROR|^sendguard: ' "$work/serve.log" || true)"
 echo "relay log:"
 sed 's/^/  /' "$work/serve.log"
+
+section "The unit runs under systemd"
+# systemd boots the root as a container with a network namespace of its
+# own, so the relay's port 2525 cannot clash with the host's. A oneshot
+# unit reloads and probes sendguard.service, writes what it found to
+# /var/log/sendguard-test.log and powers the container off.
+cat > "$root/etc/systemd/system/sendguard-test.service" << 'UNIT'
+[Unit]
+Description=Probe sendguard.service for test-deb.sh
+After=sendguard.service
+
+[Service]
+Type=oneshot
+StandardOutput=append:/var/log/sendguard-test.log
+StandardError=append:/var/log/sendguard-test.log
+ExecStart=/bin/bash -c '\
+    sleep 2; \
+    echo "state=$(systemctl is-active sendguard)"; \
+    systemctl show -p User -p NRestarts sendguard; \
+    exec 3<>/dev/tcp/127.0.0.1/2525 && echo "greeting=$(head -n 1 <&3)"; \
+    systemctl reload sendguard && echo reload=ok; \
+    sleep 1; \
+    echo "state-after-reload=$(systemctl is-active sendguard)"; \
+    journalctl -u sendguard -o cat --no-pager; \
+    systemd-analyze security --no-pager sendguard.service | tail -n 1'
+ExecStopPost=/bin/systemctl poweroff
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+ln -sf /etc/systemd/system/sendguard-test.service \
+    "$root/etc/systemd/system/multi-user.target.wants/sendguard-test.service"
+rm -f "$root/var/log/sendguard-test.log"
+unmount_root
+# --register=no and --keep-unit let systemd-nspawn run on a host whose own
+# init is not systemd.
+timeout --kill-after=10 180 systemd-nspawn --quiet --directory="$root" --boot \
+    --private-network --register=no --keep-unit --console=pipe \
+    > "$work/nspawn.log" 2>&1 < /dev/null || true
+mount -t proc proc "$root/proc"
+rm "$root/etc/systemd/system/sendguard-test.service" \
+    "$root/etc/systemd/system/multi-user.target.wants/sendguard-test.service"
+probe=$(cat "$root/var/log/sendguard-test.log" 2> /dev/null || true)
+echo "$probe" > "$work/systemd-probe.log"
+if [[ -z $probe ]]; then
+    echo "systemd-nspawn output:" >&2
+    tail -n 20 "$work/nspawn.log" >&2
+fi
+check "sendguard.service is active after boot" grep -qx 'state=active' <<< "$probe"
+check "sendguard.service runs as User=sendguard" grep -qx 'User=sendguard' <<< "$probe"
+check "sendguard.service did not restart" grep -qx 'NRestarts=0' <<< "$probe"
+check "relay greets on 127.0.0.1:2525 under systemd" grep -q '^greeting=220 ' <<< "$probe"
+check "systemctl reload sendguard succeeds" grep -qx 'reload=ok' <<< "$probe"
+check "sendguard logged 'configuration reloaded'" grep -q 'configuration reloaded' <<< "$probe"
+check "sendguard.service is active after the reload" grep -qx 'state-after-reload=active' <<< "$probe"
+grep 'exposure level' <<< "$probe" || true
+echo "the probe's full output is in $work/systemd-probe.log"
 
 section "Upgrade keeps the edited config"
 echo '# Edited by test-deb.sh.' >> "$root/etc/sendguard/config.toml"
