@@ -10,7 +10,8 @@
 #   --fresh  run debootstrap even when a cached root is at hand
 #   --keep   leave the root in target/deb-test/root for inspection
 #
-# Runs as root on Debian 12 and installs debootstrap when it is missing.
+# Runs as root on Debian 12 and installs debootstrap, systemd-container
+# (systemd-nspawn) and lintian when they are missing.
 # The first run downloads a minimal Debian system from the Debian mirror
 # (SENDGUARD_DEB_MIRROR, default http://deb.debian.org/debian) and keeps
 # the new root as a tar file in target/deb-test/ for later runs. Prints
@@ -103,9 +104,11 @@ cleanup() {
 trap cleanup EXIT
 
 section "Build the packages"
-if ! command -v debootstrap > /dev/null || ! command -v systemd-nspawn > /dev/null; then
+if ! command -v debootstrap > /dev/null || ! command -v systemd-nspawn > /dev/null \
+    || ! command -v lintian > /dev/null; then
     apt-get -o DPkg::Lock::Timeout=300 update || true
-    apt-get -o DPkg::Lock::Timeout=300 install -y debootstrap systemd-container
+    apt-get -o DPkg::Lock::Timeout=300 install -y --no-install-recommends \
+        debootstrap systemd-container lintian
 fi
 # The second package differs only in its revision, as a packaging fix
 # would, to test an upgrade over an edited config.
@@ -120,6 +123,11 @@ version=$(dpkg-deb --field "$package" Version)
 conffiles=$(dpkg-deb --ctrl-tarfile "$package" | tar -xO ./conffiles)
 check "/etc/sendguard/config.toml is a conffile" grep -qx /etc/sendguard/config.toml <<< "$conffiles"
 echo "Depends: $(dpkg-deb --field "$package" Depends)"
+# initial-upload-closes-no-bugs concerns uploads to Debian's archive only.
+lintian_output=$(lintian --fail-on error,warning --suppress-tags initial-upload-closes-no-bugs \
+    "$package" 2>&1) && linted=0 || linted=$?
+grep -v 'running with root privileges' <<< "$lintian_output" || true
+check "lintian finds no error or warning" test "$linted" -eq 0
 
 section "Make a Debian 12 root"
 unmount_root
@@ -171,7 +179,8 @@ for path in \
     /usr/share/fish/vendor_completions.d/sendguard.fish \
     /usr/share/doc/sendguard/config.toml.example \
     /usr/share/doc/sendguard/README.md \
-    /usr/share/doc/sendguard/copyright; do
+    /usr/share/doc/sendguard/copyright \
+    /usr/share/doc/sendguard/changelog.Debian.gz; do
     check "$path installed" test -f "$root$path"
 done
 check "config is config.toml.example" cmp -s config.toml.example "$root/etc/sendguard/config.toml"
