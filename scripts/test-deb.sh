@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Builds the Debian package and checks it in a fresh Debian 12 (bookworm)
-# root made with debootstrap: the files land where the README lists them, the
-# unit passes `systemd-analyze verify` and is enabled, the binary runs and
-# accepts the shipped config, the service user can start the relay and
-# create its store, an upgrade keeps an edited config, removing keeps
-# /var/lib/sendguard and purging deletes it.
+# root made with debootstrap. The files must land where the README lists
+# them, and the unit must pass `systemd-analyze verify`, be enabled and run
+# under systemd. The binary must accept the shipped config, and the service
+# user must be able to start the relay and create its store. An upgrade
+# must keep an edited config, removing must keep /var/lib/sendguard and
+# purging must delete it.
 #
 # Usage: scripts/test-deb.sh [--fresh] [--keep]
 #   --fresh  run debootstrap even when a cached root is at hand
@@ -24,9 +25,9 @@ cd "$repo"
 mirror=${SENDGUARD_DEB_MIRROR:-http://deb.debian.org/debian}
 work="$repo/target/deb-test"
 root="$work/root"
-# Packages added to debootstrap's minimal set, as on any Debian 12 server:
-# systemd for systemd-analyze and deb-systemd-helper, man-db for the
-# man page check that `systemd-analyze verify` makes of Documentation=.
+# Packages added to debootstrap's minimal set, as on any Debian 12 server.
+# systemd brings systemd-analyze and deb-systemd-helper, and man-db the man
+# command, which `systemd-analyze verify` runs to check Documentation=.
 include=systemd,man-db
 cache="$work/bookworm-minbase-${include//,/-}.tar"
 fresh=0
