@@ -117,7 +117,8 @@ fi
 # package gets a directory of its own.
 rm -rf "$work/packages"
 package=$(scripts/build-deb.sh --output "$work/packages/1/" | grep '\.deb$')
-upgrade=$(cargo deb --no-build --locked --deb-revision 2 --output "$work/packages/2/" | grep '\.deb$')
+upgrade=$(cargo deb --no-build --locked --deb-revision 2 --fast --no-dbgsym \
+    --output "$work/packages/2/" | grep '\.deb$')
 check "package built: $package" test -f "$package"
 check "upgrade package built: $upgrade" test -f "$upgrade"
 version=$(dpkg-deb --field "$package" Version)
