@@ -1,7 +1,7 @@
 mod commands;
 mod device_commands;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use commands::{Output, Remote, print};
 use sendguard::admin::ExemptionRequest;
 use sendguard::config::Config;
@@ -248,7 +248,41 @@ enum ConfigCommand {
     Check { file: PathBuf },
 }
 
+// `sendguard generate` has a parser of its own, apart from `Cli`, so that
+// the man pages and completion scripts it writes do not list it.
+/// Write the man pages and shell completions that the Debian package
+/// installs.
+#[derive(Parser)]
+#[command(name = "sendguard-generate", bin_name = "sendguard generate")]
+struct GenerateCli {
+    #[command(subcommand)]
+    command: GenerateCommand,
+}
+
+#[derive(Subcommand)]
+enum GenerateCommand {
+    /// Write one man page per command, in section 8, into DIR.
+    Man { dir: PathBuf },
+    /// Print the completion script for SHELL.
+    Completions { shell: clap_complete::Shell },
+}
+
 fn main() -> ExitCode {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|first| first == "generate")
+    {
+        let generate = GenerateCli::parse_from(std::env::args_os().skip(1));
+        return exit_code(match generate.command {
+            GenerateCommand::Man { dir } => write_man_pages(&dir),
+            GenerateCommand::Completions { shell } => {
+                let mut out = Vec::new();
+                clap_complete::generate(shell, &mut Cli::command(), "sendguard", &mut out);
+                print(&String::from_utf8_lossy(&out))
+            }
+        });
+    }
+
     let cli = Cli::parse();
     init_tracing();
     let result = match cli.command {
@@ -322,6 +356,10 @@ fn main() -> ExitCode {
             command: ConfigCommand::Check { file },
         } => config_check(&file),
     };
+    exit_code(result)
+}
+
+fn exit_code(result: Result<(), String>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
@@ -532,4 +570,107 @@ fn config_check(file: &Path) -> Result<(), String> {
     }
     out.push_str(&format!("{}: valid\n", file.display()));
     print(&out)
+}
+
+/// Writes `sendguard.8` and one `sendguard-COMMAND.8` page per visible
+/// subcommand, at every level, into `dir`, and prints each path.
+fn write_man_pages(dir: &Path) -> Result<(), String> {
+    let mut command = Cli::command().disable_help_subcommand(true);
+    // Building names each subcommand "sendguard-COMMAND", which becomes its
+    // page name and the references in its parent's SUBCOMMANDS section.
+    command.build();
+    let mut written = Vec::new();
+    write_man_page(&command, dir, &mut written)
+        .map_err(|error| format!("cannot write man pages into {}: {error}", dir.display()))?;
+    print(&written.join("\n"))?;
+    print("\n")
+}
+
+fn write_man_page(
+    command: &clap::Command,
+    dir: &Path,
+    written: &mut Vec<String>,
+) -> std::io::Result<()> {
+    for subcommand in command.get_subcommands() {
+        if !subcommand.is_hide_set() && subcommand.get_name() != "help" {
+            write_man_page(subcommand, dir, written)?;
+        }
+    }
+    let man = clap_mangen::Man::new(command.clone())
+        .section("8")
+        .manual("System Administration");
+    let path = dir.join(man.get_filename());
+    let mut page = Vec::new();
+    man.render(&mut page)?;
+
+    // The top page also lists the packaged files, signals and environment,
+    // which the command line cannot express.
+    if command.get_name() == "sendguard" {
+        service_sections().to_writer(&mut page)?;
+    }
+    std::fs::write(&path, page)?;
+    written.push(path.display().to_string());
+    Ok(())
+}
+
+/// Builds the FILES, SIGNALS, ENVIRONMENT and SEE ALSO sections of the
+/// `sendguard(8)` page.
+fn service_sections() -> clap_mangen::roff::Roff {
+    use clap_mangen::roff::{Roff, bold, roman};
+
+    let sections: [(&str, &[(&str, &str)]); 3] = [
+        (
+            "FILES",
+            &[
+                (
+                    "/etc/sendguard/config.toml",
+                    "The configuration that the packaged service reads.",
+                ),
+                (
+                    "/var/lib/sendguard/",
+                    "The store (store.path): strikes, lockouts, exemptions and the events report.",
+                ),
+                (
+                    "/usr/share/doc/sendguard/config.toml.example",
+                    "Every setting with its unit and default.",
+                ),
+            ],
+        ),
+        (
+            "SIGNALS",
+            &[
+                (
+                    "SIGHUP",
+                    "Reload the configuration (systemctl reload sendguard). An invalid file keeps \
+                     the running configuration; smtp.listen and store.path change only on restart.",
+                ),
+                (
+                    "SIGTERM",
+                    "Stop accepting, answer 421 4.3.0 to clients between transactions and let \
+                     transactions in progress finish, for up to 30 seconds.",
+                ),
+            ],
+        ),
+        (
+            "ENVIRONMENT",
+            &[(
+                "SENDGUARD_LOG",
+                "Log filter, such as debug or sendguard=debug,info (default info). Logs go to \
+                 standard error.",
+            )],
+        ),
+    ];
+
+    let mut roff = Roff::default();
+    for (heading, entries) in sections {
+        roff.control("SH", [heading]);
+        for (term, text) in entries {
+            roff.control("TP", [])
+                .text([bold(*term)])
+                .text([roman(*text)]);
+        }
+    }
+    roff.control("SH", ["SEE ALSO"]);
+    roff.text([roman("systemctl(1), journalctl(1), clamd(8), postconf(5)")]);
+    roff
 }
