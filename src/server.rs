@@ -5,7 +5,7 @@ use crate::guard::{Guard, Runtime};
 use crate::milter::MilterListener;
 use crate::smtp::session::{Session, SessionShared};
 use crate::smtp::upstream::UpstreamConnection;
-use crate::smtp::upstream::pool::close_in_background;
+use crate::smtp::upstream::pool::{close_all, close_in_background};
 use crate::store::Store;
 use arc_swap::ArcSwapOption;
 use std::collections::HashMap;
@@ -167,7 +167,7 @@ pub async fn run(listener: TcpListener, guard: Arc<Guard>, mut shutdown: watch::
         shutdown.clone(),
     ));
     tokio::spawn(probe_dependencies(shared.clone(), probed_sender));
-    tokio::spawn(sweep_upstream_pool(guard.clone(), shutdown.clone()));
+    tokio::spawn(sweep_kept_sessions(guard.clone(), shutdown.clone()));
 
     let prefix = session_prefix();
     let connections = ConnectionCounts::default();
@@ -224,15 +224,17 @@ pub async fn run(listener: TcpListener, guard: Arc<Guard>, mut shutdown: watch::
         );
         sessions.abort_all();
     }
-    for connection in guard.runtime().upstream.pool.drain() {
-        connection.quit().await;
-    }
+    close_all(
+        guard.runtime().upstream.pool.drain(),
+        Duration::from_secs(5),
+    )
+    .await;
 }
 
-/// Closes idle upstream sessions once they are past their idle time or
-/// age, or the upstream ended them, and those of a configuration that a
-/// reload replaced.
-async fn sweep_upstream_pool(guard: Arc<Guard>, mut shutdown: watch::Receiver<bool>) {
+/// Closes idle upstream and clamd sessions once they are past their idle
+/// time or age, or the peer ended them, and the upstream sessions of a
+/// configuration that a reload replaced.
+async fn sweep_kept_sessions(guard: Arc<Guard>, mut shutdown: watch::Receiver<bool>) {
     let mut runtime = guard.runtime();
     loop {
         tokio::select! {
@@ -245,6 +247,7 @@ async fn sweep_upstream_pool(guard: Arc<Guard>, mut shutdown: watch::Receiver<bo
             runtime = current;
         }
         close_in_background(runtime.upstream.pool.remove_stale(Instant::now()));
+        runtime.scanner.remove_stale_sessions();
     }
 }
 

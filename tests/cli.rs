@@ -250,3 +250,46 @@ fn config_check_lists_every_file_problem() {
     }
     assert!(stderr.contains("head -c 32 /dev/urandom"), "{stderr}");
 }
+
+/// Runs `sendguard config check` on `config` with an empty system trust
+/// store, as on a host without the ca-certificates package. `{secret}` in
+/// `config` becomes the path of a webhook secret file.
+fn check_without_trust_store(config: &str) -> Output {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("sendguard.toml");
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "c2VjcmV0LWtleS1mb3ItdGVzdHM=\n").expect("write secret");
+    let config = config.replace("{secret}", &secret.display().to_string());
+    std::fs::write(&path, config).expect("write config");
+    let empty = dir.path().join("no-certificates");
+    std::fs::create_dir(&empty).expect("empty directory");
+    Command::new(env!("CARGO_BIN_EXE_sendguard"))
+        .args(["config", "check"])
+        .arg(&path)
+        .env("SSL_CERT_FILE", empty.join("none.pem"))
+        .env("SSL_CERT_DIR", &empty)
+        .output()
+        .expect("run sendguard")
+}
+
+#[test]
+fn trust_store_needed_only_for_webhooks() {
+    let base = "[upstream]\naddress = \"127.0.0.1:2526\"\ntls = \"none\"\n\
+                [store]\npath = \"/tmp/sendguard-cli-check.db\"\n";
+    let output = check_without_trust_store(base);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let with_webhook = format!(
+        "{base}[synchronized_security]\nenabled = true\n\
+                  endpoint_scan_url = \"https://edr.example.org/scan\"\n\
+         [actions]\nsecret_file = \"{{secret}}\"\n"
+    );
+    let output = check_without_trust_store(&with_webhook);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no trusted CA certificates"), "{stderr}");
+}

@@ -783,3 +783,106 @@ async fn real_clamd_sessions_keep_verdicts() {
         assert_eq!(verdict(&scanner, &eicar()).await, virus(EICAR_NAME));
     }
 }
+
+#[tokio::test]
+async fn timed_out_kept_session_replaced() {
+    // clamd ends a session idle past its read timeout with an unnumbered
+    // line; arriving as the session is reused, it is no verdict.
+    let address = fake_clamd_sessions(|number, mut stream| async move {
+        read_idsession(&mut stream).await;
+        read_instream(&mut stream).await;
+        if number == 0 {
+            let _ = stream.write_all(b"1: stream: OK\0").await;
+            read_instream(&mut stream).await;
+            let _ = stream.write_all(b"COMMAND READ TIMED OUT\n").await;
+            return;
+        }
+        let _ = stream.write_all(b"1: stream: Win.Test.Fake FOUND\0").await;
+    })
+    .await;
+    let scanner = scanner(&clamd_config(&address));
+
+    assert_eq!(
+        verdict(&scanner, &text_message("hello")).await,
+        Verdict::Clean
+    );
+    assert_eq!(
+        verdict(&scanner, &text_message("second")).await,
+        virus("Win.Test.Fake")
+    );
+}
+
+#[tokio::test]
+async fn idle_sessions_closed() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let open = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = open.clone();
+    let address = fake_clamd_sessions(move |_, mut stream| {
+        let counter = counter.clone();
+        async move {
+            counter.fetch_add(1, Ordering::SeqCst);
+            read_idsession(&mut stream).await;
+            for number in 1.. {
+                if read_instream(&mut stream).await.is_empty() {
+                    break;
+                }
+                // Slow enough that the burst below needs four sessions.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let reply = format!("{number}: stream: OK\0");
+                if stream.write_all(reply.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+            counter.fetch_sub(1, Ordering::SeqCst);
+        }
+    })
+    .await;
+    let config = ClamdConfig {
+        session_idle_time: Duration::from_millis(500),
+        ..clamd_config(&address)
+    };
+    let scanner = std::sync::Arc::new(scanner(&config));
+
+    let mut burst = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let scanner = scanner.clone();
+        burst.spawn(async move { verdict(&scanner, &text_message("burst")).await });
+    }
+    while let Some(result) = burst.join_next().await {
+        assert_eq!(result.expect("scan task"), Verdict::Clean);
+    }
+    assert_eq!(
+        open.load(Ordering::SeqCst),
+        4,
+        "the burst used four sessions"
+    );
+
+    // Scans that keep the newest session busy close the idle ones as they
+    // pass their idle time.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(
+            verdict(&scanner, &text_message("trickle")).await,
+            Verdict::Clean
+        );
+    }
+    wait_for_count(&open, 1).await;
+
+    // With no scans at all, the periodic sweep closes the last one.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    scanner.remove_stale_sessions();
+    wait_for_count(&open, 0).await;
+}
+
+/// Waits up to 5 s for `counter` to reach `expected`.
+async fn wait_for_count(counter: &std::sync::atomic::AtomicUsize, expected: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while counter.load(std::sync::atomic::Ordering::SeqCst) != expected {
+        assert!(
+            Instant::now() < deadline,
+            "{} sessions open, expected {expected}",
+            counter.load(std::sync::atomic::Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

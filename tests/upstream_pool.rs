@@ -185,3 +185,69 @@ fn reload_drops_sessions_of_old_upstream() {
     assert_eq!(received[0].mail_line, "MAIL FROM:<carol@example.org>");
     assert_eq!(first.messages().len(), 1);
 }
+
+#[test]
+fn slow_rset_frees_client_at_once() {
+    // One connection per client address: the second client is admitted
+    // only once the first one's place is free again.
+    let upstream = Upstream::start(UpstreamOptions::default().rset_delay(Duration::from_secs(10)));
+    let server = Sendguard::start_full(
+        &upstream.address(),
+        "max_connections_per_client = 1",
+        "",
+        "",
+    );
+
+    send_in_new_session(&server.address, "alice@example.org");
+    let started = Instant::now();
+    let second = SmtpClient::connect(&server.address);
+    assert_eq!(second.greeting().code, 220, "{}", second.greeting().text());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "second client waited for the first one's RSET"
+    );
+}
+
+#[test]
+fn shutdown_bounded_when_quit_unanswered() {
+    let upstream = Upstream::start(UpstreamOptions::default().ignore_quit());
+    let mut server = start(&upstream, "pool_idle_time = \"5m\"");
+
+    // Four clients at once leave four kept sessions.
+    let address = server.address.clone();
+    let clients: Vec<_> = (0..4)
+        .map(|index| {
+            let address = address.clone();
+            std::thread::spawn(move || {
+                let mut client = SmtpClient::connect(&address);
+                client.cmd("EHLO client.test", 250);
+                client.cmd(&format!("MAIL FROM:<user{index}@example.org>"), 250);
+                std::thread::sleep(Duration::from_millis(500));
+                client.quit();
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().expect("client thread");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (0..upstream.connections())
+        .filter(|index| count_in_connection(&upstream, *index, "RSET\r\n") > 0)
+        .count()
+        < 4
+    {
+        assert!(Instant::now() < deadline, "four sessions kept");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let started = Instant::now();
+    server.terminate();
+    assert!(server.wait_exit(Duration::from_secs(30)), "sendguard exits");
+    // The QUITs go out together and are waited for 5 s in all, not 5 s
+    // each.
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+}

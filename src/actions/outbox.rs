@@ -22,7 +22,9 @@ const BATCH: usize = 16;
 pub struct ActionClients {
     /// Key of the webhook signatures, from `actions.secret_file`.
     secret: Option<Vec<u8>>,
-    http: reqwest::Client,
+    /// Built only when a webhook URL is configured, so a host without
+    /// webhooks needs no CA certificates.
+    http: Option<reqwest::Client>,
     /// `alerts.relay` when set; otherwise alert e-mail goes to the upstream.
     alert_relay: Option<UpstreamTarget>,
 }
@@ -55,7 +57,17 @@ impl ActionClients {
                 Some(secret.into_bytes())
             }
         };
-        let http = webhook::client(config.actions.ca_file.as_deref(), config.actions.timeout)?;
+        let webhooks = config.synchronized_security.endpoint_scan_url.is_some()
+            || config.alerts.webhook_url.is_some()
+            || config.devices.subnet_webhook_url.is_some();
+        let http = if webhooks {
+            Some(webhook::client(
+                config.actions.ca_file.as_deref(),
+                config.actions.timeout,
+            )?)
+        } else {
+            None
+        };
         let alert_relay = match &config.alerts.relay {
             None => None,
             Some(address) => {
@@ -174,8 +186,13 @@ async fn attempt(runtime: &Runtime, entry: &OutboxEntry) -> Attempt {
     let Some(secret) = &clients.secret else {
         return Attempt::Unconfigured("actions.secret_file is not set".to_string());
     };
+    let Some(http) = &clients.http else {
+        return Attempt::Unconfigured(
+            "no webhook URL was configured at start or reload".to_string(),
+        );
+    };
     let shown = webhook::redact_url(url);
-    match webhook::post(&clients.http, url, secret, entry, config.actions.timeout).await {
+    match webhook::post(http, url, secret, entry, config.actions.timeout).await {
         Ok(status) => Attempt::Delivered(format!("{shown} answered {status}")),
         Err(error) => Attempt::Failed(format!("{shown}: {error}")),
     }

@@ -218,9 +218,11 @@ impl Client {
             .and_then(|()| sqlite::insert_event(&transaction, &event))
             .and_then(|()| crate::store::exemptions::record_mailbox_change(&transaction, &key))
             .map_err(|error| error.to_string())?;
-        // NOTE: a running server drops its cached copy of this mailbox
-        // within two seconds; a strike it records for the mailbox in that
-        // time would write the old state back. Use --server while it runs.
+        // NOTE: a running server drops its cached lockout of this mailbox
+        // within two seconds, and refuses the sender until then. A strike
+        // it records for this mailbox at this very moment, read before this
+        // commit, would write the old state back. Use --server while it
+        // runs.
         transaction.commit().map_err(|error| error.to_string())?;
         Ok(json!({
             "mailbox": key.mailbox,

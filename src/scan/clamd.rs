@@ -38,17 +38,18 @@ const MAX_SCAN_TIME: &str = "Heuristics.Limits.Exceeded.MaxScanTime";
 /// clamd's reply to INSTREAM once more than `StreamMaxLength` bytes arrived.
 const SIZE_LIMIT_REPLY: &str = "INSTREAM size limit exceeded";
 
-/// How long a kept session may stay idle. clamd ends a session that is idle
-/// for its `IdleTimeout` (30 s by default); one that clamd ended sooner is
-/// noticed and replaced.
-const SESSION_IDLE_TIME: Duration = Duration::from_secs(10);
-
 /// Commands after which a session is closed instead of kept.
 const SESSION_MAX_COMMANDS: u64 = 10_000;
 
 /// clamd connections kept open between scans, each in an IDSESSION session.
+///
+/// A kept session is closed once idle for `idle_time`. clamd ends a session
+/// that waits too long for its next command (its `CommandReadTimeout` and
+/// `ReadTimeout`, 30 s and 120 s by default, per clamd.conf(5)); a session
+/// that clamd ended sooner is noticed and replaced.
 pub struct ClamdSessions {
     max_idle: usize,
+    idle_time: Duration,
     idle: Mutex<Vec<Session>>,
 }
 
@@ -69,10 +70,12 @@ impl std::fmt::Debug for ClamdSessions {
 }
 
 impl ClamdSessions {
-    /// Keeps at most `max_idle` idle sessions; 0 keeps none.
-    pub fn new(max_idle: usize) -> ClamdSessions {
+    /// Keeps at most `max_idle` idle sessions (0 keeps none), each for at
+    /// most `idle_time`.
+    pub fn new(max_idle: usize, idle_time: Duration) -> ClamdSessions {
         ClamdSessions {
             max_idle,
+            idle_time,
             idle: Mutex::new(Vec::new()),
         }
     }
@@ -82,8 +85,7 @@ impl ClamdSessions {
     fn take(&self) -> Option<Session> {
         loop {
             let mut session = self.lock().pop()?;
-            if session.idle_since.elapsed() < SESSION_IDLE_TIME
-                && !is_closed(&mut session.connection)
+            if session.idle_since.elapsed() < self.idle_time && !is_closed(&mut session.connection)
             {
                 return Some(session);
             }
@@ -92,9 +94,19 @@ impl ClamdSessions {
 
     fn put(&self, session: Session) {
         let mut idle = self.lock();
+        idle.retain(|kept| kept.idle_since.elapsed() < self.idle_time);
         if idle.len() < self.max_idle {
             idle.push(session);
         }
+    }
+
+    /// Closes the sessions that are past their idle time or that clamd
+    /// ended, so none waits half-closed for the next scan.
+    pub fn remove_stale(&self) {
+        let mut idle = self.lock();
+        idle.retain_mut(|kept| {
+            kept.idle_since.elapsed() < self.idle_time && !is_closed(&mut kept.connection)
+        });
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Session>> {
@@ -242,12 +254,17 @@ async fn instream_in_session(
 /// Sends one INSTREAM in `session`, opening the session with IDSESSION in
 /// the same write when it is new (`next_id` 0). Returns the reply without
 /// its number, and the session when it can carry another scan.
+///
+/// On a kept session, a reply without the expected number is clamd ending
+/// the session (such as `COMMAND READ TIMED OUT` after its read timeout),
+/// not a verdict, so it is an error and the caller scans in a new session.
 async fn session_instream(
     endpoint: &Endpoint<'_>,
     mut session: Session,
     message: &[u8],
     deadline: Instant,
 ) -> Result<(String, Option<Session>), ScanError> {
+    let kept = session.next_id > 0;
     let opening: &[u8] = if session.next_id == 0 {
         session.next_id = 1;
         b"zIDSESSION\0"
@@ -267,10 +284,12 @@ async fn session_instream(
         // closes while the message is still being written.
         Err(source) => match read_reply(endpoint, &mut session.connection, deadline).await {
             Ok(reply) => {
-                return Ok((
-                    strip_reply_number(&reply, session.next_id).to_string(),
-                    None,
-                ));
+                let number = format!("{}: ", session.next_id);
+                return match reply.strip_prefix(&number) {
+                    Some(text) => Ok((text.to_string(), None)),
+                    None if kept => Err(endpoint.io_error("sending the message", source)),
+                    None => Ok((reply, None)),
+                };
             }
             Err(_) => return Err(endpoint.io_error("sending the message", source)),
         },
@@ -283,8 +302,13 @@ async fn session_instream(
                 "reply numbered {prefix} where {number} was expected: {reply}"
             )));
         }
-        // An unnumbered reply, such as an error clamd sends before ending
-        // the session, is judged as it is.
+        _ if kept => {
+            return Err(endpoint.protocol_error(&format!(
+                "kept session ended with an unnumbered reply: {reply}"
+            )));
+        }
+        // On a new session, an unnumbered reply (an error clamd sends
+        // before ending the session) is judged as it is.
         _ => return Ok((reply, None)),
     };
     session.next_id += 1;
@@ -292,11 +316,6 @@ async fn session_instream(
     let reusable = (text.ends_with(" OK") || text.ends_with(" FOUND"))
         && session.next_id <= SESSION_MAX_COMMANDS;
     Ok((text, reusable.then_some(session)))
-}
-
-/// Removes the `N: ` number clamd puts before a reply inside a session.
-fn strip_reply_number(reply: &str, number: u64) -> &str {
-    reply.strip_prefix(&format!("{number}: ")).unwrap_or(reply)
 }
 
 /// Writes `prefix`, the INSTREAM command, the chunks and the terminating

@@ -76,6 +76,13 @@ pub struct ClamdConfig {
     /// IDSESSION session; 0 opens a connection per scan.
     #[serde(default = "default_sessions")]
     pub sessions: usize,
+    /// How long a kept session may stay idle before it is closed.
+    #[serde(with = "humantime_serde", default = "default_session_idle_time")]
+    pub session_idle_time: Duration,
+}
+
+fn default_session_idle_time() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// Default `sessions` of `[scan.clamd]`.
@@ -133,6 +140,7 @@ impl Default for ClamdConfig {
             max_scan_size: DEFAULT_MAX_SCAN_SIZE,
             names: default_names(),
             sessions: DEFAULT_CLAMD_SESSIONS,
+            session_idle_time: default_session_idle_time(),
         }
     }
 }
@@ -148,6 +156,12 @@ impl ClamdConfig {
             problems.push(
                 "scan.clamd.timeout",
                 "must be longer than zero, such as \"30s\"",
+            );
+        }
+        if self.session_idle_time.is_zero() {
+            problems.push(
+                "scan.clamd.session_idle_time",
+                "must be longer than zero, such as \"10s\"; to keep no sessions, set sessions = 0",
             );
         }
         if self.max_scan_size == 0 {

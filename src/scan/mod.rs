@@ -129,9 +129,10 @@ impl Scanner {
             .map(rspamd::Client::new)
             .transpose()?;
         Ok(Scanner {
-            clamd_sessions: clamd::ClamdSessions::new(
-                config.clamd.as_ref().map_or(0, |clamd| clamd.sessions),
-            ),
+            clamd_sessions: match &config.clamd {
+                Some(clamd) => clamd::ClamdSessions::new(clamd.sessions, clamd.session_idle_time),
+                None => clamd::ClamdSessions::new(0, std::time::Duration::ZERO),
+            },
             clamd: config.clamd.clone(),
             spam: config.spam.clone(),
             rules,
@@ -189,6 +190,12 @@ impl Scanner {
         results.extend(rspamd);
         results.extend(spamd);
         ScanReport { results }
+    }
+
+    /// Closes kept clamd sessions that are past their idle time or that
+    /// clamd ended.
+    pub fn remove_stale_sessions(&self) {
+        self.clamd_sessions.remove_stale();
     }
 
     /// Returns clamd's VERSION reply, or `None` when no clamd is configured.

@@ -84,6 +84,11 @@ pub struct UpstreamOptions {
     /// Replies to the first MAIL commands, in order, across all
     /// connections; later ones get `mail_reply`.
     pub mail_replies: Vec<String>,
+    /// Extra delay before the reply to RSET.
+    pub rset_delay: Duration,
+    /// When true, QUIT gets no reply and the connection stays open.
+    pub ignore_quit: bool,
+
     /// Reply to the end of DATA. `{queue_id}` is replaced by the queue id.
     pub data_reply: String,
     /// Replies to the end of DATA for the first messages, in order, across
@@ -133,6 +138,9 @@ impl Default for UpstreamOptions {
             rcpt_replies: Vec::new(),
             mail_reply: None,
             mail_replies: Vec::new(),
+            rset_delay: Duration::ZERO,
+            ignore_quit: false,
+
             data_reply: DEFAULT_DATA_REPLY.to_string(),
             data_replies: Vec::new(),
             reply_delay: Duration::ZERO,
@@ -187,6 +195,16 @@ impl UpstreamOptions {
 
     pub fn data_reply(mut self, reply: &str) -> Self {
         self.data_reply = reply.to_string();
+        self
+    }
+
+    pub fn rset_delay(mut self, delay: Duration) -> Self {
+        self.rset_delay = delay;
+        self
+    }
+
+    pub fn ignore_quit(mut self) -> Self {
+        self.ignore_quit = true;
         self
     }
 
@@ -815,9 +833,16 @@ impl Session {
                 }
                 "RSET" => {
                     self.transaction = None;
+                    self.sleep(self.options.rset_delay);
                     self.reply("250 2.0.0 Ok")?;
                 }
                 "NOOP" => self.reply("250 2.0.0 Ok")?,
+                "QUIT" if self.options.ignore_quit => {
+                    // Keeps the connection open without a reply, until the
+                    // peer or the server's stop closes it.
+                    self.sleep(Duration::from_secs(120));
+                    return Ok(());
+                }
                 "QUIT" => {
                     self.reply("221 2.0.0 Bye")?;
                     return Ok(());

@@ -24,6 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::timeout_at;
+use tracing::Instrument;
 
 /// Size of each read from the client socket.
 const READ_CHUNK: usize = 64 * 1024;
@@ -272,32 +273,40 @@ impl Session {
             Stop::Io(error) => tracing::info!(%error, "client connection failed"),
         }
         let _ = self.flush().await;
-        self.release_upstream(shutting_down).await;
+        self.release_upstream(shutting_down);
     }
 
     /// Hands the upstream session to the pool for the next client session
-    /// after an RSET, or closes it when it cannot be kept.
-    async fn release_upstream(&mut self, shutting_down: bool) {
+    /// after an RSET, or closes it when it cannot be kept. Runs in a task of
+    /// its own, so the client's connection and its place under the
+    /// connection limits are freed at once, whatever the upstream's pace.
+    fn release_upstream(&mut self, shutting_down: bool) {
         let Some(mut upstream) = self.upstream.take() else {
             return;
         };
-        let runtime = self.shared.guard.runtime();
-        let pool = &runtime.upstream.pool;
-        if shutting_down
-            || !pool.keeps_sessions()
-            || upstream.is_closed()
-            || upstream.pool_id() != pool.id()
-        {
-            upstream.quit().await;
-            return;
-        }
-        if let Err(error) = upstream.reset_for_reuse().await {
-            tracing::debug!(%error, "upstream RSET failed; session not kept");
-            return;
-        }
-        if let Err(upstream) = pool.put(upstream, Instant::now()) {
-            upstream.quit().await;
-        }
+        let guard = self.shared.guard.clone();
+        let span = tracing::Span::current();
+        tokio::spawn(
+            async move {
+                let keeps = {
+                    let runtime = guard.runtime();
+                    let pool = &runtime.upstream.pool;
+                    !shutting_down && pool.keeps_sessions() && upstream.pool_id() == pool.id()
+                };
+                if !keeps || upstream.is_closed() {
+                    upstream.quit().await;
+                    return;
+                }
+                if let Err(error) = upstream.reset_for_reuse().await {
+                    tracing::debug!(%error, "upstream RSET failed; session not kept");
+                    return;
+                }
+                if let Err(upstream) = guard.runtime().upstream.pool.put(upstream, Instant::now()) {
+                    upstream.quit().await;
+                }
+            }
+            .instrument(span),
+        );
     }
 
     async fn dialogue(&mut self) -> Stop {

@@ -385,15 +385,28 @@ impl UpstreamConnection {
         if !self.in_transaction {
             return Ok(());
         }
-        self.reset_for_reuse().await
+        self.rset().await
     }
 
     /// Sends RSET whether or not a transaction is open, so a session kept
-    /// for another client starts clean and is known to be alive.
+    /// for another client starts clean and is known to be alive. Waits at
+    /// most 5 s (or the reply timeout, when shorter) for the reply.
     ///
     /// # Errors
-    /// When RSET fails; the connection is unusable then.
+    /// When RSET fails or times out; the connection is unusable then.
     pub async fn reset_for_reuse(&mut self) -> Result<(), UpstreamError> {
+        let limit = Duration::from_secs(5).min(self.reply_timeout);
+        match timeout(limit, self.rset()).await {
+            Ok(result) => result,
+            Err(_) => Err(UpstreamError::Timeout {
+                address: self.address.clone(),
+                after: limit,
+                waiting_for: "RSET reply",
+            }),
+        }
+    }
+
+    async fn rset(&mut self) -> Result<(), UpstreamError> {
         let reply = self.command("RSET").await?;
         if reply.code != 250 {
             return Err(UpstreamError::Protocol {

@@ -139,14 +139,19 @@ impl UpstreamPool {
     }
 }
 
-/// Closes upstream sessions with QUIT in the background.
+/// Closes upstream sessions with QUIT in the background, all at once.
 pub fn close_in_background(connections: Vec<UpstreamConnection>) {
-    if connections.is_empty() {
-        return;
+    for connection in connections {
+        tokio::spawn(connection.quit());
     }
-    tokio::spawn(async move {
-        for connection in connections {
-            connection.quit().await;
-        }
-    });
+}
+
+/// Closes upstream sessions with QUIT, all at once, and waits for them at
+/// most `limit`; those still waiting for their reply are then dropped.
+pub async fn close_all(connections: Vec<UpstreamConnection>, limit: Duration) {
+    let mut quits = tokio::task::JoinSet::new();
+    for connection in connections {
+        quits.spawn(connection.quit());
+    }
+    let _ = tokio::time::timeout(limit, quits.join_all()).await;
 }
