@@ -724,16 +724,17 @@ async fn scans_share_one_session() {
     assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
 
-#[tokio::test]
-async fn ended_session_replaced() {
-    // The first session ends without a reply to its second scan, as when
-    // clamd closes a session at its IdleTimeout just as it is reused.
-    let address = fake_clamd_sessions(|number, mut stream| async move {
+/// Checks that the second scan gets a verdict from a new session when the
+/// first session ends after the second request with `ending`, sent
+/// without a reply number.
+async fn second_scan_survives_session_end(ending: &'static [u8]) {
+    let address = fake_clamd_sessions(move |number, mut stream| async move {
         read_idsession(&mut stream).await;
         read_instream(&mut stream).await;
         if number == 0 {
             let _ = stream.write_all(b"1: stream: OK\0").await;
             read_instream(&mut stream).await;
+            let _ = stream.write_all(ending).await;
             return;
         }
         let _ = stream.write_all(b"1: stream: Win.Test.Fake FOUND\0").await;
@@ -749,6 +750,19 @@ async fn ended_session_replaced() {
         verdict(&scanner, &text_message("second")).await,
         virus("Win.Test.Fake")
     );
+}
+
+#[tokio::test]
+async fn ended_session_replaced() {
+    // clamd closes the kept session just as it is reused.
+    second_scan_survives_session_end(b"").await;
+}
+
+#[tokio::test]
+async fn timed_out_kept_session_replaced() {
+    // clamd ends a session idle past its read timeout with an unnumbered
+    // line; arriving as the session is reused, it is no verdict.
+    second_scan_survives_session_end(b"COMMAND READ TIMED OUT\n").await;
 }
 
 #[tokio::test]
@@ -782,34 +796,6 @@ async fn real_clamd_sessions_keep_verdicts() {
         );
         assert_eq!(verdict(&scanner, &eicar()).await, virus(EICAR_NAME));
     }
-}
-
-#[tokio::test]
-async fn timed_out_kept_session_replaced() {
-    // clamd ends a session idle past its read timeout with an unnumbered
-    // line; arriving as the session is reused, it is no verdict.
-    let address = fake_clamd_sessions(|number, mut stream| async move {
-        read_idsession(&mut stream).await;
-        read_instream(&mut stream).await;
-        if number == 0 {
-            let _ = stream.write_all(b"1: stream: OK\0").await;
-            read_instream(&mut stream).await;
-            let _ = stream.write_all(b"COMMAND READ TIMED OUT\n").await;
-            return;
-        }
-        let _ = stream.write_all(b"1: stream: Win.Test.Fake FOUND\0").await;
-    })
-    .await;
-    let scanner = scanner(&clamd_config(&address));
-
-    assert_eq!(
-        verdict(&scanner, &text_message("hello")).await,
-        Verdict::Clean
-    );
-    assert_eq!(
-        verdict(&scanner, &text_message("second")).await,
-        virus("Win.Test.Fake")
-    );
 }
 
 #[tokio::test]
