@@ -1035,6 +1035,15 @@ def main():
                                                 "added_p99_ms": quarter["2"]["p99_ms"] - quarter["1"]["p99_ms"]}
             results["scenarios"].append(scenario)
 
+        # clamd's rate again, after every scenario: a change shows drift in
+    # clamd itself rather than in what the rows around it do.
+    results["clamd_rate_end"] = {}
+    for size_name, message_file in messages.items():
+        runs = [run_once(clamd_row, message_file, 5_000, False, foreign) for _ in range(options.reps)]
+        results["clamd_rate_end"][size_name] = median(run["rate"] for run in runs)
+        results[f"clamd_runs_end_{size_name}"] = runs
+        log(f"clamd {size_name} at the end: {results['clamd_rate_end'][size_name]:.0f} scans/s")
+
     if not options.no_memory:
         memory = {}
         outcome = loadgen("mailboxes", "--count", TRACKED_MAILBOXES, "--strikes", 1)
@@ -1082,8 +1091,14 @@ def main():
         f"load average at start {' '.join(load_at_start)}, at end {' '.join(results['load_at_end'])}.\n"
         "'other CPU' is the largest share of the machine that processes outside this "
         "benchmark used during one run of the row.\n"
-        + text
-        + "\n\n### Memory\n\n"
+                + text
+        + "\n\n"
+        + "".join(
+            f"clamd alone, {size_name}: {format_number(results['clamd_rate'][size_name])} scans/s "
+            f"at the start, {format_number(rate)} at the end.\n"
+            for size_name, rate in results.get("clamd_rate_end", {}).items()
+        )
+        + "\n### Memory\n\n"
         + (f"- {format_number(memory.get('bytes_per_mailbox'))} bytes RSS per tracked mailbox "
            f"({TRACKED_MAILBOXES:,} mailboxes with one strike each; ".replace(",", " ")
            + f"{format_number(memory.get('bytes_per_locked_mailbox'))} when each is locked out)\n"
