@@ -105,12 +105,11 @@ async fn prune_events(guard: &Guard) -> Result<(), StoreError> {
     loop {
         let deleted = guard
             .store()
-            .call(move |connection| {
-                crate::store::sqlite::delete_events_before(connection, before, PRUNE_BATCH)
-            })
+            .delete_events_before(before, PRUNE_BATCH)
             .await?;
         total += deleted;
-        if deleted < PRUNE_BATCH {
+        // Redis trims the stream in one command.
+        if deleted < PRUNE_BATCH || guard.store().shared().is_some() {
             break;
         }
     }

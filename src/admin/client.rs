@@ -32,6 +32,18 @@ impl Client {
         sqlite::open_existing(&self.runtime.config.store.path).map_err(|error| error.to_string())
     }
 
+    /// Opens the store for mailbox states and events when it is Redis;
+    /// `None` with SQLite, which the functions below read directly.
+    pub fn shared_store(&self) -> Result<Option<crate::store::Store>, String> {
+        let config = &self.runtime.config;
+        if config.store.backend != crate::config::Backend::Redis {
+            return Ok(None);
+        }
+        crate::store::Store::from_config(&config.store, config.events.keep)
+            .map(Some)
+            .map_err(|error| error.to_string())
+    }
+
     async fn request(
         &self,
         method: reqwest::Method,
@@ -111,9 +123,27 @@ impl Client {
         if let Target::Server { .. } = self.target {
             return self.get_json("/api/v1/blocks").await;
         }
-        let now = Timestamp::now();
-        let blocks =
-            sqlite::active_blocks(&self.connection()?, now).map_err(|error| error.to_string())?;
+        let (now, blocks) = match self.shared_store()? {
+            Some(store) => {
+                let now = store
+                    .shared()
+                    .map(|shared| shared.time())
+                    .ok_or("the Redis store is not open")?
+                    .await
+                    .map_err(|error| error.to_string())?;
+                let blocks = store
+                    .active_blocks(now)
+                    .await
+                    .map_err(|error| error.to_string())?;
+                (now, blocks)
+            }
+            None => {
+                let now = Timestamp::now();
+                let blocks = sqlite::active_blocks(&self.connection()?, now)
+                    .map_err(|error| error.to_string())?;
+                (now, blocks)
+            }
+        };
         let list: Vec<Value> = blocks
             .iter()
             .filter_map(|(key, state)| state.active_block(now).map(|block| block_json(key, block)))
@@ -135,9 +165,12 @@ impl Client {
         }
         let key = self.mailbox_key(mailbox, client)?;
         let connection = self.connection()?;
-        let state = sqlite::load_mailbox(&connection, &key)
-            .map_err(|error| error.to_string())?
-            .unwrap_or_default();
+        let state = match self.shared_store()? {
+            Some(store) => store.load_mailbox(key.clone()).await,
+            None => sqlite::load_mailbox(&connection, &key),
+        }
+        .map_err(|error| error.to_string())?
+        .unwrap_or_default();
         let now = Timestamp::now();
         let exemptions = crate::store::exemptions::active(&connection, now)
             .map_err(|error| error.to_string())?;
@@ -200,8 +233,40 @@ impl Client {
             return read_json(response).await;
         }
         let key = self.mailbox_key(mailbox, client)?;
-        let mut connection = self.connection()?;
         let settings = self.runtime.settings();
+        if let Some(store) = self.shared_store()? {
+            // The write announces the change, so running servers drop
+            // their cached copy at once.
+            let (lifted, _) = store
+                .update_mailbox(&key, |state, now| match state.lift(now, reset_count) {
+                    Ok(lifted) => {
+                        let write = crate::store::MailboxWrite {
+                            keep: !state.is_empty(&settings, now),
+                            events: vec![Event::lifted(
+                                now,
+                                &key,
+                                &lifted,
+                                reason.trim(),
+                                "command line",
+                            )],
+                            deliveries: Vec::new(),
+                        };
+                        (Ok(lifted), Some(write))
+                    }
+                    Err(refusal) => (Err(refusal), None),
+                })
+                .await
+                .map_err(|error| error.to_string())?;
+            let lifted = lifted.map_err(|error| error.to_string())?;
+            return Ok(json!({
+                "mailbox": key.mailbox,
+                "key_client": key.client.map(|client| client.to_string()),
+                "permanent_block_lifted": lifted.block.is_some(),
+                "lockouts_before": lifted.lockouts_before,
+                "lockouts_after": lifted.lockouts_after,
+            }));
+        }
+        let mut connection = self.connection()?;
         let transaction = connection
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(|error| error.to_string())?;
@@ -272,8 +337,11 @@ impl Client {
                 }
             }
         }
-        let events =
-            sqlite::query_events(&self.connection()?, filter).map_err(|error| error.to_string())?;
+        let events = match self.shared_store()? {
+            Some(store) => store.query_events(filter.clone()).await,
+            None => sqlite::query_events(&self.connection()?, filter),
+        }
+        .map_err(|error| error.to_string())?;
         Ok(events.iter().map(Event::to_json).collect())
     }
 

@@ -1,25 +1,38 @@
 //! Durable state: mailbox strikes and lockouts, and the events report.
 //!
-//! The embedded store is SQLite in WAL mode. All writes run on one
+//! The embedded store is SQLite in WAL mode. All its writes run on one
 //! dedicated thread, off the async workers, and each call returns only
 //! after its transaction committed, so a reply that depends on a strike is
 //! sent only once the strike is on disk.
+//!
+//! With `[store] backend = "redis"`, mailbox states, their events and the
+//! lockout-end index live in Redis, shared by every relay host (see
+//! [`redis`]); the SQLite file keeps this host's outbox, devices and
+//! exemptions. [`Store`] hides which backend holds a mailbox.
 
 pub mod devices;
 pub mod exemptions;
 pub mod outbox;
+pub mod redis;
 pub mod sqlite;
 
 pub use sqlite::EventFilter;
 
 use crate::actions::{OutboxEntry, PendingDelivery};
+use crate::config::{Backend, StoreConfig};
 use crate::events::Event;
 use crate::identity::MailboxKey;
 use crate::policy::{MailboxState, Timestamp};
 use rusqlite::Connection;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::mpsc;
+use std::time::Duration;
 use tokio::sync::oneshot;
+
+/// Reads and writes of one mailbox tried before a conflict with other
+/// hosts' writes is reported as a failure.
+const MAX_UPDATE_ATTEMPTS: usize = 64;
 
 /// A failure of the store.
 #[derive(Debug, thiserror::Error)]
@@ -34,23 +47,36 @@ pub enum StoreError {
     Corrupt(String),
     #[error("store thread has stopped")]
     Stopped,
+    #[error("Redis command failed: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    #[error("mailbox state kept changing; gave up after {attempts} attempts to write it")]
+    Conflict { attempts: usize },
+}
+
+/// What to write with a mailbox's new state.
+#[derive(Debug, Clone, Default)]
+pub struct MailboxWrite {
+    /// False when the state holds nothing worth keeping.
+    pub keep: bool,
+    pub events: Vec<Event>,
+    pub deliveries: Vec<OutboxEntry>,
 }
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
-/// Handle to the store thread; cheap to clone.
+/// Handle to the SQLite store thread; cheap to clone.
 #[derive(Clone)]
-pub struct Store {
+pub struct Local {
     jobs: mpsc::Sender<Job>,
     path: PathBuf,
 }
 
-impl Store {
+impl Local {
     /// Opens the database and starts the store thread.
     ///
     /// # Errors
     /// When the database cannot be opened or its schema created.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
+    pub fn open(path: &Path) -> Result<Local, StoreError> {
         let mut connection = sqlite::open(path)?;
         let (jobs, queue) = mpsc::channel::<Job>();
         std::thread::Builder::new()
@@ -64,14 +90,10 @@ impl Store {
                 path: path.display().to_string(),
                 message: format!("cannot start the store thread: {error}"),
             })?;
-        Ok(Store {
+        Ok(Local {
             jobs,
             path: path.to_path_buf(),
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Runs `work` on the store thread and waits for its result.
@@ -91,22 +113,154 @@ impl Store {
         result.await.map_err(|_| StoreError::Stopped)?
     }
 
+}
+
+/// Handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    local: Local,
+    shared: Option<Arc<redis::RedisStore>>,
+}
+
+impl Store {
+    /// Opens a SQLite store.
+    ///
+    /// # Errors
+    /// When the database cannot be opened or its schema created.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Ok(Store {
+            local: Local::open(path)?,
+            shared: None,
+        })
+    }
+
+    /// Opens the store `config` names: SQLite alone, or Redis with this
+    /// host's SQLite file. Redis is connected on first use, so this
+    /// succeeds while Redis is down. `events_keep` is the stream's
+    /// retention.
+    ///
+    /// # Errors
+    /// When the database cannot be opened or a Redis URL is invalid.
+    pub fn from_config(config: &StoreConfig, events_keep: Duration) -> Result<Store, StoreError> {
+        let local = Local::open(&config.path)?;
+        let shared = match config.backend {
+            Backend::Sqlite => None,
+            Backend::Redis => Some(Arc::new(redis::RedisStore::open(
+                config,
+                events_keep,
+                local.clone(),
+            )?)),
+        };
+        Ok(Store { local, shared })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.local.path
+    }
+
+    /// Returns the shared Redis store, when that is the backend.
+    pub fn shared(&self) -> Option<&Arc<redis::RedisStore>> {
+        self.shared.as_ref()
+    }
+
+    /// Returns the store's clock: Redis's time with the Redis backend
+    /// (measured at each read), else this host's.
+    pub fn now(&self) -> Timestamp {
+        match &self.shared {
+            Some(shared) => shared.now(),
+            None => Timestamp::now(),
+        }
+    }
+
+    /// Runs `work` on the SQLite thread and waits for its result.
+    ///
+    /// # Errors
+    /// [`StoreError::Stopped`] when the thread is gone, or what `work` returns.
+    pub async fn call<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.local.call(work).await
+    }
+
+    /// Reads a mailbox, lets `apply` change it at the store's time, and
+    /// writes the result with `apply`'s events and deliveries when `apply`
+    /// returns a [`MailboxWrite`]. With Redis, a write that finds the
+    /// mailbox changed since the read starts over with the new state, so
+    /// `apply` may run several times and must decide from its arguments
+    /// only. Returns `apply`'s value and the state as stored.
+    ///
+    /// Within one process, callers serialise updates of one mailbox (the
+    /// Guard's cache shard lock); SQLite relies on that.
+    ///
+    /// # Errors
+    /// On a store failure, or [`StoreError::Conflict`] when Redis kept
+    /// changing under the update; nothing is written then.
+    pub async fn update_mailbox<T, F>(
+        &self,
+        key: &MailboxKey,
+        mut apply: F,
+    ) -> Result<(T, MailboxState), StoreError>
+    where
+        F: FnMut(&mut MailboxState, Timestamp) -> (T, Option<MailboxWrite>),
+    {
+        let Some(shared) = &self.shared else {
+            let now = Timestamp::now();
+            let mut state = self.load_mailbox(key.clone()).await?.unwrap_or_default();
+            let (value, write) = apply(&mut state, now);
+            if let Some(write) = write {
+                self.commit(
+                    key.clone(),
+                    state.clone(),
+                    write.keep,
+                    write.events,
+                    write.deliveries,
+                    now,
+                )
+                .await?;
+            }
+            return Ok((value, state));
+        };
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let snapshot = shared.read(key).await?;
+            let mut state = snapshot.state.clone();
+            let (value, write) = apply(&mut state, snapshot.now);
+            let Some(write) = write else {
+                return Ok((value, state));
+            };
+            if shared.write(key, &snapshot, &state, write).await? {
+                return Ok((value, state));
+            }
+            tracing::debug!(mailbox = %key, attempts, "mailbox changed by another host; reading it again");
+            if attempts >= MAX_UPDATE_ATTEMPTS {
+                return Err(StoreError::Conflict { attempts });
+            }
+        }
+    }
+
     /// Reads one mailbox's state.
     ///
     /// # Errors
     /// On a database failure.
     pub async fn load_mailbox(&self, key: MailboxKey) -> Result<Option<MailboxState>, StoreError> {
+        if let Some(shared) = &self.shared {
+            return shared.load_mailbox(&key).await;
+        }
         self.call(move |connection| sqlite::load_mailbox(connection, &key))
             .await
     }
 
-    /// Writes a mailbox's state (or deletes it when `keep` is false),
-    /// appends `events` and queues `deliveries`, in one transaction, so a
-    /// lockout is never stored without its webhooks and alerts.
+    /// Writes a mailbox's state to SQLite (or deletes it when `keep` is
+    /// false), appends `events` and queues `deliveries`, in one
+    /// transaction, so a lockout is never stored without its webhooks and
+    /// alerts.
     ///
     /// # Errors
     /// On a database failure; nothing is written then.
-    pub async fn commit(
+    async fn commit(
         &self,
         key: MailboxKey,
         state: MailboxState,
@@ -156,8 +310,14 @@ impl Store {
     /// # Errors
     /// On a database failure.
     pub async fn finish_delivery(&self, row: i64, event: Event) -> Result<(), StoreError> {
-        self.call(move |connection| outbox::finish(connection, row, &event))
-            .await
+        let Some(shared) = &self.shared else {
+            return self
+                .call(move |connection| outbox::finish(connection, row, Some(&event)))
+                .await;
+        };
+        self.call(move |connection| outbox::finish(connection, row, None))
+            .await?;
+        shared.append(&[event]).await
     }
 
     /// Schedules a failed delivery's next attempt and records its event.
@@ -172,10 +332,18 @@ impl Store {
         error: String,
         event: Event,
     ) -> Result<(), StoreError> {
+        let Some(shared) = &self.shared else {
+            return self
+                .call(move |connection| {
+                    outbox::reschedule(connection, row, attempts, next, &error, Some(&event))
+                })
+                .await;
+        };
         self.call(move |connection| {
-            outbox::reschedule(connection, row, attempts, next, &error, &event)
+            outbox::reschedule(connection, row, attempts, next, &error, None)
         })
-        .await
+        .await?;
+        shared.append(&[event]).await
     }
 
     /// Appends events that change no mailbox state.
@@ -183,6 +351,9 @@ impl Store {
     /// # Errors
     /// On a database failure.
     pub async fn append(&self, events: Vec<Event>) -> Result<(), StoreError> {
+        if let Some(shared) = &self.shared {
+            return shared.append(&events).await;
+        }
         self.call(move |connection| {
             let transaction = connection.transaction()?;
             for event in &events {
@@ -199,6 +370,9 @@ impl Store {
     /// # Errors
     /// On a database failure.
     pub async fn record_refusal(&self, event: Event) -> Result<(), StoreError> {
+        if let Some(shared) = &self.shared {
+            return shared.record_refusal(&event).await;
+        }
         self.call(move |connection| sqlite::insert_refusal(connection, &event))
             .await
     }
@@ -208,6 +382,9 @@ impl Store {
     /// # Errors
     /// On a database failure.
     pub async fn next_pending_end(&self) -> Result<Option<Timestamp>, StoreError> {
+        if let Some(shared) = &self.shared {
+            return shared.next_pending_end().await;
+        }
         self.call(|connection| sqlite::next_pending_end(connection))
             .await
     }
@@ -218,7 +395,85 @@ impl Store {
     /// # Errors
     /// On a database failure.
     pub async fn due_ends(&self, now: Timestamp) -> Result<Vec<MailboxKey>, StoreError> {
+        if let Some(shared) = &self.shared {
+            return shared.due_ends(now).await;
+        }
         self.call(move |connection| sqlite::due_ends(connection, now))
+            .await
+    }
+
+    /// Reads events in order that match `filter`.
+    ///
+    /// # Errors
+    /// On a store failure or an event that does not decode.
+    pub async fn query_events(&self, filter: EventFilter) -> Result<Vec<Event>, StoreError> {
+        if let Some(shared) = &self.shared {
+            return shared.query_events(&filter).await;
+        }
+        self.call(move |connection| sqlite::query_events(connection, &filter))
+            .await
+    }
+
+    /// Returns every mailbox with a lockout in force at `now`.
+    ///
+    /// # Errors
+    /// On a store failure or a state that does not decode.
+    pub async fn active_blocks(
+        &self,
+        now: Timestamp,
+    ) -> Result<Vec<(MailboxKey, MailboxState)>, StoreError> {
+        if let Some(shared) = &self.shared {
+            return shared.active_blocks(now).await;
+        }
+        self.call(move |connection| sqlite::active_blocks(connection, now))
+            .await
+    }
+
+    /// Returns every stored state of a mailbox, under any client address.
+    ///
+    /// # Errors
+    /// On a store failure or a state that does not decode.
+    pub async fn mailbox_states(
+        &self,
+        mailbox: String,
+    ) -> Result<Vec<(MailboxKey, MailboxState)>, StoreError> {
+        if let Some(shared) = &self.shared {
+            return shared.mailbox_states(&mailbox).await;
+        }
+        self.call(move |connection| sqlite::mailbox_states(connection, &mailbox))
+            .await
+    }
+
+    /// Deletes events older than `before`, in batches of `batch` on
+    /// SQLite; returns how many went.
+    ///
+    /// # Errors
+    /// On a store failure.
+    pub async fn delete_events_before(
+        &self,
+        before: Timestamp,
+        batch: usize,
+    ) -> Result<usize, StoreError> {
+        if let Some(shared) = &self.shared {
+            return shared.delete_events_before(before).await;
+        }
+        self.call(move |connection| sqlite::delete_events_before(connection, before, batch))
+            .await
+    }
+
+    /// Returns the mailboxes whose last timed lockout ended at or before
+    /// `ended_before`: the candidates for forgiveness.
+    ///
+    /// # Errors
+    /// On a store failure.
+    pub async fn quiet_since(&self, ended_before: Timestamp) -> Result<Vec<MailboxKey>, StoreError> {
+        if self.shared.is_some() {
+            // NOTE: Redis keeps no index of ended lockouts, so with Redis a
+            // count is forgiven at the mailbox's next bad message (the
+            // policy applies forgive_after then) rather than by this sweep.
+            return Ok(Vec::new());
+        }
+        self.call(move |connection| sqlite::quiet_since(connection, ended_before))
             .await
     }
 }
