@@ -6,6 +6,7 @@ pub mod clamd;
 pub mod http;
 pub mod milter_client;
 pub mod postfix;
+pub mod redis;
 pub mod rspamd;
 pub mod sendguard;
 pub mod smtp_client;
