@@ -144,3 +144,71 @@ fn check_url(key: &str, url: &str, problems: &mut Problems) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Backend, Config, OnStoreError};
+
+    /// Parses a config whose `[store]` section holds `path` and `lines`,
+    /// and returns the key of each problem.
+    fn problems(lines: &str) -> Vec<String> {
+        let text = format!(
+            "[upstream]\naddress = \"127.0.0.1:2526\"\n[store]\npath = \"/tmp/sendguard.db\"\n{lines}\n"
+        );
+        match Config::parse(&text) {
+            Ok(_) => Vec::new(),
+            Err(problems) => problems.0.into_iter().map(|problem| problem.key).collect(),
+        }
+    }
+
+    #[test]
+    fn sqlite_is_default() {
+        let text = "[upstream]\naddress = \"127.0.0.1:2526\"\n[store]\npath = \"/tmp/s.db\"\n";
+        let config = Config::parse(text).expect("valid");
+        assert_eq!(config.store.backend, Backend::Sqlite);
+        assert_eq!(config.store.key_prefix, "sendguard:");
+        assert_eq!(config.store.on_store_error, OnStoreError::Tempfail);
+    }
+
+    #[test]
+    fn redis_url_accepted() {
+        let text = "[upstream]\naddress = \"127.0.0.1:2526\"\n[store]\npath = \"/tmp/s.db\"\n\
+                    backend = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\non_store_error = \"local\"\n";
+        let config = Config::parse(text).expect("valid");
+        assert_eq!(config.store.backend, Backend::Redis);
+        assert_eq!(config.store.on_store_error, OnStoreError::Local);
+    }
+
+    #[test]
+    fn redis_without_url_rejected() {
+        assert_eq!(problems("backend = \"redis\""), ["store.url"]);
+    }
+
+    #[test]
+    fn redis_url_and_nodes_rejected() {
+        let lines = "backend = \"redis\"\nurl = \"redis://127.0.0.1:1\"\nnodes = [\"redis://127.0.0.1:2\"]";
+        assert_eq!(problems(lines), ["store.nodes"]);
+    }
+
+    #[test]
+    fn invalid_node_url_named() {
+        let lines = "backend = \"redis\"\nnodes = [\"redis://127.0.0.1:2\", \"http://x\"]";
+        assert_eq!(problems(lines), ["store.nodes[1]"]);
+    }
+
+    #[test]
+    fn url_with_sqlite_rejected() {
+        assert_eq!(problems("url = \"redis://127.0.0.1:1\""), ["store.backend"]);
+    }
+
+    #[test]
+    fn brace_in_prefix_rejected() {
+        let lines = "backend = \"redis\"\nurl = \"redis://127.0.0.1:1\"\nkey_prefix = \"a{b}\"";
+        assert_eq!(problems(lines), ["store.key_prefix"]);
+    }
+
+    #[test]
+    fn zero_timeout_rejected() {
+        assert_eq!(problems("timeout = \"0s\""), ["store.timeout"]);
+    }
+}
