@@ -279,6 +279,8 @@ pub enum LiftFailure {
 impl Guard {
     pub fn new(runtime: Runtime, store: Store) -> Guard {
         let capacity = runtime.config.policy.max_tracked_mailboxes;
+        let mut metrics = Metrics::new();
+        metrics.register_store_local_decisions(store.local_decisions());
         Guard {
             shards: (0..CACHE_SHARDS)
                 .map(|_| Mutex::new(LruCache::new(shard_capacity(capacity))))
@@ -289,7 +291,7 @@ impl Guard {
             lockout_started: Notify::new(),
             outbox_added: Notify::new(),
             exemptions: ArcSwap::from_pointee(Vec::new()),
-            metrics: Metrics::new(),
+            metrics,
         }
     }
 
@@ -783,8 +785,8 @@ impl Guard {
             };
             ((forgiven, outcome, !deliveries.is_empty()), Some(write))
         };
-        let ((forgiven, outcome, queued), state) =
-            match self.store.update_mailbox(&key, apply).await {
+        let ((forgiven, outcome, queued), state, _) =
+            match self.store.update_mailbox_for_strike(&key, &strike, apply).await {
                 Ok(result) => result,
                 Err(error) => {
                     // Drop the cached copy so the next read sees what the
@@ -955,6 +957,7 @@ impl Guard {
         let Some(shared) = self.store.shared() else {
             return self.record_due_ends().await;
         };
+        self.merge_fallback_strikes().await?;
         if !shared.hold_lease("timers", TIMER_LEASE).await? {
             return self.store.next_pending_end().await;
         }
@@ -963,6 +966,44 @@ impl Guard {
             self.outbox_added.notify_one();
         }
         self.record_due_ends().await
+    }
+
+    /// Merges the strikes this host counted in its own SQLite store while
+    /// Redis failed into Redis, by running each through the policy again
+    /// on the shared state. A lockout they complete is dated from the
+    /// strike that completed it but refuses only from the merge on, so it
+    /// starts late; its events and deliveries are queued with it.
+    async fn merge_fallback_strikes(&self) -> Result<(), StoreError> {
+        let waiting = self
+            .store
+            .call(|connection| crate::store::fallback::waiting(connection))
+            .await?;
+        for (key, strikes) in waiting {
+            let mut cache = self.shard(&key).lock().await;
+            let runtime = self.runtime();
+            let settings = runtime.settings();
+            let (started, state) = self
+                .store
+                .update_mailbox(&key, |state, now| {
+                    merge_strikes(state, &strikes, &settings, now, &key, &runtime)
+                })
+                .await?;
+            cache.put(key.clone(), state.block);
+            drop(cache);
+            let merge_key = key.clone();
+            self.store
+                .call(move |connection| crate::store::fallback::finish(connection, &merge_key))
+                .await?;
+            tracing::warn!(mailbox = %key, strikes = strikes.len(), lockout_started = started.is_some(),
+                "merged strikes counted without Redis into the Redis store");
+            if let Some(lockout) = started {
+                self.metrics
+                    .lockout_started(lockout.is_permanent(), lockout.enforced);
+                self.lockout_started.notify_one();
+                self.outbox_added.notify_one();
+            }
+        }
+        Ok(())
     }
 
     /// Drops cached lockouts when other hosts change them, until
@@ -995,6 +1036,76 @@ impl Guard {
         }
         subscription.abort();
     }
+}
+
+/// Runs strikes counted without Redis through the policy on the shared
+/// `state`, each at the later of its own time and the newest strike
+/// already there, so the window stays in order. A strike already in the
+/// window (the same transaction) is skipped. Returns the lockout the
+/// strikes started, if any.
+fn merge_strikes(
+    state: &mut MailboxState,
+    strikes: &[Strike],
+    settings: &crate::policy::PolicySettings,
+    now: Timestamp,
+    key: &MailboxKey,
+    runtime: &Runtime,
+) -> (Option<Lockout>, Option<MailboxWrite>) {
+    let mut events = Vec::new();
+    let mut deliveries = Vec::new();
+    let mut started = None;
+    for strike in strikes {
+        if state
+            .strikes
+            .iter()
+            .any(|known| known.message_id == strike.message_id)
+        {
+            continue;
+        }
+        let newest = state.strikes.last().map_or(strike.at, |last| last.at);
+        let strike = Strike {
+            at: strike.at.max(newest).min(now),
+            ..strike.clone()
+        };
+        if let StrikeOutcome::LockoutStarted { lockout, strikes } =
+            state.record_strike(settings, strike.clone())
+        {
+            // The message that completed the lockout is known only by its
+            // transaction id here.
+            let message = crate::events::MessageFacts {
+                sender: format!("<{}>", key.mailbox),
+                login: None,
+                client: key.client.map(|client| client.to_string()).unwrap_or_default(),
+                transaction: strike.message_id.clone(),
+                recipients: 0,
+            };
+            let facts = LockoutFacts {
+                key,
+                lockout: &lockout,
+                strikes: &strikes,
+                message: &message,
+            };
+            let planned =
+                crate::actions::plan_lockout_started(&runtime.config, &runtime.directory, &facts);
+            let mut event = Event::lockout_started(key, &message, &lockout, &strikes);
+            event
+                .details
+                .insert("deliveries".into(), deliveries_json(&planned));
+            event.details.insert(
+                "note".into(),
+                "started when strikes counted while Redis was unreachable were merged".into(),
+            );
+            events.push(event);
+            deliveries.extend(planned);
+            started = Some(lockout);
+        }
+    }
+    let write = MailboxWrite {
+        keep: !state.is_empty(settings, now),
+        events,
+        deliveries,
+    };
+    (started, Some(write))
 }
 
 /// Length of the lease that lets one host with Redis record lockout ends

@@ -335,3 +335,51 @@ fn redis_restart_keeps_lockouts_and_tempfails() {
         "{events:#?}"
     );
 }
+
+#[test]
+fn local_fallback_merges_strikes() {
+    let mut redis = RedisServer::start();
+    let upstream = Upstream::start(UpstreamOptions::default());
+    let hosts = start_hosts(
+        2,
+        &upstream,
+        &redis,
+        "timeout = \"1s\"\non_store_error = \"local\"\n\
+         [policy]\nthreshold = 3\nwindow = \"10m\"\nfirst_lockout = \"1h\"",
+    );
+    assert_eq!(send_from(&hosts[0].address, "iris@example.org", &spam_message()).0, 550);
+
+    // Without Redis, the first host still scans and rejects the bad
+    // messages and counts them in its own store, saying so in its log.
+    redis.kill9();
+    for _ in 0..2 {
+        let (code, text) = send_from(&hosts[0].address, "iris@example.org", &spam_message());
+        assert_eq!(code, 550, "{text}");
+        assert!(text.contains("spam"), "{text}");
+    }
+    assert!(
+        hosts[0].log().contains("counting this strike in the host's own SQLite store"),
+        "{}",
+        hosts[0].log()
+    );
+    // Its own store held two of the three strikes, so nobody is locked
+    // out yet.
+    assert_eq!(clean_code(&hosts[0], "iris@example.org"), 250);
+
+    // Back from its append-only file, Redis gets the two strikes merged
+    // in; with the one it kept they start the lockout, late, on both hosts.
+    redis.start_again();
+    for (index, host) in hosts.iter().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while clean_code(host, "iris@example.org") != 550 {
+            assert!(Instant::now() < deadline, "host {index} does not refuse:\n{}", host.log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let events = hosts[1].events();
+    let started = of_kind(&events, "lockout_started");
+    assert_eq!(started.len(), 1, "{started:#?}");
+    assert_eq!(started[0]["strikes"].as_array().map(Vec::len), Some(3));
+    assert!(started[0]["note"].as_str().is_some_and(|note| note.contains("merged")));
+    assert!(hosts[0].log().contains("merged strikes counted without Redis"));
+}

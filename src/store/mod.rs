@@ -12,6 +12,7 @@
 
 pub mod devices;
 pub mod exemptions;
+pub mod fallback;
 pub mod outbox;
 pub mod redis;
 pub mod sqlite;
@@ -19,10 +20,10 @@ pub mod sqlite;
 pub use sqlite::EventFilter;
 
 use crate::actions::{OutboxEntry, PendingDelivery};
-use crate::config::{Backend, StoreConfig};
+use crate::config::{Backend, OnStoreError, StoreConfig};
 use crate::events::Event;
 use crate::identity::MailboxKey;
-use crate::policy::{MailboxState, Timestamp};
+use crate::policy::{MailboxState, Strike, Timestamp};
 use rusqlite::Connection;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -120,6 +121,9 @@ impl Local {
 pub struct Store {
     local: Local,
     shared: Option<Arc<redis::RedisStore>>,
+    on_error: OnStoreError,
+    /// Decisions made with the local SQLite store because Redis failed.
+    local_decisions: prometheus_client::metrics::counter::Counter,
 }
 
 impl Store {
@@ -131,6 +135,8 @@ impl Store {
         Ok(Store {
             local: Local::open(path)?,
             shared: None,
+            on_error: OnStoreError::Tempfail,
+            local_decisions: Default::default(),
         })
     }
 
@@ -151,7 +157,12 @@ impl Store {
                 local.clone(),
             )?)),
         };
-        Ok(Store { local, shared })
+        Ok(Store {
+            local,
+            shared,
+            on_error: config.on_store_error,
+            local_decisions: Default::default(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -161,6 +172,18 @@ impl Store {
     /// Returns the shared Redis store, when that is the backend.
     pub fn shared(&self) -> Option<&Arc<redis::RedisStore>> {
         self.shared.as_ref()
+    }
+
+    /// Returns the counter of decisions made with this host's SQLite store
+    /// because Redis failed, for the metrics.
+    pub fn local_decisions(&self) -> prometheus_client::metrics::counter::Counter {
+        self.local_decisions.clone()
+    }
+
+    /// Returns whether a failure of Redis lets this host decide with its
+    /// own SQLite store.
+    fn falls_back(&self, error: &StoreError) -> bool {
+        self.on_error == OnStoreError::Local && matches!(error, StoreError::Redis(_))
     }
 
     /// Returns the store's clock: Redis's time with the Redis backend
@@ -206,21 +229,7 @@ impl Store {
         F: FnMut(&mut MailboxState, Timestamp) -> (T, Option<MailboxWrite>),
     {
         let Some(shared) = &self.shared else {
-            let now = Timestamp::now();
-            let mut state = self.load_mailbox(key.clone()).await?.unwrap_or_default();
-            let (value, write) = apply(&mut state, now);
-            if let Some(write) = write {
-                self.commit(
-                    key.clone(),
-                    state.clone(),
-                    write.keep,
-                    write.events,
-                    write.deliveries,
-                    now,
-                )
-                .await?;
-            }
-            return Ok((value, state));
+            return self.update_local(key, apply, None).await;
         };
         let mut attempts = 0;
         loop {
@@ -241,47 +250,97 @@ impl Store {
         }
     }
 
+    /// Like [`Store::update_mailbox`] for a bad message's `strike`: when
+    /// Redis fails and `on_store_error = "local"`, the update runs on this
+    /// host's SQLite store instead and the strike is kept for the merge
+    /// into Redis; the third value is then true.
+    ///
+    /// # Errors
+    /// As [`Store::update_mailbox`], and on a SQLite failure in fallback.
+    pub async fn update_mailbox_for_strike<T, F>(
+        &self,
+        key: &MailboxKey,
+        strike: &Strike,
+        mut apply: F,
+    ) -> Result<(T, MailboxState, bool), StoreError>
+    where
+        F: FnMut(&mut MailboxState, Timestamp) -> (T, Option<MailboxWrite>),
+    {
+        match self.update_mailbox(key, &mut apply).await {
+            Ok((value, state)) => Ok((value, state, false)),
+            Err(error) if self.falls_back(&error) => {
+                self.local_decisions.inc();
+                tracing::error!(%error, mailbox = %key, transaction = %strike.message_id,
+                    "Redis store failed; counting this strike in the host's own SQLite store \
+                     (on_store_error = local) until Redis is back");
+                let (value, state) = self
+                    .update_local(key, apply, Some(strike.clone()))
+                    .await?;
+                Ok((value, state, true))
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The SQLite side of [`Store::update_mailbox`]; `fallback` is a strike
+    /// to keep for the merge into Redis, in the same transaction.
+    async fn update_local<T, F>(
+        &self,
+        key: &MailboxKey,
+        mut apply: F,
+        fallback: Option<Strike>,
+    ) -> Result<(T, MailboxState), StoreError>
+    where
+        F: FnMut(&mut MailboxState, Timestamp) -> (T, Option<MailboxWrite>),
+    {
+        let now = Timestamp::now();
+        let mut state = self.load_local(key.clone()).await?.unwrap_or_default();
+        let (value, write) = apply(&mut state, now);
+        if let Some(write) = write {
+            let key = key.clone();
+            let stored = state.clone();
+            self.call(move |connection| {
+                let transaction = connection.transaction()?;
+                sqlite::save_mailbox(&transaction, &key, &stored, write.keep, now)?;
+                for event in &write.events {
+                    sqlite::insert_event(&transaction, event)?;
+                }
+                for entry in &write.deliveries {
+                    outbox::insert(&transaction, entry)?;
+                }
+                if let Some(strike) = &fallback {
+                    fallback::insert(&transaction, &key, strike)?;
+                }
+                transaction.commit()?;
+                Ok(())
+            })
+            .await?;
+        }
+        Ok((value, state))
+    }
+
+    async fn load_local(&self, key: MailboxKey) -> Result<Option<MailboxState>, StoreError> {
+        self.call(move |connection| sqlite::load_mailbox(connection, &key))
+            .await
+    }
+
     /// Reads one mailbox's state.
     ///
     /// # Errors
     /// On a database failure.
     pub async fn load_mailbox(&self, key: MailboxKey) -> Result<Option<MailboxState>, StoreError> {
-        if let Some(shared) = &self.shared {
-            return shared.load_mailbox(&key).await;
+        let Some(shared) = &self.shared else {
+            return self.load_local(key).await;
+        };
+        match shared.load_mailbox(&key).await {
+            Err(error) if self.falls_back(&error) => {
+                self.local_decisions.inc();
+                tracing::error!(%error, mailbox = %key,
+                    "Redis store failed; reading the host's own SQLite state (on_store_error = local)");
+                self.load_local(key).await
+            }
+            result => result,
         }
-        self.call(move |connection| sqlite::load_mailbox(connection, &key))
-            .await
-    }
-
-    /// Writes a mailbox's state to SQLite (or deletes it when `keep` is
-    /// false), appends `events` and queues `deliveries`, in one
-    /// transaction, so a lockout is never stored without its webhooks and
-    /// alerts.
-    ///
-    /// # Errors
-    /// On a database failure; nothing is written then.
-    async fn commit(
-        &self,
-        key: MailboxKey,
-        state: MailboxState,
-        keep: bool,
-        events: Vec<Event>,
-        deliveries: Vec<OutboxEntry>,
-        now: Timestamp,
-    ) -> Result<(), StoreError> {
-        self.call(move |connection| {
-            let transaction = connection.transaction()?;
-            sqlite::save_mailbox(&transaction, &key, &state, keep, now)?;
-            for event in &events {
-                sqlite::insert_event(&transaction, event)?;
-            }
-            for entry in &deliveries {
-                outbox::insert(&transaction, entry)?;
-            }
-            transaction.commit()?;
-            Ok(())
-        })
-        .await
     }
 
     /// Returns up to `limit` outbox deliveries due at `now`.
@@ -352,7 +411,13 @@ impl Store {
     /// On a database failure.
     pub async fn append(&self, events: Vec<Event>) -> Result<(), StoreError> {
         if let Some(shared) = &self.shared {
-            return shared.append(&events).await;
+            match shared.append(&events).await {
+                Err(error) if self.falls_back(&error) => {
+                    tracing::error!(%error, events = events.len(),
+                        "Redis store failed; keeping events in the host's own SQLite store");
+                }
+                result => return result,
+            }
         }
         self.call(move |connection| {
             let transaction = connection.transaction()?;
@@ -371,7 +436,13 @@ impl Store {
     /// On a database failure.
     pub async fn record_refusal(&self, event: Event) -> Result<(), StoreError> {
         if let Some(shared) = &self.shared {
-            return shared.record_refusal(&event).await;
+            match shared.record_refusal(&event).await {
+                Err(error) if self.falls_back(&error) => {
+                    tracing::error!(%error, mailbox = event.mailbox.as_deref().unwrap_or("-"),
+                        "Redis store failed; keeping the refusal in the host's own SQLite store");
+                }
+                result => return result,
+            }
         }
         self.call(move |connection| sqlite::insert_refusal(connection, &event))
             .await
