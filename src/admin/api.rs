@@ -655,11 +655,7 @@ async fn metrics(headers: HeaderMap, State(guard): Shared) -> Result<Response, A
         .active_blocks(now)
         .await
         .map_err(store_error)?;
-    let waiting = guard
-        .store()
-        .call(|connection| crate::store::outbox::count(connection))
-        .await
-        .map_err(store_error)?;
+    let waiting = guard.store().outbox_count().await.map_err(store_error)?;
     let permanent = blocks
         .iter()
         .filter(|(_, state)| {

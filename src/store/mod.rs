@@ -6,9 +6,9 @@
 //! sent only once the strike is on disk.
 //!
 //! With `[store] backend = "redis"`, mailbox states, their events and the
-//! lockout-end index live in Redis, shared by every relay host (see
-//! [`redis`]); the SQLite file keeps this host's outbox, devices and
-//! exemptions. [`Store`] hides which backend holds a mailbox.
+//! lockout-end index and the lockouts' deliveries live in Redis, shared by
+//! every relay host (see [`redis`]); the SQLite file keeps this host's
+//! devices, exemptions and subnet notices. [`Store`] hides which backend holds a mailbox.
 
 pub mod devices;
 pub mod exemptions;
@@ -151,11 +151,7 @@ impl Store {
         let local = Local::open(&config.path)?;
         let shared = match config.backend {
             Backend::Sqlite => None,
-            Backend::Redis => Some(Arc::new(redis::RedisStore::open(
-                config,
-                events_keep,
-                local.clone(),
-            )?)),
+            Backend::Redis => Some(Arc::new(redis::RedisStore::open(config, events_keep)?)),
         };
         Ok(Store {
             local,
@@ -343,54 +339,81 @@ impl Store {
         }
     }
 
-    /// Returns up to `limit` outbox deliveries due at `now`.
+    /// Returns up to `limit` outbox deliveries due at `now`: this host's
+    /// own, and with Redis the shared ones this host could lease for
+    /// `lease`, the longest one attempt may take.
     ///
     /// # Errors
-    /// On a database failure.
+    /// On a store failure.
     pub async fn due_deliveries(
         &self,
         now: Timestamp,
         limit: usize,
+        lease: Duration,
     ) -> Result<Vec<PendingDelivery>, StoreError> {
-        self.call(move |connection| outbox::due(connection, now, limit))
-            .await
+        let mut due = self
+            .call(move |connection| outbox::due(connection, now, limit))
+            .await?;
+        if let Some(shared) = &self.shared {
+            let room = limit.saturating_sub(due.len());
+            due.extend(shared.due_deliveries(now, room, lease).await?);
+        }
+        Ok(due)
     }
 
     /// Returns when the next outbox delivery is due.
     ///
     /// # Errors
-    /// On a database failure.
+    /// On a store failure.
     pub async fn next_delivery_due(&self) -> Result<Option<Timestamp>, StoreError> {
-        self.call(|connection| outbox::next_due(connection)).await
+        let local = self.call(|connection| outbox::next_due(connection)).await?;
+        let Some(shared) = &self.shared else {
+            return Ok(local);
+        };
+        let shared = shared.next_delivery_due().await?;
+        Ok(match (local, shared) {
+            (Some(local), Some(shared)) => Some(local.min(shared)),
+            (local, shared) => local.or(shared),
+        })
     }
 
     /// Removes a delivered or abandoned delivery and records its event.
     ///
     /// # Errors
-    /// On a database failure.
-    pub async fn finish_delivery(&self, row: i64, event: Event) -> Result<(), StoreError> {
+    /// On a store failure.
+    pub async fn finish_delivery(
+        &self,
+        pending: &PendingDelivery,
+        event: Event,
+    ) -> Result<(), StoreError> {
+        let row = pending.row;
         let Some(shared) = &self.shared else {
             return self
                 .call(move |connection| outbox::finish(connection, row, Some(&event)))
                 .await;
         };
-        self.call(move |connection| outbox::finish(connection, row, None))
-            .await?;
-        shared.append(&[event]).await
+        if row < 0 {
+            shared.finish_delivery(&pending.entry.delivery_id).await?;
+        } else {
+            self.call(move |connection| outbox::finish(connection, row, None))
+                .await?;
+        }
+        self.append(vec![event]).await
     }
 
     /// Schedules a failed delivery's next attempt and records its event.
     ///
     /// # Errors
-    /// On a database failure.
+    /// On a store failure.
     pub async fn retry_delivery(
         &self,
-        row: i64,
+        pending: &PendingDelivery,
         attempts: u32,
         next: Timestamp,
         error: String,
         event: Event,
     ) -> Result<(), StoreError> {
+        let row = pending.row;
         let Some(shared) = &self.shared else {
             return self
                 .call(move |connection| {
@@ -398,11 +421,29 @@ impl Store {
                 })
                 .await;
         };
-        self.call(move |connection| {
-            outbox::reschedule(connection, row, attempts, next, &error, None)
-        })
-        .await?;
-        shared.append(&[event]).await
+        if row < 0 {
+            shared
+                .retry_delivery(pending, attempts, next, &error)
+                .await?;
+        } else {
+            self.call(move |connection| {
+                outbox::reschedule(connection, row, attempts, next, &error, None)
+            })
+            .await?;
+        }
+        self.append(vec![event]).await
+    }
+
+    /// Returns the number of deliveries waiting, this host's and shared.
+    ///
+    /// # Errors
+    /// On a store failure.
+    pub async fn outbox_count(&self) -> Result<u64, StoreError> {
+        let local = self.call(|connection| outbox::count(connection)).await?;
+        match &self.shared {
+            Some(shared) => Ok(local + shared.outbox_count().await?),
+            None => Ok(local),
+        }
     }
 
     /// Appends events that change no mailbox state.

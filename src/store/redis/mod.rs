@@ -18,8 +18,8 @@ mod connection;
 
 pub use connection::Connection;
 
-use super::{EventFilter, Local, MailboxWrite, StoreError};
-use crate::actions::{ActionKind, OutboxEntry};
+use super::{EventFilter, MailboxWrite, StoreError};
+use crate::actions::{ActionKind, OutboxEntry, PendingDelivery};
 use crate::config::StoreConfig;
 use crate::events::{Event, EventKind};
 use crate::identity::MailboxKey;
@@ -46,6 +46,9 @@ const EMPTY_TTL: Duration = Duration::from_secs(86_400);
 const MOVED_TTL: Duration = Duration::from_secs(86_400);
 /// Events read from the stream per request while filtering.
 const READ_BATCH: usize = 500;
+/// Shortest wait for the next outbox round while items are due but held
+/// by other hosts.
+const OUTBOX_RECHECK: Duration = Duration::from_secs(1);
 
 /// A change another host made, as the sender caches hear of it.
 #[derive(Debug, Clone, PartialEq)]
@@ -82,6 +85,14 @@ struct StoredEvent {
     mailbox: Option<String>,
     key_client: Option<String>,
     details: Map<String, Value>,
+}
+
+/// An outbox item in Redis: the delivery and its attempts so far.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct OutboxItem {
+    delivery: StoredDelivery,
+    attempts: u32,
+    last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -158,7 +169,6 @@ pub struct RedisStore {
     /// Redis's clock minus this host's, in milliseconds, as last measured.
     clock_offset: AtomicI64,
     events_keep: Duration,
-    local: Local,
     compare_and_set: redis::Script,
     lease: redis::Script,
     remove_if_score: redis::Script,
@@ -170,11 +180,7 @@ impl RedisStore {
     ///
     /// # Errors
     /// When a URL is invalid.
-    pub fn open(
-        config: &StoreConfig,
-        events_keep: Duration,
-        local: Local,
-    ) -> Result<RedisStore, StoreError> {
+    pub fn open(config: &StoreConfig, events_keep: Duration) -> Result<RedisStore, StoreError> {
         let connection = Connection::new(config.url.as_deref(), &config.nodes, config.timeout)?;
         let pubsub_url = config
             .url
@@ -194,7 +200,6 @@ impl RedisStore {
             host,
             clock_offset: AtomicI64::new(0),
             events_keep,
-            local,
             compare_and_set: redis::Script::new(include_str!("compare_and_set.lua")),
             lease: redis::Script::new(include_str!("lease.lua")),
             remove_if_score: redis::Script::new(include_str!("remove_if_score.lua")),
@@ -364,7 +369,7 @@ impl RedisStore {
     }
 
     /// Moves a mailbox's pending events to the stream and its deliveries
-    /// to this host's outbox, clears them, and updates the lockout-end
+    /// to the shared outbox, clears them, and updates the lockout-end
     /// index; returns how many deliveries were queued.
     async fn move_pending(&self, id: &str) -> Result<usize, StoreError> {
         let mut queued = 0;
@@ -415,24 +420,169 @@ impl RedisStore {
                 self.add_to_stream(&mut connection, event).await?;
             }
         }
-        let mut entries = Vec::with_capacity(work.deliveries.len());
+        let mut queued = 0;
         for delivery in &work.deliveries {
-            entries.push(delivery.clone().into_entry()?);
+            queued += self.queue_delivery(&mut connection, delivery).await?;
         }
-        if entries.is_empty() {
-            return Ok(0);
+        Ok(queued)
+    }
+
+    fn outbox_key(&self, name: &str) -> String {
+        // One hash tag keeps the items and their schedule in one slot.
+        format!("{}outbox:{{outbox}}:{name}", self.prefix)
+    }
+
+    /// Adds a delivery to the shared outbox, due at once, unless it is
+    /// there already; returns how many were added (0 or 1).
+    async fn queue_delivery(
+        &self,
+        connection: &mut Connection,
+        delivery: &StoredDelivery,
+    ) -> Result<usize, StoreError> {
+        let item = OutboxItem {
+            delivery: delivery.clone(),
+            attempts: 0,
+            last_error: None,
+        };
+        // The item goes first and the schedule second, both only when new,
+        // so a retried move never resets an item's attempts.
+        let added: bool = connection
+            .hset_nx(
+                self.outbox_key("items"),
+                &delivery.delivery_id,
+                serde_json::to_string(&item)?,
+            )
+            .await?;
+        let _: i64 = redis::cmd("ZADD")
+            .arg(self.outbox_key("due"))
+            .arg("NX")
+            .arg(delivery.created.millis())
+            .arg(&delivery.delivery_id)
+            .query_async(connection)
+            .await?;
+        Ok(usize::from(added))
+    }
+
+    /// Returns up to `limit` outbox deliveries due at `now` that this host
+    /// could lease for `lease`, the longest waiting first. Their `row` is
+    /// -1: they are named by their delivery id. Another host takes an item
+    /// over once its lease ends, so an attempt that outlasts it may be
+    /// repeated, which the delivery id lets the receiver drop.
+    ///
+    /// # Errors
+    /// When Redis cannot be reached or an item does not decode.
+    pub async fn due_deliveries(
+        &self,
+        now: Timestamp,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<PendingDelivery>, StoreError> {
+        let mut connection = self.connection();
+        let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.outbox_key("due"))
+            .arg("-inf")
+            .arg(now.millis())
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut connection)
+            .await?;
+        let mut leased = Vec::with_capacity(due.len());
+        for id in due {
+            let lease: Option<String> = redis::cmd("SET")
+                .arg(self.outbox_key(&format!("lease:{id}")))
+                .arg(&self.host)
+                .arg("NX")
+                .arg("PX")
+                .arg(duration_millis(lease))
+                .query_async(&mut connection)
+                .await?;
+            if lease.is_none() {
+                continue;
+            }
+            let text: Option<String> = connection.hget(self.outbox_key("items"), &id).await?;
+            let Some(text) = text else {
+                // Finished by another host after the range was read.
+                let _: () = connection.zrem(self.outbox_key("due"), &id).await?;
+                continue;
+            };
+            let item: OutboxItem = serde_json::from_str(&text)?;
+            leased.push(PendingDelivery {
+                row: -1,
+                entry: item.delivery.into_entry()?,
+                attempts: item.attempts,
+            });
         }
-        self.local
-            .call(move |connection| {
-                let transaction = connection.transaction()?;
-                let mut added = 0;
-                for entry in &entries {
-                    added += super::outbox::insert_if_new(&transaction, entry)?;
-                }
-                transaction.commit()?;
-                Ok(added)
-            })
-            .await
+        Ok(leased)
+    }
+
+    /// Returns when the next shared delivery is due, at least
+    /// [`OUTBOX_RECHECK`] from now while due items are leased elsewhere.
+    ///
+    /// # Errors
+    /// When Redis cannot be reached.
+    pub async fn next_delivery_due(&self) -> Result<Option<Timestamp>, StoreError> {
+        let first: Vec<(String, i64)> = self
+            .connection()
+            .zrange_withscores(self.outbox_key("due"), 0, 0)
+            .await?;
+        let soonest = self.now().saturating_add(OUTBOX_RECHECK);
+        Ok(first
+            .first()
+            .map(|(_, due)| Timestamp(*due).max(soonest)))
+    }
+
+    /// Removes a delivered or abandoned item and its lease.
+    ///
+    /// # Errors
+    /// When Redis cannot be reached.
+    pub async fn finish_delivery(&self, delivery_id: &str) -> Result<(), StoreError> {
+        let mut connection = self.connection();
+        let _: () = connection.zrem(self.outbox_key("due"), delivery_id).await?;
+        let _: () = connection.hdel(self.outbox_key("items"), delivery_id).await?;
+        let _: () = connection
+            .del(self.outbox_key(&format!("lease:{delivery_id}")))
+            .await?;
+        Ok(())
+    }
+
+    /// Schedules a failed item's next attempt and releases its lease.
+    ///
+    /// # Errors
+    /// When Redis cannot be reached.
+    pub async fn retry_delivery(
+        &self,
+        pending: &PendingDelivery,
+        attempts: u32,
+        next: Timestamp,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        let mut connection = self.connection();
+        let id = &pending.entry.delivery_id;
+        let item = OutboxItem {
+            delivery: StoredDelivery::from_entry(&pending.entry),
+            attempts,
+            last_error: Some(error.to_string()),
+        };
+        let _: () = connection
+            .hset(self.outbox_key("items"), id, serde_json::to_string(&item)?)
+            .await?;
+        let _: () = connection
+            .zadd(self.outbox_key("due"), id, next.millis())
+            .await?;
+        let _: () = connection
+            .del(self.outbox_key(&format!("lease:{id}")))
+            .await?;
+        Ok(())
+    }
+
+    /// Returns the number of shared deliveries waiting.
+    ///
+    /// # Errors
+    /// When Redis cannot be reached.
+    pub async fn outbox_count(&self) -> Result<u64, StoreError> {
+        let count: u64 = self.connection().zcard(self.outbox_key("due")).await?;
+        Ok(count)
     }
 
     async fn index_end(&self, id: &str, state: &MailboxState) -> Result<(), StoreError> {
