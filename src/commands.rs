@@ -545,3 +545,39 @@ pub fn hash_token(file: &Path) -> Result<(), String> {
         hex::encode(sendguard::admin::sha256(&token))
     ))
 }
+
+/// `sendguard store migrate`: copies the SQLite store into Redis.
+pub fn migrate_store(config: &Path) -> Result<(), String> {
+    let config = sendguard::config::Config::load(config).map_err(|error| error.to_string())?;
+    if config.store.backend != sendguard::config::Backend::Redis {
+        return Err(
+            "store.backend is not \"redis\": set backend = \"redis\" and url (or nodes) in \
+             [store], keeping path at the SQLite file to copy"
+                .to_string(),
+        );
+    }
+    let connection =
+        sqlite::open_existing(&config.store.path).map_err(|error| error.to_string())?;
+    let migration = tokio_runtime()?.block_on(async {
+        // The Redis connection needs the async runtime from its creation.
+        let redis = sendguard::store::redis::RedisStore::open(&config.store, config.events.keep)
+            .map_err(|error| error.to_string())?;
+        sendguard::store::migrate::sqlite_to_redis(&connection, &redis)
+            .await
+            .map_err(|error| format!("migration stopped: {error}; run it again to finish"))
+    })?;
+    let mut report = format!(
+        "copied {} mailbox states, {} events and {} waiting deliveries from {} to Redis\n",
+        migration.mailboxes,
+        migration.events,
+        migration.deliveries,
+        config.store.path.display()
+    );
+    if migration.events_skipped {
+        report.push_str("events not copied: the Redis events stream already holds events\n");
+    }
+    for mailbox in &migration.kept {
+        report.push_str(&format!("kept Redis's state of {mailbox}\n"));
+    }
+    print(&report)
+}

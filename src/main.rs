@@ -152,6 +152,22 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Store tools.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Copy the SQLite file at store.path (mailbox states, events, waiting
+    /// lockout deliveries) into the Redis store the config names.
+    Migrate {
+        /// The configuration file, with [store] backend = "redis".
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 /// The SMTP facts `check` passes to rspamd, as the relay would.
@@ -321,6 +337,9 @@ fn main() -> ExitCode {
         Command::Config {
             command: ConfigCommand::Check { file },
         } => config_check(&file),
+        Command::Store {
+            command: StoreCommand::Migrate { config },
+        } => commands::migrate_store(&config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

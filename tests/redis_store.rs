@@ -388,3 +388,49 @@ fn local_fallback_merges_strikes() {
     assert!(started[0]["note"].as_str().is_some_and(|note| note.contains("merged")));
     assert!(hosts[0].log().contains("merged strikes counted without Redis"));
 }
+
+#[test]
+fn migrate_copies_sqlite_store() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start(UpstreamOptions::default());
+    let policy = "[policy]\nthreshold = 2\nwindow = \"10m\"\nfirst_lockout = \"1h\"";
+    let mut single = Sendguard::start(&upstream.address(), policy);
+    for _ in 0..2 {
+        assert_eq!(send_from(&single.address, "jane@example.org", &spam_message()).0, 550);
+    }
+    assert_eq!(send_from(&single.address, "kim@example.org", &spam_message()).0, 550);
+    assert_eq!(clean_code(&single, "jane@example.org"), 550);
+    single.kill9();
+
+    // The same config, switched to Redis with the SQLite file kept.
+    single.rewrite_config(|text| {
+        text.replace("sendguard.db\"\n", &format!("sendguard.db\"\n{}", redis_config(&redis, "")))
+    });
+    let output = single.cli(&["store", "migrate"]);
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(report.contains("copied 2 mailbox states"), "{report}");
+
+    // A second run copies nothing twice.
+    let output = single.cli(&["store", "migrate"]);
+    let again = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(again.contains("copied 0 mailbox states, 0 events"), "{again}");
+    assert!(again.contains("kept Redis's state of jane@example.org"), "{again}");
+    assert!(again.contains("events not copied"), "{again}");
+
+    // Hosts on Redis refuse the migrated lockout and continue kim's count.
+    let hosts = start_hosts(2, &upstream, &redis, policy);
+    for host in &hosts {
+        assert_eq!(clean_code(host, "jane@example.org"), 550);
+    }
+    assert_eq!(send_from(&hosts[1].address, "kim@example.org", &spam_message()).0, 550);
+    for host in &hosts {
+        assert_eq!(clean_code(host, "kim@example.org"), 550);
+    }
+    let events = hosts[0].events();
+    let started: Vec<&Value> = of_kind(&events, "lockout_started");
+    assert_eq!(started.len(), 2, "{started:#?}");
+    assert_eq!(started[0]["mailbox"], "jane@example.org");
+    assert_eq!(started[1]["mailbox"], "kim@example.org");
+}

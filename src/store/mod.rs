@@ -13,6 +13,7 @@
 pub mod devices;
 pub mod exemptions;
 pub mod fallback;
+pub mod migrate;
 pub mod outbox;
 pub mod redis;
 pub mod sqlite;

@@ -427,6 +427,46 @@ impl RedisStore {
         Ok(queued)
     }
 
+    /// Writes `state` for a mailbox Redis holds nothing for; returns false,
+    /// writing nothing, when Redis has a state already.
+    ///
+    /// # Errors
+    /// When Redis cannot be reached.
+    pub async fn import_state(
+        &self,
+        key: &MailboxKey,
+        state: &MailboxState,
+    ) -> Result<bool, StoreError> {
+        let snapshot = self.read(key).await?;
+        if snapshot.version > 0 {
+            return Ok(false);
+        }
+        let write = MailboxWrite {
+            keep: true,
+            ..MailboxWrite::default()
+        };
+        self.write(key, &snapshot, state, write).await
+    }
+
+    /// Returns whether the events stream holds any event.
+    ///
+    /// # Errors
+    /// When Redis cannot be reached.
+    pub async fn has_events(&self) -> Result<bool, StoreError> {
+        let length: u64 = self.connection().xlen(self.key("events")).await?;
+        Ok(length > 0)
+    }
+
+    /// Adds a delivery to the shared outbox unless it is there; returns
+    /// how many were added (0 or 1).
+    ///
+    /// # Errors
+    /// When Redis cannot be reached.
+    pub async fn import_delivery(&self, entry: &OutboxEntry) -> Result<usize, StoreError> {
+        self.queue_delivery(&mut self.connection(), &StoredDelivery::from_entry(entry))
+            .await
+    }
+
     fn outbox_key(&self, name: &str) -> String {
         // One hash tag keeps the items and their schedule in one slot.
         format!("{}outbox:{{outbox}}:{name}", self.prefix)
