@@ -879,7 +879,7 @@ impl Guard {
         for key in self.store.due_ends(now).await? {
             let mut cache = self.shard(&key).lock().await;
             let runtime = self.runtime();
-            // The store, not the cache, said the end is pending, and the
+            // The store, not the cache, lists the end as pending, and the
             // update reads the store.
             let (ended, state) = self
                 .store
@@ -972,7 +972,7 @@ impl Guard {
     /// Redis failed into Redis, by running each through the policy again
     /// on the shared state. A lockout they complete is dated from the
     /// strike that completed it but refuses only from the merge on, so it
-    /// starts late; its events and deliveries are queued with it.
+    /// starts late. Its events and deliveries are queued with it.
     async fn merge_fallback_strikes(&self) -> Result<(), StoreError> {
         let waiting = self
             .store

@@ -147,8 +147,8 @@ pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
 /// With the Redis backend: measures Redis's clock, subscribes to other
 /// hosts' changes before any sender is checked, and finishes work that a
 /// stopped host left pending between a lockout and its deliveries. Redis
-/// being down is logged, never fatal: the relay then answers as
-/// `store.on_store_error` says.
+/// being down is logged, never fatal: the relay then replies as
+/// `store.on_store_error` sets.
 async fn prepare_shared_store(guard: &Arc<Guard>, shutdown: &watch::Receiver<bool>) {
     let Some(shared) = guard.store().shared().cloned() else {
         return;
@@ -160,7 +160,7 @@ async fn prepare_shared_store(guard: &Arc<Guard>, shutdown: &watch::Receiver<boo
             "Redis store reachable"),
         Err(error) => {
             tracing::error!(%error, host = shared.host(),
-                "Redis store not reachable at start; mail is answered per store.on_store_error until it is");
+                "Redis store not reachable at start; the relay replies as store.on_store_error sets until it is");
             return;
         }
     }

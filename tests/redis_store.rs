@@ -23,8 +23,8 @@ fn spam_message() -> Vec<u8> {
         .into_bytes()
 }
 
-/// The `[store]` lines after `path` that point a host at `redis`, then
-/// `extra` (more sections).
+/// Returns the `[store]` lines after `path` that point a host at `redis`,
+/// then `extra` (more sections).
 fn redis_config(redis: &RedisServer, extra: &str) -> String {
     format!(
         "backend = \"redis\"\nurl = \"{}\"\nkey_prefix = \"test:\"\n{extra}\n",
@@ -81,7 +81,7 @@ fn round_robin_strikes_lock_every_host() {
         "[policy]\nthreshold = 5\nwindow = \"10m\"\nfirst_lockout = \"30s\"",
     );
 
-    // Each host sees the mailbox before its lockout, so each caches it.
+    // Each host checks the mailbox before its lockout, so each caches it.
     for host in &hosts {
         assert_eq!(clean_code(host, "alice@example.org"), 250);
     }
@@ -367,8 +367,8 @@ fn local_fallback_merges_strikes() {
         "{}",
         hosts[0].log()
     );
-    // Its own store held two of the three strikes, so nobody is locked
-    // out yet.
+    // Its own store contains two of the three strikes, so the mailbox is
+    // not locked out yet.
     assert_eq!(clean_code(&hosts[0], "iris@example.org"), 250);
 
     // Back from its append-only file, Redis gets the two strikes merged

@@ -162,7 +162,7 @@ async fn deliver_due(guard: &Arc<Guard>) -> Result<Option<Timestamp>, StoreError
     }
 }
 
-/// Returns how long a host holds a shared outbox item for one attempt:
+/// Returns how long a host leases a shared outbox item for one attempt:
 /// an alert e-mail may take four `actions.timeout` periods, plus a margin
 /// for recording the outcome.
 fn attempt_lease(runtime: &Runtime) -> Duration {

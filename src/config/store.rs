@@ -6,7 +6,7 @@ use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// The engine that holds mailbox state and the events report.
+/// The engine that stores mailbox state and the events report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
@@ -17,11 +17,11 @@ pub enum Backend {
     Redis,
 }
 
-/// What a relay host does while the Redis store cannot be reached.
+/// The behaviour of a relay host while the Redis store cannot be reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum OnStoreError {
-    /// Answer with a temporary failure (4xx), so the client retries later.
+    /// Reply with a temporary failure (4xx), so the client retries later.
     #[default]
     Tempfail,
     /// Decide with this host's own SQLite store and merge its strikes into
@@ -149,7 +149,7 @@ fn check_url(key: &str, url: &str, problems: &mut Problems) {
 mod tests {
     use crate::config::{Backend, Config, OnStoreError};
 
-    /// Parses a config whose `[store]` section holds `path` and `lines`,
+    /// Parses a config whose `[store]` section contains `path` and `lines`,
     /// and returns the key of each problem.
     fn problems(lines: &str) -> Vec<String> {
         let text = format!(

@@ -9,7 +9,7 @@ use rusqlite::Connection;
 /// Events read from SQLite per batch.
 const EVENT_BATCH: usize = 10_000;
 
-/// What a migration copied and what it left alone.
+/// The counts of a migration: what it copied and what it left alone.
 #[derive(Debug, Default)]
 pub struct Migration {
     /// Mailbox states written to Redis.
@@ -24,8 +24,8 @@ pub struct Migration {
     pub deliveries: usize,
 }
 
-/// Copies `connection`'s store into `redis`. A mailbox that Redis already
-/// holds keeps Redis's state, and events are copied only into an empty
+/// Copies `connection`'s store into `redis`. A mailbox that already has a
+/// state in Redis keeps that state, and events are copied only into an empty
 /// stream, so running the migration again adds nothing twice.
 ///
 /// # Errors

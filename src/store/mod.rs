@@ -5,9 +5,9 @@
 //! after its transaction committed, so a reply that depends on a strike is
 //! sent only once the strike is on disk.
 //!
-//! With `[store] backend = "redis"`, mailbox states, their events and the
+//! With `[store] backend = "redis"`, mailbox states, their events, the
 //! lockout-end index and the lockouts' deliveries live in Redis, shared by
-//! every relay host (see [`redis`]); the SQLite file keeps this host's
+//! every relay host (see [`redis`]). The SQLite file keeps this host's
 //! devices, exemptions and subnet notices. [`Store`] hides which backend holds a mailbox.
 
 pub mod devices;
@@ -55,10 +55,10 @@ pub enum StoreError {
     Conflict { attempts: usize },
 }
 
-/// What to write with a mailbox's new state.
+/// The events and deliveries written with a mailbox's new state.
 #[derive(Debug, Clone, Default)]
 pub struct MailboxWrite {
-    /// False when the state holds nothing worth keeping.
+    /// False when the state contains nothing worth keeping.
     pub keep: bool,
     pub events: Vec<Event>,
     pub deliveries: Vec<OutboxEntry>,
@@ -247,10 +247,10 @@ impl Store {
         }
     }
 
-    /// Like [`Store::update_mailbox`] for a bad message's `strike`: when
-    /// Redis fails and `on_store_error = "local"`, the update runs on this
-    /// host's SQLite store instead and the strike is kept for the merge
-    /// into Redis; the third value is then true.
+    /// Updates a mailbox like [`Store::update_mailbox`] for a bad message's
+    /// `strike`. When Redis fails and `on_store_error = "local"`, the update
+    /// runs on this host's SQLite store instead, and the strike is kept for
+    /// the merge into Redis. The third value is then true.
     ///
     /// # Errors
     /// As [`Store::update_mailbox`], and on a SQLite failure in fallback.
@@ -279,8 +279,8 @@ impl Store {
         }
     }
 
-    /// The SQLite side of [`Store::update_mailbox`]; `fallback` is a strike
-    /// to keep for the merge into Redis, in the same transaction.
+    /// Runs [`Store::update_mailbox`] on SQLite. `fallback` is a strike to
+    /// keep for the merge into Redis, in the same transaction.
     async fn update_local<T, F>(
         &self,
         key: &MailboxKey,

@@ -119,13 +119,13 @@ impl RedisServer {
         format!("redis://{}", self.address())
     }
 
-    /// The server's log so far.
+    /// Returns the server's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
     }
 
-    /// Kills the server with SIGKILL, so only what the append-only file
-    /// holds survives.
+    /// Kills the server with SIGKILL, so only the append-only file's
+    /// contents survive.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -162,7 +162,7 @@ impl Drop for RedisServer {
     }
 }
 
-/// Returns whether a Redis server at `address` answers PING with PONG.
+/// Returns whether a Redis server at `address` replies PONG to PING.
 pub fn ping(address: &str) -> bool {
     let Ok(mut stream) = TcpStream::connect(address) else {
         return false;
@@ -212,7 +212,7 @@ impl RedisCluster {
         cluster
     }
 
-    /// The nodes' `redis://` URLs.
+    /// Returns the nodes' `redis://` URLs.
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
     }

@@ -1,5 +1,6 @@
 -- Writes one mailbox's state only if its version is still the one the
--- caller read. It holds no policy rule: the caller computed the new state.
+-- caller read. It contains no policy rule, because the caller computed the
+-- new state.
 -- KEYS[1]  the mailbox hash
 -- ARGV[1]  version read ("0" when the hash did not exist)
 -- ARGV[2]  new state (JSON)

@@ -5,7 +5,7 @@
 //! it. The braces make `ID` the Redis Cluster hash tag, so every key of one
 //! mailbox sits in one slot. A host reads the hash and Redis's `TIME`, runs
 //! the pure policy code and writes back with `compare_and_set.lua`, which
-//! only compares the version and writes; on a conflict it reads again.
+//! only compares the version and writes. On a conflict it reads again.
 //!
 //! The pending work travels in the same hash as the state, so a lockout is
 //! never stored without its webhooks. After the write, the host moves the
@@ -251,7 +251,7 @@ impl RedisStore {
     /// Reads one mailbox with its version, and Redis's time.
     ///
     /// # Errors
-    /// When Redis cannot be reached or holds data that does not decode.
+    /// When Redis cannot be reached or returns data that does not decode.
     pub async fn read(&self, key: &MailboxKey) -> Result<Snapshot, StoreError> {
         let (version, state, pending) = self.read_hash(&key_id(key)).await?;
         let now = self.time().await?;
@@ -289,7 +289,7 @@ impl RedisStore {
     /// Reads one mailbox's state.
     ///
     /// # Errors
-    /// When Redis cannot be reached or holds data that does not decode.
+    /// When Redis cannot be reached or returns data that does not decode.
     pub async fn load_mailbox(&self, key: &MailboxKey) -> Result<Option<MailboxState>, StoreError> {
         let (version, state, _) = self.read_hash(&key_id(key)).await?;
         Ok((version > 0).then_some(state))
@@ -369,8 +369,8 @@ impl RedisStore {
     }
 
     /// Moves a mailbox's pending events to the stream and its deliveries
-    /// to the shared outbox, clears them, and updates the lockout-end
-    /// index; returns how many deliveries were queued.
+    /// to the shared outbox, clears them and updates the lockout-end index.
+    /// Returns how many deliveries were queued.
     async fn move_pending(&self, id: &str) -> Result<usize, StoreError> {
         let mut queued = 0;
         for _ in 0..MAX_ATTEMPTS {
@@ -427,8 +427,8 @@ impl RedisStore {
         Ok(queued)
     }
 
-    /// Writes `state` for a mailbox Redis holds nothing for; returns false,
-    /// writing nothing, when Redis has a state already.
+    /// Writes `state` for a mailbox that has no state in Redis yet. Returns
+    /// false, writing nothing, when Redis has a state already.
     ///
     /// # Errors
     /// When Redis cannot be reached.
