@@ -301,12 +301,19 @@ impl Guard {
     /// On a store failure; the exemptions loaded before stay in force.
     pub async fn reload_exemptions(&self) -> Result<(), StoreError> {
         let now = Timestamp::now();
-        let active = self
-            .store
-            .call(move |connection| crate::store::exemptions::active(connection, now))
-            .await?;
+        let active = self.store.active_exemptions(now).await?;
         self.exemptions.store(Arc::new(active));
         Ok(())
+    }
+
+    /// Reads the exemptions after another host changed them, logging a
+    /// failure; the exemptions loaded before stay in force then.
+    async fn reload_exemptions_logged(&self) {
+        match self.reload_exemptions().await {
+            Ok(()) => tracing::info!(count = self.exemptions().len(), "exemptions reloaded"),
+            Err(error) => tracing::error!(%error,
+                "cannot reload the exemptions another host changed; the previous ones stay in force"),
+        }
     }
 
     /// Returns the exemptions in force as last loaded.
@@ -1024,10 +1031,14 @@ impl Guard {
                         tracing::debug!(mailbox = %key, "mailbox changed on another host; cache dropped");
                         self.forget(&key).await;
                     }
+                    Some(crate::store::redis::Invalidation::Exemptions) => {
+                        self.reload_exemptions_logged().await;
+                    }
                     Some(crate::store::redis::Invalidation::All) => {
                         for shard in &self.shards {
                             shard.lock().await.clear();
                         }
+                        self.reload_exemptions_logged().await;
                     }
                     None => break,
                 },

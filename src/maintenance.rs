@@ -86,11 +86,8 @@ async fn apply_changes(guard: &Guard, after: i64) -> Result<i64, StoreError> {
 }
 
 async fn record_expiries(guard: &Guard) -> Result<(), StoreError> {
-    let now = Timestamp::now();
-    let expired = guard
-        .store()
-        .call(move |connection| crate::store::exemptions::record_expiries(connection, now))
-        .await?;
+    let now = guard.store().now();
+    let expired = guard.store().record_exemption_expiries(now).await?;
     if expired > 0 {
         tracing::info!(expired, "exemptions reached their end");
         guard.reload_exemptions().await?;

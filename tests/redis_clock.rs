@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::redis::RedisServer;
+use common::redis::{RedisServer, wait_until_subscribed};
 use common::sendguard::Sendguard;
 use common::smtp_client::send_from;
 use common::upstream::{Upstream, UpstreamOptions};
@@ -64,6 +64,9 @@ fn slow_host_clock_keeps_lockout_length() {
         std::env::remove_var("FAKETIME");
         std::env::remove_var("FAKETIME_DONT_FAKE_MONOTONIC");
     }
+
+    wait_until_subscribed(&right);
+    wait_until_subscribed(&slow);
 
     // The slow host counts the strike that starts the lockout.
     assert_eq!(send_from(&right.address, "lena@example.org", &spam_message()).0, 550);

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::redis::RedisCluster;
+use common::redis::{RedisCluster, wait_until_subscribed};
 use common::sendguard::Sendguard;
 use common::smtp_client::send_from;
 use common::upstream::{Upstream, UpstreamOptions};
@@ -35,6 +35,9 @@ fn cluster_locks_each_mailbox_once_on_every_host() {
     let hosts: Vec<Sendguard> = (0..3)
         .map(|_| Sendguard::start(&upstream.address(), &store))
         .collect();
+    for host in &hosts {
+        wait_until_subscribed(host);
+    }
 
     // The mailboxes' keys hash to different slots, so to different nodes;
     // their strikes go round-robin over the hosts.

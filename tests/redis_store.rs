@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::redis::RedisServer;
+use common::redis::{RedisServer, wait_until_subscribed};
 use common::sendguard::Sendguard;
 use common::smtp_client::send_from;
 use common::upstream::{Upstream, UpstreamOptions};
@@ -32,11 +32,16 @@ fn redis_config(redis: &RedisServer, extra: &str) -> String {
     )
 }
 
-/// Starts `count` hosts sharing `redis`, each relaying to `upstream`.
+/// Starts `count` hosts sharing `redis`, each relaying to `upstream`, and
+/// waits until each has subscribed to the other hosts' changes.
 fn start_hosts(count: usize, upstream: &Upstream, redis: &RedisServer, extra: &str) -> Vec<Sendguard> {
-    (0..count)
+    let hosts: Vec<Sendguard> = (0..count)
         .map(|_| Sendguard::start(&upstream.address(), &redis_config(redis, extra)))
-        .collect()
+        .collect();
+    for host in &hosts {
+        wait_until_subscribed(host);
+    }
+    hosts
 }
 
 /// Returns the MAIL FROM reply code (or the final one when MAIL passes)
@@ -433,4 +438,50 @@ fn migrate_copies_sqlite_store() {
     assert_eq!(started.len(), 2, "{started:#?}");
     assert_eq!(started[0]["mailbox"], "jane@example.org");
     assert_eq!(started[1]["mailbox"], "kim@example.org");
+}
+
+#[test]
+fn exemption_applies_on_every_host() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start(UpstreamOptions::default());
+    let hosts = start_hosts(
+        3,
+        &upstream,
+        &redis,
+        "[policy]\nthreshold = 2\nwindow = \"10m\"\nfirst_lockout = \"1h\"",
+    );
+
+    // Each host reloaded the exemptions once when it subscribed at start.
+    let reloads = |host: &Sendguard| host.log().matches("exemptions reloaded").count();
+    let before: Vec<usize> = hosts.iter().map(reloads).collect();
+
+    // Added through the first host's config, straight into Redis.
+    let added = hosts[0].cli(&[
+        "exemptions", "add", "--sender", "mona@example.org", "--reason", "bulk mailing",
+        "--author", "ops", "--for", "1d",
+    ]);
+    assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
+
+    // The other hosts hear of it and count none of mona's bad messages.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while (1..3).any(|index| reloads(&hosts[index]) == before[index]) {
+        assert!(Instant::now() < deadline, "a host did not reload the exemptions:\n{}", hosts[2].log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for host in &hosts[1..] {
+        for _ in 0..2 {
+            assert_eq!(send_from(&host.address, "mona@example.org", &spam_message()).0, 550);
+        }
+        assert_eq!(clean_code(host, "mona@example.org"), 250);
+    }
+    let events = hosts[1].events();
+    assert_eq!(of_kind(&events, "exemption_added").len(), 1);
+    let bad = of_kind(&events, "bad_message");
+    assert_eq!(bad.len(), 4, "{bad:#?}");
+    assert!(bad.iter().all(|event| event["counted"] == false), "{bad:#?}");
+    assert!(of_kind(&events, "lockout_started").is_empty());
+
+    let listed = hosts[2].cli(&["exemptions", "list"]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.contains("mona@example.org"), "{listed}");
 }

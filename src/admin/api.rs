@@ -437,7 +437,7 @@ async fn list_exemptions(
     let now = Timestamp::now();
     let listed = guard
         .store()
-        .call(|connection| crate::store::exemptions::all(connection))
+        .all_exemptions()
         .await
         .map_err(store_error)?;
     Ok(ok_json(exemption_list_json(&listed, query.all, now)))
@@ -582,7 +582,7 @@ async fn add_exemption(
     let new = new_exemption(&guard.runtime(), request).map_err(ApiError::bad_request)?;
     let exemption = guard
         .store()
-        .call(move |connection| crate::store::exemptions::add(connection, new))
+        .add_exemption(new)
         .await
         .map_err(store_error)?;
     guard.reload_exemptions().await.map_err(store_error)?;
@@ -622,10 +622,7 @@ async fn remove_exemption(
     let now = Timestamp::now();
     let removed = guard
         .store()
-        .call({
-            let by = by.clone();
-            move |connection| crate::store::exemptions::remove(connection, id, &by, now)
-        })
+        .remove_exemption(id, by.clone(), now)
         .await
         .map_err(store_error)?;
     let Some(exemption) = removed else {

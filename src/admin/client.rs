@@ -164,16 +164,22 @@ impl Client {
             return self.get_json(&path).await;
         }
         let key = self.mailbox_key(mailbox, client)?;
-        let connection = self.connection()?;
-        let state = match self.shared_store()? {
-            Some(store) => store.load_mailbox(key.clone()).await,
-            None => sqlite::load_mailbox(&connection, &key),
-        }
-        .map_err(|error| error.to_string())?
-        .unwrap_or_default();
         let now = Timestamp::now();
-        let exemptions = crate::store::exemptions::active(&connection, now)
-            .map_err(|error| error.to_string())?;
+        let (state, exemptions) = match self.shared_store()? {
+            Some(store) => (
+                store.load_mailbox(key.clone()).await,
+                store.active_exemptions(now).await,
+            ),
+            None => {
+                let connection = self.connection()?;
+                (
+                    sqlite::load_mailbox(&connection, &key),
+                    crate::store::exemptions::active(&connection, now),
+                )
+            }
+        };
+        let state = state.map_err(|error| error.to_string())?.unwrap_or_default();
+        let exemptions = exemptions.map_err(|error| error.to_string())?;
         Ok(ledger_json(
             &key,
             &state,
@@ -359,8 +365,11 @@ impl Client {
             return self.get_json(path).await;
         }
         let now = Timestamp::now();
-        let listed = crate::store::exemptions::all(&self.connection()?)
-            .map_err(|error| error.to_string())?;
+        let listed = match self.shared_store()? {
+            Some(store) => store.all_exemptions().await,
+            None => crate::store::exemptions::all(&self.connection()?),
+        }
+        .map_err(|error| error.to_string())?;
         Ok(exemption_list_json(&listed, all, now))
     }
 
@@ -390,9 +399,11 @@ impl Client {
             return read_json(response).await;
         }
         let new = new_exemption(&self.runtime, request)?;
-        let mut connection = self.connection()?;
-        let exemption = crate::store::exemptions::add(&mut connection, new)
-            .map_err(|error| error.to_string())?;
+        let exemption = match self.shared_store()? {
+            Some(store) => store.add_exemption(new).await,
+            None => crate::store::exemptions::add(&mut self.connection()?, new),
+        }
+        .map_err(|error| error.to_string())?;
         Ok(exemption_json(&exemption, Timestamp::now()))
     }
 
@@ -409,9 +420,11 @@ impl Client {
             return read_json(response).await;
         }
         let now = Timestamp::now();
-        let mut connection = self.connection()?;
-        let removed = crate::store::exemptions::remove(&mut connection, id, by, now)
-            .map_err(|error| error.to_string())?;
+        let removed = match self.shared_store()? {
+            Some(store) => store.remove_exemption(id, by.to_string(), now).await,
+            None => crate::store::exemptions::remove(&mut self.connection()?, id, by, now),
+        }
+        .map_err(|error| error.to_string())?;
         match removed {
             Some(exemption) => Ok(exemption_json(&exemption, now)),
             None => Err(format!(

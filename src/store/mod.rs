@@ -589,4 +589,76 @@ impl Store {
         self.call(move |connection| sqlite::quiet_since(connection, ended_before))
             .await
     }
+
+    /// Adds an exemption and records `exemption_added`.
+    ///
+    /// # Errors
+    /// On a store failure; nothing is written then with SQLite.
+    pub async fn add_exemption(
+        &self,
+        new: exemptions::NewExemption,
+    ) -> Result<crate::policy::Exemption, StoreError> {
+        if let Some(shared) = &self.shared {
+            return shared.add_exemption(new).await;
+        }
+        self.call(move |connection| exemptions::add(connection, new))
+            .await
+    }
+
+    /// Removes an exemption in force, recording `exemption_removed`;
+    /// returns `None` when no exemption with this id is in force.
+    ///
+    /// # Errors
+    /// On a store failure.
+    pub async fn remove_exemption(
+        &self,
+        id: i64,
+        by: String,
+        now: Timestamp,
+    ) -> Result<Option<crate::policy::Exemption>, StoreError> {
+        if let Some(shared) = &self.shared {
+            return shared.remove_exemption(id, &by, now).await;
+        }
+        self.call(move |connection| exemptions::remove(connection, id, &by, now))
+            .await
+    }
+
+    /// Returns the exemptions in force at `now`.
+    ///
+    /// # Errors
+    /// On a store failure.
+    pub async fn active_exemptions(
+        &self,
+        now: Timestamp,
+    ) -> Result<Vec<crate::policy::Exemption>, StoreError> {
+        if let Some(shared) = &self.shared {
+            return shared.active_exemptions(now).await;
+        }
+        self.call(move |connection| exemptions::active(connection, now))
+            .await
+    }
+
+    /// Returns every exemption ever added, the newest first.
+    ///
+    /// # Errors
+    /// On a store failure.
+    pub async fn all_exemptions(&self) -> Result<Vec<exemptions::ListedExemption>, StoreError> {
+        if let Some(shared) = &self.shared {
+            return shared.all_exemptions().await;
+        }
+        self.call(|connection| exemptions::all(connection)).await
+    }
+
+    /// Records `exemption_expired` for every exemption that ended by `now`,
+    /// once each; returns how many.
+    ///
+    /// # Errors
+    /// On a store failure.
+    pub async fn record_exemption_expiries(&self, now: Timestamp) -> Result<usize, StoreError> {
+        if let Some(shared) = &self.shared {
+            return shared.record_exemption_expiries(now).await;
+        }
+        self.call(move |connection| exemptions::record_expiries(connection, now))
+            .await
+    }
 }

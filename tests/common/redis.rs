@@ -162,6 +162,17 @@ impl Drop for RedisServer {
     }
 }
 
+/// Waits until a sendguard on the Redis store has subscribed to the other
+/// hosts' changes and reloaded the exemptions after it, which it logs.
+/// Until then it could miss a lockout another host starts.
+pub fn wait_until_subscribed(host: &super::sendguard::Sendguard) {
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    while !host.log().contains("exemptions reloaded") {
+        assert!(Instant::now() < deadline, "sendguard did not subscribe:\n{}", host.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Returns whether a Redis server at `address` replies PONG to PING.
 pub fn ping(address: &str) -> bool {
     let Ok(mut stream) = TcpStream::connect(address) else {

@@ -15,6 +15,7 @@
 //! [`RedisStore::sweep`] finishes at start-up and on the timer lease holder.
 
 mod connection;
+mod exemptions;
 
 pub use connection::Connection;
 
@@ -55,8 +56,10 @@ const OUTBOX_RECHECK: Duration = Duration::from_secs(1);
 pub enum Invalidation {
     /// One mailbox's state changed.
     Mailbox(MailboxKey),
+    /// The exemptions changed.
+    Exemptions,
     /// The subscription was (re)made; messages sent meanwhile are lost, so
-    /// every cached state must go.
+    /// every cached state must go and the exemptions must be read again.
     All,
 }
 
@@ -356,16 +359,21 @@ impl RedisStore {
     }
 
     async fn publish(&self, id: &str) {
-        let message = serde_json::json!({ "host": self.host, "id": id }).to_string();
-        let result: Result<i64, _> = self
-            .connection()
-            .publish(self.key("changes"), message)
-            .await;
-        if let Err(error) = result {
+        let message = serde_json::json!({ "host": self.host, "id": id });
+        if let Err(error) = self.announce(message).await {
             // The other hosts' caches miss this change until their next
             // subscription drops them whole.
             tracing::warn!(%error, mailbox = id, "cannot announce a mailbox change to the other hosts");
         }
+    }
+
+    /// Publishes `message` on the changes channel.
+    async fn announce(&self, message: Value) -> Result<(), StoreError> {
+        let _: i64 = self
+            .connection()
+            .publish(self.key("changes"), message.to_string())
+            .await?;
+        Ok(())
     }
 
     /// Moves a mailbox's pending events to the stream and its deliveries
@@ -920,6 +928,12 @@ impl RedisStore {
                     continue;
                 };
                 if value["host"].as_str() == Some(self.host.as_str()) {
+                    continue;
+                }
+                if value["exemptions"] == Value::Bool(true) {
+                    if changes.send(Invalidation::Exemptions).is_err() {
+                        return;
+                    }
                     continue;
                 }
                 let Some(id) = value["id"].as_str() else {
