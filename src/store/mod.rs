@@ -580,11 +580,8 @@ impl Store {
     /// # Errors
     /// On a store failure.
     pub async fn quiet_since(&self, ended_before: Timestamp) -> Result<Vec<MailboxKey>, StoreError> {
-        if self.shared.is_some() {
-            // NOTE: Redis keeps no index of ended lockouts, so with Redis a
-            // count is forgiven at the mailbox's next bad message (the
-            // policy applies forgive_after then) rather than by this sweep.
-            return Ok(Vec::new());
+        if let Some(shared) = &self.shared {
+            return shared.quiet_since(ended_before).await;
         }
         self.call(move |connection| sqlite::quiet_since(connection, ended_before))
             .await

@@ -162,10 +162,10 @@ impl StoredDelivery {
 /// Handle to the shared Redis store.
 pub struct RedisStore {
     connection: Connection,
-    /// The server the pub/sub subscription connects to: the one server, or
-    /// the first cluster node (Redis Cluster forwards `PUBLISH` to every
-    /// node).
-    pubsub_url: String,
+    /// The servers the pub/sub subscription connects to, tried in turn:
+    /// the one server, or every cluster node (Redis Cluster forwards
+    /// `PUBLISH` to every node).
+    pubsub_urls: Vec<String>,
     prefix: String,
     /// This process's name in leases and invalidation messages.
     host: String,
@@ -185,11 +185,10 @@ impl RedisStore {
     /// When a URL is invalid.
     pub fn open(config: &StoreConfig, events_keep: Duration) -> Result<RedisStore, StoreError> {
         let connection = Connection::new(config.url.as_deref(), &config.nodes, config.timeout)?;
-        let pubsub_url = config
-            .url
-            .clone()
-            .or_else(|| config.nodes.first().cloned())
-            .unwrap_or_default();
+        let pubsub_urls = match &config.url {
+            Some(url) => vec![url.clone()],
+            None => config.nodes.clone(),
+        };
         let host = format!(
             "{}-{}-{:08x}",
             hostname(),
@@ -198,7 +197,7 @@ impl RedisStore {
         );
         Ok(RedisStore {
             connection,
-            pubsub_url,
+            pubsub_urls,
             prefix: config.key_prefix.clone(),
             host,
             clock_offset: AtomicI64::new(0),
@@ -732,11 +731,19 @@ impl RedisStore {
             })
         ));
         let mut connection = self.connection();
-        let count: i64 = connection.incr(&marker, 1).await?;
-        if count == 1 {
-            let _: bool = connection.pexpire(&marker, 120_000).await?;
-            // NOTE: later refusals of the same minute raise only this
-            // marker's count, not the event's `count` field as with SQLite.
+        // The marker outlives its minute, so a refusal at the minute's end
+        // on a host whose clock differs a little still finds it.
+        let first: Option<String> = redis::cmd("SET")
+            .arg(&marker)
+            .arg(&self.host)
+            .arg("NX")
+            .arg("PX")
+            .arg(120_000)
+            .query_async(&mut connection)
+            .await?;
+        if first.is_some() {
+            // NOTE: later refusals of the same minute are not added to the
+            // event's `count` field, as they are with SQLite.
             self.add_to_stream(&mut connection, &StoredEvent::from_event(event))
                 .await?;
         }
@@ -797,6 +804,25 @@ impl RedisStore {
             .query_async(&mut self.connection())
             .await?;
         Ok(deleted)
+    }
+
+    /// Returns the mailboxes whose last timed lockout ended at or before
+    /// `ended_before`, with its end recorded: the candidates for
+    /// forgiveness. Reads every mailbox.
+    ///
+    /// # Errors
+    /// When Redis cannot be reached or a state does not decode.
+    pub async fn quiet_since(&self, ended_before: Timestamp) -> Result<Vec<MailboxKey>, StoreError> {
+        let states = self.all_states().await?;
+        Ok(states
+            .into_iter()
+            .filter(|(_, state)| {
+                state.block.as_ref().is_some_and(|block| {
+                    block.end_recorded && block.until.is_some_and(|until| until <= ended_before)
+                })
+            })
+            .map(|(key, _)| key)
+            .collect())
     }
 
     async fn all_states(&self) -> Result<Vec<(MailboxKey, MailboxState)>, StoreError> {
@@ -889,9 +915,12 @@ impl RedisStore {
         const RETRY: Duration = Duration::from_secs(1);
         let channel = self.key("changes");
         let mut failures = 0u64;
+        let mut attempt = 0usize;
         loop {
+            let url = self.pubsub_urls[attempt % self.pubsub_urls.len().max(1)].as_str();
+            attempt += 1;
             let subscribed = async {
-                let client = redis::Client::open(self.pubsub_url.as_str())?;
+                let client = redis::Client::open(url)?;
                 let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(&channel).await?;
                 Ok::<_, redis::RedisError>(pubsub)
@@ -903,7 +932,7 @@ impl RedisStore {
                     failures += 1;
                     // Logged on the first failure and then once a minute.
                     if failures == 1 || failures % 60 == 0 {
-                        tracing::warn!(%error, failures,
+                        tracing::warn!(%error, failures, url,
                             "cannot subscribe to mailbox changes; retrying every second");
                     }
                     tokio::time::sleep(RETRY).await;
@@ -914,7 +943,7 @@ impl RedisStore {
                 }
             };
             failures = 0;
-            tracing::info!(channel, "subscribed to mailbox changes; dropping cached states");
+            tracing::info!(channel, url, "subscribed to mailbox changes; dropping cached states");
             if changes.send(Invalidation::All).is_err() {
                 return;
             }
