@@ -485,3 +485,63 @@ fn exemption_applies_on_every_host() {
     let listed = String::from_utf8_lossy(&listed.stdout);
     assert!(listed.contains("mona@example.org"), "{listed}");
 }
+
+#[test]
+fn startup_sweep_finishes_interrupted_lockout() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start(UpstreamOptions::default());
+
+    // What a host leaves when it dies between writing a lockout and moving
+    // its event and alert on: the state with its pending work, and the
+    // mailbox registered as dirty.
+    let now = Timestamp::now().millis();
+    let state = serde_json::json!({
+        "strikes": [],
+        "lockouts": 1,
+        "block": {"level": 1, "started": now, "until": now + 3_600_000,
+                  "enforced": true, "end_recorded": false},
+    });
+    let body = serde_json::json!({
+        "event": "lockout_started", "mailbox": "nina@example.org",
+        "delivery_id": "interrupted-1", "lockout": {"number": 1, "until": "later"},
+    });
+    let pending = serde_json::json!([{
+        "id": "interrupted-work",
+        "events": [{"time": now, "kind": "lockout_started", "mailbox": "nina@example.org",
+                    "key_client": null, "details": {"level": 1}}],
+        "deliveries": [{"delivery_id": "interrupted-1", "kind": "alert_mail",
+                        "mailbox": "nina@example.org", "key_client": null,
+                        "body": body.to_string(), "created": now}],
+    }]);
+    let key = "test:mailbox:{nina@example.org}";
+    redis.cli(&[
+        "HSET", key, "version", "1", "state", &state.to_string(), "pending", &pending.to_string(),
+    ]);
+    redis.cli(&["SADD", "test:mailboxes", "nina@example.org"]);
+    redis.cli(&["ZADD", "test:dirty", &now.to_string(), "nina@example.org"]);
+
+    // A host starting up finishes the work: the event, the alert and the
+    // lockout-end index, and nothing stays pending.
+    let hosts = start_hosts(
+        1,
+        &upstream,
+        &redis,
+        "[alerts]\nadmin_addresses = [\"admin@example.org\"]\n",
+    );
+    assert_eq!(clean_code(&hosts[0], "nina@example.org"), 550);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !upstream
+        .messages()
+        .iter()
+        .any(|message| String::from_utf8_lossy(&message.content).contains("interrupted-1"))
+    {
+        assert!(Instant::now() < deadline, "no alert e-mail:\n{}", hosts[0].log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let events = hosts[0].events();
+    let started = of_kind(&events, "lockout_started");
+    assert_eq!(started.len(), 1, "{started:#?}");
+    assert_eq!(redis.cli(&["HEXISTS", key, "pending"]).trim(), "0");
+    assert_eq!(redis.cli(&["ZSCORE", "test:ends", "nina@example.org"]).trim(), (now + 3_600_000).to_string());
+    assert!(hosts[0].log().contains("start-up sweep queued deliveries"), "{}", hosts[0].log());
+}
