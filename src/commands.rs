@@ -587,3 +587,16 @@ pub fn migrate_store(config: &Path) -> Result<(), String> {
     }
     print(&report)
 }
+
+/// Returns the deliveries waiting in the shared Redis outbox.
+pub fn shared_outbox(config: &Config) -> Result<Vec<sendguard::store::outbox::Waiting>, String> {
+    tokio_runtime()?.block_on(async {
+        // The Redis connection needs the async runtime from its creation.
+        let redis = sendguard::store::redis::RedisStore::open(&config.store, config.events.keep)
+            .map_err(|error| error.to_string())?;
+        redis
+            .waiting_deliveries()
+            .await
+            .map_err(|error| error.to_string())
+    })
+}

@@ -496,8 +496,12 @@ fn outbox(config: &Path) -> Result<(), String> {
     let config = load(config)?;
     let connection =
         sqlite::open_existing(&config.store.path).map_err(|error| error.to_string())?;
-    let waiting =
+    let mut waiting =
         sendguard::store::outbox::waiting(&connection).map_err(|error| error.to_string())?;
+    if config.store.backend == sendguard::config::Backend::Redis {
+        waiting.extend(commands::shared_outbox(&config)?);
+        waiting.sort_by_key(|item| item.next_attempt);
+    }
     if waiting.is_empty() {
         return print("no webhook or alert e-mail is waiting\n");
     }

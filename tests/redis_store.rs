@@ -545,3 +545,44 @@ fn startup_sweep_finishes_interrupted_lockout() {
     assert_eq!(redis.cli(&["ZSCORE", "test:ends", "nina@example.org"]).trim(), (now + 3_600_000).to_string());
     assert!(hosts[0].log().contains("start-up sweep queued deliveries"), "{}", hosts[0].log());
 }
+
+#[test]
+fn outbox_command_lists_shared_deliveries() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start(UpstreamOptions::default());
+    let files = tempfile::tempdir().expect("temporary directory");
+    let secret = files.path().join("secret");
+    std::fs::write(&secret, "test-webhook-secret").expect("write secret");
+    // The alert webhook points at a port where nothing listens, so its
+    // delivery fails and waits for a retry.
+    let hosts = start_hosts(
+        2,
+        &upstream,
+        &redis,
+        &format!(
+            "[actions]\nsecret_file = \"{}\"\nretry_initial = \"1h\"\n\
+             [alerts]\nwebhook_url = \"http://{}/hook\"\n\
+             [policy]\nthreshold = 1\nwindow = \"10m\"\nfirst_lockout = \"1h\"",
+            secret.display(),
+            common::closed_address()
+        ),
+    );
+    assert_eq!(send_from(&hosts[0].address, "omar@example.org", &spam_message()).0, 550);
+    hosts[1].wait_for_events(Duration::from_secs(20), |events| {
+        !of_kind(events, "action_failed").is_empty()
+    });
+
+    // The other host's command line lists the shared delivery with its
+    // failed attempt.
+    let output = hosts[1].cli(&["outbox"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let listing = String::from_utf8_lossy(&output.stdout);
+    let line = listing
+        .lines()
+        .find(|line| line.contains("admin_alert"))
+        .unwrap_or_else(|| panic!("no admin_alert waiting:\n{listing}"));
+    assert!(line.contains("omar@example.org"), "{line}");
+    let columns: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(columns[4], "1", "one attempt so far: {line}");
+    assert!(line.contains("Connection refused"), "{line}");
+}

@@ -623,6 +623,35 @@ impl RedisStore {
         Ok(())
     }
 
+    /// Returns every shared delivery waiting, the next due first.
+    ///
+    /// # Errors
+    /// When Redis cannot be reached or an item does not decode.
+    pub async fn waiting_deliveries(&self) -> Result<Vec<super::outbox::Waiting>, StoreError> {
+        let mut connection = self.connection();
+        let due: Vec<(String, i64)> = connection
+            .zrange_withscores(self.outbox_key("due"), 0, -1)
+            .await?;
+        let mut waiting = Vec::with_capacity(due.len());
+        for (id, next) in due {
+            let text: Option<String> = connection.hget(self.outbox_key("items"), &id).await?;
+            let Some(text) = text else {
+                continue;
+            };
+            let item: OutboxItem = serde_json::from_str(&text)?;
+            waiting.push(super::outbox::Waiting {
+                delivery: PendingDelivery {
+                    row: -1,
+                    entry: item.delivery.into_entry()?,
+                    attempts: item.attempts,
+                },
+                next_attempt: Timestamp(next),
+                last_error: item.last_error,
+            });
+        }
+        Ok(waiting)
+    }
+
     /// Returns the number of shared deliveries waiting.
     ///
     /// # Errors
