@@ -1327,4 +1327,81 @@ mod tests {
             .expect("count");
         assert_eq!(rows, 0);
     }
+
+    fn merge_runtime() -> Runtime {
+        let text = "[upstream]\naddress = \"127.0.0.1:25\"\n[store]\npath = \"/tmp/unused.db\"\n\
+                    [alerts]\nadmin_addresses = [\"admin@example.org\"]\n\
+                    [policy]\nthreshold = 3\nwindow = \"10m\"\n";
+        Runtime::new(Config::parse(text).expect("valid config")).expect("runtime")
+    }
+
+    fn merged_strike(id: &str, at: i64) -> Strike {
+        Strike {
+            at: Timestamp(at),
+            verdict: "spam GTUBE".to_string(),
+            message_id: id.to_string(),
+            header_message_id: None,
+        }
+    }
+
+    #[test]
+    fn merge_completes_lockout() {
+        let runtime = merge_runtime();
+        let settings = runtime.settings();
+        let key = MailboxKey::mailbox("pia@example.org");
+        let mut state = MailboxState::default();
+        let _ = state.record_strike(&settings, merged_strike("shared-1", 1_000_000));
+        let local = [merged_strike("local-1", 1_001_000), merged_strike("local-2", 1_002_000)];
+
+        let (started, write) =
+            merge_strikes(&mut state, &local, &settings, Timestamp(1_005_000), &key, &runtime);
+
+        let lockout = started.expect("the third strike starts a lockout");
+        assert_eq!(lockout.level, 1);
+        assert_eq!(lockout.started, Timestamp(1_002_000));
+        assert_eq!(state.lockouts, 1);
+        let write = write.expect("a write");
+        assert_eq!(write.events.len(), 1);
+        assert_eq!(write.events[0].kind, crate::events::EventKind::LockoutStarted);
+        assert_eq!(write.deliveries.len(), 1, "the alert e-mail");
+    }
+
+    #[test]
+    fn merge_skips_known_strikes() {
+        let runtime = merge_runtime();
+        let settings = runtime.settings();
+        let key = MailboxKey::mailbox("pia@example.org");
+        let mut state = MailboxState::default();
+        let _ = state.record_strike(&settings, merged_strike("both", 1_000_000));
+        // The write landed in Redis before its reply was lost, so the
+        // strike is in both stores; it counts once.
+        let local = [merged_strike("both", 1_000_000), merged_strike("local-1", 1_001_000)];
+
+        let (started, _) =
+            merge_strikes(&mut state, &local, &settings, Timestamp(1_005_000), &key, &runtime);
+
+        assert!(started.is_none());
+        assert_eq!(state.strikes.len(), 2);
+    }
+
+    #[test]
+    fn merge_keeps_window_order() {
+        let runtime = merge_runtime();
+        let settings = runtime.settings();
+        let key = MailboxKey::mailbox("pia@example.org");
+        let now = Timestamp(1_300_000);
+        // A strike counted locally before the newest shared one, and one
+        // dated ahead of Redis's clock by a fast host clock.
+        let cases = [(1_000_000, 1_200_000), (9_000_000, 1_300_000)];
+        for (local_at, merged_at) in cases {
+            let mut state = MailboxState::default();
+            let _ = state.record_strike(&settings, merged_strike("shared-1", 1_200_000));
+            let local = [merged_strike("local-1", local_at)];
+
+            let _ = merge_strikes(&mut state, &local, &settings, now, &key, &runtime);
+
+            let times: Vec<i64> = state.strikes.iter().map(|strike| strike.at.millis()).collect();
+            assert_eq!(times, [1_200_000, merged_at], "local strike at {local_at}");
+        }
+    }
 }
