@@ -185,26 +185,28 @@ fn every_client_ledger(client: &Client, mailbox: &str) -> Result<Vec<Value>, Str
     let connection =
         sqlite::open_existing(&runtime.config.store.path).map_err(|error| error.to_string())?;
     let now = Timestamp::now();
-    let (states, exemptions) =
-        if client.runtime.config.store.backend == sendguard::config::Backend::Redis {
-            // The Redis connection needs the async runtime from its creation.
-            tokio_runtime()?.block_on(async {
-                let store = client.shared_store()?.ok_or("the Redis store is not open")?;
-                let states = store.mailbox_states(canonical.clone()).await;
-                let exemptions = store.active_exemptions(now).await;
-                Ok::<_, String>((
-                    states.map_err(|error| error.to_string())?,
-                    exemptions.map_err(|error| error.to_string())?,
-                ))
-            })?
-        } else {
-            (
-                sqlite::mailbox_states(&connection, &canonical)
-                    .map_err(|error| error.to_string())?,
-                sendguard::store::exemptions::active(&connection, now)
-                    .map_err(|error| error.to_string())?,
-            )
-        };
+    let (states, exemptions) = if client.runtime.config.store.backend
+        == sendguard::config::Backend::Redis
+    {
+        // The Redis connection needs the async runtime from its creation.
+        tokio_runtime()?.block_on(async {
+            let store = client
+                .shared_store()?
+                .ok_or("the Redis store is not open")?;
+            let states = store.mailbox_states(canonical.clone()).await;
+            let exemptions = store.active_exemptions(now).await;
+            Ok::<_, String>((
+                states.map_err(|error| error.to_string())?,
+                exemptions.map_err(|error| error.to_string())?,
+            ))
+        })?
+    } else {
+        (
+            sqlite::mailbox_states(&connection, &canonical).map_err(|error| error.to_string())?,
+            sendguard::store::exemptions::active(&connection, now)
+                .map_err(|error| error.to_string())?,
+        )
+    };
     let mut ledgers: Vec<Value> = states
         .iter()
         .map(|(key, state)| {

@@ -316,6 +316,16 @@ impl Guard {
         }
     }
 
+    /// Reads the device settings and exclusions after another host changed
+    /// them, logging a failure; the ones loaded before stay in force then.
+    async fn reload_device_settings_logged(&self) {
+        match self.devices.load_settings().await {
+            Ok(()) => tracing::info!("device settings and exclusions reloaded"),
+            Err(error) => tracing::error!(%error,
+                "cannot reload the device settings another host changed; the previous ones stay in force"),
+        }
+    }
+
     /// Returns the exemptions in force as last loaded.
     pub fn exemptions(&self) -> Arc<Vec<Exemption>> {
         self.exemptions.load_full()
@@ -677,26 +687,24 @@ impl Guard {
         let monitor = settings.mode == Mode::Monitor;
         let attribution = self.attribute(&runtime, transaction);
         let now = self.store.now();
-        let facts_event = |now: Timestamp,
-                           counted: bool,
-                           note: Option<&str>,
-                           key: Option<&MailboxKey>| {
-            let mut event = Event::bad_message(
-                now,
-                key,
-                &transaction.facts(),
-                verdict,
-                counted,
-                note,
-                monitor,
-            );
-            if let Some(queue_id) = &queue_id {
+        let facts_event =
+            |now: Timestamp, counted: bool, note: Option<&str>, key: Option<&MailboxKey>| {
+                let mut event = Event::bad_message(
+                    now,
+                    key,
+                    &transaction.facts(),
+                    verdict,
+                    counted,
+                    note,
+                    monitor,
+                );
+                if let Some(queue_id) = &queue_id {
+                    event
+                        .details
+                        .insert("queue_id".into(), queue_id.clone().into());
+                }
                 event
-                    .details
-                    .insert("queue_id".into(), queue_id.clone().into());
-            }
-            event
-        };
+            };
 
         let Some(key) = attribution.strike_key else {
             let key = attribution.block_key.as_ref();
@@ -792,18 +800,21 @@ impl Guard {
             };
             ((forgiven, outcome, !deliveries.is_empty()), Some(write))
         };
-        let ((forgiven, outcome, queued), state, _) =
-            match self.store.update_mailbox_for_strike(&key, &strike, apply).await {
-                Ok(result) => result,
-                Err(error) => {
-                    // Drop the cached copy so the next read sees what the
-                    // store really holds.
-                    cache.pop(&key);
-                    tracing::error!(%error, mailbox = %key, transaction = %transaction.id,
+        let ((forgiven, outcome, queued), state, _) = match self
+            .store
+            .update_mailbox_for_strike(&key, &strike, apply)
+            .await
+        {
+            Ok(result) => result,
+            Err(error) => {
+                // Drop the cached copy so the next read sees what the
+                // store really holds.
+                cache.pop(&key);
+                tracing::error!(%error, mailbox = %key, transaction = %transaction.id,
                         "cannot record the strike");
-                    return Err(());
-                }
-            };
+                return Err(());
+            }
+        };
         cache.put(key.clone(), state.block.clone());
         drop(cache);
 
@@ -1034,11 +1045,15 @@ impl Guard {
                     Some(crate::store::redis::Invalidation::Exemptions) => {
                         self.reload_exemptions_logged().await;
                     }
+                    Some(crate::store::redis::Invalidation::DeviceSettings) => {
+                        self.reload_device_settings_logged().await;
+                    }
                     Some(crate::store::redis::Invalidation::All) => {
                         for shard in &self.shards {
                             shard.lock().await.clear();
                         }
                         self.reload_exemptions_logged().await;
+                        self.reload_device_settings_logged().await;
                     }
                     None => break,
                 },
@@ -1086,7 +1101,10 @@ fn merge_strikes(
             let message = crate::events::MessageFacts {
                 sender: format!("<{}>", key.mailbox),
                 login: None,
-                client: key.client.map(|client| client.to_string()).unwrap_or_default(),
+                client: key
+                    .client
+                    .map(|client| client.to_string())
+                    .unwrap_or_default(),
                 transaction: strike.message_id.clone(),
                 recipients: 0,
             };
@@ -1351,10 +1369,19 @@ mod tests {
         let key = MailboxKey::mailbox("pia@example.org");
         let mut state = MailboxState::default();
         let _ = state.record_strike(&settings, merged_strike("shared-1", 1_000_000));
-        let local = [merged_strike("local-1", 1_001_000), merged_strike("local-2", 1_002_000)];
+        let local = [
+            merged_strike("local-1", 1_001_000),
+            merged_strike("local-2", 1_002_000),
+        ];
 
-        let (started, write) =
-            merge_strikes(&mut state, &local, &settings, Timestamp(1_005_000), &key, &runtime);
+        let (started, write) = merge_strikes(
+            &mut state,
+            &local,
+            &settings,
+            Timestamp(1_005_000),
+            &key,
+            &runtime,
+        );
 
         let lockout = started.expect("the third strike starts a lockout");
         assert_eq!(lockout.level, 1);
@@ -1362,7 +1389,10 @@ mod tests {
         assert_eq!(state.lockouts, 1);
         let write = write.expect("a write");
         assert_eq!(write.events.len(), 1);
-        assert_eq!(write.events[0].kind, crate::events::EventKind::LockoutStarted);
+        assert_eq!(
+            write.events[0].kind,
+            crate::events::EventKind::LockoutStarted
+        );
         assert_eq!(write.deliveries.len(), 1, "the alert e-mail");
     }
 
@@ -1375,10 +1405,19 @@ mod tests {
         let _ = state.record_strike(&settings, merged_strike("both", 1_000_000));
         // The write landed in Redis before its reply was lost, so the
         // strike is in both stores; it counts once.
-        let local = [merged_strike("both", 1_000_000), merged_strike("local-1", 1_001_000)];
+        let local = [
+            merged_strike("both", 1_000_000),
+            merged_strike("local-1", 1_001_000),
+        ];
 
-        let (started, _) =
-            merge_strikes(&mut state, &local, &settings, Timestamp(1_005_000), &key, &runtime);
+        let (started, _) = merge_strikes(
+            &mut state,
+            &local,
+            &settings,
+            Timestamp(1_005_000),
+            &key,
+            &runtime,
+        );
 
         assert!(started.is_none());
         assert_eq!(state.strikes.len(), 2);
@@ -1400,7 +1439,11 @@ mod tests {
 
             let _ = merge_strikes(&mut state, &local, &settings, now, &key, &runtime);
 
-            let times: Vec<i64> = state.strikes.iter().map(|strike| strike.at.millis()).collect();
+            let times: Vec<i64> = state
+                .strikes
+                .iter()
+                .map(|strike| strike.at.millis())
+                .collect();
             assert_eq!(times, [1_200_000, merged_at], "local strike at {local_at}");
         }
     }

@@ -167,9 +167,14 @@ async fn prepare_shared_store(guard: &Arc<Guard>, shutdown: &watch::Receiver<boo
     match shared.sweep(true).await {
         Ok(0) => {}
         Ok(queued) => {
-            tracing::warn!(deliveries = queued, "start-up sweep queued deliveries another host left pending");
+            tracing::warn!(
+                deliveries = queued,
+                "start-up sweep queued deliveries another host left pending"
+            );
         }
-        Err(error) => tracing::error!(%error, "start-up sweep of pending Redis work failed; the timer lease holder retries it"),
+        Err(error) => {
+            tracing::error!(%error, "start-up sweep of pending Redis work failed; the timer lease holder retries it")
+        }
     }
 }
 

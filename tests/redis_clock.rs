@@ -37,7 +37,8 @@ fn rfc3339_millis(value: &serde_json::Value) -> i64 {
 
 #[test]
 fn slow_host_clock_keeps_lockout_length() {
-    let library = std::env::var("SENDGUARD_FAKETIME_LIB").unwrap_or_else(|_| FAKETIME_LIB.to_string());
+    let library =
+        std::env::var("SENDGUARD_FAKETIME_LIB").unwrap_or_else(|_| FAKETIME_LIB.to_string());
     assert!(
         std::path::Path::new(&library).is_file(),
         "{library} is missing; install Debian's libfaketime (scripts/install-deps.sh does)"
@@ -69,9 +70,15 @@ fn slow_host_clock_keeps_lockout_length() {
     wait_until_subscribed(&slow);
 
     // The slow host counts the strike that starts the lockout.
-    assert_eq!(send_from(&right.address, "lena@example.org", &spam_message()).0, 550);
+    assert_eq!(
+        send_from(&right.address, "lena@example.org", &spam_message()).0,
+        550
+    );
     let before = Timestamp::now().millis();
-    assert_eq!(send_from(&slow.address, "lena@example.org", &spam_message()).0, 550);
+    assert_eq!(
+        send_from(&slow.address, "lena@example.org", &spam_message()).0,
+        550
+    );
     for host in [&right, &slow] {
         let (code, text) = send_from(&host.address, "lena@example.org", &clean_message());
         assert_eq!(code, 550, "{text}");
@@ -82,7 +89,10 @@ fn slow_host_clock_keeps_lockout_length() {
     let started = right.events_of("lockout_started");
     assert_eq!(started.len(), 1, "{started:#?}");
     let start = rfc3339_millis(&started[0]["time"]);
-    assert!((start - before).abs() < 60_000, "lockout dated {start}, test clock {before}");
+    assert!(
+        (start - before).abs() < 60_000,
+        "lockout dated {start}, test clock {before}"
+    );
     let until = rfc3339_millis(&started[0]["until"]);
     assert_eq!((until - start) / 1000, 4);
 
@@ -91,7 +101,11 @@ fn slow_host_clock_keeps_lockout_length() {
     for (name, host) in [("right", &right), ("slow", &slow)] {
         let deadline = Instant::now() + Duration::from_secs(30);
         while send_from(&host.address, "lena@example.org", &clean_message()).0 != 250 {
-            assert!(Instant::now() < deadline, "{name} host still refuses:\n{}", host.log());
+            assert!(
+                Instant::now() < deadline,
+                "{name} host still refuses:\n{}",
+                host.log()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }

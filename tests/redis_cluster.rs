@@ -26,7 +26,11 @@ fn cluster_locks_each_mailbox_once_on_every_host() {
     const THRESHOLD: usize = 3;
     let cluster = RedisCluster::start();
     let upstream = Upstream::start(UpstreamOptions::default());
-    let nodes: Vec<String> = cluster.urls().iter().map(|url| format!("\"{url}\"")).collect();
+    let nodes: Vec<String> = cluster
+        .urls()
+        .iter()
+        .map(|url| format!("\"{url}\""))
+        .collect();
     let store = format!(
         "backend = \"redis\"\nnodes = [{}]\n[alerts]\nadmin_addresses = [\"admin@example.org\"]\n\
          [policy]\nthreshold = {THRESHOLD}\nwindow = \"10m\"\nfirst_lockout = \"1h\"\n",

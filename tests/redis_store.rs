@@ -34,7 +34,12 @@ fn redis_config(redis: &RedisServer, extra: &str) -> String {
 
 /// Starts `count` hosts sharing `redis`, each relaying to `upstream`, and
 /// waits until each has subscribed to the other hosts' changes.
-fn start_hosts(count: usize, upstream: &Upstream, redis: &RedisServer, extra: &str) -> Vec<Sendguard> {
+fn start_hosts(
+    count: usize,
+    upstream: &Upstream,
+    redis: &RedisServer,
+    extra: &str,
+) -> Vec<Sendguard> {
     let hosts: Vec<Sendguard> = (0..count)
         .map(|_| Sendguard::start(&upstream.address(), &redis_config(redis, extra)))
         .collect();
@@ -63,14 +68,21 @@ fn lockout_seconds(event: &Value) -> i64 {
 }
 
 fn of_kind<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
-    events.iter().filter(|event| event["type"] == kind).collect()
+    events
+        .iter()
+        .filter(|event| event["type"] == kind)
+        .collect()
 }
 
 /// Waits until `from` may send through `host` again.
 fn wait_until_allowed(host: &Sendguard, from: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while clean_code(host, from) != 250 {
-        assert!(Instant::now() < deadline, "{from} is still refused:\n{}", host.log());
+        assert!(
+            Instant::now() < deadline,
+            "{from} is still refused:\n{}",
+            host.log()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -94,7 +106,10 @@ fn round_robin_strikes_lock_every_host() {
         let host = &hosts[strike % hosts.len()];
         let (code, text) = send_from(&host.address, "alice@example.org", &spam_message());
         assert_eq!(code, 550, "spam {strike} is rejected: {text}");
-        assert!(text.contains("spam"), "spam {strike} is rejected as spam: {text}");
+        assert!(
+            text.contains("spam"),
+            "spam {strike} is rejected as spam: {text}"
+        );
     }
 
     // The fifth strike landed on the second host; every host refuses now.
@@ -104,7 +119,11 @@ fn round_robin_strikes_lock_every_host() {
         assert!(text.contains("lockout 1"), "host {index}: {text}");
     }
     for host in &hosts {
-        assert_eq!(clean_code(host, "carol@example.org"), 250, "other mailboxes still send");
+        assert_eq!(
+            clean_code(host, "carol@example.org"),
+            250,
+            "other mailboxes still send"
+        );
     }
 
     // Any host's events command reads the one shared stream.
@@ -120,7 +139,11 @@ fn round_robin_strikes_lock_every_host() {
         .filter(|event| event["counted"] == true)
         .count();
     assert_eq!(counted, 5);
-    assert_eq!(events, hosts[0].events(), "every host reads the same events");
+    assert_eq!(
+        events,
+        hosts[0].events(),
+        "every host reads the same events"
+    );
 }
 
 #[test]
@@ -146,7 +169,10 @@ fn doubling_schedule_and_permanent_block_across_hosts() {
         strike(&hosts);
         for (index, host) in hosts.iter().enumerate() {
             let (code, text) = send_from(&host.address, "dave@example.org", &clean_message());
-            assert_eq!(code, 550, "host {index} refuses during lockout {level}: {text}");
+            assert_eq!(
+                code, 550,
+                "host {index} refuses during lockout {level}: {text}"
+            );
             assert!(text.contains(&format!("lockout {level}")), "{text}");
         }
         for host in &hosts {
@@ -157,7 +183,10 @@ fn doubling_schedule_and_permanent_block_across_hosts() {
     strike(&hosts);
     for (index, host) in hosts.iter().enumerate() {
         let (code, text) = send_from(&host.address, "dave@example.org", &clean_message());
-        assert_eq!(code, 550, "host {index} refuses the permanent block: {text}");
+        assert_eq!(
+            code, 550,
+            "host {index} refuses the permanent block: {text}"
+        );
         assert!(text.contains("permanent"), "{text}");
     }
 
@@ -191,13 +220,19 @@ fn killed_host_loses_nothing() {
 
     // Four strikes on the first host, which then dies without warning.
     for _ in 0..4 {
-        assert_eq!(send_from(&hosts[0].address, "erin@example.org", &spam_message()).0, 550);
+        assert_eq!(
+            send_from(&hosts[0].address, "erin@example.org", &spam_message()).0,
+            550
+        );
     }
     hosts[0].kill9();
 
     // The fifth strike, on another host, starts the lockout; that host
     // dies right after its reply, perhaps before or during the alert.
-    assert_eq!(send_from(&hosts[1].address, "erin@example.org", &spam_message()).0, 550);
+    assert_eq!(
+        send_from(&hosts[1].address, "erin@example.org", &spam_message()).0,
+        550
+    );
     hosts[1].kill9();
     assert_eq!(clean_code(&hosts[2], "erin@example.org"), 550);
 
@@ -208,12 +243,18 @@ fn killed_host_loses_nothing() {
         let alerts = upstream
             .messages()
             .into_iter()
-            .filter(|message| String::from_utf8_lossy(&message.content).contains("erin@example.org"))
+            .filter(|message| {
+                String::from_utf8_lossy(&message.content).contains("erin@example.org")
+            })
             .count();
         if alerts >= 1 {
             break;
         }
-        assert!(Instant::now() < deadline, "no alert e-mail:\n{}", hosts[2].log());
+        assert!(
+            Instant::now() < deadline,
+            "no alert e-mail:\n{}",
+            hosts[2].log()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 
@@ -279,7 +320,10 @@ fn concurrent_strikes_lock_each_mailbox_once() {
             .filter(|event| event["mailbox"] == name.as_str())
             .collect();
         assert_eq!(started.len(), 1, "{name}: {started:#?}");
-        assert_eq!(started[0]["strikes"].as_array().map(Vec::len), Some(THRESHOLD));
+        assert_eq!(
+            started[0]["strikes"].as_array().map(Vec::len),
+            Some(THRESHOLD)
+        );
         let counted = of_kind(&events, "bad_message")
             .into_iter()
             .filter(|event| event["mailbox"] == name.as_str() && event["counted"] == true)
@@ -305,7 +349,10 @@ fn redis_restart_keeps_lockouts_and_tempfails() {
         "timeout = \"1s\"\n[policy]\nthreshold = 2\nwindow = \"10m\"\nfirst_lockout = \"1h\"",
     );
     for host in &hosts {
-        assert_eq!(send_from(&host.address, "fred@example.org", &spam_message()).0, 550);
+        assert_eq!(
+            send_from(&host.address, "fred@example.org", &spam_message()).0,
+            550
+        );
     }
     assert_eq!(clean_code(&hosts[0], "fred@example.org"), 550);
 
@@ -314,10 +361,20 @@ fn redis_restart_keeps_lockouts_and_tempfails() {
     // failure at MAIL FROM, and nothing gets 250 unscanned.
     redis.kill9();
     let (code, text) = send_from(&hosts[0].address, "gail@example.org", &spam_message());
-    assert!((400..500).contains(&code), "bad message during the outage: {code} {text}");
+    assert!(
+        (400..500).contains(&code),
+        "bad message during the outage: {code} {text}"
+    );
     let code = clean_code(&hosts[1], "hugo@example.org");
-    assert!((400..500).contains(&code), "unknown sender during the outage: {code}");
-    assert!(hosts[0].log().contains("cannot read lockout state"), "{}", hosts[0].log());
+    assert!(
+        (400..500).contains(&code),
+        "unknown sender during the outage: {code}"
+    );
+    assert!(
+        hosts[0].log().contains("cannot read lockout state"),
+        "{}",
+        hosts[0].log()
+    );
 
     // Back from its append-only file, Redis still holds the lockout, and a
     // host started afresh (with an empty cache) refuses.
@@ -331,7 +388,11 @@ fn redis_restart_keeps_lockouts_and_tempfails() {
                 break;
             }
             assert!((400..500).contains(&code), "host {index} answered {code}");
-            assert!(Instant::now() < deadline, "host {index} did not recover:\n{}", host.log());
+            assert!(
+                Instant::now() < deadline,
+                "host {index} did not recover:\n{}",
+                host.log()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -357,7 +418,10 @@ fn local_fallback_merges_strikes() {
         "timeout = \"1s\"\non_store_error = \"local\"\n\
          [policy]\nthreshold = 3\nwindow = \"10m\"\nfirst_lockout = \"1h\"",
     );
-    assert_eq!(send_from(&hosts[0].address, "iris@example.org", &spam_message()).0, 550);
+    assert_eq!(
+        send_from(&hosts[0].address, "iris@example.org", &spam_message()).0,
+        550
+    );
 
     // Without Redis, the first host still scans and rejects the bad
     // messages and counts them in its own store, saying so in its log.
@@ -368,7 +432,9 @@ fn local_fallback_merges_strikes() {
         assert!(text.contains("spam"), "{text}");
     }
     assert!(
-        hosts[0].log().contains("counting this strike in the host's own SQLite store"),
+        hosts[0]
+            .log()
+            .contains("counting this strike in the host's own SQLite store"),
         "{}",
         hosts[0].log()
     );
@@ -382,7 +448,11 @@ fn local_fallback_merges_strikes() {
     for (index, host) in hosts.iter().enumerate() {
         let deadline = Instant::now() + Duration::from_secs(30);
         while clean_code(host, "iris@example.org") != 550 {
-            assert!(Instant::now() < deadline, "host {index} does not refuse:\n{}", host.log());
+            assert!(
+                Instant::now() < deadline,
+                "host {index} does not refuse:\n{}",
+                host.log()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -390,8 +460,16 @@ fn local_fallback_merges_strikes() {
     let started = of_kind(&events, "lockout_started");
     assert_eq!(started.len(), 1, "{started:#?}");
     assert_eq!(started[0]["strikes"].as_array().map(Vec::len), Some(3));
-    assert!(started[0]["note"].as_str().is_some_and(|note| note.contains("merged")));
-    assert!(hosts[0].log().contains("merged strikes counted without Redis"));
+    assert!(
+        started[0]["note"]
+            .as_str()
+            .is_some_and(|note| note.contains("merged"))
+    );
+    assert!(
+        hosts[0]
+            .log()
+            .contains("merged strikes counted without Redis")
+    );
 }
 
 #[test]
@@ -401,27 +479,50 @@ fn migrate_copies_sqlite_store() {
     let policy = "[policy]\nthreshold = 2\nwindow = \"10m\"\nfirst_lockout = \"1h\"";
     let mut single = Sendguard::start(&upstream.address(), policy);
     for _ in 0..2 {
-        assert_eq!(send_from(&single.address, "jane@example.org", &spam_message()).0, 550);
+        assert_eq!(
+            send_from(&single.address, "jane@example.org", &spam_message()).0,
+            550
+        );
     }
-    assert_eq!(send_from(&single.address, "kim@example.org", &spam_message()).0, 550);
+    assert_eq!(
+        send_from(&single.address, "kim@example.org", &spam_message()).0,
+        550
+    );
     assert_eq!(clean_code(&single, "jane@example.org"), 550);
     single.kill9();
 
     // The same config, switched to Redis with the SQLite file kept.
     single.rewrite_config(|text| {
-        text.replace("sendguard.db\"\n", &format!("sendguard.db\"\n{}", redis_config(&redis, "")))
+        text.replace(
+            "sendguard.db\"\n",
+            &format!("sendguard.db\"\n{}", redis_config(&redis, "")),
+        )
     });
     let output = single.cli(&["store", "migrate"]);
     let report = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(report.contains("copied 2 mailbox states"), "{report}");
 
     // A second run copies nothing twice.
     let output = single.cli(&["store", "migrate"]);
     let again = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert!(again.contains("copied 0 mailbox states, 0 events"), "{again}");
-    assert!(again.contains("kept Redis's state of jane@example.org"), "{again}");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        again.contains("copied 0 mailbox states, 0 events"),
+        "{again}"
+    );
+    assert!(
+        again.contains("kept Redis's state of jane@example.org"),
+        "{again}"
+    );
     assert!(again.contains("events not copied"), "{again}");
 
     // Hosts on Redis refuse the migrated lockout and continue kim's count.
@@ -429,7 +530,10 @@ fn migrate_copies_sqlite_store() {
     for host in &hosts {
         assert_eq!(clean_code(host, "jane@example.org"), 550);
     }
-    assert_eq!(send_from(&hosts[1].address, "kim@example.org", &spam_message()).0, 550);
+    assert_eq!(
+        send_from(&hosts[1].address, "kim@example.org", &spam_message()).0,
+        550
+    );
     for host in &hosts {
         assert_eq!(clean_code(host, "kim@example.org"), 550);
     }
@@ -457,20 +561,39 @@ fn exemption_applies_on_every_host() {
 
     // Added through the first host's config, straight into Redis.
     let added = hosts[0].cli(&[
-        "exemptions", "add", "--sender", "mona@example.org", "--reason", "bulk mailing",
-        "--author", "ops", "--for", "1d",
+        "exemptions",
+        "add",
+        "--sender",
+        "mona@example.org",
+        "--reason",
+        "bulk mailing",
+        "--author",
+        "ops",
+        "--for",
+        "1d",
     ]);
-    assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
 
     // The other hosts hear of it and count none of mona's bad messages.
     let deadline = Instant::now() + Duration::from_secs(20);
     while (1..3).any(|index| reloads(&hosts[index]) == before[index]) {
-        assert!(Instant::now() < deadline, "a host did not reload the exemptions:\n{}", hosts[2].log());
+        assert!(
+            Instant::now() < deadline,
+            "a host did not reload the exemptions:\n{}",
+            hosts[2].log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     for host in &hosts[1..] {
         for _ in 0..2 {
-            assert_eq!(send_from(&host.address, "mona@example.org", &spam_message()).0, 550);
+            assert_eq!(
+                send_from(&host.address, "mona@example.org", &spam_message()).0,
+                550
+            );
         }
         assert_eq!(clean_code(host, "mona@example.org"), 250);
     }
@@ -478,7 +601,10 @@ fn exemption_applies_on_every_host() {
     assert_eq!(of_kind(&events, "exemption_added").len(), 1);
     let bad = of_kind(&events, "bad_message");
     assert_eq!(bad.len(), 4, "{bad:#?}");
-    assert!(bad.iter().all(|event| event["counted"] == false), "{bad:#?}");
+    assert!(
+        bad.iter().all(|event| event["counted"] == false),
+        "{bad:#?}"
+    );
     assert!(of_kind(&events, "lockout_started").is_empty());
 
     let listed = hosts[2].cli(&["exemptions", "list"]);
@@ -515,7 +641,14 @@ fn startup_sweep_finishes_interrupted_lockout() {
     }]);
     let key = "test:mailbox:{nina@example.org}";
     redis.cli(&[
-        "HSET", key, "version", "1", "state", &state.to_string(), "pending", &pending.to_string(),
+        "HSET",
+        key,
+        "version",
+        "1",
+        "state",
+        &state.to_string(),
+        "pending",
+        &pending.to_string(),
     ]);
     redis.cli(&["SADD", "test:mailboxes", "nina@example.org"]);
     redis.cli(&["ZADD", "test:dirty", &now.to_string(), "nina@example.org"]);
@@ -535,15 +668,28 @@ fn startup_sweep_finishes_interrupted_lockout() {
         .iter()
         .any(|message| String::from_utf8_lossy(&message.content).contains("interrupted-1"))
     {
-        assert!(Instant::now() < deadline, "no alert e-mail:\n{}", hosts[0].log());
+        assert!(
+            Instant::now() < deadline,
+            "no alert e-mail:\n{}",
+            hosts[0].log()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let events = hosts[0].events();
     let started = of_kind(&events, "lockout_started");
     assert_eq!(started.len(), 1, "{started:#?}");
     assert_eq!(redis.cli(&["HEXISTS", key, "pending"]).trim(), "0");
-    assert_eq!(redis.cli(&["ZSCORE", "test:ends", "nina@example.org"]).trim(), (now + 3_600_000).to_string());
-    assert!(hosts[0].log().contains("start-up sweep queued deliveries"), "{}", hosts[0].log());
+    assert_eq!(
+        redis
+            .cli(&["ZSCORE", "test:ends", "nina@example.org"])
+            .trim(),
+        (now + 3_600_000).to_string()
+    );
+    assert!(
+        hosts[0].log().contains("start-up sweep queued deliveries"),
+        "{}",
+        hosts[0].log()
+    );
 }
 
 #[test]
@@ -567,7 +713,10 @@ fn outbox_command_lists_shared_deliveries() {
             common::closed_address()
         ),
     );
-    assert_eq!(send_from(&hosts[0].address, "omar@example.org", &spam_message()).0, 550);
+    assert_eq!(
+        send_from(&hosts[0].address, "omar@example.org", &spam_message()).0,
+        550
+    );
     hosts[1].wait_for_events(Duration::from_secs(20), |events| {
         !of_kind(events, "action_failed").is_empty()
     });
@@ -575,7 +724,11 @@ fn outbox_command_lists_shared_deliveries() {
     // The other host's command line lists the shared delivery with its
     // failed attempt.
     let output = hosts[1].cli(&["outbox"]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let listing = String::from_utf8_lossy(&output.stdout);
     let line = listing
         .lines()

@@ -435,11 +435,7 @@ async fn list_exemptions(
         ))
     })?;
     let now = Timestamp::now();
-    let listed = guard
-        .store()
-        .all_exemptions()
-        .await
-        .map_err(store_error)?;
+    let listed = guard.store().all_exemptions().await.map_err(store_error)?;
     Ok(ok_json(exemption_list_json(&listed, query.all, now)))
 }
 

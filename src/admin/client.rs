@@ -178,7 +178,9 @@ impl Client {
                 )
             }
         };
-        let state = state.map_err(|error| error.to_string())?.unwrap_or_default();
+        let state = state
+            .map_err(|error| error.to_string())?
+            .unwrap_or_default();
         let exemptions = exemptions.map_err(|error| error.to_string())?;
         Ok(ledger_json(
             &key,

@@ -186,7 +186,8 @@ mod tests {
 
     #[test]
     fn redis_url_and_nodes_rejected() {
-        let lines = "backend = \"redis\"\nurl = \"redis://127.0.0.1:1\"\nnodes = [\"redis://127.0.0.1:2\"]";
+        let lines =
+            "backend = \"redis\"\nurl = \"redis://127.0.0.1:1\"\nnodes = [\"redis://127.0.0.1:2\"]";
         assert_eq!(problems(lines), ["store.nodes"]);
     }
 

@@ -51,7 +51,7 @@ pub struct Notice {
 }
 
 /// A device excluded through the API.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ExclusionRow {
     pub device: String,
     pub reason: String,
@@ -200,7 +200,7 @@ pub fn delete_notices_before(
 
 /// A setting changed through the API, which overrides the configuration
 /// file until it is reset.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SettingRow {
     pub name: String,
     pub value: serde_json::Value,

@@ -27,10 +27,18 @@ fn client_column(key: &MailboxKey) -> String {
 ///
 /// # Errors
 /// On a database failure.
-pub fn insert(connection: &Connection, key: &MailboxKey, strike: &Strike) -> Result<(), StoreError> {
+pub fn insert(
+    connection: &Connection,
+    key: &MailboxKey,
+    strike: &Strike,
+) -> Result<(), StoreError> {
     connection.execute(
         "INSERT INTO fallback_strikes (mailbox, client, strike) VALUES (?1, ?2, ?3)",
-        params![key.mailbox, client_column(key), serde_json::to_string(strike)?],
+        params![
+            key.mailbox,
+            client_column(key),
+            serde_json::to_string(strike)?
+        ],
     )?;
     Ok(())
 }
@@ -41,8 +49,9 @@ pub fn insert(connection: &Connection, key: &MailboxKey, strike: &Strike) -> Res
 /// # Errors
 /// On a database failure or a strike that does not decode.
 pub fn waiting(connection: &Connection) -> Result<Vec<(MailboxKey, Vec<Strike>)>, StoreError> {
-    let mut statement = connection
-        .prepare("SELECT mailbox, client, strike FROM fallback_strikes ORDER BY mailbox, client, id")?;
+    let mut statement = connection.prepare(
+        "SELECT mailbox, client, strike FROM fallback_strikes ORDER BY mailbox, client, id",
+    )?;
     let rows = statement.query_map([], |row| {
         Ok((
             row.get::<_, String>(0)?,

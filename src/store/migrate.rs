@@ -39,7 +39,9 @@ pub async fn sqlite_to_redis(
     let mut statement =
         connection.prepare("SELECT mailbox, client FROM mailboxes ORDER BY mailbox, client")?;
     let keys = statement
-        .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?)))?
+        .query_map([], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+        })?
         .collect::<Result<Vec<_>, _>>()?;
     for (mailbox, client) in keys {
         let key = crate::identity::MailboxKey {

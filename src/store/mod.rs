@@ -114,7 +114,6 @@ impl Local {
         self.jobs.send(job).map_err(|_| StoreError::Stopped)?;
         result.await.map_err(|_| StoreError::Stopped)?
     }
-
 }
 
 /// Handle to the store; cheap to clone.
@@ -270,9 +269,7 @@ impl Store {
                 tracing::error!(%error, mailbox = %key, transaction = %strike.message_id,
                     "Redis store failed; counting this strike in the host's own SQLite store \
                      (on_store_error = local) until Redis is back");
-                let (value, state) = self
-                    .update_local(key, apply, Some(strike.clone()))
-                    .await?;
+                let (value, state) = self.update_local(key, apply, Some(strike.clone())).await?;
                 Ok((value, state, true))
             }
             Err(error) => Err(error),
@@ -579,7 +576,10 @@ impl Store {
     ///
     /// # Errors
     /// On a store failure.
-    pub async fn quiet_since(&self, ended_before: Timestamp) -> Result<Vec<MailboxKey>, StoreError> {
+    pub async fn quiet_since(
+        &self,
+        ended_before: Timestamp,
+    ) -> Result<Vec<MailboxKey>, StoreError> {
         if let Some(shared) = &self.shared {
             return shared.quiet_since(ended_before).await;
         }
@@ -656,6 +656,79 @@ impl Store {
             return shared.record_exemption_expiries(now).await;
         }
         self.call(move |connection| exemptions::record_expiries(connection, now))
+            .await
+    }
+
+    /// Returns the device settings changed through the API.
+    ///
+    /// # Errors
+    /// On a store failure.
+    pub async fn device_settings(&self) -> Result<Vec<devices::SettingRow>, StoreError> {
+        if let Some(shared) = &self.shared {
+            return shared.device_settings().await;
+        }
+        self.call(|connection| devices::settings(connection)).await
+    }
+
+    /// Stores a device setting (removed when its value is null) with its
+    /// event.
+    ///
+    /// # Errors
+    /// On a store failure.
+    pub async fn save_device_setting(
+        &self,
+        row: devices::SettingRow,
+        event: Event,
+    ) -> Result<(), StoreError> {
+        if let Some(shared) = &self.shared {
+            return shared.save_device_setting(&row, &event).await;
+        }
+        self.call(move |connection| devices::save_setting(connection, &row, &event))
+            .await
+    }
+
+    /// Returns the device exclusions made through the API.
+    ///
+    /// # Errors
+    /// On a store failure.
+    pub async fn device_exclusions(&self) -> Result<Vec<devices::ExclusionRow>, StoreError> {
+        if let Some(shared) = &self.shared {
+            return shared.device_exclusions().await;
+        }
+        self.call(|connection| devices::exclusions(connection))
+            .await
+    }
+
+    /// Adds a device exclusion with its event; returns false when the
+    /// device was already excluded.
+    ///
+    /// # Errors
+    /// On a store failure.
+    pub async fn add_device_exclusion(
+        &self,
+        row: devices::ExclusionRow,
+        event: Event,
+    ) -> Result<bool, StoreError> {
+        if let Some(shared) = &self.shared {
+            return shared.add_device_exclusion(&row, &event).await;
+        }
+        self.call(move |connection| devices::add_exclusion(connection, &row, &event))
+            .await
+    }
+
+    /// Removes a device exclusion with its event; returns the removed row.
+    ///
+    /// # Errors
+    /// On a store failure.
+    pub async fn remove_device_exclusion(
+        &self,
+        device: String,
+        event: Event,
+    ) -> Result<Option<devices::ExclusionRow>, StoreError> {
+        if let Some(shared) = &self.shared {
+            return shared.remove_device_exclusion(&device, &event).await;
+        }
+        self.call(move |connection| devices::remove_exclusion(connection, &device, &event))
             .await
     }
 }

@@ -22,7 +22,11 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 const START_ATTEMPTS: usize = 3;
 
 fn server_program() -> PathBuf {
-    super::program("SENDGUARD_REDIS_BIN", "redis-server", "/usr/bin/redis-server")
+    super::program(
+        "SENDGUARD_REDIS_BIN",
+        "redis-server",
+        "/usr/bin/redis-server",
+    )
 }
 
 fn cli_program() -> PathBuf {
@@ -75,7 +79,14 @@ impl RedisServer {
         command
             .arg("--port")
             .arg(self.port.to_string())
-            .args(["--bind", "127.0.0.1", "--save", "", "--protected-mode", "no"])
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--protected-mode",
+                "no",
+            ])
             .args(["--appendonly", "yes", "--appendfsync", "always"])
             .arg("--dir")
             .arg(self.dir.path());
@@ -163,12 +174,20 @@ impl Drop for RedisServer {
 }
 
 /// Waits until a sendguard on the Redis store has subscribed to the other
-/// hosts' changes and reloaded the exemptions after it, which it logs.
-/// Until then it could miss a lockout another host starts.
+/// hosts' changes and reloaded the exemptions and device settings after
+/// it, which it logs. Until then it could miss a lockout another host
+/// starts.
 pub fn wait_until_subscribed(host: &super::sendguard::Sendguard) {
     let deadline = Instant::now() + STARTUP_TIMEOUT;
-    while !host.log().contains("exemptions reloaded") {
-        assert!(Instant::now() < deadline, "sendguard did not subscribe:\n{}", host.log());
+    while !host
+        .log()
+        .contains("device settings and exclusions reloaded")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "sendguard did not subscribe:\n{}",
+            host.log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -217,7 +236,10 @@ impl RedisCluster {
             .iter()
             .all(|node| node.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
         {
-            assert!(Instant::now() < deadline, "the cluster did not reach state ok");
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not reach state ok"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         cluster

@@ -26,14 +26,8 @@ impl RedisStore {
     }
 
     async fn stored_exemptions(&self) -> Result<Vec<StoredExemption>, StoreError> {
-        let values: Vec<String> = self
-            .connection()
-            .hvals(self.exemption_key("items"))
-            .await?;
-        let mut stored = Vec::with_capacity(values.len());
-        for value in values {
-            stored.push(serde_json::from_str::<StoredExemption>(&value)?);
-        }
+        let mut stored: Vec<StoredExemption> =
+            self.hash_values(self.exemption_key("items")).await?;
         stored.sort_by_key(|item| item.exemption.id);
         Ok(stored)
     }
@@ -116,7 +110,12 @@ impl RedisStore {
         }
         stored.removed = Some((now, by.to_string()));
         self.save_exemption(&stored).await?;
-        let event = Event::exemption(now, EventKind::ExemptionRemoved, &stored.exemption, Some(by));
+        let event = Event::exemption(
+            now,
+            EventKind::ExemptionRemoved,
+            &stored.exemption,
+            Some(by),
+        );
         self.add_to_stream(&mut self.connection(), &StoredEvent::from_event(&event))
             .await?;
         self.announce_exemptions().await;
@@ -180,7 +179,12 @@ impl RedisStore {
                 continue;
             }
             let exemption = &stored.exemption;
-            let event = Event::exemption(exemption.expires, EventKind::ExemptionExpired, exemption, None);
+            let event = Event::exemption(
+                exemption.expires,
+                EventKind::ExemptionExpired,
+                exemption,
+                None,
+            );
             self.add_to_stream(&mut self.connection(), &StoredEvent::from_event(&event))
                 .await?;
             recorded += 1;

@@ -15,6 +15,7 @@
 //! [`RedisStore::sweep`] finishes at start-up and on the timer lease holder.
 
 mod connection;
+mod devices;
 mod exemptions;
 
 pub use connection::Connection;
@@ -58,6 +59,8 @@ pub enum Invalidation {
     Mailbox(MailboxKey),
     /// The exemptions changed.
     Exemptions,
+    /// Device settings or exclusions made through the API changed.
+    DeviceSettings,
     /// The subscription was (re)made; messages sent meanwhile are lost, so
     /// every cached state must go and the exemptions must be read again.
     All,
@@ -366,6 +369,19 @@ impl RedisStore {
         }
     }
 
+    /// Returns every value of the hash `key`, decoded from JSON.
+    async fn hash_values<T: serde::de::DeserializeOwned>(
+        &self,
+        key: String,
+    ) -> Result<Vec<T>, StoreError> {
+        let values: Vec<String> = self.connection().hvals(key).await?;
+        let mut decoded = Vec::with_capacity(values.len());
+        for value in values {
+            decoded.push(serde_json::from_str(&value)?);
+        }
+        Ok(decoded)
+    }
+
     /// Publishes `message` on the changes channel.
     async fn announce(&self, message: Value) -> Result<(), StoreError> {
         let _: i64 = self
@@ -395,7 +411,11 @@ impl RedisStore {
                 .arg(version)
                 .arg(serde_json::to_string(&state)?)
                 .arg("")
-                .arg(if state == MailboxState::default() { "0" } else { "1" })
+                .arg(if state == MailboxState::default() {
+                    "0"
+                } else {
+                    "1"
+                })
                 .arg(duration_millis(EMPTY_TTL))
                 .invoke_async(&mut self.connection())
                 .await?;
@@ -574,9 +594,7 @@ impl RedisStore {
             .zrange_withscores(self.outbox_key("due"), 0, 0)
             .await?;
         let soonest = self.now().saturating_add(OUTBOX_RECHECK);
-        Ok(first
-            .first()
-            .map(|(_, due)| Timestamp(*due).max(soonest)))
+        Ok(first.first().map(|(_, due)| Timestamp(*due).max(soonest)))
     }
 
     /// Removes a delivered or abandoned item and its lease.
@@ -586,7 +604,9 @@ impl RedisStore {
     pub async fn finish_delivery(&self, delivery_id: &str) -> Result<(), StoreError> {
         let mut connection = self.connection();
         let _: () = connection.zrem(self.outbox_key("due"), delivery_id).await?;
-        let _: () = connection.hdel(self.outbox_key("items"), delivery_id).await?;
+        let _: () = connection
+            .hdel(self.outbox_key("items"), delivery_id)
+            .await?;
         let _: () = connection
             .del(self.outbox_key(&format!("lease:{delivery_id}")))
             .await?;
@@ -841,7 +861,10 @@ impl RedisStore {
     ///
     /// # Errors
     /// When Redis cannot be reached or a state does not decode.
-    pub async fn quiet_since(&self, ended_before: Timestamp) -> Result<Vec<MailboxKey>, StoreError> {
+    pub async fn quiet_since(
+        &self,
+        ended_before: Timestamp,
+    ) -> Result<Vec<MailboxKey>, StoreError> {
         let states = self.all_states().await?;
         Ok(states
             .into_iter()
@@ -972,7 +995,11 @@ impl RedisStore {
                 }
             };
             failures = 0;
-            tracing::info!(channel, url, "subscribed to mailbox changes; dropping cached states");
+            tracing::info!(
+                channel,
+                url,
+                "subscribed to mailbox changes; dropping cached states"
+            );
             if changes.send(Invalidation::All).is_err() {
                 return;
             }
@@ -994,6 +1021,12 @@ impl RedisStore {
                     }
                     continue;
                 }
+                if value["devices"] == Value::Bool(true) {
+                    if changes.send(Invalidation::DeviceSettings).is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 let Some(id) = value["id"].as_str() else {
                     continue;
                 };
@@ -1001,7 +1034,10 @@ impl RedisStore {
                     return;
                 }
             }
-            tracing::warn!(channel, "subscription to mailbox changes lost; resubscribing");
+            tracing::warn!(
+                channel,
+                "subscription to mailbox changes lost; resubscribing"
+            );
             tokio::time::sleep(RETRY).await;
         }
     }
