@@ -100,13 +100,8 @@ impl RedisServer {
             .spawn()
             .map_err(|error| format!("cannot run {}: {error}", server_program().display()))?;
         let address = self.address();
-        let ready = super::wait_for_daemon(
-            &mut child,
-            "redis-server",
-            &address,
-            STARTUP_TIMEOUT,
-            |address| ping(address),
-        );
+        let ready =
+            super::wait_for_daemon(&mut child, "redis-server", &address, STARTUP_TIMEOUT, ping);
         match ready {
             Ok(()) => {
                 self.child = Some(child);

@@ -14,7 +14,9 @@ use tokio::sync::Mutex;
 #[derive(Clone)]
 pub enum Connection {
     Single(ConnectionManager),
-    Cluster(LazyCluster),
+    // Boxed: the cluster client is much larger than the manager, and
+    // every command clones the connection.
+    Cluster(Box<LazyCluster>),
 }
 
 /// A cluster connection made on first use, so sendguard starts while the
@@ -61,10 +63,10 @@ impl Connection {
             .response_timeout(timeout)
             .retries(2)
             .build()?;
-        Ok(Connection::Cluster(LazyCluster {
+        Ok(Connection::Cluster(Box::new(LazyCluster {
             client,
             connection: Arc::new(Mutex::new(None)),
-        }))
+        })))
     }
 }
 

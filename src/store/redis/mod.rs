@@ -983,7 +983,7 @@ impl RedisStore {
                 Err(error) => {
                     failures += 1;
                     // Logged on the first failure and then once a minute.
-                    if failures == 1 || failures % 60 == 0 {
+                    if failures == 1 || failures.is_multiple_of(60) {
                         tracing::warn!(%error, failures, url,
                             "cannot subscribe to mailbox changes; retrying every second");
                     }
