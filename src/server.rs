@@ -391,12 +391,12 @@ pub async fn reload(guard: &Guard, path: &Path) {
         _ => true,
     };
     if config.smtp.listen != current.config.smtp.listen
-        || config.store.path != current.config.store.path
+        || config.store != current.config.store
         || config.admin.listen != current.config.admin.listen
         || milter_changed
     {
         tracing::warn!(
-            "smtp.listen, store.path, admin.listen and [milter] take effect only after a restart"
+            "smtp.listen, [store], admin.listen and [milter] take effect only after a restart"
         );
     }
     match Runtime::reload(config, &current) {

@@ -144,6 +144,27 @@ fn round_robin_strikes_lock_every_host() {
         hosts[0].events(),
         "every host reads the same events"
     );
+
+    // A time filter reads the same stream.
+    let recent = events_since(&hosts[1], "1h");
+    assert_eq!(recent, events);
+    let later = Timestamp(Timestamp::now().millis() + 3_600_000).to_rfc3339();
+    assert!(events_since(&hosts[1], &later).is_empty());
+}
+
+/// Returns the events since `since` (a duration back or a time), from the
+/// command line.
+fn events_since(host: &Sendguard, since: &str) -> Vec<Value> {
+    let output = host.cli(&["events", "--format", "json", "--since", since]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
+        .collect()
 }
 
 #[test]

@@ -48,6 +48,8 @@ const EMPTY_TTL: Duration = Duration::from_secs(86_400);
 const MOVED_TTL: Duration = Duration::from_secs(86_400);
 /// Events read from the stream per request while filtering.
 const READ_BATCH: usize = 500;
+/// How far before a query's `since` the stream is read.
+const SINCE_MARGIN: Duration = Duration::from_secs(86_400);
 /// Shortest wait for the next outbox round while items are due but held
 /// by other hosts.
 const OUTBOX_RECHECK: Duration = Duration::from_secs(1);
@@ -805,9 +807,16 @@ impl RedisStore {
     /// When Redis cannot be reached or an entry does not decode.
     pub async fn query_events(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError> {
         let mut connection = self.connection();
-        let mut start = match filter.after {
-            Some(after) => format!("({}", stream_id_from_cursor(after)),
-            None => "-".to_string(),
+        let mut start = match (filter.after, filter.since) {
+            (Some(after), _) => format!("({}", stream_id_from_cursor(after)),
+            // An entry's id is Redis's time when it was appended, never
+            // before its event's time except for events a host dated by a
+            // clock running ahead, so a day of margin keeps them.
+            (None, Some(since)) => {
+                let from = since.saturating_sub(SINCE_MARGIN).millis().max(0);
+                format!("{from}-0")
+            }
+            (None, None) => "-".to_string(),
         };
         let limit = filter.limit.unwrap_or(usize::MAX);
         let mut events = Vec::new();
