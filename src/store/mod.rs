@@ -8,7 +8,7 @@
 //! With `[store] backend = "redis"`, mailbox states, their events, the
 //! lockout-end index and the lockouts' deliveries live in Redis, shared by
 //! every relay host (see [`redis`]). The SQLite file keeps this host's
-//! devices, exemptions and subnet notices. [`Store`] hides which backend holds a mailbox.
+//! devices, exemptions and subnet notices. [`Store`] hides which backend stores a mailbox.
 
 pub mod devices;
 pub mod exemptions;

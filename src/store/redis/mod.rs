@@ -334,6 +334,7 @@ impl RedisStore {
         } else {
             serde_json::to_string(&pending)?
         };
+
         let mut connection = self.connection();
         // Registered before the write, so a crash after it leaves the
         // mailbox where the sweep looks.
@@ -341,6 +342,7 @@ impl RedisStore {
             .zadd(self.key("dirty"), &id, snapshot.now.millis())
             .await?;
         let _: () = connection.sadd(self.key("mailboxes"), &id).await?;
+
         let version: i64 = self
             .compare_and_set
             .key(self.mailbox_key(&id))
@@ -354,6 +356,7 @@ impl RedisStore {
         if version < 0 {
             return Ok(false);
         }
+
         self.publish(&id).await;
         if let Err(error) = self.move_pending(&id).await {
             tracing::warn!(%error, mailbox = %key,
@@ -477,7 +480,7 @@ impl RedisStore {
         self.write(key, &snapshot, state, write).await
     }
 
-    /// Returns whether the events stream holds any event.
+    /// Returns whether the events stream contains any event.
     ///
     /// # Errors
     /// When Redis cannot be reached.
