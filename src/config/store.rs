@@ -34,8 +34,8 @@ pub enum OnStoreError {
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// SQLite database file; created with its directory's permissions. With
-    /// the Redis backend it still keeps this host's own data (devices,
-    /// exemptions) and the fallback state of `on_store_error = "local"`.
+    /// the Redis backend it still keeps this host's device health and
+    /// subnet notices, and the fallback state of `on_store_error = "local"`.
     pub path: PathBuf,
     /// `"sqlite"` (default) or `"redis"`.
     #[serde(default)]

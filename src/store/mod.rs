@@ -6,9 +6,11 @@
 //! sent only once the strike is on disk.
 //!
 //! With `[store] backend = "redis"`, mailbox states, their events, the
-//! lockout-end index and the lockouts' deliveries live in Redis, shared by
-//! every relay host (see [`redis`]). The SQLite file keeps this host's
-//! devices, exemptions and subnet notices. [`Store`] hides which backend stores a mailbox.
+//! lockout-end index, the lockouts' deliveries, exemptions and device
+//! settings live in Redis, shared by every relay host (see [`redis`]). The
+//! SQLite file keeps this host's device health and subnet notices, and the
+//! strikes it counted while Redis was down. [`Store`] hides which backend
+//! stores what.
 
 pub mod devices;
 pub mod exemptions;
