@@ -1048,6 +1048,14 @@ impl Guard {
                     Some(crate::store::redis::Invalidation::DeviceSettings) => {
                         self.reload_device_settings_logged().await;
                     }
+                    Some(crate::store::redis::Invalidation::Notices(notices)) => {
+                        let count = notices.len();
+                        match self.devices.import_notices(notices).await {
+                            Ok(stored) => tracing::debug!(notices = stored, "subnet notices from another host stored"),
+                            Err(error) => tracing::error!(%error, notices = count,
+                                "cannot store subnet notices from another host; this host's agents miss them"),
+                        }
+                    }
                     Some(crate::store::redis::Invalidation::All) => {
                         for shard in &self.shards {
                             shard.lock().await.clear();

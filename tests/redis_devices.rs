@@ -6,7 +6,9 @@ mod common;
 use common::http::request;
 use common::redis::{RedisServer, wait_until_subscribed};
 use common::sendguard::Sendguard;
+use common::sse::SseStream;
 use serde_json::{Value, json};
+use sha2::Digest;
 use std::time::{Duration, Instant};
 
 const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
@@ -24,12 +26,15 @@ impl Host {
         let token = files.path().join("admin.token");
         std::fs::write(&token, format!("{ADMIN_TOKEN}\n")).expect("write admin token");
         let book = files.path().join("devices.toml");
-        std::fs::write(
-            &book,
-            "[[device]]\nid = \"dev-a\"\nname = \"PC-A\"\nrole = \"workstation\"\n\
-             [[device]]\nid = \"dev-b\"\nname = \"PC-B\"\nrole = \"workstation\"\n",
-        )
-        .expect("write devices file");
+        let mut devices = String::new();
+        for (id, name) in [("dev-a", "PC-A"), ("dev-b", "PC-B")] {
+            let hash = hex::encode(sha2::Sha256::digest(device_token(id).as_bytes()));
+            devices.push_str(&format!(
+                "[[device]]\nid = \"{id}\"\nname = \"{name}\"\nrole = \"workstation\"\n\
+                 owner = \"u-{id}\"\ntoken_sha256 = \"{hash}\"\n"
+            ));
+        }
+        std::fs::write(&book, devices).expect("write devices file");
         let config = format!(
             "backend = \"redis\"\nurl = \"{}\"\n\
              [admin]\nlisten = \"127.0.0.1:{}\"\ntoken_file = \"{}\"\n\
@@ -68,6 +73,24 @@ impl Host {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+
+    /// Reports device `id`'s health with its own token.
+    fn report(&self, id: &str, health: &str, address: &str) {
+        let body = json!({ "device": id, "health": health, "addresses": [address] });
+        let token = device_token(id);
+        let response = request(
+            &self.api,
+            "POST",
+            "/api/v1/heartbeats",
+            Some(&token),
+            Some(&body),
+        );
+        assert_eq!(response.status, 200, "{}", response.body);
+    }
+}
+
+fn device_token(id: &str) -> String {
+    format!("device-token-of-{id}-0123456789")
 }
 
 fn reloads(server: &Sendguard) -> usize {
@@ -127,4 +150,36 @@ fn device_settings_shared_across_hosts() {
             "device_exclusion_removed"
         ]
     );
+}
+
+#[test]
+fn subnet_notice_reaches_agents_on_other_host() {
+    let redis = RedisServer::start();
+    let first = Host::start(&redis);
+    let second = Host::start(&redis);
+
+    // Each agent reports to a different host; dev-b watches its subnet on
+    // the second.
+    first.report("dev-a", "green", "10.1.0.1");
+    second.report("dev-b", "green", "10.1.0.2");
+    let token = device_token("dev-b");
+    let mut stream = SseStream::open(&second.api, "/api/v1/devices/dev-b/events", &token, None);
+    assert_eq!(stream.status, 200);
+
+    // dev-a turns red on the first host; dev-b hears of it on the second.
+    // The stream's keep-alives restart its read timeout, so the wait is
+    // bounded here.
+    let (sender, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = sender.send(stream.next_event(Duration::from_secs(20)));
+    });
+    first.report("dev-a", "red", "10.1.0.1");
+    let notice = received
+        .recv_timeout(Duration::from_secs(30))
+        .ok()
+        .flatten()
+        .expect("dev-b is told through the other host");
+    assert_eq!(notice.event.as_deref(), Some("device_unsafe"));
+    assert_eq!(notice.json()["device"], "dev-a");
+    assert_eq!(notice.json()["subnet"], "10.1.0.0/24");
 }

@@ -569,7 +569,26 @@ impl Registry {
         if queued {
             self.outbox_queued.notify_one();
         }
+        if let Some(shared) = self.store.shared()
+            && !notices.is_empty()
+        {
+            shared.announce_notices(&notices).await;
+        }
         Ok(notices)
+    }
+
+    /// Stores subnet notices another host sent and wakes the streams of
+    /// this host's agents.
+    ///
+    /// # Errors
+    /// On a store failure; the notices do not reach this host's agents then.
+    pub async fn import_notices(&self, notices: Vec<Notice>) -> Result<usize, StoreError> {
+        let stored = self
+            .store
+            .call(move |connection| device_store::add_notices(connection, notices))
+            .await?;
+        self.publish(&stored);
+        Ok(stored.len())
     }
 
     fn publish(&self, notices: &[Notice]) {

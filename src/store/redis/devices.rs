@@ -4,7 +4,7 @@
 use super::{RedisStore, StoredEvent};
 use crate::events::Event;
 use crate::store::StoreError;
-use crate::store::devices::{ExclusionRow, SettingRow};
+use crate::store::devices::{ExclusionRow, Notice, SettingRow};
 use redis::AsyncCommands;
 
 impl RedisStore {
@@ -22,6 +22,17 @@ impl RedisStore {
     async fn record(&self, event: &Event) -> Result<(), StoreError> {
         self.add_to_stream(&mut self.connection(), &StoredEvent::from_event(event))
             .await
+    }
+
+    /// Sends subnet notices to the other hosts, so agents connected to any
+    /// host receive them. A notice sent while a host's subscription is down
+    /// does not reach that host.
+    pub async fn announce_notices(&self, notices: &[Notice]) {
+        let message = serde_json::json!({ "host": self.host, "notices": notices });
+        if let Err(error) = self.announce(message).await {
+            tracing::warn!(%error, notices = notices.len(),
+                "cannot send subnet notices to the other hosts; their agents miss them");
+        }
     }
 
     /// Returns the settings changed through the API.

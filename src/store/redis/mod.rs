@@ -63,6 +63,8 @@ pub enum Invalidation {
     Exemptions,
     /// Device settings or exclusions made through the API changed.
     DeviceSettings,
+    /// Subnet notices another host sent to its agents.
+    Notices(Vec<super::devices::Notice>),
     /// The subscription was (re)made; messages sent meanwhile are lost, so
     /// every cached state must go and the exemptions must be read again.
     All,
@@ -1030,6 +1032,19 @@ impl RedisStore {
                 if value["exemptions"] == Value::Bool(true) {
                     if changes.send(Invalidation::Exemptions).is_err() {
                         return;
+                    }
+                    continue;
+                }
+                if let Some(notices) = value.get("notices") {
+                    match serde_json::from_value(notices.clone()) {
+                        Ok(notices) => {
+                            if changes.send(Invalidation::Notices(notices)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "ignoring undecodable subnet notices from another host");
+                        }
                     }
                     continue;
                 }
