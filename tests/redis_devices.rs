@@ -25,6 +25,7 @@ impl Host {
         let files = tempfile::tempdir().expect("temporary directory");
         let token = files.path().join("admin.token");
         std::fs::write(&token, format!("{ADMIN_TOKEN}\n")).expect("write admin token");
+
         let book = files.path().join("devices.toml");
         let mut devices = String::new();
         for (id, name) in [("dev-a", "PC-A"), ("dev-b", "PC-B")] {
@@ -35,6 +36,7 @@ impl Host {
             ));
         }
         std::fs::write(&book, devices).expect("write devices file");
+
         let config = format!(
             "backend = \"redis\"\nurl = \"{}\"\n\
              [admin]\nlisten = \"127.0.0.1:{}\"\ntoken_file = \"{}\"\n\
@@ -44,6 +46,7 @@ impl Host {
             token.display(),
             book.display()
         );
+
         let server = Sendguard::start(&common::closed_address(), &config);
         wait_until_subscribed(&server);
         let api = server.listen_address("admin");
