@@ -2,7 +2,9 @@
 # Installs the Debian packages that the tests and the demo need: clamd for
 # virus scanning, rspamd and SpamAssassin's spamd as spam engines, Postfix
 # for smtp-source and smtp-sink and as the MTA in front of the milter,
-# swaks, and sasl2-bin for the milter tests' SASL users.
+# swaks, sasl2-bin for the milter tests' SASL users, redis-server (with
+# redis-cli) for the shared-store tests, which start their own servers, and
+# libfaketime, which gives one of those tests a host with a slow clock.
 #
 # Idempotent: when every package is installed already it only checks and
 # exits. It never starts the system's clamav, rspamd, spamd or postfix
@@ -11,7 +13,7 @@
 # Needs root when something is missing.
 set -euo pipefail
 
-packages=(clamav clamav-daemon clamdscan rspamd spamassassin spamd postfix swaks sasl2-bin)
+packages=(clamav clamav-daemon clamdscan rspamd spamassassin spamd postfix swaks sasl2-bin redis-server redis-tools libfaketime)
 
 missing=()
 for package in "${packages[@]}"; do

@@ -184,11 +184,29 @@ fn every_client_ledger(client: &Client, mailbox: &str) -> Result<Vec<Value>, Str
     )?;
     let connection =
         sqlite::open_existing(&runtime.config.store.path).map_err(|error| error.to_string())?;
-    let states =
-        sqlite::mailbox_states(&connection, &canonical).map_err(|error| error.to_string())?;
     let now = Timestamp::now();
-    let exemptions = sendguard::store::exemptions::active(&connection, now)
-        .map_err(|error| error.to_string())?;
+    let (states, exemptions) = if client.runtime.config.store.backend
+        == sendguard::config::Backend::Redis
+    {
+        // The Redis connection needs the async runtime from its creation.
+        tokio_runtime()?.block_on(async {
+            let store = client
+                .shared_store()?
+                .ok_or("the Redis store is not open")?;
+            let states = store.mailbox_states(canonical.clone()).await;
+            let exemptions = store.active_exemptions(now).await;
+            Ok::<_, String>((
+                states.map_err(|error| error.to_string())?,
+                exemptions.map_err(|error| error.to_string())?,
+            ))
+        })?
+    } else {
+        (
+            sqlite::mailbox_states(&connection, &canonical).map_err(|error| error.to_string())?,
+            sendguard::store::exemptions::active(&connection, now)
+                .map_err(|error| error.to_string())?,
+        )
+    };
     let mut ledgers: Vec<Value> = states
         .iter()
         .map(|(key, state)| {
@@ -534,4 +552,53 @@ pub fn hash_token(file: &Path) -> Result<(), String> {
         "{}\n",
         hex::encode(sendguard::admin::sha256(&token))
     ))
+}
+
+/// `sendguard store migrate`: copies the SQLite store into Redis.
+pub fn migrate_store(config: &Path) -> Result<(), String> {
+    let config = sendguard::config::Config::load(config).map_err(|error| error.to_string())?;
+    if config.store.backend != sendguard::config::Backend::Redis {
+        return Err(
+            "store.backend is not \"redis\": set backend = \"redis\" and url (or nodes) in \
+             [store], keeping path at the SQLite file to copy"
+                .to_string(),
+        );
+    }
+    let connection =
+        sqlite::open_existing(&config.store.path).map_err(|error| error.to_string())?;
+    let migration = tokio_runtime()?.block_on(async {
+        // The Redis connection needs the async runtime from its creation.
+        let redis = sendguard::store::redis::RedisStore::open(&config.store, config.events.keep)
+            .map_err(|error| error.to_string())?;
+        sendguard::store::migrate::sqlite_to_redis(&connection, &redis)
+            .await
+            .map_err(|error| format!("migration stopped: {error}; run it again to finish"))
+    })?;
+    let mut report = format!(
+        "copied {} mailbox states, {} events and {} waiting deliveries from {} to Redis\n",
+        migration.mailboxes,
+        migration.events,
+        migration.deliveries,
+        config.store.path.display()
+    );
+    if migration.events_skipped {
+        report.push_str("events not copied: the Redis events stream already holds events\n");
+    }
+    for mailbox in &migration.kept {
+        report.push_str(&format!("kept Redis's state of {mailbox}\n"));
+    }
+    print(&report)
+}
+
+/// Returns the deliveries waiting in the shared Redis outbox.
+pub fn shared_outbox(config: &Config) -> Result<Vec<sendguard::store::outbox::Waiting>, String> {
+    tokio_runtime()?.block_on(async {
+        // The Redis connection needs the async runtime from its creation.
+        let redis = sendguard::store::redis::RedisStore::open(&config.store, config.events.keep)
+            .map_err(|error| error.to_string())?;
+        redis
+            .waiting_deliveries()
+            .await
+            .map_err(|error| error.to_string())
+    })
 }

@@ -3,6 +3,8 @@
 //! two questions (may this sender send? what happens to this message?) and
 //! hold no policy logic of their own.
 
+mod shared;
+
 use crate::actions::{ActionClients, LockoutFacts, OutboxEntry};
 use crate::config::Config;
 use crate::directory::Directory;
@@ -16,7 +18,7 @@ use crate::policy::{
 use crate::reply::Reply;
 use crate::scan::{Envelope, OnUnscannable, ScanInput, Scanner, SpamAction, Verdict};
 use crate::smtp::upstream::UpstreamTarget;
-use crate::store::{Store, StoreError};
+use crate::store::{MailboxWrite, Store, StoreError};
 use arc_swap::ArcSwap;
 use lru::LruCache;
 use std::net::IpAddr;
@@ -279,6 +281,8 @@ pub enum LiftFailure {
 impl Guard {
     pub fn new(runtime: Runtime, store: Store) -> Guard {
         let capacity = runtime.config.policy.max_tracked_mailboxes;
+        let mut metrics = Metrics::new();
+        metrics.register_store_local_decisions(store.local_decisions());
         Guard {
             shards: (0..CACHE_SHARDS)
                 .map(|_| Mutex::new(LruCache::new(shard_capacity(capacity))))
@@ -289,7 +293,7 @@ impl Guard {
             lockout_started: Notify::new(),
             outbox_added: Notify::new(),
             exemptions: ArcSwap::from_pointee(Vec::new()),
-            metrics: Metrics::new(),
+            metrics,
         }
     }
 
@@ -299,10 +303,7 @@ impl Guard {
     /// On a store failure; the exemptions loaded before stay in force.
     pub async fn reload_exemptions(&self) -> Result<(), StoreError> {
         let now = Timestamp::now();
-        let active = self
-            .store
-            .call(move |connection| crate::store::exemptions::active(connection, now))
-            .await?;
+        let active = self.store.active_exemptions(now).await?;
         self.exemptions.store(Arc::new(active));
         Ok(())
     }
@@ -340,32 +341,31 @@ impl Guard {
         reason: &str,
         via: &str,
     ) -> Result<Lifted, LiftFailure> {
-        let now = Timestamp::now();
         let mut cache = self.shard(key).lock().await;
-        let mut state = self.load_stored(key).await?;
-        let lifted = state.lift(now, reset_count).map_err(LiftFailure::Refused)?;
-        let event = Event::lifted(now, key, &lifted, reason, via);
         let settings = self.runtime().settings();
-        let keep = !state.is_empty(&settings, now);
-        match self
+        let result = self
             .store
-            .commit(
-                key.clone(),
-                state.clone(),
-                keep,
-                vec![event],
-                Vec::new(),
-                now,
-            )
-            .await
-        {
-            Ok(()) => {
+            .update_mailbox(key, |state, now| match state.lift(now, reset_count) {
+                Ok(lifted) => {
+                    let write = MailboxWrite {
+                        keep: !state.is_empty(&settings, now),
+                        events: vec![Event::lifted(now, key, &lifted, reason, via)],
+                        deliveries: Vec::new(),
+                    };
+                    (Ok(lifted), Some(write))
+                }
+                Err(refusal) => (Err(refusal), None),
+            })
+            .await;
+        match result {
+            Ok((Ok(lifted), state)) => {
                 cache.put(key.clone(), state.block);
                 tracing::warn!(mailbox = %key, lockouts_before = lifted.lockouts_before,
                     lockouts_after = lifted.lockouts_after, permanent_block_lifted = lifted.block.is_some(),
                     reason, via, "support lifted a block or reset a lockout count");
                 Ok(lifted)
             }
+            Ok((Err(refusal), _)) => Err(LiftFailure::Refused(refusal)),
             Err(error) => {
                 cache.pop(key);
                 Err(error.into())
@@ -491,7 +491,7 @@ impl Guard {
         let Some(key) = self.attribute(&runtime, transaction).block_key else {
             return SenderCheck::Allow;
         };
-        let now = Timestamp::now();
+        let now = self.store.now();
         let block = {
             let mut cache = self.shard(&key).lock().await;
             match self.cached_block(&mut cache, &key).await {
@@ -668,28 +668,29 @@ impl Guard {
         let settings = runtime.settings();
         let monitor = settings.mode == Mode::Monitor;
         let attribution = self.attribute(&runtime, transaction);
-        let now = Timestamp::now();
-        let facts_event = |counted: bool, note: Option<&str>, key: Option<&MailboxKey>| {
-            let mut event = Event::bad_message(
-                now,
-                key,
-                &transaction.facts(),
-                verdict,
-                counted,
-                note,
-                monitor,
-            );
-            if let Some(queue_id) = &queue_id {
+        let now = self.store.now();
+        let facts_event =
+            |now: Timestamp, counted: bool, note: Option<&str>, key: Option<&MailboxKey>| {
+                let mut event = Event::bad_message(
+                    now,
+                    key,
+                    &transaction.facts(),
+                    verdict,
+                    counted,
+                    note,
+                    monitor,
+                );
+                if let Some(queue_id) = &queue_id {
+                    event
+                        .details
+                        .insert("queue_id".into(), queue_id.clone().into());
+                }
                 event
-                    .details
-                    .insert("queue_id".into(), queue_id.clone().into());
-            }
-            event
-        };
+            };
 
         let Some(key) = attribution.strike_key else {
             let key = attribution.block_key.as_ref();
-            let event = facts_event(false, attribution.uncounted_reason, key);
+            let event = facts_event(now, false, attribution.uncounted_reason, key);
             tracing::info!(transaction = %transaction.id, sender = %transaction.sender_path,
                 verdict = %verdict.summary(), reason = attribution.uncounted_reason, "bad message not counted");
             return self.store.append(vec![event]).await.map_err(|error| {
@@ -710,7 +711,7 @@ impl Guard {
             );
             tracing::info!(mailbox = %key, transaction = %transaction.id, exemption = exemption.id,
                 verdict = %verdict.summary(), "bad message from an exempt sender, not counted");
-            let mut event = facts_event(false, Some(&note), Some(&key));
+            let mut event = facts_event(now, false, Some(&note), Some(&key));
             event
                 .details
                 .insert("exemption_id".into(), exemption.id.into());
@@ -721,102 +722,112 @@ impl Guard {
         }
 
         let mut cache = self.shard(&key).lock().await;
-        let mut state = self.load_stored(&key).await.map_err(|error| {
-            tracing::error!(%error, mailbox = %key, transaction = %transaction.id, "cannot read lockout state");
-        })?;
-        let mut events = Vec::with_capacity(3);
-        if let Some(forgiven) = state.forgive(&settings, now) {
-            tracing::info!(mailbox = %key, lockouts_before = forgiven.lockouts,
-                "lockout count forgiven after a quiet period");
-            if let Some(forgive_after) = settings.forgive_after {
-                events.push(Event::forgiven(&key, &forgiven, forgive_after));
-            }
-        }
         let strike = Strike {
             at: now,
             verdict: verdict.summary(),
             message_id: transaction.id.clone(),
             header_message_id,
         };
-        let outcome = state.record_strike(&settings, strike);
-        let mut deliveries = Vec::new();
-        let mut lockout_started = false;
+        let message = transaction.facts();
+        // Runs once per attempt; with Redis a conflict runs it again on the
+        // newer state, so it only computes, and logs come after the write.
+        let apply = |state: &mut MailboxState, now: Timestamp| {
+            let mut events = Vec::with_capacity(3);
+            let forgiven = state.forgive(&settings, now);
+            if let (Some(forgiven), Some(forgive_after)) = (&forgiven, settings.forgive_after) {
+                events.push(Event::forgiven(&key, forgiven, forgive_after));
+            }
+            let strike = Strike {
+                at: now,
+                ..strike.clone()
+            };
+            let outcome = state.record_strike(&settings, strike);
+            let mut deliveries = Vec::new();
+            match &outcome {
+                StrikeOutcome::Counted { .. } => {
+                    events.push(facts_event(now, true, None, Some(&key)));
+                }
+                StrikeOutcome::DuringBlock(_) => {
+                    events.push(facts_event(
+                        now,
+                        false,
+                        Some("mailbox is locked out; nothing is counted during a lockout"),
+                        Some(&key),
+                    ));
+                }
+                StrikeOutcome::LockoutStarted { lockout, strikes } => {
+                    events.push(facts_event(now, true, None, Some(&key)));
+                    let facts = LockoutFacts {
+                        key: &key,
+                        lockout,
+                        strikes,
+                        message: &message,
+                    };
+                    deliveries = crate::actions::plan_lockout_started(
+                        &runtime.config,
+                        &runtime.directory,
+                        &facts,
+                    );
+                    let mut event = Event::lockout_started(&key, &message, lockout, strikes);
+                    event
+                        .details
+                        .insert("deliveries".into(), deliveries_json(&deliveries));
+                    events.push(event);
+                }
+            }
+            let write = MailboxWrite {
+                keep: !state.is_empty(&settings, now),
+                events,
+                deliveries: deliveries.clone(),
+            };
+            ((forgiven, outcome, !deliveries.is_empty()), Some(write))
+        };
+        let ((forgiven, outcome, queued), state, _) = match self
+            .store
+            .update_mailbox_for_strike(&key, &strike, apply)
+            .await
+        {
+            Ok(result) => result,
+            Err(error) => {
+                // Drop the cached copy so the next read sees what the
+                // store really holds.
+                cache.pop(&key);
+                tracing::error!(%error, mailbox = %key, transaction = %transaction.id,
+                        "cannot record the strike");
+                return Err(());
+            }
+        };
+        cache.put(key.clone(), state.block.clone());
+        drop(cache);
+
+        if let Some(forgiven) = forgiven {
+            tracing::info!(mailbox = %key, lockouts_before = forgiven.lockouts,
+                "lockout count forgiven after a quiet period");
+        }
         match &outcome {
             StrikeOutcome::Counted { in_window } => {
                 self.metrics.strike_counted();
-                events.push(facts_event(true, None, Some(&key)));
                 tracing::info!(mailbox = %key, transaction = %transaction.id, verdict = %verdict.summary(),
                     in_window, threshold = settings.threshold, "strike counted");
             }
             StrikeOutcome::DuringBlock(lockout) => {
-                events.push(facts_event(
-                    false,
-                    Some("mailbox is locked out; nothing is counted during a lockout"),
-                    Some(&key),
-                ));
                 tracing::info!(mailbox = %key, transaction = %transaction.id, level = lockout.level,
                     "bad message during a lockout, not counted");
             }
-            StrikeOutcome::LockoutStarted { lockout, strikes } => {
+            StrikeOutcome::LockoutStarted { lockout, .. } => {
                 self.metrics.strike_counted();
                 self.metrics
                     .lockout_started(lockout.is_permanent(), lockout.enforced);
-                events.push(facts_event(true, None, Some(&key)));
-                let message = transaction.facts();
-                let facts = LockoutFacts {
-                    key: &key,
-                    lockout,
-                    strikes,
-                    message: &message,
-                };
-                deliveries = crate::actions::plan_lockout_started(
-                    &runtime.config,
-                    &runtime.directory,
-                    &facts,
-                );
-                let mut event = Event::lockout_started(&key, &message, lockout, strikes);
-                event
-                    .details
-                    .insert("deliveries".into(), deliveries_json(&deliveries));
-                events.push(event);
-                lockout_started = true;
                 tracing::warn!(mailbox = %key, level = lockout.level,
                     until = %lockout.until.map_or("permanent".to_string(), |until| until.to_rfc3339()),
                     monitor = !lockout.enforced, "lockout started");
+                self.lockout_started.notify_one();
             }
         }
-        let keep = !state.is_empty(&settings, now);
-        match self
-            .store
-            .commit(
-                key.clone(),
-                state.clone(),
-                keep,
-                events,
-                deliveries.clone(),
-                now,
-            )
-            .await
-        {
-            Ok(()) => {
-                cache.put(key, state.block);
-                if lockout_started {
-                    self.lockout_started.notify_one();
-                }
-                if !deliveries.is_empty() {
-                    self.outbox_added.notify_one();
-                }
-                Ok(())
-            }
-            Err(error) => {
-                // Drop the cached copy so the next read sees what the store
-                // really holds.
-                cache.pop(&key);
-                tracing::error!(%error, mailbox = %key, transaction = %transaction.id,
-                    "cannot record the strike");
-                Err(())
-            }
+        if queued {
+            self.outbox_added.notify_one();
         }
+        Ok(())
     }
 
     /// Sets back the lockout count of every mailbox whose quiet period of
@@ -830,33 +841,29 @@ impl Guard {
         let Some(forgive_after) = settings.forgive_after else {
             return Ok(0);
         };
-        let now = Timestamp::now();
+        let now = self.store.now();
         let ended_before = now.saturating_sub(forgive_after);
-        let keys = self
-            .store
-            .call(move |connection| crate::store::sqlite::quiet_since(connection, ended_before))
-            .await?;
+        let keys = self.store.quiet_since(ended_before).await?;
         let mut forgiven_count = 0;
         for key in keys {
             let mut cache = self.shard(&key).lock().await;
-            let Some(mut state) = self.store.load_mailbox(key.clone()).await? else {
-                continue;
-            };
-            let Some(forgiven) = state.forgive(&settings, now) else {
-                continue;
-            };
-            let event = Event::forgiven(&key, &forgiven, forgive_after);
-            let keep = !state.is_empty(&settings, now);
-            self.store
-                .commit(
-                    key.clone(),
-                    state.clone(),
-                    keep,
-                    vec![event],
-                    Vec::new(),
-                    now,
-                )
+            let (forgiven, state) = self
+                .store
+                .update_mailbox(&key, |state, now| {
+                    let Some(forgiven) = state.forgive(&settings, now) else {
+                        return (None, None);
+                    };
+                    let write = MailboxWrite {
+                        keep: !state.is_empty(&settings, now),
+                        events: vec![Event::forgiven(&key, &forgiven, forgive_after)],
+                        deliveries: Vec::new(),
+                    };
+                    (Some(forgiven), Some(write))
+                })
                 .await?;
+            let Some(forgiven) = forgiven else {
+                continue;
+            };
             tracing::info!(mailbox = %key, lockouts_before = forgiven.lockouts,
                 "lockout count forgiven after a quiet period");
             cache.put(key, state.block);
@@ -868,40 +875,41 @@ impl Guard {
     /// Records the end of every timed lockout that has ended, at its end
     /// time, and returns when the next one is due.
     async fn record_due_ends(&self) -> Result<Option<Timestamp>, StoreError> {
-        let now = Timestamp::now();
+        let now = self.store.now();
         for key in self.store.due_ends(now).await? {
             let mut cache = self.shard(&key).lock().await;
-            // Read the store, not the cache: the store row is what said the
-            // end is pending.
-            let Some(mut state) = self.store.load_mailbox(key.clone()).await? else {
-                continue;
-            };
-            let Some(lockout) = state.unrecorded_end(now).cloned() else {
-                continue;
-            };
-            state.mark_end_recorded();
             let runtime = self.runtime();
-            let deliveries = crate::actions::plan_lockout_ended(
-                &runtime.config,
-                &runtime.directory,
-                &key,
-                &lockout,
-            );
-            let mut event = Event::lockout_ended(&key, &lockout);
-            event
-                .details
-                .insert("deliveries".into(), deliveries_json(&deliveries));
-            let queued = !deliveries.is_empty();
-            self.store
-                .commit(
-                    key.clone(),
-                    state.clone(),
-                    true,
-                    vec![event],
-                    deliveries,
-                    now,
-                )
+            // The store, not the cache, lists the end as pending, and the
+            // update reads the store.
+            let (ended, state) = self
+                .store
+                .update_mailbox(&key, |state, now| {
+                    let Some(lockout) = state.unrecorded_end(now).cloned() else {
+                        return (None, None);
+                    };
+                    state.mark_end_recorded();
+                    let deliveries = crate::actions::plan_lockout_ended(
+                        &runtime.config,
+                        &runtime.directory,
+                        &key,
+                        &lockout,
+                    );
+                    let mut event = Event::lockout_ended(&key, &lockout);
+                    event
+                        .details
+                        .insert("deliveries".into(), deliveries_json(&deliveries));
+                    let queued = !deliveries.is_empty();
+                    let write = MailboxWrite {
+                        keep: true,
+                        events: vec![event],
+                        deliveries,
+                    };
+                    (Some((lockout, queued)), Some(write))
+                })
                 .await?;
+            let Some((lockout, queued)) = ended else {
+                continue;
+            };
             tracing::info!(mailbox = %key, level = lockout.level, "lockout ended");
             cache.put(key, state.block);
             if queued {
@@ -920,13 +928,19 @@ impl Guard {
     ) {
         const RETRY: std::time::Duration = std::time::Duration::from_secs(5);
         loop {
-            let wait = match self.record_due_ends().await {
-                Ok(Some(next)) => next.since(Timestamp::now()),
+            let wait = match self.timer_turn().await {
+                Ok(Some(next)) => next.since(self.store.now()),
                 Ok(None) => std::time::Duration::from_secs(3600),
                 Err(error) => {
                     tracing::error!(%error, "cannot record lockout ends; retrying");
                     RETRY
                 }
+            };
+            // With Redis, another host may hold the lease or start a
+            // lockout, so this host looks again within one lease period.
+            let wait = match self.store.shared() {
+                Some(_) => wait.min(TIMER_LEASE / 3),
+                None => wait,
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
@@ -935,7 +949,29 @@ impl Guard {
             }
         }
     }
+
+    /// Records due lockout ends: always with SQLite, and with Redis only
+    /// on the host holding the timer lease, which also finishes work that
+    /// other hosts left pending.
+    async fn timer_turn(&self) -> Result<Option<Timestamp>, StoreError> {
+        let Some(shared) = self.store.shared() else {
+            return self.record_due_ends().await;
+        };
+        self.merge_fallback_strikes().await?;
+        if !shared.hold_lease("timers", TIMER_LEASE).await? {
+            return self.store.next_pending_end().await;
+        }
+        let queued = shared.sweep(false).await?;
+        if queued > 0 {
+            self.outbox_added.notify_one();
+        }
+        self.record_due_ends().await
+    }
 }
+
+/// Length of the lease that lets one host with Redis record lockout ends
+/// and finish work other hosts left pending.
+const TIMER_LEASE: std::time::Duration = std::time::Duration::from_secs(6);
 
 /// Lists the deliveries queued for a lockout, for its event.
 fn deliveries_json(deliveries: &[OutboxEntry]) -> serde_json::Value {

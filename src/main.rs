@@ -152,6 +152,22 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Store tools.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Copy the SQLite file at store.path (mailbox states, events, waiting
+    /// lockout deliveries) into the Redis store the config names.
+    Migrate {
+        /// The configuration file, with [store] backend = "redis".
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 /// The SMTP facts `check` passes to rspamd, as the relay would.
@@ -355,6 +371,9 @@ fn main() -> ExitCode {
         Command::Config {
             command: ConfigCommand::Check { file },
         } => config_check(&file),
+        Command::Store {
+            command: StoreCommand::Migrate { config },
+        } => commands::migrate_store(&config),
     };
     exit_code(result)
 }
@@ -523,8 +542,12 @@ fn outbox(config: &Path) -> Result<(), String> {
     let config = load(config)?;
     let connection =
         sqlite::open_existing(&config.store.path).map_err(|error| error.to_string())?;
-    let waiting =
+    let mut waiting =
         sendguard::store::outbox::waiting(&connection).map_err(|error| error.to_string())?;
+    if config.store.backend == sendguard::config::Backend::Redis {
+        waiting.extend(commands::shared_outbox(&config)?);
+        waiting.sort_by_key(|item| item.next_attempt);
+    }
     if waiting.is_empty() {
         return print("no webhook or alert e-mail is waiting\n");
     }

@@ -86,11 +86,8 @@ async fn apply_changes(guard: &Guard, after: i64) -> Result<i64, StoreError> {
 }
 
 async fn record_expiries(guard: &Guard) -> Result<(), StoreError> {
-    let now = Timestamp::now();
-    let expired = guard
-        .store()
-        .call(move |connection| crate::store::exemptions::record_expiries(connection, now))
-        .await?;
+    let now = guard.store().now();
+    let expired = guard.store().record_exemption_expiries(now).await?;
     if expired > 0 {
         tracing::info!(expired, "exemptions reached their end");
         guard.reload_exemptions().await?;
@@ -105,12 +102,11 @@ async fn prune_events(guard: &Guard) -> Result<(), StoreError> {
     loop {
         let deleted = guard
             .store()
-            .call(move |connection| {
-                crate::store::sqlite::delete_events_before(connection, before, PRUNE_BATCH)
-            })
+            .delete_events_before(before, PRUNE_BATCH)
             .await?;
         total += deleted;
-        if deleted < PRUNE_BATCH {
+        // Redis trims the stream in one command.
+        if deleted < PRUNE_BATCH || guard.store().shared().is_some() {
             break;
         }
     }

@@ -148,6 +148,16 @@ impl Metrics {
             .inc();
     }
 
+    /// Registers the store's count of decisions made with the host's own
+    /// SQLite store while Redis failed (`on_store_error = "local"`).
+    pub fn register_store_local_decisions(&mut self, counter: Counter) {
+        self.registry.register(
+            "store_local_decisions",
+            "Sender checks and strikes decided with this host's SQLite store because Redis failed",
+            counter,
+        );
+    }
+
     /// Returns every metric in the Prometheus text format.
     pub fn encode(&self) -> String {
         let mut text = String::new();

@@ -61,7 +61,7 @@ pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
     for warning in config.warnings() {
         tracing::warn!(key = %warning.key, "{}", warning.message);
     }
-    let store = Store::open(&config.store.path)?;
+    let store = Store::from_config(&config.store, config.events.keep)?;
     let listen = config.smtp.listen;
     let milter_listen = config.milter.as_ref().map(|milter| milter.listen.clone());
     let admin_listen = config.admin.listen;
@@ -74,6 +74,8 @@ pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
     // Device states are read before any listener opens, so no report can
     // be overwritten by the stored state.
     guard.devices().load().await?;
+    let (shutdown_sender, shutdown) = watch::channel(false);
+    prepare_shared_store(&guard, &shutdown).await;
 
     // Signal handlers go in before the listener opens: a SIGHUP that
     // arrives before them would end the process with the default action.
@@ -111,7 +113,6 @@ pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
     tracing::info!(listen = %listen, config = %config_path.display(), "sendguard started");
     guard.record_config_loaded("start").await;
 
-    let (shutdown_sender, shutdown) = watch::channel(false);
     tokio::spawn(reload_on_hangup(
         guard.clone(),
         config_path.to_path_buf(),
@@ -142,6 +143,40 @@ pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
     }
     tracing::info!("sendguard stopped");
     Ok(())
+}
+
+/// With the Redis backend: measures Redis's clock, subscribes to other
+/// hosts' changes before any sender is checked, and finishes work that a
+/// stopped host left pending between a lockout and its deliveries. Redis
+/// being down is logged, never fatal: the relay then replies as
+/// `store.on_store_error` sets.
+async fn prepare_shared_store(guard: &Arc<Guard>, shutdown: &watch::Receiver<bool>) {
+    let Some(shared) = guard.store().shared().cloned() else {
+        return;
+    };
+    tokio::spawn(guard.clone().run_cache_invalidation(shutdown.clone()));
+    match shared.time().await {
+        Ok(now) => tracing::info!(host = shared.host(), redis_time = %now.to_rfc3339(),
+            offset_ms = now.millis() - crate::policy::Timestamp::now().millis(),
+            "Redis store reachable"),
+        Err(error) => {
+            tracing::error!(%error, host = shared.host(),
+                "Redis store not reachable at start; the relay replies as store.on_store_error sets until it is");
+            return;
+        }
+    }
+    match shared.sweep(true).await {
+        Ok(0) => {}
+        Ok(queued) => {
+            tracing::warn!(
+                deliveries = queued,
+                "start-up sweep queued deliveries another host left pending"
+            );
+        }
+        Err(error) => {
+            tracing::error!(%error, "start-up sweep of pending Redis work failed; the timer lease holder retries it")
+        }
+    }
 }
 
 /// Serves SMTP on `listener` until `shutdown` becomes true, then waits up
@@ -386,12 +421,12 @@ pub async fn reload(guard: &Guard, path: &Path) {
         _ => true,
     };
     if config.smtp.listen != current.config.smtp.listen
-        || config.store.path != current.config.store.path
+        || config.store != current.config.store
         || config.admin.listen != current.config.admin.listen
         || milter_changed
     {
         tracing::warn!(
-            "smtp.listen, store.path, admin.listen and [milter] take effect only after a restart"
+            "smtp.listen, [store], admin.listen and [milter] take effect only after a restart"
         );
     }
     match Runtime::reload(config, &current) {

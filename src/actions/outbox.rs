@@ -16,6 +16,9 @@ use tokio::task::JoinSet;
 
 /// Deliveries attempted at once.
 const BATCH: usize = 16;
+/// How often a host looks at the shared Redis outbox for items other
+/// hosts added or left behind.
+const SHARED_POLL: Duration = Duration::from_secs(2);
 
 /// The clients and secret the outbox uses to reach receivers, built with
 /// each configuration.
@@ -127,6 +130,11 @@ pub async fn run_outbox(guard: Arc<Guard>, mut shutdown: watch::Receiver<bool>) 
                 STORE_RETRY
             }
         };
+        // Other hosts add to the shared outbox without telling this one.
+        let wait = match guard.store().shared() {
+            Some(_) => wait.min(SHARED_POLL),
+            None => wait,
+        };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = guard.outbox_added() => {}
@@ -140,7 +148,10 @@ pub async fn run_outbox(guard: Arc<Guard>, mut shutdown: watch::Receiver<bool>) 
 async fn deliver_due(guard: &Arc<Guard>) -> Result<Option<Timestamp>, StoreError> {
     loop {
         let now = Timestamp::now();
-        let due = guard.store().due_deliveries(now, BATCH).await?;
+        let due = guard
+            .store()
+            .due_deliveries(now, BATCH, attempt_lease(&guard.runtime()))
+            .await?;
         let full_batch = due.len() == BATCH;
         let runtime = guard.runtime();
         let mut attempts = JoinSet::new();
@@ -161,6 +172,18 @@ async fn deliver_due(guard: &Arc<Guard>) -> Result<Option<Timestamp>, StoreError
             return guard.store().next_delivery_due().await;
         }
     }
+}
+
+/// Returns how long a host leases a shared outbox item for one attempt:
+/// an alert e-mail may take four `actions.timeout` periods, plus a margin
+/// for recording the outcome.
+fn attempt_lease(runtime: &Runtime) -> Duration {
+    runtime
+        .config
+        .actions
+        .timeout
+        .saturating_mul(4)
+        .saturating_add(Duration::from_secs(5))
 }
 
 async fn attempt(runtime: &Runtime, entry: &OutboxEntry) -> Attempt {
@@ -298,10 +321,10 @@ async fn record(
     let event = Event::action(kind, now, entry, attempt, &detail, next);
     let store = guard.store();
     match next {
-        None => store.finish_delivery(pending.row, event).await,
+        None => store.finish_delivery(&pending, event).await,
         Some(next) => {
             store
-                .retry_delivery(pending.row, attempt, next, detail, event)
+                .retry_delivery(&pending, attempt, next, detail, event)
                 .await
         }
     }

@@ -128,10 +128,10 @@ fn store_error(error: crate::store::StoreError) -> ApiError {
 
 async fn blocks(headers: HeaderMap, State(guard): Shared) -> Result<Response, ApiError> {
     authenticate(&guard, &headers)?;
-    let now = Timestamp::now();
+    let now = guard.store().now();
     let blocks = guard
         .store()
-        .call(move |connection| crate::store::sqlite::active_blocks(connection, now))
+        .active_blocks(now)
         .await
         .map_err(store_error)?;
     let list: Vec<Value> = blocks
@@ -172,10 +172,7 @@ async fn mailbox_key(
         (true, None) => {
             let known = guard
                 .store()
-                .call({
-                    let canonical = canonical.clone();
-                    move |connection| crate::store::sqlite::mailbox_states(connection, &canonical)
-                })
+                .mailbox_states(canonical.clone())
                 .await
                 .map_err(store_error)?;
             let clients: Vec<String> = known
@@ -363,10 +360,7 @@ async fn events(
 
     let events = guard
         .store()
-        .call({
-            let filter = filter.clone();
-            move |connection| crate::store::sqlite::query_events(connection, &filter)
-        })
+        .query_events(filter.clone())
         .await
         .map_err(store_error)?;
     let mut body = Vec::new();
@@ -441,11 +435,7 @@ async fn list_exemptions(
         ))
     })?;
     let now = Timestamp::now();
-    let listed = guard
-        .store()
-        .call(|connection| crate::store::exemptions::all(connection))
-        .await
-        .map_err(store_error)?;
+    let listed = guard.store().all_exemptions().await.map_err(store_error)?;
     Ok(ok_json(exemption_list_json(&listed, query.all, now)))
 }
 
@@ -588,7 +578,7 @@ async fn add_exemption(
     let new = new_exemption(&guard.runtime(), request).map_err(ApiError::bad_request)?;
     let exemption = guard
         .store()
-        .call(move |connection| crate::store::exemptions::add(connection, new))
+        .add_exemption(new)
         .await
         .map_err(store_error)?;
     guard.reload_exemptions().await.map_err(store_error)?;
@@ -628,10 +618,7 @@ async fn remove_exemption(
     let now = Timestamp::now();
     let removed = guard
         .store()
-        .call({
-            let by = by.clone();
-            move |connection| crate::store::exemptions::remove(connection, id, &by, now)
-        })
+        .remove_exemption(id, by.clone(), now)
         .await
         .map_err(store_error)?;
     let Some(exemption) = removed else {
@@ -655,16 +642,13 @@ async fn remove_exemption(
 
 async fn metrics(headers: HeaderMap, State(guard): Shared) -> Result<Response, ApiError> {
     authenticate(&guard, &headers)?;
-    let now = Timestamp::now();
-    let (blocks, waiting) = guard
+    let now = guard.store().now();
+    let blocks = guard
         .store()
-        .call(move |connection| {
-            let blocks = crate::store::sqlite::active_blocks(connection, now)?;
-            let waiting = crate::store::outbox::count(connection)?;
-            Ok((blocks, waiting))
-        })
+        .active_blocks(now)
         .await
         .map_err(store_error)?;
+    let waiting = guard.store().outbox_count().await.map_err(store_error)?;
     let permanent = blocks
         .iter()
         .filter(|(_, state)| {
@@ -696,7 +680,7 @@ async fn metrics(headers: HeaderMap, State(guard): Shared) -> Result<Response, A
 
 async fn health(headers: HeaderMap, State(guard): Shared) -> Result<Response, ApiError> {
     authenticate(&guard, &headers)?;
-    let store = match guard
+    let mut store = match guard
         .store()
         .call(|connection| {
             connection.query_row("SELECT 1", [], |_| Ok(()))?;
@@ -707,6 +691,12 @@ async fn health(headers: HeaderMap, State(guard): Shared) -> Result<Response, Ap
         Ok(()) => "ok".to_string(),
         Err(error) => format!("failed: {error}"),
     };
+    if let Some(shared) = guard.store().shared()
+        && store == "ok"
+        && let Err(error) = shared.time().await
+    {
+        store = format!("failed: Redis: {error}");
+    }
     let clamd = match guard.runtime().scanner.ping().await {
         Ok(Some(version)) => format!("ok: {version}"),
         Ok(None) => "not configured".to_string(),

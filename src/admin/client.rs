@@ -32,6 +32,18 @@ impl Client {
         sqlite::open_existing(&self.runtime.config.store.path).map_err(|error| error.to_string())
     }
 
+    /// Opens the store for mailbox states and events when it is Redis;
+    /// `None` with SQLite, which the functions below read directly.
+    pub fn shared_store(&self) -> Result<Option<crate::store::Store>, String> {
+        let config = &self.runtime.config;
+        if config.store.backend != crate::config::Backend::Redis {
+            return Ok(None);
+        }
+        crate::store::Store::from_config(&config.store, config.events.keep)
+            .map(Some)
+            .map_err(|error| error.to_string())
+    }
+
     async fn request(
         &self,
         method: reqwest::Method,
@@ -111,9 +123,27 @@ impl Client {
         if let Target::Server { .. } = self.target {
             return self.get_json("/api/v1/blocks").await;
         }
-        let now = Timestamp::now();
-        let blocks =
-            sqlite::active_blocks(&self.connection()?, now).map_err(|error| error.to_string())?;
+        let (now, blocks) = match self.shared_store()? {
+            Some(store) => {
+                let now = store
+                    .shared()
+                    .map(|shared| shared.time())
+                    .ok_or("the Redis store is not open")?
+                    .await
+                    .map_err(|error| error.to_string())?;
+                let blocks = store
+                    .active_blocks(now)
+                    .await
+                    .map_err(|error| error.to_string())?;
+                (now, blocks)
+            }
+            None => {
+                let now = Timestamp::now();
+                let blocks = sqlite::active_blocks(&self.connection()?, now)
+                    .map_err(|error| error.to_string())?;
+                (now, blocks)
+            }
+        };
         let list: Vec<Value> = blocks
             .iter()
             .filter_map(|(key, state)| state.active_block(now).map(|block| block_json(key, block)))
@@ -134,13 +164,24 @@ impl Client {
             return self.get_json(&path).await;
         }
         let key = self.mailbox_key(mailbox, client)?;
-        let connection = self.connection()?;
-        let state = sqlite::load_mailbox(&connection, &key)
+        let now = Timestamp::now();
+        let (state, exemptions) = match self.shared_store()? {
+            Some(store) => (
+                store.load_mailbox(key.clone()).await,
+                store.active_exemptions(now).await,
+            ),
+            None => {
+                let connection = self.connection()?;
+                (
+                    sqlite::load_mailbox(&connection, &key),
+                    crate::store::exemptions::active(&connection, now),
+                )
+            }
+        };
+        let state = state
             .map_err(|error| error.to_string())?
             .unwrap_or_default();
-        let now = Timestamp::now();
-        let exemptions = crate::store::exemptions::active(&connection, now)
-            .map_err(|error| error.to_string())?;
+        let exemptions = exemptions.map_err(|error| error.to_string())?;
         Ok(ledger_json(
             &key,
             &state,
@@ -200,8 +241,40 @@ impl Client {
             return read_json(response).await;
         }
         let key = self.mailbox_key(mailbox, client)?;
-        let mut connection = self.connection()?;
         let settings = self.runtime.settings();
+        if let Some(store) = self.shared_store()? {
+            // The write announces the change, so running servers drop
+            // their cached copy at once.
+            let (lifted, _) = store
+                .update_mailbox(&key, |state, now| match state.lift(now, reset_count) {
+                    Ok(lifted) => {
+                        let write = crate::store::MailboxWrite {
+                            keep: !state.is_empty(&settings, now),
+                            events: vec![Event::lifted(
+                                now,
+                                &key,
+                                &lifted,
+                                reason.trim(),
+                                "command line",
+                            )],
+                            deliveries: Vec::new(),
+                        };
+                        (Ok(lifted), Some(write))
+                    }
+                    Err(refusal) => (Err(refusal), None),
+                })
+                .await
+                .map_err(|error| error.to_string())?;
+            let lifted = lifted.map_err(|error| error.to_string())?;
+            return Ok(json!({
+                "mailbox": key.mailbox,
+                "key_client": key.client.map(|client| client.to_string()),
+                "permanent_block_lifted": lifted.block.is_some(),
+                "lockouts_before": lifted.lockouts_before,
+                "lockouts_after": lifted.lockouts_after,
+            }));
+        }
+        let mut connection = self.connection()?;
         let transaction = connection
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(|error| error.to_string())?;
@@ -274,8 +347,11 @@ impl Client {
                 }
             }
         }
-        let events =
-            sqlite::query_events(&self.connection()?, filter).map_err(|error| error.to_string())?;
+        let events = match self.shared_store()? {
+            Some(store) => store.query_events(filter.clone()).await,
+            None => sqlite::query_events(&self.connection()?, filter),
+        }
+        .map_err(|error| error.to_string())?;
         Ok(events.iter().map(Event::to_json).collect())
     }
 
@@ -293,8 +369,11 @@ impl Client {
             return self.get_json(path).await;
         }
         let now = Timestamp::now();
-        let listed = crate::store::exemptions::all(&self.connection()?)
-            .map_err(|error| error.to_string())?;
+        let listed = match self.shared_store()? {
+            Some(store) => store.all_exemptions().await,
+            None => crate::store::exemptions::all(&self.connection()?),
+        }
+        .map_err(|error| error.to_string())?;
         Ok(exemption_list_json(&listed, all, now))
     }
 
@@ -324,9 +403,11 @@ impl Client {
             return read_json(response).await;
         }
         let new = new_exemption(&self.runtime, request)?;
-        let mut connection = self.connection()?;
-        let exemption = crate::store::exemptions::add(&mut connection, new)
-            .map_err(|error| error.to_string())?;
+        let exemption = match self.shared_store()? {
+            Some(store) => store.add_exemption(new).await,
+            None => crate::store::exemptions::add(&mut self.connection()?, new),
+        }
+        .map_err(|error| error.to_string())?;
         Ok(exemption_json(&exemption, Timestamp::now()))
     }
 
@@ -343,9 +424,11 @@ impl Client {
             return read_json(response).await;
         }
         let now = Timestamp::now();
-        let mut connection = self.connection()?;
-        let removed = crate::store::exemptions::remove(&mut connection, id, by, now)
-            .map_err(|error| error.to_string())?;
+        let removed = match self.shared_store()? {
+            Some(store) => store.remove_exemption(id, by.to_string(), now).await,
+            None => crate::store::exemptions::remove(&mut self.connection()?, id, by, now),
+        }
+        .map_err(|error| error.to_string())?;
         match removed {
             Some(exemption) => Ok(exemption_json(&exemption, now)),
             None => Err(format!(

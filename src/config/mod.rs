@@ -7,11 +7,13 @@ mod actions;
 mod admin;
 pub mod devices;
 mod problems;
+pub mod store;
 
 pub use actions::{ActionsConfig, AlertsConfig, SynchronizedSecurityConfig};
 pub use admin::{AdminConfig, EventsConfig};
 pub use devices::DevicesConfig;
 pub use problems::{Problem, Problems};
+pub use store::{Backend, OnStoreError, StoreConfig};
 
 use crate::policy::{Mode, PolicySettings};
 use crate::scan::{ClamdConfig, RspamdConfig, SpamConfig, SpamdConfig};
@@ -439,14 +441,6 @@ pub struct DirectoryConfig {
     pub path: PathBuf,
 }
 
-/// `[store]`: where strikes, lockouts and events are kept.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StoreConfig {
-    /// SQLite database file; created with its directory's permissions.
-    pub path: PathBuf,
-}
-
 /// Failure to load a configuration file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -536,10 +530,8 @@ impl Config {
                 spamd.validate(&mut problems);
             }
         }
-        if let Some(store) = &store
-            && store.path.as_os_str().is_empty()
-        {
-            problems.push("store.path", "is empty; give the SQLite database file");
+        if let Some(store) = &store {
+            store.validate(&mut problems);
         }
 
         if let Some(Some(milter)) = &milter {

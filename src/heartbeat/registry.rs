@@ -158,30 +158,36 @@ impl Registry {
     /// # Errors
     /// On a store failure.
     pub async fn load(&self) -> Result<(), StoreError> {
-        let (statuses, exclusions, newest, settings) = self
+        let (statuses, newest) = self
             .store
             .call(|connection| {
                 Ok((
                     device_store::load_all(connection)?,
-                    device_store::exclusions(connection)?,
                     device_store::last_notice_id(connection)?,
-                    device_store::settings(connection)?,
                 ))
             })
             .await?;
+        self.load_settings().await?;
+        let mut table = self.table.lock().await;
+        table.statuses = statuses.into_iter().collect();
+        table.rebuild_owners();
+        self.newest_notice.send_replace(newest);
+        Ok(())
+    }
+
+    /// Reads the settings and exclusions made through the API, which
+    /// another host may have changed when the store is Redis.
+    ///
+    /// # Errors
+    /// On a store failure; the ones loaded before stay in force then.
+    pub async fn load_settings(&self) -> Result<(), StoreError> {
+        let settings = self.store.device_settings().await?;
         self.reject_override.store(Arc::new(
             settings
                 .into_iter()
                 .find(|row| row.name == REJECT_UNSAFE && row.value.is_boolean()),
         ));
-        let mut table = self.table.lock().await;
-        table.statuses = statuses.into_iter().collect();
-        table.rebuild_owners();
-        self.added_exclusions.store(Arc::new(
-            exclusions.into_iter().map(|row| row.device).collect(),
-        ));
-        self.newest_notice.send_replace(newest);
-        Ok(())
+        self.load_exclusions().await
     }
 
     /// Returns whether unsafe devices are refused: the API's setting when
@@ -225,10 +231,7 @@ impl Registry {
         details.insert("by".into(), author.into());
         details.insert("reason".into(), reason.into());
         let event = Event::for_device(now, EventKind::DeviceSettingChanged, None, details);
-        let stored = row.clone();
-        self.store
-            .call(move |connection| device_store::save_setting(connection, &stored, &event))
-            .await?;
+        self.store.save_device_setting(row.clone(), event).await?;
         tracing::warn!(setting = REJECT_UNSAFE, value = ?value, author, reason,
             "device setting changed through the API");
         self.reject_override
@@ -566,7 +569,26 @@ impl Registry {
         if queued {
             self.outbox_queued.notify_one();
         }
+        if let Some(shared) = self.store.shared()
+            && !notices.is_empty()
+        {
+            shared.announce_notices(&notices).await;
+        }
         Ok(notices)
+    }
+
+    /// Stores subnet notices another host sent and wakes the streams of
+    /// this host's agents.
+    ///
+    /// # Errors
+    /// On a store failure; the notices do not reach this host's agents then.
+    pub async fn import_notices(&self, notices: Vec<Notice>) -> Result<usize, StoreError> {
+        let stored = self
+            .store
+            .call(move |connection| device_store::add_notices(connection, notices))
+            .await?;
+        self.publish(&stored);
+        Ok(stored.len())
     }
 
     fn publish(&self, notices: &[Notice]) {
@@ -921,9 +943,7 @@ impl Registry {
     /// # Errors
     /// On a store failure.
     pub async fn added_exclusions(&self) -> Result<Vec<ExclusionRow>, StoreError> {
-        self.store
-            .call(|connection| device_store::exclusions(connection))
-            .await
+        self.store.device_exclusions().await
     }
 
     /// Excludes device `id` and records who did it and why; returns false
@@ -955,10 +975,7 @@ impl Registry {
         details.insert("reason".into(), reason.into());
         details.insert("by".into(), author.into());
         let event = Event::for_device(now, EventKind::DeviceExclusionAdded, Some(id), details);
-        let added = self
-            .store
-            .call(move |connection| device_store::add_exclusion(connection, &row, &event))
-            .await?;
+        let added = self.store.add_device_exclusion(row, event).await?;
         self.load_exclusions().await?;
         tracing::info!(device = %id, author, reason, added, "device exclusion added");
         Ok(added)
@@ -978,10 +995,9 @@ impl Registry {
         let mut details = Map::new();
         details.insert("by".into(), by.into());
         let event = Event::for_device(now, EventKind::DeviceExclusionRemoved, Some(id), details);
-        let id_owned = id.to_string();
         let removed = self
             .store
-            .call(move |connection| device_store::remove_exclusion(connection, &id_owned, &event))
+            .remove_device_exclusion(id.to_string(), event)
             .await?;
         self.load_exclusions().await?;
         tracing::info!(device = %id, by, removed = removed.is_some(), "device exclusion removed");

@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS device_exclusions (
 
 /// A notice to the devices of one subnet that a device became unsafe or
 /// safe again.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Notice {
     /// Row id; the SSE event id, increasing.
     pub id: i64,
@@ -51,7 +51,7 @@ pub struct Notice {
 }
 
 /// A device excluded through the API.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ExclusionRow {
     pub device: String,
     pub reason: String,
@@ -107,9 +107,26 @@ pub fn commit(
     for event in &change.events {
         sqlite::insert_event(&transaction, event)?;
     }
-    let mut notices = Vec::with_capacity(change.notices.len());
-    for mut notice in change.notices {
-        transaction.execute(
+    let notices = add_notices(&transaction, change.notices)?;
+    for entry in &change.deliveries {
+        outbox::insert(&transaction, entry)?;
+    }
+    transaction.commit()?;
+    Ok(notices)
+}
+
+/// Stores notices, each with a new id that its body carries too, and
+/// returns them.
+///
+/// # Errors
+/// On a database failure.
+pub fn add_notices(
+    connection: &Connection,
+    notices: Vec<Notice>,
+) -> Result<Vec<Notice>, StoreError> {
+    let mut stored = Vec::with_capacity(notices.len());
+    for mut notice in notices {
+        connection.execute(
             "INSERT INTO device_notices (time, subnet, device, body) VALUES (?1, ?2, ?3, ?4)",
             params![
                 notice.time.millis(),
@@ -118,17 +135,13 @@ pub fn commit(
                 notice.body.to_string()
             ],
         )?;
-        notice.id = transaction.last_insert_rowid();
+        notice.id = connection.last_insert_rowid();
         if let serde_json::Value::Object(body) = &mut notice.body {
             body.insert("id".into(), notice.id.into());
         }
-        notices.push(notice);
+        stored.push(notice);
     }
-    for entry in &change.deliveries {
-        outbox::insert(&transaction, entry)?;
-    }
-    transaction.commit()?;
-    Ok(notices)
+    Ok(stored)
 }
 
 /// Returns up to `limit` notices stored after the notice `after`, oldest
@@ -200,7 +213,7 @@ pub fn delete_notices_before(
 
 /// A setting changed through the API, which overrides the configuration
 /// file until it is reset.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SettingRow {
     pub name: String,
     pub value: serde_json::Value,

@@ -10,11 +10,27 @@ use rusqlite::{Connection, params};
 /// Queues one delivery, due at once.
 ///
 /// # Errors
-/// On a database failure.
+/// On a database failure, such as a delivery id already waiting.
 pub fn insert(connection: &Connection, entry: &OutboxEntry) -> Result<(), StoreError> {
-    connection.execute(
-        "INSERT INTO outbox (delivery_id, kind, mailbox, key_client, body, created, next_attempt)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+    add(connection, entry, "INSERT")?;
+    Ok(())
+}
+
+/// Queues one delivery, due at once, unless a delivery with its id is
+/// already waiting; returns how many were added (0 or 1).
+///
+/// # Errors
+/// On a database failure.
+pub fn insert_if_new(connection: &Connection, entry: &OutboxEntry) -> Result<usize, StoreError> {
+    add(connection, entry, "INSERT OR IGNORE")
+}
+
+fn add(connection: &Connection, entry: &OutboxEntry, verb: &str) -> Result<usize, StoreError> {
+    let added = connection.execute(
+        &format!(
+            "{verb} INTO outbox (delivery_id, kind, mailbox, key_client, body, created, next_attempt)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)"
+        ),
         params![
             entry.delivery_id,
             entry.kind.as_str(),
@@ -24,7 +40,7 @@ pub fn insert(connection: &Connection, entry: &OutboxEntry) -> Result<(), StoreE
             entry.created.millis()
         ],
     )?;
-    Ok(())
+    Ok(added)
 }
 
 /// Returns up to `limit` deliveries due at `now`, the longest waiting first.
@@ -114,21 +130,27 @@ pub fn next_due(connection: &Connection) -> Result<Option<Timestamp>, StoreError
     Ok(next.map(Timestamp))
 }
 
-/// Removes a delivery that succeeded or was given up, and records `event`,
-/// in one transaction.
+/// Removes a delivery that succeeded or was given up, and records `event`
+/// when given, in one transaction.
 ///
 /// # Errors
 /// On a database failure; nothing is written then.
-pub fn finish(connection: &mut Connection, row: i64, event: &Event) -> Result<(), StoreError> {
+pub fn finish(
+    connection: &mut Connection,
+    row: i64,
+    event: Option<&Event>,
+) -> Result<(), StoreError> {
     let transaction = connection.transaction()?;
     transaction.execute("DELETE FROM outbox WHERE id = ?1", params![row])?;
-    insert_event(&transaction, event)?;
+    if let Some(event) = event {
+        insert_event(&transaction, event)?;
+    }
     transaction.commit()?;
     Ok(())
 }
 
-/// Schedules the next attempt of a failed delivery and records `event`, in
-/// one transaction.
+/// Schedules the next attempt of a failed delivery and records `event`
+/// when given, in one transaction.
 ///
 /// # Errors
 /// On a database failure; nothing is written then.
@@ -138,14 +160,16 @@ pub fn reschedule(
     attempts: u32,
     next: Timestamp,
     error: &str,
-    event: &Event,
+    event: Option<&Event>,
 ) -> Result<(), StoreError> {
     let transaction = connection.transaction()?;
     transaction.execute(
         "UPDATE outbox SET attempts = ?2, next_attempt = ?3, last_error = ?4 WHERE id = ?1",
         params![row, attempts, next.millis(), error],
     )?;
-    insert_event(&transaction, event)?;
+    if let Some(event) = event {
+        insert_event(&transaction, event)?;
+    }
     transaction.commit()?;
     Ok(())
 }

@@ -104,6 +104,7 @@ pub fn open(path: &Path) -> Result<Connection, StoreError> {
     connection.pragma_update(None, "synchronous", "NORMAL")?;
     connection.execute_batch(SCHEMA)?;
     connection.execute_batch(super::devices::SCHEMA)?;
+    connection.execute_batch(super::fallback::SCHEMA)?;
     Ok(connection)
 }
 
@@ -214,19 +215,26 @@ pub fn insert_event(connection: &Connection, event: &Event) -> Result<(), StoreE
     Ok(())
 }
 
+/// Returns the minute and lockout level that a `sender_refused` event is
+/// aggregated under; refusals of different lockouts within one minute stay
+/// apart.
+pub fn refusal_minute_and_level(event: &Event) -> (i64, String) {
+    let minute = event.time.millis().div_euclid(60_000);
+    let level = event
+        .details
+        .get("level")
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    (minute, level)
+}
+
 /// Records a `sender_refused` event, folding it into the existing event of
 /// the same mailbox and minute by raising its `count`.
 ///
 /// # Errors
 /// On a database failure.
 pub fn insert_refusal(connection: &Connection, event: &Event) -> Result<(), StoreError> {
-    let minute = event.time.millis().div_euclid(60_000);
-    // Refusals of different lockouts within one minute stay apart.
-    let level = event
-        .details
-        .get("level")
-        .map(ToString::to_string)
-        .unwrap_or_default();
+    let (minute, level) = refusal_minute_and_level(event);
     let aggregate = format!(
         "sender_refused\u{1f}{}\u{1f}{}\u{1f}{minute}\u{1f}{level}",
         event.mailbox.as_deref().unwrap_or(""),

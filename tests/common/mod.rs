@@ -7,6 +7,7 @@ pub mod http;
 pub mod milter_client;
 pub mod postfix;
 pub mod recording_clamd;
+pub mod redis;
 pub mod rspamd;
 pub mod sendguard;
 pub mod smtp_client;
