@@ -14,6 +14,7 @@ parallel sessions, it measures:
   4  smtp-source -> Postfix relaying, no milter -> smtp-sink
   5  smtp-source -> Postfix + sendguard milter (clamd + rules) -> smtp-sink
   5u the same with the milter on a unix socket
+  2R row 2 with the Redis store (redis-server with appendfsync always)
   6  clamd INSTREAM on the same message (examples/loadgen.rs, 20 connections)
 
 Every row is run --reps times, interleaved (rows 1..6, then again), and
@@ -196,6 +197,20 @@ def start_clamd(processes, work, port):
     return child
 
 
+def start_redis(processes, work, port):
+    """Starts redis-server with the durability docs/redis-store.md asks for:
+    an append-only file written with fsync on every write."""
+    directory = work / "redis"
+    directory.mkdir()
+    log_path = directory / "redis.log"
+    child = processes.start("redis", [
+        "redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", str(directory),
+        "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+    ], log_path)
+    wait_until(lambda: replies(port, b"PING\r\n", b"+PONG"), 30, "redis-server", child, log_path)
+    return child
+
+
 def start_rspamd(processes, work, port):
     directory = work / "rspamd"
     for name in ("db", "run", "log"):
@@ -239,7 +254,7 @@ def raise_file_limit():
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, limit), hard))
 
 
-def start_sendguard(processes, work, name, upstream_port, scan, smtp_extra="", extra=""):
+def start_sendguard(processes, work, name, upstream_port, scan, smtp_extra="", extra="", store_extra=""):
     directory = work / name
     directory.mkdir()
     port = free_port()
@@ -255,7 +270,8 @@ def start_sendguard(processes, work, name, upstream_port, scan, smtp_extra="", e
         f'address = "127.0.0.1:{upstream_port}"\n'
         'tls = "none"\n'
         "[store]\n"
-        f'path = "{directory / "sendguard.db"}"\n'
+                f'path = "{directory / "sendguard.db"}"\n'
+        f"{store_extra}\n"
         f"{scan}\n{extra}\n"
     )
     log_path = directory / "sendguard.log"
@@ -803,6 +819,8 @@ def main():
     parser.add_argument("--modes", default="new,reused", help="session modes: new, reused or both")
     parser.add_argument("--no-rspamd", action="store_true", help="leave out row 3r, the proxy with rspamd")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    parser.add_argument("--no-redis", action="store_true",
+                        help="leave out row 2R, the proxy on the Redis store")
     parser.add_argument("--worker-threads", type=int, default=0,
                         help="[smtp] worker_threads of every sendguard; default 0, one per core")
     parser.add_argument("--rows", help="run only these rows, such as 1,2 (rows 1, 2 and 4 are the "
@@ -891,6 +909,15 @@ def main():
         scan_rspamd = f'[scan.spam]\nenabled = false\n[scan.rspamd]\naddress = "127.0.0.1:{rspamd_port}"\n'
         proxy_rspamd, proxy_rspamd_port = start_sendguard(processes, work, "proxy-rspamd", sink_port, scan_rspamd)
         rows.append(Row("3r", "sendguard proxy, rspamd only", port=proxy_rspamd_port, sendguard=proxy_rspamd))
+    if not options.no_redis:
+        redis_port = free_port()
+        redis = start_redis(processes, work, redis_port)
+        proxy_redis, proxy_redis_port = start_sendguard(
+            processes, work, "proxy-redis", sink_port, scan_off,
+            store_extra=f'backend = "redis"\nurl = "redis://127.0.0.1:{redis_port}"\n',
+        )
+        rows.append(Row("2R", "sendguard proxy, scanners off, Redis store", port=proxy_redis_port,
+                        sendguard=proxy_redis))
     rows += [
         Row("4", "Postfix relaying, no milter", port=postfix_plain_port, postfix=postfix_plain),
         Row("5", "Postfix + sendguard milter (clamd + rules)", port=postfix_milter_port,
@@ -916,6 +943,8 @@ def main():
                 "milter-unix": milter_unix.pid}
     if not options.no_rspamd:
         services.update({"rspamd": rspamd.pid, "proxy-rspamd": proxy_rspamd.pid})
+    if not options.no_redis:
+        services.update({"redis": redis.pid, "proxy-redis": proxy_redis.pid})
 
     def service_roots():
         named = dict(services)
