@@ -216,6 +216,11 @@ impl Registry {
         // that changes a status.
         let loaded = shared.device_table().await?;
         let mut table = self.table.lock().await;
+        // A report on this host may have written a newer version between
+        // the read and the lock; that copy stays.
+        if loaded.version < table.version {
+            return Ok(());
+        }
         Self::replace_table(&mut table, loaded);
         Ok(())
     }
