@@ -8,6 +8,7 @@ use common::redis::{RedisServer, wait_until_subscribed};
 use common::sendguard::Sendguard;
 use common::smtp_client::SmtpClient;
 use common::sse::SseStream;
+use sendguard::policy::Timestamp;
 use serde_json::{Value, json};
 use sha2::Digest;
 use std::time::{Duration, Instant};
@@ -390,4 +391,50 @@ fn missing_detected_after_holder_killed() {
     std::thread::sleep(Duration::from_secs(6));
     let changes = state_changes(&hosts[other], "dev-a");
     assert_eq!(missing_count(&changes), 1, "{changes:?}");
+}
+
+#[test]
+fn grace_counts_from_shared_start() {
+    let redis = RedisServer::start();
+    let extra = "heartbeat_timeout = \"20s\"";
+    let first = Host::start_with(&redis, extra);
+    first.report("dev-a", "green", "10.4.0.1");
+
+    // A second host starts well after the heartbeat and takes the lease
+    // over from the first, which stops answering but keeps its process.
+    std::thread::sleep(Duration::from_secs(10));
+    let second = Host::start_with(&redis, extra);
+    let stopped = std::process::Command::new("kill")
+        .args(["-STOP", &first.server.pid().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(stopped.success());
+
+    // The first host received the heartbeats meanwhile, so the second
+    // counts the timeout from the hosts' shared start: dev-a is missing
+    // 20 s after its heartbeat, not 20 s after the second host started.
+    wait_for_missing(&second, "dev-a", Duration::from_secs(40));
+    let times: Vec<(String, i64)> = second
+        .server
+        .events_of("device_state_changed")
+        .iter()
+        .filter(|event| event["device"] == "dev-a")
+        .map(|event| {
+            let time = event["time"].as_str().unwrap_or_default();
+            let at = Timestamp::parse_rfc3339(time).expect("RFC 3339 time");
+            (
+                event["to"].as_str().unwrap_or_default().to_string(),
+                at.millis(),
+            )
+        })
+        .collect();
+    assert_eq!(times.len(), 2, "{times:?}");
+    assert_eq!(times[0].0, "green");
+    assert_eq!(times[1].0, "missing");
+    let silent = Duration::from_millis(u64::try_from(times[1].1 - times[0].1).expect("in order"));
+    assert!(
+        silent >= Duration::from_secs(20),
+        "missing after {silent:?}"
+    );
+    assert!(silent < Duration::from_secs(27), "missing after {silent:?}");
 }
