@@ -129,6 +129,16 @@ impl Host {
             SmtpClient::connect_without_greeting_from(&self.server.address, client_address);
         client.read_reply().code
     }
+
+    /// Returns whether this host's log says it holds the device timer
+    /// lease now.
+    fn holds_device_lease(&self) -> bool {
+        let log = self.server.log();
+        let last = log
+            .lines()
+            .rfind(|line| line.contains("device timer lease changed hands"));
+        last.is_some_and(|line| line.contains("held=true"))
+    }
 }
 
 /// Returns the `device_state_changed` events of `device` in the shared
@@ -181,19 +191,6 @@ fn three_hosts(redis: &RedisServer, timeout: &str) -> (Vec<Host>, usize) {
             "expected one lease holder, found {holders:?}"
         );
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-impl Host {
-    /// Returns whether this host's log says it holds the device timer
-    /// lease now.
-    fn holds_device_lease(&self) -> bool {
-        let log = self.server.log();
-        let last = log
-            .lines()
-            .filter(|line| line.contains("device timer lease changed hands"))
-            .last();
-        last.is_some_and(|line| line.contains("held=true"))
     }
 }
 
