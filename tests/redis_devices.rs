@@ -130,7 +130,7 @@ impl Host {
         client.read_reply().code
     }
 
-    /// Returns whether this host's log says it holds the device timer
+    /// Returns whether this host's log shows that it holds the device timer
     /// lease now.
     fn holds_device_lease(&self) -> bool {
         let log = self.server.log();
@@ -168,7 +168,7 @@ fn wait_for_missing(host: &Host, device: &str, timeout: Duration) {
     });
 }
 
-/// Returns how many of `changes` are to missing.
+/// Counts the changes to missing among `changes`.
 fn missing_count(changes: &[(String, String)]) -> usize {
     changes.iter().filter(|(_, to)| to == "missing").count()
 }
@@ -398,7 +398,7 @@ fn grace_counts_from_shared_start() {
     first.report("dev-a", "green", "10.4.0.1");
 
     // A second host starts well after the heartbeat and takes the lease
-    // over from the first, which stops answering but keeps its process.
+    // over from the first, which stops responding but keeps its process.
     std::thread::sleep(Duration::from_secs(10));
     let second = Host::start_with(&redis, extra);
     let stopped = std::process::Command::new("kill")
@@ -434,4 +434,50 @@ fn grace_counts_from_shared_start() {
         "missing after {silent:?}"
     );
     assert!(silent < Duration::from_secs(27), "missing after {silent:?}");
+}
+
+#[test]
+fn pending_device_work_moved_once() {
+    let redis = RedisServer::start();
+    let first = Host::start(&redis);
+    let second = Host::start(&redis);
+
+    // A host wrote a state change and died before moving its event on.
+    let event = json!({
+        "time": 1_764_900_000_000_i64,
+        "kind": "device_state_changed",
+        "mailbox": null,
+        "key_client": null,
+        "details": { "device": "dev-a", "from": "green", "to": "red", "name": "PC-A" }
+    });
+    let work = json!({
+        "created": 1_764_900_000_000_i64,
+        "work": { "id": "left-behind", "events": [event], "deliveries": [] },
+        "notices": []
+    });
+    redis.cli(&[
+        "HSET",
+        "sendguard:devices:{devices}:pending",
+        "left-behind",
+        &work.to_string(),
+    ]);
+
+    // The device lease holder moves it to the stream, once.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while redis
+        .cli(&["HLEN", "sendguard:devices:{devices}:pending"])
+        .trim()
+        != "0"
+    {
+        assert!(Instant::now() < deadline, "the pending work stayed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let changes = state_changes(&second, "dev-a");
+    assert_eq!(
+        changes,
+        [("green".to_string(), "red".to_string())],
+        "{}",
+        first.server.log()
+    );
 }
