@@ -364,6 +364,25 @@ fn missing_recorded_once_across_hosts() {
         let decision = host.access("10.2.0.1", "dev-b");
         assert_eq!(decision["allowed"], false, "{decision}");
     }
+
+    // dev-b's agent, on any host, is told once that dev-a is unsafe.
+    let token = device_token("dev-b");
+    for (index, host) in hosts.iter().enumerate() {
+        let mut stream =
+            SseStream::open(&host.api, "/api/v1/devices/dev-b/events", &token, Some(0));
+        assert_eq!(stream.status, 200);
+        let mut notices = Vec::new();
+        while let Some(notice) = stream.next_event(Duration::from_secs(2)) {
+            notices.push(notice.json());
+        }
+        let about_a: Vec<&Value> = notices
+            .iter()
+            .filter(|notice| notice["device"] == "dev-a")
+            .collect();
+        assert_eq!(about_a.len(), 1, "host {index}: {notices:?}");
+        assert_eq!(about_a[0]["type"], "device_unsafe", "host {index}");
+        assert_eq!(about_a[0]["state"], "missing", "host {index}");
+    }
 }
 
 #[test]
