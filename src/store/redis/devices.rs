@@ -139,6 +139,8 @@ impl RedisStore {
             let work: DeviceWork = serde_json::from_str(&text)?;
             queued += self.move_work(&work.work).await?;
             if !work.notices.is_empty() {
+                // NOTE: the marker is set before the caller stores and
+                // sends the notices, so a crash in between loses them.
                 let marker = self.key(&format!("moved:{id}:notices"));
                 let first: Option<String> = redis::cmd("SET")
                     .arg(&marker)
