@@ -393,7 +393,7 @@ impl Guard {
         let runtime = self.runtime();
         let refusal = self
             .devices
-            .relay_gate(&runtime.config.devices, client, stage, Timestamp::now())
+            .relay_gate(&runtime.config.devices, client, stage, self.store.now())
             .await?;
         Some(Reply::unsafe_device(&refusal.text))
     }

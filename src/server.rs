@@ -161,15 +161,22 @@ async fn prepare_shared_store(guard: &Arc<Guard>, shutdown: &watch::Receiver<boo
         return;
     };
     tokio::spawn(guard.clone().run_cache_invalidation(shutdown.clone()));
-    match shared.time().await {
-        Ok(now) => tracing::info!(host = shared.host(), redis_time = %now.to_rfc3339(),
-            offset_ms = now.millis() - crate::policy::Timestamp::now().millis(),
-            "Redis store reachable"),
+    let now = match shared.time().await {
+        Ok(now) => {
+            tracing::info!(host = shared.host(), redis_time = %now.to_rfc3339(),
+                offset_ms = now.millis() - crate::policy::Timestamp::now().millis(),
+                "Redis store reachable");
+            now
+        }
         Err(error) => {
             tracing::error!(%error, host = shared.host(),
                 "Redis store not reachable at start; the relay replies as store.on_store_error sets until it is");
             return;
         }
+    };
+    if let Err(error) = guard.devices().renew_shared_start(now).await {
+        tracing::error!(%error, host = shared.host(),
+            "cannot read the hosts' shared start; missing devices count from this host's start until the device timer renews it");
     }
     match shared.sweep(true).await {
         Ok(0) => {}

@@ -217,7 +217,7 @@ async fn heartbeat(
             &runtime.config.devices,
             &request.device,
             report,
-            Timestamp::now(),
+            guard.store().now(),
         )
         .await
         .map_err(lookup_error)?;
@@ -271,7 +271,7 @@ async fn access(
             &runtime.config.devices,
             &request.source,
             &request.destination,
-            Timestamp::now(),
+            guard.store().now(),
         )
         .await
         .map_err(lookup_error)?;

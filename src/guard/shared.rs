@@ -31,6 +31,17 @@ impl Guard {
         }
     }
 
+    /// Reads the device statuses after another host changed them, logging
+    /// a failure; the statuses read before stay in force then, until the
+    /// next change or write conflict makes this host read them again.
+    async fn reload_device_statuses_logged(&self) {
+        match self.devices.reload_statuses().await {
+            Ok(()) => tracing::debug!("device statuses reloaded"),
+            Err(error) => tracing::error!(%error,
+                "cannot reload the device statuses another host changed; the previous ones stay in force"),
+        }
+    }
+
     /// Merges the strikes this host counted in its own SQLite store while
     /// Redis failed into Redis, by running each through the policy again
     /// on the shared state. A lockout they complete is dated from the
@@ -93,6 +104,9 @@ impl Guard {
                     Some(crate::store::redis::Invalidation::DeviceSettings) => {
                         self.reload_device_settings_logged().await;
                     }
+                    Some(crate::store::redis::Invalidation::DeviceStatuses) => {
+                        self.reload_device_statuses_logged().await;
+                    }
                     Some(crate::store::redis::Invalidation::Notices(notices)) => {
                         let count = notices.len();
                         match self.devices.import_notices(notices).await {
@@ -106,6 +120,7 @@ impl Guard {
                             shard.lock().await.clear();
                         }
                         self.reload_exemptions_logged().await;
+                        self.reload_device_statuses_logged().await;
                         self.reload_device_settings_logged().await;
                     }
                     None => break,

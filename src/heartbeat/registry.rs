@@ -11,6 +11,7 @@ use crate::events::{Event, EventKind};
 use crate::guard::Guard;
 use crate::policy::Timestamp;
 use crate::store::devices::{self as device_store, Change, ExclusionRow, Notice, SettingRow};
+use crate::store::redis::DeviceTable;
 use crate::store::{Store, StoreError};
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
@@ -18,6 +19,7 @@ use serde_json::{Map, Value, json};
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 use tokio::sync::{Mutex, Notify, watch};
 
@@ -26,6 +28,15 @@ const REJECT_UNSAFE: &str = "reject_unsafe";
 
 /// Notices read from the store per query of a stream.
 const NOTICE_BATCH: usize = 500;
+
+/// Writes of the device table tried before a conflict is reported as a
+/// failure (Redis only).
+const MAX_WRITE_ATTEMPTS: usize = 64;
+
+/// Length of the lease that lets one host with Redis record missing
+/// devices. It is also the longest gap between the hosts' renewals of the
+/// shared start time before a start counts as a fresh one.
+const DEVICE_LEASE: Duration = Duration::from_secs(6);
 
 /// A report from a device's agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +78,9 @@ pub struct RelayRefusal {
 
 #[derive(Default)]
 struct Table {
+    /// The Redis device table's version these statuses are from; 0 with
+    /// SQLite.
+    version: i64,
     statuses: HashMap<String, DeviceStatus>,
     /// Each address and the device that reported it last.
     owners: HashMap<IpAddr, String>,
@@ -95,7 +109,9 @@ pub struct Registry {
     table: Mutex<Table>,
     /// Device ids excluded through the API.
     added_exclusions: ArcSwap<BTreeSet<String>>,
-    started: Timestamp,
+    /// Milliseconds since the epoch from which missing detection counts:
+    /// this process's start, or with Redis the start shared by the hosts.
+    started: AtomicI64,
     /// Wakes the missing-detection timer after a report.
     reported: Notify,
     /// The id of the newest notice; streams wait for it to change.
@@ -114,7 +130,7 @@ impl Registry {
             book: ArcSwap::from_pointee(DeviceBook::default()),
             table: Mutex::new(Table::default()),
             added_exclusions: ArcSwap::from_pointee(BTreeSet::new()),
-            started,
+            started: AtomicI64::new(started.millis()),
             reported: Notify::new(),
             newest_notice: watch::Sender::new(0),
             outbox_queued: Notify::new(),
@@ -153,25 +169,78 @@ impl Registry {
     }
 
     /// Reads device statuses, API exclusions and the newest notice id from
-    /// the store.
+    /// the store. With Redis, the statuses are the shared ones; the host's
+    /// SQLite file keeps only its notices then.
     ///
     /// # Errors
     /// On a store failure.
     pub async fn load(&self) -> Result<(), StoreError> {
-        let (statuses, newest) = self
+        let newest = self
             .store
-            .call(|connection| {
-                Ok((
-                    device_store::load_all(connection)?,
-                    device_store::last_notice_id(connection)?,
-                ))
-            })
+            .call(|connection| device_store::last_notice_id(connection))
             .await?;
+        let loaded = match self.store.shared() {
+            Some(shared) => shared.device_table().await?,
+            None => DeviceTable {
+                version: 0,
+                statuses: self
+                    .store
+                    .call(|connection| device_store::load_all(connection))
+                    .await?,
+            },
+        };
         self.load_settings().await?;
         let mut table = self.table.lock().await;
-        table.statuses = statuses.into_iter().collect();
-        table.rebuild_owners();
+        Self::replace_table(&mut table, loaded);
         self.newest_notice.send_replace(newest);
+        Ok(())
+    }
+
+    fn replace_table(table: &mut Table, loaded: DeviceTable) {
+        table.version = loaded.version;
+        table.statuses = loaded.statuses.into_iter().collect();
+        table.rebuild_owners();
+    }
+
+    /// Reads the device statuses again after another host changed them;
+    /// does nothing with SQLite.
+    ///
+    /// # Errors
+    /// On a store failure; the statuses read before stay in force then.
+    pub async fn reload_statuses(&self) -> Result<(), StoreError> {
+        let Some(shared) = self.store.shared() else {
+            return Ok(());
+        };
+        // NOTE: every status change on any host makes each other host read
+        // the whole device table, which costs O(devices) per heartbeat
+        // that changes a status.
+        let loaded = shared.device_table().await?;
+        let mut table = self.table.lock().await;
+        // A report on this host may have written a newer version between
+        // the read and the lock; that copy stays.
+        if loaded.version < table.version {
+            return Ok(());
+        }
+        Self::replace_table(&mut table, loaded);
+        Ok(())
+    }
+
+    /// Renews the start time the hosts sharing Redis agree on and counts
+    /// missing heartbeats from it; does nothing with SQLite.
+    ///
+    /// A host that starts while another host runs takes the earlier start,
+    /// because the other host received the heartbeats meanwhile. Only when
+    /// no host renewed it for [`DEVICE_LEASE`] does a start count as a
+    /// fresh one, after which no device becomes missing for one timeout.
+    ///
+    /// # Errors
+    /// On a store failure; the start time known before stays then.
+    pub async fn renew_shared_start(&self, now: Timestamp) -> Result<(), StoreError> {
+        let Some(shared) = self.store.shared() else {
+            return Ok(());
+        };
+        let since = shared.device_up_since(now, DEVICE_LEASE).await?;
+        self.started.store(since.millis(), Ordering::Relaxed);
         Ok(())
     }
 
@@ -242,7 +311,7 @@ impl Registry {
     fn timing(&self, config: &DevicesConfig) -> Timing {
         Timing {
             heartbeat_timeout: config.heartbeat_timeout,
-            started: self.started,
+            started: Timestamp(self.started.load(Ordering::Relaxed)),
         }
     }
 
@@ -301,10 +370,56 @@ impl Registry {
         };
         let timing = self.timing(config);
         let mut table = self.table.lock().await;
+        let mut attempts = 0;
+        let (status, notices) = loop {
+            let (status, touched, change) =
+                self.apply_report(config, &book, &table, device, &report, now, timing);
+            let Some((version, notices)) = self.commit(table.version, change, now).await? else {
+                // Another host changed the device table since it was read:
+                // read it again and apply the report to the new statuses.
+                attempts += 1;
+                if attempts >= MAX_WRITE_ATTEMPTS {
+                    return Err(StoreError::Conflict { attempts }.into());
+                }
+                self.read_table(&mut table).await?;
+                continue;
+            };
+
+            for (other, other_status) in touched {
+                table.statuses.insert(other, other_status);
+            }
+            table.statuses.insert(id.to_string(), status.clone());
+            table.version = version;
+            table.rebuild_owners();
+            break (status, notices);
+        };
+        drop(table);
+        self.publish(&notices);
+        self.reported.notify_one();
+        tracing::debug!(device = %id, state = %status.state, "device reported");
+        Ok(self.view_of(config, device, &status, now))
+    }
+
+    /// Applies `report` to `device`'s status in `table` and returns the new
+    /// status, the devices that lost an address to it with their new
+    /// statuses, and the change to write: all those statuses with the
+    /// events, notices and webhooks of a state change.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_report(
+        &self,
+        config: &DevicesConfig,
+        book: &DeviceBook,
+        table: &Table,
+        device: &DeviceDefinition,
+        report: &Report,
+        now: Timestamp,
+        timing: Timing,
+    ) -> (DeviceStatus, Vec<(String, DeviceStatus)>, Change) {
+        let id = device.id.as_str();
         let mut status = table.status(id);
         let mut touched: Vec<(String, DeviceStatus)> = Vec::new();
         let old_subnets = Self::subnets(config, device, &status);
-        match &report {
+        match report {
             Report::Heartbeat { health, addresses } => {
                 let mut addresses: Vec<IpAddr> = addresses
                     .iter()
@@ -327,7 +442,7 @@ impl Registry {
                         .unwrap_or_else(|| table.status(previous));
                     other.addresses.retain(|owned| owned != address);
                     tracing::info!(address = %address, from = %previous, to = %id,
-                        "address moved to the device that reported it last");
+                    "address moved to the device that reported it last");
                     touched.push((previous.clone(), other));
                 }
                 status.heartbeat(*health, addresses, now);
@@ -338,8 +453,8 @@ impl Registry {
         let was_unsafe = status.state.is_unsafe();
         self.transition(
             config,
-            &book,
-            &table,
+            book,
+            table,
             device,
             &mut status,
             now,
@@ -364,8 +479,8 @@ impl Registry {
             let state = status.state;
             self.notify(
                 config,
-                &book,
-                &table,
+                book,
+                table,
                 device,
                 "device_unsafe",
                 state,
@@ -378,8 +493,8 @@ impl Registry {
             let moved = Some("the device moved to another subnet".to_string());
             self.notify(
                 config,
-                &book,
-                &table,
+                book,
+                table,
                 device,
                 "device_safe",
                 state,
@@ -400,8 +515,8 @@ impl Registry {
             let state = status.state;
             self.notify(
                 config,
-                &book,
-                &table,
+                book,
+                table,
                 device,
                 "device_safe",
                 state,
@@ -413,20 +528,8 @@ impl Registry {
             );
         }
         change.statuses.push((id.to_string(), status.clone()));
-        let touched_copy = touched.clone();
-        change.statuses.extend(touched);
-        let notices = self.commit(change, now).await?;
-
-        for (other, other_status) in touched_copy {
-            table.statuses.insert(other, other_status);
-        }
-        table.statuses.insert(id.to_string(), status.clone());
-        table.rebuild_owners();
-        drop(table);
-        self.publish(&notices);
-        self.reported.notify_one();
-        tracing::debug!(device = %id, state = %status.state, "device reported");
-        Ok(self.view_of(config, device, &status, now))
+        change.statuses.extend(touched.iter().cloned());
+        (status, touched, change)
     }
 
     /// Records `status`'s state at `now` into `change`: the event of a
@@ -560,7 +663,30 @@ impl Registry {
             .collect()
     }
 
-    async fn commit(&self, change: Change, now: Timestamp) -> Result<Vec<Notice>, StoreError> {
+    /// Writes `change` and returns the device table's new version (0 with
+    /// SQLite) and the notices stored on this host, or `None` when Redis's
+    /// device table is no longer at `version`, so nothing was written.
+    async fn commit(
+        &self,
+        version: i64,
+        change: Change,
+        now: Timestamp,
+    ) -> Result<Option<(i64, Vec<Notice>)>, StoreError> {
+        if let Some(shared) = self.store.shared() {
+            let written = shared
+                .write_devices(
+                    version,
+                    &change.statuses,
+                    &change.events,
+                    &change.deliveries,
+                    &change.notices,
+                )
+                .await?;
+            let Some(version) = written else {
+                return Ok(None);
+            };
+            return Ok(Some((version, self.move_shared_work().await)));
+        }
         let queued = !change.deliveries.is_empty();
         let notices = self
             .store
@@ -569,12 +695,58 @@ impl Registry {
         if queued {
             self.outbox_queued.notify_one();
         }
-        if let Some(shared) = self.store.shared()
-            && !notices.is_empty()
-        {
-            shared.announce_notices(&notices).await;
+        Ok(Some((0, notices)))
+    }
+
+    /// Moves device events and webhooks written to Redis on, stores the
+    /// notices no host has taken yet and sends them to the other hosts;
+    /// returns the stored notices. A failure is logged, and the work stays
+    /// pending for the next write or the device timer's lease holder.
+    pub async fn move_shared_work(&self) -> Vec<Notice> {
+        let Some(shared) = self.store.shared() else {
+            return Vec::new();
+        };
+        let (queued, notices) = match shared.move_device_work().await {
+            Ok(moved) => moved,
+            Err(error) => {
+                tracing::warn!(%error, host = shared.host(),
+                    "cannot move device events and webhooks on; the device timer retries");
+                return Vec::new();
+            }
+        };
+        if queued > 0 {
+            self.outbox_queued.notify_one();
         }
-        Ok(notices)
+        if notices.is_empty() {
+            return notices;
+        }
+        let count = notices.len();
+        let sent = notices.clone();
+        match self
+            .store
+            .call(move |connection| device_store::add_notices(connection, notices))
+            .await
+        {
+            Ok(stored) => {
+                shared.announce_notices(&stored).await;
+                stored
+            }
+            Err(error) => {
+                // The other hosts store them under their own ids anyway.
+                tracing::error!(%error, notices = count,
+                    "cannot store subnet notices; this host's agents miss them");
+                shared.announce_notices(&sent).await;
+                Vec::new()
+            }
+        }
+    }
+
+    /// Reads Redis's device table into `table` after a write conflict.
+    async fn read_table(&self, table: &mut Table) -> Result<(), StoreError> {
+        if let Some(shared) = self.store.shared() {
+            Self::replace_table(table, shared.device_table().await?);
+        }
+        Ok(())
     }
 
     /// Stores subnet notices another host sent and wakes the streams of
@@ -610,31 +782,46 @@ impl Registry {
         let book = self.book.load_full();
         let timing = self.timing(config);
         let mut table = self.table.lock().await;
-        let mut change = Change::default();
-        for device in &book.devices {
-            let mut status = table.status(&device.id);
-            let before = status.clone();
-            self.transition(
-                config,
-                &book,
-                &table,
-                device,
-                &mut status,
-                now,
-                timing,
-                &mut change,
-            );
-            if status != before {
-                change.statuses.push((device.id.clone(), status));
+        for attempt in 1..=MAX_WRITE_ATTEMPTS {
+            let mut change = Change::default();
+            for device in &book.devices {
+                let mut status = table.status(&device.id);
+                let before = status.clone();
+                self.transition(
+                    config,
+                    &book,
+                    &table,
+                    device,
+                    &mut status,
+                    now,
+                    timing,
+                    &mut change,
+                );
+                if status != before {
+                    change.statuses.push((device.id.clone(), status));
+                }
             }
-        }
-        if !change.statuses.is_empty() {
+            if change.statuses.is_empty() {
+                break;
+            }
             let statuses = change.statuses.clone();
-            let notices = self.commit(change, now).await?;
+            // With Redis, a device that reported meanwhile on another host
+            // makes the write conflict, so it is checked again on the new
+            // statuses, and one that another detection recorded already
+            // is not recorded twice.
+            let Some((version, notices)) = self.commit(table.version, change, now).await? else {
+                if attempt == MAX_WRITE_ATTEMPTS {
+                    return Err(StoreError::Conflict { attempts: attempt });
+                }
+                self.read_table(&mut table).await?;
+                continue;
+            };
             for (id, status) in statuses {
                 table.statuses.insert(id, status);
             }
+            table.version = version;
             self.publish(&notices);
+            break;
         }
         Ok(book
             .devices
@@ -1058,13 +1245,17 @@ fn subnet_webhook(
 }
 
 /// Records devices that become missing when they do, and deletes notices
-/// older than `events.keep` hourly, until `shutdown` fires.
+/// older than `events.keep` hourly, until `shutdown` fires. With Redis,
+/// only the host holding the device lease records missing devices and
+/// moves on device work that other hosts left pending, and every host
+/// renews the shared start time.
 pub async fn run_device_timer(guard: Arc<Guard>, mut shutdown: watch::Receiver<bool>) {
     const RETRY: Duration = Duration::from_secs(5);
     const IDLE: Duration = Duration::from_secs(3600);
     let mut next_prune = Timestamp::now();
+    let mut holding = false;
     loop {
-        let now = Timestamp::now();
+        let now = guard.store().now();
         let runtime = guard.runtime();
         if now >= next_prune {
             let before = now.saturating_sub(runtime.config.events.keep);
@@ -1075,17 +1266,30 @@ pub async fn run_device_timer(guard: Arc<Guard>, mut shutdown: watch::Receiver<b
             }
             next_prune = now.saturating_add(IDLE);
         }
-        let wait = match guard
-            .devices()
-            .detect_missing(&runtime.config.devices, now)
-            .await
-        {
-            Ok(Some(next)) => next.since(Timestamp::now()).min(IDLE),
+        let turn = match guard.store().shared() {
+            None => {
+                guard
+                    .devices()
+                    .detect_missing(&runtime.config.devices, now)
+                    .await
+            }
+            Some(shared) => {
+                shared_device_turn(&guard, shared, &runtime.config.devices, now, &mut holding).await
+            }
+        };
+        let wait = match turn {
+            Ok(Some(next)) => next.since(guard.store().now()).min(IDLE),
             Ok(None) => IDLE,
             Err(error) => {
                 tracing::error!(%error, "cannot record missing devices; retrying");
                 RETRY
             }
+        };
+        // With Redis, this host renews the shared start and may take the
+        // lease over, so it looks again within a third of the lease.
+        let wait = match guard.store().shared() {
+            Some(_) => wait.min(DEVICE_LEASE / 3),
+            None => wait,
         };
         drop(runtime);
         tokio::select! {
@@ -1094,4 +1298,33 @@ pub async fn run_device_timer(guard: Arc<Guard>, mut shutdown: watch::Receiver<b
             _ = shutdown.changed() => return,
         }
     }
+}
+
+/// Renews the shared start, and on the device lease holder moves pending
+/// device work on and records missing devices. Returns when the next
+/// device would become missing, as [`Registry::detect_missing`] does.
+async fn shared_device_turn(
+    guard: &Guard,
+    shared: &crate::store::redis::RedisStore,
+    config: &DevicesConfig,
+    now: Timestamp,
+    holding: &mut bool,
+) -> Result<Option<Timestamp>, StoreError> {
+    let devices = guard.devices();
+    devices.renew_shared_start(now).await?;
+    let held = shared.hold_lease("devices", DEVICE_LEASE).await?;
+    if held != *holding {
+        tracing::info!(
+            host = shared.host(),
+            held,
+            "device timer lease changed hands"
+        );
+        *holding = held;
+    }
+    if !held {
+        return Ok(None);
+    }
+    let notices = devices.move_shared_work().await;
+    devices.publish(&notices);
+    devices.detect_missing(config, now).await
 }

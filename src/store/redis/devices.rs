@@ -1,15 +1,186 @@
-//! Device settings and exclusions made through the API, shared by every
-//! host through Redis. Device health itself stays with each host.
+//! Device health, settings and exclusions, shared by every host through
+//! Redis.
+//!
+//! The statuses of all devices form one table with one version: a host
+//! reads the table, runs the device rules of `heartbeat::health` and writes
+//! the statuses it changed with `write_devices.lua`, which only compares
+//! the version and writes. The same script puts the change's events,
+//! subnet webhooks and subnet notices into the pending hash. They are
+//! moved on from there once each (a marker per piece of work), so a crash
+//! between the write and the move loses none and repeats none.
 
-use super::{RedisStore, StoredEvent};
+use super::{PendingWork, RedisStore, StoredDelivery, StoredEvent, duration_millis};
+use crate::actions::OutboxEntry;
 use crate::events::Event;
+use crate::heartbeat::DeviceStatus;
+use crate::policy::Timestamp;
 use crate::store::StoreError;
 use crate::store::devices::{ExclusionRow, Notice, SettingRow};
 use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// Work written with device statuses and not yet moved on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DeviceWork {
+    created: Timestamp,
+    work: PendingWork,
+    /// Subnet notices without their id, which each host assigns.
+    notices: Vec<Notice>,
+}
+
+/// The device table as read: its version and every device's status.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceTable {
+    pub version: i64,
+    pub statuses: Vec<(String, DeviceStatus)>,
+}
 
 impl RedisStore {
     fn devices_key(&self, name: &str) -> String {
         format!("{}devices:{{devices}}:{name}", self.prefix)
+    }
+
+    /// Reads every device's status with the table's version.
+    ///
+    /// # Errors
+    /// When Redis cannot be reached or a status does not decode.
+    pub async fn device_table(&self) -> Result<DeviceTable, StoreError> {
+        let reply: Vec<String> = self
+            .read_devices
+            .key(self.devices_key("version"))
+            .key(self.devices_key("statuses"))
+            .invoke_async(&mut self.connection())
+            .await?;
+        let mut values = reply.into_iter();
+        let version = values
+            .next()
+            .unwrap_or_default()
+            .parse::<i64>()
+            .map_err(|_| StoreError::Corrupt("invalid device table version".to_string()))?;
+        let mut statuses = Vec::new();
+        while let (Some(id), Some(status)) = (values.next(), values.next()) {
+            statuses.push((id, serde_json::from_str(&status)?));
+        }
+        Ok(DeviceTable { version, statuses })
+    }
+
+    /// Writes `statuses` with their events, deliveries and notices if the
+    /// device table still has `version`, and returns the new version. On a
+    /// conflict it writes nothing and returns `None`. A write is announced
+    /// to the other hosts, and the caller moves its work on with
+    /// [`RedisStore::move_device_work`].
+    ///
+    /// # Errors
+    /// When Redis cannot be reached; the write may or may not have landed
+    /// then, as with any lost reply.
+    pub async fn write_devices(
+        &self,
+        version: i64,
+        statuses: &[(String, DeviceStatus)],
+        events: &[Event],
+        deliveries: &[OutboxEntry],
+        notices: &[Notice],
+    ) -> Result<Option<i64>, StoreError> {
+        let mut invocation = self.write_devices.prepare_invoke();
+        invocation
+            .key(self.devices_key("version"))
+            .key(self.devices_key("statuses"))
+            .key(self.devices_key("pending"))
+            .arg(version);
+        if events.is_empty() && deliveries.is_empty() && notices.is_empty() {
+            invocation.arg("").arg("");
+        } else {
+            let id = format!("{:032x}", rand::random::<u128>());
+            let work = DeviceWork {
+                created: self.now(),
+                work: PendingWork {
+                    id: id.clone(),
+                    events: events.iter().map(StoredEvent::from_event).collect(),
+                    deliveries: deliveries.iter().map(StoredDelivery::from_entry).collect(),
+                },
+                notices: notices.to_vec(),
+            };
+            invocation.arg(id).arg(serde_json::to_string(&work)?);
+        }
+        for (id, status) in statuses {
+            invocation.arg(id).arg(serde_json::to_string(status)?);
+        }
+        let written: i64 = invocation.invoke_async(&mut self.connection()).await?;
+        if written < 0 {
+            return Ok(None);
+        }
+        let message = serde_json::json!({ "host": self.host, "device_statuses": true });
+        if let Err(error) = self.announce(message).await {
+            // The other hosts keep their copy until their next write
+            // conflicts or their subscription is made again.
+            tracing::warn!(%error, version = written,
+                "cannot announce a device status change to the other hosts");
+        }
+        Ok(Some(written))
+    }
+
+    /// Moves every piece of pending device work on: events to the stream
+    /// and deliveries to the shared outbox, each once. Returns how many
+    /// deliveries were queued and the notices that no host has taken yet,
+    /// which the caller stores and sends to the other hosts.
+    ///
+    /// # Errors
+    /// When Redis cannot be reached or the work does not decode; what was
+    /// not moved stays pending for the next call.
+    pub async fn move_device_work(&self) -> Result<(usize, Vec<Notice>), StoreError> {
+        let pending: Vec<(String, String)> = self
+            .connection()
+            .hgetall(self.devices_key("pending"))
+            .await?;
+        let mut queued = 0;
+        let mut notices = Vec::new();
+        for (id, text) in pending {
+            let work: DeviceWork = serde_json::from_str(&text)?;
+            queued += self.move_work(&work.work).await?;
+            if !work.notices.is_empty() {
+                // NOTE: the marker is set before the caller stores and
+                // sends the notices, so a crash in between loses them.
+                let marker = self.key(&format!("moved:{id}:notices"));
+                let first: Option<String> = redis::cmd("SET")
+                    .arg(&marker)
+                    .arg(&self.host)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(duration_millis(super::MOVED_TTL))
+                    .query_async(&mut self.connection())
+                    .await?;
+                if first.is_some() {
+                    notices.extend(work.notices);
+                }
+            }
+            let _: i64 = self
+                .connection()
+                .hdel(self.devices_key("pending"), &id)
+                .await?;
+        }
+        Ok((queued, notices))
+    }
+
+    /// Renews and returns the time since which some host has been running
+    /// on this store with no gap longer than `lifetime`. When every host
+    /// had stopped (or lost Redis) for longer, it sets that time to `now`.
+    ///
+    /// # Errors
+    /// When Redis cannot be reached.
+    pub async fn device_up_since(
+        &self,
+        now: Timestamp,
+        lifetime: Duration,
+    ) -> Result<Timestamp, StoreError> {
+        let since: i64 = self
+            .up_since
+            .key(self.devices_key("up_since"))
+            .arg(now.millis())
+            .arg(duration_millis(lifetime))
+            .invoke_async(&mut self.connection())
+            .await?;
+        Ok(Timestamp(since))
     }
 
     async fn announce_devices(&self) {

@@ -19,6 +19,7 @@ mod devices;
 mod exemptions;
 
 pub use connection::Connection;
+pub use devices::DeviceTable;
 
 use super::{EventFilter, MailboxWrite, StoreError};
 use crate::actions::{ActionKind, OutboxEntry, PendingDelivery};
@@ -63,6 +64,8 @@ pub enum Invalidation {
     Exemptions,
     /// Device settings or exclusions made through the API changed.
     DeviceSettings,
+    /// Device statuses changed: a heartbeat or a state change.
+    DeviceStatuses,
     /// Subnet notices another host sent to its agents.
     Notices(Vec<super::devices::Notice>),
     /// The subscription was (re)made; messages sent meanwhile are lost, so
@@ -182,6 +185,9 @@ pub struct RedisStore {
     compare_and_set: redis::Script,
     lease: redis::Script,
     remove_if_score: redis::Script,
+    read_devices: redis::Script,
+    write_devices: redis::Script,
+    up_since: redis::Script,
 }
 
 impl RedisStore {
@@ -212,6 +218,9 @@ impl RedisStore {
             compare_and_set: redis::Script::new(include_str!("compare_and_set.lua")),
             lease: redis::Script::new(include_str!("lease.lua")),
             remove_if_score: redis::Script::new(include_str!("remove_if_score.lua")),
+            read_devices: redis::Script::new(include_str!("read_devices.lua")),
+            write_devices: redis::Script::new(include_str!("write_devices.lua")),
+            up_since: redis::Script::new(include_str!("up_since.lua")),
         })
     }
 
@@ -1045,6 +1054,12 @@ impl RedisStore {
                         Err(error) => {
                             tracing::warn!(%error, "ignoring undecodable subnet notices from another host");
                         }
+                    }
+                    continue;
+                }
+                if value["device_statuses"] == Value::Bool(true) {
+                    if changes.send(Invalidation::DeviceStatuses).is_err() {
+                        return;
                     }
                     continue;
                 }
