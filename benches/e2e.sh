@@ -4,7 +4,7 @@
 # benches/e2e.py, which prints the table, writes target/e2e/results.json
 # and target/e2e/table.md, and draws docs/benchmarks.png.
 #
-#   benches/e2e.sh [e2e.py options]     for example: --reps 5 --rspamd
+#   benches/e2e.sh [e2e.py options]     for example: --reps 5 --no-rspamd
 #
 # Every server it starts listens on 127.0.0.1 and is stopped at the end.
 # Measure on a quiet machine: the script prints the load average and how

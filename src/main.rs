@@ -24,7 +24,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the SMTP relay.
+    /// Run the SMTP relay, and the milter and admin API when configured.
+    ///
+    /// SIGHUP reloads the configuration file (an invalid file keeps the
+    /// running configuration); SIGTERM or SIGINT stops accepting
+    /// connections and lets open SMTP sessions finish for up to 30 s. Logs
+    /// go to standard error; SENDGUARD_LOG sets their filter (default
+    /// "info", such as "debug" or "sendguard=debug").
     Serve {
         /// The configuration file, such as /etc/sendguard/config.toml.
         #[arg(long, short)]

@@ -75,13 +75,12 @@ pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
     // be overwritten by the stored state.
     guard.devices().load().await?;
     let (shutdown_sender, shutdown) = watch::channel(false);
-        prepare_shared_store(&guard, &shutdown).await;
+    prepare_shared_store(&guard, &shutdown).await;
     // Counts whose quiet period passed while sendguard was stopped are
     // forgiven before the first client can send.
     if let Err(error) = guard.forgive_due().await {
         tracing::error!(%error, "cannot apply forgive_after at start; retrying in the background");
     }
-
 
     // Signal handlers go in before the listener opens: a SIGHUP that
     // arrives before them would end the process with the default action.

@@ -751,6 +751,12 @@ fn validate_smtp(smtp: &SmtpConfig, problems: &mut Problems) {
     }
 }
 
+/// Highest `upstream.pool_size` accepted.
+const MAX_POOL_SIZE: usize = 10_000;
+
+/// Longest `upstream.pool_idle_time` and `pool_max_age` accepted.
+const MAX_POOL_TIME: Duration = Duration::from_secs(3600);
+
 /// Highest `smtp.worker_threads` accepted.
 const MAX_WORKER_THREADS: usize = 256;
 
@@ -795,12 +801,38 @@ fn validate_upstream(upstream: &UpstreamConfig, problems: &mut Problems) {
         ("upstream.timeout", upstream.timeout),
         ("upstream.connect_timeout", upstream.connect_timeout),
         ("upstream.data_timeout", upstream.data_timeout),
-        ("upstream.pool_idle_time", upstream.pool_idle_time),
-        ("upstream.pool_max_age", upstream.pool_max_age),
     ] {
         if value.is_zero() {
             problems.push(key, "must be longer than zero");
         }
+    }
+    for (key, value, example) in [
+        ("upstream.pool_idle_time", upstream.pool_idle_time, "10s"),
+        ("upstream.pool_max_age", upstream.pool_max_age, "5m"),
+    ] {
+        if value.is_zero() {
+            problems.push(
+                key,
+                format!("must be longer than zero, such as \"{example}\"; to keep no upstream sessions, set upstream.pool_size = 0"),
+            );
+        } else if value > MAX_POOL_TIME {
+            problems.push(
+                key,
+                format!(
+                    "is {}, above the limit of 1h; keep it below the upstream's own idle timeout (Postfix: smtpd_timeout, 300 s)",
+                    humantime::format_duration(value)
+                ),
+            );
+        }
+    }
+    if upstream.pool_size > MAX_POOL_SIZE {
+        problems.push(
+            "upstream.pool_size",
+            format!(
+                "is {}, above the limit of {MAX_POOL_SIZE}; each kept session is an open connection to the upstream",
+                upstream.pool_size
+            ),
+        );
     }
 }
 

@@ -222,3 +222,18 @@ fn pool_problem_keys(extra: &str) -> Vec<String> {
         Err(problems) => problems.0.into_iter().map(|problem| problem.key).collect(),
     }
 }
+
+#[test]
+fn pool_and_sessions_bounded() {
+    assert_eq!(
+        pool_problem_keys("pool_size = 4294967296\npool_idle_time = \"1000y\"\n"),
+        ["upstream.pool_idle_time", "upstream.pool_size"]
+    );
+    assert!(pool_problem_keys("pool_size = 0\npool_idle_time = \"1h\"\n").is_empty());
+    assert_eq!(
+        problem_keys(
+            "[scan.clamd]\naddress = \"127.0.0.1:3310\"\nsessions = 100000\nsession_idle_time = \"1y\"\n"
+        ),
+        ["scan.clamd.session_idle_time", "scan.clamd.sessions"]
+    );
+}

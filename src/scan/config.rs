@@ -163,6 +163,23 @@ impl ClamdConfig {
                 "scan.clamd.session_idle_time",
                 "must be longer than zero, such as \"10s\"; to keep no sessions, set sessions = 0",
             );
+        } else if self.session_idle_time > Duration::from_secs(600) {
+            problems.push(
+                "scan.clamd.session_idle_time",
+                format!(
+                    "is {}, above the limit of 10m; keep it below clamd's CommandReadTimeout and ReadTimeout (30 s and 120 s by default)",
+                    humantime::format_duration(self.session_idle_time)
+                ),
+            );
+        }
+        if self.sessions > 1024 {
+            problems.push(
+                "scan.clamd.sessions",
+                format!(
+                    "is {}, above the limit of 1024; each kept session is an open connection to clamd",
+                    self.sessions
+                ),
+            );
         }
         if self.max_scan_size == 0 {
             problems.push(
