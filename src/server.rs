@@ -380,7 +380,7 @@ async fn probe_dependencies(shared: Arc<SessionShared>, probed: watch::Sender<bo
                 .upstream_capabilities
                 .store(Some(Arc::new(connection.capabilities().clone())));
             // Kept for the first client, like any session that ends.
-            if let Err(connection) = runtime.upstream.pool.put(connection, Instant::now()) {
+            if let Some(connection) = runtime.upstream.pool.put(connection, Instant::now()) {
                 connection.quit().await;
             }
         }

@@ -760,3 +760,83 @@ fn outbox_command_lists_shared_deliveries() {
     assert_eq!(columns[4], "1", "one attempt so far: {line}");
     assert!(line.contains("Connection refused"), "{line}");
 }
+
+/// Opens the Redis store on `redis` directly, as a host does.
+fn open_store(redis: &RedisServer, dir: &std::path::Path) -> sendguard::store::redis::RedisStore {
+    let mut config = sendguard::config::StoreConfig::sqlite(dir.join("host.db"));
+    config.backend = sendguard::config::Backend::Redis;
+    config.url = Some(redis.url());
+    sendguard::store::redis::RedisStore::open(&config, Duration::from_secs(86_400))
+        .expect("open the Redis store")
+}
+
+fn alert_entry() -> sendguard::actions::OutboxEntry {
+    sendguard::actions::OutboxEntry {
+        delivery_id: sendguard::actions::new_delivery_id(),
+        kind: sendguard::actions::ActionKind::AdminAlert,
+        mailbox: Some("ivy@example.org".to_string()),
+        key_client: None,
+        body: "{}".to_string(),
+        created: Timestamp::now(),
+    }
+}
+
+#[tokio::test]
+async fn finished_delivery_never_queued_again() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let store = open_store(&redis, dir.path());
+    let entry = alert_entry();
+
+    assert_eq!(store.import_delivery(&entry).await.expect("queue"), 1);
+    let due = store
+        .due_deliveries(Timestamp::now(), 10, Duration::from_secs(30))
+        .await
+        .expect("due");
+    assert_eq!(due.len(), 1);
+    store
+        .finish_delivery(&entry.delivery_id)
+        .await
+        .expect("finish");
+    // The same pending work moved again, as after a lost clear of the
+    // mailbox's pending field, must not send the alert a second time.
+    assert_eq!(store.import_delivery(&entry).await.expect("queue"), 0);
+    let due = store
+        .due_deliveries(Timestamp::now(), 10, Duration::from_secs(30))
+        .await
+        .expect("due");
+    assert!(due.is_empty(), "{due:?}");
+}
+
+#[tokio::test]
+async fn own_leftover_lease_taken_again() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let store = open_store(&redis, dir.path());
+    let entry = alert_entry();
+    store.import_delivery(&entry).await.expect("queue");
+
+    // A batch that a Redis failure cut short leaves its lease behind.
+    let first = store
+        .due_deliveries(Timestamp::now(), 10, Duration::from_secs(300))
+        .await
+        .expect("due");
+    assert_eq!(first.len(), 1);
+    let again = store
+        .due_deliveries(Timestamp::now(), 10, Duration::from_secs(300))
+        .await
+        .expect("due");
+    assert_eq!(
+        again.len(),
+        1,
+        "the host's own lease did not hold the delivery back"
+    );
+
+    // Another host still waits for the lease.
+    let other = open_store(&redis, dir.path());
+    let elsewhere = other
+        .due_deliveries(Timestamp::now(), 10, Duration::from_secs(300))
+        .await
+        .expect("due");
+    assert!(elsewhere.is_empty(), "{elsewhere:?}");
+}

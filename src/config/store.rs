@@ -89,7 +89,13 @@ impl StoreConfig {
         if self.timeout.is_zero() {
             problems.push("store.timeout", "must be longer than zero, such as \"2s\"");
         }
-        if self.key_prefix.contains(['{', '}']) {
+        if self.key_prefix.is_empty() {
+            problems.push(
+                "store.key_prefix",
+                "is empty, so sendguard's keys would have generic names such as \"events\" in a \
+                 Redis that others may share; use a prefix such as \"sendguard:\"",
+            );
+        } else if self.key_prefix.contains(['{', '}']) {
             problems.push(
                 "store.key_prefix",
                 format!(
@@ -205,6 +211,8 @@ mod tests {
     #[test]
     fn brace_in_prefix_rejected() {
         let lines = "backend = \"redis\"\nurl = \"redis://127.0.0.1:1\"\nkey_prefix = \"a{b}\"";
+        assert_eq!(problems(lines), ["store.key_prefix"]);
+        let lines = "backend = \"redis\"\nurl = \"redis://127.0.0.1:1\"\nkey_prefix = \"\"";
         assert_eq!(problems(lines), ["store.key_prefix"]);
     }
 

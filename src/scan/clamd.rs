@@ -119,15 +119,14 @@ impl ClamdSessions {
 /// Returns true when the peer has closed the connection or sent unrequested
 /// bytes. Never waits.
 fn is_closed(connection: &mut Box<dyn Connection>) -> bool {
-    use std::task::{Context, Poll, Waker};
+    use std::task::{Context, Waker};
     use tokio::io::ReadBuf;
     let mut probe = [0u8; 1];
     let mut buffer = ReadBuf::new(&mut probe);
     let mut context = Context::from_waker(Waker::noop());
-    match std::pin::Pin::new(connection.as_mut()).poll_read(&mut context, &mut buffer) {
-        Poll::Pending => false,
-        Poll::Ready(_) => true,
-    }
+    std::pin::Pin::new(connection.as_mut())
+        .poll_read(&mut context, &mut buffer)
+        .is_ready()
 }
 
 /// The result of one clamd scan, after classifying signature names.

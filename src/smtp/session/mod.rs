@@ -301,7 +301,8 @@ impl Session {
                     tracing::debug!(%error, "upstream RSET failed; session not kept");
                     return;
                 }
-                if let Err(upstream) = guard.runtime().upstream.pool.put(upstream, Instant::now()) {
+                if let Some(upstream) = guard.runtime().upstream.pool.put(upstream, Instant::now())
+                {
                     upstream.quit().await;
                 }
             }

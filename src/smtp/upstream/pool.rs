@@ -80,26 +80,22 @@ impl UpstreamPool {
     /// Keeps `connection` for later, or gives it back when it belongs to
     /// another pool, is too old or the pool is full; the caller closes
     /// what it gets back. The connection must have been reset.
-    pub fn put(
-        &self,
-        connection: UpstreamConnection,
-        now: Instant,
-    ) -> Result<(), UpstreamConnection> {
+    pub fn put(&self, connection: UpstreamConnection, now: Instant) -> Option<UpstreamConnection> {
         if connection.pool_id() != self.id
             || connection.in_transaction()
             || now.saturating_duration_since(connection.opened()) >= self.max_age
         {
-            return Err(connection);
+            return Some(connection);
         }
         let mut idle = self.lock();
         if idle.len() >= self.size {
-            return Err(connection);
+            return Some(connection);
         }
         idle.push(Idle {
             connection,
             since: now,
         });
-        Ok(())
+        None
     }
 
     /// Removes and returns the sessions that are no longer usable at `now`.

@@ -49,6 +49,11 @@ const EMPTY_TTL: Duration = Duration::from_secs(86_400);
 const MOVED_TTL: Duration = Duration::from_secs(86_400);
 /// Events read from the stream per request while filtering.
 const READ_BATCH: usize = 500;
+
+/// How long the outbox remembers a queued delivery, so moving the same
+/// pending work again never sends it twice. Longer than the default
+/// `actions.give_up_after` (48 h) and the marker of moved work.
+const QUEUED_MARKER_LIFETIME: Duration = Duration::from_secs(7 * 86_400);
 /// How far before a query's `since` the stream is read.
 const SINCE_MARGIN: Duration = Duration::from_secs(86_400);
 /// Shortest wait for the next outbox round while items are due but held
@@ -184,6 +189,7 @@ pub struct RedisStore {
     events_keep: Duration,
     compare_and_set: redis::Script,
     lease: redis::Script,
+    queue: redis::Script,
     remove_if_score: redis::Script,
     read_devices: redis::Script,
     write_devices: redis::Script,
@@ -217,6 +223,7 @@ impl RedisStore {
             events_keep,
             compare_and_set: redis::Script::new(include_str!("compare_and_set.lua")),
             lease: redis::Script::new(include_str!("lease.lua")),
+            queue: redis::Script::new(include_str!("queue_delivery.lua")),
             remove_if_score: redis::Script::new(include_str!("remove_if_score.lua")),
             read_devices: redis::Script::new(include_str!("read_devices.lua")),
             write_devices: redis::Script::new(include_str!("write_devices.lua")),
@@ -527,23 +534,20 @@ impl RedisStore {
             attempts: 0,
             last_error: None,
         };
-        // The item goes first and the schedule second, both only when new,
-        // so a retried move never resets an item's attempts.
-        let added: bool = connection
-            .hset_nx(
-                self.outbox_key("items"),
-                &delivery.delivery_id,
-                serde_json::to_string(&item)?,
-            )
-            .await?;
-        let _: i64 = redis::cmd("ZADD")
-            .arg(self.outbox_key("due"))
-            .arg("NX")
-            .arg(delivery.created.millis())
+        // One script, so a delivery is queued at most once in its life
+        // and a retried move never resets an item's attempts.
+        let added: i64 = self
+            .queue
+            .key(self.outbox_key(&format!("queued:{}", delivery.delivery_id)))
+            .key(self.outbox_key("items"))
+            .key(self.outbox_key("due"))
             .arg(&delivery.delivery_id)
-            .query_async(connection)
+            .arg(serde_json::to_string(&item)?)
+            .arg(delivery.created.millis())
+            .arg(duration_millis(QUEUED_MARKER_LIFETIME))
+            .invoke_async(connection)
             .await?;
-        Ok(usize::from(added))
+        Ok(usize::from(added == 1))
     }
 
     /// Returns up to `limit` outbox deliveries due at `now` that this host
@@ -572,15 +576,17 @@ impl RedisStore {
             .await?;
         let mut leased = Vec::with_capacity(due.len());
         for id in due {
-            let lease: Option<String> = redis::cmd("SET")
-                .arg(self.outbox_key(&format!("lease:{id}")))
+            // A lease this host still holds is taken again: nothing of this
+            // host's is in flight between batches, so such a lease is left
+            // over from a batch that a Redis failure cut short.
+            let held: i64 = self
+                .lease
+                .key(self.outbox_key(&format!("lease:{id}")))
                 .arg(&self.host)
-                .arg("NX")
-                .arg("PX")
                 .arg(duration_millis(lease))
-                .query_async(&mut connection)
+                .invoke_async(&mut connection)
                 .await?;
-            if lease.is_none() {
+            if held == 0 {
                 continue;
             }
             let text: Option<String> = connection.hget(self.outbox_key("items"), &id).await?;
