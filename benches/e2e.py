@@ -201,7 +201,7 @@ def start_clamd(processes, work, port):
 
 
 def start_redis(processes, work, port):
-    """Starts redis-server with the durability docs/redis-store.md asks for:
+    """Starts redis-server with the durability docs/redis-store.md recommends:
     an append-only file written with fsync on every write."""
     directory = work / "redis"
     directory.mkdir()

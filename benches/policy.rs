@@ -1,7 +1,7 @@
 //! The pure policy core and identity normalisation, with 1, 10 000 and
 //! 1 000 000 tracked mailboxes. A sender check reads the Guard's sender
-//! cache (each mailbox's last lockout); recording a strike runs on a
-//! mailbox's whole state, which the Guard reads from the store.
+//! cache, which keeps each mailbox's last lockout. Recording a strike runs
+//! on a mailbox's whole state, which the Guard reads from the store.
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use lru::LruCache;

@@ -789,8 +789,8 @@ impl Guard {
         {
             Ok(result) => result,
             Err(error) => {
-                // Drop the cached copy so the next read sees what the
-                // store really holds.
+                // Drop the cached copy so the next read gets what the
+                // store contains.
                 cache.pop(&key);
                 tracing::error!(%error, mailbox = %key, transaction = %transaction.id,
                         "cannot record the strike");

@@ -39,6 +39,19 @@ pub mod smtp;
 pub mod store;
 pub mod tls;
 
+/// Returns true when the peer of an idle connection has closed it, or has
+/// sent bytes that no request asked for, so the connection cannot be
+/// reused. Polls `reader` once and never waits; a consumed byte only
+/// matters on a connection that is then dropped.
+pub fn peer_closed<R: tokio::io::AsyncRead + Unpin + ?Sized>(reader: &mut R) -> bool {
+    let mut probe = [0u8; 1];
+    let mut buffer = tokio::io::ReadBuf::new(&mut probe);
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    std::pin::Pin::new(reader)
+        .poll_read(&mut context, &mut buffer)
+        .is_ready()
+}
+
 /// Appends the causes of `error` to `text`, each after ": ", skipping a
 /// cause whose text `text` already ends with. HTTP clients keep the reason
 /// (such as "Connection refused") in the causes, out of their own message.

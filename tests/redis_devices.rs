@@ -365,7 +365,7 @@ fn missing_recorded_once_across_hosts() {
         assert_eq!(decision["allowed"], false, "{decision}");
     }
 
-    // dev-b's agent, on any host, is told once that dev-a is unsafe.
+    // dev-b's agent receives one notice that dev-a is unsafe, on any host.
     let token = device_token("dev-b");
     for (index, host) in hosts.iter().enumerate() {
         let mut stream =

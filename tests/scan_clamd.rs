@@ -36,8 +36,8 @@ fn clamd_config(address: &str) -> ClamdConfig {
     }
 }
 
-/// Configuration for a fake clamd that answers one request per
-/// connection, without IDSESSION.
+/// Returns the configuration for a fake clamd that replies to one request
+/// per connection, without IDSESSION.
 fn fake_config(address: &str) -> ClamdConfig {
     ClamdConfig {
         sessions: 0,

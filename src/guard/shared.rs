@@ -31,9 +31,9 @@ impl Guard {
         }
     }
 
-    /// Reads the device statuses after another host changed them, logging
-    /// a failure; the statuses read before stay in force then, until the
-    /// next change or write conflict makes this host read them again.
+    /// Reads the device statuses after another host changed them. A failure
+    /// is logged, and the statuses read before stay in force until the next
+    /// change or write conflict makes this host read them again.
     async fn reload_device_statuses_logged(&self) {
         match self.devices.reload_statuses().await {
             Ok(()) => tracing::debug!("device statuses reloaded"),

@@ -400,10 +400,10 @@ impl Registry {
         Ok(self.view_of(config, device, &status, now))
     }
 
-    /// Applies `report` to `device`'s status in `table` and returns the new
+    /// Applies `report` to `device`'s status in `table`. Returns the new
     /// status, the devices that lost an address to it with their new
-    /// statuses, and the change to write: all those statuses with the
-    /// events, notices and webhooks of a state change.
+    /// statuses, and the change to write. The change contains all those
+    /// statuses with the events, notices and webhooks of a state change.
     #[allow(clippy::too_many_arguments)]
     fn apply_report(
         &self,
@@ -698,10 +698,10 @@ impl Registry {
         Ok(Some((0, notices)))
     }
 
-    /// Moves device events and webhooks written to Redis on, stores the
-    /// notices no host has taken yet and sends them to the other hosts;
-    /// returns the stored notices. A failure is logged, and the work stays
-    /// pending for the next write or the device timer's lease holder.
+    /// Moves the device events and webhooks written to Redis to the stream
+    /// and the outbox, and stores and publishes the notices no host has
+    /// taken yet. Returns the stored notices. A failure is logged, and the
+    /// work stays pending for the next write or the timer's lease holder.
     pub async fn move_shared_work(&self) -> Vec<Notice> {
         let Some(shared) = self.store.shared() else {
             return Vec::new();

@@ -43,10 +43,10 @@ const SESSION_MAX_COMMANDS: u64 = 10_000;
 
 /// clamd connections kept open between scans, each in an IDSESSION session.
 ///
-/// A kept session is closed once idle for `idle_time`. clamd ends a session
-/// that waits too long for its next command (its `CommandReadTimeout` and
-/// `ReadTimeout`, 30 s and 120 s by default, per clamd.conf(5)); a session
-/// that clamd ended sooner is noticed and replaced.
+/// A kept session is closed once idle for `idle_time`. clamd itself ends a
+/// session that waits too long for its next command (`CommandReadTimeout`
+/// and `ReadTimeout`, 30 s and 120 s by default, per clamd.conf(5)). A
+/// session that clamd ended sooner is noticed and replaced.
 pub struct ClamdSessions {
     max_idle: usize,
     idle_time: Duration,
@@ -85,8 +85,7 @@ impl ClamdSessions {
     fn take(&self) -> Option<Session> {
         loop {
             let mut session = self.lock().pop()?;
-            if session.idle_since.elapsed() < self.idle_time && !is_closed(&mut session.connection)
-            {
+            if self.is_usable(&mut session) {
                 return Some(session);
             }
         }
@@ -104,9 +103,14 @@ impl ClamdSessions {
     /// ended, so none waits half-closed for the next scan.
     pub fn remove_stale(&self) {
         let mut idle = self.lock();
-        idle.retain_mut(|kept| {
-            kept.idle_since.elapsed() < self.idle_time && !is_closed(&mut kept.connection)
-        });
+        idle.retain_mut(|kept| self.is_usable(kept));
+    }
+
+    /// Returns whether a kept session is within its idle time and still
+    /// open at clamd's end.
+    fn is_usable(&self, session: &mut Session) -> bool {
+        session.idle_since.elapsed() < self.idle_time
+            && !crate::peer_closed(session.connection.as_mut())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Session>> {
@@ -114,19 +118,6 @@ impl ClamdSessions {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
-}
-
-/// Returns true when the peer has closed the connection or sent unrequested
-/// bytes. Never waits.
-fn is_closed(connection: &mut Box<dyn Connection>) -> bool {
-    use std::task::{Context, Waker};
-    use tokio::io::ReadBuf;
-    let mut probe = [0u8; 1];
-    let mut buffer = ReadBuf::new(&mut probe);
-    let mut context = Context::from_waker(Waker::noop());
-    std::pin::Pin::new(connection.as_mut())
-        .poll_read(&mut context, &mut buffer)
-        .is_ready()
 }
 
 /// The result of one clamd scan, after classifying signature names.

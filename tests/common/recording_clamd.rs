@@ -1,7 +1,7 @@
 //! A stand-in for clamd that records each INSTREAM payload and replies
 //! `stream: OK`. A real clamd cannot hand back the bytes it scanned, so
-//! this one is a mock, used only where a test compares the scanned bytes;
-//! every other test uses the real clamd.
+//! this mock is used only where a test compares the scanned bytes. Every
+//! other test uses the real clamd.
 //!
 //! It speaks the `z` form of VERSION, PING and INSTREAM, one command per
 //! connection or many inside an IDSESSION session, with numbered replies

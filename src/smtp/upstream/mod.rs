@@ -361,20 +361,7 @@ impl UpstreamConnection {
     /// something unasked (such as `421 timeout`), so the session is gone.
     /// Never waits.
     pub fn is_closed(&mut self) -> bool {
-        use std::task::{Context, Poll, Waker};
-        use tokio::io::{AsyncRead, ReadBuf};
-        if !self.stream.buffer().is_empty() {
-            return true;
-        }
-        let mut probe = [0u8; 1];
-        let mut buffer = ReadBuf::new(&mut probe);
-        let mut context = Context::from_waker(Waker::noop());
-        let stream = std::pin::Pin::new(self.stream.get_mut());
-        match stream.poll_read(&mut context, &mut buffer) {
-            Poll::Pending => false,
-            // End of stream, unasked bytes or an error: the session is over.
-            Poll::Ready(_) => true,
-        }
+        !self.stream.buffer().is_empty() || crate::peer_closed(self.stream.get_mut())
     }
 
     /// Resets the upstream transaction, if one is open.

@@ -62,24 +62,24 @@ impl UpstreamPool {
     }
 
     /// Takes the most recently returned session that is still usable at
-    /// `now`; sessions found stale on the way are returned as the second
-    /// value, for the caller to close.
+    /// `now`. Sessions found stale on the way come back as the second value,
+    /// for the caller to close.
     pub fn take(&self, now: Instant) -> (Option<UpstreamConnection>, Vec<UpstreamConnection>) {
         let mut stale = Vec::new();
         loop {
             let Some(mut idle) = self.lock().pop() else {
                 return (None, stale);
             };
-            if self.is_fresh(&idle, now) && !idle.connection.is_closed() {
+            if self.is_usable(&mut idle, now) {
                 return (Some(idle.connection), stale);
             }
             stale.push(idle.connection);
         }
     }
 
-    /// Keeps `connection` for later, or gives it back when it belongs to
-    /// another pool, is too old or the pool is full; the caller closes
-    /// what it gets back. The connection must have been reset.
+    /// Keeps `connection`, which must have been reset, for a later client.
+    /// Returns it instead when it belongs to another pool, is too old or the
+    /// pool is full, and the caller then closes it.
     pub fn put(&self, connection: UpstreamConnection, now: Instant) -> Option<UpstreamConnection> {
         if connection.pool_id() != self.id
             || connection.in_transaction()
@@ -104,7 +104,7 @@ impl UpstreamPool {
         let mut stale = Vec::new();
         let mut kept = Vec::with_capacity(idle.len());
         for mut entry in idle.drain(..) {
-            if self.is_fresh(&entry, now) && !entry.connection.is_closed() {
+            if self.is_usable(&mut entry, now) {
                 kept.push(entry);
             } else {
                 stale.push(entry.connection);
@@ -123,9 +123,12 @@ impl UpstreamPool {
             .collect()
     }
 
-    fn is_fresh(&self, entry: &Idle, now: Instant) -> bool {
+    /// Returns whether a kept session is within its idle time and age at
+    /// `now` and not closed by the upstream.
+    fn is_usable(&self, entry: &mut Idle, now: Instant) -> bool {
         now.saturating_duration_since(entry.since) < self.idle_time
             && now.saturating_duration_since(entry.connection.opened()) < self.max_age
+            && !entry.connection.is_closed()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {

@@ -534,8 +534,8 @@ impl RedisStore {
             attempts: 0,
             last_error: None,
         };
-        // One script, so a delivery is queued at most once in its life
-        // and a retried move never resets an item's attempts.
+        // One script, so a delivery is queued once while its marker lasts
+        // (7 days) and a retried move never resets an item's attempts.
         let added: i64 = self
             .queue
             .key(self.outbox_key(&format!("queued:{}", delivery.delivery_id)))
