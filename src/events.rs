@@ -63,6 +63,8 @@ pub enum EventKind {
     DeviceExclusionRemoved,
     /// A device setting was overridden or reset through the API.
     DeviceSettingChanged,
+    /// A device's agent reported the result of an on-demand scan.
+    EndpointScanResult,
 }
 
 impl EventKind {
@@ -89,11 +91,12 @@ impl EventKind {
             EventKind::DeviceExclusionAdded => "device_exclusion_added",
             EventKind::DeviceExclusionRemoved => "device_exclusion_removed",
             EventKind::DeviceSettingChanged => "device_setting_changed",
+            EventKind::EndpointScanResult => "endpoint_scan_result",
         }
     }
 
     /// Every kind, in the order of this list.
-    pub const ALL: [EventKind; 21] = [
+    pub const ALL: [EventKind; 22] = [
         EventKind::BadMessage,
         EventKind::SenderRefused,
         EventKind::LockoutStarted,
@@ -115,6 +118,7 @@ impl EventKind {
         EventKind::DeviceExclusionAdded,
         EventKind::DeviceExclusionRemoved,
         EventKind::DeviceSettingChanged,
+        EventKind::EndpointScanResult,
     ];
 
     pub fn parse(text: &str) -> Option<EventKind> {
@@ -519,6 +523,12 @@ impl Event {
                 self.detail_text("value"),
                 self.detail_text("by"),
                 self.detail_text("reason")
+            ),
+            EventKind::EndpointScanResult => format!(
+                "{}: {} ({} found)",
+                self.detail_text("device"),
+                self.detail_text("result"),
+                self.detail_text("found")
             ),
             EventKind::DeviceExclusionAdded | EventKind::DeviceExclusionRemoved => format!(
                 "{} by {}: {}",

@@ -822,12 +822,49 @@ impl Guard {
                     until = %lockout.until.map_or("permanent".to_string(), |until| until.to_rfc3339()),
                     monitor = !lockout.enforced, "lockout started");
                 self.lockout_started.notify_one();
+                if crate::actions::scan_requested(&runtime.config, lockout) {
+                    self.request_agent_scans(&runtime, &key, lockout).await;
+                }
             }
         }
         if queued {
             self.outbox_added.notify_one();
         }
         Ok(())
+    }
+
+    /// Sends a `scan_requested` notice to the agents of the owner's devices
+    /// that the directory lists for `key`'s mailbox. A failure is logged;
+    /// the lockout and its webhooks stand regardless.
+    // NOTE: the notices are stored after the lockout's own write, so a
+    // crash between the two loses the agents' scan request (the webhook,
+    // written with the lockout, is kept).
+    async fn request_agent_scans(&self, runtime: &Runtime, key: &MailboxKey, lockout: &Lockout) {
+        let Some(entry) = runtime.directory.entry(&key.mailbox) else {
+            return;
+        };
+        let devices: Vec<String> = entry
+            .devices
+            .iter()
+            .map(|device| device.id.clone())
+            .collect();
+        if devices.is_empty() {
+            return;
+        }
+        let details = serde_json::json!({
+            "mailbox": key.mailbox,
+            "owner": entry.owner.as_ref().map(|owner| owner.id.clone()),
+            "lockout": lockout.level,
+            "reason": "the owner's mailbox was locked out for sending viruses or spam",
+        });
+        if let Err(error) = self
+            .devices
+            .request_scans(&devices, &details, lockout.started)
+            .await
+        {
+            tracing::error!(%error, mailbox = %key, devices = ?devices,
+                "cannot send the scan request to the devices' agents");
+        }
     }
 
     /// Sets back the lockout count of every mailbox whose quiet period of

@@ -22,6 +22,7 @@
 
 pub mod actions;
 pub mod admin;
+pub mod agent;
 pub mod config;
 pub mod directory;
 pub mod events;

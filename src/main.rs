@@ -115,6 +115,19 @@ enum Command {
         #[command(subcommand)]
         command: device_commands::DeviceCommand,
     },
+    /// Run the endpoint agent: health heartbeats, the nftables table that
+    /// refuses connections from and to unsafe peers, and on-demand scans.
+    ///
+    /// Needs CAP_NET_ADMIN for nftables. SIGTERM or SIGINT signs the
+    /// device off as offline and removes the table.
+    Agent {
+        /// The agent's configuration file, such as /etc/sendguard/agent.toml.
+        #[arg(long, short, required_unless_present = "uninstall_rules")]
+        config: Option<PathBuf>,
+        /// Remove the agent's nftables table (inet sendguard_agent) and exit.
+        #[arg(long)]
+        uninstall_rules: bool,
+    },
     /// Make and hash bearer tokens for the admin API.
     Token {
         #[command(subcommand)]
@@ -346,6 +359,10 @@ fn main() -> ExitCode {
         }),
         Command::Exemptions { command } => exemptions(command),
         Command::Device { command } => device_commands::run(command),
+        Command::Agent {
+            config,
+            uninstall_rules,
+        } => agent(config.as_deref(), uninstall_rules),
         Command::Token {
             command: TokenCommand::Generate,
         } => commands::generate_token(),
@@ -415,6 +432,22 @@ fn tokio_runtime(threads: usize) -> Result<tokio::runtime::Runtime, String> {
         .enable_all()
         .build()
         .map_err(|error| format!("cannot start the async runtime: {error}"))
+}
+
+fn agent(config: Option<&Path>, uninstall_rules: bool) -> Result<(), String> {
+    let config = config
+        .map(sendguard::agent::config::AgentConfig::load)
+        .transpose()?;
+    let runtime = tokio_runtime(2)?;
+    if uninstall_rules {
+        let nft = config.as_ref().map_or_else(
+            || PathBuf::from("nft"),
+            |config| config.enforcement.nft.clone(),
+        );
+        return runtime.block_on(sendguard::agent::uninstall_rules(&nft));
+    }
+    let config = config.ok_or("missing --config: give the agent's configuration file")?;
+    runtime.block_on(sendguard::agent::run(config))
 }
 
 fn serve(config: &Path) -> Result<(), String> {

@@ -15,7 +15,7 @@ mod payload;
 mod webhook;
 
 pub use outbox::{ActionClients, retry_delay, run_outbox};
-pub use payload::{LockoutFacts, plan_lockout_ended, plan_lockout_started};
+pub use payload::{LockoutFacts, plan_lockout_ended, plan_lockout_started, scan_requested};
 pub use webhook::{redact_url, signature};
 
 use crate::policy::Timestamp;

@@ -20,6 +20,14 @@ pub struct LockoutFacts<'a> {
     pub message: &'a MessageFacts,
 }
 
+/// Returns whether a lockout requests an on-demand scan of the owner's
+/// devices: synchronized security is on and the lockout is enforced, never
+/// in monitor mode. The scan goes to the `endpoint_scan` webhook when one is
+/// configured and to the agents of the owner's devices in every case.
+pub fn scan_requested(config: &Config, lockout: &Lockout) -> bool {
+    config.synchronized_security.enabled && lockout.enforced
+}
+
 /// Plans the deliveries for a lockout that just started, timed or
 /// permanent: the endpoint scan (when synchronized security is on and the
 /// lockout is enforced), the alert webhook and the alert e-mail.
@@ -30,9 +38,7 @@ pub fn plan_lockout_started(
 ) -> Vec<OutboxEntry> {
     let lockout = facts.lockout;
     let entry = directory.entry(&facts.key.mailbox);
-    let scan_requested = config.synchronized_security.enabled
-        && config.synchronized_security.endpoint_scan_url.is_some()
-        && lockout.enforced;
+    let scan_requested = scan_requested(config, lockout);
     let event = if lockout.is_permanent() {
         "blocked_permanently"
     } else {
@@ -46,7 +52,7 @@ pub fn plan_lockout_started(
     );
     let mut planned = Vec::new();
 
-    if scan_requested {
+    if scan_requested && config.synchronized_security.endpoint_scan_url.is_some() {
         let delivery_id = new_delivery_id();
         let mut body = common_fields(
             ActionKind::EndpointScan,

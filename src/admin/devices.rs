@@ -42,6 +42,7 @@ pub fn routes() -> Router<Arc<Guard>> {
         .route("/api/v1/devices/{id}", get(show))
         .route("/api/v1/devices/{id}/subnet", get(subnet))
         .route("/api/v1/devices/{id}/events", get(events))
+        .route("/api/v1/devices/{id}/scans", post(scan_result))
         .route(
             "/api/v1/device-exclusions",
             get(list_exclusions).post(add_exclusion),
@@ -235,6 +236,9 @@ async fn heartbeat(
 struct AccessRequest {
     source: String,
     destination: String,
+    /// Refused connections an agent reports at once, folded into one
+    /// event.
+    attempts: Option<u64>,
 }
 
 async fn access(
@@ -271,6 +275,7 @@ async fn access(
             &runtime.config.devices,
             &request.source,
             &request.destination,
+            request.attempts,
             guard.store().now(),
         )
         .await
@@ -470,6 +475,89 @@ async fn next_event(mut state: Stream) -> Option<(Result<SseEvent, Infallible>, 
         }
         state.newest.changed().await.ok()?;
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScanResultRequest {
+    /// `clean`, `infected` or `failed`.
+    result: String,
+    /// Id of the `scan_requested` notice the scan answers; none for a scan
+    /// the agent started on its own.
+    request: Option<i64>,
+    #[serde(default)]
+    paths: Vec<String>,
+    /// Each finding as `{"path": ..., "signature": ...}`.
+    #[serde(default)]
+    findings: Vec<Value>,
+    /// Why a failed scan failed.
+    error: Option<String>,
+}
+
+/// Maximum number of findings recorded from one scan report.
+const MAX_FINDINGS: usize = 100;
+
+async fn scan_result(
+    headers: HeaderMap,
+    State(guard): Shared,
+    Path(id): Path<String>,
+    body: Result<Json<ScanResultRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let caller = caller(&guard, &headers)?;
+    if !matches!(caller, Caller::Device(_)) {
+        return Err(forbidden(
+            "scan results come only with the device's own token, from the agent that scanned",
+        ));
+    }
+    caller.require(&id)?;
+    let request = json_body(
+        body,
+        r#"{"result": "infected", "request": 42, "paths": ["/home"], "findings": [{"path": "/home/a/x", "signature": "Eicar-Test-Signature"}]}"#,
+    )?;
+    if !["clean", "infected", "failed"].contains(&request.result.as_str()) {
+        return Err(ApiError::bad_request(format!(
+            "invalid result {:?}: give clean, infected or failed",
+            request.result
+        )));
+    }
+    if request.findings.len() > MAX_FINDINGS {
+        return Err(ApiError::bad_request(format!(
+            "{} findings in one report; send at most {MAX_FINDINGS}",
+            request.findings.len()
+        )));
+    }
+    let mut details = serde_json::Map::new();
+    details.insert("result".into(), request.result.clone().into());
+    details.insert("request".into(), request.request.into());
+    details.insert("paths".into(), request.paths.clone().into());
+    details.insert("found".into(), request.findings.len().into());
+    details.insert("findings".into(), request.findings.clone().into());
+    if let Some(error) = &request.error {
+        details.insert("error".into(), error.clone().into());
+    }
+    let now = guard.store().now();
+    let event = crate::events::Event::for_device(
+        now,
+        crate::events::EventKind::EndpointScanResult,
+        Some(&id),
+        details,
+    );
+    guard
+        .store()
+        .append(vec![event])
+        .await
+        .map_err(ApiError::internal)?;
+    if request.result == "clean" {
+        tracing::info!(device = %id, request = ?request.request, "endpoint scan reported clean");
+    } else {
+        tracing::warn!(device = %id, request = ?request.request, result = %request.result,
+            found = request.findings.len(), "endpoint scan reported");
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "device": id, "result": request.result, "recorded": now.to_rfc3339() })),
+    )
+        .into_response())
 }
 
 async fn list_exclusions(headers: HeaderMap, State(guard): Shared) -> Result<Response, ApiError> {

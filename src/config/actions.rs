@@ -11,10 +11,14 @@ use std::time::Duration;
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SynchronizedSecurityConfig {
-    /// Request an on-demand scan of the owner's devices on every lockout.
-    /// Turning it off never turns off the blocking or the alerts.
+    /// Request an on-demand scan of the owner's devices on every lockout:
+    /// a `scan_requested` notice on each device's event stream, which
+    /// `sendguard agent` acts on, and the `endpoint_scan` webhook when its
+    /// URL is set. Turning it off never turns off the blocking or the
+    /// alerts.
     pub enabled: bool,
-    /// URL that receives the `endpoint_scan` webhook.
+    /// URL that receives the `endpoint_scan` webhook; without it, scans
+    /// reach only the devices that run `sendguard agent`.
     pub endpoint_scan_url: Option<String>,
 }
 
@@ -82,13 +86,6 @@ pub(super) fn validate(
     actions: &ActionsConfig,
     problems: &mut Problems,
 ) {
-    if synchronized.enabled && synchronized.endpoint_scan_url.is_none() {
-        problems.push(
-            "synchronized_security.endpoint_scan_url",
-            "missing; synchronized_security.enabled = true needs the URL of the endpoint-protection \
-             system that receives scan requests",
-        );
-    }
     let urls = [
         (
             "synchronized_security.endpoint_scan_url",

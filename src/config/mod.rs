@@ -639,6 +639,16 @@ impl Config {
                 ),
             );
         }
+        if self.synchronized_security.enabled
+            && self.synchronized_security.endpoint_scan_url.is_none()
+        {
+            warnings.push(
+                "synchronized_security.endpoint_scan_url",
+                "is not set, so scan requests reach only devices that run `sendguard agent` \
+                 (through their event stream); devices protected by another endpoint product \
+                 need this webhook",
+            );
+        }
         if self.devices.relay_gate && !self.devices.reject_unsafe {
             warnings.push(
                 "devices.relay_gate",

@@ -130,9 +130,13 @@ fn actions_default_to_nothing() {
 }
 
 #[test]
-fn scan_enabled_needs_url() {
+fn scan_enabled_without_url_warns() {
     let keys = problem_keys("[synchronized_security]\nenabled = true\n");
-    assert_eq!(keys, ["synchronized_security.endpoint_scan_url"]);
+    assert!(keys.is_empty(), "{keys:?}");
+    let text = format!("{MINIMAL}[synchronized_security]\nenabled = true\n");
+    let config = Config::parse(&text).expect("valid: agents receive the scan requests");
+    let warnings: Vec<String> = config.warnings().into_iter().map(|w| w.key).collect();
+    assert_eq!(warnings, ["synchronized_security.endpoint_scan_url"]);
 }
 
 #[test]

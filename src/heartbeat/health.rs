@@ -18,6 +18,14 @@ pub enum Health {
 }
 
 impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Green => "green",
+            Health::Yellow => "yellow",
+            Health::Red => "red",
+        }
+    }
+
     pub fn parse(text: &str) -> Option<Health> {
         match text {
             "green" => Some(Health::Green),

@@ -903,7 +903,8 @@ impl Registry {
 
     /// Decides whether `source` may connect to `destination` (each a device
     /// id, name or address) and records each refusal on the device that
-    /// refused.
+    /// refused. `attempts` is the number of refused connections an agent
+    /// folds into one report, recorded with each refusal when given.
     ///
     /// # Errors
     /// [`LookupError::NotFound`] for an unknown id or name, or a store
@@ -913,6 +914,7 @@ impl Registry {
         config: &DevicesConfig,
         source: &str,
         destination: &str,
+        attempts: Option<u64>,
         now: Timestamp,
     ) -> Result<AccessOutcome, LookupError> {
         let book = self.book.load_full();
@@ -932,6 +934,9 @@ impl Registry {
                 details.insert("side".into(), refusal.side.as_str().into());
                 details.insert("source".into(), party_json(&source));
                 details.insert("destination".into(), party_json(&destination));
+                if let Some(attempts) = attempts {
+                    details.insert("attempts".into(), attempts.into());
+                }
                 tracing::info!(device = refusal.device.as_deref().unwrap_or("-"),
                     source = %source.name, destination = %destination.name, text = %refusal.text,
                     "access refused");
@@ -1074,10 +1079,43 @@ impl Registry {
             })
             .map(|other| self.view_of(config, other, &table.status(&other.id), now))
             .collect();
+        // Every other device on the subnets, so an agent can name the
+        // peers it refuses and keep excluded servers reachable.
+        let peers: Vec<Value> = book
+            .devices
+            .iter()
+            .filter(|other| other.id != id)
+            .filter(|other| {
+                Self::subnets(config, other, &table.status(&other.id))
+                    .iter()
+                    .any(|subnet| subnets.contains(subnet))
+            })
+            .map(|other| {
+                let status = table.status(&other.id);
+                let state = status.evaluate(now, timing);
+                json!({
+                    "id": other.id,
+                    "name": other.name,
+                    "role": other.role.as_str(),
+                    "addresses": status.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "state": state.as_str(),
+                    "unsafe": state.is_unsafe(),
+                    "excluded": self.exclusion(config, other).is_some(),
+                })
+            })
+            .collect();
+        let own = table.status(id).evaluate(now, timing);
         Ok(json!({
             "device": id,
             "subnets": subnets.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "unsafe": unsafe_devices,
+            "peers": peers,
+            "self": {
+                "state": own.as_str(),
+                "unsafe": own.is_unsafe(),
+                "excluded": self.exclusion(config, device).is_some(),
+            },
+            "reject_unsafe": self.reject_unsafe(config),
         }))
     }
 
@@ -1118,11 +1156,74 @@ impl Registry {
             .call(move |connection| device_store::notices_after(connection, after, NOTICE_BATCH))
             .await?;
         let cursor = read.last().map_or(after, |notice| notice.id);
+        let own = device_target(id);
         let notices = read
             .into_iter()
-            .filter(|notice| notice.device != id && subnets.contains(&notice.subnet))
+            .filter(|notice| {
+                notice.subnet == own || (notice.device != id && subnets.contains(&notice.subnet))
+            })
             .collect();
         Ok((notices, cursor))
+    }
+
+    /// Stores a `scan_requested` notice on the event stream of each device
+    /// in `devices` that is in the devices file, so its agent scans, and
+    /// returns the ids it was stored for. The notice stays in the stream's
+    /// resume buffer like subnet notices, so an agent that reconnects with
+    /// its last event id still receives it.
+    ///
+    /// # Errors
+    /// On a store failure; no notice is stored then.
+    pub async fn request_scans(
+        &self,
+        devices: &[String],
+        details: &Value,
+        now: Timestamp,
+    ) -> Result<Vec<String>, StoreError> {
+        let book = self.book.load_full();
+        let mut notices = Vec::new();
+        let mut requested = Vec::new();
+        for id in devices {
+            let Some(device) = book.get(id) else {
+                tracing::info!(device = %id,
+                    "scan not sent to an agent: the device is not in the devices file");
+                continue;
+            };
+            let mut body = json!({
+                "type": "scan_requested",
+                "time": now.to_rfc3339(),
+                "device": device.id,
+                "name": device.name,
+            });
+            if let (Value::Object(map), Value::Object(extra)) = (&mut body, details) {
+                for (key, value) in extra {
+                    map.entry(key.clone()).or_insert_with(|| value.clone());
+                }
+            }
+            notices.push(Notice {
+                id: 0,
+                time: now,
+                subnet: device_target(&device.id),
+                device: device.id.clone(),
+                body,
+            });
+            requested.push(device.id.clone());
+        }
+        if notices.is_empty() {
+            return Ok(requested);
+        }
+        let sent = notices.clone();
+        let stored = self
+            .store
+            .call(move |connection| device_store::add_notices(connection, notices))
+            .await?;
+        if let Some(shared) = self.store.shared() {
+            // The agent may follow its stream on another host.
+            shared.announce_notices(&sent).await;
+        }
+        self.publish(&stored);
+        tracing::info!(devices = ?requested, "scan requested from the devices' agents");
+        Ok(requested)
     }
 
     /// Returns the exclusions made through the API.
@@ -1207,6 +1308,11 @@ impl Registry {
             .call(move |connection| device_store::delete_notices_before(connection, before))
             .await
     }
+}
+
+/// The `subnet` value of a notice meant for one device's stream only.
+fn device_target(id: &str) -> String {
+    format!("device:{id}")
 }
 
 fn unknown_device(id: &str) -> LookupError {

@@ -1,0 +1,247 @@
+//! The agent's requests to the server's admin API, made with the device's
+//! own token.
+
+use super::config::AgentConfig;
+use serde_json::{Value, json};
+use std::net::IpAddr;
+
+/// The API client of one device.
+pub struct Api {
+    http: reqwest::Client,
+    /// Client without a total timeout, for the event stream.
+    stream_http: reqwest::Client,
+    base: String,
+    token: String,
+    pub device: String,
+}
+
+/// Maximum silence on the event stream before it counts as broken; the
+/// server sends a keep-alive comment every 15 s.
+const STREAM_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(45);
+
+impl Api {
+    /// Builds the client for `config` with `token`.
+    ///
+    /// # Errors
+    /// When TLS cannot be set up (an unreadable `ca_file`).
+    pub fn new(config: &AgentConfig, token: String) -> Result<Api, String> {
+        let build = |total: bool| {
+            let tls = crate::tls::verifying_client_config(config.ca_file.as_deref(), "ca_file")
+                .map_err(|error| format!("ca_file: {error}"))?;
+            let mut builder = reqwest::Client::builder()
+                .use_preconfigured_tls(tls)
+                .redirect(reqwest::redirect::Policy::none())
+                .connect_timeout(config.request_timeout)
+                .user_agent(concat!("sendguard-agent/", env!("CARGO_PKG_VERSION")));
+            builder = if total {
+                builder.timeout(config.request_timeout)
+            } else {
+                builder.read_timeout(STREAM_READ_TIMEOUT)
+            };
+            builder
+                .build()
+                .map_err(|error| format!("cannot build the HTTP client: {error}"))
+        };
+        Ok(Api {
+            http: build(true)?,
+            stream_http: build(false)?,
+            base: config.server.trim_end_matches('/').to_string(),
+            token,
+            device: config.device.clone(),
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder, what: &str) -> Result<Value, String> {
+        let response = request
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|error| {
+                let mut text = format!("{what} failed");
+                crate::append_causes(&mut text, &error);
+                text
+            })?;
+        let status = response.status();
+        let text = response
+            .text()
+            .await
+            .map_err(|error| format!("{what}: cannot read the server's reply: {error}"))?;
+        if !status.is_success() {
+            let message = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|value| value["error"].as_str().map(str::to_string))
+                .unwrap_or(text);
+            return Err(format!("{what}: the server answered {status}: {message}"));
+        }
+        serde_json::from_str(&text)
+            .map_err(|error| format!("{what}: the reply is not JSON: {error}"))
+    }
+
+    /// Sends a heartbeat with `health` (`green`, `yellow`, `red` or
+    /// `offline`) and returns the device's view.
+    ///
+    /// # Errors
+    /// When the request fails or the server refuses it.
+    pub async fn heartbeat(&self, health: &str, addresses: &[IpAddr]) -> Result<Value, String> {
+        let body = json!({
+            "device": self.device,
+            "health": health,
+            "addresses": addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        });
+        self.send(
+            self.http.post(self.url("/api/v1/heartbeats")).json(&body),
+            "heartbeat",
+        )
+        .await
+    }
+
+    /// Returns the device's subnet view: its subnets, every peer on them
+    /// and its own state.
+    ///
+    /// # Errors
+    /// When the request fails or the server refuses it.
+    pub async fn subnet(&self) -> Result<Value, String> {
+        let path = format!(
+            "/api/v1/devices/{}/subnet",
+            crate::admin::percent_encode(&self.device)
+        );
+        self.send(self.http.get(self.url(&path)), "subnet refresh")
+            .await
+    }
+
+    /// Reports refused connections between `source` and `destination` (a
+    /// device id or an address), which the server records on the device
+    /// that refuses under its rules.
+    ///
+    /// # Errors
+    /// When the request fails or the server refuses it.
+    pub async fn report_refusal(
+        &self,
+        source: &str,
+        destination: &str,
+        attempts: u64,
+    ) -> Result<Value, String> {
+        let body = json!({ "source": source, "destination": destination, "attempts": attempts });
+        self.send(
+            self.http.post(self.url("/api/v1/access")).json(&body),
+            "refusal report",
+        )
+        .await
+    }
+
+    /// Reports the result of an on-demand scan.
+    ///
+    /// # Errors
+    /// When the request fails or the server refuses it.
+    pub async fn report_scan(&self, body: &Value) -> Result<Value, String> {
+        let path = format!(
+            "/api/v1/devices/{}/scans",
+            crate::admin::percent_encode(&self.device)
+        );
+        self.send(self.http.post(self.url(&path)).json(body), "scan report")
+            .await
+    }
+
+    /// Opens the device's event stream after notice `after` (or at the
+    /// newest notice when `None`).
+    ///
+    /// # Errors
+    /// When the request fails or the server refuses it.
+    pub async fn open_stream(&self, after: Option<i64>) -> Result<reqwest::Response, String> {
+        let path = format!(
+            "/api/v1/devices/{}/events",
+            crate::admin::percent_encode(&self.device)
+        );
+        let mut request = self
+            .stream_http
+            .get(self.url(&path))
+            .bearer_auth(&self.token)
+            .header(reqwest::header::ACCEPT, "text/event-stream");
+        if let Some(after) = after {
+            request = request.header("Last-Event-ID", after.to_string());
+        }
+        let response = request.send().await.map_err(|error| {
+            let mut text = "event stream connection failed".to_string();
+            crate::append_causes(&mut text, &error);
+            text
+        })?;
+        if !response.status().is_success() {
+            let status = response.status();
+            let text = response.text().await.unwrap_or_default();
+            return Err(format!(
+                "event stream: the server answered {status}: {text}"
+            ));
+        }
+        Ok(response)
+    }
+}
+
+/// Reads the device's global unicast addresses with `ip -j address`.
+///
+/// # Errors
+/// When `ip` cannot be run or prints no valid JSON.
+pub async fn interface_addresses() -> Result<Vec<IpAddr>, String> {
+    let output = tokio::process::Command::new("ip")
+        .args(["-j", "address", "show"])
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|error| {
+            format!("cannot run `ip -j address show`: {error}; install iproute2 or set addresses")
+        })?;
+    if !output.status.success() {
+        return Err(format!(
+            "`ip -j address show` failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    let interfaces: Value = serde_json::from_slice(&output.stdout)
+        .map_err(|error| format!("`ip -j address show` printed no valid JSON: {error}"))?;
+    Ok(global_addresses(&interfaces))
+}
+
+/// Returns the addresses of scope `global` from `ip -j address` output.
+pub fn global_addresses(interfaces: &Value) -> Vec<IpAddr> {
+    let mut addresses = Vec::new();
+    for interface in interfaces.as_array().map(Vec::as_slice).unwrap_or(&[]) {
+        for info in interface["addr_info"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+        {
+            if info["scope"] != "global" {
+                continue;
+            }
+            if let Some(address) = info["local"].as_str().and_then(|text| text.parse().ok()) {
+                addresses.push(address);
+            }
+        }
+    }
+    addresses
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_global_addresses_reported() {
+        let output = json!([
+            {"ifname": "lo", "addr_info": [{"family": "inet", "local": "127.0.0.1", "scope": "host"}]},
+            {"ifname": "eth0", "addr_info": [
+                {"family": "inet", "local": "10.0.0.7", "scope": "global"},
+                {"family": "inet6", "local": "fe80::1", "scope": "link"},
+                {"family": "inet6", "local": "fd00::7", "scope": "global"}
+            ]}
+        ]);
+        let addresses: Vec<String> = global_addresses(&output)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(addresses, ["10.0.0.7", "fd00::7"]);
+    }
+}

@@ -1,0 +1,420 @@
+//! `sendguard agent`: the endpoint agent for Linux devices and servers.
+//!
+//! It reports the device's health to the server in a heartbeat every
+//! `interval`, signs off as offline when it stops or the system suspends,
+//! follows the device's event stream, keeps the nftables table
+//! `inet sendguard_agent` that refuses connections from and to unsafe
+//! peers, and runs an on-demand clamd scan when the server requests one.
+//! When the server stays unreachable for `enforcement.keep_unsafe_list`,
+//! the agent removes its table (fails open), so a server outage cannot cut
+//! a network apart.
+
+pub mod api;
+pub mod config;
+pub mod enforce;
+pub mod health;
+pub mod nft;
+pub mod scan;
+pub mod stream;
+
+use api::Api;
+use config::AgentConfig;
+use enforce::Desired;
+use serde_json::{Value, json};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, mpsc, watch};
+
+/// Time allowed for the offline heartbeat when the agent stops.
+const SIGN_OFF_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Pending scan requests; more arriving while one runs wait here.
+const SCAN_QUEUE: usize = 16;
+
+/// The state the agent's tasks share.
+pub struct Agent {
+    pub config: AgentConfig,
+    pub api: Api,
+    started: Instant,
+    /// When the server last answered a request or sent stream data.
+    last_contact: Mutex<Option<Instant>>,
+    refresh: Notify,
+    heartbeat_now: Notify,
+    /// The finding of the last on-demand scan, when it was not clean.
+    scan_finding: Mutex<Option<health::Finding>>,
+}
+
+impl Agent {
+    /// Records that the server answered.
+    pub fn contact(&self) {
+        *self
+            .last_contact
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = Some(Instant::now());
+    }
+
+    /// Returns the time since the server last answered, or since the agent
+    /// started when it never did.
+    pub fn since_contact(&self) -> Duration {
+        let last = *self
+            .last_contact
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        last.unwrap_or(self.started).elapsed()
+    }
+
+    /// Asks for a full refresh of the unsafe list.
+    pub fn request_refresh(&self) {
+        self.refresh.notify_one();
+    }
+
+    fn scan_finding(&self) -> Option<health::Finding> {
+        self.scan_finding
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .clone()
+    }
+
+    fn set_scan_finding(&self, finding: Option<health::Finding>) {
+        *self
+            .scan_finding
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = finding;
+    }
+}
+
+/// Removes the agent's nftables table, for `sendguard agent
+/// --uninstall-rules`.
+///
+/// # Errors
+/// When nft fails.
+pub async fn uninstall_rules(nft_program: &std::path::Path) -> Result<(), String> {
+    nft::apply(nft_program, &nft::removal_script()).await?;
+    tracing::info!(table = nft::TABLE, "nftables table removed");
+    Ok(())
+}
+
+/// Runs the agent until SIGTERM or SIGINT, then signs off as offline and
+/// removes the table.
+///
+/// # Errors
+/// When the token cannot be read, the HTTP client cannot be built or the
+/// signal handlers cannot be installed.
+pub async fn run(config: AgentConfig) -> Result<(), String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let token = config.token()?;
+    let api = Api::new(&config, token)?;
+    let agent = Arc::new(Agent {
+        config,
+        api,
+        started: Instant::now(),
+        last_contact: Mutex::new(None),
+        refresh: Notify::new(),
+        heartbeat_now: Notify::new(),
+        scan_finding: Mutex::new(None),
+    });
+    agent.set_scan_finding(load_scan_state(&agent.config));
+    let mut terminate = signal(SignalKind::terminate())
+        .map_err(|error| format!("cannot handle SIGTERM: {error}"))?;
+    let mut interrupt = signal(SignalKind::interrupt())
+        .map_err(|error| format!("cannot handle SIGINT: {error}"))?;
+    let (shutdown_sender, shutdown) = watch::channel(false);
+    let (desired_sender, desired) = watch::channel::<Option<Desired>>(None);
+    let (scan_sender, scan_receiver) = mpsc::channel(SCAN_QUEUE);
+
+    tracing::info!(device = %agent.config.device, server = %agent.config.server,
+        interval = ?agent.config.interval, enforcement = agent.config.enforcement.enabled,
+        "sendguard agent started");
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(heartbeats(agent.clone(), shutdown.clone()));
+    tasks.spawn(refresher(agent.clone(), desired_sender, shutdown.clone()));
+    tasks.spawn(stream::run(agent.clone(), scan_sender, shutdown.clone()));
+    tasks.spawn(scanner(agent.clone(), scan_receiver, shutdown.clone()));
+    tasks.spawn(watch_sleep(agent.clone(), shutdown.clone()));
+    if agent.config.enforcement.enabled {
+        tasks.spawn(enforce::run(agent.clone(), desired, shutdown.clone()));
+    }
+
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM received; agent stopping"),
+        _ = interrupt.recv() => tracing::info!("SIGINT received; agent stopping"),
+    }
+    let _ = shutdown_sender.send(true);
+    sign_off(&agent, "the agent stops").await;
+    while tasks.join_next().await.is_some() {}
+    tracing::info!("sendguard agent stopped");
+    Ok(())
+}
+
+async fn sign_off(agent: &Agent, why: &str) {
+    match tokio::time::timeout(SIGN_OFF_TIMEOUT, agent.api.heartbeat("offline", &[])).await {
+        Ok(Ok(_)) => tracing::info!(reason = why, "signed off as offline"),
+        Ok(Err(error)) => tracing::warn!(%error, reason = why, "cannot sign off as offline"),
+        Err(_) => tracing::warn!(
+            reason = why,
+            "cannot sign off as offline: the server did not answer in time"
+        ),
+    }
+}
+
+async fn addresses(config: &AgentConfig) -> Vec<IpAddr> {
+    if !config.addresses.is_empty() {
+        return config.addresses.clone();
+    }
+    match api::interface_addresses().await {
+        Ok(addresses) => addresses,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the interface addresses; the heartbeat carries none");
+            Vec::new()
+        }
+    }
+}
+
+/// Sends a heartbeat every interval, and at once after a scan.
+async fn heartbeats(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
+    let mut last: Option<(crate::heartbeat::Health, Vec<String>)> = None;
+    loop {
+        let findings = health::evaluate(&agent.config, agent.scan_finding()).await;
+        let (health, reasons) = health::combine(&findings);
+        if last.as_ref() != Some(&(health, reasons.clone())) {
+            if reasons.is_empty() {
+                tracing::info!(health = health.as_str(), "device health");
+            } else {
+                tracing::warn!(health = health.as_str(), reasons = ?reasons, "device health");
+            }
+            last = Some((health, reasons));
+        }
+        let addresses = addresses(&agent.config).await;
+        match agent.api.heartbeat(health.as_str(), &addresses).await {
+            Ok(view) => {
+                agent.contact();
+                agent.request_refresh();
+                tracing::debug!(health = health.as_str(), state = %view["state"], "heartbeat sent");
+            }
+            Err(error) => tracing::warn!(%error, health = health.as_str(), "heartbeat failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(agent.config.interval) => {}
+            _ = agent.heartbeat_now.notified() => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Reads the subnet view on every request and publishes what the table
+/// should enforce.
+async fn refresher(
+    agent: Arc<Agent>,
+    desired: watch::Sender<Option<Desired>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = agent.refresh.notified() => {}
+            _ = shutdown.changed() => return,
+        }
+        match agent.api.subnet().await {
+            Ok(view) => {
+                agent.contact();
+                let next = enforce::desired_from_view(&view);
+                desired.send_if_modified(|current| {
+                    if current.as_ref() == Some(&next) {
+                        return false;
+                    }
+                    tracing::info!(unsafe_peers = ?next.ruleset.unsafe_peers,
+                        own_unsafe = !next.ruleset.own_subnets.is_empty(), "unsafe list refreshed");
+                    *current = Some(next);
+                    true
+                });
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot refresh the unsafe list; the last one stays in force")
+            }
+        }
+    }
+}
+
+/// Returns the health finding of a scan outcome; `None` when clean.
+fn scan_finding(outcome: &scan::ScanOutcome) -> Option<health::Finding> {
+    match outcome.result() {
+        "infected" => {
+            let list: Vec<String> = outcome
+                .findings
+                .iter()
+                .take(5)
+                .map(|finding| format!("{} ({})", finding.path, finding.signature))
+                .collect();
+            Some(health::Finding {
+                health: crate::heartbeat::Health::Red,
+                reason: format!(
+                    "the on-demand scan found {} infected files: {}",
+                    outcome.findings.len(),
+                    list.join(", ")
+                ),
+            })
+        }
+        "failed" => Some(health::Finding {
+            health: crate::heartbeat::Health::Yellow,
+            reason: format!(
+                "the on-demand scan could not scan everything: {}",
+                outcome.errors.join("; ")
+            ),
+        }),
+        _ => None,
+    }
+}
+
+fn load_scan_state(config: &AgentConfig) -> Option<health::Finding> {
+    let path = config.scan.state_file.as_ref()?;
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(error) => {
+            tracing::warn!(%error, path = %path.display(), "cannot read the last scan's result");
+            return None;
+        }
+    };
+    match serde_json::from_str::<scan::ScanOutcome>(&text) {
+        Ok(outcome) => scan_finding(&outcome),
+        Err(error) => {
+            tracing::warn!(%error, path = %path.display(), "the last scan's result is not valid; ignored");
+            None
+        }
+    }
+}
+
+fn save_scan_state(config: &AgentConfig, outcome: &scan::ScanOutcome) {
+    let Some(path) = &config.scan.state_file else {
+        return;
+    };
+    let text = serde_json::to_string(outcome).unwrap_or_default();
+    if let Err(error) = std::fs::write(path, text) {
+        tracing::error!(%error, path = %path.display(), "cannot save the scan's result; a restart forgets it");
+    }
+}
+
+/// Runs each requested scan, reports its result and updates the health.
+async fn scanner(
+    agent: Arc<Agent>,
+    mut requests: mpsc::Receiver<stream::ScanRequest>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut done = std::collections::HashSet::new();
+    loop {
+        let request = tokio::select! {
+            request = requests.recv() => match request {
+                Some(request) => request,
+                None => return,
+            },
+            _ = shutdown.changed() => return,
+        };
+        // A resumed stream can deliver a notice twice.
+        if !done.insert(request.notice) {
+            continue;
+        }
+        let config = &agent.config.scan;
+        tracing::warn!(notice = request.notice, mailbox = %request.body["mailbox"], paths = ?config.paths,
+            "on-demand scan requested by the server; scanning");
+        let outcome = tokio::select! {
+            outcome = scan::scan_paths(&config.clamd, &config.paths, config.timeout) => outcome,
+            _ = shutdown.changed() => return,
+        };
+        let paths: Vec<String> = config
+            .paths
+            .iter()
+            .map(|path| path.display().to_string())
+            .collect();
+        let body = match &outcome {
+            Ok(outcome) => {
+                let result = outcome.result();
+                if result == "infected" {
+                    tracing::error!(notice = request.notice, findings = ?outcome.findings,
+                        "on-demand scan found malware; the device reports red health");
+                } else {
+                    tracing::info!(notice = request.notice, result, errors = ?outcome.errors, "on-demand scan finished");
+                }
+                agent.set_scan_finding(scan_finding(outcome));
+                save_scan_state(&agent.config, outcome);
+                json!({
+                    "result": result,
+                    "request": request.notice,
+                    "paths": paths,
+                    "findings": outcome.findings.iter().take(100).collect::<Vec<_>>(),
+                    "error": (!outcome.errors.is_empty()).then(|| outcome.errors.join("; ")),
+                })
+            }
+            Err(error) => {
+                tracing::error!(%error, notice = request.notice, "on-demand scan failed");
+                json!({ "result": "failed", "request": request.notice, "paths": paths, "error": error })
+            }
+        };
+        agent.heartbeat_now.notify_one();
+        match agent.api.report_scan(&body).await {
+            Ok(_) => {
+                tracing::info!(notice = request.notice, result = %body["result"], "scan result reported")
+            }
+            Err(error) => {
+                tracing::warn!(%error, notice = request.notice, "cannot report the scan result")
+            }
+        }
+    }
+}
+
+/// Signs off before the system suspends and reports again on resume, from
+/// logind's `PrepareForSleep` signal as `busctl monitor` prints it. Without
+/// busctl or a system bus it logs that and does nothing.
+// NOTE: the agent takes no delay inhibitor lock, so on a fast suspend the
+// offline heartbeat may not leave before the network goes down; the server
+// then marks the device missing after its heartbeat timeout.
+async fn watch_sleep(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
+    use tokio::io::AsyncBufReadExt;
+    let child = tokio::process::Command::new("busctl")
+        .args([
+            "monitor",
+            "--system",
+            "--json=short",
+            "--match=type='signal',interface='org.freedesktop.login1.Manager',member='PrepareForSleep'",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(error) => {
+            tracing::info!(%error, "busctl not available; no offline sign-off before suspend");
+            return;
+        }
+    };
+    let Some(stdout) = child.stdout.take() else {
+        return;
+    };
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    loop {
+        let line = tokio::select! {
+            line = lines.next_line() => line,
+            _ = shutdown.changed() => return,
+        };
+        let Ok(Some(line)) = line else {
+            tracing::info!(
+                "busctl monitor ended (no system bus?); no offline sign-off before suspend"
+            );
+            return;
+        };
+        let Ok(message) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        if message["member"] != "PrepareForSleep" {
+            continue;
+        }
+        if message["payload"]["data"][0] == true {
+            sign_off(&agent, "the system suspends").await;
+        } else {
+            tracing::info!("system resumed; reporting health");
+            agent.heartbeat_now.notify_one();
+            agent.request_refresh();
+        }
+    }
+}

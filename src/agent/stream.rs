@@ -1,0 +1,214 @@
+//! Follows the device's event stream (server-sent events): subnet notices
+//! make the agent refresh its unsafe list, and `scan_requested` notices
+//! start a scan. After a broken connection it resumes with the id of the
+//! last event received, so no notice is lost while the server keeps it.
+
+use super::Agent;
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+/// Maximum size of one event's text; longer input is dropped.
+const MAX_EVENT: usize = 64 * 1024;
+
+/// Longest wait between two reconnect attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// One event as received.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamEvent {
+    pub id: Option<i64>,
+    pub kind: Option<String>,
+    pub data: String,
+}
+
+/// An incremental server-sent-events parser.
+#[derive(Debug, Default)]
+pub struct Parser {
+    buffer: String,
+}
+
+impl Parser {
+    /// Adds received text and returns the events it completes.
+    pub fn feed(&mut self, text: &str) -> Vec<StreamEvent> {
+        self.buffer.push_str(&text.replace("\r\n", "\n"));
+        let mut events = Vec::new();
+        while let Some(end) = self.buffer.find("\n\n") {
+            let block: String = self.buffer.drain(..end + 2).collect();
+            if let Some(event) = parse_block(&block) {
+                events.push(event);
+            }
+        }
+        if self.buffer.len() > MAX_EVENT {
+            tracing::warn!(
+                bytes = self.buffer.len(),
+                "event stream sent an event over 64 KiB; dropped"
+            );
+            self.buffer.clear();
+        }
+        events
+    }
+}
+
+fn parse_block(block: &str) -> Option<StreamEvent> {
+    let mut event = StreamEvent {
+        id: None,
+        kind: None,
+        data: String::new(),
+    };
+    for line in block.lines() {
+        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        match field {
+            "data" => {
+                if !event.data.is_empty() {
+                    event.data.push('\n');
+                }
+                event.data.push_str(value);
+            }
+            "id" => event.id = value.trim().parse().ok(),
+            "event" => event.kind = Some(value.to_string()),
+            // Comment lines (keep-alives) and unknown fields.
+            _ => {}
+        }
+    }
+    (!event.data.is_empty()).then_some(event)
+}
+
+/// A scan the server requested, with the id of its notice.
+#[derive(Debug, Clone)]
+pub struct ScanRequest {
+    pub notice: i64,
+    pub body: Value,
+}
+
+/// Follows the stream until `shutdown` fires, reconnecting with growing
+/// waits.
+pub async fn run(
+    agent: Arc<Agent>,
+    scans: mpsc::Sender<ScanRequest>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut cursor: Option<i64> = None;
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let followed = tokio::select! {
+            result = follow(&agent, &mut cursor, &scans) => result,
+            _ = shutdown.changed() => return,
+        };
+        match followed {
+            Ok(()) => {
+                tracing::info!(after = ?cursor, "event stream ended; reconnecting");
+                backoff = Duration::from_secs(1);
+            }
+            Err(error) => {
+                tracing::warn!(%error, after = ?cursor, retry_in = ?backoff, "event stream failed; reconnecting");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Follows one connection of the stream; returns when it ends.
+async fn follow(
+    agent: &Agent,
+    cursor: &mut Option<i64>,
+    scans: &mpsc::Sender<ScanRequest>,
+) -> Result<(), String> {
+    let mut response = agent.api.open_stream(*cursor).await?;
+    if cursor.is_none() {
+        // The stream starts at the newest notice; resuming from there
+        // after a reconnect loses nothing even when no event came.
+        *cursor = response
+            .headers()
+            .get("sendguard-stream-start")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|text| text.parse().ok());
+    }
+    tracing::info!(after = ?cursor, "event stream connected");
+    agent.contact();
+    // Notices sent while the agent was not connected are covered by a
+    // full refresh.
+    agent.request_refresh();
+    let mut parser = Parser::default();
+    loop {
+        let chunk = response
+            .chunk()
+            .await
+            .map_err(|error| format!("cannot read the event stream: {error}"))?;
+        let Some(chunk) = chunk else {
+            return Ok(());
+        };
+        agent.contact();
+        for event in parser.feed(&String::from_utf8_lossy(&chunk)) {
+            if let Some(id) = event.id {
+                *cursor = Some(id);
+            }
+            handle(agent, event, scans).await;
+        }
+    }
+}
+
+async fn handle(agent: &Agent, event: StreamEvent, scans: &mpsc::Sender<ScanRequest>) {
+    let body: Value = match serde_json::from_str(&event.data) {
+        Ok(body) => body,
+        Err(error) => {
+            tracing::warn!(%error, id = ?event.id, "event stream sent an event that is not JSON; ignored");
+            return;
+        }
+    };
+    let kind = body["type"]
+        .as_str()
+        .or(event.kind.as_deref())
+        .unwrap_or("");
+    tracing::info!(id = ?event.id, kind, device = %body["device"], "notice received");
+    if kind == "scan_requested" {
+        let request = ScanRequest {
+            notice: event.id.unwrap_or(0),
+            body,
+        };
+        if scans.send(request).await.is_err() {
+            tracing::error!("scan request dropped: the scanner has stopped");
+        }
+    } else {
+        agent.request_refresh();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_split_across_chunks() {
+        let mut parser = Parser::default();
+        assert!(
+            parser
+                .feed(": keep-alive\n\nid: 7\nevent: device_unsafe\nda")
+                .is_empty()
+        );
+        let events = parser.feed("ta: {\"type\":\"device_unsafe\"}\n\n");
+        assert_eq!(
+            events,
+            [StreamEvent {
+                id: Some(7),
+                kind: Some("device_unsafe".into()),
+                data: "{\"type\":\"device_unsafe\"}".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn comments_and_crlf_handled() {
+        let mut parser = Parser::default();
+        let events = parser.feed(":\r\n\r\nid:9\r\ndata:{}\r\n\r\n");
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].id, Some(9));
+        assert_eq!(events[0].data, "{}");
+    }
+}
