@@ -45,10 +45,12 @@ pub fn desired_from_view(view: &Value) -> Desired {
             desired.names.insert(address, name.clone());
         }
     }
-    if view["reject_unsafe"] == false {
+    // An excluded server accepts and reaches every device, whatever the
+    // health of either side.
+    if view["reject_unsafe"] == false || view["self"]["excluded"] == true {
         return desired;
     }
-    let own_unsafe = view["self"]["unsafe"] == true && view["self"]["excluded"] != true;
+    let own_unsafe = view["self"]["unsafe"] == true;
     for peer in peers {
         let peer_addresses = addresses(peer);
         if peer["excluded"] == true {
@@ -377,6 +379,15 @@ mod tests {
             ["10.0.0.0/24".parse::<ipnet::IpNet>().expect("net")]
         );
         assert_eq!(desired.ruleset.enforcing, [address("10.0.0.3")]);
+    }
+
+    #[test]
+    fn excluded_device_refuses_nothing() {
+        let mut excluded = view(true);
+        excluded["self"]["excluded"] = true.into();
+        let desired = desired_from_view(&excluded);
+        assert_eq!(desired.ruleset, Ruleset::default());
+        assert_eq!(desired.names[&address("10.0.0.2")], "WS2");
     }
 
     #[test]

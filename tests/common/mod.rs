@@ -5,6 +5,7 @@
 pub mod clamd;
 pub mod http;
 pub mod milter_client;
+pub mod netns;
 pub mod postfix;
 pub mod recording_clamd;
 pub mod redis;

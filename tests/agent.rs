@@ -1,0 +1,560 @@
+//! `sendguard agent` end to end, as root: a bridge with four network
+//! namespaces (three workstations and an update cache), the real server on
+//! the bridge's address, a real agent with its real nftables table in each
+//! namespace, a TCP service in each, and a real clamd on a unix socket that
+//! the agents reach across namespaces through the file system.
+
+mod common;
+
+use common::clamd::Clamd;
+use common::http::request;
+use common::netns::{Network, Probe, Service, probe};
+use common::sendguard::{Sendguard, free_port};
+use common::smtp_client::send_from;
+use common::upstream::{Upstream, UpstreamOptions};
+use serde_json::Value;
+use sha2::Digest;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ADMIN_TOKEN: &str = "agent-test-admin-token-0123456789";
+const SERVICE_PORT: u16 = 7007;
+const GTUBE: &str = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X";
+/// Matches the `Sendguard.Test.Virus` signature in fixtures/clamd.
+const VIRUS_MARKER: &str = "SENDGUARD-TEST-VIRUS-MARKER-7f3a";
+
+/// Time the agents keep the unsafe list while the server is unreachable.
+const KEEP_UNSAFE_LIST: Duration = Duration::from_secs(4);
+
+/// Generous limit for every change to show up across the network.
+const SETTLE: Duration = Duration::from_secs(20);
+
+/// The devices: id, computer name, role, namespace index.
+const DEVICES: [(&str, &str, &str); 4] = [
+    ("ws1", "WS-ONE", "workstation"),
+    ("ws2", "WS-TWO", "workstation"),
+    ("ws3", "WS-THREE", "workstation"),
+    ("cache", "UPDATE-CACHE", "update_cache"),
+];
+
+fn require_root() {
+    assert!(
+        common::running_as_root(),
+        "the agent tests need root: they create network namespaces, a bridge and nftables \
+         tables; run them as root (CI does)"
+    );
+}
+
+fn token_of(id: &str) -> String {
+    format!("agent-device-token-{id}-0123456789")
+}
+
+/// One agent in its namespace, killed on drop.
+struct Agent {
+    child: Option<Child>,
+    log: PathBuf,
+    health_file: PathBuf,
+}
+
+impl Agent {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sets the exit status of the agent's health check command: 0 green,
+    /// 2 red.
+    fn set_exit_status(&self, status: u8) {
+        std::fs::write(&self.health_file, status.to_string()).expect("write health status");
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The whole site: network, server, clamd, services and agents.
+struct Site {
+    // Dropped in field order: agents first (they remove their tables), the
+    // network last.
+    agents: Vec<Agent>,
+    _services: Vec<Service>,
+    server: Sendguard,
+    api: String,
+    _clamd: Clamd,
+    _upstream: Upstream,
+    scan_dir: PathBuf,
+    files: tempfile::TempDir,
+    network: Network,
+}
+
+impl Site {
+    fn start(index: u32) -> Site {
+        require_root();
+        let network = Network::build(index, DEVICES.len());
+        let files = tempfile::tempdir().expect("temporary directory");
+        let clamd = match Clamd::start() {
+            reused if !reused.socket.as_os_str().is_empty() => reused,
+            // The agents scan through a unix socket; a reused clamd without
+            // one is replaced by a clamd of this test.
+            _ => Clamd::start_with(None),
+        };
+
+        // The server's devices file, directory and configuration.
+        let mut book = String::new();
+        for (id, name, role) in DEVICES {
+            let hash = hex::encode(sha2::Sha256::digest(token_of(id).as_bytes()));
+            book.push_str(&format!(
+                "[[device]]\nid = \"{id}\"\nname = \"{name}\"\nrole = \"{role}\"\nowner = \"u-{id}\"\ntoken_sha256 = \"{hash}\"\n"
+            ));
+        }
+        let book_path = files.path().join("devices.toml");
+        std::fs::write(&book_path, book).expect("write devices file");
+        let directory = files.path().join("directory.toml");
+        std::fs::write(
+            &directory,
+            "[[mailbox]]\naddress = \"carol@example.org\"\nowner = { id = \"u-ws3\", name = \"Carol\" }\n\
+             devices = [{ id = \"ws3\", name = \"WS-THREE\" }]\n",
+        )
+        .expect("write directory");
+        let admin_token = files.path().join("admin.token");
+        std::fs::write(&admin_token, format!("{ADMIN_TOKEN}\n")).expect("write admin token");
+        let api = format!("{}:{}", network.gateway, free_port());
+        let config = format!(
+            "[admin]\nlisten = \"{api}\"\ntoken_file = \"{}\"\n\
+             [devices]\nfile = \"{}\"\nreject_unsafe = true\nheartbeat_timeout = \"6s\"\n\
+             [synchronized_security]\nenabled = true\n\
+             [directory]\npath = \"{}\"\n\
+             [policy]\nthreshold = 1\nfirst_lockout = \"1h\"\n",
+            admin_token.display(),
+            book_path.display(),
+            directory.display()
+        );
+        let upstream = Upstream::start(UpstreamOptions::default());
+        let server = Sendguard::start_with(&upstream.address(), "", &config);
+
+        // The scanned directory of the owner's device.
+        let scan_dir = files.path().join("scan");
+        std::fs::create_dir_all(&scan_dir).expect("create scan directory");
+        std::fs::write(scan_dir.join("notes.txt"), "nothing to see\n").expect("write clean file");
+
+        let mut services = Vec::new();
+        for (index, (id, _, _)) in DEVICES.iter().enumerate() {
+            services.push(Service::start(
+                &network.hosts[index].namespace,
+                SERVICE_PORT,
+                id,
+            ));
+        }
+        let mut site = Site {
+            agents: Vec::new(),
+            _services: services,
+            server,
+            api,
+            _clamd: clamd,
+            _upstream: upstream,
+            scan_dir,
+            files,
+            network,
+        };
+        for index in 0..DEVICES.len() {
+            let agent = site.start_agent(index);
+            site.agents.push(agent);
+        }
+        site
+    }
+
+    fn start_agent(&self, index: usize) -> Agent {
+        let (id, _, _) = DEVICES[index];
+        let dir = self.files.path().join(format!("agent-{id}"));
+        std::fs::create_dir_all(&dir).expect("agent directory");
+        let token = dir.join("token");
+        std::fs::write(&token, format!("{}\n", token_of(id))).expect("write token");
+        let health_file = dir.join("health-exit-status");
+        std::fs::write(&health_file, "0").expect("write health status");
+        let config = dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "server = \"http://{}\"\ndevice = \"{id}\"\ntoken_file = \"{}\"\ninterval = \"1s\"\n\
+                 request_timeout = \"2s\"\n\
+                 [[checks.command]]\nname = \"test-health\"\ncommand = [\"/bin/sh\", \"-c\", \"exit $(cat {})\"]\n\
+                 [scan]\nclamd = \"{}\"\npaths = [\"{}\"]\ntimeout = \"30s\"\n\
+                 [enforcement]\nkeep_unsafe_list = \"{}s\"\ncheck_interval = \"500ms\"\n",
+                self.api,
+                token.display(),
+                health_file.display(),
+                self._clamd.socket.display(),
+                self.scan_dir.display(),
+                KEEP_UNSAFE_LIST.as_secs()
+            ),
+        )
+        .expect("write agent config");
+        let log = dir.join("agent.log");
+        let stderr = std::fs::File::create(&log).expect("agent log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.network.hosts[index].namespace])
+            .arg(env!("CARGO_BIN_EXE_sendguard"))
+            .args(["agent", "--config"])
+            .arg(&config)
+            .env("SENDGUARD_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start the agent");
+        Agent {
+            child: Some(child),
+            log,
+            health_file,
+        }
+    }
+
+    fn service(&self, index: usize) -> SocketAddr {
+        SocketAddr::from((self.network.hosts[index].address, SERVICE_PORT))
+    }
+
+    /// Connects from host `from` to host `to`'s service.
+    fn connect(&self, from: usize, to: usize) -> Probe {
+        probe(&self.network.hosts[from].namespace, self.service(to))
+    }
+
+    /// Waits until a connection from `from` to `to` has `expected`'s kind.
+    fn wait_connect(&self, from: usize, to: usize, refused: bool, within: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            let outcome = self.connect(from, to);
+            let matches = match &outcome {
+                Probe::Refused => refused,
+                Probe::Connected(greeting) => !refused && greeting == DEVICES[to].0,
+                Probe::Failed(_) => false,
+            };
+            if matches {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < within,
+                "{} -> {}: expected {}, got {outcome:?}\n{}",
+                DEVICES[from].0,
+                DEVICES[to].0,
+                if refused { "refused" } else { "connected" },
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn assert_connects(&self, from: usize, to: usize) {
+        assert_eq!(
+            self.connect(from, to),
+            Probe::Connected(DEVICES[to].0.to_string()),
+            "{} -> {} should connect\n{}",
+            DEVICES[from].0,
+            DEVICES[to].0,
+            self.logs()
+        );
+    }
+
+    fn assert_refused(&self, from: usize, to: usize) {
+        assert_eq!(
+            self.connect(from, to),
+            Probe::Refused,
+            "{} -> {} should be refused\n{}",
+            DEVICES[from].0,
+            DEVICES[to].0,
+            self.logs()
+        );
+    }
+
+    fn logs(&self) -> String {
+        let mut text = String::new();
+        for (index, agent) in self.agents.iter().enumerate() {
+            text.push_str(&format!(
+                "---- agent {} ----\n{}\n",
+                DEVICES[index].0,
+                agent.log()
+            ));
+        }
+        text
+    }
+
+    fn device(&self, id: &str) -> Value {
+        let response = request(
+            &self.api,
+            "GET",
+            &format!("/api/v1/devices/{id}"),
+            Some(ADMIN_TOKEN),
+            None,
+        );
+        assert_eq!(response.status, 200, "{}", response.body);
+        response.json()
+    }
+
+    fn wait_state(&self, id: &str, state: &str) {
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let device = self.device(id);
+            if device["state"] == state {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} did not become {state}: {device:#}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn wait_log(&self, index: usize, text: &str) {
+        let deadline = Instant::now() + SETTLE;
+        while !self.agents[index].log().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "agent {} did not log {text:?}\n{}",
+                DEVICES[index].0,
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Returns whether the agent's table exists in host `index`'s namespace.
+    fn table_exists(&self, index: usize) -> bool {
+        self.network
+            .exec(index, "nft", &["list", "table", "inet", "sendguard_agent"])
+            .status
+            .success()
+    }
+}
+
+fn has_refusal(events: &[Value], device: &str, text: &str) -> bool {
+    events.iter().any(|event| {
+        event["type"] == "access_refused" && event["device"] == device && event["text"] == text
+    })
+}
+
+#[test]
+fn unsafe_device_refused_both_ways() {
+    let site = Site::start(0);
+    let (ws1, ws2, ws3, cache) = (0, 1, 2, 3);
+    for (id, _, _) in DEVICES {
+        site.wait_state(id, "green");
+    }
+    for from in 0..DEVICES.len() {
+        site.wait_connect(from, (from + 1) % DEVICES.len(), false, SETTLE);
+        assert!(
+            site.table_exists(from),
+            "agent {} keeps its table",
+            DEVICES[from].0
+        );
+    }
+
+    // ws1 turns red: its peers refuse it in both directions.
+    site.agents[ws1].set_exit_status(2);
+    let took = site.wait_connect(ws2, ws1, true, SETTLE);
+    eprintln!("ws2 refused ws1 {took:?} after ws1's health check turned red");
+    site.wait_state("ws1", "red");
+    site.wait_connect(ws3, ws1, true, SETTLE);
+    site.assert_refused(ws1, ws2);
+    site.assert_refused(ws1, ws3);
+    // The others still talk to each other, and everyone to the update cache.
+    site.assert_connects(ws2, ws3);
+    site.assert_connects(ws3, ws2);
+    for host in [ws1, ws2, ws3] {
+        site.assert_connects(host, cache);
+        site.assert_connects(cache, host);
+    }
+
+    // Each refusal is logged on the refusing device with the product's text.
+    let outgoing = "Access to computer WS-ONE denied because it may be unsafe";
+    let incoming = "Access request from computer WS-ONE denied because it may be unsafe";
+    for host in [ws2, ws3] {
+        site.wait_log(host, outgoing);
+        site.wait_log(host, incoming);
+    }
+    assert!(
+        !site.agents[ws1]
+            .log()
+            .contains("denied because it may be unsafe"),
+        "{}",
+        site.logs()
+    );
+    assert!(
+        !site.agents[cache]
+            .log()
+            .contains("denied because it may be unsafe"),
+        "{}",
+        site.logs()
+    );
+
+    // ... and reported to the server's events report on that device.
+    let events = site.server.wait_for_events(SETTLE, |events| {
+        [
+            ("ws2", outgoing),
+            ("ws2", incoming),
+            ("ws3", outgoing),
+            ("ws3", incoming),
+        ]
+        .iter()
+        .all(|(device, text)| has_refusal(events, device, text))
+    });
+    assert!(
+        !events
+            .iter()
+            .any(|event| event["type"] == "access_refused" && event["device"] == "cache")
+    );
+    let counted = events
+        .iter()
+        .find(|event| event["type"] == "access_refused" && event["device"] == "ws2")
+        .expect("a refusal on ws2");
+    assert!(
+        counted["attempts"].as_u64().unwrap_or(0) >= 1,
+        "{counted:#}"
+    );
+
+    // A change to the table outside the agent is undone.
+    let deleted = site
+        .network
+        .exec(ws2, "nft", &["delete", "table", "inet", "sendguard_agent"]);
+    assert!(
+        deleted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&deleted.stderr)
+    );
+    site.wait_log(ws2, "changed outside the agent; restoring it");
+    site.wait_connect(ws2, ws1, true, SETTLE);
+    let flushed = site.network.exec(
+        ws3,
+        "nft",
+        &["flush", "set", "inet", "sendguard_agent", "unsafe_out4"],
+    );
+    assert!(
+        flushed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&flushed.stderr)
+    );
+    site.wait_log(ws3, "changed outside the agent; restoring it");
+    site.wait_connect(ws3, ws1, true, SETTLE);
+
+    // ws1 turns green again: everything connects.
+    site.agents[ws1].set_exit_status(0);
+    site.wait_state("ws1", "green");
+    site.wait_connect(ws2, ws1, false, SETTLE);
+    site.wait_connect(ws1, ws2, false, SETTLE);
+    site.wait_connect(ws3, ws1, false, SETTLE);
+    site.wait_connect(ws1, ws3, false, SETTLE);
+}
+
+#[test]
+fn lockout_scan_and_fail_open() {
+    let mut site = Site::start(1);
+    let (ws2, ws3) = (1, 2);
+    for (id, _, _) in DEVICES {
+        site.wait_state(id, "green");
+    }
+    site.wait_connect(ws2, ws3, false, SETTLE);
+
+    // A virus appears on the owner's device, then the owner's mailbox sends
+    // spam: the lockout makes ws3's agent scan and turn red.
+    std::fs::write(
+        site.scan_dir.join("invoice.pdf.exe"),
+        format!("MZ junk {VIRUS_MARKER} junk\n"),
+    )
+    .expect("write test virus");
+    let message = format!(
+        "From: carol@example.org\r\nTo: bob@example.net\r\nSubject: offer\r\n\r\n{GTUBE}\r\n"
+    );
+    let (code, reply) = send_from(
+        &site.server.address,
+        "carol@example.org",
+        message.as_bytes(),
+    );
+    assert_eq!(code, 550, "{reply}");
+    site.wait_log(ws3, "on-demand scan requested by the server");
+    let events = site.server.wait_for_events(SETTLE, |events| {
+        events
+            .iter()
+            .any(|event| event["type"] == "endpoint_scan_result" && event["device"] == "ws3")
+    });
+    let result = events
+        .iter()
+        .find(|event| event["type"] == "endpoint_scan_result")
+        .expect("scan result event");
+    assert_eq!(result["result"], "infected", "{result:#}");
+    assert!(
+        result["findings"][0]["signature"]
+            .as_str()
+            .is_some_and(|signature| signature.starts_with("Sendguard.Test.Virus")),
+        "{result:#}"
+    );
+    assert!(
+        result["request"].as_i64().is_some_and(|id| id > 0),
+        "{result:#}"
+    );
+    site.wait_state("ws3", "red");
+    site.wait_connect(ws2, ws3, true, SETTLE);
+    // Only the owner's device scanned.
+    for host in [0, 1, 3] {
+        assert!(
+            !site.agents[host].log().contains("on-demand scan requested"),
+            "{}",
+            site.logs()
+        );
+    }
+
+    // The server goes away: after keep_unsafe_list the agents fail open.
+    site.server.kill9();
+    let gone = Instant::now();
+    site.wait_log(ws2, "FAILING OPEN");
+    let took = site.wait_connect(ws2, ws3, false, SETTLE);
+    let failed_open_after = gone.elapsed();
+    eprintln!(
+        "ws2 connected to ws3 again {failed_open_after:?} after the server stopped ({took:?} of polling)"
+    );
+    assert!(
+        failed_open_after >= KEEP_UNSAFE_LIST - Duration::from_secs(1),
+        "failed open after {failed_open_after:?}, before keep_unsafe_list ({KEEP_UNSAFE_LIST:?})"
+    );
+    assert!(!site.table_exists(ws2), "the table is removed on fail-open");
+    site.wait_connect(ws3, ws2, false, SETTLE);
+
+    // An agent that stops removes its table; --uninstall-rules removes a
+    // table left behind.
+    site.agents[0].stop();
+    assert!(!site.table_exists(0), "{}", site.logs());
+    let leftover = site
+        .network
+        .exec(0, "nft", &["add", "table", "inet", "sendguard_agent"]);
+    assert!(leftover.status.success());
+    let uninstall = site.network.exec(
+        0,
+        env!("CARGO_BIN_EXE_sendguard"),
+        &["agent", "--uninstall-rules"],
+    );
+    assert!(
+        uninstall.status.success(),
+        "{}",
+        String::from_utf8_lossy(&uninstall.stderr)
+    );
+    assert!(!site.table_exists(0));
+}
