@@ -338,6 +338,24 @@ impl Site {
         }
     }
 
+    /// Waits until `condition` holds on the events report.
+    fn wait_events(&self, condition: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let events = self.server.events();
+            if condition(&events) {
+                return events;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "condition not met; events: {events:#?}
+{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Returns whether the agent's table exists in host `index`'s namespace.
     fn table_exists(&self, index: usize) -> bool {
         self.network
@@ -355,7 +373,7 @@ fn has_refusal(events: &[Value], device: &str, text: &str) -> bool {
 
 #[test]
 fn unsafe_device_refused_both_ways() {
-    let site = Site::start(0);
+    let mut site = Site::start(0);
     let (ws1, ws2, ws3, cache) = (0, 1, 2, 3);
     for (id, _, _) in DEVICES {
         site.wait_state(id, "green");
@@ -374,6 +392,14 @@ fn unsafe_device_refused_both_ways() {
     let took = site.wait_connect(ws2, ws1, true, SETTLE);
     eprintln!("ws2 refused ws1 {took:?} after ws1's health check turned red");
     site.wait_state("ws1", "red");
+    let reason = site.device("ws1")["health_reason"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        reason.contains("check test-health exited with exit status: 2"),
+        "{reason}"
+    );
     site.wait_connect(ws3, ws1, true, SETTLE);
     site.assert_refused(ws1, ws2);
     site.assert_refused(ws1, ws3);
@@ -408,7 +434,7 @@ fn unsafe_device_refused_both_ways() {
     );
 
     // ... and reported to the server's events report on that device.
-    let events = site.server.wait_for_events(SETTLE, |events| {
+    let events = site.wait_events(|events| {
         [
             ("ws2", outgoing),
             ("ws2", incoming),
@@ -456,6 +482,51 @@ fn unsafe_device_refused_both_ways() {
     site.wait_log(ws3, "changed outside the agent; restoring it");
     site.wait_connect(ws3, ws1, true, SETTLE);
 
+    // A peer without a running agent (ws3 signs off) cannot refuse ws1, so
+    // ws1's own table refuses it in both directions, and the server records
+    // each refusal on ws3, the device the product's texts place it on.
+    let count = |events: &[Value], text: &str| {
+        events
+            .iter()
+            .filter(|event| {
+                event["type"] == "access_refused"
+                    && event["device"] == "ws3"
+                    && event["text"] == text
+            })
+            .count()
+    };
+    let before = site.server.events();
+    site.agents[ws3].stop();
+    site.wait_state("ws3", "offline");
+    assert!(
+        !site.table_exists(ws3),
+        "a stopping agent removes its table"
+    );
+    site.wait_connect(ws1, ws3, true, SETTLE);
+    site.assert_refused(ws3, ws1);
+    site.assert_connects(ws1, cache);
+    site.assert_refused(ws1, ws2);
+    site.wait_log(
+        ws1,
+        "Access to computer WS-THREE denied because this computer may be unsafe",
+    );
+    site.wait_log(
+        ws1,
+        "Access request from computer WS-THREE denied because this computer may be unsafe",
+    );
+    site.wait_events(|events| {
+        count(events, incoming) > count(&before, incoming)
+            && count(events, outgoing) > count(&before, outgoing)
+    });
+    // The server stays reachable from the unsafe device.
+    let ws1_log = site.agents[ws1].log();
+    assert!(!ws1_log.contains("cannot report a refusal"), "{ws1_log}");
+    assert!(!ws1_log.contains("heartbeat failed"), "{ws1_log}");
+    assert!(
+        !ws1_log.contains(&format!("computer {} denied", site.network.gateway)),
+        "{ws1_log}"
+    );
+
     // ws1 turns green again: everything connects.
     site.agents[ws1].set_exit_status(0);
     site.wait_state("ws1", "green");
@@ -491,7 +562,7 @@ fn lockout_scan_and_fail_open() {
     );
     assert_eq!(code, 550, "{reply}");
     site.wait_log(ws3, "on-demand scan requested by the server");
-    let events = site.server.wait_for_events(SETTLE, |events| {
+    let events = site.wait_events(|events| {
         events
             .iter()
             .any(|event| event["type"] == "endpoint_scan_result" && event["device"] == "ws3")
@@ -512,6 +583,15 @@ fn lockout_scan_and_fail_open() {
         "{result:#}"
     );
     site.wait_state("ws3", "red");
+    let reason = site.device("ws3")["health_reason"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        reason.contains("the on-demand scan found 1 infected files"),
+        "{reason}"
+    );
+    assert!(reason.contains("invoice.pdf.exe"), "{reason}");
     site.wait_connect(ws2, ws3, true, SETTLE);
     // Only the owner's device scanned.
     for host in [0, 1, 3] {

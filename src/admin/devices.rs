@@ -136,7 +136,12 @@ struct HeartbeatRequest {
     health: String,
     #[serde(default)]
     addresses: Vec<String>,
+    /// Why the health is yellow or red.
+    reason: Option<String>,
 }
+
+/// Maximum length of a heartbeat's reason, in bytes.
+const MAX_REASON: usize = 1000;
 
 const HEARTBEAT_EXAMPLE: &str =
     r#"{"device": "dev-17", "health": "green", "addresses": ["10.1.2.3"]}"#;
@@ -209,7 +214,25 @@ async fn heartbeat(
             tracing::warn!(device = %request.device, ignored = ?ignored,
                 "heartbeat addresses ignored: not a unicast IP address");
         }
-        Report::Heartbeat { health, addresses }
+        let reason = request
+            .reason
+            .as_deref()
+            .map(str::trim)
+            .filter(|reason| !reason.is_empty())
+            .map(str::to_string);
+        if reason
+            .as_ref()
+            .is_some_and(|reason| reason.len() > MAX_REASON)
+        {
+            return Err(ApiError::bad_request(format!(
+                "reason is longer than {MAX_REASON} bytes; send a short summary of the failed checks"
+            )));
+        }
+        Report::Heartbeat {
+            health,
+            addresses,
+            reason,
+        }
     };
     let runtime = guard.runtime();
     let view = guard

@@ -15,6 +15,10 @@ pub struct Api {
     pub device: String,
 }
 
+/// Maximum length of a heartbeat's reason that the server accepts, in
+/// bytes.
+const MAX_REASON: usize = 1000;
+
 /// Maximum silence on the event stream before it counts as broken; the
 /// server sends a keep-alive comment every 15 s.
 const STREAM_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(45);
@@ -82,16 +86,33 @@ impl Api {
     }
 
     /// Sends a heartbeat with `health` (`green`, `yellow`, `red` or
-    /// `offline`) and returns the device's view.
+    /// `offline`) and the reasons of a health that is not green, and
+    /// returns the device's view.
     ///
     /// # Errors
     /// When the request fails or the server refuses it.
-    pub async fn heartbeat(&self, health: &str, addresses: &[IpAddr]) -> Result<Value, String> {
-        let body = json!({
+    pub async fn heartbeat(
+        &self,
+        health: &str,
+        addresses: &[IpAddr],
+        reasons: &[String],
+    ) -> Result<Value, String> {
+        let mut body = json!({
             "device": self.device,
             "health": health,
             "addresses": addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
         });
+        if !reasons.is_empty() {
+            let mut reason = reasons.join("; ");
+            if reason.len() > MAX_REASON {
+                let mut end = MAX_REASON;
+                while !reason.is_char_boundary(end) {
+                    end -= 1;
+                }
+                reason.truncate(end);
+            }
+            body["reason"] = reason.into();
+        }
         self.send(
             self.http.post(self.url("/api/v1/heartbeats")).json(&body),
             "heartbeat",

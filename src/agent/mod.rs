@@ -148,7 +148,7 @@ pub async fn run(config: AgentConfig) -> Result<(), String> {
 }
 
 async fn sign_off(agent: &Agent, why: &str) {
-    match tokio::time::timeout(SIGN_OFF_TIMEOUT, agent.api.heartbeat("offline", &[])).await {
+    match tokio::time::timeout(SIGN_OFF_TIMEOUT, agent.api.heartbeat("offline", &[], &[])).await {
         Ok(Ok(_)) => tracing::info!(reason = why, "signed off as offline"),
         Ok(Err(error)) => tracing::warn!(%error, reason = why, "cannot sign off as offline"),
         Err(_) => tracing::warn!(
@@ -183,10 +183,14 @@ async fn heartbeats(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
             } else {
                 tracing::warn!(health = health.as_str(), reasons = ?reasons, "device health");
             }
-            last = Some((health, reasons));
+            last = Some((health, reasons.clone()));
         }
         let addresses = addresses(&agent.config).await;
-        match agent.api.heartbeat(health.as_str(), &addresses).await {
+        match agent
+            .api
+            .heartbeat(health.as_str(), &addresses, &reasons)
+            .await
+        {
             Ok(view) => {
                 agent.contact();
                 agent.request_refresh();
@@ -209,15 +213,24 @@ async fn refresher(
     desired: watch::Sender<Option<Desired>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut server_addresses = Vec::new();
     loop {
         tokio::select! {
             _ = agent.refresh.notified() => {}
             _ = shutdown.changed() => return,
         }
+        if server_addresses.is_empty() {
+            server_addresses = resolve_server(&agent.config.server).await;
+        }
         match agent.api.subnet().await {
             Ok(view) => {
                 agent.contact();
-                let next = enforce::desired_from_view(&view);
+                let mut next = enforce::desired_from_view(&view);
+                // The server stays reachable whatever the health, or an
+                // unsafe device could never report that it is safe again.
+                next.ruleset.excluded.extend(&server_addresses);
+                next.ruleset.excluded.sort();
+                next.ruleset.excluded.dedup();
                 desired.send_if_modified(|current| {
                     if current.as_ref() == Some(&next) {
                         return false;
@@ -231,6 +244,29 @@ async fn refresher(
             Err(error) => {
                 tracing::warn!(%error, "cannot refresh the unsafe list; the last one stays in force")
             }
+        }
+    }
+}
+
+/// Resolves the server URL's host to its addresses; empty (with a
+/// warning) when it cannot be resolved yet.
+async fn resolve_server(server: &str) -> Vec<IpAddr> {
+    let Ok(url) = reqwest::Url::parse(server) else {
+        return Vec::new();
+    };
+    let port = url.port_or_known_default().unwrap_or(80);
+    let Some(host) = url.host_str() else {
+        return Vec::new();
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(address) = host.parse::<IpAddr>() {
+        return vec![address];
+    }
+    match tokio::net::lookup_host((host, port)).await {
+        Ok(addresses) => addresses.map(|address| address.ip()).collect(),
+        Err(error) => {
+            tracing::warn!(%error, server, "cannot resolve the server's name; it is not yet exempt from refusals");
+            Vec::new()
         }
     }
 }

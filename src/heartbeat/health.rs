@@ -106,6 +106,10 @@ pub struct DeviceStatus {
     pub state: DeviceState,
     /// When `state` last changed.
     pub changed: Option<Timestamp>,
+    /// Why the agent reported yellow or red health in its last heartbeat,
+    /// when it said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_reason: Option<String>,
 }
 
 /// The timing rules of missing detection.
@@ -191,11 +195,15 @@ impl DeviceStatus {
     /// Returns why the device is unsafe, or `None` when it is not.
     pub fn unsafe_reason(&self, timing: Timing) -> Option<String> {
         match self.state {
-            DeviceState::Red => Some(format!(
-                "reported red health at {}",
-                self.last_report
-                    .map_or("-".to_string(), Timestamp::to_rfc3339)
-            )),
+            DeviceState::Red => {
+                let at = self
+                    .last_report
+                    .map_or("-".to_string(), Timestamp::to_rfc3339);
+                Some(match &self.health_reason {
+                    Some(reason) => format!("reported red health at {at}: {reason}"),
+                    None => format!("reported red health at {at}"),
+                })
+            }
             DeviceState::Missing => Some(format!(
                 "no heartbeat since {} (heartbeat_timeout {})",
                 self.last_report

@@ -45,6 +45,8 @@ pub enum Report {
     Heartbeat {
         health: Health,
         addresses: Vec<IpAddr>,
+        /// Why the health is yellow or red, as the agent states it.
+        reason: Option<String>,
     },
     /// An orderly sign-off: the agent goes to sleep or stops.
     Offline,
@@ -420,7 +422,11 @@ impl Registry {
         let mut touched: Vec<(String, DeviceStatus)> = Vec::new();
         let old_subnets = Self::subnets(config, device, &status);
         match report {
-            Report::Heartbeat { health, addresses } => {
+            Report::Heartbeat {
+                health,
+                addresses,
+                reason,
+            } => {
                 let mut addresses: Vec<IpAddr> = addresses
                     .iter()
                     .map(|address| address.to_canonical())
@@ -446,6 +452,7 @@ impl Registry {
                     touched.push((previous.clone(), other));
                 }
                 status.heartbeat(*health, addresses, now);
+                status.health_reason = reason.clone().filter(|_| *health != Health::Green);
             }
             Report::Offline => status.sign_off(now),
         }
@@ -1022,6 +1029,7 @@ impl Registry {
             "addresses": status.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "state": state.as_str(),
             "health": status.health,
+            "health_reason": status.health_reason,
             "unsafe": state.is_unsafe(),
             "unsafe_reason": shown.unsafe_reason(timing),
             "last_heartbeat": status.last_report.map(Timestamp::to_rfc3339),
