@@ -3,8 +3,10 @@
 # virus scanning, rspamd and SpamAssassin's spamd as spam engines, Postfix
 # for smtp-source and smtp-sink and as the MTA in front of the milter,
 # swaks, sasl2-bin for the milter tests' SASL users, redis-server (with
-# redis-cli) for the shared-store tests, which start their own servers, and
-# libfaketime, which gives one of those tests a host with a slow clock.
+# redis-cli) for the shared-store tests, which start their own servers,
+# libfaketime, which gives one of those tests a host with a slow clock, and
+# nftables, whose nft the agent tests' agents run in their own network
+# namespaces.
 #
 # Idempotent: when every package is installed already it only checks and
 # exits. It never starts the system's clamav, rspamd, spamd or postfix
@@ -13,7 +15,7 @@
 # Needs root when something is missing.
 set -euo pipefail
 
-packages=(clamav clamav-daemon clamdscan rspamd spamassassin spamd postfix swaks sasl2-bin redis-server redis-tools libfaketime)
+packages=(clamav clamav-daemon clamdscan rspamd spamassassin spamd postfix swaks sasl2-bin redis-server redis-tools libfaketime nftables)
 
 missing=()
 for package in "${packages[@]}"; do

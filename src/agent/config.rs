@@ -323,6 +323,14 @@ mod tests {
     }
 
     #[test]
+    fn example_file_valid() {
+        let config = AgentConfig::parse(include_str!("../../agent.toml.example"))
+            .expect("agent.toml.example is valid");
+        assert_eq!(config.device, "ws-17");
+        assert_eq!(config.enforcement.report_interval, Duration::from_secs(60));
+    }
+
+    #[test]
     fn unknown_key_rejected() {
         let error = AgentConfig::parse(&format!("{MINIMAL}allow = [\"10.0.0.9\"]\n"))
             .expect_err("unknown key");
