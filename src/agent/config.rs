@@ -13,8 +13,8 @@ pub struct AgentConfig {
     pub server: String,
     /// This device's id in the server's devices file.
     pub device: String,
-    /// File whose first line is this device's token; the devices file
-    /// holds its SHA-256.
+    /// File whose first line is this device's token. The devices file
+    /// contains its SHA-256.
     pub token_file: PathBuf,
     /// Time between two heartbeats. Default 15 s.
     #[serde(default = "default_interval", with = "humantime_serde")]

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
-/// What the table should enforce, from the last subnet refresh.
+/// The table's intended content, from the last subnet refresh.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
     pub ruleset: Ruleset,

@@ -1,10 +1,10 @@
 //! `sendguard agent`: the endpoint agent for Linux devices and servers.
 //!
 //! It reports the device's health to the server in a heartbeat every
-//! `interval`, signs off as offline when it stops or the system suspends,
-//! follows the device's event stream, keeps the nftables table
-//! `inet sendguard_agent` that refuses connections from and to unsafe
-//! peers, and runs an on-demand clamd scan when the server requests one.
+//! `interval` and signs off as offline when it stops or the system
+//! suspends. It follows the device's event stream and keeps the nftables
+//! table `inet sendguard_agent`, which refuses connections from and to
+//! unsafe peers. When the server requests a scan, it runs clamd.
 //! When the server stays unreachable for `enforcement.keep_unsafe_list`,
 //! the agent removes its table (fails open), so a server outage cannot cut
 //! a network apart.
@@ -37,7 +37,7 @@ pub struct Agent {
     pub config: AgentConfig,
     pub api: Api,
     started: Instant,
-    /// When the server last answered a request or sent stream data.
+    /// When the server last replied to a request or sent stream data.
     last_contact: Mutex<Option<Instant>>,
     refresh: Notify,
     heartbeat_now: Notify,
@@ -46,7 +46,7 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Records that the server answered.
+    /// Records that the server replied.
     pub fn contact(&self) {
         *self
             .last_contact
@@ -54,7 +54,7 @@ impl Agent {
             .unwrap_or_else(|poison| poison.into_inner()) = Some(Instant::now());
     }
 
-    /// Returns the time since the server last answered, or since the agent
+    /// Returns the time since the server last replied, or since the agent
     /// started when it never did.
     pub fn since_contact(&self) -> Duration {
         let last = *self
@@ -401,7 +401,7 @@ async fn scanner(
 /// logind's `PrepareForSleep` signal as `busctl monitor` prints it. Without
 /// busctl or a system bus it logs that and does nothing.
 // NOTE: the agent takes no delay inhibitor lock, so on a fast suspend the
-// offline heartbeat may not leave before the network goes down; the server
+// offline heartbeat may not leave before the network goes down. The server
 // then marks the device missing after its heartbeat timeout.
 async fn watch_sleep(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
     use tokio::io::AsyncBufReadExt;

@@ -19,7 +19,7 @@ pub const TABLE: &str = "inet sendguard_agent";
 /// Maximum number of peers each dynamic refusal set remembers.
 const DYNAMIC_SET_SIZE: u32 = 65_535;
 
-/// What the table enforces.
+/// The refusals the table enforces.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ruleset {
     /// Unsafe peers: new connections from and to them are refused.
@@ -37,7 +37,7 @@ pub struct Ruleset {
     pub enforcing: Vec<IpAddr>,
 }
 
-/// Why a connection was refused, as read from the table's counters.
+/// The cause of a refused connection, as read from the table's counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Refusal {
     /// A new connection from an unsafe peer.
@@ -171,7 +171,8 @@ pub fn render(ruleset: &Ruleset) -> String {
     script
 }
 
-/// The script that removes the agent's table, whether or not it exists.
+/// Returns the script that removes the agent's table, whether or not it
+/// exists.
 pub fn removal_script() -> String {
     format!("table {TABLE}\ndelete table {TABLE}\n")
 }

@@ -124,9 +124,9 @@ pub async fn version(socket: &str, timeout: Duration) -> Result<String, String> 
         .ok_or_else(|| format!("clamd at {socket} sent an empty VERSION reply"))
 }
 
-/// Returns the signature database's date from a VERSION reply, as a
-/// Unix time; `None` when the reply carries no date (clamd with only local
-/// signature files).
+/// Returns the signature database's date from a VERSION reply, as a Unix
+/// time. Returns `None` when the reply carries no date, as with local
+/// signature files only.
 pub fn signature_date(version: &str) -> Option<i64> {
     let date = version.split('/').nth(2)?.trim();
     // clamd writes the date like ctime(3): "Thu Dec  4 08:00:00 2026".
@@ -149,14 +149,14 @@ pub fn parse_scan_reply(lines: &[String]) -> ScanOutcome {
         errors: Vec::new(),
     };
     for line in lines {
-        if let Some(rest) = line.strip_suffix(" FOUND") {
-            if let Some((path, signature)) = rest.rsplit_once(": ") {
-                outcome.findings.push(Finding {
-                    path: path.to_string(),
-                    signature: signature.to_string(),
-                });
-                continue;
-            }
+        if let Some(rest) = line.strip_suffix(" FOUND")
+            && let Some((path, signature)) = rest.rsplit_once(": ")
+        {
+            outcome.findings.push(Finding {
+                path: path.to_string(),
+                signature: signature.to_string(),
+            });
+            continue;
         }
         if line.ends_with(" ERROR") {
             outcome.errors.push(line.clone());

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 /// Maximum size of one event's text; longer input is dropped.
 const MAX_EVENT: usize = 64 * 1024;
 
-/// Longest wait between two reconnect attempts.
+/// Maximum wait between two reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// One event as received.

@@ -2,7 +2,7 @@
 //! in the root namespace with an address on a private /24, and one
 //! namespace per host, each joined to the bridge by a veth pair. Every
 //! name carries the test process's id and an index, so parallel tests do
-//! not collide, and [`Network`]'s `Drop` removes all of it, also after a
+//! not collide. [`Network`]'s `Drop` removes all of it, also after a
 //! panic. Needs root.
 
 use std::io::{Read, Write};
