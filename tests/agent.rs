@@ -544,8 +544,47 @@ fn lockout_scan_and_fail_open() {
     }
     site.wait_connect(ws2, ws3, false, SETTLE);
 
-    // A virus appears on the owner's device, then the owner's mailbox sends
-    // spam: the lockout makes ws3's agent scan and turn red.
+    // ws3 loses the server for a while: a table of the test's own (the
+    // agent leaves other tables alone) resets its new connections to the
+    // API, and a restart of the server ends the stream it has open.
+    let port = site.api.rsplit(':').next().expect("port").to_string();
+    let block = site.files.path().join("block.nft");
+    std::fs::write(
+        &block,
+        format!(
+            "table inet sendguard_test_block {{\n  chain output {{\n    \
+             type filter hook output priority filter; policy accept;\n    \
+             ip daddr {} tcp dport {port} reject with tcp reset\n  }}\n}}\n",
+            site.network.gateway
+        ),
+    )
+    .expect("write block table");
+    let stream_failures = |site: &Site| {
+        let log = site.agents[ws3].log();
+        log.matches("event stream ended").count() + log.matches("event stream failed").count()
+    };
+    let before = stream_failures(&site);
+    let blocked = site
+        .network
+        .exec(ws3, "nft", &["-f", &block.display().to_string()]);
+    assert!(
+        blocked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&blocked.stderr)
+    );
+    site.server.restart();
+    let deadline = Instant::now() + SETTLE;
+    while stream_failures(&site) == before {
+        assert!(
+            Instant::now() < deadline,
+            "ws3's stream did not break\n{}",
+            site.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Meanwhile a virus appears on the owner's device, and the owner's
+    // mailbox sends spam: the lockout requests a scan of ws3.
     std::fs::write(
         site.scan_dir.join("invoice.pdf.exe"),
         format!("MZ junk {VIRUS_MARKER} junk\n"),
@@ -560,6 +599,29 @@ fn lockout_scan_and_fail_open() {
         message.as_bytes(),
     );
     assert_eq!(code, 550, "{reply}");
+    site.wait_events(|events| {
+        events
+            .iter()
+            .any(|event| event["type"] == "lockout_started")
+    });
+    assert!(
+        !site.agents[ws3].log().contains("on-demand scan requested"),
+        "the scan request cannot reach ws3 while its stream is broken\n{}",
+        site.logs()
+    );
+
+    // Back online, ws3's agent resumes its stream after the last event it
+    // received, gets the stored request, scans and turns red.
+    let unblocked = site.network.exec(
+        ws3,
+        "nft",
+        &["delete", "table", "inet", "sendguard_test_block"],
+    );
+    assert!(
+        unblocked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&unblocked.stderr)
+    );
     site.wait_log(ws3, "on-demand scan requested by the server");
     let events = site.wait_events(|events| {
         events

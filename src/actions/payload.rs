@@ -419,6 +419,22 @@ mod tests {
     }
 
     #[test]
+    fn scan_without_webhook_for_agents() {
+        let text = ALL_ACTIONS.replace("endpoint_scan_url = \"http://127.0.0.1:9/scan\"", "");
+        let config = config(&text);
+        let enforced = lockout(1, Some(4_604_000), true);
+        assert!(scan_requested(&config, &enforced));
+        assert!(!scan_requested(
+            &config,
+            &lockout(1, Some(4_604_000), false)
+        ));
+        let planned = plan(&config, &Directory::default(), &enforced);
+        let kinds: Vec<ActionKind> = planned.iter().map(|entry| entry.kind).collect();
+        assert_eq!(kinds, [ActionKind::AdminAlert, ActionKind::AlertMail]);
+        assert_eq!(body(&planned[0])["endpoint_scan_requested"], true);
+    }
+
+    #[test]
     fn monitor_lockout_alerts_without_scan() {
         let config = config(ALL_ACTIONS);
         let planned = plan(

@@ -41,6 +41,9 @@ pub struct Agent {
     last_contact: Mutex<Option<Instant>>,
     refresh: Notify,
     heartbeat_now: Notify,
+    /// Wakes the event stream's reconnect wait when the server replies to
+    /// another request.
+    reachable: Notify,
     /// The finding of the last on-demand scan, when it was not clean.
     scan_finding: Mutex<Option<health::Finding>>,
 }
@@ -52,6 +55,7 @@ impl Agent {
             .last_contact
             .lock()
             .unwrap_or_else(|poison| poison.into_inner()) = Some(Instant::now());
+        self.reachable.notify_waiters();
     }
 
     /// Returns the time since the server last replied, or since the agent
@@ -112,6 +116,7 @@ pub async fn run(config: AgentConfig) -> Result<(), String> {
         last_contact: Mutex::new(None),
         refresh: Notify::new(),
         heartbeat_now: Notify::new(),
+        reachable: Notify::new(),
         scan_finding: Mutex::new(None),
     });
     agent.set_scan_finding(load_scan_state(&agent.config));

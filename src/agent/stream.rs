@@ -106,8 +106,10 @@ pub async fn run(
                 tracing::warn!(%error, after = ?cursor, retry_in = ?backoff, "event stream failed; reconnecting");
             }
         }
+        // A heartbeat that reaches the server ends the wait early.
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
+            _ = agent.reachable.notified() => {}
             _ = shutdown.changed() => return,
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
