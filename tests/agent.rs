@@ -699,3 +699,30 @@ fn lockout_scan_and_fail_open() {
     );
     assert!(!site.table_exists(0));
 }
+
+#[test]
+fn invalid_config_lists_problems() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        "server = \"10.0.0.5:8025\"\ndevice = \"ws1\"\ntoken_file = \"/nonexistent\"\n\
+         interval = \"15s\"\n[enforcement]\nkeep_unsafe_list = \"20s\"\n",
+    )
+    .expect("write config");
+    let output = Command::new(env!("CARGO_BIN_EXE_sendguard"))
+        .args(["agent", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run sendguard agent");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("server: invalid URL \"10.0.0.5:8025\""),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("enforcement.keep_unsafe_list: is 20s"),
+        "{stderr}"
+    );
+}
