@@ -136,7 +136,7 @@ struct HeartbeatRequest {
     health: String,
     #[serde(default)]
     addresses: Vec<String>,
-    /// Why the health is yellow or red.
+    /// The agent's reason for a yellow or red health.
     reason: Option<String>,
 }
 
@@ -505,15 +505,15 @@ async fn next_event(mut state: Stream) -> Option<(Result<SseEvent, Infallible>, 
 struct ScanResultRequest {
     /// `clean`, `infected` or `failed`.
     result: String,
-    /// Id of the `scan_requested` notice the scan answers; none for a scan
-    /// the agent started on its own.
+    /// Id of the `scan_requested` notice that requested the scan; none for
+    /// a scan the agent started on its own.
     request: Option<i64>,
     #[serde(default)]
     paths: Vec<String>,
     /// Each finding as `{"path": ..., "signature": ...}`.
     #[serde(default)]
     findings: Vec<Value>,
-    /// Why a failed scan failed.
+    /// The cause of a failed scan.
     error: Option<String>,
 }
 

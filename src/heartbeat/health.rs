@@ -106,8 +106,8 @@ pub struct DeviceStatus {
     pub state: DeviceState,
     /// When `state` last changed.
     pub changed: Option<Timestamp>,
-    /// Why the agent reported yellow or red health in its last heartbeat,
-    /// when it said.
+    /// The reason the agent gave with its last heartbeat for a yellow or
+    /// red health, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_reason: Option<String>,
 }

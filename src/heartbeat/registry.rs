@@ -45,7 +45,7 @@ pub enum Report {
     Heartbeat {
         health: Health,
         addresses: Vec<IpAddr>,
-        /// Why the health is yellow or red, as the agent states it.
+        /// The agent's reason for a yellow or red health.
         reason: Option<String>,
     },
     /// An orderly sign-off: the agent goes to sleep or stops.
@@ -1318,7 +1318,8 @@ impl Registry {
     }
 }
 
-/// The `subnet` value of a notice meant for one device's stream only.
+/// Returns the `subnet` value of a notice meant for one device's stream
+/// only.
 fn device_target(id: &str) -> String {
     format!("device:{id}")
 }
