@@ -198,6 +198,7 @@ impl Site {
             format!(
                 "server = \"http://{}\"\ndevice = \"{id}\"\ntoken_file = \"{}\"\ninterval = \"1s\"\n\
                  request_timeout = \"2s\"\n\
+                 [checks]\nclamd = true\n\
                  [[checks.command]]\nname = \"test-health\"\ncommand = [\"/bin/sh\", \"-c\", \"exit $(cat {})\"]\n\
                  [scan]\nclamd = \"{}\"\npaths = [\"{}\"]\ntimeout = \"30s\"\n\
                  [enforcement]\nkeep_unsafe_list = \"{}s\"\ncheck_interval = \"500ms\"\n",
