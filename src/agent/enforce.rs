@@ -204,7 +204,15 @@ impl Enforcer {
             self.failed_open = false;
         }
         if self.applied.as_ref() != Some(&desired) {
+            // The new table starts its counters at zero, so refusals counted
+            // since the last read are taken first.
+            if self.applied.is_some()
+                && let Ok(Some(listing)) = nft::list(&self.agent.config.enforcement.nft).await
+            {
+                self.record_refusals(&listing);
+            }
             self.apply(desired).await;
+            self.report_due();
             return;
         }
         self.check().await;
