@@ -124,6 +124,7 @@ check "upgrade package built: $upgrade" test -f "$upgrade"
 version=$(dpkg-deb --field "$package" Version)
 conffiles=$(dpkg-deb --ctrl-tarfile "$package" | tar -xO ./conffiles)
 check "/etc/sendguard/config.toml is a conffile" grep -qx /etc/sendguard/config.toml <<< "$conffiles"
+check "/etc/sendguard/agent.toml is a conffile" grep -qx /etc/sendguard/agent.toml <<< "$conffiles"
 echo "Depends: $(dpkg-deb --field "$package" Depends)"
 # initial-upload-closes-no-bugs concerns uploads to Debian's archive only.
 lintian_output=$(lintian --fail-on error,warning --suppress-tags initial-upload-closes-no-bugs \
@@ -173,6 +174,10 @@ for path in \
     /usr/bin/sendguard \
     /etc/sendguard/config.toml \
     /usr/lib/systemd/system/sendguard.service \
+    /etc/sendguard/agent.toml \
+    /usr/lib/systemd/system/sendguard-agent.service \
+    /usr/share/doc/sendguard/agent.toml.example \
+    /usr/share/man/man8/sendguard-agent.8.gz \
     /usr/share/man/man8/sendguard.8.gz \
     /usr/share/man/man8/sendguard-serve.8.gz \
     /usr/share/man/man8/sendguard-config-check.8.gz \
@@ -186,6 +191,7 @@ for path in \
     check "$path installed" test -f "$root$path"
 done
 check "config is config.toml.example" cmp -s config.toml.example "$root/etc/sendguard/config.toml"
+check "agent config is agent.toml.example" cmp -s agent.toml.example "$root/etc/sendguard/agent.toml"
 man_page=$(MANWIDTH=80 man -l "$root/usr/share/man/man8/sendguard.8.gz" 2> /dev/null || true)
 check "man page renders and lists sendguard-serve(8)" grep -q 'sendguard-serve(8)' <<< "$man_page"
 check "man page names /etc/sendguard/config.toml" grep -q '/etc/sendguard/config.toml' <<< "$man_page"
@@ -200,6 +206,14 @@ state=$(in_root stat -c '%U:%G %a' /var/lib/sendguard 2> /dev/null || true)
 check "/var/lib/sendguard is sendguard:sendguard 750 (is ${state:-missing})" test "$state" = "sendguard:sendguard 750"
 check "sendguard.service is enabled for multi-user.target" \
     test -L "$root/etc/systemd/system/multi-user.target.wants/sendguard.service"
+# The agent's unit needs its config edited first, so it is installed
+# disabled and not started.
+check "sendguard-agent.service is not enabled" \
+    test ! -e "$root/etc/systemd/system/multi-user.target.wants/sendguard-agent.service"
+agent_verify=$(in_root systemd-analyze verify /usr/lib/systemd/system/sendguard-agent.service 2>&1) \
+    && agent_verified=0 || agent_verified=$?
+[[ -n $agent_verify ]] && echo "$agent_verify"
+check "systemd-analyze verify sendguard-agent.service" test "$agent_verified" -eq 0
 verify=$(in_root systemd-analyze verify /usr/lib/systemd/system/sendguard.service 2>&1) \
     && verified=0 || verified=$?
 [[ -n $verify ]] && echo "$verify"
