@@ -142,6 +142,9 @@ struct Enforcer {
     seen: BTreeMap<(Refusal, IpAddr), u64>,
     limiter: ReportLimiter,
     failed_open: bool,
+    /// The last nft failure logged at `error`, so a failure that repeats
+    /// every tick is logged once and then at `debug`.
+    last_failure: Option<String>,
 }
 
 /// Keeps the table until `shutdown` fires, then removes it.
@@ -164,6 +167,7 @@ pub async fn run(
         seen: BTreeMap::new(),
         limiter: ReportLimiter::default(),
         failed_open: false,
+        last_failure: None,
     };
     let interval = enforcer.agent.config.enforcement.check_interval;
     loop {
@@ -183,6 +187,17 @@ pub async fn run(
 }
 
 impl Enforcer {
+    /// Logs a failure of nft at `error` unless it repeats the last one.
+    fn failed(&mut self, what: &str, error: &str) {
+        let text = format!("{what}: {error}");
+        if self.last_failure.as_deref() == Some(text.as_str()) {
+            tracing::debug!(%error, table = nft::TABLE, "{what} (repeated)");
+        } else {
+            tracing::error!(%error, table = nft::TABLE, "{what}; retrying");
+            self.last_failure = Some(text);
+        }
+    }
+
     async fn tick(&mut self) {
         let config = &self.agent.config.enforcement;
         let silence = self.agent.since_contact();
@@ -231,34 +246,34 @@ impl Enforcer {
                 self.digest = None;
                 self.seen.clear();
             }
-            Err(error) => tracing::error!(%error, table = nft::TABLE,
-                "cannot remove the nftables table to fail open; retrying"),
+            Err(error) => self.failed("cannot remove the nftables table to fail open", &error),
         }
     }
 
     async fn apply(&mut self, desired: Desired) {
-        let config = &self.agent.config.enforcement;
+        let nft_path = self.agent.config.enforcement.nft.clone();
         let script = nft::render(&desired.ruleset);
-        if let Err(error) = nft::apply(&config.nft, &script).await {
-            tracing::error!(%error, table = nft::TABLE, "cannot apply the nftables table; retrying");
+        if let Err(error) = nft::apply(&nft_path, &script).await {
+            self.failed("cannot apply the nftables table", &error);
             return;
         }
         // A new table starts its counters at zero.
         self.seen.clear();
-        let listing = match nft::list(&config.nft).await {
+        let listing = match nft::list(&nft_path).await {
             Ok(Some(listing)) => listing,
             Ok(None) => {
-                tracing::error!(
-                    table = nft::TABLE,
-                    "the nftables table is missing right after it was applied"
+                self.failed(
+                    "cannot read the nftables table back",
+                    "it is missing right after it was applied",
                 );
                 return;
             }
             Err(error) => {
-                tracing::error!(%error, table = nft::TABLE, "cannot read the nftables table back");
+                self.failed("cannot read the nftables table back", &error);
                 return;
             }
         };
+        self.last_failure = None;
         self.digest = Some(nft::digest(&listing));
         tracing::info!(table = nft::TABLE, unsafe_peers = ?desired.ruleset.unsafe_peers,
             excluded = ?desired.ruleset.excluded, own_subnets = ?desired.ruleset.own_subnets,
@@ -267,11 +282,11 @@ impl Enforcer {
     }
 
     async fn check(&mut self) {
-        let config = &self.agent.config.enforcement;
-        let listing = match nft::list(&config.nft).await {
+        let nft_path = self.agent.config.enforcement.nft.clone();
+        let listing = match nft::list(&nft_path).await {
             Ok(listing) => listing,
             Err(error) => {
-                tracing::error!(%error, table = nft::TABLE, "cannot read the nftables table");
+                self.failed("cannot read the nftables table", &error);
                 return;
             }
         };
