@@ -616,7 +616,7 @@ pub fn write_events(out: &mut impl Write, events: &[Event], format: Format) -> s
 
 /// Quotes a CSV field when it contains a separator, quote or line break,
 /// and defuses leading characters that spreadsheets run as formulas.
-fn csv_field(field: &str) -> String {
+pub(crate) fn csv_field(field: &str) -> String {
     let defused = if field.starts_with(['=', '+', '-', '@']) {
         format!("'{field}")
     } else {

@@ -733,15 +733,14 @@ impl Guard {
         // newer state, so it only computes, and logs come after the write.
         let apply = |state: &mut MailboxState, now: Timestamp| {
             let mut events = Vec::with_capacity(3);
-            let forgiven = state.forgive(&settings, now);
-            if let (Some(forgiven), Some(forgive_after)) = (&forgiven, settings.forgive_after) {
-                events.push(Event::forgiven(&key, forgiven, forgive_after));
-            }
             let strike = Strike {
                 at: now,
                 ..strike.clone()
             };
-            let outcome = state.record_strike(&settings, strike);
+            let (forgiven, outcome) = state.apply_strike(&settings, strike);
+            if let (Some(forgiven), Some(forgive_after)) = (&forgiven, settings.forgive_after) {
+                events.push(Event::forgiven(&key, forgiven, forgive_after));
+            }
             let mut deliveries = Vec::new();
             match &outcome {
                 StrikeOutcome::Counted { .. } => {
