@@ -153,6 +153,25 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Replay the recorded bad messages of a period under a candidate
+    /// policy and compare the lockouts it would have started with the real
+    /// ones.
+    Simulate {
+        /// The configuration file in force, such as /etc/sendguard/config.toml.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// TOML file with the candidate [policy], and optionally [identity]
+        /// and [exemptions] (senders, logins, networks); keys it leaves out
+        /// keep the values of --config.
+        #[arg(long)]
+        policy: PathBuf,
+        /// Start of the period: a duration back from now such as 30d, or an
+        /// RFC 3339 time such as 2026-12-04T21:00:00Z.
+        #[arg(long, default_value = "30d")]
+        since: String,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -374,6 +393,12 @@ fn main() -> ExitCode {
             format,
             &remote,
         ),
+        Command::Simulate {
+            config,
+            policy,
+            since,
+            format,
+        } => commands::simulate(&config, &policy, &since, format),
         Command::Config {
             command: ConfigCommand::Check { file },
         } => config_check(&file),

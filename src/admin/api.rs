@@ -48,6 +48,7 @@ pub fn router(guard: Arc<Guard>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(health))
         .merge(super::devices::routes())
+        .merge(super::simulate::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(guard)

@@ -9,6 +9,7 @@
 mod api;
 pub mod client;
 pub mod devices;
+mod simulate;
 pub mod views;
 
 pub use api::{ExemptionRequest, new_exemption, parse_time};

@@ -3,7 +3,7 @@
 //! reports which mailboxes it would have locked out, side by side with
 //! what really happened.
 //!
-//! [`replay`] is pure and takes events one by one; this module reads them
+//! [`replay`] is pure and takes events one by one. This module reads them
 //! from the store in bounded pages and hands them over in time order.
 
 pub mod replay;
@@ -29,7 +29,7 @@ const PAGE_SIZE: usize = 2000;
 /// Events later than this are replayed late and counted in the report.
 const REORDER_DELAY: Duration = Duration::from_secs(60);
 
-/// Why a simulation could not run.
+/// The failure of a simulation.
 #[derive(Debug, thiserror::Error)]
 pub enum SimulateError {
     #[error("invalid --since: {0}")]
@@ -86,7 +86,11 @@ pub async fn run(
     directory: &Directory,
     since: Timestamp,
 ) -> Result<Report, SimulateError> {
-    let until = store.now();
+    // With Redis, its clock is the one every recorded time comes from.
+    let until = match store.shared() {
+        Some(shared) => shared.time().await?,
+        None => store.now(),
+    };
     check_since(since, until)?;
     let mut replay = Replay::new(candidate, directory, since);
 

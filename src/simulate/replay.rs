@@ -1,5 +1,5 @@
-//! The pure replay: recorded events in, simulated lockouts out. No I/O and
-//! no clock of its own; every time comes from the events.
+//! The pure replay: recorded events in, simulated lockouts out. It has no
+//! I/O and no clock of its own, because every time comes from the events.
 //!
 //! Each recorded bad message goes through the same code the guard runs on
 //! a live message: [`identity::attribute`] for the mailbox key,
