@@ -436,16 +436,26 @@ pub fn events(
 }
 
 /// `sendguard simulate`: replays the recorded history under a candidate
-/// policy, reading the store named in the configuration.
-pub fn simulate(config: &Path, policy: &Path, since: &str, format: Format) -> Result<(), String> {
+/// policy, or under the policies recorded in force when `policy` is
+/// `None`, reading the store named in the configuration.
+pub fn simulate(
+    config: &Path,
+    policy: Option<&Path>,
+    since: &str,
+    format: Format,
+) -> Result<(), String> {
     let runtime = runtime(config)?;
     let config = &runtime.config;
 
-    let text = std::fs::read_to_string(policy)
-        .map_err(|error| format!("cannot read policy file {}: {error}", policy.display()))?;
-    let candidate = config
-        .candidate(&text)
-        .map_err(|problems| format!("invalid policy file {}:\n{problems}", policy.display()))?;
+    let text = match policy {
+        Some(policy) => std::fs::read_to_string(policy)
+            .map_err(|error| format!("cannot read policy file {}: {error}", policy.display()))?,
+        None => String::new(),
+    };
+    let candidate = config.candidate(&text).map_err(|problems| {
+        let name = policy.map_or_else(String::new, |policy| policy.display().to_string());
+        format!("invalid policy file {name}:\n{problems}")
+    })?;
     let since = sendguard::admin::parse_time("--since", since)?;
 
     let directory =
@@ -463,7 +473,7 @@ pub fn simulate(config: &Path, policy: &Path, since: &str, format: Format) -> Re
     let report = tokio_runtime()?.block_on(async {
         let store = sendguard::store::Store::from_config(&config.store, config.events.keep)
             .map_err(|error| error.to_string())?;
-        sendguard::simulate::run(&store, &candidate, &directory, since)
+        sendguard::simulate::run(&store, &candidate, &directory, since, policy.is_none())
             .await
             .map_err(|error| error.to_string())
     })?;

@@ -163,8 +163,17 @@ enum Command {
         /// TOML file with the candidate [policy], and optionally [identity]
         /// and [exemptions] (senders, logins, networks); keys it leaves out
         /// keep the values of --config.
+        #[arg(
+            long,
+            required_unless_present = "recorded",
+            conflicts_with = "recorded"
+        )]
+        policy: Option<PathBuf>,
+        /// Replay under the [policy] and [identity] recorded in force at
+        /// each message (config_loaded events) instead of a candidate, to
+        /// check the replay against the recorded history.
         #[arg(long)]
-        policy: PathBuf,
+        recorded: bool,
         /// Start of the period: a duration back from now such as 30d, or an
         /// RFC 3339 time such as 2026-12-04T21:00:00Z.
         #[arg(long, default_value = "30d")]
@@ -396,9 +405,11 @@ fn main() -> ExitCode {
         Command::Simulate {
             config,
             policy,
+            // Clap requires --recorded exactly when --policy is absent.
+            recorded: _,
             since,
             format,
-        } => commands::simulate(&config, &policy, &since, format),
+        } => commands::simulate(&config, policy.as_deref(), &since, format),
         Command::Config {
             command: ConfigCommand::Check { file },
         } => config_check(&file),

@@ -345,6 +345,42 @@ fn simulation_on_recorded_traffic() {
         .filter(|line| line.contains(",simulated,"))
         .count() as u64;
     assert_eq!(rows, simulated_total, "{csv}");
+
+    // After a reload to threshold 2, fay's two messages lock her out. The
+    // policies recorded in force reproduce the whole history, while the
+    // policy now in force alone does not.
+    server.rewrite_config(|text| text.replace("threshold = 3", "threshold = 2"));
+    server.reload();
+    send_spam(server, "fay@example.org", "127.0.0.1", 50);
+    send_spam(server, "fay@example.org", "127.0.0.1", 51);
+    let output = server.cli(&[
+        "simulate",
+        "--recorded",
+        "--since",
+        "10m",
+        "--format",
+        "json",
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let recorded: Value = serde_json::from_slice(&output.stdout).expect("one JSON report");
+    let mailboxes = recorded["mailboxes"].as_array().expect("mailboxes");
+    assert_eq!(mailboxes.len(), 4, "ann, cal, ceo, fay: {recorded:#}");
+    for mailbox in mailboxes {
+        assert_eq!(mailbox["real"], mailbox["simulated"], "{recorded:#}");
+    }
+    assert_eq!(
+        recorded["recorded_policies"].as_array().map(Vec::len),
+        Some(2)
+    );
+    let now_in_force = simulate(server, "");
+    assert!(
+        entry(&now_in_force, "bob@example.org", None).is_some(),
+        "{now_in_force:#}"
+    );
 }
 
 #[test]

@@ -34,6 +34,10 @@ struct SimulateRequest {
     /// RFC 3339 time.
     #[serde(default)]
     since: Option<String>,
+    /// Replay under the policies recorded in force instead, to check the
+    /// replay against the recorded history.
+    #[serde(default)]
+    recorded: bool,
 }
 
 const EXAMPLE: &str = r#"{"policy": "[policy]\nthreshold = 3\n", "since": "30d"}"#;
@@ -71,7 +75,15 @@ async fn simulate(
     let directory =
         crate::simulate::candidate_directory(&runtime.config, &runtime.directory, &candidate)
             .map_err(|error| ApiError::bad_request(error.to_string()))?;
-    match crate::simulate::run(guard.store(), &candidate, &directory, since).await {
+    match crate::simulate::run(
+        guard.store(),
+        &candidate,
+        &directory,
+        since,
+        request.recorded,
+    )
+    .await
+    {
         Ok(report) => Ok(ok_json(report.to_json())),
         Err(crate::simulate::SimulateError::Store(error)) => Err(ApiError::internal(error)),
         Err(error) => Err(ApiError::bad_request(error.to_string())),

@@ -76,7 +76,9 @@ pub fn check_since(since: Timestamp, now: Timestamp) -> Result<(), SimulateError
 }
 
 /// Replays the period from `since` to the store's present under
-/// `candidate` and returns the report.
+/// `candidate`, or with `follow_recorded` under the policies recorded in
+/// force (see [`Replay::follow_recorded_policies`]), and returns the
+/// report.
 ///
 /// # Errors
 /// When `since` is not in the past, or on a store failure.
@@ -85,6 +87,7 @@ pub async fn run(
     candidate: &Candidate,
     directory: &Directory,
     since: Timestamp,
+    follow_recorded: bool,
 ) -> Result<Report, SimulateError> {
     // With Redis, its clock is the one every recorded time comes from.
     let until = match store.shared() {
@@ -93,6 +96,9 @@ pub async fn run(
     };
     check_since(since, until)?;
     let mut replay = Replay::new(candidate, directory, since);
+    if follow_recorded {
+        replay = replay.follow_recorded_policies();
+    }
 
     // The state at `since` comes from the lockouts, lifts and exemptions
     // recorded before it.

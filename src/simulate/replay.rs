@@ -8,7 +8,7 @@
 //! lockout schedule.
 
 use super::report::{LockoutRow, MailboxReport, Report};
-use crate::config::Candidate;
+use crate::config::{Candidate, IdentityConfig, PolicyConfig};
 use crate::directory::Directory;
 use crate::events::{Event, EventKind};
 use crate::identity::{self, MailboxKey, SenderFacts};
@@ -80,6 +80,11 @@ pub struct Replay<'a> {
     since_sweep: u64,
     /// Largest number of simulated states held at once.
     peak_states: usize,
+    /// Whether each strike is replayed under the policy recorded in force
+    /// at its time instead of the candidate's.
+    follow_recorded: bool,
+    /// The `[policy]` and `[identity]` of the newest `config_loaded` event.
+    recorded: Option<(PolicyConfig, IdentityConfig)>,
 }
 
 impl<'a> Replay<'a> {
@@ -100,7 +105,19 @@ impl<'a> Replay<'a> {
             newest: None,
             since_sweep: 0,
             peak_states: 0,
+            follow_recorded: false,
+            recorded: None,
         }
+    }
+
+    /// Replays each strike under the `[policy]` and `[identity]` recorded
+    /// in the newest `config_loaded` event before it, so the replay can be
+    /// checked against the recorded history. The candidate's settings
+    /// apply until the first such event, and its exemptions throughout.
+    pub fn follow_recorded_policies(mut self) -> Self {
+        self.follow_recorded = true;
+        self.report.set_follows_recorded();
+        self
     }
 
     /// Number of simulated mailbox states held now.
@@ -138,7 +155,10 @@ impl<'a> Replay<'a> {
             EventKind::LockoutStarted | EventKind::BlockedPermanently => self.real_lockout(event),
             EventKind::BlockLifted | EventKind::LockoutCountReset => self.support_lift(event),
             EventKind::LockoutsForgiven => self.report.real.forgiven += 1,
-            EventKind::ConfigLoaded => self.report.record_policy(event, MAX_LISTED_POLICIES),
+            EventKind::ConfigLoaded => {
+                self.report.record_policy(event, MAX_LISTED_POLICIES);
+                self.policy_loaded(event);
+            }
             _ => {}
         }
         self.report.events_read += 1;
@@ -170,6 +190,7 @@ impl<'a> Replay<'a> {
     fn baseline_event(&mut self, event: &Event) {
         if event.kind == EventKind::ConfigLoaded {
             self.report.set_policy_at_since(event);
+            self.policy_loaded(event);
             return;
         }
         let Some(key) = recorded_key(event) else {
@@ -197,6 +218,39 @@ impl<'a> Replay<'a> {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// Keeps the policy a `config_loaded` event records. An event without
+    /// a readable `[policy]` or `[identity]` (from an older release) keeps
+    /// the one before it.
+    fn policy_loaded(&mut self, event: &Event) {
+        let recorded = event.details.get("policy");
+        let policy = recorded
+            .and_then(|recorded| recorded.get("policy"))
+            .and_then(|policy| serde_json::from_value::<PolicyConfig>(policy.clone()).ok());
+        let identity = recorded
+            .and_then(|recorded| recorded.get("identity"))
+            .and_then(|identity| serde_json::from_value::<IdentityConfig>(identity.clone()).ok());
+        match (policy, identity) {
+            (Some(policy), Some(identity)) => self.recorded = Some((policy, identity)),
+            _ => self.report.limits.events_without_facts += 1,
+        }
+    }
+
+    /// The `[policy]` a strike is replayed under.
+    fn policy(&self) -> &PolicyConfig {
+        match &self.recorded {
+            Some((policy, _)) if self.follow_recorded => policy,
+            _ => &self.candidate.policy,
+        }
+    }
+
+    /// The `[identity]` a message is attributed under.
+    fn identity(&self) -> &IdentityConfig {
+        match &self.recorded {
+            Some((_, identity)) if self.follow_recorded => identity,
+            _ => &self.candidate.identity,
         }
     }
 
@@ -260,11 +314,8 @@ impl<'a> Replay<'a> {
             self.report.limits.events_without_facts += 1;
             return;
         };
-        let attribution = identity::attribute(
-            facts.sender_facts(),
-            &self.candidate.identity,
-            self.directory,
-        );
+        let attribution =
+            identity::attribute(facts.sender_facts(), self.identity(), self.directory);
         let Some(key) = attribution.strike_key else {
             self.report.limits.not_attributed += 1;
             return;
@@ -328,11 +379,8 @@ impl<'a> Replay<'a> {
             .unwrap_or(1);
         self.report.limits.refused_messages += count;
         let blocked_in_simulation = RecordedSender::of(event).is_some_and(|facts| {
-            let attribution = identity::attribute(
-                facts.sender_facts(),
-                &self.candidate.identity,
-                self.directory,
-            );
+            let attribution =
+                identity::attribute(facts.sender_facts(), self.identity(), self.directory);
             attribution.block_key.is_some_and(|key| {
                 let mode = self.mode_for(event);
                 let block = self
@@ -412,7 +460,7 @@ impl<'a> Replay<'a> {
     /// The mode a strike is replayed in: the candidate's when it sets one,
     /// else the one recorded with the event.
     fn mode_for(&self, event: &Event) -> Mode {
-        if self.candidate.sets_mode {
+        if self.candidate.sets_mode && !self.follow_recorded {
             return self.candidate.policy.mode;
         }
         if event.details.get("monitor") == Some(&Value::Bool(true)) {
@@ -425,7 +473,7 @@ impl<'a> Replay<'a> {
     fn settings_for(&self, event: &Event) -> PolicySettings {
         PolicySettings {
             mode: self.mode_for(event),
-            ..self.candidate.policy.settings()
+            ..self.policy().settings()
         }
     }
 
@@ -433,7 +481,7 @@ impl<'a> Replay<'a> {
     /// the window, no lockout history. A mailbox that strikes again starts
     /// from its recorded state at `since`, which is also zero then.
     fn sweep(&mut self, now: Timestamp) {
-        let settings = self.candidate.policy.settings();
+        let settings = self.policy().settings();
         self.states.retain(|key, state| {
             state.expire_strikes(&settings, now);
             !state.is_empty(&settings, now) || self.baseline.contains_key(key)

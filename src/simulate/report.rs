@@ -98,7 +98,7 @@ impl MailboxReport {
 }
 
 /// Totals of one side of the report.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Totals {
     /// Bad messages counted towards a lockout.
     pub strikes: u64,
@@ -107,9 +107,9 @@ pub struct Totals {
     /// Lockouts started, the permanent blocks included.
     pub lockouts: u64,
     pub permanent: u64,
-    /// Hours during which lockouts refused mail, up to the end of the
-    /// period.
-    pub hours_blocked: f64,
+    /// Time during which lockouts refused mail, up to the end of the
+    /// period, summed over mailboxes.
+    pub blocked: std::time::Duration,
     /// Mailbox keys with at least one lockout.
     pub mailboxes: u64,
     /// Lockout counts set back to zero by `forgive_after`.
@@ -125,7 +125,7 @@ impl Totals {
         for lockout in lockouts {
             self.lockouts += 1;
             self.permanent += u64::from(lockout.is_permanent());
-            self.hours_blocked += lockout.blocked_until(end).as_secs_f64() / 3600.0;
+            self.blocked += lockout.blocked_until(end);
         }
     }
 
@@ -133,7 +133,8 @@ impl Totals {
         json!({
             "lockouts": self.lockouts,
             "permanent": self.permanent,
-            "hours_blocked": (self.hours_blocked * 100.0).round() / 100.0,
+            "hours_blocked": (self.blocked.as_secs_f64() / 36.0).round() / 100.0,
+            "seconds_blocked": self.blocked.as_secs(),
             "mailboxes": self.mailboxes,
             "strikes": self.strikes,
             "exempt_strikes": self.exempt_strikes,
@@ -213,6 +214,11 @@ impl Report {
             limits: Limits::default(),
             events_read: 0,
         }
+    }
+
+    pub(super) fn set_follows_recorded(&mut self) {
+        self.candidate["recorded_policies"] = Value::Bool(true);
+        self.candidate["mode"] = "as recorded with each message".into();
     }
 
     pub(super) fn set_policy_at_since(&mut self, event: &Event) {
@@ -363,7 +369,7 @@ impl Report {
             self.events_read
         )?;
         writeln!(out)?;
-        writeln!(out, "{:<28}  {:>10}  {:>10}", "", "REAL", "SIMULATED")?;
+        writeln!(out, "{:<28}  {:>14}  {:>14}", "", "REAL", "SIMULATED")?;
         let rows: [(&str, String, String); 6] = [
             (
                 "lockouts",
@@ -376,9 +382,9 @@ impl Report {
                 self.simulated.permanent.to_string(),
             ),
             (
-                "hours blocked",
-                format!("{:.2}", self.real.hours_blocked),
-                format!("{:.2}", self.simulated.hours_blocked),
+                "time blocked",
+                rounded_duration(self.real.blocked),
+                rounded_duration(self.simulated.blocked),
             ),
             (
                 "mailboxes locked out",
@@ -397,7 +403,7 @@ impl Report {
             ),
         ];
         for (name, real, simulated) in rows {
-            writeln!(out, "{name:<28}  {real:>10}  {simulated:>10}")?;
+            writeln!(out, "{name:<28}  {real:>14}  {simulated:>14}")?;
         }
         writeln!(out)?;
         writeln!(
@@ -448,4 +454,9 @@ fn recorded_policy(event: &Event) -> RecordedPolicy {
             .to_string(),
         policy: event.details.get("policy").cloned().unwrap_or(Value::Null),
     }
+}
+
+/// Formats a duration to the second, such as `2h 30m 5s`.
+fn rounded_duration(duration: std::time::Duration) -> String {
+    humantime::format_duration(std::time::Duration::from_secs(duration.as_secs())).to_string()
 }

@@ -137,7 +137,10 @@ fn lower_threshold_adds_lockouts() {
     assert!(cat.real.is_empty());
     assert_eq!(starts(&cat.simulated), [(1, at(2))]);
     assert_eq!(cat.simulated[0].until, Some(at(62)));
-    assert_eq!(report.simulated.hours_blocked, 1.0);
+    assert_eq!(
+        report.simulated.blocked,
+        std::time::Duration::from_secs(3600)
+    );
 }
 
 #[test]
@@ -348,7 +351,7 @@ fn recorded_monitor_mode_replayed() {
     let recorded = simulate(&candidate(""), &events, at(-1));
     let jon = recorded.mailbox("jon@example.org", None).expect("listed");
     assert!(jon.simulated[0].monitor);
-    assert_eq!(recorded.simulated.hours_blocked, 0.0);
+    assert_eq!(recorded.simulated.blocked, std::time::Duration::ZERO);
 
     let enforcing = simulate(
         &candidate("[policy]\nmode = \"enforce\"\n"),
@@ -468,4 +471,57 @@ fn reorder_restores_time_order() {
     }
     reorder.drain(|event| out.push(event.time.millis()));
     assert_eq!(out, [500, 1_000, 2_000, 200_000]);
+}
+
+/// Builds the `config_loaded` event the guard records for `policy`.
+fn policy_loaded(time: Timestamp, policy: &str) -> Event {
+    let loaded = candidate(policy);
+    let recorded = serde_json::json!({"policy": loaded.policy, "identity": loaded.identity});
+    Event::config_loaded(time, "digest", recorded, "reload")
+}
+
+#[test]
+fn recorded_policies_followed() {
+    // Threshold 5 in force until minute 10, then 2; lea's three messages
+    // before the change start no lockout, max's two after it do.
+    let mut events = vec![policy_loaded(at(-5), "")];
+    events.extend(record(&[
+        (0, "lea@example.org", "192.0.2.14"),
+        (1, "lea@example.org", "192.0.2.14"),
+        (2, "lea@example.org", "192.0.2.14"),
+    ]));
+    events.push(policy_loaded(at(10), "[policy]\nthreshold = 2\n"));
+    for minute in [11, 12] {
+        let key = MailboxKey::mailbox("max@example.org");
+        let facts = facts("max@example.org", "192.0.2.15", minute as usize);
+        events.push(Event::bad_message(
+            at(minute),
+            Some(&key),
+            &facts,
+            &spam(),
+            true,
+            None,
+            false,
+        ));
+    }
+
+    let directory = Directory::default();
+    let fixed = candidate("[policy]\nthreshold = 3\n");
+    let mut replay = Replay::new(&fixed, &directory, at(-1)).follow_recorded_policies();
+    for event in &events {
+        replay.feed(event);
+    }
+    let report = replay.finish(at(24 * 60));
+
+    assert!(
+        report.mailbox("lea@example.org", None).is_none(),
+        "threshold 5 at minute 2"
+    );
+    let max = report.mailbox("max@example.org", None).expect("max listed");
+    assert_eq!(starts(&max.simulated), [(1, at(12))]);
+    assert_eq!(
+        simulate(&fixed, &events, at(-1)).simulated.lockouts,
+        1,
+        "lea under 3"
+    );
 }
