@@ -376,6 +376,9 @@ fn simulation_on_recorded_traffic() {
         recorded["recorded_policies"].as_array().map(Vec::len),
         Some(2)
     );
+    let from_api = post_simulate(api, json!({"recorded": true, "since": "10m"}));
+    assert_eq!(from_api.status, 200, "{}", from_api.body);
+    assert_eq!(from_api.json()["mailboxes"], recorded["mailboxes"]);
     let now_in_force = simulate(server, "");
     assert!(
         entry(&now_in_force, "bob@example.org", None).is_some(),

@@ -112,7 +112,9 @@ pub struct Totals {
     pub blocked: std::time::Duration,
     /// Mailbox keys with at least one lockout.
     pub mailboxes: u64,
-    /// Lockout counts set back to zero by `forgive_after`.
+    /// Lockout counts set back to zero by `forgive_after`. The simulation
+    /// forgives at the mailbox's next bad message, so a mailbox that never
+    /// sends one again is forgiven in the real history only.
     pub forgiven: u64,
 }
 
@@ -264,8 +266,9 @@ impl Report {
         }
         if limits.events_without_facts > 0 {
             notes.push(format!(
-                "{} event(s) lack the sender, client or verdict facts a replay needs (recorded \
-                 by an older release) and were skipped.",
+                "{} event(s) lack facts a replay needs (the sender, client or verdict of a \
+                 message, or the policy of a config_loaded event), as events recorded by older \
+                 releases may, and were skipped.",
                 limits.events_without_facts
             ));
         }
