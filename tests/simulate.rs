@@ -274,7 +274,7 @@ fn simulation_on_recorded_traffic() {
     // client-and-sender splits ceo's strikes by client: the owner's one
     // strike no longer adds to the forger's two.
     let split = simulate(
-        &server,
+        server,
         "[policy]\nthreshold = 2\n[identity]\nunauthenticated = \"client-and-sender\"\n",
     );
     let ceo_times = bad_message_times(server, "ceo@example.org");

@@ -525,3 +525,51 @@ fn recorded_policies_followed() {
         "lea under 3"
     );
 }
+
+#[test]
+fn login_keeps_key_across_clients() {
+    // gil logs in from three clients with three envelope senders: the login
+    // is the key under every identity rule, so client-and-sender does not
+    // split it, and ignore still counts it. An unauthenticated forger is
+    // not counted under ignore.
+    let mut events = Vec::new();
+    for (index, client) in ["192.0.2.21", "192.0.2.22", "192.0.2.23"]
+        .iter()
+        .enumerate()
+    {
+        let mut facts = facts(&format!("alias{index}@example.org"), client, index);
+        facts.login = Some("gil@example.org".to_string());
+        let key = MailboxKey::mailbox("gil@example.org");
+        let time = at(index as i64);
+        events.push(Event::bad_message(
+            time,
+            Some(&key),
+            &facts,
+            &spam(),
+            true,
+            None,
+            false,
+        ));
+    }
+    let forged = facts("gil@example.org", "198.51.100.9", 9);
+    let key = MailboxKey::mailbox("gil@example.org");
+    events.push(Event::bad_message(
+        at(3),
+        Some(&key),
+        &forged,
+        &spam(),
+        true,
+        None,
+        false,
+    ));
+
+    for rule in ["sender", "client-and-sender", "ignore"] {
+        let text = format!("[policy]\nthreshold = 3\n[identity]\nunauthenticated = \"{rule}\"\n");
+        let report = simulate(&candidate(&text), &events, at(-1));
+        let gil = report.mailbox("gil@example.org", None).expect("gil listed");
+        assert_eq!(starts(&gil.simulated), [(1, at(2))], "{rule}");
+    }
+    let ignore = candidate("[policy]\nthreshold = 3\n[identity]\nunauthenticated = \"ignore\"\n");
+    let report = simulate(&ignore, &events, at(-1));
+    assert_eq!(report.limits.not_attributed, 1);
+}
