@@ -82,6 +82,11 @@ fn record(messages: &[(i64, &str, &str)]) -> Vec<Event> {
     events
 }
 
+/// Builds the `bad_message` event of a counted spam message.
+fn counted_bad(time: Timestamp, key: &MailboxKey, facts: &MessageFacts) -> Event {
+    Event::bad_message(time, Some(key), facts, &spam(), true, None, false)
+}
+
 fn simulate(candidate: &Candidate, events: &[Event], since: Timestamp) -> Report {
     let directory = Directory::default();
     let mut replay = Replay::new(candidate, &directory, since);
@@ -494,15 +499,7 @@ fn recorded_policies_followed() {
     for minute in [11, 12] {
         let key = MailboxKey::mailbox("max@example.org");
         let facts = facts("max@example.org", "192.0.2.15", minute as usize);
-        events.push(Event::bad_message(
-            at(minute),
-            Some(&key),
-            &facts,
-            &spam(),
-            true,
-            None,
-            false,
-        ));
+        events.push(counted_bad(at(minute), &key, &facts));
     }
 
     let directory = Directory::default();
@@ -541,27 +538,11 @@ fn login_keeps_key_across_clients() {
         facts.login = Some("gil@example.org".to_string());
         let key = MailboxKey::mailbox("gil@example.org");
         let time = at(index as i64);
-        events.push(Event::bad_message(
-            time,
-            Some(&key),
-            &facts,
-            &spam(),
-            true,
-            None,
-            false,
-        ));
+        events.push(counted_bad(time, &key, &facts));
     }
     let forged = facts("gil@example.org", "198.51.100.9", 9);
     let key = MailboxKey::mailbox("gil@example.org");
-    events.push(Event::bad_message(
-        at(3),
-        Some(&key),
-        &forged,
-        &spam(),
-        true,
-        None,
-        false,
-    ));
+    events.push(counted_bad(at(3), &key, &forged));
 
     for rule in ["sender", "client-and-sender", "ignore"] {
         let text = format!("[policy]\nthreshold = 3\n[identity]\nunauthenticated = \"{rule}\"\n");
