@@ -197,7 +197,7 @@ fn simulation_on_recorded_traffic() {
     let (server, api) = (&relay.server, relay.api.as_str());
     record_traffic(server, api);
 
-    // The recorded history: ann twice, cal and ceo once, nobody else.
+    // The recorded history: ann twice, cal and ceo once, no other mailbox.
     let started = server.events_of("lockout_started");
     let locked: Vec<(&str, u64)> = started
         .iter()

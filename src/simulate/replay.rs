@@ -238,7 +238,7 @@ impl<'a> Replay<'a> {
         }
     }
 
-    /// The `[policy]` a strike is replayed under.
+    /// Returns the `[policy]` a strike is replayed under.
     fn policy(&self) -> &PolicyConfig {
         match &self.recorded {
             Some((policy, _)) if self.follow_recorded => policy,
@@ -246,7 +246,7 @@ impl<'a> Replay<'a> {
         }
     }
 
-    /// The `[identity]` a message is attributed under.
+    /// Returns the `[identity]` a message is attributed under.
     fn identity(&self) -> &IdentityConfig {
         match &self.recorded {
             Some((_, identity)) if self.follow_recorded => identity,
@@ -457,8 +457,8 @@ impl<'a> Replay<'a> {
         self.states.entry(key.clone()).or_default()
     }
 
-    /// The mode a strike is replayed in: the candidate's when it sets one,
-    /// else the one recorded with the event.
+    /// Returns the mode a strike is replayed in: the candidate's when it
+    /// sets one, else the one recorded with the event.
     fn mode_for(&self, event: &Event) -> Mode {
         if self.candidate.sets_mode && !self.follow_recorded {
             return self.candidate.policy.mode;

@@ -145,7 +145,8 @@ impl Totals {
     }
 }
 
-/// What the replay could not know or had to skip.
+/// Counts of the facts the replay could not know and the events it had to
+/// skip.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Limits {
     /// Messages refused at MAIL FROM by a real lockout, all of them.
@@ -372,6 +373,19 @@ impl Report {
             self.events_read
         )?;
         writeln!(out)?;
+        self.write_totals(out)?;
+        writeln!(out)?;
+        self.write_lockouts(out)?;
+        writeln!(out)?;
+        writeln!(out, "Limits:")?;
+        for note in self.limit_notes() {
+            writeln!(out, "- {note}")?;
+        }
+        Ok(())
+    }
+
+    /// Writes the totals of both sides as a two-column table.
+    fn write_totals(&self, out: &mut impl Write) -> std::io::Result<()> {
         writeln!(out, "{:<28}  {:>14}  {:>14}", "", "REAL", "SIMULATED")?;
         let rows: [(&str, String, String); 6] = [
             (
@@ -408,7 +422,11 @@ impl Report {
         for (name, real, simulated) in rows {
             writeln!(out, "{name:<28}  {real:>14}  {simulated:>14}")?;
         }
-        writeln!(out)?;
+        Ok(())
+    }
+
+    /// Writes one line per lockout, real and simulated, by mailbox.
+    fn write_lockouts(&self, out: &mut impl Write) -> std::io::Result<()> {
         writeln!(
             out,
             "{:<36}  {:<9}  {:>5}  {:<20}  UNTIL",
@@ -436,11 +454,6 @@ impl Report {
                     )?;
                 }
             }
-        }
-        writeln!(out)?;
-        writeln!(out, "Limits:")?;
-        for note in self.limit_notes() {
-            writeln!(out, "- {note}")?;
         }
         Ok(())
     }

@@ -416,9 +416,9 @@ fn suspect_and_incomplete_events_skipped() {
 #[test]
 fn state_bounded_by_active_mailboxes() {
     // 200 000 bad messages from 20 000 mailboxes, ten each, one message a
-    // second round-robin: a mailbox's messages are 20 000 s apart, far
-    // beyond the 10-minute window, so at most the mailboxes of the last
-    // window (600 plus one sweep interval) are held.
+    // second round-robin. A mailbox's messages are 20 000 s apart, far
+    // beyond the 10-minute window. So at most the mailboxes of the last
+    // window are held, 600 plus those of one sweep interval.
     let candidate = candidate("");
     let directory = Directory::default();
     let mut replay = Replay::new(&candidate, &directory, Timestamp(START - 1));
