@@ -250,10 +250,13 @@ impl Event {
                 })
             })
             .collect();
+        // `until` has second precision; `until_ms` keeps the exact end so
+        // a replay of the history can add up lockout time exactly.
         Event::new(lockout.started, kind, Some(key))
             .with_facts(facts)
             .with("level", lockout.level)
             .with("until", lockout.until.map(Timestamp::to_rfc3339))
+            .with("until_ms", lockout.until.map(Timestamp::millis))
             .with("monitor", (!lockout.enforced).then_some(true))
             .with("strikes", strikes)
     }

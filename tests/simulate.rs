@@ -235,6 +235,14 @@ fn simulation_on_recorded_traffic() {
     assert_eq!(same["real"]["lockouts"], 4);
     assert_eq!(same["simulated"]["lockouts"], 4);
     assert_eq!(same["simulated"]["exempt_strikes"], 3);
+    assert_eq!(
+        same["real"]["seconds_blocked"],
+        same["simulated"]["seconds_blocked"]
+    );
+    assert_eq!(
+        same["real"]["hours_blocked"],
+        same["simulated"]["hours_blocked"]
+    );
     assert_eq!(same["limits"]["unknown_verdicts"], 0, "{same:#}");
     assert_eq!(same["limits"]["refused_messages"], 1);
 
@@ -450,10 +458,16 @@ fn simulation_on_redis_history() {
     assert_eq!(send(server, "ann@example.org", "127.0.0.1", &clean()), 550);
     send_spam(server, "bob@example.org", "127.0.0.1", 10);
     send_spam(server, "bob@example.org", "127.0.0.1", 11);
+    // Redis moves a mailbox's events to the stream after its write.
     server.wait_for_events(Duration::from_secs(10), |events| {
-        events
+        let bob = events
             .iter()
-            .any(|event| event["type"] == "lockout_started")
+            .filter(|event| event["type"] == "bad_message" && event["mailbox"] == "bob@example.org")
+            .count();
+        bob == 2
+            && events
+                .iter()
+                .any(|event| event["type"] == "lockout_started")
     });
 
     let same = simulate(server, "");

@@ -552,11 +552,15 @@ fn recorded_key(event: &Event) -> Option<MailboxKey> {
 /// records.
 fn recorded_lockout(event: &Event) -> Option<Lockout> {
     let level = u32::try_from(event.details.get("level")?.as_u64()?).ok()?;
+    // Events from older releases carry `until` to the second only.
     let until = match event.kind {
         EventKind::BlockedPermanently => None,
-        _ => Some(Timestamp::parse_rfc3339(
-            event.details.get("until")?.as_str()?,
-        )?),
+        _ => match event.details.get("until_ms").and_then(Value::as_i64) {
+            Some(millis) => Some(Timestamp(millis)),
+            None => Some(Timestamp::parse_rfc3339(
+                event.details.get("until")?.as_str()?,
+            )?),
+        },
     };
     Some(Lockout {
         level,

@@ -254,7 +254,8 @@ impl Report {
                 limits.refused_messages, limits.unknown_verdicts
             ),
             "The replay starts each mailbox from its recorded lockout count and last lockout at \
-             the start of the period, with an empty window."
+             the start of the period, with an empty window. A key the recorded history does not \
+             have (under another identity rule) starts from zero."
                 .to_string(),
             "Logins and aliases are mapped with the directory file in force now.".to_string(),
         ];
