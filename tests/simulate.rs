@@ -17,9 +17,9 @@ use std::time::Duration;
 const GTUBE: &str = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X";
 const ADMIN: &str = "admin-token-for-simulate-tests-0123";
 
-/// Three bad messages inside four seconds start a lockout of three seconds,
+/// Three bad messages inside six seconds start a lockout of three seconds,
 /// doubling with each lockout.
-const POLICY: &str = "[policy]\nthreshold = 3\nwindow = \"4s\"\nfirst_lockout = \"3s\"\n";
+const POLICY: &str = "[policy]\nthreshold = 3\nwindow = \"6s\"\nfirst_lockout = \"3s\"\n";
 
 fn spam(index: usize) -> Vec<u8> {
     format!("Subject: offer {index}\r\nMessage-ID: <s{index}@example.org>\r\n\r\n{GTUBE}\r\n")
@@ -150,7 +150,7 @@ fn bad_message_times(server: &Sendguard, mailbox: &str) -> Vec<String> {
 /// - ann: three spam (lockout 1), a refused clean message, three more spam
 ///   after the lockout (lockout 2);
 /// - bob: two spam, below the threshold;
-/// - cal: three spam 1.5 s apart, inside the 4 s window (a lockout);
+/// - cal: three spam 1.5 s apart, inside the 6 s window (a lockout);
 /// - ceo@example.org: one spam from its owner at 127.0.0.2, then two from a
 ///   forger at 127.0.0.3 (a lockout of the mailbox);
 /// - dee: three spam under an exemption added through the API (no lockout).

@@ -253,9 +253,9 @@ impl Report {
                  their verdicts are unknown and they count as no strike.",
                 limits.refused_messages, limits.unknown_verdicts
             ),
-            "The replay starts each mailbox from its recorded lockout count and last lockout at \
-             the start of the period, with an empty window. A key the recorded history does not \
-             have (under another identity rule) starts from zero."
+            "The replay starts each mailbox from the lockout count and last lockout recorded in \
+             the events kept before the period ([events] keep), with an empty window. A key the \
+             recorded history does not have (under another identity rule) starts from zero."
                 .to_string(),
             "Logins and aliases are mapped with the directory file in force now.".to_string(),
         ];

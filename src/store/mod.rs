@@ -534,6 +534,10 @@ impl Store {
     /// order they reached its stream, which is time order except for events
     /// a host stored late (see [`Store::events_in_time_order`]).
     ///
+    /// NOTE: with Redis, `until` filters the events but does not end the
+    /// read, so the last page of a read that ends before the newest event
+    /// scans the rest of the stream (in batches, so memory stays bounded).
+    ///
     /// # Errors
     /// On a store failure or an event that does not decode.
     pub async fn events_page(
