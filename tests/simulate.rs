@@ -479,6 +479,9 @@ fn simulation_on_redis_history() {
         "{same:#}"
     );
 
+    let notes = same["limits"]["notes"].to_string();
+    assert!(notes.contains("lower bounds"), "{notes}");
+
     let lower = simulate(server, "[policy]\nthreshold = 2\n");
     let bob_times = bad_message_times(server, "bob@example.org");
     assert_eq!(

@@ -168,6 +168,9 @@ pub struct Limits {
     pub lifts_without_effect: u64,
     /// Largest number of mailbox states the replay held at once.
     pub peak_states: usize,
+    /// Whether the store records one refusal per mailbox, lockout and
+    /// minute (Redis), so the refusal counts are lower bounds.
+    pub refusals_once_per_minute: bool,
 }
 
 /// A policy load recorded in the events.
@@ -259,6 +262,13 @@ impl Report {
                 .to_string(),
             "Logins and aliases are mapped with the directory file in force now.".to_string(),
         ];
+        if limits.refusals_once_per_minute {
+            notes.push(
+                "The Redis store records one refusal per mailbox, lockout and minute, so the \
+                 refused and unknown counts are lower bounds."
+                    .to_string(),
+            );
+        }
         if limits.not_attributed > 0 {
             notes.push(format!(
                 "{} bad message(s) belong to no mailbox under the candidate's identity rule and \

@@ -536,3 +536,52 @@ pub fn quiet_since(
     }
     Ok(keys)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::Event;
+
+    #[test]
+    fn events_page_follows_time_order() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let connection = open(&dir.path().join("store.db")).expect("open");
+        // Stored in id order 1..=5, the third dated back before the others,
+        // as a lockout end recorded after a restart is.
+        for (time, kind) in [
+            (1_000, EventKind::ConfigLoaded),
+            (3_000, EventKind::ConfigLoaded),
+            (500, EventKind::LockoutEnded),
+            (3_000, EventKind::ConfigLoaded),
+            (4_000, EventKind::ConfigLoaded),
+        ] {
+            let mut event =
+                Event::config_loaded(Timestamp(time), "digest", serde_json::Value::Null, "test");
+            event.kind = kind;
+            insert_event(&connection, &event).expect("insert");
+        }
+
+        let mut read = Vec::new();
+        let mut page = EventPage {
+            since: Some(Timestamp(600)),
+            until: Some(Timestamp(4_000)),
+            kinds: vec![EventKind::ConfigLoaded],
+            limit: 2,
+            ..EventPage::default()
+        };
+        loop {
+            let events = events_page(&connection, &page).expect("page");
+            assert!(events.len() <= 2, "{events:?}");
+            let Some(last) = events.last() else {
+                break;
+            };
+            page.after = Some(EventPosition {
+                time: last.time,
+                id: last.id.expect("stored id"),
+            });
+            read.extend(events.iter().map(|event| (event.time.millis(), event.id)));
+        }
+
+        assert_eq!(read, [(1_000, Some(1)), (3_000, Some(2)), (3_000, Some(4))]);
+    }
+}
