@@ -161,8 +161,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
         /// TOML file with the candidate [policy], and optionally [identity]
-        /// and [exemptions] (senders, logins, networks); keys it leaves out
-        /// keep the values of --config.
+        /// and [exemptions] (senders, logins, networks, ignore_recorded);
+        /// keys it leaves out keep the values of --config.
         #[arg(
             long,
             required_unless_present = "recorded",

@@ -30,6 +30,9 @@ pub struct CandidateExemptions {
     pub logins: Vec<String>,
     /// Client networks, such as `192.0.2.0/24`.
     pub networks: Vec<ipnet::IpNet>,
+    /// Leave out the exemptions recorded in the events, to see what they
+    /// prevented. Off by default: recorded exemptions apply at their times.
+    pub ignore_recorded: bool,
 }
 
 impl Config {

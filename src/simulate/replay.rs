@@ -330,6 +330,7 @@ impl<'a> Replay<'a> {
             .recorded_exemptions
             .values()
             .filter(|exemption| exemption.created <= event.time)
+            .filter(|_| !self.candidate.exemptions.ignore_recorded)
             .cloned()
             .collect();
         let exempt =

@@ -554,3 +554,36 @@ fn login_keeps_key_across_clients() {
     let report = simulate(&ignore, &events, at(-1));
     assert_eq!(report.limits.not_attributed, 1);
 }
+
+#[test]
+fn recorded_exemptions_can_be_ignored() {
+    let exemption = crate::policy::Exemption {
+        id: 8,
+        kind: crate::policy::ExemptionKind::Network("192.0.2.0/24".parse().expect("network")),
+        reason: "lab".to_string(),
+        author: "ops".to_string(),
+        created: at(-2),
+        expires: at(600),
+    };
+    let mut events = vec![Event::exemption(
+        at(-2),
+        EventKind::ExemptionAdded,
+        &exemption,
+        None,
+    )];
+    events.extend(record(&[
+        (0, "ned@example.org", "192.0.2.30"),
+        (1, "ned@example.org", "192.0.2.30"),
+        (2, "ned@example.org", "192.0.2.30"),
+    ]));
+
+    let honoured = simulate(&candidate("[policy]\nthreshold = 3\n"), &events, at(-1));
+    assert!(honoured.mailbox("ned@example.org", None).is_none());
+    assert_eq!(honoured.simulated.exempt_strikes, 3);
+
+    let without = candidate("[policy]\nthreshold = 3\n[exemptions]\nignore_recorded = true\n");
+    let ignored = simulate(&without, &events, at(-1));
+    let ned = ignored.mailbox("ned@example.org", None).expect("listed");
+    assert_eq!(starts(&ned.simulated), [(1, at(2))]);
+    assert_eq!(ignored.simulated.exempt_strikes, 0);
+}
