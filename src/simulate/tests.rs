@@ -587,3 +587,27 @@ fn recorded_exemptions_can_be_ignored() {
     assert_eq!(starts(&ned.simulated), [(1, at(2))]);
     assert_eq!(ignored.simulated.exempt_strikes, 0);
 }
+
+#[test]
+fn fewer_timed_lockouts_block_permanently() {
+    let mut messages = Vec::new();
+    for minute in (0..5).chain(70..75) {
+        messages.push((minute, "oda@example.org", "192.0.2.31"));
+    }
+    let events = record(&messages);
+
+    let report = simulate(
+        &candidate("[policy]\ntimed_lockouts = 1\n"),
+        &events,
+        at(-1),
+    );
+
+    let oda = report.mailbox("oda@example.org", None).expect("listed");
+    assert_eq!(starts(&oda.simulated), [(1, at(4)), (2, at(74))]);
+    assert!(oda.simulated[1].is_permanent());
+    assert_eq!(report.real.permanent, 0);
+    assert_eq!(report.simulated.permanent, 1);
+    // The permanent block counts up to the end of the period.
+    let blocked = std::time::Duration::from_secs(3600 + (24 * 60 - 74) * 60);
+    assert_eq!(report.simulated.blocked, blocked);
+}
