@@ -41,8 +41,16 @@ function announce(text) {
 
 function table(caption, headers, rows, emptyText) {
   if (rows.length === 0) return h("p", { class: "empty" }, emptyText);
+  // Each cell carries its column's name, which narrow screens show beside
+  // the value when rows are stacked as cards.
+  for (const row of rows) {
+    [...row.children].forEach((cell, index) => {
+      const header = headers[index];
+      cell.setAttribute("data-label", header ? (header.label || header) : "");
+    });
+  }
   return h("div", { class: "table-wrap" },
-    h("table", {},
+    h("table", { class: "stack" },
       h("caption", { class: "visually-hidden" }, caption),
       h("thead", {}, h("tr", {}, headers.map((header) =>
         h("th", { scope: "col", class: header.class || null }, header.label || header)))),
@@ -328,7 +336,8 @@ function chart(list, since, until) {
   }
   const totalStrikes = strikes.reduce((a, b) => a + b, 0);
   const totalLockouts = lockouts.reduce((a, b) => a + b, 0);
-  const peak = Math.max(1, ...strikes, ...lockouts);
+  // The scale's top is a multiple of 4, so the 4 grid steps are whole numbers.
+  const peak = Math.max(4, Math.ceil(Math.max(...strikes, ...lockouts) / 4) * 4);
   const width = 720, height = 220, left = 36, bottom = 28, top = 10;
   const plotWidth = width - left - 8, plotHeight = height - bottom - top;
   const ns = "http://www.w3.org/2000/svg";
@@ -561,7 +570,7 @@ async function exclusionsSection() {
   return h("section", { class: "panel", "aria-labelledby": "h-exclusions" },
     h("h2", { id: "h-exclusions" }, "Exclusions"),
     h("p", { class: "muted" }, "Excluded servers are always reachable and always accepted, even when unsafe. ",
-      `Update caches ${exclusions.exclude_update_caches ? "are" : "are not"} excluded by role; message relays ${exclusions.exclude_message_relays ? "are" : "are not"}.`),
+      `By role, update caches ${exclusions.exclude_update_caches ? "are" : "are not"} excluded and message relays ${exclusions.exclude_message_relays ? "are" : "are not"}.`),
     table("Excluded devices", ["Device", "Name", "Reason", "Source", ""], rows, "No device is excluded."),
     form);
 }
@@ -639,7 +648,7 @@ function settingForm(name, title, explanation, setting) {
   const reason = h("input", { id: name + "-reason", type: "text", name: "reason", required: true });
   const author = h("input", { id: name + "-author", type: "text", name: "author", required: true, autocomplete: "name" });
   const message = h("p", { class: "error", role: "alert" });
-  const form = h("form", { class: "grid", "aria-label": title, onsubmit: async (event) => {
+  const form = h("form", { class: "grid", "aria-label": "Change " + title.toLowerCase(), onsubmit: async (event) => {
     event.preventDefault();
     message.textContent = "";
     const body = { reason: reason.value.trim(), author: author.value.trim() };
@@ -649,7 +658,7 @@ function settingForm(name, title, explanation, setting) {
       announce(`${title} saved`);
       await route();
     } catch (failure) { message.textContent = failure.message; }
-  } }, field(title, choice), field("Reason (recorded)", reason), field("Your name", author),
+  } }, field("New value", choice), field("Reason (recorded)", reason), field("Your name", author),
   h("div", { class: "actions" }, h("button", { type: "submit" }, "Save")), message);
   return h("section", { class: "panel", "aria-labelledby": "h-" + name },
     h("h2", { id: "h-" + name }, title), h("p", { class: "muted" }, explanation), current, source, form);
