@@ -329,7 +329,9 @@ fn dashboard_in_browser() {
     assert_eq!(overview["first_tab_stop"], "Skip to content");
     assert_eq!(overview["second_tab_stop"], "Overview");
     assert_eq!(overview["keyboard_reached_events"], true);
-    let countdown = overview["countdown_first_s"].as_u64().expect("countdown read");
+    let countdown = overview["countdown_first_s"]
+        .as_u64()
+        .expect("countdown read");
     assert!(
         (3000..=3600).contains(&countdown),
         "alice's one-hour lockout shows {countdown} s left"
@@ -391,7 +393,10 @@ fn dashboard_in_browser() {
     site.heartbeat("dev-17", "green", "10.1.2.17");
     let after_reload = site.browser(
         "after-reload",
-        &[("MISSING_DEVICE", "FILESERVER"), ("REPORTING_DEVICE", "ALICE-LAPTOP")],
+        &[
+            ("MISSING_DEVICE", "FILESERVER"),
+            ("REPORTING_DEVICE", "ALICE-LAPTOP"),
+        ],
     );
     assert_eq!(after_reload["in_force"], "off");
     send_five_eicar(&site.server, "erin@example.org");
@@ -403,8 +408,16 @@ fn dashboard_in_browser() {
     );
 
     for page in [
-        "login", "overview", "events", "mailbox", "devices", "settings", "mailbox-support",
-        "overview-after-unblock", "settings-changed", "settings-after-reload",
+        "login",
+        "overview",
+        "events",
+        "mailbox",
+        "devices",
+        "settings",
+        "mailbox-support",
+        "overview-after-unblock",
+        "settings-changed",
+        "settings-after-reload",
     ] {
         let file = site.screenshots.join(format!("{page}.png"));
         assert!(file.is_file(), "no screenshot {}", file.display());
@@ -434,7 +447,9 @@ fn session_endpoints_need_valid_login() {
     assert!(cookie.contains("SameSite=Strict"), "{cookie}");
     assert!(cookie.contains("Path=/"), "{cookie}");
     assert!(
-        admin.header("content-security-policy").is_some_and(|csp| csp.contains("script-src 'self'")),
+        admin
+            .header("content-security-policy")
+            .is_some_and(|csp| csp.contains("script-src 'self'")),
         "{:?}",
         admin.headers
     );
@@ -446,7 +461,11 @@ fn session_endpoints_need_valid_login() {
     assert!(index.body.contains("/assets/app.js"));
     let script = request(&site.api, "GET", "/assets/app.js", None, None);
     assert_eq!(script.status, 200);
-    assert!(script.header("content-type").is_some_and(|kind| kind.starts_with("text/javascript")));
+    assert!(
+        script
+            .header("content-type")
+            .is_some_and(|kind| kind.starts_with("text/javascript"))
+    );
 
     // Failed logins from one address are limited; the limit does not
     // touch bearer tokens.
@@ -456,7 +475,11 @@ fn session_endpoints_need_valid_login() {
     }
     let limited = login(ADMIN);
     assert_eq!(limited.status, 429, "{}", limited.body);
-    assert!(limited.body.contains("too many failed logins"), "{}", limited.body);
+    assert!(
+        limited.body.contains("too many failed logins"),
+        "{}",
+        limited.body
+    );
     let bearer = request(&site.api, "GET", "/api/v1/blocks", Some(ADMIN), None);
     assert_eq!(bearer.status, 200, "{}", bearer.body);
 }

@@ -33,8 +33,7 @@ pub fn plan_lockout_started(
 ) -> Vec<OutboxEntry> {
     let lockout = facts.lockout;
     let entry = directory.entry(&facts.key.mailbox);
-    let scan_requested =
-        super::synchronized_security_enabled(config, facts.synchronized_security)
+    let scan_requested = super::synchronized_security_enabled(config, facts.synchronized_security)
         && config.synchronized_security.endpoint_scan_url.is_some()
         && lockout.enforced;
     let event = if lockout.is_permanent() {
@@ -424,10 +423,32 @@ mod tests {
                 .filter(|entry| entry.kind == ActionKind::EndpointScan)
                 .count()
         };
-        assert_eq!(scans(plan_with_stored(&on_in_file, &directory, &lockout, Some(false))), 0);
-        assert_eq!(scans(plan_with_stored(&off_in_file, &directory, &lockout, Some(true))), 1);
-        assert_eq!(scans(plan_with_stored(&on_in_file, &directory, &lockout, None)), 1);
-        assert_eq!(scans(plan_with_stored(&off_in_file, &directory, &lockout, None)), 0);
+        assert_eq!(
+            scans(plan_with_stored(
+                &on_in_file,
+                &directory,
+                &lockout,
+                Some(false)
+            )),
+            0
+        );
+        assert_eq!(
+            scans(plan_with_stored(
+                &off_in_file,
+                &directory,
+                &lockout,
+                Some(true)
+            )),
+            1
+        );
+        assert_eq!(
+            scans(plan_with_stored(&on_in_file, &directory, &lockout, None)),
+            1
+        );
+        assert_eq!(
+            scans(plan_with_stored(&off_in_file, &directory, &lockout, None)),
+            0
+        );
     }
 
     #[test]

@@ -96,9 +96,11 @@ pub fn session_of(guard: &Guard, headers: &HeaderMap) -> Option<SessionInfo> {
 pub async fn protect(State(guard): Shared, request: Request, next: Next) -> Response {
     let headers = request.headers();
     let uses_cookie = !headers.contains_key(header::AUTHORIZATION);
-    let is_login = request.uri().path() == "/api/v1/session"
-        && request.method() == axum::http::Method::POST;
-    if uses_cookie && !is_login && session::changes_state(request.method())
+    let is_login =
+        request.uri().path() == "/api/v1/session" && request.method() == axum::http::Method::POST;
+    if uses_cookie
+        && !is_login
+        && session::changes_state(request.method())
         && let Some(session) = session_of(&guard, headers)
         && let Err(error) = session::check_csrf(headers, &session)
     {
@@ -472,11 +474,20 @@ mod tests {
     #[test]
     fn origin_must_match_host() {
         let mut headers = HeaderMap::new();
-        assert!(same_origin(&headers), "no Origin header: not a cross-site form");
+        assert!(
+            same_origin(&headers),
+            "no Origin header: not a cross-site form"
+        );
         headers.insert(header::HOST, "127.0.0.1:8025".parse().expect("header"));
-        headers.insert(header::ORIGIN, "http://127.0.0.1:8025".parse().expect("header"));
+        headers.insert(
+            header::ORIGIN,
+            "http://127.0.0.1:8025".parse().expect("header"),
+        );
         assert!(same_origin(&headers));
-        headers.insert(header::ORIGIN, "https://evil.example".parse().expect("header"));
+        headers.insert(
+            header::ORIGIN,
+            "https://evil.example".parse().expect("header"),
+        );
         assert!(!same_origin(&headers));
         headers.insert(header::ORIGIN, "null".parse().expect("header"));
         assert!(!same_origin(&headers));
@@ -489,7 +500,10 @@ mod tests {
             requested_setting(&body, "synchronized_security").ok(),
             Some(Some(Some(false)))
         );
-        assert_eq!(requested_setting(&body, "reject_unsafe").ok(), Some(Some(None)));
+        assert_eq!(
+            requested_setting(&body, "reject_unsafe").ok(),
+            Some(Some(None))
+        );
         assert_eq!(requested_setting(&body, "other").ok(), Some(None));
         assert!(requested_setting(&json!({"reject_unsafe": "yes"}), "reject_unsafe").is_err());
     }
@@ -497,7 +511,10 @@ mod tests {
     #[test]
     fn assets_embedded() {
         assert!(INDEX_HTML.contains("/assets/app.js"));
-        assert!(!INDEX_HTML.contains("<script>"), "no inline script under the CSP");
+        assert!(
+            !INDEX_HTML.contains("<script>"),
+            "no inline script under the CSP"
+        );
         assert!(!INDEX_HTML.contains("http://") && !INDEX_HTML.contains("https://"));
         assert!(!APP_JS.contains("https://"), "no external resources");
     }

@@ -140,8 +140,7 @@ impl Sessions {
         let failures = self.failures.lock().expect("failures lock");
         let entry = failures.get(&client)?;
         let elapsed = now.duration_since(entry.window_start);
-        (elapsed < FAILURE_WINDOW && entry.count >= MAX_FAILURES)
-            .then(|| FAILURE_WINDOW - elapsed)
+        (elapsed < FAILURE_WINDOW && entry.count >= MAX_FAILURES).then(|| FAILURE_WINDOW - elapsed)
     }
 
     /// Counts a failed login of `client`.
@@ -316,7 +315,10 @@ mod tests {
                 .expect("header"),
         );
         assert_eq!(cookie_value(&headers), Some("abc123"));
-        headers.insert(header::COOKIE, "sendguard_session=".parse().expect("header"));
+        headers.insert(
+            header::COOKIE,
+            "sendguard_session=".parse().expect("header"),
+        );
         assert_eq!(cookie_value(&headers), None);
     }
 }

@@ -60,7 +60,15 @@ impl Guard {
             let (started, state) = self
                 .store
                 .update_mailbox(&key, |state, now| {
-                    merge_strikes(state, &strikes, &settings, now, &key, &runtime, synchronized)
+                    merge_strikes(
+                        state,
+                        &strikes,
+                        &settings,
+                        now,
+                        &key,
+                        &runtime,
+                        synchronized,
+                    )
                 })
                 .await?;
             cache.put(key.clone(), state.block);

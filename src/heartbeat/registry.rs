@@ -265,8 +265,7 @@ impl Registry {
                 .find(|row| row.name == name && row.value.is_boolean())
                 .cloned()
         };
-        self.reject_override
-            .store(Arc::new(stored(REJECT_UNSAFE)));
+        self.reject_override.store(Arc::new(stored(REJECT_UNSAFE)));
         self.synchronized_override
             .store(Arc::new(stored(SYNCHRONIZED_SECURITY)));
         self.load_exclusions().await
