@@ -1,9 +1,9 @@
-//! The admin dashboard end to end in a real browser: the real binary with
-//! clamd, a recording upstream and a recording webhook receiver; the data
-//! made through SMTP with EICAR messages; the pages driven in headless
-//! Chromium (Debian's `chromium`) by `tests/dashboard/run.mjs` through
-//! playwright-core. Screenshots of every page go to
-//! `target/dashboard-screenshots/`.
+//! The admin dashboard end to end in a real browser. The real binary runs
+//! with clamd, a recording upstream and a recording webhook receiver, and
+//! its data comes from EICAR messages sent through SMTP. The pages are
+//! driven in headless Chromium (Debian's `chromium`) by
+//! `tests/dashboard/run.mjs` through playwright-core. Screenshots of every
+//! page go to `target/dashboard-screenshots/`.
 //!
 //! Needs `node`, `/usr/bin/chromium` and clamd (`SENDGUARD_TEST_CLAMD` or a
 //! clamd on PATH); `scripts/install-deps.sh` installs them and the npm
@@ -52,8 +52,7 @@ owner = { id = "u-5", name = "Erin White" }
 devices = [{ id = "dev-50", name = "ERIN-LAPTOP" }]
 "#;
 
-/// Devices for the devices page: three report, one never does and goes
-/// missing.
+/// Devices for the devices page: three report, and one never does.
 const DEVICES: &[(&str, &str, &str)] = &[
     ("dev-17", "ALICE-LAPTOP", "workstation"),
     ("dev-30", "CAROL-DESKTOP", "workstation"),

@@ -1,7 +1,7 @@
-//! The admin dashboard in the browser: its embedded pages and assets, the
-//! login that turns a token into a session cookie, the security headers
-//! of every admin response, and the JSON views only the dashboard needs
-//! (the overview and the runtime settings).
+//! The admin dashboard in the browser. This module serves the embedded
+//! pages and assets, the login that turns a token into a session cookie,
+//! and the JSON views the dashboard needs (the overview and the runtime
+//! settings). It also adds the security headers of every admin response.
 //!
 //! The pages are plain HTML, CSS and JavaScript compiled into the binary,
 //! so the dashboard works without any network access beyond the admin
@@ -43,7 +43,8 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; st
      img-src 'self' data:; connect-src 'self'; form-action 'self'; base-uri 'none'; \
      frame-ancestors 'none'";
 
-/// Mailboxes the overview lists as close to the threshold at most.
+/// Maximum number of mailboxes the overview lists as close to the
+/// threshold.
 const MAX_NEAR_THRESHOLD: usize = 200;
 
 /// Builds the dashboard's routes, which the API merges into its router.
@@ -230,8 +231,8 @@ async fn login(
     };
     let (id, info) = guard.sessions().create(role, now);
     tracing::info!(role = role_name(role), client = %client, "dashboard session started");
-    // The admin listener speaks plain HTTP; a TLS reverse proxy in front
-    // says so with X-Forwarded-Proto, and the cookie is then kept to HTTPS.
+    // The admin listener speaks plain HTTP. A TLS reverse proxy in front
+    // sets X-Forwarded-Proto: https, and the cookie is then kept to HTTPS.
     let secure = headers
         .get("x-forwarded-proto")
         .and_then(|value| value.to_str().ok())

@@ -25,18 +25,18 @@ pub const MAX_AGE: Duration = Duration::from_secs(8 * 3600);
 /// A session ends after this long without a request.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
-/// Sessions kept at most; a login beyond that ends the oldest one.
+/// Maximum number of sessions kept. A login beyond it ends the oldest one.
 const MAX_SESSIONS: usize = 256;
 
-/// Failed logins allowed from one client address per [`FAILURE_WINDOW`];
-/// more are answered 429 until the window ends.
+/// Failed logins allowed from one client address per [`FAILURE_WINDOW`].
+/// Later logins from that address get 429 until the window ends.
 pub const MAX_FAILURES: u32 = 10;
 
 /// Length of the window in which failed logins are counted.
 pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 
-/// Client addresses whose failures are remembered at most; beyond that the
-/// oldest windows are dropped.
+/// Maximum number of client addresses whose failures are kept. Beyond it,
+/// the ended windows are dropped first, then all of them.
 const MAX_TRACKED_CLIENTS: usize = 4096;
 
 /// One logged-in browser.
@@ -48,7 +48,7 @@ struct Session {
     last_used: Instant,
 }
 
-/// What the dashboard learns about its own session.
+/// A live session's role, CSRF token and remaining time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionInfo {
     pub role: Role,

@@ -299,11 +299,9 @@ impl Registry {
         reason: &str,
         now: Timestamp,
     ) -> Result<(), StoreError> {
-        let row = self
-            .save_setting(REJECT_UNSAFE, value, author, reason, now)
-            .await?;
-        self.reject_override.store(Arc::new(row));
-        Ok(())
+        let slot = &self.reject_override;
+        self.save_setting(REJECT_UNSAFE, slot, value, author, reason, now)
+            .await
     }
 
     /// Returns the `synchronized_security.enabled` override set through the
@@ -324,23 +322,22 @@ impl Registry {
         reason: &str,
         now: Timestamp,
     ) -> Result<(), StoreError> {
-        let row = self
-            .save_setting(SYNCHRONIZED_SECURITY, value, author, reason, now)
-            .await?;
-        self.synchronized_override.store(Arc::new(row));
-        Ok(())
+        let slot = &self.synchronized_override;
+        self.save_setting(SYNCHRONIZED_SECURITY, slot, value, author, reason, now)
+            .await
     }
 
     /// Stores a setting's override (removed when `value` is `None`) with
-    /// its event, and returns the row now in force.
+    /// its event, then puts the row now in force into `slot`.
     async fn save_setting(
         &self,
         name: &str,
+        slot: &ArcSwap<Option<SettingRow>>,
         value: Option<bool>,
         author: &str,
         reason: &str,
         now: Timestamp,
-    ) -> Result<Option<SettingRow>, StoreError> {
+    ) -> Result<(), StoreError> {
         let row = SettingRow {
             name: name.to_string(),
             value: value.map_or(Value::Null, Value::Bool),
@@ -362,7 +359,8 @@ impl Registry {
         self.store.save_device_setting(row.clone(), event).await?;
         tracing::warn!(setting = name, value = ?value, author, reason,
             "setting changed through the API");
-        Ok(value.is_some().then_some(row))
+        slot.store(Arc::new(value.is_some().then_some(row)));
+        Ok(())
     }
 
     fn timing(&self, config: &DevicesConfig) -> Timing {

@@ -96,7 +96,7 @@ function formatRemaining(milliseconds) {
   return `${minutes}m ${pad(seconds)}s`;
 }
 
-/** A live countdown to `until`, updated every second. */
+/** Builds a live countdown to `until`, updated every second. */
 function countdown(until, label) {
   const end = new Date(until).getTime();
   const element = h("span", { class: "countdown", role: "timer", "aria-label": label,
