@@ -426,6 +426,78 @@ fn dashboard_in_browser() {
 }
 
 #[test]
+fn settings_survive_restart() {
+    let mut site = Site::start();
+    let put = |body: Value| {
+        request(
+            &site.api,
+            "PUT",
+            "/api/v1/settings",
+            Some(ADMIN),
+            Some(&body),
+        )
+    };
+
+    let by_support = request(
+        &site.api,
+        "PUT",
+        "/api/v1/settings",
+        Some(SUPPORT),
+        Some(&serde_json::json!({ "synchronized_security": false, "reason": "r", "author": "a" })),
+    );
+    assert_eq!(by_support.status, 403, "{}", by_support.body);
+    let without_reason =
+        put(serde_json::json!({ "synchronized_security": false, "author": "jdoe" }));
+    assert_eq!(without_reason.status, 400, "{}", without_reason.body);
+    assert!(
+        without_reason.body.contains("missing reason"),
+        "{}",
+        without_reason.body
+    );
+    let wrong_type =
+        put(serde_json::json!({ "synchronized_security": "off", "reason": "r", "author": "a" }));
+    assert_eq!(wrong_type.status, 400, "{}", wrong_type.body);
+
+    let changed = put(serde_json::json!({
+        "synchronized_security": false,
+        "reject_unsafe": true,
+        "reason": "maintenance window",
+        "author": "jdoe",
+    }));
+    assert_eq!(changed.status, 200, "{}", changed.body);
+
+    // SQLite keeps both overrides across a restart.
+    site.server.restart();
+    let shown = request(&site.api, "GET", "/api/v1/settings", Some(SUPPORT), None).json();
+    assert_eq!(shown["synchronized_security"]["value"], false, "{shown}");
+    assert_eq!(shown["synchronized_security"]["source"], "api", "{shown}");
+    assert_eq!(shown["reject_unsafe"]["value"], true, "{shown}");
+    assert_eq!(shown["reject_unsafe"]["source"], "api", "{shown}");
+
+    // null goes back to the file's value.
+    let put = |body: Value| {
+        request(
+            &site.api,
+            "PUT",
+            "/api/v1/settings",
+            Some(ADMIN),
+            Some(&body),
+        )
+    };
+    let reset = put(
+        serde_json::json!({ "synchronized_security": null, "reason": "done", "author": "jdoe" }),
+    );
+    assert_eq!(reset.status, 200, "{}", reset.body);
+    let shown = reset.json();
+    assert_eq!(shown["synchronized_security"]["value"], true, "{shown}");
+    assert_eq!(shown["synchronized_security"]["source"], "file", "{shown}");
+    assert_eq!(shown["reject_unsafe"]["source"], "api", "{shown}");
+    let events = site.server.events_of("setting_changed");
+    assert_eq!(events.len(), 2, "{events:#?}");
+    assert_eq!(events[1]["value"], Value::Null);
+}
+
+#[test]
 fn session_endpoints_need_valid_login() {
     let site = Site::start();
     let login = |token: &str| {
