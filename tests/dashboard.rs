@@ -313,11 +313,22 @@ fn dashboard_in_browser() {
     site.heartbeat("dev-30", "red", "10.1.3.30");
     site.heartbeat("srv-1", "green", "10.1.2.5");
 
+    // Frank has two strikes, below the threshold of five.
+    for index in 0..2 {
+        let (code, text) = send_from(
+            &site.server.address,
+            "frank@example.org",
+            &eicar_message(index),
+        );
+        assert_eq!(code, 550, "{text}");
+    }
+
     let overview = site.browser(
         "overview",
         &[
             ("LOCKED", "alice@example.org"),
             ("BLOCKED", "carol@example.org"),
+            ("NEAR", "frank@example.org"),
         ],
     );
     eprintln!("overview phase: {overview}");
@@ -325,6 +336,9 @@ fn dashboard_in_browser() {
     assert_eq!(overview["filtered_rows"], 1);
     assert_eq!(overview["csrf_missing_status"], 403);
     assert_eq!(overview["after_logout_status"], 401);
+    assert_eq!(overview["admin_unblock_status"], 403);
+    let near = overview["near_threshold_row"].as_str().expect("near row");
+    assert!(near.contains("2 of 5"), "frank's row: {near}");
     assert_eq!(overview["first_tab_stop"], "Skip to content");
     assert_eq!(overview["second_tab_stop"], "Overview");
     assert_eq!(overview["keyboard_reached_events"], true);
@@ -355,8 +369,11 @@ fn dashboard_in_browser() {
     assert_eq!(scan_requests_for(&site.webhooks, "alice@example.org"), 1);
 
     // Turned off in the browser, the next lockout requests no scan.
-    let sync_off = site.browser("sync-off", &[]);
+    let sync_off = site.browser("sync-off", &[("EXCLUDE", "dev-40")]);
     assert_eq!(sync_off["in_force"], "off");
+    let excluded = site.server.events_of("device_exclusion_added");
+    assert_eq!(excluded.len(), 1, "{excluded:#?}");
+    assert_eq!(excluded[0]["device"], "dev-40");
     let changed = site.server.events_of("setting_changed");
     assert_eq!(changed.len(), 1, "{changed:#?}");
     assert_eq!(changed[0]["setting"], "synchronized_security");

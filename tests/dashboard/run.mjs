@@ -126,6 +126,9 @@ const phases = {
     check(second < first, `the countdown did not run: ${first} s, then ${second} s`);
     const permanent = page.getByRole("region", { name: "Permanent blocks" });
     await permanent.getByRole("link", { name: blocked }).waitFor();
+    const near = page.getByRole("region", { name: "Close to the threshold" });
+    const nearRow = near.getByRole("row").filter({ hasText: required("NEAR") });
+    result.near_threshold_row = (await nearRow.textContent()).replace(/\s+/g, " ");
     await shot(page, "overview");
     await phoneShot(page, "overview");
 
@@ -166,6 +169,15 @@ const phases = {
     await page.getByRole("region", { name: "Lockout history" }).getByText("lockout_started").waitFor();
     result.admin_unblock_buttons = await page.getByRole("button", { name: /Lift permanent block|Reset lockout count/ }).count();
     check(result.admin_unblock_buttons === 0, "an admin session offers the unblock action");
+    // Nor does the API let an admin session lift the permanent block.
+    result.admin_unblock_status = await page.evaluate(async (mailbox) => {
+      const session = await (await fetch("/api/v1/session")).json();
+      const response = await fetch(`/api/v1/mailboxes/${encodeURIComponent(mailbox)}/unblock`, { method: "POST",
+        headers: { "Content-Type": "application/json", "X-CSRF-Token": session.csrf_token },
+        body: JSON.stringify({ reason: "admin try" }) });
+      return response.status;
+    }, blocked);
+    check(result.admin_unblock_status === 403, `an admin session's unblock answered ${result.admin_unblock_status}`);
     await shot(page, "mailbox");
     await phoneShot(page, "mailbox");
 
@@ -259,6 +271,17 @@ const phases = {
       .getByText("set in the dashboard or API").waitFor();
     result.in_force = await page.locator('[data-setting="synchronized_security"]').textContent();
     check(result.in_force === "off", `synchronized security shows ${result.in_force} after saving off`);
+
+    // An exclusion added on the settings page is listed with its source.
+    const exclusions = page.getByRole("region", { name: "Exclusions" });
+    await exclusions.getByLabel("Device id").fill(required("EXCLUDE"));
+    await exclusions.getByLabel("Reason").fill("build server");
+    await exclusions.getByLabel("Your name").fill("jdoe");
+    await exclusions.getByRole("button", { name: "Add exclusion" }).click();
+    const excludedRow = page.getByRole("region", { name: "Exclusions" }).getByRole("row")
+      .filter({ hasText: required("EXCLUDE") });
+    await excludedRow.getByText("dashboard or API").waitFor();
+    result.exclusion_row = (await excludedRow.textContent()).replace(/\s+/g, " ");
     await shot(page, "settings-changed");
   },
 
