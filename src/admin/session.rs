@@ -30,6 +30,8 @@ const MAX_SESSIONS: usize = 256;
 
 /// Failed logins allowed from one client address per [`FAILURE_WINDOW`].
 /// Later logins from that address get 429 until the window ends.
+// NOTE: behind a reverse proxy every client has the proxy's address, so
+// one client's failures also delay the others' logins (not bearer tokens).
 pub const MAX_FAILURES: u32 = 10;
 
 /// Length of the window in which failed logins are counted.
