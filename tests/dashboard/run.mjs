@@ -167,6 +167,9 @@ const phases = {
     await page.goto(base + "/#/mailbox/" + encodeURIComponent(locked));
     await heading(page, locked);
     await page.getByRole("region", { name: "Lockout history" }).getByText("lockout_started").waitFor();
+    result.mailbox_bad_messages = await page.getByRole("table", { name: "Bad messages from this mailbox, newest first" })
+      .locator("tbody tr").count();
+    check(result.mailbox_bad_messages === 5, `${result.mailbox_bad_messages} bad messages listed for the locked mailbox, expected 5`);
     result.admin_unblock_buttons = await page.getByRole("button", { name: /Lift permanent block|Reset lockout count/ }).count();
     check(result.admin_unblock_buttons === 0, "an admin session offers the unblock action");
     // Nor does the API let an admin session lift the permanent block.

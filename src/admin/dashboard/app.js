@@ -462,6 +462,10 @@ async function renderMailbox(mailbox, query) {
   const strikeRows = ledger.strikes.map((strike) => h("tr", {},
     timeCell(strike.time), h("td", {}, strike.verdict), h("td", {}, strike.transaction || "–"),
     h("td", { class: "details" }, strike.message_id || "–")));
+  const badRows = history.filter((event) => event.type === "bad_message").reverse().slice(0, 50).map((event) => h("tr", {},
+    timeCell(event.time), h("td", {}, event.verdict || "–"),
+    h("td", {}, event.counted ? badge("strike", "danger") : badge("not counted")),
+    h("td", { class: "details" }, event.note || event.transaction || "–")));
   const historyRows = history.filter((event) => HISTORY_TYPES.includes(event.type)).reverse().map((event) => h("tr", {},
     timeCell(event.time), h("td", {}, badge(event.type, event.type === "lockout_ended" || event.type === "block_lifted" ? "ok" : "danger")),
     h("td", { class: "details" }, eventSummary(event))));
@@ -518,7 +522,10 @@ async function renderMailbox(mailbox, query) {
     h("section", { class: "panel", "aria-labelledby": "h-strikes" },
       h("h2", { id: "h-strikes" }, "Strike ledger"),
       table("Strikes inside the window", ["Time", "Verdict", "Transaction", "Message-ID"], strikeRows,
-        "No strikes inside the window.")),
+        "No strikes inside the window. A lockout empties the window, so the strikes that caused it are listed below."),
+      h("h3", {}, "Recent bad messages"),
+      table("Bad messages from this mailbox, newest first", ["Time", "Verdict", "Counted", "Transaction or note"], badRows,
+        "No bad message has been recorded for this mailbox.")),
     h("section", { class: "panel", "aria-labelledby": "h-history" },
       h("h2", { id: "h-history" }, "Lockout history"),
       table("Lockouts, ends and lifts, newest first", ["Time", "Event", "Details"], historyRows,
