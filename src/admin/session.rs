@@ -308,6 +308,18 @@ mod tests {
     }
 
     #[test]
+    fn cookie_attributes() {
+        let plain = set_cookie("abc", false);
+        assert!(plain.starts_with("sendguard_session=abc;"), "{plain}");
+        assert!(plain.contains("HttpOnly"), "{plain}");
+        assert!(plain.contains("SameSite=Strict"), "{plain}");
+        assert!(plain.contains("Path=/"), "{plain}");
+        assert!(!plain.contains("Secure"), "{plain}");
+        assert!(set_cookie("abc", true).ends_with("; Secure"));
+        assert!(clear_cookie().contains("Max-Age=0"));
+    }
+
+    #[test]
     fn cookie_found_among_others() {
         let mut headers = HeaderMap::new();
         headers.insert(

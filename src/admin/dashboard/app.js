@@ -96,7 +96,11 @@ function formatRemaining(milliseconds) {
   return `${minutes}m ${pad(seconds)}s`;
 }
 
-/** Builds a live countdown to `until`, updated every second. */
+/**
+ * Builds a live countdown to `until`, updated every second. When it ends,
+ * the status region announces it and the page is drawn again, so the
+ * ended lockout leaves the list.
+ */
 function countdown(until, label) {
   const end = new Date(until).getTime();
   const element = h("span", { class: "countdown", role: "timer", "aria-label": label,
@@ -108,6 +112,7 @@ function countdown(until, label) {
     if (left <= 0 && !announced) {
       announced = true;
       announce(label + " has ended");
+      state.timers.push(setTimeout(route, 2000));
     }
   };
   update();
@@ -210,7 +215,10 @@ async function logout() {
 // ---- routing -------------------------------------------------------------
 
 function stopTimers() {
-  for (const timer of state.timers) clearInterval(timer);
+  for (const timer of state.timers) {
+    clearInterval(timer);
+    clearTimeout(timer);
+  }
   state.timers = [];
 }
 
