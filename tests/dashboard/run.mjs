@@ -144,14 +144,14 @@ const phases = {
     result.filtered_rows = await rows.count();
     check(result.filtered_rows === 1, `${result.filtered_rows} rows after filtering, expected 1`);
     check((await rows.first().textContent()).includes(locked), "the filtered row is not the locked mailbox's");
-    const chart = page.getByRole("img", { name: /strikes and \d+ lockouts/ });
+    const chart = page.getByRole("img", { name: /strikes? and \d+ lockouts?/ });
     result.chart_title = await chart.locator("title").first().textContent();
     await page.getByLabel("Type").selectOption("");
     await page.getByLabel("Mailbox").fill("");
     await page.getByRole("button", { name: "Apply filters" }).click();
     await page.waitForFunction(() => !location.hash.includes("type="));
-    await page.getByRole("img", { name: /strikes and/ }).waitFor();
-    result.chart_title_all = await page.getByRole("img", { name: /strikes and/ }).locator("title").first().textContent();
+    await page.getByRole("img", { name: /strikes? and/ }).waitFor();
+    result.chart_title_all = await page.getByRole("img", { name: /strikes? and/ }).locator("title").first().textContent();
     const csvLink = page.getByRole("link", { name: "Export CSV" });
     const csv = await page.request.get(base + await csvLink.getAttribute("href"));
     const csvText = await csv.text();

@@ -84,6 +84,10 @@ function timeCell(text) {
   return h("td", {}, h("time", { datetime: text || "" }, formatTime(text)));
 }
 
+function plural(count, noun) {
+  return `${count} ${noun}${count === 1 ? "" : "s"}`;
+}
+
 function formatRemaining(milliseconds) {
   if (milliseconds <= 0) return "ended";
   let seconds = Math.floor(milliseconds / 1000);
@@ -361,7 +365,7 @@ function chart(list, since, until) {
   svg.setAttribute("role", "img");
   svg.setAttribute("aria-labelledby", "chart-title");
   make("title", { id: "chart-title" },
-    `${totalStrikes} strikes and ${totalLockouts} lockouts between ${formatTime(new Date(since).toISOString())} and ${formatTime(new Date(until).toISOString())}`);
+    `${plural(totalStrikes, "strike")} and ${plural(totalLockouts, "lockout")} between ${formatTime(new Date(since).toISOString())} and ${formatTime(new Date(until).toISOString())}`);
   for (let step = 0; step <= 4; step += 1) {
     const y = top + plotHeight - plotHeight * step / 4;
     make("line", { class: "gridline", x1: left, x2: width - 8, y1: y, y2: y });
@@ -375,10 +379,10 @@ function chart(list, since, until) {
     const lockoutHeight = plotHeight * lockouts[index] / peak;
     make("rect", { class: "bar-strikes", x, y: top + plotHeight - strikeHeight, width: barWidth, height: strikeHeight },
     ).append(document.createElementNS(ns, "title"));
-    svg.lastChild.firstChild.textContent = `${strikes[index]} strikes`;
+    svg.lastChild.firstChild.textContent = plural(strikes[index], "strike");
     make("rect", { class: "bar-lockouts", x: x + barWidth + 1, y: top + plotHeight - lockoutHeight, width: barWidth, height: lockoutHeight })
       .append(document.createElementNS(ns, "title"));
-    svg.lastChild.firstChild.textContent = `${lockouts[index]} lockouts`;
+    svg.lastChild.firstChild.textContent = plural(lockouts[index], "lockout");
   }
   make("line", { class: "axis", x1: left, x2: width - 8, y1: top + plotHeight, y2: top + plotHeight });
   for (const index of [0, buckets / 2, buckets]) {
