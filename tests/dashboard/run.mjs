@@ -285,6 +285,7 @@ const phases = {
       .filter({ hasText: required("EXCLUDE") });
     await excludedRow.getByText("dashboard or API").waitFor();
     result.exclusion_row = (await excludedRow.textContent()).replace(/\s+/g, " ");
+    check(result.exclusion_row.includes("build server (by jdoe)"), `the exclusion row lacks its reason: ${result.exclusion_row}`);
     await shot(page, "settings-changed");
   },
 

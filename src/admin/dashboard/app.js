@@ -565,7 +565,7 @@ async function exclusionsSection() {
         } }, "Remove")
       : null;
     return h("tr", {}, h("td", {}, device.id), h("td", {}, device.name || "–"),
-      h("td", {}, device.reason || "–"),
+      h("td", {}, added ? `${added.reason} (by ${added.author})` : (device.reason || "–")),
       h("td", {}, added ? badge("dashboard or API", "api") : badge("configuration file")),
       h("td", {}, remove || ""));
   });
@@ -590,7 +590,7 @@ async function exclusionsSection() {
     h("h2", { id: "h-exclusions" }, "Exclusions"),
     h("p", { class: "muted" }, "Excluded servers are always reachable and always accepted, even when unsafe. ",
       `By role, update caches ${exclusions.exclude_update_caches ? "are" : "are not"} excluded and message relays ${exclusions.exclude_message_relays ? "are" : "are not"}.`),
-    table("Excluded devices", ["Device", "Name", "Reason", "Source", ""], rows, "No device is excluded."),
+    table("Excluded devices", ["Device", "Name", "Reason", "Source", "Action"], rows, "No device is excluded."),
     form);
 }
 
