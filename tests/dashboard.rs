@@ -339,7 +339,10 @@ fn dashboard_in_browser() {
     assert_eq!(overview["admin_unblock_status"], 403);
     // The chart of alice's events counts her five strikes and one lockout.
     let chart = overview["chart_title"].as_str().expect("chart title");
-    assert!(chart.starts_with("5 strikes and 1 lockout between"), "{chart}");
+    assert!(
+        chart.starts_with("5 strikes and 1 lockout between"),
+        "{chart}"
+    );
     let near = overview["near_threshold_row"].as_str().expect("near row");
     assert!(near.contains("2 of 5"), "frank's row: {near}");
     assert_eq!(overview["first_tab_stop"], "Skip to content");
