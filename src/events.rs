@@ -63,6 +63,9 @@ pub enum EventKind {
     DeviceExclusionRemoved,
     /// A device setting was overridden or reset through the API.
     DeviceSettingChanged,
+    /// A setting other than a device's (`synchronized_security.enabled`)
+    /// was overridden or reset through the API or the dashboard.
+    SettingChanged,
 }
 
 impl EventKind {
@@ -89,11 +92,12 @@ impl EventKind {
             EventKind::DeviceExclusionAdded => "device_exclusion_added",
             EventKind::DeviceExclusionRemoved => "device_exclusion_removed",
             EventKind::DeviceSettingChanged => "device_setting_changed",
+            EventKind::SettingChanged => "setting_changed",
         }
     }
 
     /// Every kind, in the order of this list.
-    pub const ALL: [EventKind; 21] = [
+    pub const ALL: [EventKind; 22] = [
         EventKind::BadMessage,
         EventKind::SenderRefused,
         EventKind::LockoutStarted,
@@ -115,6 +119,7 @@ impl EventKind {
         EventKind::DeviceExclusionAdded,
         EventKind::DeviceExclusionRemoved,
         EventKind::DeviceSettingChanged,
+        EventKind::SettingChanged,
     ];
 
     pub fn parse(text: &str) -> Option<EventKind> {
@@ -516,7 +521,7 @@ impl Event {
                 self.detail_text("device"),
                 self.detail_text("text")
             ),
-            EventKind::DeviceSettingChanged => format!(
+            EventKind::DeviceSettingChanged | EventKind::SettingChanged => format!(
                 "{} = {} by {}: {}",
                 self.detail_text("setting"),
                 self.detail_text("value"),

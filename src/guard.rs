@@ -267,6 +267,8 @@ pub struct Guard {
     pub metrics: Metrics,
     /// Device health, access decisions and the relay gate.
     devices: crate::heartbeat::Registry,
+    /// The dashboard's browser sessions.
+    sessions: crate::admin::session::Sessions,
 }
 
 /// The failure of a support lift.
@@ -294,7 +296,13 @@ impl Guard {
             outbox_added: Notify::new(),
             exemptions: ArcSwap::from_pointee(Vec::new()),
             metrics,
+            sessions: crate::admin::session::Sessions::default(),
         }
+    }
+
+    /// Returns the dashboard's browser sessions.
+    pub fn sessions(&self) -> &crate::admin::session::Sessions {
+        &self.sessions
     }
 
     /// Reads the exemptions in force from the store.
@@ -382,6 +390,14 @@ impl Guard {
     }
 
     /// Returns the device registry.
+    /// Returns `synchronized_security.enabled` as stored through the API or
+    /// the dashboard, which overrides the file's value; `None` when unset.
+    pub fn synchronized_security_override(&self) -> Option<bool> {
+        self.devices
+            .synchronized_security_override()
+            .and_then(|row| row.value.as_bool())
+    }
+
     pub fn devices(&self) -> &crate::heartbeat::Registry {
         &self.devices
     }
@@ -761,6 +777,7 @@ impl Guard {
                         lockout,
                         strikes,
                         message: &message,
+                        synchronized_security: self.synchronized_security_override(),
                     };
                     deliveries = crate::actions::plan_lockout_started(
                         &runtime.config,

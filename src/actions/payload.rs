@@ -18,6 +18,9 @@ pub struct LockoutFacts<'a> {
     pub strikes: &'a [Strike],
     /// The message whose strike started the lockout.
     pub message: &'a MessageFacts,
+    /// `synchronized_security.enabled` as stored through the API or the
+    /// dashboard, which overrides the file's value; `None` when not set.
+    pub synchronized_security: Option<bool>,
 }
 
 /// Plans the deliveries for a lockout that just started, timed or
@@ -30,7 +33,7 @@ pub fn plan_lockout_started(
 ) -> Vec<OutboxEntry> {
     let lockout = facts.lockout;
     let entry = directory.entry(&facts.key.mailbox);
-    let scan_requested = config.synchronized_security.enabled
+    let scan_requested = super::synchronized_security_enabled(config, facts.synchronized_security)
         && config.synchronized_security.endpoint_scan_url.is_some()
         && lockout.enforced;
     let event = if lockout.is_permanent() {
@@ -343,6 +346,15 @@ mod tests {
     }
 
     fn plan(config: &Config, directory: &Directory, lockout: &Lockout) -> Vec<OutboxEntry> {
+        plan_with_stored(config, directory, lockout, None)
+    }
+
+    fn plan_with_stored(
+        config: &Config,
+        directory: &Directory,
+        lockout: &Lockout,
+        synchronized_security: Option<bool>,
+    ) -> Vec<OutboxEntry> {
         let key = MailboxKey::mailbox("alice@example.org");
         let strikes = strikes();
         let message = message();
@@ -351,6 +363,7 @@ mod tests {
             lockout,
             strikes: &strikes,
             message: &message,
+            synchronized_security,
         };
         plan_lockout_started(config, directory, &facts)
     }
@@ -396,6 +409,46 @@ mod tests {
         );
         assert_ne!(planned[0].delivery_id, planned[1].delivery_id);
         assert_ne!(planned[1].delivery_id, planned[2].delivery_id);
+    }
+
+    #[test]
+    fn stored_setting_overrides_file() {
+        let on_in_file = config(ALL_ACTIONS);
+        let off_in_file = config(&ALL_ACTIONS.replace("enabled = true", "enabled = false"));
+        let directory = Directory::default();
+        let lockout = lockout(1, Some(4_604_000), true);
+        let scans = |planned: Vec<OutboxEntry>| {
+            planned
+                .iter()
+                .filter(|entry| entry.kind == ActionKind::EndpointScan)
+                .count()
+        };
+        assert_eq!(
+            scans(plan_with_stored(
+                &on_in_file,
+                &directory,
+                &lockout,
+                Some(false)
+            )),
+            0
+        );
+        assert_eq!(
+            scans(plan_with_stored(
+                &off_in_file,
+                &directory,
+                &lockout,
+                Some(true)
+            )),
+            1
+        );
+        assert_eq!(
+            scans(plan_with_stored(&on_in_file, &directory, &lockout, None)),
+            1
+        );
+        assert_eq!(
+            scans(plan_with_stored(&off_in_file, &directory, &lockout, None)),
+            0
+        );
     }
 
     #[test]
