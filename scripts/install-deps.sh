@@ -4,9 +4,13 @@
 # for smtp-source and smtp-sink and as the MTA in front of the milter,
 # swaks, sasl2-bin for the milter tests' SASL users, redis-server (with
 # redis-cli) for the shared-store tests, which start their own servers,
-# libfaketime, which gives one of those tests a host with a slow clock, and
+# libfaketime, which gives one of those tests a host with a slow clock,
 # nftables, whose nft the agent tests' agents run in their own network
-# namespaces.
+# namespaces, and chromium with nodejs for the dashboard's browser tests. Those tests drive
+# Chromium with the npm package playwright-core, which downloads no
+# browser. This script installs it into tests/dashboard/node_modules with
+# `npm ci` from the committed package-lock.json, and adds Debian's npm
+# package when the nodejs in place has no npm of its own.
 #
 # Idempotent: when every package is installed already it only checks and
 # exits. It never starts the system's clamav, rspamd, spamd or postfix
@@ -15,7 +19,24 @@
 # Needs root when something is missing.
 set -euo pipefail
 
-packages=(clamav clamav-daemon clamdscan rspamd spamassassin spamd postfix swaks sasl2-bin redis-server redis-tools libfaketime nftables)
+packages=(clamav clamav-daemon clamdscan rspamd spamassassin spamd postfix swaks sasl2-bin redis-server redis-tools libfaketime chromium nodejs nftables)
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+# Installs the dashboard tests' npm packages when they are missing.
+install_npm_packages() {
+    local driver="$repo/tests/dashboard"
+    if [[ -d "$driver/node_modules/playwright-core" ]]; then
+        echo "install-deps: npm packages of tests/dashboard are installed"
+        return
+    fi
+    if ! command -v npm > /dev/null; then
+        echo "install-deps: npm is missing; installing Debian's npm package"
+        apt-get -o DPkg::Lock::Timeout=300 install -y npm
+    fi
+    echo "install-deps: installing the npm packages of tests/dashboard (npm ci)"
+    (cd "$driver" && npm ci --no-audit --no-fund)
+}
 
 missing=()
 for package in "${packages[@]}"; do
@@ -27,6 +48,7 @@ done
 
 if [[ ${#missing[@]} -eq 0 ]]; then
     echo "install-deps: all packages are installed: ${packages[*]}"
+    install_npm_packages
     exit 0
 fi
 
@@ -55,5 +77,6 @@ if ! apt-get "${apt_options[@]}" update; then
     echo "install-deps: apt-get update failed; trying the install with the package lists at hand" >&2
 fi
 apt-get "${apt_options[@]}" install -y "${missing[@]}"
+install_npm_packages
 
 echo "install-deps: done"

@@ -435,6 +435,55 @@ pub fn events(
     print(&String::from_utf8_lossy(&out))
 }
 
+/// `sendguard simulate`: replays the recorded history under a candidate
+/// policy, or under the policies recorded in force when `policy` is
+/// `None`, reading the store named in the configuration.
+pub fn simulate(
+    config: &Path,
+    policy: Option<&Path>,
+    since: &str,
+    format: Format,
+) -> Result<(), String> {
+    let runtime = runtime(config)?;
+    let config = &runtime.config;
+
+    let text = match policy {
+        Some(policy) => std::fs::read_to_string(policy)
+            .map_err(|error| format!("cannot read policy file {}: {error}", policy.display()))?,
+        None => String::new(),
+    };
+    let candidate = config.candidate(&text).map_err(|problems| {
+        let name = policy.map_or_else(String::new, |policy| policy.display().to_string());
+        format!("invalid policy file {name}:\n{problems}")
+    })?;
+    let since = sendguard::admin::parse_time("--since", since)?;
+
+    let directory =
+        sendguard::simulate::candidate_directory(config, &runtime.directory, &candidate)
+            .map_err(|error| error.to_string())?;
+    if config.store.backend == sendguard::config::Backend::Sqlite && !config.store.path.exists() {
+        return Err(format!(
+            "store file {} not found; simulate reads the events a running sendguard recorded \
+             there, so check store.path",
+            config.store.path.display()
+        ));
+    }
+
+    // Opening Redis needs the async runtime.
+    let report = tokio_runtime()?.block_on(async {
+        let store = sendguard::store::Store::from_config(&config.store, config.events.keep)
+            .map_err(|error| error.to_string())?;
+        sendguard::simulate::run(&store, &candidate, &directory, since, policy.is_none())
+            .await
+            .map_err(|error| error.to_string())
+    })?;
+    let mut out = Vec::new();
+    report
+        .write(&mut out, format)
+        .map_err(|error| format!("cannot write the report: {error}"))?;
+    print(&String::from_utf8_lossy(&out))
+}
+
 /// Rebuilds an event from its JSON form, as the API sends it.
 fn event_from_json(value: &Value) -> Option<Event> {
     let Value::Object(map) = value else {

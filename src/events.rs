@@ -63,6 +63,9 @@ pub enum EventKind {
     DeviceExclusionRemoved,
     /// A device setting was overridden or reset through the API.
     DeviceSettingChanged,
+    /// A setting other than a device's (`synchronized_security.enabled`)
+    /// was overridden or reset through the API or the dashboard.
+    SettingChanged,
     /// A device's agent reported the result of an on-demand scan.
     EndpointScanResult,
 }
@@ -91,12 +94,13 @@ impl EventKind {
             EventKind::DeviceExclusionAdded => "device_exclusion_added",
             EventKind::DeviceExclusionRemoved => "device_exclusion_removed",
             EventKind::DeviceSettingChanged => "device_setting_changed",
+            EventKind::SettingChanged => "setting_changed",
             EventKind::EndpointScanResult => "endpoint_scan_result",
         }
     }
 
     /// Every kind, in the order of this list.
-    pub const ALL: [EventKind; 22] = [
+    pub const ALL: [EventKind; 23] = [
         EventKind::BadMessage,
         EventKind::SenderRefused,
         EventKind::LockoutStarted,
@@ -118,6 +122,7 @@ impl EventKind {
         EventKind::DeviceExclusionAdded,
         EventKind::DeviceExclusionRemoved,
         EventKind::DeviceSettingChanged,
+        EventKind::SettingChanged,
         EventKind::EndpointScanResult,
     ];
 
@@ -254,10 +259,13 @@ impl Event {
                 })
             })
             .collect();
+        // `until` has second precision; `until_ms` keeps the exact end so
+        // a replay of the history can add up lockout time exactly.
         Event::new(lockout.started, kind, Some(key))
             .with_facts(facts)
             .with("level", lockout.level)
             .with("until", lockout.until.map(Timestamp::to_rfc3339))
+            .with("until_ms", lockout.until.map(Timestamp::millis))
             .with("monitor", (!lockout.enforced).then_some(true))
             .with("strikes", strikes)
     }
@@ -517,7 +525,7 @@ impl Event {
                 self.detail_text("device"),
                 self.detail_text("text")
             ),
-            EventKind::DeviceSettingChanged => format!(
+            EventKind::DeviceSettingChanged | EventKind::SettingChanged => format!(
                 "{} = {} by {}: {}",
                 self.detail_text("setting"),
                 self.detail_text("value"),
@@ -626,7 +634,7 @@ pub fn write_events(out: &mut impl Write, events: &[Event], format: Format) -> s
 
 /// Quotes a CSV field when it contains a separator, quote or line break,
 /// and defuses leading characters that spreadsheets run as formulas.
-fn csv_field(field: &str) -> String {
+pub(crate) fn csv_field(field: &str) -> String {
     let defused = if field.starts_with(['=', '+', '-', '@']) {
         format!("'{field}")
     } else {

@@ -267,6 +267,8 @@ pub struct Guard {
     pub metrics: Metrics,
     /// Device health, access decisions and the relay gate.
     devices: crate::heartbeat::Registry,
+    /// The dashboard's browser sessions.
+    sessions: crate::admin::session::Sessions,
 }
 
 /// The failure of a support lift.
@@ -294,7 +296,13 @@ impl Guard {
             outbox_added: Notify::new(),
             exemptions: ArcSwap::from_pointee(Vec::new()),
             metrics,
+            sessions: crate::admin::session::Sessions::default(),
         }
+    }
+
+    /// Returns the dashboard's browser sessions.
+    pub fn sessions(&self) -> &crate::admin::session::Sessions {
+        &self.sessions
     }
 
     /// Reads the exemptions in force from the store.
@@ -382,6 +390,14 @@ impl Guard {
     }
 
     /// Returns the device registry.
+    /// Returns `synchronized_security.enabled` as stored through the API or
+    /// the dashboard, which overrides the file's value; `None` when unset.
+    pub fn synchronized_security_override(&self) -> Option<bool> {
+        self.devices
+            .synchronized_security_override()
+            .and_then(|row| row.value.as_bool())
+    }
+
     pub fn devices(&self) -> &crate::heartbeat::Registry {
         &self.devices
     }
@@ -733,15 +749,14 @@ impl Guard {
         // newer state, so it only computes, and logs come after the write.
         let apply = |state: &mut MailboxState, now: Timestamp| {
             let mut events = Vec::with_capacity(3);
-            let forgiven = state.forgive(&settings, now);
-            if let (Some(forgiven), Some(forgive_after)) = (&forgiven, settings.forgive_after) {
-                events.push(Event::forgiven(&key, forgiven, forgive_after));
-            }
             let strike = Strike {
                 at: now,
                 ..strike.clone()
             };
-            let outcome = state.record_strike(&settings, strike);
+            let (forgiven, outcome) = state.apply_strike(&settings, strike);
+            if let (Some(forgiven), Some(forgive_after)) = (&forgiven, settings.forgive_after) {
+                events.push(Event::forgiven(&key, forgiven, forgive_after));
+            }
             let mut deliveries = Vec::new();
             match &outcome {
                 StrikeOutcome::Counted { .. } => {
@@ -762,6 +777,7 @@ impl Guard {
                         lockout,
                         strikes,
                         message: &message,
+                        synchronized_security: self.synchronized_security_override(),
                     };
                     deliveries = crate::actions::plan_lockout_started(
                         &runtime.config,
@@ -822,7 +838,11 @@ impl Guard {
                     until = %lockout.until.map_or("permanent".to_string(), |until| until.to_rfc3339()),
                     monitor = !lockout.enforced, "lockout started");
                 self.lockout_started.notify_one();
-                if crate::actions::scan_requested(&runtime.config, lockout) {
+                if crate::actions::scan_requested(
+                    &runtime.config,
+                    self.synchronized_security_override(),
+                    lockout,
+                ) {
                     self.request_agent_scans(&runtime, &key, lockout).await;
                 }
             }

@@ -36,6 +36,7 @@ pub mod policy;
 pub mod reply;
 pub mod scan;
 pub mod server;
+pub mod simulate;
 pub mod smtp;
 pub mod store;
 pub mod tls;

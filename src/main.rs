@@ -166,6 +166,34 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Replay the recorded bad messages of a period under a candidate
+    /// policy and compare the lockouts it would have started with the real
+    /// ones.
+    Simulate {
+        /// The configuration file in force, such as /etc/sendguard/config.toml.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// TOML file with the candidate [policy], and optionally [identity]
+        /// and [exemptions] (senders, logins, networks, ignore_recorded);
+        /// keys it leaves out keep the values of --config.
+        #[arg(
+            long,
+            required_unless_present = "recorded",
+            conflicts_with = "recorded"
+        )]
+        policy: Option<PathBuf>,
+        /// Replay under the [policy] and [identity] recorded in force at
+        /// each message (config_loaded events) instead of a candidate, to
+        /// check the replay against the recorded history.
+        #[arg(long)]
+        recorded: bool,
+        /// Start of the period: a duration back from now such as 30d, or an
+        /// RFC 3339 time such as 2026-12-04T21:00:00Z.
+        #[arg(long, default_value = "30d")]
+        since: String,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -391,6 +419,14 @@ fn main() -> ExitCode {
             format,
             &remote,
         ),
+        Command::Simulate {
+            config,
+            policy,
+            // Clap requires --recorded exactly when --policy is absent.
+            recorded: _,
+            since,
+            format,
+        } => commands::simulate(&config, policy.as_deref(), &since, format),
         Command::Config {
             command: ConfigCommand::Check { file },
         } => config_check(&file),

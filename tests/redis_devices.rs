@@ -258,6 +258,47 @@ fn device_settings_shared_across_hosts() {
 }
 
 #[test]
+fn synchronized_security_shared_across_hosts() {
+    let redis = RedisServer::start();
+    let first = Host::start(&redis);
+    let mut second = Host::start(&redis);
+
+    // Turned off on the first host, synchronized security is off on the
+    // second, with the author and reason.
+    let before = reloads(&second.server);
+    first.call(
+        "PUT",
+        "/api/v1/settings",
+        Some(&json!({ "synchronized_security": false, "reason": "console upgrade", "author": "jdoe" })),
+    );
+    second.wait_for_reload(before);
+    let shown = second.call("GET", "/api/v1/settings", None);
+    assert_eq!(shown["synchronized_security"]["value"], false, "{shown}");
+    assert_eq!(shown["synchronized_security"]["source"], "api", "{shown}");
+    assert_eq!(shown["synchronized_security"]["author"], "jdoe", "{shown}");
+
+    // Redis keeps it across a restart of the second host.
+    second.server.restart();
+    wait_until_subscribed(&second.server);
+    let shown = second.call("GET", "/api/v1/settings", None);
+    assert_eq!(shown["synchronized_security"]["value"], false, "{shown}");
+    assert_eq!(shown["synchronized_security"]["source"], "api", "{shown}");
+
+    // A reset on the second host brings back the file's value on both.
+    let before = reloads(&first.server);
+    second.call(
+        "PUT",
+        "/api/v1/settings",
+        Some(&json!({ "synchronized_security": null, "reason": "upgrade done", "author": "jdoe" })),
+    );
+    first.wait_for_reload(before);
+    let shown = first.call("GET", "/api/v1/settings", None);
+    assert_eq!(shown["synchronized_security"]["source"], "file", "{shown}");
+    let changes = first.server.events_of("setting_changed");
+    assert_eq!(changes.len(), 2, "{changes:#?}");
+}
+
+#[test]
 fn subnet_notice_reaches_agents_on_other_host() {
     let redis = RedisServer::start();
     let first = Host::start(&redis);

@@ -18,9 +18,19 @@ pub use outbox::{ActionClients, retry_delay, run_outbox};
 pub use payload::{LockoutFacts, plan_lockout_ended, plan_lockout_started, scan_requested};
 pub use webhook::{redact_url, signature};
 
+use crate::config::Config;
 use crate::policy::Timestamp;
 use serde::{Deserialize, Serialize};
 use std::fmt;
+
+/// Returns whether synchronized security is on, which decides whether a
+/// lockout requests an endpoint scan: the value stored through the API or
+/// the dashboard when there is one (`stored`), else the file's
+/// `synchronized_security.enabled`. Every decision to request or send an
+/// endpoint scan goes through this function.
+pub fn synchronized_security_enabled(config: &Config, stored: Option<bool>) -> bool {
+    stored.unwrap_or(config.synchronized_security.enabled)
+}
 
 /// The kinds of delivery the outbox makes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -154,11 +154,15 @@ async fn deliver_due(guard: &Arc<Guard>) -> Result<Option<Timestamp>, StoreError
             .await?;
         let full_batch = due.len() == BATCH;
         let runtime = guard.runtime();
+        let synchronized_security = guard
+            .devices()
+            .synchronized_security_override()
+            .and_then(|row| row.value.as_bool());
         let mut attempts = JoinSet::new();
         for pending in due {
             let runtime = runtime.clone();
             attempts.spawn(async move {
-                let outcome = attempt(&runtime, &pending.entry).await;
+                let outcome = attempt(&runtime, &pending.entry, synchronized_security).await;
                 (pending, outcome)
             });
         }
@@ -186,14 +190,20 @@ fn attempt_lease(runtime: &Runtime) -> Duration {
         .saturating_add(Duration::from_secs(5))
 }
 
-async fn attempt(runtime: &Runtime, entry: &OutboxEntry) -> Attempt {
+/// Attempts one delivery; `synchronized_security` is the value of
+/// `synchronized_security.enabled` stored through the API, if any.
+async fn attempt(
+    runtime: &Runtime,
+    entry: &OutboxEntry,
+    synchronized_security: Option<bool>,
+) -> Attempt {
     let config = &runtime.config;
     let clients = &runtime.actions;
     let url = match entry.kind {
         ActionKind::EndpointScan => {
-            if !config.synchronized_security.enabled {
+            if !super::synchronized_security_enabled(config, synchronized_security) {
                 return Attempt::Unconfigured(
-                    "synchronized_security.enabled is now false, so no endpoint scan is requested"
+                    "synchronized security is now off, so no endpoint scan is requested"
                         .to_string(),
                 );
             }

@@ -18,14 +18,18 @@ pub struct LockoutFacts<'a> {
     pub strikes: &'a [Strike],
     /// The message whose strike started the lockout.
     pub message: &'a MessageFacts,
+    /// `synchronized_security.enabled` as stored through the API or the
+    /// dashboard, which overrides the file's value; `None` when not set.
+    pub synchronized_security: Option<bool>,
 }
 
 /// Returns whether a lockout requests an on-demand scan of the owner's
-/// devices: synchronized security is on and the lockout is enforced, never
+/// devices: synchronized security is on (`stored` is the value set through
+/// the API, which overrides the file's) and the lockout is enforced, never
 /// in monitor mode. The scan goes to the `endpoint_scan` webhook when one is
 /// configured and to the agents of the owner's devices in every case.
-pub fn scan_requested(config: &Config, lockout: &Lockout) -> bool {
-    config.synchronized_security.enabled && lockout.enforced
+pub fn scan_requested(config: &Config, stored: Option<bool>, lockout: &Lockout) -> bool {
+    super::synchronized_security_enabled(config, stored) && lockout.enforced
 }
 
 /// Plans the deliveries for a lockout that just started, timed or
@@ -38,7 +42,7 @@ pub fn plan_lockout_started(
 ) -> Vec<OutboxEntry> {
     let lockout = facts.lockout;
     let entry = directory.entry(&facts.key.mailbox);
-    let scan_requested = scan_requested(config, lockout);
+    let scan_requested = scan_requested(config, facts.synchronized_security, lockout);
     let event = if lockout.is_permanent() {
         "blocked_permanently"
     } else {
@@ -349,6 +353,15 @@ mod tests {
     }
 
     fn plan(config: &Config, directory: &Directory, lockout: &Lockout) -> Vec<OutboxEntry> {
+        plan_with_stored(config, directory, lockout, None)
+    }
+
+    fn plan_with_stored(
+        config: &Config,
+        directory: &Directory,
+        lockout: &Lockout,
+        synchronized_security: Option<bool>,
+    ) -> Vec<OutboxEntry> {
         let key = MailboxKey::mailbox("alice@example.org");
         let strikes = strikes();
         let message = message();
@@ -357,6 +370,7 @@ mod tests {
             lockout,
             strikes: &strikes,
             message: &message,
+            synchronized_security,
         };
         plan_lockout_started(config, directory, &facts)
     }
@@ -405,6 +419,46 @@ mod tests {
     }
 
     #[test]
+    fn stored_setting_overrides_file() {
+        let on_in_file = config(ALL_ACTIONS);
+        let off_in_file = config(&ALL_ACTIONS.replace("enabled = true", "enabled = false"));
+        let directory = Directory::default();
+        let lockout = lockout(1, Some(4_604_000), true);
+        let scans = |planned: Vec<OutboxEntry>| {
+            planned
+                .iter()
+                .filter(|entry| entry.kind == ActionKind::EndpointScan)
+                .count()
+        };
+        assert_eq!(
+            scans(plan_with_stored(
+                &on_in_file,
+                &directory,
+                &lockout,
+                Some(false)
+            )),
+            0
+        );
+        assert_eq!(
+            scans(plan_with_stored(
+                &off_in_file,
+                &directory,
+                &lockout,
+                Some(true)
+            )),
+            1
+        );
+        assert_eq!(
+            scans(plan_with_stored(&on_in_file, &directory, &lockout, None)),
+            1
+        );
+        assert_eq!(
+            scans(plan_with_stored(&off_in_file, &directory, &lockout, None)),
+            0
+        );
+    }
+
+    #[test]
     fn synchronized_security_off_skips_scan() {
         let text = ALL_ACTIONS.replace("enabled = true", "enabled = false");
         let config = config(&text);
@@ -423,9 +477,11 @@ mod tests {
         let text = ALL_ACTIONS.replace("endpoint_scan_url = \"http://127.0.0.1:9/scan\"", "");
         let config = config(&text);
         let enforced = lockout(1, Some(4_604_000), true);
-        assert!(scan_requested(&config, &enforced));
+        assert!(scan_requested(&config, None, &enforced));
+        assert!(!scan_requested(&config, Some(false), &enforced));
         assert!(!scan_requested(
             &config,
+            None,
             &lockout(1, Some(4_604_000), false)
         ));
         let planned = plan(&config, &Directory::default(), &enforced);

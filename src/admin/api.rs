@@ -48,8 +48,14 @@ pub fn router(guard: Arc<Guard>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(health))
         .merge(super::devices::routes())
+        .merge(super::dashboard::routes())
+        .merge(super::simulate::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            guard.clone(),
+            super::dashboard::protect,
+        ))
         .with_state(guard)
 }
 

@@ -82,8 +82,14 @@ impl Caller {
     }
 }
 
-/// Checks the bearer token: the admin or support token, or a device's.
+/// Checks the bearer token: the admin or support token, or a device's; or
+/// else the cookie of a dashboard session.
 fn caller(guard: &Guard, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    if !headers.contains_key(header::AUTHORIZATION)
+        && let Some(session) = super::dashboard::session_of(guard, headers)
+    {
+        return Ok(Caller::Operator(session.role));
+    }
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
@@ -720,17 +726,10 @@ async fn remove_exclusion(
 fn settings_json(guard: &Guard) -> Value {
     let runtime = guard.runtime();
     let config = &runtime.config.devices;
-    let reject_unsafe = match guard.devices().reject_unsafe_override() {
-        Some(row) => json!({
-            "value": row.value,
-            "source": "api",
-            "file_value": config.reject_unsafe,
-            "author": row.author,
-            "reason": row.reason,
-            "changed": row.changed.to_rfc3339(),
-        }),
-        None => json!({ "value": config.reject_unsafe, "source": "file" }),
-    };
+    let reject_unsafe = super::dashboard::setting_json(
+        guard.devices().reject_unsafe_override(),
+        config.reject_unsafe,
+    );
     json!({
         "reject_unsafe": reject_unsafe,
         "relay_gate": { "value": config.relay_gate, "source": "file" },

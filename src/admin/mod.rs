@@ -1,14 +1,19 @@
 //! The admin HTTP API: blocks, strike ledgers, support lifts, the events
-//! report, exemptions, metrics and health.
+//! report, exemptions, runtime settings, metrics, health, and the
+//! dashboard in the browser.
 //!
-//! Every endpoint takes a bearer token. The admin token (from
-//! `admin.token_file`) reads everything and manages exemptions; the
-//! support token (only its SHA-256 is configured) reads everything and
-//! alone may lift a permanent block or reset a lockout count.
+//! Every endpoint takes a bearer token, or the cookie of a dashboard
+//! session started with one. The admin token (from `admin.token_file`)
+//! reads everything and manages exemptions and settings; the support token
+//! (only its SHA-256 is configured) reads everything and alone may lift a
+//! permanent block or reset a lockout count.
 
 mod api;
 pub mod client;
+mod dashboard;
 pub mod devices;
+pub mod session;
+mod simulate;
 pub mod views;
 
 pub use api::{ExemptionRequest, new_exemption, parse_time};
@@ -179,16 +184,24 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Checks the bearer token of a request and returns its role.
+/// Checks the bearer token of a request, or else its session cookie, and
+/// returns its role.
 ///
 /// # Errors
-/// 401 when the token is missing or matches neither credential.
+/// 401 when the token is missing or matches neither credential and no
+/// session is live.
 pub fn authenticate(guard: &Guard, headers: &HeaderMap) -> Result<Role, ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
+        // A dashboard session; its CSRF token was checked before the
+        // handler ran when the request changes state.
+        if let Some(session) = dashboard::session_of(guard, headers) {
+            return Ok(session.role);
+        }
         log_refusal();
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
-            "missing bearer token: send the header \"Authorization: Bearer TOKEN\"",
+            "missing bearer token: send the header \"Authorization: Bearer TOKEN\", or log in \
+             to the dashboard at /",
         ));
     };
     let token = value
@@ -218,7 +231,7 @@ pub fn authenticate(guard: &Guard, headers: &HeaderMap) -> Result<Role, ApiError
 
 /// Logs refused tokens at most once per ten seconds, with the number of
 /// refusals since the last line, so guessing cannot flood the log.
-fn log_refusal() {
+pub(crate) fn log_refusal() {
     use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
     static LAST_LOGGED: AtomicI64 = AtomicI64::new(i64::MIN);
     static SINCE_LAST: AtomicU64 = AtomicU64::new(0);
@@ -252,7 +265,9 @@ pub async fn serve(listener: TcpListener, guard: Arc<Guard>, mut shutdown: watch
     let stop = async move {
         let _ = shutdown.wait_for(|stop| *stop).await;
     };
-    if let Err(error) = axum::serve(listener, router)
+    // The client address limits failed dashboard logins per client.
+    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    if let Err(error) = axum::serve(listener, service)
         .with_graceful_shutdown(stop)
         .await
     {

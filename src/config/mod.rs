@@ -5,9 +5,12 @@
 
 mod actions;
 mod admin;
+mod candidate;
 pub mod devices;
 mod problems;
 pub mod store;
+
+pub use candidate::{Candidate, CandidateExemptions};
 
 pub use actions::{ActionsConfig, AlertsConfig, SynchronizedSecurityConfig};
 pub use admin::{AdminConfig, EventsConfig};

@@ -56,10 +56,19 @@ impl Guard {
             let mut cache = self.shard(&key).lock().await;
             let runtime = self.runtime();
             let settings = runtime.settings();
+            let synchronized = self.synchronized_security_override();
             let (started, state) = self
                 .store
                 .update_mailbox(&key, |state, now| {
-                    merge_strikes(state, &strikes, &settings, now, &key, &runtime)
+                    merge_strikes(
+                        state,
+                        &strikes,
+                        &settings,
+                        now,
+                        &key,
+                        &runtime,
+                        synchronized,
+                    )
                 })
                 .await?;
             cache.put(key.clone(), state.block);
@@ -144,6 +153,7 @@ fn merge_strikes(
     now: Timestamp,
     key: &MailboxKey,
     runtime: &Runtime,
+    synchronized_security: Option<bool>,
 ) -> (Option<Lockout>, Option<MailboxWrite>) {
     let mut events = Vec::new();
     let mut deliveries = Vec::new();
@@ -181,6 +191,7 @@ fn merge_strikes(
                 lockout: &lockout,
                 strikes: &strikes,
                 message: &message,
+                synchronized_security,
             };
             let planned =
                 crate::actions::plan_lockout_started(&runtime.config, &runtime.directory, &facts);
@@ -245,6 +256,7 @@ mod tests {
             Timestamp(1_005_000),
             &key,
             &runtime,
+            None,
         );
 
         let lockout = started.expect("the third strike starts a lockout");
@@ -281,6 +293,7 @@ mod tests {
             Timestamp(1_005_000),
             &key,
             &runtime,
+            None,
         );
 
         assert!(started.is_none());
@@ -301,7 +314,7 @@ mod tests {
             let _ = state.record_strike(&settings, merged_strike("shared-1", 1_200_000));
             let local = [merged_strike("local-1", local_at)];
 
-            let _ = merge_strikes(&mut state, &local, &settings, now, &key, &runtime);
+            let _ = merge_strikes(&mut state, &local, &settings, now, &key, &runtime, None);
 
             let times: Vec<i64> = state
                 .strikes

@@ -26,6 +26,10 @@ use tokio::sync::{Mutex, Notify, watch};
 /// Name of the `reject_unsafe` setting in the store and in events.
 const REJECT_UNSAFE: &str = "reject_unsafe";
 
+/// Name of the `synchronized_security.enabled` setting in the store and in
+/// events. It shares the store's table of settings with `reject_unsafe`.
+const SYNCHRONIZED_SECURITY: &str = "synchronized_security";
+
 /// Notices read from the store per query of a stream.
 const NOTICE_BATCH: usize = 500;
 
@@ -122,6 +126,9 @@ pub struct Registry {
     outbox_queued: Notify,
     /// `reject_unsafe` as set through the API, which overrides the file.
     reject_override: ArcSwap<Option<SettingRow>>,
+    /// `synchronized_security.enabled` as set through the API, which
+    /// overrides the file.
+    synchronized_override: ArcSwap<Option<SettingRow>>,
 }
 
 impl Registry {
@@ -137,6 +144,7 @@ impl Registry {
             newest_notice: watch::Sender::new(0),
             outbox_queued: Notify::new(),
             reject_override: ArcSwap::from_pointee(None),
+            synchronized_override: ArcSwap::from_pointee(None),
         }
     }
 
@@ -253,11 +261,15 @@ impl Registry {
     /// On a store failure; the ones loaded before stay in force then.
     pub async fn load_settings(&self) -> Result<(), StoreError> {
         let settings = self.store.device_settings().await?;
-        self.reject_override.store(Arc::new(
+        let stored = |name: &str| {
             settings
-                .into_iter()
-                .find(|row| row.name == REJECT_UNSAFE && row.value.is_boolean()),
-        ));
+                .iter()
+                .find(|row| row.name == name && row.value.is_boolean())
+                .cloned()
+        };
+        self.reject_override.store(Arc::new(stored(REJECT_UNSAFE)));
+        self.synchronized_override
+            .store(Arc::new(stored(SYNCHRONIZED_SECURITY)));
         self.load_exclusions().await
     }
 
@@ -289,24 +301,67 @@ impl Registry {
         reason: &str,
         now: Timestamp,
     ) -> Result<(), StoreError> {
+        let slot = &self.reject_override;
+        self.save_setting(REJECT_UNSAFE, slot, value, author, reason, now)
+            .await
+    }
+
+    /// Returns the `synchronized_security.enabled` override set through the
+    /// API, if any.
+    pub fn synchronized_security_override(&self) -> Option<SettingRow> {
+        self.synchronized_override.load().as_ref().clone()
+    }
+
+    /// Overrides `synchronized_security.enabled` (or with `None` goes back
+    /// to the file's value) and records who did it and why.
+    ///
+    /// # Errors
+    /// On a store failure; the setting in force stays then.
+    pub async fn set_synchronized_security(
+        &self,
+        value: Option<bool>,
+        author: &str,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let slot = &self.synchronized_override;
+        self.save_setting(SYNCHRONIZED_SECURITY, slot, value, author, reason, now)
+            .await
+    }
+
+    /// Stores a setting's override (removed when `value` is `None`) with
+    /// its event, then puts the row now in force into `slot`.
+    async fn save_setting(
+        &self,
+        name: &str,
+        slot: &ArcSwap<Option<SettingRow>>,
+        value: Option<bool>,
+        author: &str,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
         let row = SettingRow {
-            name: REJECT_UNSAFE.to_string(),
+            name: name.to_string(),
             value: value.map_or(Value::Null, Value::Bool),
             author: author.to_string(),
             reason: reason.to_string(),
             changed: now,
         };
         let mut details = Map::new();
-        details.insert("setting".into(), REJECT_UNSAFE.into());
+        details.insert("setting".into(), name.into());
         details.insert("value".into(), row.value.clone());
         details.insert("by".into(), author.into());
         details.insert("reason".into(), reason.into());
-        let event = Event::for_device(now, EventKind::DeviceSettingChanged, None, details);
+        let kind = if name == REJECT_UNSAFE {
+            EventKind::DeviceSettingChanged
+        } else {
+            EventKind::SettingChanged
+        };
+        let event = Event::for_device(now, kind, None, details);
         self.store.save_device_setting(row.clone(), event).await?;
-        tracing::warn!(setting = REJECT_UNSAFE, value = ?value, author, reason,
-            "device setting changed through the API");
-        self.reject_override
-            .store(Arc::new(value.is_some().then_some(row)));
+        tracing::warn!(setting = name, value = ?value, author, reason,
+            "setting changed through the API");
+        slot.store(Arc::new(value.is_some().then_some(row)));
         Ok(())
     }
 

@@ -287,6 +287,20 @@ impl MailboxState {
         StrikeOutcome::LockoutStarted { lockout, strikes }
     }
 
+    /// Applies one bad message as the guard does: first forgives the
+    /// lockout count when `forgive_after` allows it at the strike's time,
+    /// then counts the strike. The guard and the replay of recorded history
+    /// both call this, so they cannot differ.
+    pub fn apply_strike(
+        &mut self,
+        settings: &PolicySettings,
+        strike: Strike,
+    ) -> (Option<Forgiven>, StrikeOutcome) {
+        let forgiven = self.forgive(settings, strike.at);
+        let outcome = self.record_strike(settings, strike);
+        (forgiven, outcome)
+    }
+
     /// Sets the lockout count back to zero when `settings.forgive_after` has
     /// passed since the end of the last lockout. A permanent block is never
     /// forgiven, and neither is a lockout still in force.

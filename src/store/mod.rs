@@ -20,7 +20,7 @@ pub mod outbox;
 pub mod redis;
 pub mod sqlite;
 
-pub use sqlite::EventFilter;
+pub use sqlite::{EventFilter, EventPage, EventPosition};
 
 use crate::actions::{OutboxEntry, PendingDelivery};
 use crate::config::{Backend, OnStoreError, StoreConfig};
@@ -524,6 +524,64 @@ impl Store {
         }
         self.call(move |connection| sqlite::query_events(connection, &filter))
             .await
+    }
+
+    /// Reads one bounded page of events for a long sequential read, and
+    /// returns it with the position to pass as `after` for the next page,
+    /// or `None` after the last page.
+    ///
+    /// SQLite returns the events in time order. Redis returns them in the
+    /// order they reached its stream, which is time order except for events
+    /// a host stored late (see [`Store::events_in_time_order`]).
+    ///
+    /// NOTE: with Redis, `until` filters the events but does not end the
+    /// read, so the last page of a read that ends before the newest event
+    /// scans the rest of the stream (in batches, so memory stays bounded).
+    ///
+    /// # Errors
+    /// On a store failure or an event that does not decode.
+    pub async fn events_page(
+        &self,
+        page: EventPage,
+    ) -> Result<(Vec<Event>, Option<EventPosition>), StoreError> {
+        let limit = page.limit.max(1);
+        let mut events = match &self.shared {
+            Some(shared) => {
+                let filter = EventFilter {
+                    since: page.since,
+                    until: page.until,
+                    after: page.after.map(|after| after.id),
+                    limit: Some(limit),
+                    ..EventFilter::default()
+                };
+                shared.query_events(&filter).await?
+            }
+            None => {
+                let page = EventPage {
+                    limit,
+                    ..page.clone()
+                };
+                self.call(move |connection| sqlite::events_page(connection, &page))
+                    .await?
+            }
+        };
+        let next = match events.last() {
+            Some(last) if events.len() >= limit => Some(EventPosition {
+                time: last.time,
+                id: last.id.unwrap_or_default(),
+            }),
+            _ => None,
+        };
+        if !page.kinds.is_empty() {
+            events.retain(|event| page.kinds.contains(&event.kind));
+        }
+        Ok((events, next))
+    }
+
+    /// Returns whether [`Store::events_page`] returns events in time order:
+    /// true with SQLite, false with Redis.
+    pub fn events_in_time_order(&self) -> bool {
+        self.shared.is_none()
     }
 
     /// Returns every mailbox with a lockout in force at `now`.

@@ -1129,6 +1129,12 @@ fn cursor_from_stream_id(id: &str) -> Result<i64, StoreError> {
     Ok(millis * SEQUENCES_PER_MILLI + sequence.min(SEQUENCES_PER_MILLI - 1))
 }
 
+/// Returns the time an event with id `cursor` reached the stream: the
+/// millisecond part of its stream entry id.
+pub fn stream_time(cursor: i64) -> Timestamp {
+    Timestamp(cursor.div_euclid(SEQUENCES_PER_MILLI))
+}
+
 fn stream_id_from_cursor(cursor: i64) -> String {
     format!(
         "{}-{}",

@@ -1,0 +1,113 @@
+//! `POST /api/v1/simulate`: replays recorded history under a candidate
+//! policy and returns the report as JSON.
+
+use super::{ApiError, authenticate, ok_json};
+use crate::guard::Guard;
+use axum::extract::State;
+use axum::extract::rejection::JsonRejection;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::routing::post;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::Value;
+use std::sync::Arc;
+
+/// The period simulated when the request gives no `since`.
+const DEFAULT_SINCE: &str = "30d";
+
+/// Builds the simulation route, which the API merges into its router.
+pub fn routes() -> Router<Arc<Guard>> {
+    Router::new().route("/api/v1/simulate", post(simulate))
+}
+
+/// The body of a simulation request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SimulateRequest {
+    /// The candidate: TOML text with `[policy]`, `[identity]` and
+    /// `[exemptions]` tables, or the same tables as a JSON object. Absent,
+    /// the policy in force is replayed.
+    #[serde(default)]
+    policy: Option<Value>,
+    /// Start of the period: a duration back from now such as `30d`, or an
+    /// RFC 3339 time.
+    #[serde(default)]
+    since: Option<String>,
+    /// Replay under the policies recorded in force instead, to check the
+    /// replay against the recorded history.
+    #[serde(default)]
+    recorded: bool,
+}
+
+const EXAMPLE: &str = r#"{"policy": "[policy]\nthreshold = 3\n", "since": "30d"}"#;
+
+async fn simulate(
+    headers: HeaderMap,
+    State(guard): State<Arc<Guard>>,
+    body: Result<Json<SimulateRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    authenticate(&guard, &headers)?;
+    let Json(request) = body.map_err(|rejection| {
+        ApiError::new(
+            rejection.status(),
+            format!(
+                "{}; send a JSON object such as {EXAMPLE}",
+                rejection.body_text()
+            ),
+        )
+    })?;
+    let text = candidate_text(request.policy)?;
+    let runtime = guard.runtime();
+    let candidate = runtime.config.candidate(&text).map_err(|problems| {
+        ApiError::bad_request(format!(
+            "invalid candidate policy: {}",
+            problems
+                .0
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        ))
+    })?;
+    let since_text = request.since.as_deref().unwrap_or(DEFAULT_SINCE);
+    let since = super::parse_time("since", since_text).map_err(ApiError::bad_request)?;
+    let directory =
+        crate::simulate::candidate_directory(&runtime.config, &runtime.directory, &candidate)
+            .map_err(|error| ApiError::bad_request(error.to_string()))?;
+    match crate::simulate::run(
+        guard.store(),
+        &candidate,
+        &directory,
+        since,
+        request.recorded,
+    )
+    .await
+    {
+        Ok(report) => Ok(ok_json(report.to_json())),
+        Err(crate::simulate::SimulateError::Store(error)) => Err(ApiError::internal(error)),
+        Err(error) => Err(ApiError::bad_request(error.to_string())),
+    }
+}
+
+/// Returns the candidate as TOML text, from TOML text or a JSON object.
+fn candidate_text(policy: Option<Value>) -> Result<String, ApiError> {
+    match policy {
+        None => Ok(String::new()),
+        Some(Value::String(text)) => Ok(text),
+        Some(object @ Value::Object(_)) => {
+            let table = toml::Value::try_from(object).map_err(|error| {
+                ApiError::bad_request(format!(
+                    "policy cannot be written as TOML: {error}; send tables of keys and values \
+                     such as {{\"policy\": {{\"threshold\": 3}}}}"
+                ))
+            })?;
+            toml::to_string(&table).map_err(|error| {
+                ApiError::bad_request(format!("policy cannot be written as TOML: {error}"))
+            })
+        }
+        Some(other) => Err(ApiError::bad_request(format!(
+            "policy is {other}, neither TOML text nor a JSON object; send one such as {EXAMPLE}"
+        ))),
+    }
+}

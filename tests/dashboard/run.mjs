@@ -1,0 +1,335 @@
+// Drives the sendguard dashboard in headless Chromium (Debian's package)
+// through playwright-core, which downloads no browser. tests/dashboard.rs
+// starts the real server, makes the data through SMTP and runs one phase of
+// this script at a time:
+//
+//   node run.mjs PHASE
+//
+// Environment: SENDGUARD_URL (http://127.0.0.1:PORT), ADMIN_TOKEN,
+// SUPPORT_TOKEN, SCREENSHOT_DIR, and per phase LOCKED (the mailbox in a
+// timed lockout) and BLOCKED (the mailbox blocked permanently).
+// Each check that fails ends the script with exit status 1 and a line
+// "FAILED: ..."; on success the last line is "RESULT {json}".
+
+import { chromium } from "playwright-core";
+import { mkdtempSync, rmSync, mkdirSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+
+const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
+const base = required("SENDGUARD_URL");
+const screenshots = required("SCREENSHOT_DIR");
+const result = {};
+
+function required(name) {
+  const value = process.env[name];
+  if (!value) fail(`environment variable ${name} is not set`);
+  return value;
+}
+
+function fail(message) {
+  console.log(`FAILED: ${message}`);
+  process.exit(1);
+}
+
+function check(condition, message) {
+  if (!condition) throw new Error(message);
+}
+
+async function launch() {
+  const profile = mkdtempSync(join(tmpdir(), "sendguard-chromium-"));
+  const context = await chromium.launchPersistentContext(profile, {
+    executablePath: CHROMIUM,
+    headless: true,
+    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+    viewport: { width: 1280, height: 900 },
+  });
+  const errors = [];
+  context.on("page", (page) => watch(page, errors));
+  for (const page of context.pages()) watch(page, errors);
+  const page = context.pages()[0] || await context.newPage();
+  page.setDefaultTimeout(15000);
+  return { context, page, errors, profile };
+}
+
+function watch(page, errors) {
+  page.on("pageerror", (error) => errors.push(`page error: ${error.message}`));
+  page.on("console", (message) => {
+    // A refused request shows in the console as a failed resource load;
+    // the tests make some on purpose, so only script errors count.
+    if (message.type() === "error" && !message.text().startsWith("Failed to load resource")) {
+      errors.push(`console error: ${message.text()}`);
+    }
+  });
+}
+
+async function shot(page, name) {
+  mkdirSync(screenshots, { recursive: true });
+  await page.screenshot({ path: join(screenshots, `${name}.png`), fullPage: true });
+}
+
+async function phoneShot(page, name) {
+  await page.setViewportSize({ width: 390, height: 844 });
+  await page.waitForTimeout(200);
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  result[`${name}_horizontal_overflow_px`] = overflow;
+  check(overflow <= 1, `${name}: the page is ${overflow} px wider than a 390 px phone screen`);
+  await shot(page, `${name}-phone`);
+  await page.setViewportSize({ width: 1280, height: 900 });
+}
+
+async function login(page, token) {
+  await page.goto(base + "/");
+  await page.getByLabel("Admin or support token").fill(token);
+  await page.getByRole("button", { name: "Log in" }).click();
+  await page.getByRole("navigation", { name: "Main" }).waitFor();
+}
+
+async function heading(page, text) {
+  await page.getByRole("heading", { level: 1, name: text }).waitFor();
+}
+
+/** Reads the countdown of `mailbox`'s lockout on the overview, in seconds. */
+async function countdownSeconds(page, mailbox) {
+  const text = await page.getByRole("timer", { name: `Lockout of ${mailbox}` }).textContent();
+  const match = /^(?:(\d+)h )?(\d+)m (\d+)s$/.exec(text.trim());
+  check(match, `countdown of ${mailbox} reads ${JSON.stringify(text)}, not "Hh MMm SSs"`);
+  return Number(match[1] || 0) * 3600 + Number(match[2]) * 60 + Number(match[3]);
+}
+
+const phases = {
+  // Admin: login, the lockout's countdown, the permanent block, the event
+  // filters, the CSV export, and a screenshot of every page.
+  async overview(page) {
+    const locked = required("LOCKED");
+    const blocked = required("BLOCKED");
+
+    // A wrong token is refused on the form.
+    await page.goto(base + "/");
+    await page.getByLabel("Admin or support token").fill("not-the-token-0123456789");
+    await page.getByRole("button", { name: "Log in" }).click();
+    await page.getByText("login failed").waitFor();
+    await shot(page, "login");
+    await phoneShot(page, "login");
+
+    await login(page, required("ADMIN_TOKEN"));
+    await heading(page, "Overview");
+    result.role_badge = await page.locator("#role").textContent();
+    const lockouts = page.getByRole("region", { name: "Active lockouts" });
+    await lockouts.getByRole("link", { name: locked }).waitFor();
+    const first = await countdownSeconds(page, locked);
+    await page.waitForTimeout(2500);
+    const second = await countdownSeconds(page, locked);
+    result.countdown_first_s = first;
+    result.countdown_second_s = second;
+    check(second < first, `the countdown did not run: ${first} s, then ${second} s`);
+    const permanent = page.getByRole("region", { name: "Permanent blocks" });
+    await permanent.getByRole("link", { name: blocked }).waitFor();
+    const near = page.getByRole("region", { name: "Close to the threshold" });
+    const nearRow = near.getByRole("row").filter({ hasText: required("NEAR") });
+    result.near_threshold_row = (await nearRow.textContent()).replace(/\s+/g, " ");
+    await shot(page, "overview");
+    await phoneShot(page, "overview");
+
+    // The events report, filtered by type and mailbox.
+    await page.getByRole("link", { name: "Events" }).click();
+    await heading(page, "Events report");
+    await page.getByLabel("Type").selectOption("lockout_started");
+    await page.getByLabel("Mailbox").fill(locked);
+    await page.getByRole("button", { name: "Apply filters" }).click();
+    await page.waitForFunction(() => location.hash.includes("type=lockout_started"));
+    await page.getByRole("heading", { level: 2, name: /^Events \(1\)/ }).waitFor();
+    const rows = page.getByRole("table", { name: "Events, newest first" }).locator("tbody tr");
+    result.filtered_rows = await rows.count();
+    check(result.filtered_rows === 1, `${result.filtered_rows} rows after filtering, expected 1`);
+    check((await rows.first().textContent()).includes(locked), "the filtered row is not the locked mailbox's");
+    const chart = page.getByRole("img", { name: /strikes? and \d+ lockouts?/ });
+    result.chart_title = await chart.locator("title").first().textContent();
+    await page.getByLabel("Type").selectOption("");
+    await page.getByLabel("Mailbox").fill("");
+    await page.getByRole("button", { name: "Apply filters" }).click();
+    await page.waitForFunction(() => !location.hash.includes("type="));
+    await page.getByRole("img", { name: /strikes? and/ }).waitFor();
+    result.chart_title_all = await page.getByRole("img", { name: /strikes? and/ }).locator("title").first().textContent();
+    const csvLink = page.getByRole("link", { name: "Export CSV" });
+    const csv = await page.request.get(base + await csvLink.getAttribute("href"));
+    const csvText = await csv.text();
+    result.csv_status = csv.status();
+    result.csv_lines = csvText.trim().split("\n").length;
+    check(csv.status() === 200, `CSV export answered ${csv.status()}: ${csvText}`);
+    check(csvText.includes("lockout_started") && csvText.includes(locked), "the CSV export lacks the lockout");
+    await shot(page, "events");
+    await phoneShot(page, "events");
+
+    // The locked mailbox's page: strike ledger, history, owner, no
+    // unblock action for the admin.
+    await page.goto(base + "/#/mailbox/" + encodeURIComponent(locked));
+    await heading(page, locked);
+    await page.getByRole("region", { name: "Lockout history" }).getByText("lockout_started").waitFor();
+    result.mailbox_bad_messages = await page.getByRole("table", { name: "Bad messages from this mailbox, newest first" })
+      .locator("tbody tr").count();
+    check(result.mailbox_bad_messages === 5, `${result.mailbox_bad_messages} bad messages listed for the locked mailbox, expected 5`);
+    result.admin_unblock_buttons = await page.getByRole("button", { name: /Lift permanent block|Reset lockout count/ }).count();
+    check(result.admin_unblock_buttons === 0, "an admin session offers the unblock action");
+    // Nor does the API let an admin session lift the permanent block.
+    result.admin_unblock_status = await page.evaluate(async (mailbox) => {
+      const session = await (await fetch("/api/v1/session")).json();
+      const response = await fetch(`/api/v1/mailboxes/${encodeURIComponent(mailbox)}/unblock`, { method: "POST",
+        headers: { "Content-Type": "application/json", "X-CSRF-Token": session.csrf_token },
+        body: JSON.stringify({ reason: "admin try" }) });
+      return response.status;
+    }, blocked);
+    check(result.admin_unblock_status === 403, `an admin session's unblock answered ${result.admin_unblock_status}`);
+    await shot(page, "mailbox");
+    await phoneShot(page, "mailbox");
+
+    await page.getByRole("link", { name: "Devices" }).click();
+    await heading(page, "Devices");
+    await page.getByRole("region", { name: "Health by subnet" }).waitFor();
+    await shot(page, "devices");
+    await phoneShot(page, "devices");
+
+    await page.getByRole("link", { name: "Settings" }).click();
+    await heading(page, "Settings");
+    await shot(page, "settings");
+    await phoneShot(page, "settings");
+
+    // A request that changes state with the cookie but without the CSRF
+    // header is refused.
+    result.csrf_missing_status = await page.evaluate(async () => {
+      const response = await fetch("/api/v1/settings", { method: "PUT",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ synchronized_security: false, reason: "csrf test", author: "test" }) });
+      return response.status;
+    });
+    check(result.csrf_missing_status === 403, `a cookie PUT without the CSRF header answered ${result.csrf_missing_status}`);
+
+    // Keyboard navigation: from a fresh load, Tab reaches the skip link
+    // first and then the main navigation, and Enter follows a link.
+    await page.goto(base + "/#/overview");
+    await page.reload();
+    await heading(page, "Overview");
+    await page.keyboard.press("Tab");
+    result.first_tab_stop = await page.evaluate(() => document.activeElement.textContent);
+    await page.keyboard.press("Tab");
+    result.second_tab_stop = await page.evaluate(() => document.activeElement.textContent);
+    await page.keyboard.press("Tab");
+    await page.keyboard.press("Enter");
+    await heading(page, "Events report");
+    result.keyboard_reached_events = true;
+
+    await page.getByRole("button", { name: "Log out" }).click();
+    await page.getByLabel("Admin or support token").waitFor();
+    result.after_logout_status = await page.evaluate(async () => (await fetch("/api/v1/blocks")).status);
+    check(result.after_logout_status === 401, `after logout the API answered ${result.after_logout_status}`);
+  },
+
+  // Support: read-only settings, lifting the permanent block.
+  async unblock(page) {
+    const blocked = required("BLOCKED");
+    await login(page, required("SUPPORT_TOKEN"));
+    result.role_badge = await page.locator("#role").textContent();
+    await page.getByRole("link", { name: "Settings" }).click();
+    await heading(page, "Settings");
+    result.support_settings_forms = await page.getByRole("button", { name: "Save" }).count();
+    check(result.support_settings_forms === 0, "a support session is offered to change settings");
+    result.support_settings_status = await page.evaluate(async () => {
+      const session = await (await fetch("/api/v1/session")).json();
+      const response = await fetch("/api/v1/settings", { method: "PUT",
+        headers: { "Content-Type": "application/json", "X-CSRF-Token": session.csrf_token },
+        body: JSON.stringify({ synchronized_security: false, reason: "support test", author: "support" }) });
+      return response.status;
+    });
+    check(result.support_settings_status === 403, `support changed a setting: ${result.support_settings_status}`);
+
+    await page.getByRole("link", { name: "Overview" }).click();
+    await heading(page, "Overview");
+    await page.getByRole("region", { name: "Permanent blocks" }).getByRole("link", { name: blocked }).click();
+    await heading(page, blocked);
+    await page.getByLabel("Reason (recorded)").fill("laptop reimaged, ticket 4711");
+    await shot(page, "mailbox-support");
+    await page.getByRole("button", { name: "Lift permanent block" }).click();
+    await page.getByRole("region", { name: "Status" }).getByText("not blocked").waitFor();
+    await page.getByRole("link", { name: "← Overview" }).click();
+    await heading(page, "Overview");
+    const permanent = page.getByRole("region", { name: "Permanent blocks" });
+    await permanent.getByText("No mailbox is blocked permanently.").waitFor();
+    result.blocked_links_after = await permanent.getByRole("link", { name: blocked }).count();
+    check(result.blocked_links_after === 0, "the lifted block is still listed");
+    await shot(page, "overview-after-unblock");
+  },
+
+  // Admin: turn synchronized security off in the settings page.
+  async "sync-off"(page) {
+    await login(page, required("ADMIN_TOKEN"));
+    await page.getByRole("link", { name: "Settings" }).click();
+    await heading(page, "Settings");
+    const section = page.getByRole("region", { name: "Synchronized security" });
+    await section.getByLabel("New value").selectOption("false");
+    await section.getByLabel("Reason (recorded)").fill("endpoint console under maintenance");
+    await section.getByLabel("Your name").fill("jdoe");
+    await section.getByRole("button", { name: "Save" }).click();
+    await page.getByRole("region", { name: "Synchronized security" })
+      .getByText("set in the dashboard or API").waitFor();
+    result.in_force = await page.locator('[data-setting="synchronized_security"]').textContent();
+    check(result.in_force === "off", `synchronized security shows ${result.in_force} after saving off`);
+
+    // An exclusion added on the settings page is listed with its source.
+    const exclusions = page.getByRole("region", { name: "Exclusions" });
+    await exclusions.getByLabel("Device id").fill(required("EXCLUDE"));
+    await exclusions.getByLabel("Reason").fill("build server");
+    await exclusions.getByLabel("Your name").fill("jdoe");
+    await exclusions.getByRole("button", { name: "Add exclusion" }).click();
+    const excludedRow = page.getByRole("region", { name: "Exclusions" }).getByRole("row")
+      .filter({ hasText: required("EXCLUDE") });
+    await excludedRow.getByText("dashboard or API").waitFor();
+    result.exclusion_row = (await excludedRow.textContent()).replace(/\s+/g, " ");
+    check(result.exclusion_row.includes("build server (by jdoe)"), `the exclusion row lacks its reason: ${result.exclusion_row}`);
+    await shot(page, "settings-changed");
+  },
+
+  // Admin, after a reload of the file: the override is still in force.
+  async "after-reload"(page) {
+    await login(page, required("ADMIN_TOKEN"));
+    await page.getByRole("link", { name: "Settings" }).click();
+    await heading(page, "Settings");
+    const section = page.getByRole("region", { name: "Synchronized security" });
+    await section.getByText("set in the dashboard or API").waitFor();
+    result.in_force = await page.locator('[data-setting="synchronized_security"]').textContent();
+    result.source_text = await section.locator("p").filter({ hasText: "set in the dashboard" }).textContent();
+    check(result.in_force === "off", `after the reload synchronized security shows ${result.in_force}`);
+    await shot(page, "settings-after-reload");
+
+    // The devices page: a device whose heartbeats stopped is listed as
+    // missing, a device that reports is not.
+    const missingDevice = required("MISSING_DEVICE");
+    const reportingDevice = required("REPORTING_DEVICE");
+    await page.getByRole("link", { name: "Devices" }).click();
+    await heading(page, "Devices");
+    const missing = page.getByRole("region", { name: "Missing heartbeats" });
+    await missing.getByText(missingDevice).waitFor();
+    result.reporting_listed_missing = await missing.getByText(reportingDevice).count();
+    check(result.reporting_listed_missing === 0, `${reportingDevice} reports but is listed as missing`);
+    result.subnet_rows = await page.getByRole("table", { name: "Device health by subnet" }).locator("tbody tr").count();
+    await shot(page, "devices-missing");
+    await phoneShot(page, "devices-missing");
+  },
+};
+
+const phase = process.argv[2];
+if (!phases[phase]) fail(`unknown phase ${JSON.stringify(phase)}; phases: ${Object.keys(phases).join(", ")}`);
+const { context, page, errors, profile } = await launch();
+try {
+  await phases[phase](page);
+  if (errors.length) throw new Error(`the page logged errors: ${errors.join("; ")}`);
+  console.log("RESULT " + JSON.stringify(result));
+} catch (error) {
+  try { await shot(page, `failure-${phase}`); } catch (_) { /* the page may be gone */ }
+  console.log(`FAILED: ${phase}: ${error.message.split("\n")[0]}`);
+  console.log(JSON.stringify(result));
+  process.exitCode = 1;
+} finally {
+  await context.close();
+  rmSync(profile, { recursive: true, force: true });
+}
