@@ -24,9 +24,9 @@ pub struct LockoutFacts<'a> {
 }
 
 /// Returns whether a lockout requests an on-demand scan of the owner's
-/// devices: synchronized security is on (`stored` is the value set through
-/// the API, which overrides the file's) and the lockout is enforced, never
-/// in monitor mode. The scan goes to the `endpoint_scan` webhook when one is
+/// devices. It does when synchronized security is on and the lockout is
+/// enforced, never in monitor mode. `stored` is the value set through the
+/// API, which overrides the file's. The scan goes to the `endpoint_scan` webhook when one is
 /// configured and to the agents of the owner's devices in every case.
 pub fn scan_requested(config: &Config, stored: Option<bool>, lockout: &Lockout) -> bool {
     super::synchronized_security_enabled(config, stored) && lockout.enforced
