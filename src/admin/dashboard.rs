@@ -88,7 +88,9 @@ async fn icon() -> Response {
 /// Returns the live session of a request's cookie, if any.
 pub fn session_of(guard: &Guard, headers: &HeaderMap) -> Option<SessionInfo> {
     let id = session::cookie_value(headers)?;
-    guard.sessions().lookup(id, Instant::now())
+    guard
+        .sessions()
+        .lookup(id, &guard.runtime().credentials, Instant::now())
 }
 
 /// Adds the security headers to every admin response, and checks the CSRF
@@ -220,8 +222,8 @@ async fn login(
             "invalid login: send a JSON object such as {\"token\": \"...\"}",
         ));
     };
-    let token = request.token.unwrap_or_default();
-    let Some(role) = guard.runtime().credentials.role_of(token.trim()) else {
+    let token_hash = super::sha256(request.token.unwrap_or_default().trim());
+    let Some(role) = guard.runtime().credentials.role_of_hash(&token_hash) else {
         guard.sessions().record_failure(client, now);
         super::log_refusal();
         return Err(ApiError::new(
@@ -229,7 +231,7 @@ async fn login(
             "login failed: the token matches neither the admin token nor the support token",
         ));
     };
-    let (id, info) = guard.sessions().create(role, now);
+    let (id, info) = guard.sessions().create(role, token_hash, now);
     tracing::info!(role = role_name(role), client = %client, "dashboard session started");
     // The admin listener speaks plain HTTP. A TLS reverse proxy in front
     // sets X-Forwarded-Proto: https, and the cookie is then kept to HTTPS.
