@@ -162,6 +162,38 @@ const phases = {
     await shot(page, "events");
     await phoneShot(page, "events");
 
+    // The report comes oldest first in pages, so the dashboard must follow
+    // the Link header to reach the newest events. The server's first page
+    // is made to announce a second page that holds one more, newer event.
+    const pagedMailbox = "paged@example.org";
+    await page.route("**/api/v1/events?**", async (route) => {
+      const url = route.request().url();
+      if (url.includes("after=999999999")) {
+        const event = { time: new Date().toISOString(), type: "lockout_started", mailbox: pagedMailbox,
+          key_client: null, id: 1000000000, level: 1 };
+        await route.fulfill({ status: 200, contentType: "application/x-ndjson", body: JSON.stringify(event) + "\n" });
+        return;
+      }
+      const response = await route.fetch();
+      const next = new URL(url).pathname + new URL(url).search + "&after=999999999";
+      await route.fulfill({ response, headers: { ...response.headers(), link: `<${next}>; rel="next"` } });
+    });
+    await page.goto(base + "/#/events?range=24h&type=lockout_started");
+    await page.reload();
+    await heading(page, "Events report");
+    const pagedRows = page.getByRole("table", { name: "Events, newest first" }).locator("tbody tr");
+    await pagedRows.first().waitFor();
+    result.paged_first_row = (await pagedRows.first().textContent()).replace(/\s+/g, " ");
+    check(result.paged_first_row.includes(pagedMailbox),
+      `the newest event, on the second page, is not listed first: ${result.paged_first_row}`);
+    await page.unroute("**/api/v1/events?**");
+
+    // An address with invalid percent-encoding shows an error, not a page
+    // left over from before.
+    await page.goto(base + "/#/mailbox/%E0%A4%A");
+    await heading(page, "Something went wrong");
+    result.broken_address_error = await page.getByRole("alert").filter({ hasText: "invalid" }).textContent();
+
     // The locked mailbox's page: strike ledger, history, owner, no
     // unblock action for the admin.
     await page.goto(base + "/#/mailbox/" + encodeURIComponent(locked));

@@ -154,19 +154,53 @@ async function api(method, path, body) {
   return data;
 }
 
-/** Reads the events report (JSON lines) with the given query. */
+/** Maximum number of events the dashboard reads for one view. */
+const MAX_EVENTS = 100000;
+
+/** Returns the URL of the next page from a Link header, if any. */
+function nextPage(link) {
+  const match = /<(\/api\/v1\/events\?[^>]*)>;\s*rel="next"/.exec(link || "");
+  return match ? match[1] : null;
+}
+
+/**
+ * Reads the events report (JSON lines) with the given query. The report
+ * comes oldest first in pages of at most 10000 events, so every page is
+ * read (up to MAX_EVENTS events) to reach the newest. The list's
+ * `truncated` is true when more events match than were read.
+ */
 async function events(query) {
   const parameters = new URLSearchParams();
   for (const [name, value] of Object.entries(query)) if (value) parameters.set(name, value);
-  const response = await fetch("/api/v1/events?" + parameters.toString(), { credentials: "same-origin" });
-  const text = await response.text();
-  if (response.status === 401) { showLogin("Your session has ended. Log in again."); throw new ApiFailure(401, "session ended"); }
-  if (!response.ok) {
-    let message = text;
-    try { message = JSON.parse(text).error; } catch (_) { /* plain text */ }
-    throw new ApiFailure(response.status, message);
+  parameters.set("limit", "10000");
+  const list = [];
+  list.truncated = false;
+  let url = "/api/v1/events?" + parameters.toString();
+  while (url) {
+    if (list.length >= MAX_EVENTS) {
+      list.truncated = true;
+      break;
+    }
+    const response = await fetch(url, { credentials: "same-origin" });
+    const text = await response.text();
+    if (response.status === 401) { showLogin("Your session has ended. Log in again."); throw new ApiFailure(401, "session ended"); }
+    if (!response.ok) {
+      let message = text;
+      try { message = JSON.parse(text).error; } catch (_) { /* plain text */ }
+      throw new ApiFailure(response.status, message);
+    }
+    for (const line of text.split("\n")) if (line.trim()) list.push(JSON.parse(line));
+    url = nextPage(response.headers.get("Link"));
   }
-  return text.split("\n").filter((line) => line.trim()).map((line) => JSON.parse(line));
+  return list;
+}
+
+/** Builds the notice shown when a view read only the oldest MAX_EVENTS events. */
+function truncatedNotice(list) {
+  if (!list.truncated) return null;
+  return h("p", { class: "notice", role: "status" },
+    `More than ${MAX_EVENTS} events match, and only the oldest ${MAX_EVENTS} are shown and counted. ` +
+    "Narrow the time range or the filters to see the newest.");
 }
 
 // ---- session -------------------------------------------------------------
@@ -226,10 +260,21 @@ function stopTimers() {
   state.timers = [];
 }
 
+/**
+ * Splits the address's hash into page, argument and query.
+ *
+ * @throws {ApiFailure} with status 0 when a part is not valid percent-encoding.
+ */
 function parseHash() {
   const hash = location.hash.replace(/^#\/?/, "");
   const [path, query] = hash.split("?");
-  const parts = path.split("/").map(decodeURIComponent);
+  let parts;
+  try {
+    parts = path.split("/").map(decodeURIComponent);
+  } catch (_) {
+    throw new ApiFailure(0, `The address ${location.hash} is invalid: it contains a % not followed by ` +
+      "the encoding of a character. Go to the Overview and follow the links from there.");
+  }
   return { page: parts[0] || "overview", argument: parts.slice(1).join("/"),
     query: new URLSearchParams(query || "") };
 }
@@ -240,25 +285,24 @@ const PAGES = { overview: renderOverview, events: renderEvents, mailbox: renderM
 async function route() {
   if (!state.role) return;
   stopTimers();
-  const { page, argument, query } = parseHash();
-  const render = PAGES[page] || renderOverview;
-  const navPage = page === "mailbox" ? "overview" : page;
-  for (const link of document.querySelectorAll("#nav a")) {
-    if (link.dataset.page === navPage) link.setAttribute("aria-current", "page");
-    else link.removeAttribute("aria-current");
-  }
   const view = document.getElementById("view");
-  view.replaceChildren(h("p", { class: "muted" }, "Loading…"));
   try {
-    const content = await render(argument, query);
-    view.replaceChildren(content);
-    const heading = view.querySelector("h1");
-    document.title = (heading ? heading.textContent + " – " : "") + "sendguard dashboard";
+    const { page, argument, query } = parseHash();
+    const render = PAGES[page] || renderOverview;
+    const navPage = page === "mailbox" ? "overview" : page;
+    for (const link of document.querySelectorAll("#nav a")) {
+      if (link.dataset.page === navPage) link.setAttribute("aria-current", "page");
+      else link.removeAttribute("aria-current");
+    }
+    view.replaceChildren(h("p", { class: "muted" }, "Loading…"));
+    view.replaceChildren(await render(argument, query));
   } catch (failure) {
     if (failure.status === 401) return;
     view.replaceChildren(h("div", { class: "panel" }, h("h1", {}, "Something went wrong"),
       h("p", { class: "error", role: "alert" }, failure.message)));
   }
+  const heading = view.querySelector("h1");
+  document.title = (heading ? heading.textContent + " – " : "") + "sendguard dashboard";
 }
 
 function focusMain() {
@@ -409,8 +453,8 @@ async function renderEvents(_argument, query) {
   const since = now - (RANGE_MILLISECONDS[range] || RANGE_MILLISECONDS["24h"]);
   const common = { since: new Date(since).toISOString(), mailbox: filters.mailbox, device: filters.device };
   const [all, filtered] = await Promise.all([
-    events({ ...common, limit: "10000" }),
-    events({ ...common, type: filters.type, limit: "10000" }),
+    events(common),
+    events({ ...common, type: filters.type }),
   ]);
   const rangeSelect = h("select", { id: "f-range", name: "range" },
     RANGES.map(([value, label]) => h("option", { value, selected: value === range }, label)));
@@ -448,10 +492,11 @@ async function renderEvents(_argument, query) {
     h("h1", {}, "Events report"),
     h("section", { class: "panel", "aria-labelledby": "h-filters" },
       h("h2", { id: "h-filters" }, "Filters"), form),
+    truncatedNotice(all.truncated ? all : filtered),
     h("section", { class: "panel", "aria-labelledby": "h-chart" },
       h("h2", { id: "h-chart" }, "Strikes and lockouts over time"), chart(all, since, now)),
     h("section", { class: "panel", "aria-labelledby": "h-list" },
-      h("h2", { id: "h-list" }, `Events (${filtered.length}${filtered.length > 500 ? ", newest 500 shown" : ""})`),
+      h("h2", { id: "h-list" }, `Events (${filtered.length}${filtered.truncated ? "+" : ""}${filtered.length > 500 ? ", newest 500 shown" : ""})`),
       table("Events, newest first", ["Time", "Type", "Mailbox or device", "Details"], rows,
         "No event matches these filters.")));
 }
@@ -463,7 +508,7 @@ async function renderMailbox(mailbox, query) {
   const suffix = client ? "?client=" + encodeURIComponent(client) : "";
   const [ledger, history] = await Promise.all([
     api("GET", "/api/v1/mailboxes/" + encodeURIComponent(mailbox) + suffix),
-    events({ mailbox, since: "400d", limit: "10000" }),
+    events({ mailbox, since: "400d" }),
   ]);
   const block = ledger.block;
   let blockView;
@@ -515,6 +560,7 @@ async function renderMailbox(mailbox, query) {
   return h("div", {},
     h("p", {}, h("a", { href: "#/overview" }, "← Overview")),
     h("h1", {}, ledger.mailbox, ledger.key_client ? ` from ${ledger.key_client}` : ""),
+    truncatedNotice(history),
     h("div", { class: "two-col" },
       h("section", { class: "panel", "aria-labelledby": "h-status" },
         h("h2", { id: "h-status" }, "Status"), blockView,
