@@ -216,6 +216,13 @@ const phases = {
     await shot(page, "mailbox");
     await phoneShot(page, "mailbox");
 
+    // A mailbox of 64 + 1 + 73 characters without a space still fits a
+    // phone's width.
+    const longMailbox = "a".repeat(64) + "@" + "b".repeat(61) + ".example.org";
+    await page.goto(base + "/#/mailbox/" + encodeURIComponent(longMailbox));
+    await heading(page, longMailbox);
+    await phoneShot(page, "mailbox-long");
+
     await page.getByRole("link", { name: "Devices" }).click();
     await heading(page, "Devices");
     await page.getByRole("region", { name: "Health by subnet" }).waitFor();
@@ -310,15 +317,17 @@ const phases = {
     // An exclusion added on the settings page is listed with its source.
     const exclusions = page.getByRole("region", { name: "Exclusions" });
     await exclusions.getByLabel("Device id").fill(required("EXCLUDE"));
-    await exclusions.getByLabel("Reason").fill("build server");
+    // The reason is one long word, which must wrap on a phone's width.
+    await exclusions.getByLabel("Reason").fill("build server, ticket " + "OPS-4711/".repeat(30));
     await exclusions.getByLabel("Your name").fill("jdoe");
     await exclusions.getByRole("button", { name: "Add exclusion" }).click();
     const excludedRow = page.getByRole("region", { name: "Exclusions" }).getByRole("row")
       .filter({ hasText: required("EXCLUDE") });
     await excludedRow.getByText("dashboard or API").waitFor();
     result.exclusion_row = (await excludedRow.textContent()).replace(/\s+/g, " ");
-    check(result.exclusion_row.includes("build server (by jdoe)"), `the exclusion row lacks its reason: ${result.exclusion_row}`);
+    check(result.exclusion_row.includes("OPS-4711/ (by jdoe)"), `the exclusion row lacks its reason: ${result.exclusion_row}`);
     await shot(page, "settings-changed");
+    await phoneShot(page, "settings-changed");
   },
 
   // Admin, after a reload of the file: the override is still in force.
