@@ -188,6 +188,15 @@ const phases = {
       `the newest event, on the second page, is not listed first: ${result.paged_first_row}`);
     await page.unroute("**/api/v1/events?**");
 
+    // An unknown time range in the address shows the last 24 hours, and
+    // the Time select says so.
+    for (const range of ["bogus", "constructor"]) {
+      await page.goto(base + "/#/events?range=" + range);
+      await heading(page, "Events report");
+      const shown = await page.getByLabel("Time", { exact: true }).inputValue();
+      check(shown === "24h", `range=${range} shows the Time select at ${shown}, not 24h`);
+    }
+
     // An address with invalid percent-encoding shows an error, not a page
     // left over from before.
     await page.goto(base + "/#/mailbox/%E0%A4%A");

@@ -443,14 +443,17 @@ function chart(list, since, until) {
 }
 
 async function renderEvents(_argument, query) {
-  const range = query.get("range") || "24h";
+  // An unknown range (from an edited address) falls back to 24 hours, and
+  // the select shows the range in effect.
+  const requested = query.get("range");
+  const range = Object.hasOwn(RANGE_MILLISECONDS, requested) ? requested : "24h";
   const filters = {
     type: query.get("type") || "",
     mailbox: query.get("mailbox") || "",
     device: query.get("device") || "",
   };
   const now = Date.now() + state.clockOffset;
-  const since = now - (RANGE_MILLISECONDS[range] || RANGE_MILLISECONDS["24h"]);
+  const since = now - RANGE_MILLISECONDS[range];
   const common = { since: new Date(since).toISOString(), mailbox: filters.mailbox, device: filters.device };
   const [all, filtered] = await Promise.all([
     events(common),
