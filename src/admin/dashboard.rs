@@ -407,6 +407,25 @@ fn requested_setting(body: &Value, name: &str) -> Result<Option<Option<bool>>, A
     }
 }
 
+/// Reads the reason or the author of a settings change from a request body.
+fn change_text(body: &Value, name: &str) -> Result<String, ApiError> {
+    let text = match body.get(name) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(text)) => Some(text.clone()),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "invalid {name} {other}: give a string"
+            )));
+        }
+    };
+    super::api::clean_text(
+        name,
+        text,
+        "say who changes the setting and why; both are recorded in the events report",
+    )
+    .map_err(ApiError::bad_request)
+}
+
 async fn change_settings(
     headers: HeaderMap,
     State(guard): Shared,
@@ -443,16 +462,8 @@ async fn change_settings(
             "no setting to change: send {SETTINGS_EXAMPLE}"
         )));
     }
-    let text = |name: &str| {
-        super::api::clean_text(
-            name,
-            body.get(name).and_then(Value::as_str).map(str::to_string),
-            "say who changes the setting and why; both are recorded in the events report",
-        )
-        .map_err(ApiError::bad_request)
-    };
-    let reason = text("reason")?;
-    let author = text("author")?;
+    let reason = change_text(&body, "reason")?;
+    let author = change_text(&body, "author")?;
     let now = Timestamp::now();
     let devices = guard.devices();
     if let Some(value) = synchronized {
@@ -509,6 +520,30 @@ mod tests {
         );
         assert_eq!(requested_setting(&body, "other").ok(), Some(None));
         assert!(requested_setting(&json!({"reject_unsafe": "yes"}), "reject_unsafe").is_err());
+    }
+
+    #[test]
+    fn change_text_types() {
+        let body = json!({"reason": "  maintenance ", "author": 5, "empty": ""});
+        assert_eq!(
+            change_text(&body, "reason").ok().as_deref(),
+            Some("maintenance")
+        );
+        let wrong_type = change_text(&body, "author")
+            .err()
+            .map(|error| error.message);
+        assert_eq!(
+            wrong_type.as_deref(),
+            Some("invalid author 5: give a string")
+        );
+        let missing = change_text(&body, "other").err().map(|error| error.message);
+        assert!(
+            missing
+                .as_deref()
+                .is_some_and(|text| text.starts_with("missing other")),
+            "{missing:?}"
+        );
+        assert!(change_text(&body, "empty").is_err());
     }
 
     #[test]
