@@ -577,3 +577,26 @@ fn session_endpoints_need_valid_login() {
     let bearer = request(&site.api, "GET", "/api/v1/blocks", Some(ADMIN), None);
     assert_eq!(bearer.status, 200, "{}", bearer.body);
 }
+
+#[test]
+fn overview_near_list_skips_blocked() {
+    let site = Site::start();
+    // More blocked mailboxes than the overview lists as close to the
+    // threshold, all named before the one that is.
+    for index in 0..201 {
+        send_five_eicar(&site.server, &format!("b{index:03}@example.org"));
+    }
+    let (code, text) = send_from(&site.server.address, "zz@example.org", &eicar_message(0));
+    assert_eq!(code, 550, "{text}");
+
+    let overview = request(&site.api, "GET", "/api/v1/overview", Some(ADMIN), None).json();
+    let blocked = overview["permanent_blocks"].as_array().map_or(0, Vec::len);
+    assert_eq!(blocked, 201, "permanent blocks listed");
+    let near: Vec<&str> = overview["near_threshold"]
+        .as_array()
+        .expect("near_threshold list")
+        .iter()
+        .filter_map(|entry| entry["mailbox"].as_str())
+        .collect();
+    assert_eq!(near, ["zz@example.org"], "mailboxes close to the threshold");
+}

@@ -25,7 +25,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -46,6 +46,10 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; st
 /// Maximum number of mailboxes the overview lists as close to the
 /// threshold.
 const MAX_NEAR_THRESHOLD: usize = 200;
+
+/// Maximum number of mailbox states the overview reads to find them, so
+/// that a wave of blocked mailboxes cannot make one request read thousands.
+const MAX_NEAR_LOOKUPS: usize = 2000;
 
 /// Builds the dashboard's routes, which the API merges into its router.
 pub fn routes() -> Router<Arc<Guard>> {
@@ -289,6 +293,8 @@ async fn overview(headers: HeaderMap, State(guard): Shared) -> Result<Response, 
     let filter = EventFilter {
         since: Some(now.saturating_sub(settings.window)),
         kind: Some(EventKind::BadMessage),
+        // NOTE: the report is read oldest first, so with more than 10000 bad
+        // messages in the window the newest senders are not candidates.
         limit: Some(10_000),
         ..EventFilter::default()
     };
@@ -297,17 +303,11 @@ async fn overview(headers: HeaderMap, State(guard): Shared) -> Result<Response, 
         .query_events(filter)
         .await
         .map_err(ApiError::internal)?;
-    let mut candidates = BTreeSet::new();
-    for event in &events {
-        if event.details.get("counted") != Some(&Value::Bool(true)) {
-            continue;
-        }
-        if let Some(mailbox) = &event.mailbox {
-            candidates.insert((mailbox.clone(), event.key_client.clone()));
-        }
-    }
     let mut near = Vec::new();
-    for (mailbox, client) in candidates.into_iter().take(MAX_NEAR_THRESHOLD) {
+    for (mailbox, client) in near_candidates(&events).into_iter().take(MAX_NEAR_LOOKUPS) {
+        if near.len() == MAX_NEAR_THRESHOLD {
+            break;
+        }
         let key = MailboxKey {
             mailbox,
             client: client.and_then(|text| text.parse().ok()),
@@ -316,6 +316,8 @@ async fn overview(headers: HeaderMap, State(guard): Shared) -> Result<Response, 
             .mailbox_state(&key)
             .await
             .map_err(ApiError::internal)?;
+        // A blocked mailbox is listed with the blocks and takes no place
+        // in this list.
         if state.active_block(now).is_some() {
             continue;
         }
@@ -345,6 +347,26 @@ async fn overview(headers: HeaderMap, State(guard): Shared) -> Result<Response, 
         "permanent_blocks": permanent,
         "near_threshold": near,
     })))
+}
+
+/// Returns the mailbox keys with counted bad messages among `events`, the
+/// most counted first, so the overview looks up the likeliest ones first.
+fn near_candidates(events: &[crate::events::Event]) -> Vec<(String, Option<String>)> {
+    let mut counts: BTreeMap<(String, Option<String>), usize> = BTreeMap::new();
+    for event in events {
+        if event.details.get("counted") != Some(&Value::Bool(true)) {
+            continue;
+        }
+        if let Some(mailbox) = &event.mailbox {
+            *counts
+                .entry((mailbox.clone(), event.key_client.clone()))
+                .or_default() += 1;
+        }
+    }
+    let mut candidates: Vec<_> = counts.into_iter().collect();
+    // A stable sort keeps mailboxes with equal counts in name order.
+    candidates.sort_by(|a, b| b.1.cmp(&a.1));
+    candidates.into_iter().map(|(key, _)| key).collect()
 }
 
 /// Describes a boolean setting that an override stored through the API
@@ -520,6 +542,41 @@ mod tests {
         );
         assert_eq!(requested_setting(&body, "other").ok(), Some(None));
         assert!(requested_setting(&json!({"reject_unsafe": "yes"}), "reject_unsafe").is_err());
+    }
+
+    fn bad_message(mailbox: &str, counted: bool) -> crate::events::Event {
+        let mut details = serde_json::Map::new();
+        details.insert("counted".into(), Value::Bool(counted));
+        crate::events::Event {
+            id: None,
+            time: Timestamp::now(),
+            kind: EventKind::BadMessage,
+            mailbox: Some(mailbox.to_string()),
+            key_client: None,
+            details,
+        }
+    }
+
+    #[test]
+    fn near_candidates_most_counted_first() {
+        let events = vec![
+            bad_message("a@example.org", true),
+            bad_message("z@example.org", true),
+            bad_message("z@example.org", true),
+            bad_message("m@example.org", true),
+            bad_message("n@example.org", false),
+            bad_message("n@example.org", false),
+            bad_message("n@example.org", false),
+        ];
+        let mailboxes: Vec<String> = near_candidates(&events)
+            .into_iter()
+            .map(|(mailbox, _)| mailbox)
+            .collect();
+        assert_eq!(
+            mailboxes,
+            ["z@example.org", "a@example.org", "m@example.org"],
+            "uncounted messages are no candidates; equal counts keep name order"
+        );
     }
 
     #[test]
