@@ -418,9 +418,17 @@ fn dashboard_in_browser() {
         &[
             ("MISSING_DEVICE", "FILESERVER"),
             ("REPORTING_DEVICE", "ALICE-LAPTOP"),
+            ("EXCLUDE", "dev-40"),
         ],
     );
     assert_eq!(after_reload["in_force"], "off");
+    let removed = site.server.events_of("device_exclusion_removed");
+    assert_eq!(removed.len(), 1, "{removed:#?}");
+    assert_eq!(removed[0]["device"], "dev-40");
+    assert_eq!(
+        removed[0]["by"], "jdoe",
+        "the removal records who removed it"
+    );
     send_five_eicar(&site.server, "erin@example.org");
     wait_for_alert(&site.webhooks, "erin@example.org");
     assert_eq!(

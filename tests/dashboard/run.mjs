@@ -364,6 +364,17 @@ const phases = {
     result.subnet_rows = await page.getByRole("table", { name: "Device health by subnet" }).locator("tbody tr").count();
     await shot(page, "devices-missing");
     await phoneShot(page, "devices-missing");
+
+    // Removing an exclusion asks for the admin's name, which the removal
+    // event records.
+    const exclusions = page.getByRole("region", { name: "Exclusions" });
+    const removeButton = exclusions.getByRole("button", { name: `Remove the exclusion of ${required("EXCLUDE")}` });
+    await removeButton.click();
+    await exclusions.getByRole("alert").filter({ hasText: "Enter your name" }).waitFor();
+    await exclusions.getByLabel("Your name").fill("jdoe");
+    await removeButton.click();
+    await page.getByRole("region", { name: "Exclusions" }).getByText("No device is excluded.").waitFor();
+    result.exclusion_removed = true;
   },
 };
 

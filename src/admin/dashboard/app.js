@@ -601,16 +601,26 @@ function stateBadge(device) {
 
 async function exclusionsSection() {
   const exclusions = await api("GET", "/api/v1/device-exclusions");
+  // "Your name" is recorded with each exclusion the admin adds or removes.
+  const author = h("input", { id: "exclude-author", name: "author", type: "text", required: true, autocomplete: "name" });
+  const message = h("p", { class: "error", role: "alert" });
   const rows = exclusions.excluded.map((device) => {
     const added = exclusions.added.find((row) => row.device === device.id);
     const remove = added && state.role === "admin"
       ? h("button", { type: "button", class: "secondary", "aria-label": `Remove the exclusion of ${device.id}`,
         onclick: async () => {
+          message.textContent = "";
+          const by = author.value.trim();
+          if (!by) {
+            message.textContent = "Enter your name under “Your name” first; it is recorded with the removal.";
+            author.focus();
+            return;
+          }
           try {
-            await api("DELETE", "/api/v1/device-exclusions/" + encodeURIComponent(device.id) + "?by=dashboard");
+            await api("DELETE", "/api/v1/device-exclusions/" + encodeURIComponent(device.id) + "?by=" + encodeURIComponent(by));
             announce(`Exclusion of ${device.id} removed`);
             await route();
-          } catch (failure) { announce(failure.message); }
+          } catch (failure) { message.textContent = failure.message; }
         } }, "Remove")
       : null;
     return h("tr", {}, h("td", {}, device.id), h("td", {}, device.name || "–"),
@@ -622,8 +632,6 @@ async function exclusionsSection() {
   if (state.role === "admin") {
     const device = h("input", { id: "exclude-device", name: "device", type: "text", required: true, autocomplete: "off" });
     const reason = h("input", { id: "exclude-reason", name: "reason", type: "text", required: true });
-    const author = h("input", { id: "exclude-author", name: "author", type: "text", required: true, autocomplete: "name" });
-    const message = h("p", { class: "error", role: "alert" });
     form = h("form", { class: "grid", "aria-label": "Add an exclusion", onsubmit: async (event) => {
       event.preventDefault();
       message.textContent = "";
