@@ -357,7 +357,13 @@ fn dashboard_in_browser() {
     );
 
     // The support token lifts carol's permanent block in the browser.
-    let unblock = site.browser("unblock", &[("BLOCKED", "carol@example.org")]);
+    let unblock = site.browser(
+        "unblock",
+        &[
+            ("BLOCKED", "carol@example.org"),
+            ("LOCKED", "alice@example.org"),
+        ],
+    );
     eprintln!("unblock phase: {unblock}");
     assert_eq!(unblock["support_settings_status"], 403);
     let lifted = site.server.events_of("block_lifted");

@@ -278,6 +278,17 @@ const phases = {
     const blocked = required("BLOCKED");
     await login(page, required("SUPPORT_TOKEN"));
     result.role_badge = await page.locator("#role").textContent();
+
+    // A timed lockout cannot be lifted early, so its page offers no form
+    // that the server would refuse.
+    const locked = required("LOCKED");
+    await page.goto(base + "/#/mailbox/" + encodeURIComponent(locked));
+    await heading(page, locked);
+    const actions = page.getByRole("region", { name: "Support actions" });
+    await actions.getByText("cannot be lifted early").waitFor();
+    result.timed_lockout_buttons = await actions.getByRole("button").count();
+    check(result.timed_lockout_buttons === 0, "a timed lockout's page offers a support action");
+
     await page.getByRole("link", { name: "Settings" }).click();
     await heading(page, "Settings");
     result.support_settings_forms = await page.getByRole("button", { name: "Save" }).count();

@@ -532,7 +532,14 @@ async function renderMailbox(mailbox, query) {
   const next = ledger.next_lockout.permanent ? "a permanent block" : `lockout ${ledger.next_lockout.level}, ${ledger.next_lockout.length}`;
 
   let action;
-  if (state.role === "support") {
+  // The server refuses (409) to end a timed lockout early, or to reset a
+  // count of zero when nothing is blocked, so no form is offered for them.
+  if (state.role === "support" && block && !block.permanent) {
+    action = h("p", {}, `Lockout ${block.level} is a timed lockout, which cannot be lifted early; it ends at ` +
+      `${formatTime(block.until)}. The lockout count can be reset after it ends.`);
+  } else if (state.role === "support" && !block && ledger.lockouts === 0) {
+    action = h("p", {}, "Nothing to lift or reset: the mailbox is not blocked and its lockout count is zero.");
+  } else if (state.role === "support") {
     const reason = h("textarea", { id: "unblock-reason", name: "reason", required: true });
     const reset = h("input", { id: "unblock-reset", type: "checkbox", name: "reset_count" });
     const message = h("p", { class: "error", role: "alert" });
