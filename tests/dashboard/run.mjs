@@ -267,6 +267,18 @@ const phases = {
     await heading(page, "Events report");
     result.keyboard_reached_events = true;
 
+    // The skip link moves the focus to the content and stays on the page.
+    await page.goto(base + "/#/settings");
+    await page.reload();
+    await heading(page, "Settings");
+    await page.keyboard.press("Tab");
+    await page.keyboard.press("Enter");
+    await page.waitForTimeout(500);
+    result.after_skip_link = await page.evaluate(() => [location.hash, document.activeElement.id]);
+    check(result.after_skip_link[0] === "#/settings", `the skip link left the settings page for ${result.after_skip_link[0]}`);
+    check(result.after_skip_link[1] === "main", `the skip link moved the focus to ${result.after_skip_link[1]}, not main`);
+    await heading(page, "Settings");
+
     await page.getByRole("button", { name: "Log out" }).click();
     await page.getByLabel("Admin or support token").waitFor();
     result.after_logout_status = await page.evaluate(async () => (await fetch("/api/v1/blocks")).status);

@@ -767,6 +767,12 @@ async function renderSettings() {
 async function start() {
   document.getElementById("login-form").addEventListener("submit", login);
   document.getElementById("logout").addEventListener("click", logout);
+  // The page's address is its hash, so the skip link moves the focus itself
+  // instead of setting the hash to #main, which would leave the page.
+  document.querySelector(".skip-link").addEventListener("click", (event) => {
+    event.preventDefault();
+    document.getElementById("main").focus();
+  });
   window.addEventListener("hashchange", () => { route().then(focusMain); });
   try {
     const session = await api("GET", "/api/v1/session");
