@@ -293,9 +293,16 @@ const phases = {
 
     // A timed lockout cannot be lifted early, so its page offers no form
     // that the server would refuse.
+    // With the browser's clock two hours behind, the page still counts
+    // down from the server's time.
     const locked = required("LOCKED");
+    await page.clock.install({ time: Date.now() - 2 * 3600 * 1000 });
     await page.goto(base + "/#/mailbox/" + encodeURIComponent(locked));
+    await page.reload();
     await heading(page, locked);
+    result.skewed_countdown_s = await countdownSeconds(page, locked);
+    check(result.skewed_countdown_s <= 3600,
+      `with the browser's clock 2 h behind, the one-hour lockout shows ${result.skewed_countdown_s} s left`);
     const actions = page.getByRole("region", { name: "Support actions" });
     await actions.getByText("cannot be lifted early").waitFor();
     result.timed_lockout_buttons = await actions.getByRole("button").count();

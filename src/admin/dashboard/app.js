@@ -130,6 +130,16 @@ class ApiFailure extends Error {
   constructor(status, message) { super(message); this.status = status; }
 }
 
+/**
+ * Keeps state.clockOffset, the server's clock minus the browser's, from a
+ * response's Date header (whole seconds), so countdowns and time ranges
+ * follow the server even on the first page loaded.
+ */
+function syncClock(response) {
+  const date = new Date(response.headers.get("Date") || "");
+  if (!Number.isNaN(date.getTime())) state.clockOffset = date.getTime() - Date.now();
+}
+
 async function api(method, path, body) {
   const headers = { Accept: "application/json" };
   if (method !== "GET") {
@@ -140,6 +150,7 @@ async function api(method, path, body) {
     method, headers, credentials: "same-origin",
     body: body === undefined ? undefined : JSON.stringify(body),
   });
+  syncClock(response);
   const text = await response.text();
   let data = null;
   try { data = text ? JSON.parse(text) : null; } catch (_) { data = text; }
