@@ -365,7 +365,7 @@ fn near_candidates(events: &[crate::events::Event]) -> Vec<(String, Option<Strin
     }
     let mut candidates: Vec<_> = counts.into_iter().collect();
     // A stable sort keeps mailboxes with equal counts in name order.
-    candidates.sort_by(|a, b| b.1.cmp(&a.1));
+    candidates.sort_by_key(|(_, count)| std::cmp::Reverse(*count));
     candidates.into_iter().map(|(key, _)| key).collect()
 }
 
