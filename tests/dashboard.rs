@@ -443,6 +443,33 @@ fn dashboard_in_browser() {
         "the reload brought back the file's synchronized security"
     );
 
+    // An exclusion stays stored when its device leaves the devices file;
+    // the dashboard still lists it, so it can be removed.
+    let added = request(
+        &site.api,
+        "POST",
+        "/api/v1/device-exclusions",
+        Some(ADMIN),
+        Some(&serde_json::json!({ "device": "dev-30", "reason": "lab", "author": "jdoe" })),
+    );
+    assert_eq!(added.status, 201, "{}", added.body);
+    let devices_file = site._files.path().join("devices.toml");
+    let book = std::fs::read_to_string(&devices_file).expect("read devices file");
+    let without_dev_30: String = book
+        .split("[[device]]")
+        .filter(|entry| !entry.trim().is_empty() && !entry.contains("\"dev-30\""))
+        .map(|entry| format!("[[device]]{entry}"))
+        .collect();
+    std::fs::write(&devices_file, without_dev_30).expect("write devices file");
+    site.server.reload();
+    let unknown = site.browser("unknown-exclusion", &[("EXCLUDE", "dev-30")]);
+    assert_eq!(unknown["unknown_exclusion_removed"], true);
+    let removed = site.server.events_of("device_exclusion_removed");
+    assert!(
+        removed.iter().any(|event| event["device"] == "dev-30"),
+        "{removed:#?}"
+    );
+
     for page in [
         "login",
         "overview",

@@ -418,6 +418,22 @@ const phases = {
     await page.getByRole("region", { name: "Exclusions" }).getByText("No device is excluded.").waitFor();
     result.exclusion_removed = true;
   },
+
+  // Admin: an exclusion whose device left the devices file is listed and
+  // can be removed.
+  async "unknown-exclusion"(page) {
+    const device = required("EXCLUDE");
+    await login(page, required("ADMIN_TOKEN"));
+    await page.getByRole("link", { name: "Devices" }).click();
+    await heading(page, "Devices");
+    const exclusions = page.getByRole("region", { name: "Exclusions" });
+    const row = exclusions.getByRole("row").filter({ hasText: device });
+    await row.getByText("not in the devices file").waitFor();
+    await exclusions.getByLabel("Your name").fill("jdoe");
+    await row.getByRole("button", { name: `Remove the exclusion of ${device}` }).click();
+    await page.getByRole("region", { name: "Exclusions" }).getByText("No device is excluded.").waitFor();
+    result.unknown_exclusion_removed = true;
+  },
 };
 
 const phase = process.argv[2];

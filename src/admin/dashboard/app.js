@@ -622,7 +622,13 @@ async function exclusionsSection() {
   // "Your name" is recorded with each exclusion the admin adds or removes.
   const author = h("input", { id: "exclude-author", name: "author", type: "text", required: true, autocomplete: "name" });
   const message = h("p", { class: "error", role: "alert" });
-  const rows = exclusions.excluded.map((device) => {
+  // An exclusion added through the API stays stored when its device leaves
+  // the devices file, and applies again if the device comes back, so it is
+  // listed to be removed.
+  const listed = new Set(exclusions.excluded.map((device) => device.id));
+  const unknown = exclusions.added.filter((row) => !listed.has(row.device))
+    .map((row) => ({ id: row.device, name: "not in the devices file" }));
+  const rows = [...exclusions.excluded, ...unknown].map((device) => {
     const added = exclusions.added.find((row) => row.device === device.id);
     const remove = added && state.role === "admin"
       ? h("button", { type: "button", class: "secondary", "aria-label": `Remove the exclusion of ${device.id}`,
