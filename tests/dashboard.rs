@@ -157,7 +157,8 @@ struct Site {
     webhooks: Receiver,
     screenshots: PathBuf,
     driver: PathBuf,
-    _files: tempfile::TempDir,
+    /// Directory of the tokens, the directory file and the devices file.
+    files: tempfile::TempDir,
     _upstream: Upstream,
     _clamd: Clamd,
 }
@@ -216,7 +217,7 @@ impl Site {
             webhooks,
             screenshots,
             driver,
-            _files: files,
+            files,
             _upstream: upstream,
             _clamd: clamd,
         }
@@ -453,7 +454,7 @@ fn dashboard_in_browser() {
         Some(&serde_json::json!({ "device": "dev-30", "reason": "lab", "author": "jdoe" })),
     );
     assert_eq!(added.status, 201, "{}", added.body);
-    let devices_file = site._files.path().join("devices.toml");
+    let devices_file = site.files.path().join("devices.toml");
     let book = std::fs::read_to_string(&devices_file).expect("read devices file");
     let without_dev_30: String = book
         .split("[[device]]")
