@@ -603,6 +603,17 @@ fn session_endpoints_need_valid_login() {
             .is_some_and(|kind| kind.starts_with("text/javascript"))
     );
 
+    // A body too large to be a login says so, and is no failed login.
+    let huge = request(
+        &site.api,
+        "POST",
+        "/api/v1/session",
+        None,
+        Some(&serde_json::json!({ "token": "a".repeat(3 * 1024 * 1024) })),
+    );
+    assert_eq!(huge.status, 413, "{}", huge.body);
+    assert!(huge.body.contains("too large"), "{}", huge.body);
+
     // Failed logins from one address are limited; the limit does not
     // touch bearer tokens.
     for attempt in 0..10 {

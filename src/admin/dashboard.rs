@@ -221,10 +221,20 @@ async fn login(
             .insert("retry_after_seconds".into(), wait.as_secs().max(1).into());
         return Err(error);
     }
-    let Ok(Json(request)) = body else {
-        return Err(ApiError::bad_request(
-            "invalid login: send a JSON object such as {\"token\": \"...\"}",
-        ));
+    let request = match body {
+        Ok(Json(request)) => request,
+        // A body over axum's default limit of 2 MB is no token.
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "login request too large: send a JSON object such as {\"token\": \"...\"}",
+            ));
+        }
+        Err(_) => {
+            return Err(ApiError::bad_request(
+                "invalid login: send a JSON object such as {\"token\": \"...\"}",
+            ));
+        }
     };
     let token_hash = super::sha256(request.token.unwrap_or_default().trim());
     let Some(role) = guard.runtime().credentials.role_of_hash(&token_hash) else {
