@@ -157,7 +157,8 @@ struct Site {
     webhooks: Receiver,
     screenshots: PathBuf,
     driver: PathBuf,
-    _files: tempfile::TempDir,
+    /// Directory of the tokens, the directory file and the devices file.
+    files: tempfile::TempDir,
     _upstream: Upstream,
     _clamd: Clamd,
 }
@@ -216,7 +217,7 @@ impl Site {
             webhooks,
             screenshots,
             driver,
-            _files: files,
+            files,
             _upstream: upstream,
             _clamd: clamd,
         }
@@ -357,7 +358,13 @@ fn dashboard_in_browser() {
     );
 
     // The support token lifts carol's permanent block in the browser.
-    let unblock = site.browser("unblock", &[("BLOCKED", "carol@example.org")]);
+    let unblock = site.browser(
+        "unblock",
+        &[
+            ("BLOCKED", "carol@example.org"),
+            ("LOCKED", "alice@example.org"),
+        ],
+    );
     eprintln!("unblock phase: {unblock}");
     assert_eq!(unblock["support_settings_status"], 403);
     let lifted = site.server.events_of("block_lifted");
@@ -418,15 +425,50 @@ fn dashboard_in_browser() {
         &[
             ("MISSING_DEVICE", "FILESERVER"),
             ("REPORTING_DEVICE", "ALICE-LAPTOP"),
+            ("EXCLUDE", "dev-40"),
         ],
     );
     assert_eq!(after_reload["in_force"], "off");
+    let removed = site.server.events_of("device_exclusion_removed");
+    assert_eq!(removed.len(), 1, "{removed:#?}");
+    assert_eq!(removed[0]["device"], "dev-40");
+    assert_eq!(
+        removed[0]["by"], "jdoe",
+        "the removal records who removed it"
+    );
     send_five_eicar(&site.server, "erin@example.org");
     wait_for_alert(&site.webhooks, "erin@example.org");
     assert_eq!(
         scan_requests_for(&site.webhooks, "erin@example.org"),
         0,
         "the reload brought back the file's synchronized security"
+    );
+
+    // An exclusion stays stored when its device leaves the devices file;
+    // the dashboard still lists it, so it can be removed.
+    let added = request(
+        &site.api,
+        "POST",
+        "/api/v1/device-exclusions",
+        Some(ADMIN),
+        Some(&serde_json::json!({ "device": "dev-30", "reason": "lab", "author": "jdoe" })),
+    );
+    assert_eq!(added.status, 201, "{}", added.body);
+    let devices_file = site.files.path().join("devices.toml");
+    let book = std::fs::read_to_string(&devices_file).expect("read devices file");
+    let without_dev_30: String = book
+        .split("[[device]]")
+        .filter(|entry| !entry.trim().is_empty() && !entry.contains("\"dev-30\""))
+        .map(|entry| format!("[[device]]{entry}"))
+        .collect();
+    std::fs::write(&devices_file, without_dev_30).expect("write devices file");
+    site.server.reload();
+    let unknown = site.browser("unknown-exclusion", &[("EXCLUDE", "dev-30")]);
+    assert_eq!(unknown["unknown_exclusion_removed"], true);
+    let removed = site.server.events_of("device_exclusion_removed");
+    assert!(
+        removed.iter().any(|event| event["device"] == "dev-30"),
+        "{removed:#?}"
     );
 
     for page in [
@@ -561,6 +603,17 @@ fn session_endpoints_need_valid_login() {
             .is_some_and(|kind| kind.starts_with("text/javascript"))
     );
 
+    // A body too large to be a login says so, and is no failed login.
+    let huge = request(
+        &site.api,
+        "POST",
+        "/api/v1/session",
+        None,
+        Some(&serde_json::json!({ "token": "a".repeat(3 * 1024 * 1024) })),
+    );
+    assert_eq!(huge.status, 413, "{}", huge.body);
+    assert!(huge.body.contains("too large"), "{}", huge.body);
+
     // Failed logins from one address are limited; the limit does not
     // touch bearer tokens.
     for attempt in 0..10 {
@@ -576,4 +629,27 @@ fn session_endpoints_need_valid_login() {
     );
     let bearer = request(&site.api, "GET", "/api/v1/blocks", Some(ADMIN), None);
     assert_eq!(bearer.status, 200, "{}", bearer.body);
+}
+
+#[test]
+fn overview_near_list_skips_blocked() {
+    let site = Site::start();
+    // More blocked mailboxes than the overview lists as close to the
+    // threshold, all named before the one that is.
+    for index in 0..201 {
+        send_five_eicar(&site.server, &format!("b{index:03}@example.org"));
+    }
+    let (code, text) = send_from(&site.server.address, "zz@example.org", &eicar_message(0));
+    assert_eq!(code, 550, "{text}");
+
+    let overview = request(&site.api, "GET", "/api/v1/overview", Some(ADMIN), None).json();
+    let blocked = overview["permanent_blocks"].as_array().map_or(0, Vec::len);
+    assert_eq!(blocked, 201, "permanent blocks listed");
+    let near: Vec<&str> = overview["near_threshold"]
+        .as_array()
+        .expect("near_threshold list")
+        .iter()
+        .filter_map(|entry| entry["mailbox"].as_str())
+        .collect();
+    assert_eq!(near, ["zz@example.org"], "mailboxes close to the threshold");
 }

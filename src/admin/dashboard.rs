@@ -25,7 +25,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -46,6 +46,10 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; st
 /// Maximum number of mailboxes the overview lists as close to the
 /// threshold.
 const MAX_NEAR_THRESHOLD: usize = 200;
+
+/// Maximum number of mailbox states the overview reads to find them, so
+/// that a wave of blocked mailboxes cannot make one request read thousands.
+const MAX_NEAR_LOOKUPS: usize = 2000;
 
 /// Builds the dashboard's routes, which the API merges into its router.
 pub fn routes() -> Router<Arc<Guard>> {
@@ -88,7 +92,9 @@ async fn icon() -> Response {
 /// Returns the live session of a request's cookie, if any.
 pub fn session_of(guard: &Guard, headers: &HeaderMap) -> Option<SessionInfo> {
     let id = session::cookie_value(headers)?;
-    guard.sessions().lookup(id, Instant::now())
+    guard
+        .sessions()
+        .lookup(id, &guard.runtime().credentials, Instant::now())
 }
 
 /// Adds the security headers to every admin response, and checks the CSRF
@@ -215,13 +221,23 @@ async fn login(
             .insert("retry_after_seconds".into(), wait.as_secs().max(1).into());
         return Err(error);
     }
-    let Ok(Json(request)) = body else {
-        return Err(ApiError::bad_request(
-            "invalid login: send a JSON object such as {\"token\": \"...\"}",
-        ));
+    let request = match body {
+        Ok(Json(request)) => request,
+        // A body over axum's default limit of 2 MB is no token.
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "login request too large: send a JSON object such as {\"token\": \"...\"}",
+            ));
+        }
+        Err(_) => {
+            return Err(ApiError::bad_request(
+                "invalid login: send a JSON object such as {\"token\": \"...\"}",
+            ));
+        }
     };
-    let token = request.token.unwrap_or_default();
-    let Some(role) = guard.runtime().credentials.role_of(token.trim()) else {
+    let token_hash = super::sha256(request.token.unwrap_or_default().trim());
+    let Some(role) = guard.runtime().credentials.role_of_hash(&token_hash) else {
         guard.sessions().record_failure(client, now);
         super::log_refusal();
         return Err(ApiError::new(
@@ -229,7 +245,7 @@ async fn login(
             "login failed: the token matches neither the admin token nor the support token",
         ));
     };
-    let (id, info) = guard.sessions().create(role, now);
+    let (id, info) = guard.sessions().create(role, token_hash, now);
     tracing::info!(role = role_name(role), client = %client, "dashboard session started");
     // The admin listener speaks plain HTTP. A TLS reverse proxy in front
     // sets X-Forwarded-Proto: https, and the cookie is then kept to HTTPS.
@@ -287,6 +303,8 @@ async fn overview(headers: HeaderMap, State(guard): Shared) -> Result<Response, 
     let filter = EventFilter {
         since: Some(now.saturating_sub(settings.window)),
         kind: Some(EventKind::BadMessage),
+        // NOTE: the report is read oldest first, so with more than 10000 bad
+        // messages in the window the newest senders are not candidates.
         limit: Some(10_000),
         ..EventFilter::default()
     };
@@ -295,17 +313,11 @@ async fn overview(headers: HeaderMap, State(guard): Shared) -> Result<Response, 
         .query_events(filter)
         .await
         .map_err(ApiError::internal)?;
-    let mut candidates = BTreeSet::new();
-    for event in &events {
-        if event.details.get("counted") != Some(&Value::Bool(true)) {
-            continue;
-        }
-        if let Some(mailbox) = &event.mailbox {
-            candidates.insert((mailbox.clone(), event.key_client.clone()));
-        }
-    }
     let mut near = Vec::new();
-    for (mailbox, client) in candidates.into_iter().take(MAX_NEAR_THRESHOLD) {
+    for (mailbox, client) in near_candidates(&events).into_iter().take(MAX_NEAR_LOOKUPS) {
+        if near.len() == MAX_NEAR_THRESHOLD {
+            break;
+        }
         let key = MailboxKey {
             mailbox,
             client: client.and_then(|text| text.parse().ok()),
@@ -314,6 +326,8 @@ async fn overview(headers: HeaderMap, State(guard): Shared) -> Result<Response, 
             .mailbox_state(&key)
             .await
             .map_err(ApiError::internal)?;
+        // A blocked mailbox is listed with the blocks and takes no place
+        // in this list.
         if state.active_block(now).is_some() {
             continue;
         }
@@ -343,6 +357,26 @@ async fn overview(headers: HeaderMap, State(guard): Shared) -> Result<Response, 
         "permanent_blocks": permanent,
         "near_threshold": near,
     })))
+}
+
+/// Returns the mailbox keys with counted bad messages among `events`, the
+/// most counted first, so the overview looks up the likeliest ones first.
+fn near_candidates(events: &[crate::events::Event]) -> Vec<(String, Option<String>)> {
+    let mut counts: BTreeMap<(String, Option<String>), usize> = BTreeMap::new();
+    for event in events {
+        if event.details.get("counted") != Some(&Value::Bool(true)) {
+            continue;
+        }
+        if let Some(mailbox) = &event.mailbox {
+            *counts
+                .entry((mailbox.clone(), event.key_client.clone()))
+                .or_default() += 1;
+        }
+    }
+    let mut candidates: Vec<_> = counts.into_iter().collect();
+    // A stable sort keeps mailboxes with equal counts in name order.
+    candidates.sort_by_key(|(_, count)| std::cmp::Reverse(*count));
+    candidates.into_iter().map(|(key, _)| key).collect()
 }
 
 /// Describes a boolean setting that an override stored through the API
@@ -405,6 +439,25 @@ fn requested_setting(body: &Value, name: &str) -> Result<Option<Option<bool>>, A
     }
 }
 
+/// Reads the reason or the author of a settings change from a request body.
+fn change_text(body: &Value, name: &str) -> Result<String, ApiError> {
+    let text = match body.get(name) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(text)) => Some(text.clone()),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "invalid {name} {other}: give a string"
+            )));
+        }
+    };
+    super::api::clean_text(
+        name,
+        text,
+        "say who changes the setting and why; both are recorded in the events report",
+    )
+    .map_err(ApiError::bad_request)
+}
+
 async fn change_settings(
     headers: HeaderMap,
     State(guard): Shared,
@@ -441,16 +494,8 @@ async fn change_settings(
             "no setting to change: send {SETTINGS_EXAMPLE}"
         )));
     }
-    let text = |name: &str| {
-        super::api::clean_text(
-            name,
-            body.get(name).and_then(Value::as_str).map(str::to_string),
-            "say who changes the setting and why; both are recorded in the events report",
-        )
-        .map_err(ApiError::bad_request)
-    };
-    let reason = text("reason")?;
-    let author = text("author")?;
+    let reason = change_text(&body, "reason")?;
+    let author = change_text(&body, "author")?;
     let now = Timestamp::now();
     let devices = guard.devices();
     if let Some(value) = synchronized {
@@ -507,6 +552,65 @@ mod tests {
         );
         assert_eq!(requested_setting(&body, "other").ok(), Some(None));
         assert!(requested_setting(&json!({"reject_unsafe": "yes"}), "reject_unsafe").is_err());
+    }
+
+    fn bad_message(mailbox: &str, counted: bool) -> crate::events::Event {
+        let mut details = serde_json::Map::new();
+        details.insert("counted".into(), Value::Bool(counted));
+        crate::events::Event {
+            id: None,
+            time: Timestamp::now(),
+            kind: EventKind::BadMessage,
+            mailbox: Some(mailbox.to_string()),
+            key_client: None,
+            details,
+        }
+    }
+
+    #[test]
+    fn near_candidates_most_counted_first() {
+        let events = vec![
+            bad_message("a@example.org", true),
+            bad_message("z@example.org", true),
+            bad_message("z@example.org", true),
+            bad_message("m@example.org", true),
+            bad_message("n@example.org", false),
+            bad_message("n@example.org", false),
+            bad_message("n@example.org", false),
+        ];
+        let mailboxes: Vec<String> = near_candidates(&events)
+            .into_iter()
+            .map(|(mailbox, _)| mailbox)
+            .collect();
+        assert_eq!(
+            mailboxes,
+            ["z@example.org", "a@example.org", "m@example.org"],
+            "uncounted messages are no candidates; equal counts keep name order"
+        );
+    }
+
+    #[test]
+    fn change_text_types() {
+        let body = json!({"reason": "  maintenance ", "author": 5, "empty": ""});
+        assert_eq!(
+            change_text(&body, "reason").ok().as_deref(),
+            Some("maintenance")
+        );
+        let wrong_type = change_text(&body, "author")
+            .err()
+            .map(|error| error.message);
+        assert_eq!(
+            wrong_type.as_deref(),
+            Some("invalid author 5: give a string")
+        );
+        let missing = change_text(&body, "other").err().map(|error| error.message);
+        assert!(
+            missing
+                .as_deref()
+                .is_some_and(|text| text.starts_with("missing other")),
+            "{missing:?}"
+        );
+        assert!(change_text(&body, "empty").is_err());
     }
 
     #[test]

@@ -688,6 +688,16 @@ struct RemoveQuery {
     by: Option<String>,
 }
 
+/// Returns who removes an exclusion: `by`, checked like every other author
+/// (at most 500 characters, control characters made spaces), or "admin"
+/// when the request leaves it out.
+fn removal_author(by: Option<String>) -> Result<String, String> {
+    match by {
+        None => Ok("admin".to_string()),
+        by => super::api::clean_text("by", by, "say who removes the exclusion, or leave by out"),
+    }
+}
+
 async fn remove_exclusion(
     headers: HeaderMap,
     State(guard): Shared,
@@ -699,7 +709,7 @@ async fn remove_exclusion(
             "device exclusions are managed with the admin token; the support token can only read them",
         ));
     }
-    let by = query.by.unwrap_or_else(|| "admin".to_string());
+    let by = removal_author(query.by).map_err(ApiError::bad_request)?;
     let removed = guard
         .devices()
         .remove_exclusion(&id, &by, Timestamp::now())
@@ -783,4 +793,21 @@ async fn change_settings(
         .await
         .map_err(ApiError::internal)?;
     Ok(ok_json(settings_json(&guard)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removal_author_checked() {
+        assert_eq!(removal_author(None).as_deref(), Ok("admin"));
+        assert_eq!(removal_author(Some(" jdoe ".into())).as_deref(), Ok("jdoe"));
+        assert_eq!(
+            removal_author(Some("jdoe\nforged line".into())).as_deref(),
+            Ok("jdoe forged line")
+        );
+        assert!(removal_author(Some(String::new())).is_err());
+        assert!(removal_author(Some("x".repeat(501))).is_err());
+    }
 }

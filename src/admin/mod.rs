@@ -77,17 +77,22 @@ impl Credentials {
 
     /// Returns the role of a presented token, if it is one of the two.
     pub fn role_of(&self, token: &str) -> Option<Role> {
-        let presented = sha256(token);
+        self.role_of_hash(&sha256(token))
+    }
+
+    /// Returns the role of the token whose SHA-256 is `presented`, if it is
+    /// one of the two.
+    pub fn role_of_hash(&self, presented: &[u8; 32]) -> Option<Role> {
         // Comparing hashes in constant time leaks nothing about the tokens.
         if self
             .support
-            .is_some_and(|support| constant_time_eq(&support, &presented))
+            .is_some_and(|support| constant_time_eq(&support, presented))
         {
             return Some(Role::Support);
         }
         if self
             .admin
-            .is_some_and(|admin| constant_time_eq(&admin, &presented))
+            .is_some_and(|admin| constant_time_eq(&admin, presented))
         {
             return Some(Role::Admin);
         }

@@ -2,9 +2,11 @@
 //! support token for a session cookie, and every state-changing request
 //! made with that cookie must carry the session's CSRF token in a header.
 //!
-//! Sessions live in memory only, so a restart logs every browser out.
+//! Sessions live in memory only, so a restart logs every browser out. A
+//! session also ends when a reload changes or removes the token it was
+//! started with.
 
-use super::{ApiError, Role, constant_time_eq, sha256};
+use super::{ApiError, Credentials, Role, constant_time_eq, sha256};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use rand::RngCore;
 use std::collections::HashMap;
@@ -45,6 +47,9 @@ const MAX_TRACKED_CLIENTS: usize = 4096;
 #[derive(Debug, Clone)]
 struct Session {
     role: Role,
+    /// SHA-256 of the token the session was started with, so that the
+    /// session ends when a reload replaces or removes that token.
+    token_hash: [u8; 32],
     csrf: String,
     created: Instant,
     last_used: Instant,
@@ -83,11 +88,13 @@ fn random_token() -> String {
 }
 
 impl Sessions {
-    /// Starts a session for `role` and returns its cookie value and info.
-    pub fn create(&self, role: Role, now: Instant) -> (String, SessionInfo) {
+    /// Starts a session for `role`, logged in with the token whose SHA-256
+    /// is `token_hash`, and returns its cookie value and info.
+    pub fn create(&self, role: Role, token_hash: [u8; 32], now: Instant) -> (String, SessionInfo) {
         let id = random_token();
         let session = Session {
             role,
+            token_hash,
             csrf: random_token(),
             created: now,
             last_used: now,
@@ -111,11 +118,21 @@ impl Sessions {
         (id, info)
     }
 
-    /// Returns the live session of cookie value `id` and marks it used.
-    pub fn lookup(&self, id: &str, now: Instant) -> Option<SessionInfo> {
+    /// Returns the live session of cookie value `id` and marks it used. A
+    /// session whose token no longer has its role in `credentials` (the
+    /// token was replaced or removed by a reload) is ended.
+    pub fn lookup(&self, id: &str, credentials: &Credentials, now: Instant) -> Option<SessionInfo> {
         let mut sessions = self.sessions.lock().expect("sessions lock");
         let key = sha256(id);
         let session = sessions.get_mut(&key)?;
+        if credentials.role_of_hash(&session.token_hash) != Some(session.role) {
+            tracing::info!(
+                role = ?session.role,
+                "dashboard session ended: its token is no longer configured"
+            );
+            sessions.remove(&key);
+            return None;
+        }
         if !is_live(session, now) {
             sessions.remove(&key);
             return None;
@@ -241,40 +258,89 @@ pub fn clear_cookie() -> String {
 mod tests {
     use super::*;
 
+    const ADMIN_TOKEN: &str = "admin-token-0123456789";
+    const SUPPORT_TOKEN: &str = "support-token-0123456789";
+
+    fn credentials() -> Credentials {
+        Credentials {
+            admin: Some(sha256(ADMIN_TOKEN)),
+            support: Some(sha256(SUPPORT_TOKEN)),
+        }
+    }
+
     #[test]
     fn session_ends_when_idle() {
         let sessions = Sessions::default();
         let start = Instant::now();
-        let (id, info) = sessions.create(Role::Support, start);
+        let (id, info) = sessions.create(Role::Support, sha256(SUPPORT_TOKEN), start);
         assert_eq!(info.role, Role::Support);
-        let used = sessions.lookup(&id, start + Duration::from_secs(60));
+        let used = sessions.lookup(&id, &credentials(), start + Duration::from_secs(60));
         assert_eq!(used.map(|info| info.role), Some(Role::Support));
         let late = start + Duration::from_secs(60) + IDLE_TIMEOUT;
-        assert!(sessions.lookup(&id, late).is_none());
+        assert!(sessions.lookup(&id, &credentials(), late).is_none());
     }
 
     #[test]
     fn session_ends_at_max_age() {
         let sessions = Sessions::default();
         let start = Instant::now();
-        let (id, _) = sessions.create(Role::Admin, start);
+        let (id, _) = sessions.create(Role::Admin, sha256(ADMIN_TOKEN), start);
         let mut now = start;
         // Regular use keeps it from going idle, but not past its maximum age.
         while now.duration_since(start) + IDLE_TIMEOUT / 2 < MAX_AGE {
             now += IDLE_TIMEOUT / 2;
-            assert!(sessions.lookup(&id, now).is_some());
+            assert!(sessions.lookup(&id, &credentials(), now).is_some());
         }
-        assert!(sessions.lookup(&id, start + MAX_AGE).is_none());
+        assert!(
+            sessions
+                .lookup(&id, &credentials(), start + MAX_AGE)
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn session_ends_when_token_replaced() {
+        let sessions = Sessions::default();
+        let now = Instant::now();
+        let (admin, _) = sessions.create(Role::Admin, sha256(ADMIN_TOKEN), now);
+        let (support, _) = sessions.create(Role::Support, sha256(SUPPORT_TOKEN), now);
+        // A reload replaced the admin token and removed the support hash.
+        let reloaded = Credentials {
+            admin: Some(sha256("new-admin-token-0123456789")),
+            support: None,
+        };
+        assert!(sessions.lookup(&admin, &reloaded, now).is_none());
+        assert!(sessions.lookup(&support, &reloaded, now).is_none());
+        // The sessions stay ended when the old tokens come back.
+        assert!(sessions.lookup(&admin, &credentials(), now).is_none());
+        assert!(sessions.lookup(&support, &credentials(), now).is_none());
+    }
+
+    #[test]
+    fn session_keeps_role_of_its_token() {
+        let sessions = Sessions::default();
+        let now = Instant::now();
+        let (id, _) = sessions.create(Role::Support, sha256(SUPPORT_TOKEN), now);
+        // The support token became the admin token: not a support session.
+        let swapped = Credentials {
+            admin: Some(sha256(SUPPORT_TOKEN)),
+            support: None,
+        };
+        assert!(sessions.lookup(&id, &swapped, now).is_none());
     }
 
     #[test]
     fn logout_removes_session() {
         let sessions = Sessions::default();
         let now = Instant::now();
-        let (id, _) = sessions.create(Role::Admin, now);
+        let (id, _) = sessions.create(Role::Admin, sha256(ADMIN_TOKEN), now);
         sessions.remove(&id);
-        assert!(sessions.lookup(&id, now).is_none());
-        assert!(sessions.lookup("not-a-session", now).is_none());
+        assert!(sessions.lookup(&id, &credentials(), now).is_none());
+        assert!(
+            sessions
+                .lookup("not-a-session", &credentials(), now)
+                .is_none()
+        );
     }
 
     #[test]

@@ -162,6 +162,59 @@ const phases = {
     await shot(page, "events");
     await phoneShot(page, "events");
 
+    // The report comes oldest first in pages, so the dashboard must follow
+    // the Link header to reach the newest events. The server's first page
+    // is made to announce a second page that holds one more, newer event.
+    const pagedMailbox = "paged@example.org";
+    await page.route("**/api/v1/events?**", async (route) => {
+      const url = route.request().url();
+      if (url.includes("after=999999999")) {
+        const event = { time: new Date().toISOString(), type: "lockout_started", mailbox: pagedMailbox,
+          key_client: null, id: 1000000000, level: 1 };
+        await route.fulfill({ status: 200, contentType: "application/x-ndjson", body: JSON.stringify(event) + "\n" });
+        return;
+      }
+      const response = await route.fetch();
+      const next = new URL(url).pathname + new URL(url).search + "&after=999999999";
+      await route.fulfill({ response, headers: { ...response.headers(), link: `<${next}>; rel="next"` } });
+    });
+    // Without a type filter, the list and the chart share one read.
+    const eventReads = [];
+    const countReads = (request) => { if (request.url().includes("/api/v1/events?")) eventReads.push(request.url()); };
+    page.on("request", countReads);
+    await page.goto(base + "/#/events?range=24h");
+    await page.reload();
+    await heading(page, "Events report");
+    await page.getByRole("table", { name: "Events, newest first" }).waitFor();
+    page.off("request", countReads);
+    result.event_reads_unfiltered = eventReads.length;
+    check(eventReads.length === 2, `the unfiltered events page read ${eventReads.length} pages, expected 2 (one page and the next one its Link names)`);
+
+    await page.goto(base + "/#/events?range=24h&type=lockout_started");
+    await page.reload();
+    await heading(page, "Events report");
+    const pagedRows = page.getByRole("table", { name: "Events, newest first" }).locator("tbody tr");
+    await pagedRows.first().waitFor();
+    result.paged_first_row = (await pagedRows.first().textContent()).replace(/\s+/g, " ");
+    check(result.paged_first_row.includes(pagedMailbox),
+      `the newest event, on the second page, is not listed first: ${result.paged_first_row}`);
+    await page.unroute("**/api/v1/events?**");
+
+    // An unknown time range in the address shows the last 24 hours, and
+    // the Time select says so.
+    for (const range of ["bogus", "constructor"]) {
+      await page.goto(base + "/#/events?range=" + range);
+      await heading(page, "Events report");
+      const shown = await page.getByLabel("Time", { exact: true }).inputValue();
+      check(shown === "24h", `range=${range} shows the Time select at ${shown}, not 24h`);
+    }
+
+    // An address with invalid percent-encoding shows an error, not a page
+    // left over from before.
+    await page.goto(base + "/#/mailbox/%E0%A4%A");
+    await heading(page, "Something went wrong");
+    result.broken_address_error = await page.getByRole("alert").filter({ hasText: "invalid" }).textContent();
+
     // The locked mailbox's page: strike ledger, history, owner, no
     // unblock action for the admin.
     await page.goto(base + "/#/mailbox/" + encodeURIComponent(locked));
@@ -183,6 +236,13 @@ const phases = {
     check(result.admin_unblock_status === 403, `an admin session's unblock answered ${result.admin_unblock_status}`);
     await shot(page, "mailbox");
     await phoneShot(page, "mailbox");
+
+    // A mailbox of 64 + 1 + 73 characters without a space still fits a
+    // phone's width.
+    const longMailbox = "a".repeat(64) + "@" + "b".repeat(61) + ".example.org";
+    await page.goto(base + "/#/mailbox/" + encodeURIComponent(longMailbox));
+    await heading(page, longMailbox);
+    await phoneShot(page, "mailbox-long");
 
     await page.getByRole("link", { name: "Devices" }).click();
     await heading(page, "Devices");
@@ -219,6 +279,18 @@ const phases = {
     await heading(page, "Events report");
     result.keyboard_reached_events = true;
 
+    // The skip link moves the focus to the content and stays on the page.
+    await page.goto(base + "/#/settings");
+    await page.reload();
+    await heading(page, "Settings");
+    await page.keyboard.press("Tab");
+    await page.keyboard.press("Enter");
+    await page.waitForTimeout(500);
+    result.after_skip_link = await page.evaluate(() => [location.hash, document.activeElement.id]);
+    check(result.after_skip_link[0] === "#/settings", `the skip link left the settings page for ${result.after_skip_link[0]}`);
+    check(result.after_skip_link[1] === "main", `the skip link moved the focus to ${result.after_skip_link[1]}, not main`);
+    await heading(page, "Settings");
+
     await page.getByRole("button", { name: "Log out" }).click();
     await page.getByLabel("Admin or support token").waitFor();
     result.after_logout_status = await page.evaluate(async () => (await fetch("/api/v1/blocks")).status);
@@ -230,6 +302,24 @@ const phases = {
     const blocked = required("BLOCKED");
     await login(page, required("SUPPORT_TOKEN"));
     result.role_badge = await page.locator("#role").textContent();
+
+    // A timed lockout cannot be lifted early, so its page offers no form
+    // that the server would refuse.
+    // With the browser's clock two hours behind, the page still counts
+    // down from the server's time.
+    const locked = required("LOCKED");
+    await page.clock.install({ time: Date.now() - 2 * 3600 * 1000 });
+    await page.goto(base + "/#/mailbox/" + encodeURIComponent(locked));
+    await page.reload();
+    await heading(page, locked);
+    result.skewed_countdown_s = await countdownSeconds(page, locked);
+    check(result.skewed_countdown_s <= 3600,
+      `with the browser's clock 2 h behind, the one-hour lockout shows ${result.skewed_countdown_s} s left`);
+    const actions = page.getByRole("region", { name: "Support actions" });
+    await actions.getByText("cannot be lifted early").waitFor();
+    result.timed_lockout_buttons = await actions.getByRole("button").count();
+    check(result.timed_lockout_buttons === 0, "a timed lockout's page offers a support action");
+
     await page.getByRole("link", { name: "Settings" }).click();
     await heading(page, "Settings");
     result.support_settings_forms = await page.getByRole("button", { name: "Save" }).count();
@@ -278,15 +368,17 @@ const phases = {
     // An exclusion added on the settings page is listed with its source.
     const exclusions = page.getByRole("region", { name: "Exclusions" });
     await exclusions.getByLabel("Device id").fill(required("EXCLUDE"));
-    await exclusions.getByLabel("Reason").fill("build server");
+    // The reason is one long word, which must wrap on a phone's width.
+    await exclusions.getByLabel("Reason").fill("build server, ticket " + "OPS-4711/".repeat(30));
     await exclusions.getByLabel("Your name").fill("jdoe");
     await exclusions.getByRole("button", { name: "Add exclusion" }).click();
     const excludedRow = page.getByRole("region", { name: "Exclusions" }).getByRole("row")
       .filter({ hasText: required("EXCLUDE") });
     await excludedRow.getByText("dashboard or API").waitFor();
     result.exclusion_row = (await excludedRow.textContent()).replace(/\s+/g, " ");
-    check(result.exclusion_row.includes("build server (by jdoe)"), `the exclusion row lacks its reason: ${result.exclusion_row}`);
+    check(result.exclusion_row.includes("OPS-4711/ (by jdoe)"), `the exclusion row lacks its reason: ${result.exclusion_row}`);
     await shot(page, "settings-changed");
+    await phoneShot(page, "settings-changed");
   },
 
   // Admin, after a reload of the file: the override is still in force.
@@ -314,6 +406,33 @@ const phases = {
     result.subnet_rows = await page.getByRole("table", { name: "Device health by subnet" }).locator("tbody tr").count();
     await shot(page, "devices-missing");
     await phoneShot(page, "devices-missing");
+
+    // Removing an exclusion asks for the admin's name, which the removal
+    // event records.
+    const exclusions = page.getByRole("region", { name: "Exclusions" });
+    const removeButton = exclusions.getByRole("button", { name: `Remove the exclusion of ${required("EXCLUDE")}` });
+    await removeButton.click();
+    await exclusions.getByRole("alert").filter({ hasText: "Enter your name" }).waitFor();
+    await exclusions.getByLabel("Your name").fill("jdoe");
+    await removeButton.click();
+    await page.getByRole("region", { name: "Exclusions" }).getByText("No device is excluded.").waitFor();
+    result.exclusion_removed = true;
+  },
+
+  // Admin: an exclusion whose device left the devices file is listed and
+  // can be removed.
+  async "unknown-exclusion"(page) {
+    const device = required("EXCLUDE");
+    await login(page, required("ADMIN_TOKEN"));
+    await page.getByRole("link", { name: "Devices" }).click();
+    await heading(page, "Devices");
+    const exclusions = page.getByRole("region", { name: "Exclusions" });
+    const row = exclusions.getByRole("row").filter({ hasText: device });
+    await row.getByText("not in the devices file").waitFor();
+    await exclusions.getByLabel("Your name").fill("jdoe");
+    await row.getByRole("button", { name: `Remove the exclusion of ${device}` }).click();
+    await page.getByRole("region", { name: "Exclusions" }).getByText("No device is excluded.").waitFor();
+    result.unknown_exclusion_removed = true;
   },
 };
 

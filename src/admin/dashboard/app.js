@@ -130,6 +130,16 @@ class ApiFailure extends Error {
   constructor(status, message) { super(message); this.status = status; }
 }
 
+/**
+ * Keeps state.clockOffset, the server's clock minus the browser's, from a
+ * response's Date header (whole seconds), so countdowns and time ranges
+ * follow the server even on the first page loaded.
+ */
+function syncClock(response) {
+  const date = new Date(response.headers.get("Date") || "");
+  if (!Number.isNaN(date.getTime())) state.clockOffset = date.getTime() - Date.now();
+}
+
 async function api(method, path, body) {
   const headers = { Accept: "application/json" };
   if (method !== "GET") {
@@ -140,6 +150,7 @@ async function api(method, path, body) {
     method, headers, credentials: "same-origin",
     body: body === undefined ? undefined : JSON.stringify(body),
   });
+  syncClock(response);
   const text = await response.text();
   let data = null;
   try { data = text ? JSON.parse(text) : null; } catch (_) { data = text; }
@@ -154,19 +165,53 @@ async function api(method, path, body) {
   return data;
 }
 
-/** Reads the events report (JSON lines) with the given query. */
+/** Maximum number of events the dashboard reads for one view. */
+const MAX_EVENTS = 100000;
+
+/** Returns the URL of the next page from a Link header, if any. */
+function nextPage(link) {
+  const match = /<(\/api\/v1\/events\?[^>]*)>;\s*rel="next"/.exec(link || "");
+  return match ? match[1] : null;
+}
+
+/**
+ * Reads the events report (JSON lines) with the given query. The report
+ * comes oldest first in pages of at most 10000 events, so every page is
+ * read (up to MAX_EVENTS events) to reach the newest. The list's
+ * `truncated` is true when more events match than were read.
+ */
 async function events(query) {
   const parameters = new URLSearchParams();
   for (const [name, value] of Object.entries(query)) if (value) parameters.set(name, value);
-  const response = await fetch("/api/v1/events?" + parameters.toString(), { credentials: "same-origin" });
-  const text = await response.text();
-  if (response.status === 401) { showLogin("Your session has ended. Log in again."); throw new ApiFailure(401, "session ended"); }
-  if (!response.ok) {
-    let message = text;
-    try { message = JSON.parse(text).error; } catch (_) { /* plain text */ }
-    throw new ApiFailure(response.status, message);
+  parameters.set("limit", "10000");
+  const list = [];
+  list.truncated = false;
+  let url = "/api/v1/events?" + parameters.toString();
+  while (url) {
+    if (list.length >= MAX_EVENTS) {
+      list.truncated = true;
+      break;
+    }
+    const response = await fetch(url, { credentials: "same-origin" });
+    const text = await response.text();
+    if (response.status === 401) { showLogin("Your session has ended. Log in again."); throw new ApiFailure(401, "session ended"); }
+    if (!response.ok) {
+      let message = text;
+      try { message = JSON.parse(text).error; } catch (_) { /* plain text */ }
+      throw new ApiFailure(response.status, message);
+    }
+    for (const line of text.split("\n")) if (line.trim()) list.push(JSON.parse(line));
+    url = nextPage(response.headers.get("Link"));
   }
-  return text.split("\n").filter((line) => line.trim()).map((line) => JSON.parse(line));
+  return list;
+}
+
+/** Builds the notice shown when a view read only the oldest MAX_EVENTS events. */
+function truncatedNotice(list) {
+  if (!list.truncated) return null;
+  return h("p", { class: "notice", role: "status" },
+    `More than ${MAX_EVENTS} events match, and only the oldest ${MAX_EVENTS} are shown and counted. ` +
+    "Narrow the time range or the filters to see the newest.");
 }
 
 // ---- session -------------------------------------------------------------
@@ -226,10 +271,21 @@ function stopTimers() {
   state.timers = [];
 }
 
+/**
+ * Splits the address's hash into page, argument and query.
+ *
+ * @throws {ApiFailure} with status 0 when a part is not valid percent-encoding.
+ */
 function parseHash() {
   const hash = location.hash.replace(/^#\/?/, "");
   const [path, query] = hash.split("?");
-  const parts = path.split("/").map(decodeURIComponent);
+  let parts;
+  try {
+    parts = path.split("/").map(decodeURIComponent);
+  } catch (_) {
+    throw new ApiFailure(0, `The address ${location.hash} is invalid: it contains a % not followed by ` +
+      "the encoding of a character. Go to the Overview and follow the links from there.");
+  }
   return { page: parts[0] || "overview", argument: parts.slice(1).join("/"),
     query: new URLSearchParams(query || "") };
 }
@@ -240,25 +296,24 @@ const PAGES = { overview: renderOverview, events: renderEvents, mailbox: renderM
 async function route() {
   if (!state.role) return;
   stopTimers();
-  const { page, argument, query } = parseHash();
-  const render = PAGES[page] || renderOverview;
-  const navPage = page === "mailbox" ? "overview" : page;
-  for (const link of document.querySelectorAll("#nav a")) {
-    if (link.dataset.page === navPage) link.setAttribute("aria-current", "page");
-    else link.removeAttribute("aria-current");
-  }
   const view = document.getElementById("view");
-  view.replaceChildren(h("p", { class: "muted" }, "Loading…"));
   try {
-    const content = await render(argument, query);
-    view.replaceChildren(content);
-    const heading = view.querySelector("h1");
-    document.title = (heading ? heading.textContent + " – " : "") + "sendguard dashboard";
+    const { page, argument, query } = parseHash();
+    const render = PAGES[page] || renderOverview;
+    const navPage = page === "mailbox" ? "overview" : page;
+    for (const link of document.querySelectorAll("#nav a")) {
+      if (link.dataset.page === navPage) link.setAttribute("aria-current", "page");
+      else link.removeAttribute("aria-current");
+    }
+    view.replaceChildren(h("p", { class: "muted" }, "Loading…"));
+    view.replaceChildren(await render(argument, query));
   } catch (failure) {
     if (failure.status === 401) return;
     view.replaceChildren(h("div", { class: "panel" }, h("h1", {}, "Something went wrong"),
       h("p", { class: "error", role: "alert" }, failure.message)));
   }
+  const heading = view.querySelector("h1");
+  document.title = (heading ? heading.textContent + " – " : "") + "sendguard dashboard";
 }
 
 function focusMain() {
@@ -399,19 +454,22 @@ function chart(list, since, until) {
 }
 
 async function renderEvents(_argument, query) {
-  const range = query.get("range") || "24h";
+  // An unknown range (from an edited address) falls back to 24 hours, and
+  // the select shows the range in effect.
+  const requested = query.get("range");
+  const range = Object.hasOwn(RANGE_MILLISECONDS, requested) ? requested : "24h";
   const filters = {
     type: query.get("type") || "",
     mailbox: query.get("mailbox") || "",
     device: query.get("device") || "",
   };
   const now = Date.now() + state.clockOffset;
-  const since = now - (RANGE_MILLISECONDS[range] || RANGE_MILLISECONDS["24h"]);
+  const since = now - RANGE_MILLISECONDS[range];
   const common = { since: new Date(since).toISOString(), mailbox: filters.mailbox, device: filters.device };
-  const [all, filtered] = await Promise.all([
-    events({ ...common, limit: "10000" }),
-    events({ ...common, type: filters.type, limit: "10000" }),
-  ]);
+  // The chart counts every type, so a type filter needs a second read.
+  const [all, filtered] = filters.type
+    ? await Promise.all([events(common), events({ ...common, type: filters.type })])
+    : await events(common).then((list) => [list, list]);
   const rangeSelect = h("select", { id: "f-range", name: "range" },
     RANGES.map(([value, label]) => h("option", { value, selected: value === range }, label)));
   const typeSelect = h("select", { id: "f-type", name: "type" },
@@ -448,10 +506,11 @@ async function renderEvents(_argument, query) {
     h("h1", {}, "Events report"),
     h("section", { class: "panel", "aria-labelledby": "h-filters" },
       h("h2", { id: "h-filters" }, "Filters"), form),
+    truncatedNotice(all.truncated ? all : filtered),
     h("section", { class: "panel", "aria-labelledby": "h-chart" },
       h("h2", { id: "h-chart" }, "Strikes and lockouts over time"), chart(all, since, now)),
     h("section", { class: "panel", "aria-labelledby": "h-list" },
-      h("h2", { id: "h-list" }, `Events (${filtered.length}${filtered.length > 500 ? ", newest 500 shown" : ""})`),
+      h("h2", { id: "h-list" }, `Events (${filtered.length}${filtered.truncated ? "+" : ""}${filtered.length > 500 ? ", newest 500 shown" : ""})`),
       table("Events, newest first", ["Time", "Type", "Mailbox or device", "Details"], rows,
         "No event matches these filters.")));
 }
@@ -463,7 +522,7 @@ async function renderMailbox(mailbox, query) {
   const suffix = client ? "?client=" + encodeURIComponent(client) : "";
   const [ledger, history] = await Promise.all([
     api("GET", "/api/v1/mailboxes/" + encodeURIComponent(mailbox) + suffix),
-    events({ mailbox, since: "400d", limit: "10000" }),
+    events({ mailbox, since: "400d" }),
   ]);
   const block = ledger.block;
   let blockView;
@@ -484,7 +543,14 @@ async function renderMailbox(mailbox, query) {
   const next = ledger.next_lockout.permanent ? "a permanent block" : `lockout ${ledger.next_lockout.level}, ${ledger.next_lockout.length}`;
 
   let action;
-  if (state.role === "support") {
+  // The server refuses (409) to end a timed lockout early, or to reset a
+  // count of zero when nothing is blocked, so no form is offered for them.
+  if (state.role === "support" && block && !block.permanent) {
+    action = h("p", {}, `Lockout ${block.level} is a timed lockout, which cannot be lifted early; it ends at ` +
+      `${formatTime(block.until)}. The lockout count can be reset after it ends.`);
+  } else if (state.role === "support" && !block && ledger.lockouts === 0) {
+    action = h("p", {}, "Nothing to lift or reset: the mailbox is not blocked and its lockout count is zero.");
+  } else if (state.role === "support") {
     const reason = h("textarea", { id: "unblock-reason", name: "reason", required: true });
     const reset = h("input", { id: "unblock-reset", type: "checkbox", name: "reset_count" });
     const message = h("p", { class: "error", role: "alert" });
@@ -515,6 +581,7 @@ async function renderMailbox(mailbox, query) {
   return h("div", {},
     h("p", {}, h("a", { href: "#/overview" }, "← Overview")),
     h("h1", {}, ledger.mailbox, ledger.key_client ? ` from ${ledger.key_client}` : ""),
+    truncatedNotice(history),
     h("div", { class: "two-col" },
       h("section", { class: "panel", "aria-labelledby": "h-status" },
         h("h2", { id: "h-status" }, "Status"), blockView,
@@ -552,16 +619,32 @@ function stateBadge(device) {
 
 async function exclusionsSection() {
   const exclusions = await api("GET", "/api/v1/device-exclusions");
-  const rows = exclusions.excluded.map((device) => {
+  // "Your name" is recorded with each exclusion the admin adds or removes.
+  const author = h("input", { id: "exclude-author", name: "author", type: "text", required: true, autocomplete: "name" });
+  const message = h("p", { class: "error", role: "alert" });
+  // An exclusion added through the API stays stored when its device leaves
+  // the devices file, and applies again if the device comes back, so it is
+  // listed to be removed.
+  const listed = new Set(exclusions.excluded.map((device) => device.id));
+  const unknown = exclusions.added.filter((row) => !listed.has(row.device))
+    .map((row) => ({ id: row.device, name: "not in the devices file" }));
+  const rows = [...exclusions.excluded, ...unknown].map((device) => {
     const added = exclusions.added.find((row) => row.device === device.id);
     const remove = added && state.role === "admin"
       ? h("button", { type: "button", class: "secondary", "aria-label": `Remove the exclusion of ${device.id}`,
         onclick: async () => {
+          message.textContent = "";
+          const by = author.value.trim();
+          if (!by) {
+            message.textContent = "Enter your name under “Your name” first; it is recorded with the removal.";
+            author.focus();
+            return;
+          }
           try {
-            await api("DELETE", "/api/v1/device-exclusions/" + encodeURIComponent(device.id) + "?by=dashboard");
+            await api("DELETE", "/api/v1/device-exclusions/" + encodeURIComponent(device.id) + "?by=" + encodeURIComponent(by));
             announce(`Exclusion of ${device.id} removed`);
             await route();
-          } catch (failure) { announce(failure.message); }
+          } catch (failure) { message.textContent = failure.message; }
         } }, "Remove")
       : null;
     return h("tr", {}, h("td", {}, device.id), h("td", {}, device.name || "–"),
@@ -573,8 +656,6 @@ async function exclusionsSection() {
   if (state.role === "admin") {
     const device = h("input", { id: "exclude-device", name: "device", type: "text", required: true, autocomplete: "off" });
     const reason = h("input", { id: "exclude-reason", name: "reason", type: "text", required: true });
-    const author = h("input", { id: "exclude-author", name: "author", type: "text", required: true, autocomplete: "name" });
-    const message = h("p", { class: "error", role: "alert" });
     form = h("form", { class: "grid", "aria-label": "Add an exclusion", onsubmit: async (event) => {
       event.preventDefault();
       message.textContent = "";
@@ -703,6 +784,12 @@ async function renderSettings() {
 async function start() {
   document.getElementById("login-form").addEventListener("submit", login);
   document.getElementById("logout").addEventListener("click", logout);
+  // The page's address is its hash, so the skip link moves the focus itself
+  // instead of setting the hash to #main, which would leave the page.
+  document.querySelector(".skip-link").addEventListener("click", (event) => {
+    event.preventDefault();
+    document.getElementById("main").focus();
+  });
   window.addEventListener("hashchange", () => { route().then(focusMain); });
   try {
     const session = await api("GET", "/api/v1/session");
