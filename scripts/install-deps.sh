@@ -6,11 +6,12 @@
 # redis-cli) for the shared-store tests, which start their own servers,
 # libfaketime, which gives one of those tests a host with a slow clock,
 # nftables, whose nft the agent tests' agents run in their own network
-# namespaces, and chromium with nodejs for the dashboard's browser tests. Those tests drive
-# Chromium with the npm package playwright-core, which downloads no
-# browser. This script installs it into tests/dashboard/node_modules with
-# `npm ci` from the committed package-lock.json, and adds Debian's npm
-# package when the nodejs in place has no npm of its own.
+# namespaces, and chromium with nodejs for the dashboard's browser tests.
+# Those tests drive Chromium with the npm package playwright-core, which
+# downloads no browser. This script installs it into
+# tests/dashboard/node_modules with `npm ci` from the committed
+# package-lock.json, and adds Debian's npm package when the nodejs in place
+# has no npm of its own.
 #
 # Idempotent: when every package is installed already it only checks and
 # exits. It never starts the system's clamav, rspamd, spamd or postfix

@@ -120,8 +120,15 @@ fn repository() -> PathBuf {
 }
 
 /// Checks that node, Chromium and the npm package are there, installing
-/// the package with `npm ci` when `node_modules` is missing.
+/// the package with `npm ci` when `node_modules` is missing. The tests of
+/// this file run in parallel, so only the first one checks and installs;
+/// two `npm ci` runs in one directory would remove each other's files.
 fn browser_tools() -> PathBuf {
+    static DRIVER: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DRIVER.get_or_init(install_browser_tools).clone()
+}
+
+fn install_browser_tools() -> PathBuf {
     let driver = repository().join("tests/dashboard");
     let node = Command::new("node").arg("--version").output();
     assert!(
