@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# Installs the Debian packages that the tests and the demo need: clamd for
-# virus scanning, rspamd and SpamAssassin's spamd as spam engines, Postfix
-# for smtp-source and smtp-sink and as the MTA in front of the milter,
-# swaks, sasl2-bin for the milter tests' SASL users, redis-server (with
-# redis-cli) for the shared-store tests, which start their own servers,
-# libfaketime, which gives one of those tests a host with a slow clock,
-# nftables, whose nft the agent tests' agents run in their own network
-# namespaces, and chromium with nodejs for the dashboard's browser tests.
-# Those tests drive Chromium with the npm package playwright-core, which
-# downloads no browser. This script installs it into
+# Installs the Debian packages that the tests and the demo need:
+# - clamd for virus scanning, rspamd and SpamAssassin's spamd as spam engines;
+# - Postfix for smtp-source and smtp-sink and as the MTA in front of the
+#   milter, swaks, and sasl2-bin for the milter tests' SASL users;
+# - redis-server and redis-cli for the shared-store tests, which start their
+#   own servers, and libfaketime, which gives one of them a slow clock;
+# - nftables, whose nft the agents of the agent tests run in their own
+#   network namespaces;
+# - chromium and nodejs for the dashboard's browser tests.
+# The browser tests drive Chromium with the npm package playwright-core,
+# which downloads no browser. This script installs it into
 # tests/dashboard/node_modules with `npm ci` from the committed
-# package-lock.json, and adds Debian's npm package when the nodejs in place
+# package-lock.json. It adds Debian's npm package when the installed nodejs
 # has no npm of its own.
 #
 # Idempotent: when every package is installed already it only checks and
