@@ -493,7 +493,8 @@ impl<'a> Replay<'a> {
 
 /// The sender facts recorded with a bad message or a refusal.
 struct RecordedSender {
-    /// Envelope sender without angle brackets; empty for `<>`.
+    /// Envelope sender address without angle brackets, source route or
+    /// quotes, as the relay attributes it; empty for `<>`.
     sender: String,
     login: Option<String>,
     client: IpAddr,
@@ -501,12 +502,10 @@ struct RecordedSender {
 
 impl RecordedSender {
     fn of(event: &Event) -> Option<RecordedSender> {
+        // Events record the path as the client wrote it, so a quoted local
+        // part (`"a b"@x`) is unquoted as the relay did before attributing.
         let path = event.details.get("sender")?.as_str()?;
-        let sender = path
-            .strip_prefix('<')
-            .and_then(|inner| inner.strip_suffix('>'))
-            .unwrap_or(path)
-            .to_string();
+        let sender = crate::milter::parse_sender(path).address;
         let client = event.details.get("client")?.as_str()?.parse().ok()?;
         let login = event
             .details

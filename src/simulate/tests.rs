@@ -611,3 +611,36 @@ fn fewer_timed_lockouts_block_permanently() {
     let blocked = std::time::Duration::from_secs(3600 + (24 * 60 - 74) * 60);
     assert_eq!(report.simulated.blocked, blocked);
 }
+
+#[test]
+fn quoted_local_part_keeps_key() {
+    // The relay records the path as the client wrote it and attributes the
+    // unquoted address.
+    let key = MailboxKey::mailbox("a,b\"c@example.org");
+    let mut events = Vec::new();
+    for minute in 0..5 {
+        let facts = MessageFacts {
+            sender: "<\"a,b\\\"c\"@example.org>".to_string(),
+            ..facts("unused@example.org", "192.0.2.6", minute as usize)
+        };
+        events.push(counted_bad(at(minute), &key, &facts));
+    }
+    let lockout = Lockout {
+        level: 1,
+        started: at(4),
+        until: Some(at(64)),
+        enforced: true,
+        end_recorded: false,
+    };
+    let last = facts("unused@example.org", "192.0.2.6", 4);
+    events.push(Event::lockout_started(&key, &last, &lockout, &[]));
+
+    let report = simulate(&candidate(""), &events, at(-1));
+
+    let mailbox = report
+        .mailbox("a,b\"c@example.org", None)
+        .expect("mailbox listed under its unquoted key");
+    assert_eq!(starts(&mailbox.real), [(1, at(4))]);
+    assert_eq!(mailbox.simulated, mailbox.real);
+    assert_eq!(report.mailboxes.len(), 1, "no second key for the quoted spelling");
+}
