@@ -425,6 +425,11 @@ impl<'a> Replay<'a> {
         };
         let reset_count = event.kind == EventKind::LockoutCountReset
             || event.details.get("count_reset") == Some(&Value::Bool(true));
+        if event.kind == EventKind::BlockLifted
+            && let Some(mailbox) = self.mailboxes.get_mut(&recorded)
+        {
+            mark_lifted(&mut mailbox.real, event.time);
+        }
         // Under another identity rule the recorded key may stand for
         // several simulated keys (one per client address): the lift
         // applies to each of them.
@@ -442,8 +447,14 @@ impl<'a> Replay<'a> {
         }
         for key in keys {
             let state = self.state_of(&key);
-            if state.lift(event.time, reset_count).is_err() {
-                self.report.limits.lifts_without_effect += 1;
+            match state.lift(event.time, reset_count) {
+                Ok(lifted) if lifted.block.is_some() => {
+                    if let Some(mailbox) = self.mailboxes.get_mut(&key) {
+                        mark_lifted(&mut mailbox.simulated, event.time);
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => self.report.limits.lifts_without_effect += 1,
             }
         }
     }
@@ -535,6 +546,18 @@ fn text_detail(event: &Event, name: &str) -> String {
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string()
+}
+
+/// Marks the newest permanent block in `rows` as lifted at `time`, unless
+/// it was lifted already.
+fn mark_lifted(rows: &mut [LockoutRow], time: Timestamp) {
+    if let Some(row) = rows.last_mut()
+        && row.is_permanent()
+        && row.lifted.is_none()
+        && row.started <= time
+    {
+        row.lifted = Some(time);
+    }
 }
 
 /// Returns the mailbox key an event was recorded under.

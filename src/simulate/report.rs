@@ -19,6 +19,8 @@ pub struct LockoutRow {
     pub until: Option<Timestamp>,
     /// Whether it started in monitor mode and refused nothing.
     pub monitor: bool,
+    /// Time a support lift ended a permanent block.
+    pub lifted: Option<Timestamp>,
 }
 
 impl LockoutRow {
@@ -28,6 +30,7 @@ impl LockoutRow {
             started: lockout.started,
             until: lockout.until,
             monitor: !lockout.enforced,
+            lifted: None,
         }
     }
 
@@ -36,13 +39,26 @@ impl LockoutRow {
     }
 
     /// Returns how long it refused mail up to `end`: zero in monitor mode,
-    /// and a permanent block counts up to `end`.
+    /// and a permanent block counts up to its lift or else up to `end`.
     fn blocked_until(&self, end: Timestamp) -> std::time::Duration {
         if self.monitor {
             return std::time::Duration::ZERO;
         }
-        let stop = self.until.map_or(end, |until| until.min(end));
+        let stop = self
+            .until
+            .or(self.lifted)
+            .map_or(end, |stop| stop.min(end));
         stop.since(self.started)
+    }
+
+    /// Returns the UNTIL column of the table: the end, or `permanent` and
+    /// the time of its lift.
+    fn until_text(&self) -> String {
+        match (self.until, self.lifted) {
+            (Some(until), _) => until.to_rfc3339(),
+            (None, Some(lifted)) => format!("permanent, lifted {}", lifted.to_rfc3339()),
+            (None, None) => "permanent".to_string(),
+        }
     }
 
     fn to_json(&self) -> Value {
@@ -52,6 +68,7 @@ impl LockoutRow {
             "until": self.until.map(Timestamp::to_rfc3339),
             "permanent": self.is_permanent(),
             "monitor": self.monitor,
+            "lifted": self.lifted.map(Timestamp::to_rfc3339),
         })
     }
 }
@@ -352,7 +369,7 @@ impl Report {
     fn write_csv(&self, out: &mut impl Write) -> std::io::Result<()> {
         writeln!(
             out,
-            "mailbox,client,side,level,started,until,permanent,monitor"
+            "mailbox,client,side,level,started,until,permanent,monitor,lifted"
         )?;
         for mailbox in &self.mailboxes {
             let sides = [("real", &mailbox.real), ("simulated", &mailbox.simulated)];
@@ -360,14 +377,15 @@ impl Report {
                 for lockout in lockouts {
                     writeln!(
                         out,
-                        "{},{},{side},{},{},{},{},{}",
+                        "{},{},{side},{},{},{},{},{},{}",
                         crate::events::csv_field(&mailbox.mailbox),
                         mailbox.client.as_deref().unwrap_or(""),
                         lockout.level,
                         lockout.started.to_rfc3339(),
                         lockout.until.map(Timestamp::to_rfc3339).unwrap_or_default(),
                         lockout.is_permanent(),
-                        lockout.monitor
+                        lockout.monitor,
+                        lockout.lifted.map(Timestamp::to_rfc3339).unwrap_or_default()
                     )?;
                 }
             }
@@ -452,10 +470,7 @@ impl Report {
             let sides = [("real", &mailbox.real), ("simulated", &mailbox.simulated)];
             for (side, lockouts) in sides {
                 for lockout in lockouts {
-                    let until = match lockout.until {
-                        None => "permanent".to_string(),
-                        Some(until) => until.to_rfc3339(),
-                    };
+                    let until = lockout.until_text();
                     let monitor = if lockout.monitor { " (monitor)" } else { "" };
                     writeln!(
                         out,

@@ -644,3 +644,42 @@ fn quoted_local_part_keeps_key() {
     assert_eq!(mailbox.simulated, mailbox.real);
     assert_eq!(report.mailboxes.len(), 1, "no second key for the quoted spelling");
 }
+
+#[test]
+fn lifted_block_stops_blocked_time() {
+    let key = MailboxKey::mailbox("pia@example.org");
+    let mut events = Vec::new();
+    for minute in 0..5 {
+        let facts = facts("pia@example.org", "192.0.2.32", minute as usize);
+        events.push(counted_bad(at(minute), &key, &facts));
+    }
+    let block = Lockout {
+        level: 1,
+        started: at(4),
+        until: None,
+        enforced: true,
+        end_recorded: false,
+    };
+    let last = facts("pia@example.org", "192.0.2.32", 4);
+    events.push(Event::lockout_started(&key, &last, &block, &[]));
+    let lifted = crate::policy::Lifted {
+        block: Some(block),
+        lockouts_before: 1,
+        lockouts_after: 1,
+    };
+    events.push(Event::lifted(at(30), &key, &lifted, "cleaned laptop", "cli"));
+
+    let report = simulate(
+        &candidate("[policy]\ntimed_lockouts = 0\n"),
+        &events,
+        at(-1),
+    );
+
+    let pia = report.mailbox("pia@example.org", None).expect("listed");
+    assert_eq!(pia.real[0].lifted, Some(at(30)));
+    assert_eq!(pia.simulated, pia.real);
+    let blocked = std::time::Duration::from_secs(26 * 60);
+    assert_eq!(report.real.blocked, blocked);
+    assert_eq!(report.simulated.blocked, blocked);
+    assert_eq!(report.limits.lifts_without_effect, 0);
+}
