@@ -401,8 +401,13 @@ fn simulate_rejects_bad_input() {
     let (server, api) = (&relay.server, relay.api.as_str());
     send_spam(server, "ann@example.org", "127.0.0.1", 1);
 
-    let cases: [(&str, &[&str], &str); 5] = [
+    let cases: [(&str, &[&str], &str); 6] = [
         ("[policy]\nthresold = 2\n", &[], "policy.thresold"),
+        (
+            "[exemptions]\nsenders = [\"not an address\"]\n",
+            &[],
+            "exemptions.senders",
+        ),
         ("[policy]\nwindow = \"ten minutes\"\n", &[], "policy.window"),
         ("[policy]\nthreshold = 0\n", &[], "policy.threshold"),
         (

@@ -683,3 +683,18 @@ fn lifted_block_stops_blocked_time() {
     assert_eq!(report.simulated.blocked, blocked);
     assert_eq!(report.limits.lifts_without_effect, 0);
 }
+
+#[test]
+fn invalid_exempt_sender_rejected() {
+    let directory = Directory::default();
+    let invalid = candidate("[exemptions]\nsenders = [\"not an address\"]\n");
+    let error = check_exempt_senders(&invalid, &directory).expect_err("invalid sender");
+    assert!(
+        error.to_string().contains("exemptions.senders"),
+        "{error}"
+    );
+    assert!(error.to_string().contains("not an address"), "{error}");
+
+    let valid = candidate("[exemptions]\nsenders = [\"<News@Example.org>\"]\n");
+    assert!(check_exempt_senders(&valid, &directory).is_ok());
+}
