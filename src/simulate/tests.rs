@@ -698,3 +698,10 @@ fn invalid_exempt_sender_rejected() {
     let valid = candidate("[exemptions]\nsenders = [\"<News@Example.org>\"]\n");
     assert!(check_exempt_senders(&valid, &directory).is_ok());
 }
+
+#[test]
+fn huge_since_starts_at_epoch() {
+    let since = crate::admin::parse_time("--since", "1000000000d").expect("a duration");
+    assert_eq!(since, Timestamp(0));
+    assert_eq!(since.to_rfc3339(), "1970-01-01T00:00:00Z");
+}
