@@ -441,6 +441,18 @@ fn simulate_rejects_bad_input() {
     let future = post_simulate(api, json!({"since": "2999-01-01T00:00:00Z"}));
     assert_eq!(future.status, 400);
     assert!(future.body.contains("not in the past"), "{}", future.body);
+    let both = post_simulate(
+        api,
+        json!({"recorded": true, "policy": "[policy]\nthreshold = 1\n"}),
+    );
+    assert_eq!(both.status, 400, "{}", both.body);
+    assert!(both.body.contains("exclude each other"), "{}", both.body);
+    let array = post_simulate(api, json!(["[policy]\nthreshold = 1\n", "10m"]));
+    assert_eq!(array.status, 422, "{}", array.body);
+    assert!(array.body.contains("not a JSON object"), "{}", array.body);
+    let unknown = post_simulate(api, json!({"polcy": "[policy]\n"}));
+    assert_eq!(unknown.status, 422, "{}", unknown.body);
+    assert!(unknown.body.contains("polcy"), "{}", unknown.body);
     let anonymous = request(api, "POST", "/api/v1/simulate", None, Some(&json!({})));
     assert_eq!(anonymous.status, 401);
 }

@@ -5,7 +5,7 @@ use super::{ApiError, authenticate, ok_json};
 use crate::guard::Guard;
 use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::post;
 use axum::{Json, Router};
@@ -45,10 +45,10 @@ const EXAMPLE: &str = r#"{"policy": "[policy]\nthreshold = 3\n", "since": "30d"}
 async fn simulate(
     headers: HeaderMap,
     State(guard): State<Arc<Guard>>,
-    body: Result<Json<SimulateRequest>, JsonRejection>,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     authenticate(&guard, &headers)?;
-    let Json(request) = body.map_err(|rejection| {
+    let Json(body) = body.map_err(|rejection| {
         ApiError::new(
             rejection.status(),
             format!(
@@ -57,6 +57,7 @@ async fn simulate(
             ),
         )
     })?;
+    let request = parse_request(body)?;
     let text = candidate_text(request.policy)?;
     let runtime = guard.runtime();
     let candidate = runtime.config.candidate(&text).map_err(|problems| {
@@ -88,6 +89,30 @@ async fn simulate(
         Err(crate::simulate::SimulateError::Store(error)) => Err(ApiError::internal(error)),
         Err(error) => Err(ApiError::bad_request(error.to_string())),
     }
+}
+
+/// Parses the request body. Serde would also read a struct from a JSON
+/// array, so anything but an object is rejected first.
+fn parse_request(body: Value) -> Result<SimulateRequest, ApiError> {
+    if !body.is_object() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("the body is {body}, not a JSON object; send one such as {EXAMPLE}"),
+        ));
+    }
+    let request: SimulateRequest = serde_json::from_value(body).map_err(|error| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("invalid request body: {error}; send a JSON object such as {EXAMPLE}"),
+        )
+    })?;
+    if request.recorded && request.policy.is_some() {
+        return Err(ApiError::bad_request(
+            "policy and \"recorded\": true exclude each other, because a recorded replay \
+             uses the policies recorded in force; send one of them",
+        ));
+    }
+    Ok(request)
 }
 
 /// Returns the candidate as TOML text, from TOML text or a JSON object.
