@@ -212,7 +212,10 @@ impl<'a> Replay<'a> {
                     .map_or(0, |count| u32::try_from(count).unwrap_or(u32::MAX));
                 if after == 0 {
                     self.baseline.remove(&key);
-                } else if let Some(state) = self.baseline.get_mut(&key) {
+                } else {
+                    // The lockout that set the count may be older than the
+                    // events kept, so the lift's count is taken as it is.
+                    let state = self.baseline.entry(key).or_default();
                     state.lockouts = after;
                     state.block = None;
                 }

@@ -705,3 +705,34 @@ fn huge_since_starts_at_epoch() {
     assert_eq!(since, Timestamp(0));
     assert_eq!(since.to_rfc3339(), "1970-01-01T00:00:00Z");
 }
+
+#[test]
+fn baseline_count_from_lift_alone() {
+    // The permanent block at lockout 6 is older than the events kept, and
+    // only its support lift remains before the period.
+    let key = MailboxKey::mailbox("quin@example.org");
+    let block = Lockout {
+        level: 6,
+        started: at(-500),
+        until: None,
+        enforced: true,
+        end_recorded: false,
+    };
+    let lifted = crate::policy::Lifted {
+        block: Some(block),
+        lockouts_before: 6,
+        lockouts_after: 6,
+    };
+    let mut events = vec![Event::lifted(at(-100), &key, &lifted, "cleaned laptop", "cli")];
+    events.extend(record(&[
+        (0, "quin@example.org", "192.0.2.33"),
+        (1, "quin@example.org", "192.0.2.33"),
+        (2, "quin@example.org", "192.0.2.33"),
+    ]));
+
+    let report = simulate(&candidate("[policy]\nthreshold = 3\n"), &events, at(-1));
+
+    let quin = report.mailbox("quin@example.org", None).expect("listed");
+    assert_eq!(starts(&quin.simulated), [(7, at(2))]);
+    assert!(quin.simulated[0].is_permanent());
+}
