@@ -4,6 +4,24 @@
 use super::{Config, IdentityConfig, PolicyConfig, Problems, decode};
 use serde::Deserialize;
 
+/// Sections of the configuration file other than `[policy]` and
+/// `[identity]`. A candidate cannot change them, because the replay reuses
+/// the recorded verdicts and envelopes.
+const CONFIG_ONLY_SECTIONS: [&str; 12] = [
+    "smtp",
+    "upstream",
+    "scan",
+    "directory",
+    "store",
+    "milter",
+    "synchronized_security",
+    "alerts",
+    "actions",
+    "admin",
+    "events",
+    "devices",
+];
+
 /// A policy to try on recorded history.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {
@@ -71,11 +89,15 @@ impl Config {
             Some(value) => decode::<CandidateExemptions>(value, "exemptions", &mut problems),
         };
         for unknown in root.keys() {
-            problems.push(
-                unknown.as_str(),
+            let message = if CONFIG_ONLY_SECTIONS.contains(&unknown.as_str()) {
+                "is a configuration section that a simulation cannot change, because the \
+                 replay reuses the recorded verdicts. Remove it and keep only [policy], \
+                 [identity] and [exemptions], or just the keys to change"
+            } else {
                 "unknown section or key; a candidate file holds [policy], [identity] and \
-                 [exemptions]",
-            );
+                 [exemptions]"
+            };
+            problems.push(unknown.as_str(), message);
         }
         if let Some(policy) = &policy {
             policy.validate(&mut problems);
@@ -181,6 +203,27 @@ mod tests {
         assert!(keys.contains(&"policy.thresold"), "{problems}");
         assert!(keys.contains(&"policy.window"), "{problems}");
         assert!(keys.contains(&"upstream"), "{problems}");
+    }
+
+    #[test]
+    fn candidate_config_sections_explained() {
+        let problems = current()
+            .candidate(
+                "[smtp]\nlisten = \"127.0.0.1:2525\"\n[scan.spam]\nthreshold = 3.0\n\
+                 [polcy]\nthreshold = 2\n",
+            )
+            .expect_err("invalid candidate");
+        let message = |key: &str| {
+            problems
+                .0
+                .iter()
+                .find(|problem| problem.key == key)
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        };
+        assert!(message("smtp").contains("cannot change"), "{problems}");
+        assert!(message("scan").contains("cannot change"), "{problems}");
+        assert!(message("polcy").contains("unknown section"), "{problems}");
     }
 
     #[test]
