@@ -441,6 +441,9 @@ fn simulate_rejects_bad_input() {
     let future = post_simulate(api, json!({"since": "2999-01-01T00:00:00Z"}));
     assert_eq!(future.status, 400);
     assert!(future.body.contains("not in the past"), "{}", future.body);
+    let null = post_simulate(api, json!({"policy": {"policy": {"threshold": null}}}));
+    assert_eq!(null.status, 400, "{}", null.body);
+    assert!(null.body.contains("policy.threshold is null"), "{}", null.body);
     let both = post_simulate(
         api,
         json!({"recorded": true, "policy": "[policy]\nthreshold = 1\n"}),

@@ -121,6 +121,12 @@ fn candidate_text(policy: Option<Value>) -> Result<String, ApiError> {
         None => Ok(String::new()),
         Some(Value::String(text)) => Ok(text),
         Some(object @ Value::Object(_)) => {
+            if let Some(key) = null_key(&object, "") {
+                return Err(ApiError::bad_request(format!(
+                    "policy key {key} is null, which TOML cannot express; leave the key out to \
+                     keep the value of the configuration in force"
+                )));
+            }
             let table = toml::Value::try_from(object).map_err(|error| {
                 ApiError::bad_request(format!(
                     "policy cannot be written as TOML: {error}; send tables of keys and values \
@@ -134,5 +140,28 @@ fn candidate_text(policy: Option<Value>) -> Result<String, ApiError> {
         Some(other) => Err(ApiError::bad_request(format!(
             "policy is {other}, neither TOML text nor a JSON object; send one such as {EXAMPLE}"
         ))),
+    }
+}
+
+/// Returns the dotted path of the first null in `value`, such as
+/// `policy.threshold`.
+fn null_key(value: &Value, path: &str) -> Option<String> {
+    let child_path = |name: &str| {
+        if path.is_empty() {
+            name.to_string()
+        } else {
+            format!("{path}.{name}")
+        }
+    };
+    match value {
+        Value::Null => Some(path.to_string()),
+        Value::Object(map) => map
+            .iter()
+            .find_map(|(name, child)| null_key(child, &child_path(name))),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(index, item)| null_key(item, &child_path(&index.to_string()))),
+        _ => None,
     }
 }
