@@ -8,7 +8,7 @@
 //! lockout schedule.
 
 use super::report::{LockoutRow, MailboxReport, Report};
-use crate::config::{Candidate, IdentityConfig, PolicyConfig};
+use crate::config::{Candidate, IdentityConfig, PolicyConfig, Unauthenticated};
 use crate::directory::Directory;
 use crate::events::{Event, EventKind};
 use crate::identity::{self, MailboxKey, SenderFacts};
@@ -434,14 +434,17 @@ impl<'a> Replay<'a> {
             mark_lifted(&mut mailbox.real, event.time);
         }
         // Under another identity rule the recorded key may stand for
-        // several simulated keys (one per client address): the lift
-        // applies to each of them.
+        // several simulated keys (one per client address), and the lift
+        // applies to each of them. A recorded pair key stands for the
+        // mailbox's key when the candidate does not pair senders with
+        // clients.
+        let pairs = self.identity().unauthenticated == Unauthenticated::ClientAndSender;
         let mut keys: Vec<MailboxKey> = self
             .states
             .keys()
             .filter(|key| {
                 key.mailbox == recorded.mailbox
-                    && (recorded.client.is_none() || key.client == recorded.client)
+                    && (recorded.client.is_none() || !pairs || key.client == recorded.client)
             })
             .cloned()
             .collect();

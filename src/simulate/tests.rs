@@ -736,3 +736,46 @@ fn baseline_count_from_lift_alone() {
     assert_eq!(starts(&quin.simulated), [(7, at(2))]);
     assert!(quin.simulated[0].is_permanent());
 }
+
+#[test]
+fn pair_key_lift_reaches_mailbox_key() {
+    // Recorded under client-and-sender: a permanent block of the pair key
+    // and its support lift, replayed under the sender rule.
+    let client = "192.0.2.34";
+    let key = MailboxKey {
+        mailbox: "rex@example.org".to_string(),
+        client: Some(client.parse().expect("an address")),
+    };
+    let mut events = Vec::new();
+    for minute in (0..5).chain(40..45) {
+        let facts = facts("rex@example.org", client, minute as usize);
+        events.push(counted_bad(at(minute), &key, &facts));
+    }
+    let block = Lockout {
+        level: 1,
+        started: at(4),
+        until: None,
+        enforced: true,
+        end_recorded: false,
+    };
+    let last = facts("rex@example.org", client, 4);
+    events.push(Event::lockout_started(&key, &last, &block, &[]));
+    let lifted = crate::policy::Lifted {
+        block: Some(block),
+        lockouts_before: 1,
+        lockouts_after: 1,
+    };
+    events.push(Event::lifted(at(30), &key, &lifted, "cleaned laptop", "cli"));
+    events.sort_by_key(|event| event.time);
+
+    let report = simulate(
+        &candidate("[policy]\ntimed_lockouts = 0\n"),
+        &events,
+        at(-1),
+    );
+
+    let rex = report.mailbox("rex@example.org", None).expect("listed");
+    assert_eq!(starts(&rex.simulated), [(1, at(4)), (2, at(44))]);
+    assert_eq!(rex.simulated[0].lifted, Some(at(30)));
+    assert_eq!(report.limits.lifts_without_effect, 0);
+}
