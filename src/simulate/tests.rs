@@ -612,6 +612,30 @@ fn fewer_timed_lockouts_block_permanently() {
     assert_eq!(report.simulated.blocked, blocked);
 }
 
+/// Builds an enforced lockout at `level` from `started`, permanent when
+/// `until` is `None`.
+fn lockout(level: u32, started: Timestamp, until: Option<Timestamp>) -> Lockout {
+    Lockout {
+        level,
+        started,
+        until,
+        enforced: true,
+        end_recorded: false,
+    }
+}
+
+/// Builds the `block_lifted` event of a support lift of `block` at `time`
+/// that keeps the count.
+fn support_lift(time: Timestamp, key: &MailboxKey, block: Lockout) -> Event {
+    let count = block.level;
+    let lifted = crate::policy::Lifted {
+        block: Some(block),
+        lockouts_before: count,
+        lockouts_after: count,
+    };
+    Event::lifted(time, key, &lifted, "cleaned laptop", "cli")
+}
+
 #[test]
 fn quoted_local_part_keeps_key() {
     // The relay records the path as the client wrote it and attributes the
@@ -625,15 +649,9 @@ fn quoted_local_part_keeps_key() {
         };
         events.push(counted_bad(at(minute), &key, &facts));
     }
-    let lockout = Lockout {
-        level: 1,
-        started: at(4),
-        until: Some(at(64)),
-        enforced: true,
-        end_recorded: false,
-    };
     let last = facts("unused@example.org", "192.0.2.6", 4);
-    events.push(Event::lockout_started(&key, &last, &lockout, &[]));
+    let first = lockout(1, at(4), Some(at(64)));
+    events.push(Event::lockout_started(&key, &last, &first, &[]));
 
     let report = simulate(&candidate(""), &events, at(-1));
 
@@ -653,21 +671,10 @@ fn lifted_block_stops_blocked_time() {
         let facts = facts("pia@example.org", "192.0.2.32", minute as usize);
         events.push(counted_bad(at(minute), &key, &facts));
     }
-    let block = Lockout {
-        level: 1,
-        started: at(4),
-        until: None,
-        enforced: true,
-        end_recorded: false,
-    };
+    let block = lockout(1, at(4), None);
     let last = facts("pia@example.org", "192.0.2.32", 4);
     events.push(Event::lockout_started(&key, &last, &block, &[]));
-    let lifted = crate::policy::Lifted {
-        block: Some(block),
-        lockouts_before: 1,
-        lockouts_after: 1,
-    };
-    events.push(Event::lifted(at(30), &key, &lifted, "cleaned laptop", "cli"));
+    events.push(support_lift(at(30), &key, block));
 
     let report = simulate(
         &candidate("[policy]\ntimed_lockouts = 0\n"),
@@ -711,19 +718,8 @@ fn baseline_count_from_lift_alone() {
     // The permanent block at lockout 6 is older than the events kept, and
     // only its support lift remains before the period.
     let key = MailboxKey::mailbox("quin@example.org");
-    let block = Lockout {
-        level: 6,
-        started: at(-500),
-        until: None,
-        enforced: true,
-        end_recorded: false,
-    };
-    let lifted = crate::policy::Lifted {
-        block: Some(block),
-        lockouts_before: 6,
-        lockouts_after: 6,
-    };
-    let mut events = vec![Event::lifted(at(-100), &key, &lifted, "cleaned laptop", "cli")];
+    let block = lockout(6, at(-500), None);
+    let mut events = vec![support_lift(at(-100), &key, block)];
     events.extend(record(&[
         (0, "quin@example.org", "192.0.2.33"),
         (1, "quin@example.org", "192.0.2.33"),
@@ -751,21 +747,10 @@ fn pair_key_lift_reaches_mailbox_key() {
         let facts = facts("rex@example.org", client, minute as usize);
         events.push(counted_bad(at(minute), &key, &facts));
     }
-    let block = Lockout {
-        level: 1,
-        started: at(4),
-        until: None,
-        enforced: true,
-        end_recorded: false,
-    };
+    let block = lockout(1, at(4), None);
     let last = facts("rex@example.org", client, 4);
     events.push(Event::lockout_started(&key, &last, &block, &[]));
-    let lifted = crate::policy::Lifted {
-        block: Some(block),
-        lockouts_before: 1,
-        lockouts_after: 1,
-    };
-    events.push(Event::lifted(at(30), &key, &lifted, "cleaned laptop", "cli"));
+    events.push(support_lift(at(30), &key, block));
     events.sort_by_key(|event| event.time);
 
     let report = simulate(
