@@ -260,11 +260,16 @@ impl<'a> Replay<'a> {
     fn exemption_added(&mut self, event: &Event) {
         let details = &event.details;
         let text = |name: &str| details.get(name).and_then(Value::as_str);
+        // Events from older releases carry `expires` to the second only.
+        let expires = match details.get("expires_ms").and_then(Value::as_i64) {
+            Some(millis) => Some(Timestamp(millis)),
+            None => text("expires").and_then(Timestamp::parse_rfc3339),
+        };
         let (Some(id), Some(kind), Some(value), Some(expires)) = (
             details.get("exemption_id").and_then(Value::as_i64),
             text("match"),
             text("value"),
-            text("expires").and_then(Timestamp::parse_rfc3339),
+            expires,
         ) else {
             self.report.limits.events_without_facts += 1;
             return;

@@ -764,3 +764,40 @@ fn pair_key_lift_reaches_mailbox_key() {
     assert_eq!(rex.simulated[0].lifted, Some(at(30)));
     assert_eq!(report.limits.lifts_without_effect, 0);
 }
+
+#[test]
+fn exemption_end_kept_to_millisecond() {
+    // The exemption ends half a second into minute 3, and the message at
+    // minute 3 plus 200 ms was exempt when it arrived.
+    let key = MailboxKey::mailbox("sam@example.org");
+    let exemption = crate::policy::Exemption {
+        id: 8,
+        kind: crate::policy::ExemptionKind::Sender("sam@example.org".to_string()),
+        reason: "migration".to_string(),
+        author: "ops".to_string(),
+        created: at(0),
+        expires: Timestamp(at(3).0 + 500),
+    };
+    let mut events = vec![Event::exemption(
+        at(0),
+        EventKind::ExemptionAdded,
+        &exemption,
+        None,
+    )];
+    let arrived = Timestamp(at(3).0 + 200);
+    let facts = facts("sam@example.org", "192.0.2.35", 0);
+    events.push(Event::bad_message(
+        arrived,
+        Some(&key),
+        &facts,
+        &spam(),
+        false,
+        None,
+        false,
+    ));
+
+    let report = simulate(&candidate(""), &events, at(-1));
+
+    assert_eq!(report.simulated.exempt_strikes, 1);
+    assert_eq!(report.simulated.strikes, 0);
+}
