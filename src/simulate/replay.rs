@@ -387,6 +387,15 @@ impl<'a> Replay<'a> {
             .and_then(Value::as_u64)
             .unwrap_or(1);
         self.report.limits.refused_messages += count;
+        // The store folds the refusals of one minute into one event, dated
+        // at the first, with `last` to the second. Unless the candidate
+        // refuses at both ends, the whole minute counts as unknown.
+        let last = event
+            .details
+            .get("last")
+            .and_then(Value::as_str)
+            .and_then(Timestamp::parse_rfc3339)
+            .map_or(event.time, |last| Timestamp(last.0 + 999).max(event.time));
         let blocked_in_simulation = RecordedSender::of(event).is_some_and(|facts| {
             let attribution =
                 identity::attribute(facts.sender_facts(), self.identity(), self.directory);
@@ -397,10 +406,13 @@ impl<'a> Replay<'a> {
                     .get(&key)
                     .or_else(|| self.baseline.get(&key))
                     .and_then(|state| state.block.as_ref());
-                matches!(
-                    policy::check_block(block, event.time, mode),
-                    policy::SenderDecision::Refuse(_)
-                )
+                let refuses = |time| {
+                    matches!(
+                        policy::check_block(block, time, mode),
+                        policy::SenderDecision::Refuse(_)
+                    )
+                };
+                refuses(event.time) && refuses(last)
             })
         });
         if !blocked_in_simulation {

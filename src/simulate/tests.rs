@@ -801,3 +801,36 @@ fn exemption_end_kept_to_millisecond() {
     assert_eq!(report.simulated.exempt_strikes, 1);
     assert_eq!(report.simulated.strikes, 0);
 }
+
+#[test]
+fn refusal_minute_past_simulated_end_unknown() {
+    // Five refusals from minute 5 to 5:50, folded into one event. The
+    // candidate's 90 s lockout from minute 4 ends at 5:30, within them.
+    let messages: Vec<(i64, &str, &str)> = (0..5)
+        .map(|minute| (minute, "tia@example.org", "192.0.2.36"))
+        .collect();
+    let mut events = record(&messages);
+    let key = MailboxKey::mailbox("tia@example.org");
+    let real = lockout(1, at(4), Some(at(64)));
+    let mut refused = Event::sender_refused(
+        at(5),
+        &key,
+        &facts("tia@example.org", "192.0.2.36", 99),
+        &real,
+    );
+    refused.details.insert("count".into(), 5.into());
+    let last = Timestamp(at(5).0 + 50_000).to_rfc3339();
+    refused.details.insert("last".into(), last.into());
+    events.push(refused);
+
+    let same = simulate(&candidate(""), &events, at(-1));
+    assert_eq!(same.limits.unknown_verdicts, 0, "the hour covers the minute");
+
+    let shorter = simulate(
+        &candidate("[policy]\nfirst_lockout = \"90s\"\n"),
+        &events,
+        at(-1),
+    );
+    assert_eq!(shorter.limits.refused_messages, 5);
+    assert_eq!(shorter.limits.unknown_verdicts, 5);
+}
