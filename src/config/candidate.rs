@@ -72,12 +72,27 @@ impl Config {
             }
         };
 
-        let given_policy = root.remove("policy");
+        let mut given_policy = root.remove("policy");
         let sets_mode = given_policy
             .as_ref()
             .and_then(toml::Value::as_table)
             .is_some_and(|table| table.contains_key("mode"));
-        let policy = overlay(&self.policy, given_policy, "policy", &mut problems);
+        // A key left out keeps the current value, so `forgive_after = "off"`
+        // is how a candidate turns forgiveness off.
+        let forgiveness_off = given_policy
+            .as_mut()
+            .and_then(toml::Value::as_table_mut)
+            .is_some_and(|table| {
+                let off = table.get("forgive_after").and_then(toml::Value::as_str) == Some("off");
+                if off {
+                    table.remove("forgive_after");
+                }
+                off
+            });
+        let mut policy = overlay(&self.policy, given_policy, "policy", &mut problems);
+        if forgiveness_off && let Some(policy) = &mut policy {
+            policy.forgive_after = None;
+        }
         let identity = overlay(
             &self.identity,
             root.remove("identity"),
@@ -224,6 +239,22 @@ mod tests {
         assert!(message("smtp").contains("cannot change"), "{problems}");
         assert!(message("scan").contains("cannot change"), "{problems}");
         assert!(message("polcy").contains("unknown section"), "{problems}");
+    }
+
+    #[test]
+    fn candidate_turns_forgiveness_off() {
+        let config = Config::parse(
+            "[upstream]\naddress = \"127.0.0.1:25\"\n[store]\npath = \"/tmp/x.db\"\n\
+             [policy]\nforgive_after = \"90d\"\n",
+        )
+        .expect("valid config");
+
+        let kept = config.candidate("[policy]\nthreshold = 2\n").expect("valid");
+        assert_eq!(kept.policy.forgive_after, Some(Duration::from_secs(90 * 86400)));
+        let off = config
+            .candidate("[policy]\nforgive_after = \"off\"\n")
+            .expect("valid candidate");
+        assert_eq!(off.policy.forgive_after, None);
     }
 
     #[test]
