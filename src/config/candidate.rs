@@ -117,6 +117,15 @@ impl Config {
         if let Some(policy) = &policy {
             policy.validate(&mut problems);
         }
+        // In a candidate, leaving forgive_after out keeps the current value.
+        for problem in &mut problems.0 {
+            if problem.key == "policy.forgive_after" && problem.message.contains("leave it out") {
+                problem.message =
+                    "must be longer than zero, such as \"90d\"; write \"off\" to try the \
+                     policy without forgiveness"
+                        .to_string();
+            }
+        }
 
         match (policy, identity, exemptions) {
             (Some(policy), Some(identity), Some(exemptions)) if problems.is_empty() => {
@@ -255,6 +264,10 @@ mod tests {
             .candidate("[policy]\nforgive_after = \"off\"\n")
             .expect("valid candidate");
         assert_eq!(off.policy.forgive_after, None);
+        let zero = config
+            .candidate("[policy]\nforgive_after = \"0s\"\n")
+            .expect_err("invalid candidate");
+        assert!(zero.to_string().contains("write \"off\""), "{zero}");
     }
 
     #[test]
