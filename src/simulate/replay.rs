@@ -85,6 +85,9 @@ pub struct Replay<'a> {
     follow_recorded: bool,
     /// The `[policy]` and `[identity]` of the newest `config_loaded` event.
     recorded: Option<(PolicyConfig, IdentityConfig)>,
+    /// Changes of the recorded `policy.mode`, oldest first: one entry per
+    /// switch, not per reload.
+    recorded_modes: Vec<(Timestamp, Mode)>,
 }
 
 impl<'a> Replay<'a> {
@@ -107,6 +110,7 @@ impl<'a> Replay<'a> {
             peak_states: 0,
             follow_recorded: false,
             recorded: None,
+            recorded_modes: Vec::new(),
         }
     }
 
@@ -173,10 +177,19 @@ impl<'a> Replay<'a> {
         self.sweep(until);
         self.report.until = until;
         self.report.limits.peak_states = self.peak_states;
+        // A candidate's own mode holds over the whole period.
+        let simulated_modes: &[(Timestamp, Mode)] =
+            if self.candidate.sets_mode && !self.follow_recorded {
+                &[]
+            } else {
+                &self.recorded_modes
+            };
         for (key, mailbox) in &mut self.mailboxes {
             mailbox.set_key(key);
-            self.report.real.add(&mailbox.real, until);
-            self.report.simulated.add(&mailbox.simulated, until);
+            self.report.real.add(&mailbox.real, until, &self.recorded_modes);
+            self.report
+                .simulated
+                .add(&mailbox.simulated, until, simulated_modes);
         }
         self.report.mailboxes = self
             .mailboxes
@@ -236,7 +249,12 @@ impl<'a> Replay<'a> {
             .and_then(|recorded| recorded.get("identity"))
             .and_then(|identity| serde_json::from_value::<IdentityConfig>(identity.clone()).ok());
         match (policy, identity) {
-            (Some(policy), Some(identity)) => self.recorded = Some((policy, identity)),
+            (Some(policy), Some(identity)) => {
+                if self.recorded_modes.last().map(|(_, mode)| *mode) != Some(policy.mode) {
+                    self.recorded_modes.push((event.time, policy.mode));
+                }
+                self.recorded = Some((policy, identity));
+            }
             _ => self.report.limits.events_without_facts += 1,
         }
     }

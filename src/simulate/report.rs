@@ -5,7 +5,7 @@
 use crate::config::Candidate;
 use crate::events::{Event, Format};
 use crate::identity::MailboxKey;
-use crate::policy::{Lockout, Timestamp};
+use crate::policy::{Lockout, Mode, Timestamp};
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::io::Write;
@@ -17,7 +17,8 @@ pub struct LockoutRow {
     pub started: Timestamp,
     /// End of a timed lockout; `None` for a permanent block.
     pub until: Option<Timestamp>,
-    /// Whether it started in monitor mode and refused nothing.
+    /// Whether it started in monitor mode. It refuses only after a switch
+    /// back to enforce.
     pub monitor: bool,
     /// Time a support lift ended a permanent block.
     pub lifted: Option<Timestamp>,
@@ -38,17 +39,30 @@ impl LockoutRow {
         self.until.is_none()
     }
 
-    /// Returns how long it refused mail up to `end`: zero in monitor mode,
-    /// and a permanent block counts up to its lift or else up to `end`.
-    fn blocked_until(&self, end: Timestamp) -> std::time::Duration {
-        if self.monitor {
-            return std::time::Duration::ZERO;
-        }
+    /// Returns how long it refused mail up to `end`. A permanent block
+    /// counts up to its lift or else up to `end`. A lockout started in
+    /// monitor mode refuses only while `modes` (mode changes, oldest first)
+    /// has the relay enforcing, as it does after a switch back to enforce.
+    fn blocked_until(&self, end: Timestamp, modes: &[(Timestamp, Mode)]) -> std::time::Duration {
         let stop = self
             .until
             .or(self.lifted)
             .map_or(end, |stop| stop.min(end));
-        stop.since(self.started)
+        if !self.monitor {
+            return stop.since(self.started);
+        }
+        let mut blocked = std::time::Duration::ZERO;
+        for (index, (from, mode)) in modes.iter().enumerate() {
+            if *mode != Mode::Enforce {
+                continue;
+            }
+            let to = modes.get(index + 1).map_or(stop, |(next, _)| (*next).min(stop));
+            let from = (*from).max(self.started);
+            if from < to {
+                blocked += to.since(from);
+            }
+        }
+        blocked
     }
 
     /// Returns the UNTIL column of the table: the end, or `permanent` and
@@ -136,7 +150,14 @@ pub struct Totals {
 }
 
 impl Totals {
-    pub(super) fn add(&mut self, lockouts: &[LockoutRow], end: Timestamp) {
+    /// Adds one mailbox's lockouts, with `modes` the relay's mode changes
+    /// (see [`LockoutRow::blocked_until`]).
+    pub(super) fn add(
+        &mut self,
+        lockouts: &[LockoutRow],
+        end: Timestamp,
+        modes: &[(Timestamp, Mode)],
+    ) {
         if lockouts.is_empty() {
             return;
         }
@@ -144,7 +165,7 @@ impl Totals {
         for lockout in lockouts {
             self.lockouts += 1;
             self.permanent += u64::from(lockout.is_permanent());
-            self.blocked += lockout.blocked_until(end);
+            self.blocked += lockout.blocked_until(end, modes);
         }
     }
 

@@ -834,3 +834,31 @@ fn refusal_minute_past_simulated_end_unknown() {
     assert_eq!(shorter.limits.refused_messages, 5);
     assert_eq!(shorter.limits.unknown_verdicts, 5);
 }
+
+#[test]
+fn monitor_lockout_blocks_after_enforce() {
+    // jan's lockout starts in monitor mode at minute 4 and runs an hour;
+    // the relay switches to enforce at minute 30, so it refuses 34 minutes.
+    let messages: Vec<(i64, &str, &str)> = (0..5)
+        .map(|minute| (minute, "jan@example.org", "192.0.2.37"))
+        .collect();
+    let mut events = vec![policy_loaded(at(-10), "[policy]\nmode = \"monitor\"\n")];
+    for mut event in record(&messages) {
+        event.details.insert("monitor".into(), true.into());
+        events.push(event);
+    }
+    events.push(policy_loaded(at(30), "[policy]\nmode = \"enforce\"\n"));
+
+    let report = simulate(&candidate(""), &events, at(-1));
+
+    let jan = report.mailbox("jan@example.org", None).expect("listed");
+    assert!(jan.real[0].monitor);
+    assert_eq!(jan.simulated, jan.real);
+    let blocked = std::time::Duration::from_secs(34 * 60);
+    assert_eq!(report.real.blocked, blocked);
+    assert_eq!(report.simulated.blocked, blocked);
+
+    let monitor = simulate(&candidate("[policy]\nmode = \"monitor\"\n"), &events, at(-1));
+    assert_eq!(monitor.simulated.blocked, std::time::Duration::ZERO);
+    assert_eq!(monitor.real.blocked, blocked);
+}
