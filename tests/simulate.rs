@@ -443,7 +443,11 @@ fn simulate_rejects_bad_input() {
     assert!(future.body.contains("not in the past"), "{}", future.body);
     let null = post_simulate(api, json!({"policy": {"policy": {"threshold": null}}}));
     assert_eq!(null.status, 400, "{}", null.body);
-    assert!(null.body.contains("policy.threshold is null"), "{}", null.body);
+    assert!(
+        null.body.contains("policy.threshold is null"),
+        "{}",
+        null.body
+    );
     let both = post_simulate(
         api,
         json!({"recorded": true, "policy": "[policy]\nthreshold = 1\n"}),

@@ -258,8 +258,13 @@ mod tests {
         )
         .expect("valid config");
 
-        let kept = config.candidate("[policy]\nthreshold = 2\n").expect("valid");
-        assert_eq!(kept.policy.forgive_after, Some(Duration::from_secs(90 * 86400)));
+        let kept = config
+            .candidate("[policy]\nthreshold = 2\n")
+            .expect("valid");
+        assert_eq!(
+            kept.policy.forgive_after,
+            Some(Duration::from_secs(90 * 86400))
+        );
         let off = config
             .candidate("[policy]\nforgive_after = \"off\"\n")
             .expect("valid candidate");

@@ -186,7 +186,9 @@ impl<'a> Replay<'a> {
             };
         for (key, mailbox) in &mut self.mailboxes {
             mailbox.set_key(key);
-            self.report.real.add(&mailbox.real, until, &self.recorded_modes);
+            self.report
+                .real
+                .add(&mailbox.real, until, &self.recorded_modes);
             self.report
                 .simulated
                 .add(&mailbox.simulated, until, simulated_modes);

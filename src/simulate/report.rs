@@ -44,10 +44,7 @@ impl LockoutRow {
     /// monitor mode refuses only while `modes` (mode changes, oldest first)
     /// has the relay enforcing, as it does after a switch back to enforce.
     fn blocked_until(&self, end: Timestamp, modes: &[(Timestamp, Mode)]) -> std::time::Duration {
-        let stop = self
-            .until
-            .or(self.lifted)
-            .map_or(end, |stop| stop.min(end));
+        let stop = self.until.or(self.lifted).map_or(end, |stop| stop.min(end));
         if !self.monitor {
             return stop.since(self.started);
         }
@@ -56,7 +53,9 @@ impl LockoutRow {
             if *mode != Mode::Enforce {
                 continue;
             }
-            let to = modes.get(index + 1).map_or(stop, |(next, _)| (*next).min(stop));
+            let to = modes
+                .get(index + 1)
+                .map_or(stop, |(next, _)| (*next).min(stop));
             let from = (*from).max(self.started);
             if from < to {
                 blocked += to.since(from);
@@ -406,7 +405,10 @@ impl Report {
                         lockout.until.map(Timestamp::to_rfc3339).unwrap_or_default(),
                         lockout.is_permanent(),
                         lockout.monitor,
-                        lockout.lifted.map(Timestamp::to_rfc3339).unwrap_or_default()
+                        lockout
+                            .lifted
+                            .map(Timestamp::to_rfc3339)
+                            .unwrap_or_default()
                     )?;
                 }
             }

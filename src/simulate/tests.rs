@@ -660,7 +660,11 @@ fn quoted_local_part_keeps_key() {
         .expect("mailbox listed under its unquoted key");
     assert_eq!(starts(&mailbox.real), [(1, at(4))]);
     assert_eq!(mailbox.simulated, mailbox.real);
-    assert_eq!(report.mailboxes.len(), 1, "no second key for the quoted spelling");
+    assert_eq!(
+        report.mailboxes.len(),
+        1,
+        "no second key for the quoted spelling"
+    );
 }
 
 #[test]
@@ -696,10 +700,7 @@ fn invalid_exempt_sender_rejected() {
     let directory = Directory::default();
     let invalid = candidate("[exemptions]\nsenders = [\"not an address\"]\n");
     let error = check_exempt_senders(&invalid, &directory).expect_err("invalid sender");
-    assert!(
-        error.to_string().contains("exemptions.senders"),
-        "{error}"
-    );
+    assert!(error.to_string().contains("exemptions.senders"), "{error}");
     assert!(error.to_string().contains("not an address"), "{error}");
 
     let valid = candidate("[exemptions]\nsenders = [\"<News@Example.org>\"]\n");
@@ -824,7 +825,10 @@ fn refusal_minute_past_simulated_end_unknown() {
     events.push(refused);
 
     let same = simulate(&candidate(""), &events, at(-1));
-    assert_eq!(same.limits.unknown_verdicts, 0, "the hour covers the minute");
+    assert_eq!(
+        same.limits.unknown_verdicts, 0,
+        "the hour covers the minute"
+    );
 
     let shorter = simulate(
         &candidate("[policy]\nfirst_lockout = \"90s\"\n"),
@@ -858,7 +862,11 @@ fn monitor_lockout_blocks_after_enforce() {
     assert_eq!(report.real.blocked, blocked);
     assert_eq!(report.simulated.blocked, blocked);
 
-    let monitor = simulate(&candidate("[policy]\nmode = \"monitor\"\n"), &events, at(-1));
+    let monitor = simulate(
+        &candidate("[policy]\nmode = \"monitor\"\n"),
+        &events,
+        at(-1),
+    );
     assert_eq!(monitor.simulated.blocked, std::time::Duration::ZERO);
     assert_eq!(monitor.real.blocked, blocked);
 }
