@@ -379,6 +379,8 @@ impl Event {
             .with("reason", &exemption.reason)
             .with("author", &exemption.author)
             .with("expires", exemption.expires.to_rfc3339())
+            // `expires` has second precision; a replay needs the exact end.
+            .with("expires_ms", exemption.expires.millis())
             .with("by", by);
         if match_kind == "sender" {
             event.mailbox = Some(value);

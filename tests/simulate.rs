@@ -401,8 +401,13 @@ fn simulate_rejects_bad_input() {
     let (server, api) = (&relay.server, relay.api.as_str());
     send_spam(server, "ann@example.org", "127.0.0.1", 1);
 
-    let cases: [(&str, &[&str], &str); 5] = [
+    let cases: [(&str, &[&str], &str); 6] = [
         ("[policy]\nthresold = 2\n", &[], "policy.thresold"),
+        (
+            "[exemptions]\nsenders = [\"not an address\"]\n",
+            &[],
+            "exemptions.senders",
+        ),
         ("[policy]\nwindow = \"ten minutes\"\n", &[], "policy.window"),
         ("[policy]\nthreshold = 0\n", &[], "policy.threshold"),
         (
@@ -436,6 +441,25 @@ fn simulate_rejects_bad_input() {
     let future = post_simulate(api, json!({"since": "2999-01-01T00:00:00Z"}));
     assert_eq!(future.status, 400);
     assert!(future.body.contains("not in the past"), "{}", future.body);
+    let null = post_simulate(api, json!({"policy": {"policy": {"threshold": null}}}));
+    assert_eq!(null.status, 400, "{}", null.body);
+    assert!(
+        null.body.contains("policy.threshold is null"),
+        "{}",
+        null.body
+    );
+    let both = post_simulate(
+        api,
+        json!({"recorded": true, "policy": "[policy]\nthreshold = 1\n"}),
+    );
+    assert_eq!(both.status, 400, "{}", both.body);
+    assert!(both.body.contains("exclude each other"), "{}", both.body);
+    let array = post_simulate(api, json!(["[policy]\nthreshold = 1\n", "10m"]));
+    assert_eq!(array.status, 422, "{}", array.body);
+    assert!(array.body.contains("not a JSON object"), "{}", array.body);
+    let unknown = post_simulate(api, json!({"polcy": "[policy]\n"}));
+    assert_eq!(unknown.status, 422, "{}", unknown.body);
+    assert!(unknown.body.contains("polcy"), "{}", unknown.body);
     let anonymous = request(api, "POST", "/api/v1/simulate", None, Some(&json!({})));
     assert_eq!(anonymous.status, 401);
 }

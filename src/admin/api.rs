@@ -287,10 +287,12 @@ struct EventsQuery {
     after: Option<i64>,
 }
 
-/// Parses a time bound: a duration back from now or an RFC 3339 time.
+/// Parses a time bound: a duration back from now or an RFC 3339 time. A
+/// duration that reaches back before 1970 gives 1970-01-01T00:00:00Z, so
+/// the bound stays printable and still covers every event.
 pub fn parse_time(name: &str, text: &str) -> Result<Timestamp, String> {
     if let Ok(duration) = humantime::parse_duration(text) {
-        return Ok(Timestamp::now().saturating_sub(duration));
+        return Ok(Timestamp::now().saturating_sub(duration).max(Timestamp(0)));
     }
     Timestamp::parse_rfc3339(text).ok_or_else(|| {
         format!(

@@ -4,6 +4,24 @@
 use super::{Config, IdentityConfig, PolicyConfig, Problems, decode};
 use serde::Deserialize;
 
+/// Sections of the configuration file other than `[policy]` and
+/// `[identity]`. A candidate cannot change them, because the replay reuses
+/// the recorded verdicts and envelopes.
+const CONFIG_ONLY_SECTIONS: [&str; 12] = [
+    "smtp",
+    "upstream",
+    "scan",
+    "directory",
+    "store",
+    "milter",
+    "synchronized_security",
+    "alerts",
+    "actions",
+    "admin",
+    "events",
+    "devices",
+];
+
 /// A policy to try on recorded history.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {
@@ -54,12 +72,27 @@ impl Config {
             }
         };
 
-        let given_policy = root.remove("policy");
+        let mut given_policy = root.remove("policy");
         let sets_mode = given_policy
             .as_ref()
             .and_then(toml::Value::as_table)
             .is_some_and(|table| table.contains_key("mode"));
-        let policy = overlay(&self.policy, given_policy, "policy", &mut problems);
+        // A key left out keeps the current value, so `forgive_after = "off"`
+        // is how a candidate turns forgiveness off.
+        let forgiveness_off = given_policy
+            .as_mut()
+            .and_then(toml::Value::as_table_mut)
+            .is_some_and(|table| {
+                let off = table.get("forgive_after").and_then(toml::Value::as_str) == Some("off");
+                if off {
+                    table.remove("forgive_after");
+                }
+                off
+            });
+        let mut policy = overlay(&self.policy, given_policy, "policy", &mut problems);
+        if forgiveness_off && let Some(policy) = &mut policy {
+            policy.forgive_after = None;
+        }
         let identity = overlay(
             &self.identity,
             root.remove("identity"),
@@ -71,14 +104,27 @@ impl Config {
             Some(value) => decode::<CandidateExemptions>(value, "exemptions", &mut problems),
         };
         for unknown in root.keys() {
-            problems.push(
-                unknown.as_str(),
+            let message = if CONFIG_ONLY_SECTIONS.contains(&unknown.as_str()) {
+                "is a configuration section that a simulation cannot change, because the \
+                 replay reuses the recorded verdicts. Remove it and keep only [policy], \
+                 [identity] and [exemptions], or just the keys to change"
+            } else {
                 "unknown section or key; a candidate file holds [policy], [identity] and \
-                 [exemptions]",
-            );
+                 [exemptions]"
+            };
+            problems.push(unknown.as_str(), message);
         }
         if let Some(policy) = &policy {
             policy.validate(&mut problems);
+        }
+        // In a candidate, leaving forgive_after out keeps the current value.
+        for problem in &mut problems.0 {
+            if problem.key == "policy.forgive_after" && problem.message.contains("leave it out") {
+                problem.message =
+                    "must be longer than zero, such as \"90d\"; write \"off\" to try the \
+                     policy without forgiveness"
+                        .to_string();
+            }
         }
 
         match (policy, identity, exemptions) {
@@ -181,6 +227,52 @@ mod tests {
         assert!(keys.contains(&"policy.thresold"), "{problems}");
         assert!(keys.contains(&"policy.window"), "{problems}");
         assert!(keys.contains(&"upstream"), "{problems}");
+    }
+
+    #[test]
+    fn candidate_config_sections_explained() {
+        let problems = current()
+            .candidate(
+                "[smtp]\nlisten = \"127.0.0.1:2525\"\n[scan.spam]\nthreshold = 3.0\n\
+                 [polcy]\nthreshold = 2\n",
+            )
+            .expect_err("invalid candidate");
+        let message = |key: &str| {
+            problems
+                .0
+                .iter()
+                .find(|problem| problem.key == key)
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        };
+        assert!(message("smtp").contains("cannot change"), "{problems}");
+        assert!(message("scan").contains("cannot change"), "{problems}");
+        assert!(message("polcy").contains("unknown section"), "{problems}");
+    }
+
+    #[test]
+    fn candidate_turns_forgiveness_off() {
+        let config = Config::parse(
+            "[upstream]\naddress = \"127.0.0.1:25\"\n[store]\npath = \"/tmp/x.db\"\n\
+             [policy]\nforgive_after = \"90d\"\n",
+        )
+        .expect("valid config");
+
+        let kept = config
+            .candidate("[policy]\nthreshold = 2\n")
+            .expect("valid");
+        assert_eq!(
+            kept.policy.forgive_after,
+            Some(Duration::from_secs(90 * 86400))
+        );
+        let off = config
+            .candidate("[policy]\nforgive_after = \"off\"\n")
+            .expect("valid candidate");
+        assert_eq!(off.policy.forgive_after, None);
+        let zero = config
+            .candidate("[policy]\nforgive_after = \"0s\"\n")
+            .expect_err("invalid candidate");
+        assert!(zero.to_string().contains("write \"off\""), "{zero}");
     }
 
     #[test]

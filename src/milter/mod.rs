@@ -16,6 +16,8 @@
 mod message;
 mod session;
 
+pub(crate) use message::parse_sender;
+
 use crate::guard::Guard;
 use indymilter::{Callbacks, EitherListener, EitherStream, Listener};
 use session::Connection;

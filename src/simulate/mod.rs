@@ -36,6 +36,8 @@ pub enum SimulateError {
     Since(String),
     #[error("cannot read the directory file with the candidate's identity settings: {0}")]
     Directory(String),
+    #[error("invalid candidate exemptions.senders: {0}")]
+    ExemptSender(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -60,6 +62,22 @@ pub fn candidate_directory(
     }
 }
 
+/// Checks that each sender in the candidate's `[exemptions]` is an address
+/// or a login of `directory`, as `sendguard exemptions add` requires.
+///
+/// # Errors
+/// On the first sender that is neither.
+pub fn check_exempt_senders(
+    candidate: &Candidate,
+    directory: &Directory,
+) -> Result<(), SimulateError> {
+    for sender in &candidate.exemptions.senders {
+        crate::identity::mailbox_from_input(sender, &candidate.identity, directory)
+            .map_err(SimulateError::ExemptSender)?;
+    }
+    Ok(())
+}
+
 /// Checks the start of a simulated period against the store's clock.
 ///
 /// # Errors
@@ -81,7 +99,8 @@ pub fn check_since(since: Timestamp, now: Timestamp) -> Result<(), SimulateError
 /// report.
 ///
 /// # Errors
-/// When `since` is not in the past, or on a store failure.
+/// When `since` is not in the past, when an exempt sender is invalid, or
+/// on a store failure.
 pub async fn run(
     store: &Store,
     candidate: &Candidate,
@@ -89,6 +108,7 @@ pub async fn run(
     since: Timestamp,
     follow_recorded: bool,
 ) -> Result<Report, SimulateError> {
+    check_exempt_senders(candidate, directory)?;
     // With Redis, its clock is the one every recorded time comes from.
     let until = match store.shared() {
         Some(shared) => shared.time().await?,

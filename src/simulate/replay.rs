@@ -8,7 +8,7 @@
 //! lockout schedule.
 
 use super::report::{LockoutRow, MailboxReport, Report};
-use crate::config::{Candidate, IdentityConfig, PolicyConfig};
+use crate::config::{Candidate, IdentityConfig, PolicyConfig, Unauthenticated};
 use crate::directory::Directory;
 use crate::events::{Event, EventKind};
 use crate::identity::{self, MailboxKey, SenderFacts};
@@ -85,6 +85,9 @@ pub struct Replay<'a> {
     follow_recorded: bool,
     /// The `[policy]` and `[identity]` of the newest `config_loaded` event.
     recorded: Option<(PolicyConfig, IdentityConfig)>,
+    /// Changes of the recorded `policy.mode`, oldest first: one entry per
+    /// switch, not per reload.
+    recorded_modes: Vec<(Timestamp, Mode)>,
 }
 
 impl<'a> Replay<'a> {
@@ -107,6 +110,7 @@ impl<'a> Replay<'a> {
             peak_states: 0,
             follow_recorded: false,
             recorded: None,
+            recorded_modes: Vec::new(),
         }
     }
 
@@ -173,10 +177,21 @@ impl<'a> Replay<'a> {
         self.sweep(until);
         self.report.until = until;
         self.report.limits.peak_states = self.peak_states;
+        // A candidate's own mode holds over the whole period.
+        let simulated_modes: &[(Timestamp, Mode)] =
+            if self.candidate.sets_mode && !self.follow_recorded {
+                &[]
+            } else {
+                &self.recorded_modes
+            };
         for (key, mailbox) in &mut self.mailboxes {
             mailbox.set_key(key);
-            self.report.real.add(&mailbox.real, until);
-            self.report.simulated.add(&mailbox.simulated, until);
+            self.report
+                .real
+                .add(&mailbox.real, until, &self.recorded_modes);
+            self.report
+                .simulated
+                .add(&mailbox.simulated, until, simulated_modes);
         }
         self.report.mailboxes = self
             .mailboxes
@@ -212,7 +227,10 @@ impl<'a> Replay<'a> {
                     .map_or(0, |count| u32::try_from(count).unwrap_or(u32::MAX));
                 if after == 0 {
                     self.baseline.remove(&key);
-                } else if let Some(state) = self.baseline.get_mut(&key) {
+                } else {
+                    // The lockout that set the count may be older than the
+                    // events kept, so the lift's count is taken as it is.
+                    let state = self.baseline.entry(key).or_default();
                     state.lockouts = after;
                     state.block = None;
                 }
@@ -233,7 +251,12 @@ impl<'a> Replay<'a> {
             .and_then(|recorded| recorded.get("identity"))
             .and_then(|identity| serde_json::from_value::<IdentityConfig>(identity.clone()).ok());
         match (policy, identity) {
-            (Some(policy), Some(identity)) => self.recorded = Some((policy, identity)),
+            (Some(policy), Some(identity)) => {
+                if self.recorded_modes.last().map(|(_, mode)| *mode) != Some(policy.mode) {
+                    self.recorded_modes.push((event.time, policy.mode));
+                }
+                self.recorded = Some((policy, identity));
+            }
             _ => self.report.limits.events_without_facts += 1,
         }
     }
@@ -257,11 +280,16 @@ impl<'a> Replay<'a> {
     fn exemption_added(&mut self, event: &Event) {
         let details = &event.details;
         let text = |name: &str| details.get(name).and_then(Value::as_str);
+        // Events from older releases carry `expires` to the second only.
+        let expires = match details.get("expires_ms").and_then(Value::as_i64) {
+            Some(millis) => Some(Timestamp(millis)),
+            None => text("expires").and_then(Timestamp::parse_rfc3339),
+        };
         let (Some(id), Some(kind), Some(value), Some(expires)) = (
             details.get("exemption_id").and_then(Value::as_i64),
             text("match"),
             text("value"),
-            text("expires").and_then(Timestamp::parse_rfc3339),
+            expires,
         ) else {
             self.report.limits.events_without_facts += 1;
             return;
@@ -379,6 +407,15 @@ impl<'a> Replay<'a> {
             .and_then(Value::as_u64)
             .unwrap_or(1);
         self.report.limits.refused_messages += count;
+        // The store folds the refusals of one minute into one event, dated
+        // at the first, with `last` to the second. Unless the candidate
+        // refuses at both ends, the whole minute counts as unknown.
+        let last = event
+            .details
+            .get("last")
+            .and_then(Value::as_str)
+            .and_then(Timestamp::parse_rfc3339)
+            .map_or(event.time, |last| Timestamp(last.0 + 999).max(event.time));
         let blocked_in_simulation = RecordedSender::of(event).is_some_and(|facts| {
             let attribution =
                 identity::attribute(facts.sender_facts(), self.identity(), self.directory);
@@ -389,10 +426,13 @@ impl<'a> Replay<'a> {
                     .get(&key)
                     .or_else(|| self.baseline.get(&key))
                     .and_then(|state| state.block.as_ref());
-                matches!(
-                    policy::check_block(block, event.time, mode),
-                    policy::SenderDecision::Refuse(_)
-                )
+                let refuses = |time| {
+                    matches!(
+                        policy::check_block(block, time, mode),
+                        policy::SenderDecision::Refuse(_)
+                    )
+                };
+                refuses(event.time) && refuses(last)
             })
         });
         if !blocked_in_simulation {
@@ -425,15 +465,23 @@ impl<'a> Replay<'a> {
         };
         let reset_count = event.kind == EventKind::LockoutCountReset
             || event.details.get("count_reset") == Some(&Value::Bool(true));
+        if event.kind == EventKind::BlockLifted
+            && let Some(mailbox) = self.mailboxes.get_mut(&recorded)
+        {
+            mark_lifted(&mut mailbox.real, event.time);
+        }
         // Under another identity rule the recorded key may stand for
-        // several simulated keys (one per client address): the lift
-        // applies to each of them.
+        // several simulated keys (one per client address), and the lift
+        // applies to each of them. A recorded pair key stands for the
+        // mailbox's key when the candidate does not pair senders with
+        // clients.
+        let pairs = self.identity().unauthenticated == Unauthenticated::ClientAndSender;
         let mut keys: Vec<MailboxKey> = self
             .states
             .keys()
             .filter(|key| {
                 key.mailbox == recorded.mailbox
-                    && (recorded.client.is_none() || key.client == recorded.client)
+                    && (recorded.client.is_none() || !pairs || key.client == recorded.client)
             })
             .cloned()
             .collect();
@@ -442,8 +490,14 @@ impl<'a> Replay<'a> {
         }
         for key in keys {
             let state = self.state_of(&key);
-            if state.lift(event.time, reset_count).is_err() {
-                self.report.limits.lifts_without_effect += 1;
+            match state.lift(event.time, reset_count) {
+                Ok(lifted) if lifted.block.is_some() => {
+                    if let Some(mailbox) = self.mailboxes.get_mut(&key) {
+                        mark_lifted(&mut mailbox.simulated, event.time);
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => self.report.limits.lifts_without_effect += 1,
             }
         }
     }
@@ -493,7 +547,8 @@ impl<'a> Replay<'a> {
 
 /// The sender facts recorded with a bad message or a refusal.
 struct RecordedSender {
-    /// Envelope sender without angle brackets; empty for `<>`.
+    /// Envelope sender address without angle brackets, source route or
+    /// quotes, as the relay attributes it; empty for `<>`.
     sender: String,
     login: Option<String>,
     client: IpAddr,
@@ -501,12 +556,10 @@ struct RecordedSender {
 
 impl RecordedSender {
     fn of(event: &Event) -> Option<RecordedSender> {
+        // Events record the path as the client wrote it, so a quoted local
+        // part (`"a b"@x`) is unquoted as the relay did before attributing.
         let path = event.details.get("sender")?.as_str()?;
-        let sender = path
-            .strip_prefix('<')
-            .and_then(|inner| inner.strip_suffix('>'))
-            .unwrap_or(path)
-            .to_string();
+        let sender = crate::milter::parse_sender(path).address;
         let client = event.details.get("client")?.as_str()?.parse().ok()?;
         let login = event
             .details
@@ -536,6 +589,18 @@ fn text_detail(event: &Event, name: &str) -> String {
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string()
+}
+
+/// Marks the newest permanent block in `rows` as lifted at `time`, unless
+/// it was lifted already.
+fn mark_lifted(rows: &mut [LockoutRow], time: Timestamp) {
+    if let Some(row) = rows.last_mut()
+        && row.is_permanent()
+        && row.lifted.is_none()
+        && row.started <= time
+    {
+        row.lifted = Some(time);
+    }
 }
 
 /// Returns the mailbox key an event was recorded under.

@@ -5,7 +5,7 @@
 use crate::config::Candidate;
 use crate::events::{Event, Format};
 use crate::identity::MailboxKey;
-use crate::policy::{Lockout, Timestamp};
+use crate::policy::{Lockout, Mode, Timestamp};
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::io::Write;
@@ -17,8 +17,11 @@ pub struct LockoutRow {
     pub started: Timestamp,
     /// End of a timed lockout; `None` for a permanent block.
     pub until: Option<Timestamp>,
-    /// Whether it started in monitor mode and refused nothing.
+    /// Whether it started in monitor mode. It refuses only after a switch
+    /// back to enforce.
     pub monitor: bool,
+    /// Time a support lift ended a permanent block.
+    pub lifted: Option<Timestamp>,
 }
 
 impl LockoutRow {
@@ -28,6 +31,7 @@ impl LockoutRow {
             started: lockout.started,
             until: lockout.until,
             monitor: !lockout.enforced,
+            lifted: None,
         }
     }
 
@@ -35,14 +39,39 @@ impl LockoutRow {
         self.until.is_none()
     }
 
-    /// Returns how long it refused mail up to `end`: zero in monitor mode,
-    /// and a permanent block counts up to `end`.
-    fn blocked_until(&self, end: Timestamp) -> std::time::Duration {
-        if self.monitor {
-            return std::time::Duration::ZERO;
+    /// Returns how long it refused mail up to `end`. A permanent block
+    /// counts up to its lift or else up to `end`. A lockout started in
+    /// monitor mode refuses only while `modes` (mode changes, oldest first)
+    /// has the relay enforcing, as it does after a switch back to enforce.
+    fn blocked_until(&self, end: Timestamp, modes: &[(Timestamp, Mode)]) -> std::time::Duration {
+        let stop = self.until.or(self.lifted).map_or(end, |stop| stop.min(end));
+        if !self.monitor {
+            return stop.since(self.started);
         }
-        let stop = self.until.map_or(end, |until| until.min(end));
-        stop.since(self.started)
+        let mut blocked = std::time::Duration::ZERO;
+        for (index, (from, mode)) in modes.iter().enumerate() {
+            if *mode != Mode::Enforce {
+                continue;
+            }
+            let to = modes
+                .get(index + 1)
+                .map_or(stop, |(next, _)| (*next).min(stop));
+            let from = (*from).max(self.started);
+            if from < to {
+                blocked += to.since(from);
+            }
+        }
+        blocked
+    }
+
+    /// Returns the UNTIL column of the table: the end, or `permanent` and
+    /// the time of its lift.
+    fn until_text(&self) -> String {
+        match (self.until, self.lifted) {
+            (Some(until), _) => until.to_rfc3339(),
+            (None, Some(lifted)) => format!("permanent, lifted {}", lifted.to_rfc3339()),
+            (None, None) => "permanent".to_string(),
+        }
     }
 
     fn to_json(&self) -> Value {
@@ -52,6 +81,7 @@ impl LockoutRow {
             "until": self.until.map(Timestamp::to_rfc3339),
             "permanent": self.is_permanent(),
             "monitor": self.monitor,
+            "lifted": self.lifted.map(Timestamp::to_rfc3339),
         })
     }
 }
@@ -119,7 +149,14 @@ pub struct Totals {
 }
 
 impl Totals {
-    pub(super) fn add(&mut self, lockouts: &[LockoutRow], end: Timestamp) {
+    /// Adds one mailbox's lockouts, with `modes` the relay's mode changes
+    /// (see [`LockoutRow::blocked_until`]).
+    pub(super) fn add(
+        &mut self,
+        lockouts: &[LockoutRow],
+        end: Timestamp,
+        modes: &[(Timestamp, Mode)],
+    ) {
         if lockouts.is_empty() {
             return;
         }
@@ -127,7 +164,7 @@ impl Totals {
         for lockout in lockouts {
             self.lockouts += 1;
             self.permanent += u64::from(lockout.is_permanent());
-            self.blocked += lockout.blocked_until(end);
+            self.blocked += lockout.blocked_until(end, modes);
         }
     }
 
@@ -352,7 +389,7 @@ impl Report {
     fn write_csv(&self, out: &mut impl Write) -> std::io::Result<()> {
         writeln!(
             out,
-            "mailbox,client,side,level,started,until,permanent,monitor"
+            "mailbox,client,side,level,started,until,permanent,monitor,lifted"
         )?;
         for mailbox in &self.mailboxes {
             let sides = [("real", &mailbox.real), ("simulated", &mailbox.simulated)];
@@ -360,14 +397,18 @@ impl Report {
                 for lockout in lockouts {
                     writeln!(
                         out,
-                        "{},{},{side},{},{},{},{},{}",
+                        "{},{},{side},{},{},{},{},{},{}",
                         crate::events::csv_field(&mailbox.mailbox),
                         mailbox.client.as_deref().unwrap_or(""),
                         lockout.level,
                         lockout.started.to_rfc3339(),
                         lockout.until.map(Timestamp::to_rfc3339).unwrap_or_default(),
                         lockout.is_permanent(),
-                        lockout.monitor
+                        lockout.monitor,
+                        lockout
+                            .lifted
+                            .map(Timestamp::to_rfc3339)
+                            .unwrap_or_default()
                     )?;
                 }
             }
@@ -452,10 +493,7 @@ impl Report {
             let sides = [("real", &mailbox.real), ("simulated", &mailbox.simulated)];
             for (side, lockouts) in sides {
                 for lockout in lockouts {
-                    let until = match lockout.until {
-                        None => "permanent".to_string(),
-                        Some(until) => until.to_rfc3339(),
-                    };
+                    let until = lockout.until_text();
                     let monitor = if lockout.monitor { " (monitor)" } else { "" };
                     writeln!(
                         out,

@@ -611,3 +611,262 @@ fn fewer_timed_lockouts_block_permanently() {
     let blocked = std::time::Duration::from_secs(3600 + (24 * 60 - 74) * 60);
     assert_eq!(report.simulated.blocked, blocked);
 }
+
+/// Builds an enforced lockout at `level` from `started`, permanent when
+/// `until` is `None`.
+fn lockout(level: u32, started: Timestamp, until: Option<Timestamp>) -> Lockout {
+    Lockout {
+        level,
+        started,
+        until,
+        enforced: true,
+        end_recorded: false,
+    }
+}
+
+/// Builds the `block_lifted` event of a support lift of `block` at `time`
+/// that keeps the count.
+fn support_lift(time: Timestamp, key: &MailboxKey, block: Lockout) -> Event {
+    let count = block.level;
+    let lifted = crate::policy::Lifted {
+        block: Some(block),
+        lockouts_before: count,
+        lockouts_after: count,
+    };
+    Event::lifted(time, key, &lifted, "cleaned laptop", "cli")
+}
+
+#[test]
+fn quoted_local_part_keeps_key() {
+    // The relay records the path as the client wrote it and attributes the
+    // unquoted address.
+    let key = MailboxKey::mailbox("a,b\"c@example.org");
+    let mut events = Vec::new();
+    for minute in 0..5 {
+        let facts = MessageFacts {
+            sender: "<\"a,b\\\"c\"@example.org>".to_string(),
+            ..facts("unused@example.org", "192.0.2.6", minute as usize)
+        };
+        events.push(counted_bad(at(minute), &key, &facts));
+    }
+    let last = facts("unused@example.org", "192.0.2.6", 4);
+    let first = lockout(1, at(4), Some(at(64)));
+    events.push(Event::lockout_started(&key, &last, &first, &[]));
+
+    let report = simulate(&candidate(""), &events, at(-1));
+
+    let mailbox = report
+        .mailbox("a,b\"c@example.org", None)
+        .expect("mailbox listed under its unquoted key");
+    assert_eq!(starts(&mailbox.real), [(1, at(4))]);
+    assert_eq!(mailbox.simulated, mailbox.real);
+    assert_eq!(
+        report.mailboxes.len(),
+        1,
+        "no second key for the quoted spelling"
+    );
+}
+
+#[test]
+fn lifted_block_stops_blocked_time() {
+    let key = MailboxKey::mailbox("pia@example.org");
+    let mut events = Vec::new();
+    for minute in 0..5 {
+        let facts = facts("pia@example.org", "192.0.2.32", minute as usize);
+        events.push(counted_bad(at(minute), &key, &facts));
+    }
+    let block = lockout(1, at(4), None);
+    let last = facts("pia@example.org", "192.0.2.32", 4);
+    events.push(Event::lockout_started(&key, &last, &block, &[]));
+    events.push(support_lift(at(30), &key, block));
+
+    let report = simulate(
+        &candidate("[policy]\ntimed_lockouts = 0\n"),
+        &events,
+        at(-1),
+    );
+
+    let pia = report.mailbox("pia@example.org", None).expect("listed");
+    assert_eq!(pia.real[0].lifted, Some(at(30)));
+    assert_eq!(pia.simulated, pia.real);
+    let blocked = std::time::Duration::from_secs(26 * 60);
+    assert_eq!(report.real.blocked, blocked);
+    assert_eq!(report.simulated.blocked, blocked);
+    assert_eq!(report.limits.lifts_without_effect, 0);
+}
+
+#[test]
+fn invalid_exempt_sender_rejected() {
+    let directory = Directory::default();
+    let invalid = candidate("[exemptions]\nsenders = [\"not an address\"]\n");
+    let error = check_exempt_senders(&invalid, &directory).expect_err("invalid sender");
+    assert!(error.to_string().contains("exemptions.senders"), "{error}");
+    assert!(error.to_string().contains("not an address"), "{error}");
+
+    let valid = candidate("[exemptions]\nsenders = [\"<News@Example.org>\"]\n");
+    assert!(check_exempt_senders(&valid, &directory).is_ok());
+}
+
+#[test]
+fn huge_since_starts_at_epoch() {
+    let since = crate::admin::parse_time("--since", "1000000000d").expect("a duration");
+    assert_eq!(since, Timestamp(0));
+    assert_eq!(since.to_rfc3339(), "1970-01-01T00:00:00Z");
+}
+
+#[test]
+fn baseline_count_from_lift_alone() {
+    // The permanent block at lockout 6 is older than the events kept, and
+    // only its support lift remains before the period.
+    let key = MailboxKey::mailbox("quin@example.org");
+    let block = lockout(6, at(-500), None);
+    let mut events = vec![support_lift(at(-100), &key, block)];
+    events.extend(record(&[
+        (0, "quin@example.org", "192.0.2.33"),
+        (1, "quin@example.org", "192.0.2.33"),
+        (2, "quin@example.org", "192.0.2.33"),
+    ]));
+
+    let report = simulate(&candidate("[policy]\nthreshold = 3\n"), &events, at(-1));
+
+    let quin = report.mailbox("quin@example.org", None).expect("listed");
+    assert_eq!(starts(&quin.simulated), [(7, at(2))]);
+    assert!(quin.simulated[0].is_permanent());
+}
+
+#[test]
+fn pair_key_lift_reaches_mailbox_key() {
+    // Recorded under client-and-sender: a permanent block of the pair key
+    // and its support lift, replayed under the sender rule.
+    let client = "192.0.2.34";
+    let key = MailboxKey {
+        mailbox: "rex@example.org".to_string(),
+        client: Some(client.parse().expect("an address")),
+    };
+    let mut events = Vec::new();
+    for minute in (0..5).chain(40..45) {
+        let facts = facts("rex@example.org", client, minute as usize);
+        events.push(counted_bad(at(minute), &key, &facts));
+    }
+    let block = lockout(1, at(4), None);
+    let last = facts("rex@example.org", client, 4);
+    events.push(Event::lockout_started(&key, &last, &block, &[]));
+    events.push(support_lift(at(30), &key, block));
+    events.sort_by_key(|event| event.time);
+
+    let report = simulate(
+        &candidate("[policy]\ntimed_lockouts = 0\n"),
+        &events,
+        at(-1),
+    );
+
+    let rex = report.mailbox("rex@example.org", None).expect("listed");
+    assert_eq!(starts(&rex.simulated), [(1, at(4)), (2, at(44))]);
+    assert_eq!(rex.simulated[0].lifted, Some(at(30)));
+    assert_eq!(report.limits.lifts_without_effect, 0);
+}
+
+#[test]
+fn exemption_end_kept_to_millisecond() {
+    // The exemption ends half a second into minute 3, and the message at
+    // minute 3 plus 200 ms was exempt when it arrived.
+    let key = MailboxKey::mailbox("sam@example.org");
+    let exemption = crate::policy::Exemption {
+        id: 8,
+        kind: crate::policy::ExemptionKind::Sender("sam@example.org".to_string()),
+        reason: "migration".to_string(),
+        author: "ops".to_string(),
+        created: at(0),
+        expires: Timestamp(at(3).0 + 500),
+    };
+    let mut events = vec![Event::exemption(
+        at(0),
+        EventKind::ExemptionAdded,
+        &exemption,
+        None,
+    )];
+    let arrived = Timestamp(at(3).0 + 200);
+    let facts = facts("sam@example.org", "192.0.2.35", 0);
+    events.push(Event::bad_message(
+        arrived,
+        Some(&key),
+        &facts,
+        &spam(),
+        false,
+        None,
+        false,
+    ));
+
+    let report = simulate(&candidate(""), &events, at(-1));
+
+    assert_eq!(report.simulated.exempt_strikes, 1);
+    assert_eq!(report.simulated.strikes, 0);
+}
+
+#[test]
+fn refusal_minute_past_simulated_end_unknown() {
+    // Five refusals from minute 5 to 5:50, folded into one event. The
+    // candidate's 90 s lockout from minute 4 ends at 5:30, within them.
+    let messages: Vec<(i64, &str, &str)> = (0..5)
+        .map(|minute| (minute, "tia@example.org", "192.0.2.36"))
+        .collect();
+    let mut events = record(&messages);
+    let key = MailboxKey::mailbox("tia@example.org");
+    let real = lockout(1, at(4), Some(at(64)));
+    let mut refused = Event::sender_refused(
+        at(5),
+        &key,
+        &facts("tia@example.org", "192.0.2.36", 99),
+        &real,
+    );
+    refused.details.insert("count".into(), 5.into());
+    let last = Timestamp(at(5).0 + 50_000).to_rfc3339();
+    refused.details.insert("last".into(), last.into());
+    events.push(refused);
+
+    let same = simulate(&candidate(""), &events, at(-1));
+    assert_eq!(
+        same.limits.unknown_verdicts, 0,
+        "the hour covers the minute"
+    );
+
+    let shorter = simulate(
+        &candidate("[policy]\nfirst_lockout = \"90s\"\n"),
+        &events,
+        at(-1),
+    );
+    assert_eq!(shorter.limits.refused_messages, 5);
+    assert_eq!(shorter.limits.unknown_verdicts, 5);
+}
+
+#[test]
+fn monitor_lockout_blocks_after_enforce() {
+    // jan's lockout starts in monitor mode at minute 4 and runs an hour;
+    // the relay switches to enforce at minute 30, so it refuses 34 minutes.
+    let messages: Vec<(i64, &str, &str)> = (0..5)
+        .map(|minute| (minute, "jan@example.org", "192.0.2.37"))
+        .collect();
+    let mut events = vec![policy_loaded(at(-10), "[policy]\nmode = \"monitor\"\n")];
+    for mut event in record(&messages) {
+        event.details.insert("monitor".into(), true.into());
+        events.push(event);
+    }
+    events.push(policy_loaded(at(30), "[policy]\nmode = \"enforce\"\n"));
+
+    let report = simulate(&candidate(""), &events, at(-1));
+
+    let jan = report.mailbox("jan@example.org", None).expect("listed");
+    assert!(jan.real[0].monitor);
+    assert_eq!(jan.simulated, jan.real);
+    let blocked = std::time::Duration::from_secs(34 * 60);
+    assert_eq!(report.real.blocked, blocked);
+    assert_eq!(report.simulated.blocked, blocked);
+
+    let monitor = simulate(
+        &candidate("[policy]\nmode = \"monitor\"\n"),
+        &events,
+        at(-1),
+    );
+    assert_eq!(monitor.simulated.blocked, std::time::Duration::ZERO);
+    assert_eq!(monitor.real.blocked, blocked);
+}
