@@ -98,7 +98,7 @@ pub enum DeviceCommand {
         #[arg(long)]
         author: Option<String>,
     },
-    /// List, add or remove device exclusions made through the API.
+    /// List, add, lift or remove device exclusions made through the API.
     Exclusions {
         #[command(subcommand)]
         command: ExclusionCommand,
@@ -124,7 +124,20 @@ pub enum ExclusionCommand {
         #[arg(long)]
         author: String,
     },
-    /// Remove an exclusion made with `add`.
+    /// Lift the exclusion that the configuration file gives a device (in
+    /// devices.exclusions or by its role) until `remove` resets it.
+    Lift {
+        #[command(flatten)]
+        connection: Connection,
+        id: String,
+        /// Why; recorded in the events report.
+        #[arg(long)]
+        reason: String,
+        /// Who; recorded in the events report.
+        #[arg(long)]
+        author: String,
+    },
+    /// Remove an exclusion made with `add`, or a lift made with `lift`.
     Remove {
         #[command(flatten)]
         connection: Connection,
@@ -258,6 +271,24 @@ async fn exclusions(command: ExclusionCommand) -> Result<(), String> {
             author,
         } => {
             let body = json!({ "device": id, "reason": reason, "author": author });
+            print_json(
+                &Api::new(&connection)?
+                    .send(
+                        reqwest::Method::POST,
+                        "/api/v1/device-exclusions",
+                        Some(body),
+                    )
+                    .await?,
+            )
+        }
+        ExclusionCommand::Lift {
+            connection,
+            id,
+            reason,
+            author,
+        } => {
+            let body =
+                json!({ "device": id, "excluded": false, "reason": reason, "author": author });
             print_json(
                 &Api::new(&connection)?
                     .send(

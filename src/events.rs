@@ -61,6 +61,12 @@ pub enum EventKind {
     DeviceExclusionAdded,
     /// A device exclusion made through the API was removed.
     DeviceExclusionRemoved,
+    /// The exclusion that the configuration file gives a device, by listing
+    /// or by role, was lifted through the API.
+    DeviceExclusionLifted,
+    /// A lift was removed through the API, so the configuration file's
+    /// exclusion is in force again.
+    DeviceExclusionRestored,
     /// A device setting was overridden or reset through the API.
     DeviceSettingChanged,
     /// A setting other than a device's (`synchronized_security.enabled`)
@@ -93,6 +99,8 @@ impl EventKind {
             EventKind::RelayRefused => "relay_refused",
             EventKind::DeviceExclusionAdded => "device_exclusion_added",
             EventKind::DeviceExclusionRemoved => "device_exclusion_removed",
+            EventKind::DeviceExclusionLifted => "device_exclusion_lifted",
+            EventKind::DeviceExclusionRestored => "device_exclusion_restored",
             EventKind::DeviceSettingChanged => "device_setting_changed",
             EventKind::SettingChanged => "setting_changed",
             EventKind::EndpointScanResult => "endpoint_scan_result",
@@ -100,7 +108,7 @@ impl EventKind {
     }
 
     /// Every kind, in the order of this list.
-    pub const ALL: [EventKind; 23] = [
+    pub const ALL: [EventKind; 25] = [
         EventKind::BadMessage,
         EventKind::SenderRefused,
         EventKind::LockoutStarted,
@@ -121,6 +129,8 @@ impl EventKind {
         EventKind::RelayRefused,
         EventKind::DeviceExclusionAdded,
         EventKind::DeviceExclusionRemoved,
+        EventKind::DeviceExclusionLifted,
+        EventKind::DeviceExclusionRestored,
         EventKind::DeviceSettingChanged,
         EventKind::SettingChanged,
         EventKind::EndpointScanResult,
@@ -540,7 +550,10 @@ impl Event {
                 self.detail_text("result"),
                 self.detail_text("found")
             ),
-            EventKind::DeviceExclusionAdded | EventKind::DeviceExclusionRemoved => format!(
+            EventKind::DeviceExclusionAdded
+            | EventKind::DeviceExclusionRemoved
+            | EventKind::DeviceExclusionLifted
+            | EventKind::DeviceExclusionRestored => format!(
                 "{} by {}: {}",
                 self.detail_text("device"),
                 self.detail_text("by"),

@@ -498,6 +498,58 @@ fn dashboard_in_browser() {
 }
 
 #[test]
+fn file_exclusion_lifted_in_browser() {
+    let site = Site::start();
+    site.server.rewrite_config(|text| {
+        text.replace(
+            "heartbeat_timeout = \"8s\"\n",
+            "heartbeat_timeout = \"8s\"\nexclusions = [\"srv-1\"]\n",
+        )
+    });
+    site.server.reload();
+    let listed = request(
+        &site.api,
+        "GET",
+        "/api/v1/device-exclusions",
+        Some(ADMIN),
+        None,
+    )
+    .json();
+    assert_eq!(listed["excluded"][0]["source"], "file", "{listed}");
+
+    let lifted = site.browser("lift-exclusion", &[("EXCLUDE", "srv-1")]);
+    eprintln!("lift-exclusion phase: {lifted}");
+    let events: Vec<Value> = site
+        .server
+        .events()
+        .into_iter()
+        .filter(|event| {
+            event["type"]
+                .as_str()
+                .is_some_and(|kind| kind.starts_with("device_exclusion"))
+        })
+        .collect();
+    assert_eq!(events.len(), 2, "{events:#?}");
+    assert_eq!(events[0]["type"], "device_exclusion_lifted");
+    assert_eq!(events[0]["device"], "srv-1");
+    assert_eq!(events[0]["by"], "jdoe");
+    assert_eq!(events[0]["reason"], "server compromised, ticket OPS-77");
+    assert_eq!(events[0]["source"], "file");
+    assert_eq!(events[1]["type"], "device_exclusion_restored");
+    assert_eq!(events[1]["by"], "jdoe");
+    let listed = request(
+        &site.api,
+        "GET",
+        "/api/v1/device-exclusions",
+        Some(ADMIN),
+        None,
+    )
+    .json();
+    assert_eq!(listed["lifted"], serde_json::json!([]), "{listed}");
+    assert_eq!(listed["excluded"][0]["id"], "srv-1", "{listed}");
+}
+
+#[test]
 fn settings_survive_restart() {
     let mut site = Site::start();
     let put = |body: Value| {

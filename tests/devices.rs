@@ -20,6 +20,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
+const SUPPORT_TOKEN: &str = "support-token-0123456789abcdef";
 
 /// One device of a test site: id, computer name, role and subnet (empty:
 /// from its addresses).
@@ -73,8 +74,10 @@ impl Site {
         let book_path = files.path().join("devices.toml");
         std::fs::write(&book_path, book).expect("write devices file");
         let api = format!("127.0.0.1:{}", free_port());
+        let support_hash = hex::encode(sha2::Sha256::digest(SUPPORT_TOKEN.as_bytes()));
         let config = format!(
             "[admin]\nlisten = \"{api}\"\ntoken_file = \"{}\"\n\
+             support_token_sha256 = \"{support_hash}\"\n\
              [devices]\nfile = \"{}\"\n{devices_section}\n{extra}",
             admin_token.display(),
             book_path.display()
@@ -642,6 +645,190 @@ fn excluded_servers_by_default() {
     named.report("dev-a", "red", &["10.1.0.1"]);
     assert_eq!(named.access("dev-a", "files")["allowed"], true);
     assert_eq!(named.device("files")["excluded"], true);
+}
+
+/// Returns the request body that lifts `device`'s exclusion.
+fn lift_body(device: &str, reason: &str) -> Value {
+    json!({ "device": device, "excluded": false, "reason": reason, "author": "jdoe" })
+}
+
+/// Returns the types of the exclusion events on device `id`, oldest first.
+fn exclusion_events(site: &Site, id: &str) -> Vec<Value> {
+    site.device_events(id)
+        .into_iter()
+        .filter(|event| {
+            event["type"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("device_exclusion")
+        })
+        .collect()
+}
+
+#[test]
+fn file_exclusions_lifted_at_runtime() {
+    let mut site =
+        Site::without_relay(&servers(), "reject_unsafe = true\nexclusions = [\"files\"]");
+    site.report("dev-a", "green", &["10.1.0.1"]);
+    site.report("cache", "red", &["10.1.0.3"]);
+    site.report("relay", "red", &["10.1.0.4"]);
+    site.report("files", "red", &["10.1.0.5"]);
+
+    // Excluded by role and by the file: red, yet accepted and reachable.
+    assert_eq!(site.access("cache", "dev-a")["allowed"], true);
+    assert_eq!(site.access("dev-a", "files")["allowed"], true);
+    assert_eq!(site.device("cache")["exclusion_source"], "role");
+    assert_eq!(site.device("files")["exclusion_source"], "file");
+
+    // The support token reads the exclusions but cannot lift one.
+    let response = request(
+        &site.api,
+        "POST",
+        "/api/v1/device-exclusions",
+        Some(SUPPORT_TOKEN),
+        Some(&lift_body("cache", "cache compromised")),
+    );
+    assert_eq!(response.status, 403, "{}", response.body);
+    let response = request(
+        &site.api,
+        "GET",
+        "/api/v1/device-exclusions",
+        Some(SUPPORT_TOKEN),
+        None,
+    );
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(site.access("cache", "dev-a")["allowed"], true);
+
+    // The admin lifts the role exclusion by id and the file's by name.
+    let response = site.admin(
+        "POST",
+        "/api/v1/device-exclusions",
+        Some(&lift_body("cache", "cache compromised")),
+    );
+    assert_eq!(response.status, 201, "{}", response.body);
+    let lifted = response.json();
+    assert_eq!(lifted["excluded"], false);
+    assert_eq!(lifted["lifted"]["file_source"], "role");
+    let response = site.admin(
+        "POST",
+        "/api/v1/device-exclusions",
+        Some(&lift_body("FILE-SERVER", "audit of backups")),
+    );
+    assert_eq!(response.status, 201, "{}", response.body);
+    assert_eq!(response.json()["device"], "files");
+
+    // Both red servers are refused now, in both directions.
+    assert_eq!(site.access("cache", "dev-a")["allowed"], false);
+    assert_eq!(site.access("dev-a", "files")["allowed"], false);
+    assert_eq!(site.access("relay", "dev-a")["allowed"], true);
+    let cache = site.device("cache");
+    assert_eq!(cache["excluded"], false, "{cache}");
+    assert_eq!(cache["exclusion_source"], Value::Null, "{cache}");
+    assert_eq!(cache["exclusion_lifted"]["by"], "jdoe", "{cache}");
+    assert_eq!(cache["exclusion_lifted"]["reason"], "cache compromised");
+    assert_eq!(cache["exclusion_lifted"]["file_source"], "role");
+    assert_eq!(
+        site.device("files")["exclusion_lifted"]["file_source"],
+        "file"
+    );
+
+    // The list shows the lifts with their source, and what stays excluded.
+    let listed = site.get("/api/v1/device-exclusions").json();
+    let lifts = listed["lifted"].as_array().expect("lifted list");
+    assert_eq!(lifts.len(), 2, "{listed}");
+    assert_eq!(lifts[0]["device"], "cache");
+    assert_eq!(lifts[0]["file_source"], "role");
+    assert_eq!(lifts[1]["device"], "files");
+    assert_eq!(lifts[1]["file_source"], "file");
+    assert_eq!(listed["added"], json!([]), "{listed}");
+    assert_eq!(
+        listed["excluded"],
+        json!([{ "id": "relay", "name": "MAIL-RELAY", "reason": "role message_relay (devices.exclude_message_relays)", "source": "role" }])
+    );
+
+    // Lifting twice, adding over a lift, and lifting what nothing excludes
+    // are conflicts; an unknown device is not found.
+    let response = site.admin(
+        "POST",
+        "/api/v1/device-exclusions",
+        Some(&lift_body("cache", "again")),
+    );
+    assert_eq!(response.status, 409, "{}", response.body);
+    let response = site.admin(
+        "POST",
+        "/api/v1/device-exclusions",
+        Some(&json!({ "device": "cache", "reason": "back", "author": "jdoe" })),
+    );
+    assert_eq!(response.status, 409, "{}", response.body);
+    assert!(response.body.contains("lifted"), "{}", response.body);
+    let response = site.admin(
+        "POST",
+        "/api/v1/device-exclusions",
+        Some(&lift_body("dev-a", "not excluded")),
+    );
+    assert_eq!(response.status, 409, "{}", response.body);
+    assert!(
+        response.body.contains("no exclusion to lift"),
+        "{}",
+        response.body
+    );
+    let response = site.admin(
+        "POST",
+        "/api/v1/device-exclusions",
+        Some(&lift_body("nobody", "unknown")),
+    );
+    assert_eq!(response.status, 404, "{}", response.body);
+
+    // Neither a reload of the file nor a restart undoes the lifts.
+    site.server.reload();
+    assert_eq!(site.access("cache", "dev-a")["allowed"], false);
+    assert_eq!(site.access("dev-a", "files")["allowed"], false);
+    site.server.restart();
+    wait_for_api(&site.api);
+    assert_eq!(site.access("cache", "dev-a")["allowed"], false);
+    assert_eq!(site.access("dev-a", "files")["allowed"], false);
+
+    // The support token cannot reset a lift either.
+    let response = request(
+        &site.api,
+        "DELETE",
+        "/api/v1/device-exclusions/cache?by=helpdesk",
+        Some(SUPPORT_TOKEN),
+        None,
+    );
+    assert_eq!(response.status, 403, "{}", response.body);
+
+    // Resetting removes the lift: the file's exclusions are in force again.
+    let response = site.admin("DELETE", "/api/v1/device-exclusions/cache?by=jdoe", None);
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(response.json()["excluded"], false);
+    let response = site.admin("DELETE", "/api/v1/device-exclusions/files?by=jdoe", None);
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(site.access("cache", "dev-a")["allowed"], true);
+    assert_eq!(site.access("dev-a", "files")["allowed"], true);
+    assert_eq!(site.device("cache")["exclusion_source"], "role");
+    assert_eq!(site.device("files")["exclusion_lifted"], Value::Null);
+    let response = site.admin("DELETE", "/api/v1/device-exclusions/cache?by=jdoe", None);
+    assert_eq!(response.status, 404, "{}", response.body);
+
+    // Each lift and reset is an event with who and why.
+    let cache_events = exclusion_events(&site, "cache");
+    let types: Vec<&str> = cache_events
+        .iter()
+        .map(|event| event["type"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        types,
+        ["device_exclusion_lifted", "device_exclusion_restored"]
+    );
+    assert_eq!(cache_events[0]["by"], "jdoe");
+    assert_eq!(cache_events[0]["reason"], "cache compromised");
+    assert_eq!(cache_events[0]["source"], "role");
+    assert_eq!(cache_events[1]["by"], "jdoe");
+    let files_events = exclusion_events(&site, "files");
+    assert_eq!(files_events.len(), 2, "{files_events:?}");
+    assert_eq!(files_events[0]["source"], "file");
+    assert_eq!(files_events[0]["reason"], "audit of backups");
 }
 
 #[test]

@@ -541,3 +541,60 @@ fn pending_device_work_moved_once() {
         first.server.log()
     );
 }
+
+#[test]
+fn exclusion_lift_shared_across_hosts() {
+    let redis = RedisServer::start();
+    let excluded = "exclusions = [\"dev-b\"]";
+    let first = Host::start_with(&redis, excluded);
+    let mut second = Host::start_with(&redis, excluded);
+    first.report("dev-a", "green", "10.1.0.1");
+    first.report("dev-b", "red", "10.1.0.2");
+    second.wait_for_access("dev-a", "dev-b", true);
+
+    // A lift made on the first host is in force on the second.
+    let before = reloads(&second.server);
+    let lifted = first.call(
+        "POST",
+        "/api/v1/device-exclusions",
+        Some(&json!({ "device": "dev-b", "excluded": false, "reason": "infected", "author": "jdoe" })),
+    );
+    assert_eq!(lifted["lifted"]["file_source"], "file", "{lifted}");
+    second.wait_for_reload(before);
+    let decision = second.access("dev-a", "dev-b");
+    assert_eq!(decision["allowed"], false, "{decision}");
+    let device = second.call("GET", "/api/v1/devices/dev-b", None);
+    assert_eq!(device["exclusion_lifted"]["by"], "jdoe", "{device}");
+    let listed = second.call("GET", "/api/v1/device-exclusions", None);
+    assert_eq!(listed["lifted"][0]["device"], "dev-b", "{listed}");
+    assert_eq!(listed["lifted"][0]["file_source"], "file", "{listed}");
+
+    // Redis keeps the lift across a restart of the second host.
+    second.server.restart();
+    wait_until_subscribed(&second.server);
+    second.wait_for_access("dev-a", "dev-b", false);
+
+    // A reset on the second host brings back the file's exclusion on both.
+    let before = reloads(&first.server);
+    let removed = second.call("DELETE", "/api/v1/device-exclusions/dev-b?by=jdoe", None);
+    assert_eq!(removed["excluded"], false, "{removed}");
+    first.wait_for_reload(before);
+    let decision = first.access("dev-a", "dev-b");
+    assert_eq!(decision["allowed"], true, "{decision}");
+    let device = first.call("GET", "/api/v1/devices/dev-b", None);
+    assert_eq!(device["exclusion_source"], "file", "{device}");
+
+    // The lift and the reset are one event each in the shared stream.
+    let kinds: Vec<String> = first
+        .server
+        .events()
+        .iter()
+        .filter_map(|event| event["type"].as_str())
+        .filter(|kind| kind.starts_with("device_exclusion"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        kinds,
+        ["device_exclusion_lifted", "device_exclusion_restored"]
+    );
+}

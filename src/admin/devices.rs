@@ -6,11 +6,13 @@
 //! only from the device's own token, because a report is what makes an
 //! unsafe device safe again and no one may override that. The admin and
 //! support tokens may call the other device endpoints; only the admin token
-//! may change exclusions.
+//! may change exclusions. An exclusion that the configuration file gives a
+//! device (by listing or by role) can be lifted here; the lift is stored and
+//! stays in force over reloads until it is removed.
 
 use super::{ApiError, Role, forbidden, ok_json};
 use crate::guard::Guard;
-use crate::heartbeat::{Access, Health, LookupError, Report};
+use crate::heartbeat::{Access, Health, Lift, LookupError, Report};
 use crate::policy::Timestamp;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
@@ -593,13 +595,16 @@ async fn list_exclusions(headers: HeaderMap, State(guard): Shared) -> Result<Res
     caller(&guard, &headers)?.require_operator()?;
     let runtime = guard.runtime();
     let config = &runtime.config.devices;
-    let added = guard
+    let overrides = guard
         .devices()
-        .added_exclusions()
+        .exclusion_overrides()
         .await
         .map_err(ApiError::internal)?;
-    let added: Vec<Value> = added
+    let views = guard.devices().list(config, Timestamp::now()).await;
+    let view_of = |id: &str| views.iter().find(|device| device["id"] == id);
+    let added: Vec<Value> = overrides
         .iter()
+        .filter(|row| row.excluded)
         .map(|row| {
             json!({
                 "device": row.device,
@@ -609,17 +614,34 @@ async fn list_exclusions(headers: HeaderMap, State(guard): Shared) -> Result<Res
             })
         })
         .collect();
-    let in_force: Vec<Value> = guard
-        .devices()
-        .list(config, Timestamp::now())
-        .await
-        .into_iter()
+    // A lift names what it lifts; that is null when a reload of the file
+    // no longer excludes the device, or the device left the devices file.
+    let lifted: Vec<Value> = overrides
+        .iter()
+        .filter(|row| !row.excluded)
+        .map(|row| {
+            let view = view_of(&row.device);
+            let lift = view.map(|device| &device["exclusion_lifted"]);
+            json!({
+                "device": row.device,
+                "name": view.map(|device| device["name"].clone()),
+                "reason": row.reason,
+                "author": row.author,
+                "created": row.created.to_rfc3339(),
+                "file_source": lift.map(|lift| lift["file_source"].clone()),
+                "file_reason": lift.map(|lift| lift["file_reason"].clone()),
+            })
+        })
+        .collect();
+    let in_force: Vec<Value> = views
+        .iter()
         .filter(|device| device["excluded"] == true)
         .map(|device| {
             json!({
                 "id": device["id"],
                 "name": device["name"],
                 "reason": device["exclusion_reason"],
+                "source": device["exclusion_source"],
             })
         })
         .collect();
@@ -628,6 +650,7 @@ async fn list_exclusions(headers: HeaderMap, State(guard): Shared) -> Result<Res
         "exclude_update_caches": config.exclude_update_caches,
         "exclude_message_relays": config.exclude_message_relays,
         "added": added,
+        "lifted": lifted,
         "excluded": in_force,
     })))
 }
@@ -636,9 +659,14 @@ async fn list_exclusions(headers: HeaderMap, State(guard): Shared) -> Result<Res
 #[serde(deny_unknown_fields)]
 struct ExclusionRequest {
     device: String,
+    /// `true` or absent adds an exclusion; `false` lifts the one that the
+    /// configuration file gives the device.
+    excluded: Option<bool>,
     reason: Option<String>,
     author: Option<String>,
 }
+
+const EXCLUSION_EXAMPLE: &str = r#"{"device": "dev-40", "reason": "file server", "author": "jdoe"} (add "excluded": false to lift an exclusion from the configuration file)"#;
 
 async fn add_exclusion(
     headers: HeaderMap,
@@ -650,36 +678,106 @@ async fn add_exclusion(
             "device exclusions are managed with the admin token; the support token can only read them",
         ));
     }
-    let request = json_body(
-        body,
-        r#"{"device": "dev-40", "reason": "file server", "author": "jdoe"}"#,
-    )?;
+    let request = json_body(body, EXCLUSION_EXAMPLE)?;
     let reason = request.reason.unwrap_or_default().trim().to_string();
     let author = request.author.unwrap_or_default().trim().to_string();
     if reason.is_empty() || author.is_empty() {
         return Err(ApiError::bad_request(
-            "missing reason or author: say why the device is excluded and who excludes it; both are recorded",
+            "missing reason or author: say why the device's exclusion changes and who changes it; both are recorded",
         ));
+    }
+    let device = request.device;
+    if request.excluded == Some(false) {
+        return lift_exclusion(&guard, &device, &reason, &author).await;
     }
     let added = guard
         .devices()
-        .add_exclusion(&request.device, &reason, &author, Timestamp::now())
+        .add_exclusion(&device, &reason, &author, Timestamp::now())
         .await
         .map_err(lookup_error)?;
     if !added {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
+        let lifted = guard
+            .devices()
+            .exclusion_override(&device)
+            .is_some_and(|row| !row.excluded);
+        let message = if lifted {
             format!(
-                "device {:?} is already excluded through the API; remove that exclusion first to change it",
-                request.device
-            ),
-        ));
+                "device {device:?} has its exclusion lifted through the API; remove that lift with \
+                 DELETE /api/v1/device-exclusions/{device} to exclude it again"
+            )
+        } else {
+            format!(
+                "device {device:?} is already excluded through the API; remove that exclusion first to change it"
+            )
+        };
+        return Err(ApiError::new(StatusCode::CONFLICT, message));
     }
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "device": request.device, "reason": reason, "author": author })),
+        Json(json!({ "device": device, "reason": reason, "author": author })),
     )
         .into_response())
+}
+
+/// Lifts the exclusion that the configuration file gives `device`.
+async fn lift_exclusion(
+    guard: &Guard,
+    device: &str,
+    reason: &str,
+    author: &str,
+) -> Result<Response, ApiError> {
+    let runtime = guard.runtime();
+    let outcome = guard
+        .devices()
+        .lift_exclusion(
+            &runtime.config.devices,
+            device,
+            reason,
+            author,
+            Timestamp::now(),
+        )
+        .await
+        .map_err(lookup_error)?;
+    match outcome {
+        Lift::Lifted => {
+            // The request may name the device; the response gives its id.
+            let id = guard
+                .devices()
+                .book()
+                .find(device)
+                .map_or_else(|| device.to_string(), |found| found.id.clone());
+            let view = guard
+                .devices()
+                .view(&runtime.config.devices, &id, Timestamp::now())
+                .await;
+            let lift = view.map(|view| view["exclusion_lifted"].clone());
+            Ok((
+                StatusCode::CREATED,
+                Json(json!({
+                    "device": id,
+                    "excluded": false,
+                    "reason": reason,
+                    "author": author,
+                    "lifted": lift,
+                })),
+            )
+                .into_response())
+        }
+        Lift::AlreadyOverridden => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "device {device:?} already has an exclusion added or lifted through the API; \
+                 remove it with DELETE /api/v1/device-exclusions/{device} first to change it"
+            ),
+        )),
+        Lift::NotExcludedByFile => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "device {device:?} is not excluded by devices.exclusions or by its role, so there \
+                 is no exclusion to lift"
+            ),
+        )),
+    }
 }
 
 #[derive(Deserialize)]
@@ -718,6 +816,7 @@ async fn remove_exclusion(
     match removed {
         Some(row) => Ok(ok_json(json!({
             "device": row.device,
+            "excluded": row.excluded,
             "reason": row.reason,
             "author": row.author,
             "removed_by": by,
@@ -725,8 +824,9 @@ async fn remove_exclusion(
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!(
-                "device {id:?} has no exclusion made through the API; exclusions in \
-                 devices.exclusions or by role change only in the configuration file"
+                "device {id:?} has no exclusion added or lifted through the API, so there is \
+                 nothing to reset; to lift an exclusion from devices.exclusions or by role, \
+                 POST /api/v1/device-exclusions with \"excluded\": false"
             ),
         )),
     }

@@ -116,31 +116,96 @@ pub struct ExclusionRules<'a> {
     pub configured: &'a [String],
     /// Ids excluded at run time through the API.
     pub added: &'a BTreeSet<String>,
+    /// Ids whose exclusion by the file or by role was lifted at run time
+    /// through the API.
+    pub lifted: &'a BTreeSet<String>,
     pub update_caches: bool,
     pub message_relays: bool,
 }
 
-/// Returns why `device` is excluded, or `None` when it is not.
-pub fn exclusion_reason(device: &DeviceDefinition, rules: &ExclusionRules<'_>) -> Option<String> {
+/// Where a device's exclusion comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExclusionSource {
+    /// Listed in `devices.exclusions`.
+    File,
+    /// Excluded by default for its role (`devices.exclude_update_caches`,
+    /// `devices.exclude_message_relays`).
+    Role,
+    /// Added through the admin API.
+    Api,
+}
+
+impl ExclusionSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExclusionSource::File => "file",
+            ExclusionSource::Role => "role",
+            ExclusionSource::Api => "api",
+        }
+    }
+}
+
+/// A device's exclusion: its source and the reason shown with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exclusion {
+    pub source: ExclusionSource,
+    pub reason: String,
+}
+
+/// Returns the exclusion the configuration file gives `device`, by listing
+/// or by role, whatever the API added or lifted.
+pub fn file_exclusion(device: &DeviceDefinition, rules: &ExclusionRules<'_>) -> Option<Exclusion> {
     if rules
         .configured
         .iter()
         .any(|entry| *entry == device.id || entry.eq_ignore_ascii_case(&device.name))
     {
-        return Some("listed in devices.exclusions".to_string());
+        return Some(Exclusion {
+            source: ExclusionSource::File,
+            reason: "listed in devices.exclusions".to_string(),
+        });
     }
-    if rules.added.contains(&device.id) {
-        return Some("excluded through the admin API".to_string());
-    }
-    match device.role {
+    let reason = match device.role {
         DeviceRole::UpdateCache if rules.update_caches => {
-            Some("role update_cache (devices.exclude_update_caches)".to_string())
+            "role update_cache (devices.exclude_update_caches)"
         }
         DeviceRole::MessageRelay if rules.message_relays => {
-            Some("role message_relay (devices.exclude_message_relays)".to_string())
+            "role message_relay (devices.exclude_message_relays)"
         }
-        _ => None,
+        _ => return None,
+    };
+    Some(Exclusion {
+        source: ExclusionSource::Role,
+        reason: reason.to_string(),
+    })
+}
+
+/// Returns the exclusion in force for `device`, or `None` when it is not
+/// excluded. A lift through the API wins over the file and the role, and
+/// the file's listing is reported before an exclusion the API added.
+pub fn exclusion(device: &DeviceDefinition, rules: &ExclusionRules<'_>) -> Option<Exclusion> {
+    if rules.lifted.contains(&device.id) {
+        return None;
     }
+    let from_file = file_exclusion(device, rules);
+    if from_file
+        .as_ref()
+        .is_some_and(|found| found.source == ExclusionSource::File)
+    {
+        return from_file;
+    }
+    if rules.added.contains(&device.id) {
+        return Some(Exclusion {
+            source: ExclusionSource::Api,
+            reason: "excluded through the admin API".to_string(),
+        });
+    }
+    from_file
+}
+
+/// Returns why `device` is excluded, or `None` when it is not.
+pub fn exclusion_reason(device: &DeviceDefinition, rules: &ExclusionRules<'_>) -> Option<String> {
+    exclusion(device, rules).map(|found| found.reason)
 }
 
 /// Returns the network of `address` with the configured prefix length.
@@ -284,9 +349,11 @@ mod tests {
     fn exclusions_by_role_id_and_name() {
         let added = BTreeSet::from(["dev-9".to_string()]);
         let configured = vec!["FILE-SERVER".to_string(), "dev-3".to_string()];
+        let lifted = BTreeSet::new();
         let rules = ExclusionRules {
             configured: &configured,
             added: &added,
+            lifted: &lifted,
             update_caches: true,
             message_relays: true,
         };
@@ -310,6 +377,41 @@ mod tests {
         };
         assert_eq!(exclusion_reason(&cache, &off), None);
         assert_eq!(exclusion_reason(&relay, &off), None);
+    }
+
+    #[test]
+    fn exclusion_sources_and_lifts() {
+        let added = BTreeSet::from(["dev-9".to_string(), "dev-3".to_string()]);
+        let lifted = BTreeSet::from(["c".to_string(), "f".to_string()]);
+        let configured = vec!["FILE-SERVER".to_string(), "dev-3".to_string()];
+        let rules = ExclusionRules {
+            configured: &configured,
+            added: &added,
+            lifted: &lifted,
+            update_caches: true,
+            message_relays: true,
+        };
+        let cache = definition("c", "CACHE", DeviceRole::UpdateCache);
+        let relay = definition("r", "RELAY", DeviceRole::MessageRelay);
+        let by_name = definition("f", "file-server", DeviceRole::Server);
+        let by_id = definition("dev-3", "X", DeviceRole::Workstation);
+        let by_api = definition("dev-9", "Y", DeviceRole::Workstation);
+        let source =
+            |device: &DeviceDefinition| exclusion(device, &rules).map(|found| found.source);
+
+        // A lift wins over the role and the file's listing.
+        assert_eq!(source(&cache), None);
+        assert_eq!(source(&by_name), None);
+        assert_eq!(source(&relay), Some(ExclusionSource::Role));
+        assert_eq!(source(&by_id), Some(ExclusionSource::File));
+        assert_eq!(source(&by_api), Some(ExclusionSource::Api));
+
+        // What the file says stays visible under a lift.
+        let under_lift = file_exclusion(&cache, &rules).expect("role exclusion");
+        assert_eq!(under_lift.source, ExclusionSource::Role);
+        let under_lift = file_exclusion(&by_name, &rules).expect("file exclusion");
+        assert_eq!(under_lift.source, ExclusionSource::File);
+        assert_eq!(file_exclusion(&by_api, &rules), None);
     }
 
     #[test]

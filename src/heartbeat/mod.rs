@@ -18,4 +18,6 @@ mod registry;
 
 pub use access::{Access, Party, Refusal, Side, decide};
 pub use health::{DeviceState, DeviceStatus, Health, Timing};
-pub use registry::{AccessOutcome, LookupError, Registry, RelayRefusal, Report, run_device_timer};
+pub use registry::{
+    AccessOutcome, Lift, LookupError, Registry, RelayRefusal, Report, run_device_timer,
+};

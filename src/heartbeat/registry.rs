@@ -2,7 +2,7 @@
 //! device's status in memory over the store, address ownership, state
 //! changes with their events, subnet notices and webhooks.
 
-use super::access::{self, ExclusionRules, Party};
+use super::access::{self, Exclusion, ExclusionRules, Party};
 use super::health::{DeviceState, DeviceStatus, Health, Timing};
 use crate::actions::{ActionKind, OutboxEntry, new_delivery_id};
 use crate::config::DevicesConfig;
@@ -16,7 +16,7 @@ use crate::store::{Store, StoreError};
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
 use serde_json::{Map, Value, json};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -108,13 +108,51 @@ impl Table {
     }
 }
 
+/// The exclusions added and lifted through the API, as loaded from the
+/// store.
+#[derive(Debug, Default)]
+struct ExclusionOverrides {
+    added: BTreeSet<String>,
+    lifted: BTreeSet<String>,
+    /// Every override by device id.
+    rows: BTreeMap<String, ExclusionRow>,
+}
+
+impl ExclusionOverrides {
+    fn from_rows(rows: Vec<ExclusionRow>) -> ExclusionOverrides {
+        let mut overrides = ExclusionOverrides::default();
+        for row in rows {
+            if row.excluded {
+                overrides.added.insert(row.device.clone());
+            } else {
+                overrides.lifted.insert(row.device.clone());
+            }
+            overrides.rows.insert(row.device.clone(), row);
+        }
+        overrides
+    }
+}
+
+/// The outcome of lifting a device's exclusion through the API.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lift {
+    /// The lift was stored; the device is no longer excluded.
+    Lifted,
+    /// The device already has an exclusion added or lifted through the
+    /// API, which stays as it is.
+    AlreadyOverridden,
+    /// Neither `devices.exclusions` nor the device's role excludes it, so
+    /// there is nothing to lift.
+    NotExcludedByFile,
+}
+
 /// The device registry, shared by the API, the relay gate and the timer.
 pub struct Registry {
     store: Store,
     book: ArcSwap<DeviceBook>,
     table: Mutex<Table>,
-    /// Device ids excluded through the API.
-    added_exclusions: ArcSwap<BTreeSet<String>>,
+    /// Exclusions added and lifted through the API.
+    exclusion_overrides: ArcSwap<ExclusionOverrides>,
     /// Milliseconds since the epoch from which missing detection counts:
     /// this process's start, or with Redis the start shared by the hosts.
     started: AtomicI64,
@@ -138,7 +176,7 @@ impl Registry {
             store,
             book: ArcSwap::from_pointee(DeviceBook::default()),
             table: Mutex::new(Table::default()),
-            added_exclusions: ArcSwap::from_pointee(BTreeSet::new()),
+            exclusion_overrides: ArcSwap::from_pointee(ExclusionOverrides::default()),
             started: AtomicI64::new(started.millis()),
             reported: Notify::new(),
             newest_notice: watch::Sender::new(0),
@@ -385,15 +423,74 @@ impl Registry {
             .map(|device| device.id.clone())
     }
 
+    /// Returns why `device` is excluded, or `None` when it is not.
     fn exclusion(&self, config: &DevicesConfig, device: &DeviceDefinition) -> Option<String> {
-        let added = self.added_exclusions.load();
+        self.exclusion_in_force(config, device)
+            .map(|found| found.reason)
+    }
+
+    /// Applies `decide` to the exclusion rules in force.
+    fn with_exclusion_rules<T>(
+        &self,
+        config: &DevicesConfig,
+        decide: impl FnOnce(&ExclusionRules<'_>) -> T,
+    ) -> T {
+        let overrides = self.exclusion_overrides.load();
         let rules = ExclusionRules {
             configured: &config.exclusions,
-            added: &added,
+            added: &overrides.added,
+            lifted: &overrides.lifted,
             update_caches: config.exclude_update_caches,
             message_relays: config.exclude_message_relays,
         };
-        access::exclusion_reason(device, &rules)
+        decide(&rules)
+    }
+
+    fn exclusion_in_force(
+        &self,
+        config: &DevicesConfig,
+        device: &DeviceDefinition,
+    ) -> Option<Exclusion> {
+        self.with_exclusion_rules(config, |rules| access::exclusion(device, rules))
+    }
+
+    /// Returns the exclusion fields of a device's view: whether it is
+    /// excluded, why, the source of that (`file`, `role` or `api`), and
+    /// the lift through the API, if any, with what it lifts.
+    fn exclusion_fields(
+        &self,
+        config: &DevicesConfig,
+        device: &DeviceDefinition,
+    ) -> Map<String, Value> {
+        let in_force = self.exclusion_in_force(config, device);
+        let from_file =
+            self.with_exclusion_rules(config, |rules| access::file_exclusion(device, rules));
+        let overrides = self.exclusion_overrides.load();
+        let lifted = overrides
+            .rows
+            .get(&device.id)
+            .filter(|row| !row.excluded)
+            .map(|row| {
+                json!({
+                    "by": row.author,
+                    "reason": row.reason,
+                    "at": row.created.to_rfc3339(),
+                    "file_source": from_file.as_ref().map(|found| found.source.as_str()),
+                    "file_reason": from_file.as_ref().map(|found| found.reason.clone()),
+                })
+            });
+        let mut fields = Map::new();
+        fields.insert("excluded".into(), in_force.is_some().into());
+        fields.insert(
+            "exclusion_reason".into(),
+            in_force.as_ref().map(|found| found.reason.clone()).into(),
+        );
+        fields.insert(
+            "exclusion_source".into(),
+            in_force.as_ref().map(|found| found.source.as_str()).into(),
+        );
+        fields.insert("exclusion_lifted".into(), lifted.unwrap_or(Value::Null));
+        fields
     }
 
     fn subnets(
@@ -1074,8 +1171,7 @@ impl Registry {
         let state = status.evaluate(now, timing);
         let mut shown = status.clone();
         shown.state = state;
-        let exclusion = self.exclusion(config, device);
-        json!({
+        let mut view = json!({
             "id": device.id,
             "name": device.name,
             "role": device.role.as_str(),
@@ -1090,9 +1186,11 @@ impl Registry {
             "last_heartbeat": status.last_report.map(Timestamp::to_rfc3339),
             "missing_at": status.missing_at(timing).map(Timestamp::to_rfc3339),
             "state_since": status.changed.map(Timestamp::to_rfc3339),
-            "excluded": exclusion.is_some(),
-            "exclusion_reason": exclusion,
-        })
+        });
+        if let Value::Object(fields) = &mut view {
+            fields.extend(self.exclusion_fields(config, device));
+        }
+        view
     }
 
     /// Returns one device's view, or `None` for an id not in the devices
@@ -1289,12 +1387,18 @@ impl Registry {
         Ok(requested)
     }
 
-    /// Returns the exclusions made through the API.
+    /// Returns the exclusions added and lifted through the API.
     ///
     /// # Errors
     /// On a store failure.
-    pub async fn added_exclusions(&self) -> Result<Vec<ExclusionRow>, StoreError> {
+    pub async fn exclusion_overrides(&self) -> Result<Vec<ExclusionRow>, StoreError> {
         self.store.device_exclusions().await
+    }
+
+    /// Returns the exclusion added or lifted through the API for device
+    /// `id`, as last loaded.
+    pub fn exclusion_override(&self, id: &str) -> Option<ExclusionRow> {
+        self.exclusion_overrides.load().rows.get(id).cloned()
     }
 
     /// Excludes device `id` and records who did it and why; returns false
@@ -1321,6 +1425,7 @@ impl Registry {
             reason: reason.to_string(),
             author: author.to_string(),
             created: now,
+            excluded: true,
         };
         let mut details = Map::new();
         details.insert("reason".into(), reason.into());
@@ -1332,8 +1437,60 @@ impl Registry {
         Ok(added)
     }
 
-    /// Removes an exclusion made through the API and records who removed
-    /// it; returns the removed exclusion, or `None` when there was none.
+    /// Lifts the exclusion that `devices.exclusions` or the device's role
+    /// gives device `id` (an id or a name), and records who did it and
+    /// why. The lift stays in force over reloads and restarts until
+    /// [`Registry::remove_exclusion`] removes it.
+    ///
+    /// # Errors
+    /// [`LookupError::NotFound`] for a device not in the devices file, or a
+    /// store failure.
+    pub async fn lift_exclusion(
+        &self,
+        config: &DevicesConfig,
+        id: &str,
+        reason: &str,
+        author: &str,
+        now: Timestamp,
+    ) -> Result<Lift, LookupError> {
+        let book = self.book.load_full();
+        let Some(device) = book.find(id) else {
+            return Err(unknown_device(id));
+        };
+        let id = device.id.as_str();
+        let Some(from_file) =
+            self.with_exclusion_rules(config, |rules| access::file_exclusion(device, rules))
+        else {
+            return Ok(Lift::NotExcludedByFile);
+        };
+        let row = ExclusionRow {
+            device: id.to_string(),
+            reason: reason.to_string(),
+            author: author.to_string(),
+            created: now,
+            excluded: false,
+        };
+        let mut details = Map::new();
+        details.insert("reason".into(), reason.into());
+        details.insert("by".into(), author.into());
+        details.insert("source".into(), from_file.source.as_str().into());
+        details.insert("file_reason".into(), from_file.reason.clone().into());
+        let event = Event::for_device(now, EventKind::DeviceExclusionLifted, Some(id), details);
+        let stored = self.store.add_device_exclusion(row, event).await?;
+        self.load_exclusions().await?;
+        if !stored {
+            tracing::info!(device = %id, author,
+                "device exclusion not lifted because the device already has an override");
+            return Ok(Lift::AlreadyOverridden);
+        }
+        tracing::warn!(device = %id, author, reason, source = from_file.source.as_str(),
+            "device exclusion lifted through the API");
+        Ok(Lift::Lifted)
+    }
+
+    /// Removes the exclusion added or lifted through the API for device
+    /// `id`, so the configuration file decides again, and records who
+    /// removed it; returns the removed row, or `None` when there was none.
     ///
     /// # Errors
     /// On a store failure.
@@ -1343,22 +1500,33 @@ impl Registry {
         by: &str,
         now: Timestamp,
     ) -> Result<Option<ExclusionRow>, StoreError> {
-        let mut details = Map::new();
-        details.insert("by".into(), by.into());
-        let event = Event::for_device(now, EventKind::DeviceExclusionRemoved, Some(id), details);
+        let device = id.to_string();
+        let by_text = by.to_string();
+        let event_for = move |row: &ExclusionRow| {
+            let kind = if row.excluded {
+                EventKind::DeviceExclusionRemoved
+            } else {
+                EventKind::DeviceExclusionRestored
+            };
+            let mut details = Map::new();
+            details.insert("by".into(), by_text.into());
+            Event::for_device(now, kind, Some(&device), details)
+        };
         let removed = self
             .store
-            .remove_device_exclusion(id.to_string(), event)
+            .remove_device_exclusion(id.to_string(), event_for)
             .await?;
         self.load_exclusions().await?;
-        tracing::info!(device = %id, by, removed = removed.is_some(), "device exclusion removed");
+        let lift = removed.as_ref().is_some_and(|row| !row.excluded);
+        tracing::info!(device = %id, by, removed = removed.is_some(), lift,
+            "device exclusion override removed");
         Ok(removed)
     }
 
     async fn load_exclusions(&self) -> Result<(), StoreError> {
-        let rows = self.added_exclusions().await?;
-        self.added_exclusions
-            .store(Arc::new(rows.into_iter().map(|row| row.device).collect()));
+        let rows = self.exclusion_overrides().await?;
+        self.exclusion_overrides
+            .store(Arc::new(ExclusionOverrides::from_rows(rows)));
         Ok(())
     }
 

@@ -29,12 +29,33 @@ CREATE TABLE IF NOT EXISTS device_settings (
     changed INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS device_exclusions (
-    device  TEXT PRIMARY KEY,
-    reason  TEXT NOT NULL,
-    author  TEXT NOT NULL,
-    created INTEGER NOT NULL
+    device   TEXT PRIMARY KEY,
+    reason   TEXT NOT NULL,
+    author   TEXT NOT NULL,
+    created  INTEGER NOT NULL,
+    excluded INTEGER NOT NULL DEFAULT 1
 );
 ";
+
+/// Adds the columns that databases created by earlier versions lack.
+///
+/// # Errors
+/// On a database failure.
+pub(super) fn migrate(connection: &Connection) -> Result<(), StoreError> {
+    // Before lifts existed, every row of device_exclusions was an added
+    // exclusion, which the column's default keeps.
+    let has_excluded: bool = connection.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('device_exclusions') WHERE name = 'excluded'",
+        [],
+        |row| row.get(0),
+    )?;
+    if !has_excluded {
+        connection.execute_batch(
+            "ALTER TABLE device_exclusions ADD COLUMN excluded INTEGER NOT NULL DEFAULT 1",
+        )?;
+    }
+    Ok(())
+}
 
 /// A notice to the devices of one subnet that a device became unsafe or
 /// safe again.
@@ -50,13 +71,32 @@ pub struct Notice {
     pub body: serde_json::Value,
 }
 
-/// A device excluded through the API.
+/// A device's exclusion as overridden through the API: an added exclusion,
+/// or a lift of the exclusion the configuration file gives it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ExclusionRow {
     pub device: String,
     pub reason: String,
     pub author: String,
     pub created: Timestamp,
+    /// True for an added exclusion, false for a lift. Rows stored before
+    /// lifts existed have no such field and are added exclusions.
+    #[serde(default = "added_by_default")]
+    pub excluded: bool,
+}
+
+fn added_by_default() -> bool {
+    true
+}
+
+fn exclusion_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ExclusionRow> {
+    Ok(ExclusionRow {
+        device: row.get(0)?,
+        reason: row.get(1)?,
+        author: row.get(2)?,
+        created: Timestamp(row.get(3)?),
+        excluded: row.get(4)?,
+    })
 }
 
 /// Reads the stored status of every device.
@@ -289,26 +329,20 @@ pub fn save_setting(
     Ok(())
 }
 
-/// Returns the exclusions made through the API.
+/// Returns the exclusions added and lifted through the API.
 ///
 /// # Errors
 /// On a database failure.
 pub fn exclusions(connection: &Connection) -> Result<Vec<ExclusionRow>, StoreError> {
-    let mut statement = connection
-        .prepare("SELECT device, reason, author, created FROM device_exclusions ORDER BY device")?;
-    let rows = statement.query_map([], |row| {
-        Ok(ExclusionRow {
-            device: row.get(0)?,
-            reason: row.get(1)?,
-            author: row.get(2)?,
-            created: Timestamp(row.get(3)?),
-        })
-    })?;
+    let mut statement = connection.prepare(
+        "SELECT device, reason, author, created, excluded FROM device_exclusions ORDER BY device",
+    )?;
+    let rows = statement.query_map([], exclusion_from_row)?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
 
-/// Adds an exclusion with its event; returns false when the device was
-/// already excluded (nothing is written then).
+/// Stores an added or lifted exclusion with its event; returns false when
+/// the device already has one (nothing is written then).
 ///
 /// # Errors
 /// On a database failure.
@@ -319,9 +353,16 @@ pub fn add_exclusion(
 ) -> Result<bool, StoreError> {
     let transaction = connection.transaction()?;
     let added = transaction.execute(
-        "INSERT INTO device_exclusions (device, reason, author, created) VALUES (?1, ?2, ?3, ?4)
+        "INSERT INTO device_exclusions (device, reason, author, created, excluded)
+         VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (device) DO NOTHING",
-        params![row.device, row.reason, row.author, row.created.millis()],
+        params![
+            row.device,
+            row.reason,
+            row.author,
+            row.created.millis(),
+            row.excluded
+        ],
     )? == 1;
     if added {
         sqlite::insert_event(&transaction, event)?;
@@ -330,37 +371,32 @@ pub fn add_exclusion(
     Ok(added)
 }
 
-/// Removes an exclusion with its event; returns the removed row, or `None`
-/// when the device had no exclusion.
+/// Removes an added or lifted exclusion with the event `event_for`
+/// builds from the removed row; returns that row, or `None` when the
+/// device had neither.
 ///
 /// # Errors
 /// On a database failure.
 pub fn remove_exclusion(
     connection: &mut Connection,
     device: &str,
-    event: &Event,
+    event_for: impl FnOnce(&ExclusionRow) -> Event,
 ) -> Result<Option<ExclusionRow>, StoreError> {
     let transaction = connection.transaction()?;
     let row = transaction
         .query_row(
-            "SELECT device, reason, author, created FROM device_exclusions WHERE device = ?1",
+            "SELECT device, reason, author, created, excluded FROM device_exclusions
+             WHERE device = ?1",
             params![device],
-            |row| {
-                Ok(ExclusionRow {
-                    device: row.get(0)?,
-                    reason: row.get(1)?,
-                    author: row.get(2)?,
-                    created: Timestamp(row.get(3)?),
-                })
-            },
+            exclusion_from_row,
         )
         .optional()?;
-    if row.is_some() {
+    if let Some(row) = &row {
         transaction.execute(
             "DELETE FROM device_exclusions WHERE device = ?1",
             params![device],
         )?;
-        sqlite::insert_event(&transaction, event)?;
+        sqlite::insert_event(&transaction, &event_for(row))?;
     }
     transaction.commit()?;
     Ok(row)
@@ -426,6 +462,7 @@ mod tests {
             reason: "file server".to_string(),
             author: "jdoe".to_string(),
             created: Timestamp::from_secs(1),
+            excluded: true,
         };
         let event = Event::for_device(
             Timestamp::from_secs(1),
@@ -436,11 +473,96 @@ mod tests {
         assert!(add_exclusion(&mut connection, &row, &event).expect("add"));
         assert!(!add_exclusion(&mut connection, &row, &event).expect("add again"));
         assert_eq!(exclusions(&connection).expect("list"), vec![row.clone()]);
-        let removed = remove_exclusion(&mut connection, "dev-1", &event).expect("remove");
+        let removed =
+            remove_exclusion(&mut connection, "dev-1", |_| event.clone()).expect("remove");
         assert_eq!(removed, Some(row));
         assert_eq!(
-            remove_exclusion(&mut connection, "dev-1", &event).expect("remove again"),
+            remove_exclusion(&mut connection, "dev-1", |_| event.clone()).expect("remove again"),
             None
         );
+    }
+
+    #[test]
+    fn lift_stored_and_removed_with_its_event() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let mut connection = sqlite::open(&dir.path().join("s.db")).expect("open");
+        let lift = ExclusionRow {
+            device: "cache".to_string(),
+            reason: "cache compromised".to_string(),
+            author: "jdoe".to_string(),
+            created: Timestamp::from_secs(2),
+            excluded: false,
+        };
+        let event = |kind| {
+            Event::for_device(
+                Timestamp::from_secs(2),
+                kind,
+                Some("cache"),
+                serde_json::Map::new(),
+            )
+        };
+        assert!(
+            add_exclusion(
+                &mut connection,
+                &lift,
+                &event(EventKind::DeviceExclusionLifted)
+            )
+            .expect("lift")
+        );
+        let added = ExclusionRow {
+            excluded: true,
+            ..lift.clone()
+        };
+        assert!(
+            !add_exclusion(
+                &mut connection,
+                &added,
+                &event(EventKind::DeviceExclusionAdded)
+            )
+            .expect("add over a lift"),
+            "a device has one override at a time"
+        );
+        assert_eq!(exclusions(&connection).expect("list"), vec![lift.clone()]);
+
+        let removed = remove_exclusion(&mut connection, "cache", |row| {
+            assert!(!row.excluded, "the removed row is the lift");
+            event(EventKind::DeviceExclusionRestored)
+        })
+        .expect("reset");
+        assert_eq!(removed, Some(lift));
+        let kinds: Vec<String> = connection
+            .prepare("SELECT type FROM events ORDER BY id")
+            .expect("prepare")
+            .query_map([], |row| row.get(0))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert_eq!(
+            kinds,
+            ["device_exclusion_lifted", "device_exclusion_restored"]
+        );
+    }
+
+    #[test]
+    fn old_exclusions_table_migrated() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("s.db");
+        {
+            let old = Connection::open(&path).expect("create");
+            old.execute_batch(
+                "CREATE TABLE device_exclusions (
+                     device TEXT PRIMARY KEY, reason TEXT NOT NULL,
+                     author TEXT NOT NULL, created INTEGER NOT NULL);
+                 INSERT INTO device_exclusions VALUES ('files', 'backups', 'jdoe', 1000);",
+            )
+            .expect("old schema");
+        }
+        let connection = sqlite::open(&path).expect("open and migrate");
+        let rows = exclusions(&connection).expect("list");
+        assert_eq!(rows.len(), 1);
+        assert!(rows[0].excluded, "an old row is an added exclusion");
+        assert_eq!(rows[0].reason, "backups");
+        drop(connection);
+        sqlite::open(&path).expect("open again without migrating twice");
     }
 }

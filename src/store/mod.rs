@@ -747,7 +747,7 @@ impl Store {
             .await
     }
 
-    /// Returns the device exclusions made through the API.
+    /// Returns the device exclusions added and lifted through the API.
     ///
     /// # Errors
     /// On a store failure.
@@ -759,8 +759,8 @@ impl Store {
             .await
     }
 
-    /// Adds a device exclusion with its event; returns false when the
-    /// device was already excluded.
+    /// Stores an added or lifted device exclusion with its event; returns
+    /// false when the device already has one.
     ///
     /// # Errors
     /// On a store failure.
@@ -776,19 +776,20 @@ impl Store {
             .await
     }
 
-    /// Removes a device exclusion with its event; returns the removed row.
+    /// Removes an added or lifted device exclusion with the event
+    /// `event_for` builds from the removed row; returns that row.
     ///
     /// # Errors
     /// On a store failure.
     pub async fn remove_device_exclusion(
         &self,
         device: String,
-        event: Event,
+        event_for: impl FnOnce(&devices::ExclusionRow) -> Event + Send + 'static,
     ) -> Result<Option<devices::ExclusionRow>, StoreError> {
         if let Some(shared) = &self.shared {
-            return shared.remove_device_exclusion(&device, &event).await;
+            return shared.remove_device_exclusion(&device, event_for).await;
         }
-        self.call(move |connection| devices::remove_exclusion(connection, &device, &event))
+        self.call(move |connection| devices::remove_exclusion(connection, &device, event_for))
             .await
     }
 }

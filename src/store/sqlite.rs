@@ -104,6 +104,7 @@ pub fn open(path: &Path) -> Result<Connection, StoreError> {
     connection.pragma_update(None, "synchronous", "NORMAL")?;
     connection.execute_batch(SCHEMA)?;
     connection.execute_batch(super::devices::SCHEMA)?;
+    super::devices::migrate(&connection)?;
     connection.execute_batch(super::fallback::SCHEMA)?;
     Ok(connection)
 }

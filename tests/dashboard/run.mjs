@@ -419,6 +419,42 @@ const phases = {
     result.exclusion_removed = true;
   },
 
+  // Admin: an exclusion from the configuration file is lifted on the
+  // settings page with a reason and a name, then reset to the file's.
+  async "lift-exclusion"(page) {
+    const device = required("EXCLUDE");
+    await login(page, required("ADMIN_TOKEN"));
+    await page.getByRole("link", { name: "Settings" }).click();
+    await heading(page, "Settings");
+    const exclusions = page.getByRole("region", { name: "Exclusions" });
+    const row = () => page.getByRole("region", { name: "Exclusions" }).getByRole("row").filter({ hasText: device });
+    await row().getByText("configuration file").waitFor();
+    result.row_before = (await row().textContent()).replace(/\s+/g, " ");
+
+    // Lifting asks for a reason and a name first.
+    const liftButton = exclusions.getByRole("button", { name: `Lift the exclusion of ${device}` });
+    await liftButton.click();
+    await exclusions.getByRole("alert").filter({ hasText: "Enter a reason" }).waitFor();
+    await exclusions.getByLabel("Reason").fill("server compromised, ticket OPS-77");
+    await exclusions.getByLabel("Your name").fill("jdoe");
+    await liftButton.click();
+    await row().getByText("lifted in the dashboard or API").waitFor();
+    result.row_lifted = (await row().textContent()).replace(/\s+/g, " ");
+    check(result.row_lifted.includes("server compromised, ticket OPS-77 (by jdoe"),
+      `the lifted row lacks its reason and author: ${result.row_lifted}`);
+    check(result.row_lifted.includes("lifts the configuration file exclusion"),
+      `the lifted row does not name what it lifts: ${result.row_lifted}`);
+    await shot(page, "settings-exclusion-lifted");
+
+    // Reset: the file's exclusion is in force again.
+    await page.getByRole("region", { name: "Exclusions" }).getByLabel("Your name").fill("jdoe");
+    await row().getByRole("button", { name: `Reset the exclusion of ${device} to the configuration file` }).click();
+    await row().getByRole("button", { name: `Lift the exclusion of ${device}` }).waitFor();
+    result.row_reset = (await row().textContent()).replace(/\s+/g, " ");
+    check(!result.row_reset.includes("lifted"), `the reset row still shows a lift: ${result.row_reset}`);
+    check(result.row_reset.includes("configuration file"), `the reset row lacks its source: ${result.row_reset}`);
+  },
+
   // Admin: an exclusion whose device left the devices file is listed and
   // can be removed.
   async "unknown-exclusion"(page) {

@@ -10,7 +10,8 @@ const EVENT_TYPES = [
   "config_loaded", "action_delivered", "action_failed", "action_abandoned", "block_lifted",
   "lockout_count_reset", "lockouts_forgiven", "exemption_added", "exemption_removed",
   "exemption_expired", "device_state_changed", "access_refused", "relay_refused",
-  "device_exclusion_added", "device_exclusion_removed", "device_setting_changed", "setting_changed",
+  "device_exclusion_added", "device_exclusion_removed", "device_exclusion_lifted", "device_exclusion_restored",
+  "device_setting_changed", "setting_changed",
 ];
 const HISTORY_TYPES = ["lockout_started", "lockout_ended", "blocked_permanently", "block_lifted",
   "lockout_count_reset", "lockouts_forgiven"];
@@ -617,45 +618,88 @@ function stateBadge(device) {
   return badge(device.state, device.state);
 }
 
+/** Names the source of an exclusion in the configuration file. */
+function fileSourceLabel(source) {
+  return source === "role" ? "role, by default" : "configuration file";
+}
+
 async function exclusionsSection() {
   const exclusions = await api("GET", "/api/v1/device-exclusions");
-  // "Your name" is recorded with each exclusion the admin adds or removes.
+  // "Your name" and "Reason" are recorded with each exclusion the admin
+  // adds, lifts or removes.
   const author = h("input", { id: "exclude-author", name: "author", type: "text", required: true, autocomplete: "name" });
+  const reason = h("input", { id: "exclude-reason", name: "reason", type: "text", required: true });
   const message = h("p", { class: "error", role: "alert" });
+  const lifted = exclusions.lifted || [];
   // An exclusion added through the API stays stored when its device leaves
   // the devices file, and applies again if the device comes back, so it is
-  // listed to be removed.
+  // listed to be removed. A lift is kept and listed the same way.
   const listed = new Set(exclusions.excluded.map((device) => device.id));
   const unknown = exclusions.added.filter((row) => !listed.has(row.device))
     .map((row) => ({ id: row.device, name: "not in the devices file" }));
-  const rows = [...exclusions.excluded, ...unknown].map((device) => {
+  const liftedDevices = lifted.map((row) => ({ id: row.device, name: row.name || "not in the devices file", lift: row }));
+
+  // Sends `change` once the fields it records are filled in, then shows
+  // the page again.
+  const changeButton = (label, text, needsReason, missingText, change) =>
+    h("button", { type: "button", class: "secondary", "aria-label": label, onclick: async () => {
+      message.textContent = "";
+      const by = author.value.trim();
+      const why = reason.value.trim();
+      if (!by || (needsReason && !why)) {
+        message.textContent = missingText;
+        (by ? reason : author).focus();
+        return;
+      }
+      try {
+        await change(by, why);
+        await route();
+      } catch (failure) { message.textContent = failure.message; }
+    } }, text);
+  const removeButton = (id) => changeButton(`Remove the exclusion of ${id}`, "Remove", false,
+    "Enter your name under “Your name” first; it is recorded with the removal.",
+    async (by) => {
+      await api("DELETE", "/api/v1/device-exclusions/" + encodeURIComponent(id) + "?by=" + encodeURIComponent(by));
+      announce(`Exclusion of ${id} removed`);
+    });
+  const liftButton = (id) => changeButton(`Lift the exclusion of ${id}`, "Lift", true,
+    "Enter a reason under “Reason” and your name under “Your name” first; both are recorded with the lift.",
+    async (by, why) => {
+      await api("POST", "/api/v1/device-exclusions", { device: id, excluded: false, reason: why, author: by });
+      announce(`Exclusion of ${id} lifted`);
+    });
+  const resetButton = (id) => changeButton(`Reset the exclusion of ${id} to the configuration file`, "Reset", false,
+    "Enter your name under “Your name” first; it is recorded with the reset.",
+    async (by) => {
+      await api("DELETE", "/api/v1/device-exclusions/" + encodeURIComponent(id) + "?by=" + encodeURIComponent(by));
+      announce(`Exclusion of ${id} set back to the configuration file`);
+    });
+
+  const admin = state.role === "admin";
+  const rows = [...exclusions.excluded, ...unknown, ...liftedDevices].map((device) => {
     const added = exclusions.added.find((row) => row.device === device.id);
-    const remove = added && state.role === "admin"
-      ? h("button", { type: "button", class: "secondary", "aria-label": `Remove the exclusion of ${device.id}`,
-        onclick: async () => {
-          message.textContent = "";
-          const by = author.value.trim();
-          if (!by) {
-            message.textContent = "Enter your name under “Your name” first; it is recorded with the removal.";
-            author.focus();
-            return;
-          }
-          try {
-            await api("DELETE", "/api/v1/device-exclusions/" + encodeURIComponent(device.id) + "?by=" + encodeURIComponent(by));
-            announce(`Exclusion of ${device.id} removed`);
-            await route();
-          } catch (failure) { message.textContent = failure.message; }
-        } }, "Remove")
-      : null;
+    let reasonText = device.reason || "–";
+    let source = badge(fileSourceLabel(device.source));
+    let action = null;
+    if (device.lift) {
+      const lift = device.lift;
+      const lifts = lift.file_source ? `lifts the ${fileSourceLabel(lift.file_source)} exclusion` : "the configuration file no longer excludes it";
+      reasonText = `${lift.reason} (by ${lift.author}, ${formatTime(lift.created)}); ${lifts}`;
+      source = badge("lifted in the dashboard or API", "warn");
+      action = admin ? resetButton(device.id) : null;
+    } else if (added) {
+      reasonText = `${added.reason} (by ${added.author})`;
+      source = badge("dashboard or API", "api");
+      action = admin ? removeButton(device.id) : null;
+    } else if (device.source === "file" || device.source === "role") {
+      action = admin ? liftButton(device.id) : null;
+    }
     return h("tr", {}, h("td", {}, device.id), h("td", {}, device.name || "–"),
-      h("td", {}, added ? `${added.reason} (by ${added.author})` : (device.reason || "–")),
-      h("td", {}, added ? badge("dashboard or API", "api") : badge("configuration file")),
-      h("td", {}, remove || ""));
+      h("td", {}, reasonText), h("td", {}, source), h("td", {}, action || ""));
   });
   let form = h("p", { class: "muted" }, "Exclusions are changed with the admin token.");
-  if (state.role === "admin") {
+  if (admin) {
     const device = h("input", { id: "exclude-device", name: "device", type: "text", required: true, autocomplete: "off" });
-    const reason = h("input", { id: "exclude-reason", name: "reason", type: "text", required: true });
     form = h("form", { class: "grid", "aria-label": "Add an exclusion", onsubmit: async (event) => {
       event.preventDefault();
       message.textContent = "";
@@ -670,7 +714,8 @@ async function exclusionsSection() {
   return h("section", { class: "panel", "aria-labelledby": "h-exclusions" },
     h("h2", { id: "h-exclusions" }, "Exclusions"),
     h("p", { class: "muted" }, "Excluded servers are always reachable and always accepted, even when unsafe. ",
-      `By role, update caches ${exclusions.exclude_update_caches ? "are" : "are not"} excluded and message relays ${exclusions.exclude_message_relays ? "are" : "are not"}.`),
+      `By role, update caches ${exclusions.exclude_update_caches ? "are" : "are not"} excluded and message relays ${exclusions.exclude_message_relays ? "are" : "are not"}. `,
+      "Lift removes an exclusion of the configuration file until it is reset; give a reason and your name below first."),
     table("Excluded devices", ["Device", "Name", "Reason", "Source", "Action"], rows, "No device is excluded."),
     form);
 }
@@ -698,7 +743,8 @@ async function renderDevices() {
   const missing = list.devices.filter((device) => device.state === "missing");
   const deviceRows = list.devices.map((device) => h("tr", {},
     h("td", {}, device.id), h("td", {}, device.name), h("td", { class: "hide-narrow" }, device.role),
-    h("td", {}, stateBadge(device), device.excluded ? " " : "", device.excluded ? badge("excluded") : ""),
+    h("td", {}, stateBadge(device), device.excluded ? " " : "", device.excluded ? badge("excluded") : "",
+      device.exclusion_lifted ? " " : "", device.exclusion_lifted ? badge("exclusion lifted", "warn") : ""),
     h("td", { class: "hide-narrow" }, device.addresses.join(", ") || "–"),
     timeCell(device.last_heartbeat)));
   return h("div", {},

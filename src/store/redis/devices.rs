@@ -245,7 +245,7 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Returns the exclusions made through the API.
+    /// Returns the exclusions added and lifted through the API.
     ///
     /// # Errors
     /// When Redis cannot be reached or an exclusion does not decode.
@@ -255,8 +255,8 @@ impl RedisStore {
         Ok(rows)
     }
 
-    /// Adds an exclusion and records `event`; returns false, writing
-    /// nothing, when the device was already excluded.
+    /// Stores an added or lifted exclusion and records `event`; returns
+    /// false, writing nothing, when the device already has one.
     ///
     /// # Errors
     /// When Redis cannot be reached.
@@ -280,15 +280,16 @@ impl RedisStore {
         Ok(added)
     }
 
-    /// Removes an exclusion and records `event`; returns the removed row,
-    /// or `None` when the device had no exclusion.
+    /// Removes an added or lifted exclusion and records the event
+    /// `event_for` builds from the removed row; returns that row, or
+    /// `None` when the device had neither.
     ///
     /// # Errors
     /// When Redis cannot be reached or the exclusion does not decode.
     pub async fn remove_device_exclusion(
         &self,
         device: &str,
-        event: &Event,
+        event_for: impl FnOnce(&ExclusionRow) -> Event,
     ) -> Result<Option<ExclusionRow>, StoreError> {
         let mut connection = self.connection();
         let value: Option<String> = connection
@@ -304,8 +305,9 @@ impl RedisStore {
             // Another host removed it between the two commands.
             return Ok(None);
         }
-        self.record(event).await?;
+        let row: ExclusionRow = serde_json::from_str(&value)?;
+        self.record(&event_for(&row)).await?;
         self.announce_devices().await;
-        Ok(Some(serde_json::from_str(&value)?))
+        Ok(Some(row))
     }
 }
