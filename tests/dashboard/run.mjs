@@ -438,9 +438,9 @@ const phases = {
     await exclusions.getByLabel("Reason").fill("server compromised, ticket OPS-77");
     await exclusions.getByLabel("Your name").fill("jdoe");
     await liftButton.click();
-    await row().getByText("lifted in the dashboard or API").waitFor();
+    await row().getByText("lifted", { exact: true }).waitFor();
     result.row_lifted = (await row().textContent()).replace(/\s+/g, " ");
-    check(result.row_lifted.includes("server compromised, ticket OPS-77 (by jdoe"),
+    check(result.row_lifted.includes("server compromised, ticket OPS-77 (lifted by jdoe"),
       `the lifted row lacks its reason and author: ${result.row_lifted}`);
     check(result.row_lifted.includes("lifts the configuration file exclusion"),
       `the lifted row does not name what it lifts: ${result.row_lifted}`);

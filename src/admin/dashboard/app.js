@@ -684,8 +684,8 @@ async function exclusionsSection() {
     if (device.lift) {
       const lift = device.lift;
       const lifts = lift.file_source ? `lifts the ${fileSourceLabel(lift.file_source)} exclusion` : "the configuration file no longer excludes it";
-      reasonText = `${lift.reason} (by ${lift.author}, ${formatTime(lift.created)}); ${lifts}`;
-      source = badge("lifted in the dashboard or API", "warn");
+      reasonText = `${lift.reason} (lifted by ${lift.author}, ${formatTime(lift.created)}); ${lifts}`;
+      source = badge("lifted", "warn");
       action = admin ? resetButton(device.id) : null;
     } else if (added) {
       reasonText = `${added.reason} (by ${added.author})`;
