@@ -652,7 +652,7 @@ fn lift_body(device: &str, reason: &str) -> Value {
     json!({ "device": device, "excluded": false, "reason": reason, "author": "jdoe" })
 }
 
-/// Returns the types of the exclusion events on device `id`, oldest first.
+/// Returns the exclusion events of device `id`, oldest first.
 fn exclusion_events(site: &Site, id: &str) -> Vec<Value> {
     site.device_events(id)
         .into_iter()

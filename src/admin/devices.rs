@@ -7,7 +7,7 @@
 //! unsafe device safe again and no one may override that. The admin and
 //! support tokens may call the other device endpoints; only the admin token
 //! may change exclusions. An exclusion that the configuration file gives a
-//! device (by listing or by role) can be lifted here; the lift is stored and
+//! device (by listing or by role) can be lifted here. The lift is stored and
 //! stays in force over reloads until it is removed.
 
 use super::{ApiError, Role, forbidden, ok_json};
@@ -614,8 +614,9 @@ async fn list_exclusions(headers: HeaderMap, State(guard): Shared) -> Result<Res
             })
         })
         .collect();
-    // A lift names what it lifts; that is null when a reload of the file
-    // no longer excludes the device, or the device left the devices file.
+    // A lift names the file's exclusion that it lifts. The name is null
+    // when the reloaded file no longer excludes the device, or when the
+    // device left the devices file.
     let lifted: Vec<Value> = overrides
         .iter()
         .filter(|row| !row.excluded)

@@ -123,7 +123,7 @@ pub struct ExclusionRules<'a> {
     pub message_relays: bool,
 }
 
-/// Where a device's exclusion comes from.
+/// The origin of a device's exclusion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExclusionSource {
     /// Listed in `devices.exclusions`.
@@ -406,7 +406,7 @@ mod tests {
         assert_eq!(source(&by_id), Some(ExclusionSource::File));
         assert_eq!(source(&by_api), Some(ExclusionSource::Api));
 
-        // What the file says stays visible under a lift.
+        // The file's exclusion is still reported under a lift.
         let under_lift = file_exclusion(&cache, &rules).expect("role exclusion");
         assert_eq!(under_lift.source, ExclusionSource::Role);
         let under_lift = file_exclusion(&by_name, &rules).expect("file exclusion");

@@ -1461,8 +1461,11 @@ impl Registry {
         let Some(from_file) =
             self.with_exclusion_rules(config, |rules| access::file_exclusion(device, rules))
         else {
+            tracing::info!(device = %id, author,
+                "device exclusion not lifted because the configuration file does not exclude it");
             return Ok(Lift::NotExcludedByFile);
         };
+
         let row = ExclusionRow {
             device: id.to_string(),
             reason: reason.to_string(),
@@ -1476,6 +1479,7 @@ impl Registry {
         details.insert("source".into(), from_file.source.as_str().into());
         details.insert("file_reason".into(), from_file.reason.clone().into());
         let event = Event::for_device(now, EventKind::DeviceExclusionLifted, Some(id), details);
+
         let stored = self.store.add_device_exclusion(row, event).await?;
         self.load_exclusions().await?;
         if !stored {
@@ -1490,7 +1494,7 @@ impl Registry {
 
     /// Removes the exclusion added or lifted through the API for device
     /// `id`, so the configuration file decides again, and records who
-    /// removed it; returns the removed row, or `None` when there was none.
+    /// removed it. Returns the removed row, or `None` when there was none.
     ///
     /// # Errors
     /// On a store failure.

@@ -431,7 +431,7 @@ const phases = {
     await row().getByText("configuration file").waitFor();
     result.row_before = (await row().textContent()).replace(/\s+/g, " ");
 
-    // Lifting asks for a reason and a name first.
+    // Lifting requires a reason and a name first.
     const liftButton = exclusions.getByRole("button", { name: `Lift the exclusion of ${device}` });
     await liftButton.click();
     await exclusions.getByRole("alert").filter({ hasText: "Enter a reason" }).waitFor();
