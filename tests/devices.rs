@@ -829,6 +829,33 @@ fn file_exclusions_lifted_at_runtime() {
     assert_eq!(files_events.len(), 2, "{files_events:?}");
     assert_eq!(files_events[0]["source"], "file");
     assert_eq!(files_events[0]["reason"], "audit of backups");
+
+    // The command line lifts and resets through the same API.
+    let output = site.server.cli(&[
+        "device",
+        "exclusions",
+        "lift",
+        "relay",
+        "--reason",
+        "relay moved",
+        "--author",
+        "jdoe",
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(site.access("relay", "dev-a")["allowed"], false);
+    let output = site
+        .server
+        .cli(&["device", "exclusions", "remove", "relay", "--by", "jdoe"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(site.access("relay", "dev-a")["allowed"], true);
 }
 
 #[test]
