@@ -831,9 +831,11 @@ fn file_exclusions_lifted_at_runtime() {
     assert_eq!(files_events[0]["reason"], "audit of backups");
 
     // The command line lifts and resets through the same API.
-    let output = site.server.cli(&[
-        "device",
-        "exclusions",
+    let exclusions = |args: &[&str]| {
+        let output = site.server.cli(&[&["device", "exclusions"], args].concat());
+        assert!(output.status.success(), "{args:?}: {output:?}");
+    };
+    exclusions(&[
         "lift",
         "relay",
         "--reason",
@@ -841,20 +843,8 @@ fn file_exclusions_lifted_at_runtime() {
         "--author",
         "jdoe",
     ]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
     assert_eq!(site.access("relay", "dev-a")["allowed"], false);
-    let output = site
-        .server
-        .cli(&["device", "exclusions", "remove", "relay", "--by", "jdoe"]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    exclusions(&["remove", "relay", "--by", "jdoe"]);
     assert_eq!(site.access("relay", "dev-a")["allowed"], true);
 }
 
