@@ -778,6 +778,17 @@ fn file_exclusions_lifted_at_runtime() {
         Some(&lift_body("nobody", "unknown")),
     );
     assert_eq!(response.status, 404, "{}", response.body);
+    let response = site.admin(
+        "POST",
+        "/api/v1/device-exclusions",
+        Some(&lift_body("relay", &"x".repeat(501))),
+    );
+    assert_eq!(response.status, 400, "{}", response.body);
+    assert!(
+        response.body.contains("501 characters"),
+        "{}",
+        response.body
+    );
 
     // Neither a reload of the file nor a restart undoes the lifts.
     site.server.reload();

@@ -687,6 +687,12 @@ async fn add_exclusion(
             "missing reason or author: say why the device's exclusion changes and who changes it; both are recorded",
         ));
     }
+    // Both go into events and logs, so they are capped and kept to one line.
+    let why = "say why the device's exclusion changes and who changes it";
+    let reason =
+        super::api::clean_text("reason", Some(reason), why).map_err(ApiError::bad_request)?;
+    let author =
+        super::api::clean_text("author", Some(author), why).map_err(ApiError::bad_request)?;
     let device = request.device;
     if request.excluded == Some(false) {
         return lift_exclusion(&guard, &device, &reason, &author).await;
