@@ -113,8 +113,21 @@ const phases = {
     await shot(page, "login");
     await phoneShot(page, "login");
 
+    // The overview redraws itself every second in this phase, and the
+    // test counts the requests it makes for it.
+    await page.addInitScript(() => { window.sendguardOverviewRefresh = 1000; });
+    let overviewRequests = 0;
+    page.on("request", (request) => {
+      if (new URL(request.url()).pathname === "/api/v1/overview") overviewRequests += 1;
+    });
     await login(page, required("ADMIN_TOKEN"));
     await heading(page, "Overview");
+    await page.locator("#main").focus();
+    const requestsBefore = overviewRequests;
+    await page.waitForTimeout(3500);
+    result.overview_redraws = overviewRequests - requestsBefore;
+    check(result.overview_redraws >= 2,
+      `the overview asked for new data ${result.overview_redraws} times in 3.5 s, expected every second`);
     result.role_badge = await page.locator("#role").textContent();
     const lockouts = page.getByRole("region", { name: "Active lockouts" });
     await lockouts.getByRole("link", { name: locked }).waitFor();

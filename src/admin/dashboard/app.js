@@ -5,13 +5,20 @@
 
 const state = { role: null, csrf: null, timers: [], clockOffset: 0 };
 
+/**
+ * Interval of the overview's redraw, in milliseconds, so new lockouts and
+ * blocks appear without a reload. The browser tests set
+ * window.sendguardOverviewRefresh to a shorter one.
+ */
+const OVERVIEW_REFRESH = window.sendguardOverviewRefresh || 30000;
+
 const EVENT_TYPES = [
   "bad_message", "sender_refused", "lockout_started", "lockout_ended", "blocked_permanently",
   "config_loaded", "action_delivered", "action_failed", "action_abandoned", "block_lifted",
   "lockout_count_reset", "lockouts_forgiven", "exemption_added", "exemption_removed",
   "exemption_expired", "device_state_changed", "access_refused", "relay_refused",
   "device_exclusion_added", "device_exclusion_removed", "device_exclusion_lifted", "device_exclusion_restored",
-  "device_setting_changed", "setting_changed",
+  "device_setting_changed", "setting_changed", "endpoint_scan_result",
 ];
 const HISTORY_TYPES = ["lockout_started", "lockout_ended", "blocked_permanently", "block_lifted",
   "lockout_count_reset", "lockouts_forgiven"];
@@ -323,9 +330,27 @@ function focusMain() {
 
 // ---- overview ------------------------------------------------------------
 
+/**
+ * Draws the overview again with fresh data. It skips a turn while the tab
+ * is hidden or a control on the page has the keyboard focus, so a redraw
+ * never takes the focus away.
+ */
+async function refreshOverview() {
+  const view = document.getElementById("view");
+  if (document.hidden || view.contains(document.activeElement)) return;
+  if (parseHash().page !== "overview") return;
+  stopTimers();
+  try {
+    view.replaceChildren(await renderOverview());
+  } catch (failure) {
+    if (failure.status !== 401) route();
+  }
+}
+
 async function renderOverview() {
   const overview = await api("GET", "/api/v1/overview");
   state.clockOffset = new Date(overview.now).getTime() - Date.now();
+  state.timers.push(setInterval(refreshOverview, OVERVIEW_REFRESH));
   const lockoutRows = overview.lockouts.map((block) => h("tr", {},
     h("td", {}, mailboxLink(block.mailbox, block.key_client)),
     h("td", { class: "num" }, block.level),
@@ -350,6 +375,8 @@ async function renderOverview() {
   });
   return h("div", {},
     h("h1", {}, "Overview"),
+    h("p", { class: "muted" }, `Updated ${formatTime(overview.now)}; the page updates itself every ` +
+      `${Math.round(OVERVIEW_REFRESH / 1000)} s.`),
     h("div", { class: "cards" },
       h("div", { class: "card alert" }, h("div", { class: "value" }, overview.lockouts.length),
         h("div", { class: "label" }, "Active lockouts")),
