@@ -197,6 +197,22 @@ impl Api {
                 "event stream: the server answered {status}: {text}"
             ));
         }
+        // A proxy or another service on the port can reply 200 with a
+        // page. Taking that for the stream would count as contact with the
+        // server and keep the agent from failing open.
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        if !content_type.starts_with("text/event-stream") {
+            return Err(format!(
+                "event stream: the server replied {} with content type {content_type:?}, not \
+                 text/event-stream; check that server is sendguard's admin API",
+                response.status()
+            ));
+        }
         Ok(response)
     }
 }
@@ -248,6 +264,56 @@ pub fn global_addresses(interfaces: &Value) -> Vec<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Serves one connection on loopback with `reply`, and returns the
+    /// base URL.
+    async fn serve_once(reply: &'static str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            let (mut connection, _) = listener.accept().await.expect("accept");
+            let mut request = [0u8; 4096];
+            let _ = connection.read(&mut request).await;
+            let _ = connection.write_all(reply.as_bytes()).await;
+        });
+        format!("http://{address}")
+    }
+
+    fn api_for(server: &str) -> Api {
+        let config = AgentConfig::parse(&format!(
+            "server = \"{server}\"\ndevice = \"ws-1\"\ntoken_file = \"/nonexistent\"\n"
+        ))
+        .expect("valid config");
+        Api::new(&config, "token".to_string()).expect("client")
+    }
+
+    #[tokio::test]
+    async fn stream_rejects_html_page() {
+        let server = serve_once(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 6\r\n\r\n<html>",
+        )
+        .await;
+        let error = api_for(&server)
+            .open_stream(None)
+            .await
+            .expect_err("an HTML page is no event stream");
+        assert!(error.contains("\"text/html\""), "{error}");
+    }
+
+    #[tokio::test]
+    async fn stream_accepts_event_stream() {
+        let server = serve_once(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 0\r\n\r\n",
+        )
+        .await;
+        api_for(&server)
+            .open_stream(None)
+            .await
+            .expect("an event stream");
+    }
 
     #[test]
     fn only_global_addresses_reported() {
