@@ -17,6 +17,7 @@ pub mod nft;
 pub mod scan;
 pub mod stream;
 
+use crate::admin::devices::MAX_ADDRESSES;
 use api::Api;
 use config::AgentConfig;
 use enforce::Desired;
@@ -163,6 +164,15 @@ async fn sign_off(agent: &Agent, why: &str) {
     }
 }
 
+/// Keeps the first addresses the server accepts in one heartbeat, which
+/// rejects a heartbeat with more. Returns the kept addresses and the
+/// number left out.
+fn cap_addresses(mut addresses: Vec<IpAddr>) -> (Vec<IpAddr>, usize) {
+    let left_out = addresses.len().saturating_sub(MAX_ADDRESSES);
+    addresses.truncate(MAX_ADDRESSES);
+    (addresses, left_out)
+}
+
 async fn addresses(config: &AgentConfig) -> Vec<IpAddr> {
     if !config.addresses.is_empty() {
         return config.addresses.clone();
@@ -179,6 +189,7 @@ async fn addresses(config: &AgentConfig) -> Vec<IpAddr> {
 /// Sends a heartbeat every interval, and at once after a scan.
 async fn heartbeats(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
     let mut last: Option<(crate::heartbeat::Health, Vec<String>)> = None;
+    let mut last_left_out = 0;
     loop {
         let findings = health::evaluate(&agent.config, agent.scan_finding()).await;
         let (health, reasons) = health::combine(&findings);
@@ -190,7 +201,14 @@ async fn heartbeats(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
             }
             last = Some((health, reasons.clone()));
         }
-        let addresses = addresses(&agent.config).await;
+        let (addresses, left_out) = cap_addresses(addresses(&agent.config).await);
+        if left_out != last_left_out && left_out > 0 {
+            // NOTE: peers know the device only by the reported addresses, so
+            // they do not refuse connections from the addresses left out.
+            tracing::warn!(reported = addresses.len(), left_out,
+                "the device has more global addresses than a heartbeat may carry; reporting the first ones");
+        }
+        last_left_out = left_out;
         match agent
             .api
             .heartbeat(health.as_str(), &addresses, &reasons)
@@ -457,5 +475,23 @@ async fn watch_sleep(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
             agent.heartbeat_now.notify_one();
             agent.request_refresh();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_capped_at_server_maximum() {
+        let many: Vec<IpAddr> = (0..MAX_ADDRESSES + 9)
+            .map(|host| IpAddr::from([10, 0, (host / 250) as u8, (host % 250 + 1) as u8]))
+            .collect();
+        let (kept, left_out) = cap_addresses(many.clone());
+        assert_eq!(kept, many[..MAX_ADDRESSES]);
+        assert_eq!(left_out, 9);
+        let (kept, left_out) = cap_addresses(many[..3].to_vec());
+        assert_eq!(kept.len(), 3);
+        assert_eq!(left_out, 0);
     }
 }
