@@ -205,8 +205,11 @@ async fn heartbeats(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
         if left_out != last_left_out && left_out > 0 {
             // NOTE: peers know the device only by the reported addresses, so
             // they do not refuse connections from the addresses left out.
-            tracing::warn!(reported = addresses.len(), left_out,
-                "the device has more global addresses than a heartbeat may carry; reporting the first ones");
+            tracing::warn!(
+                reported = addresses.len(),
+                left_out,
+                "the device has more global addresses than a heartbeat may carry; reporting the first ones"
+            );
         }
         last_left_out = left_out;
         match agent
@@ -294,6 +297,25 @@ async fn resolve_server(server: &str) -> Vec<IpAddr> {
     }
 }
 
+/// Maximum number of scan errors named in logs, the health reason and the
+/// scan report; the rest are counted.
+const NAMED_SCAN_ERRORS: usize = 5;
+
+/// Joins the first scan errors and counts the rest, so that a scan of many
+/// unreadable files gives a short reason, log line and report.
+fn summarize_errors(errors: &[String]) -> String {
+    let mut text = errors
+        .iter()
+        .take(NAMED_SCAN_ERRORS)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("; ");
+    if errors.len() > NAMED_SCAN_ERRORS {
+        text.push_str(&format!("; and {} more", errors.len() - NAMED_SCAN_ERRORS));
+    }
+    text
+}
+
 /// Returns the health finding of a scan outcome; `None` when clean.
 fn scan_finding(outcome: &scan::ScanOutcome) -> Option<health::Finding> {
     match outcome.result() {
@@ -317,7 +339,7 @@ fn scan_finding(outcome: &scan::ScanOutcome) -> Option<health::Finding> {
             health: crate::heartbeat::Health::Yellow,
             reason: format!(
                 "the on-demand scan could not scan everything: {}",
-                outcome.errors.join("; ")
+                summarize_errors(&outcome.errors)
             ),
         }),
         _ => None,
@@ -391,7 +413,8 @@ async fn scanner(
                     tracing::error!(notice = request.notice, findings = ?outcome.findings,
                         "on-demand scan found malware; the device reports red health");
                 } else {
-                    tracing::info!(notice = request.notice, result, errors = ?outcome.errors, "on-demand scan finished");
+                    tracing::info!(notice = request.notice, result, errors = outcome.errors.len(),
+                        first_errors = %summarize_errors(&outcome.errors), "on-demand scan finished");
                 }
                 agent.set_scan_finding(scan_finding(outcome));
                 save_scan_state(&agent.config, outcome);
@@ -400,7 +423,7 @@ async fn scanner(
                     "request": request.notice,
                     "paths": paths,
                     "findings": outcome.findings.iter().take(100).collect::<Vec<_>>(),
-                    "error": (!outcome.errors.is_empty()).then(|| outcome.errors.join("; ")),
+                    "error": (!outcome.errors.is_empty()).then(|| summarize_errors(&outcome.errors)),
                 })
             }
             Err(error) => {
@@ -481,6 +504,31 @@ async fn watch_sleep(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scan_errors_summarized() {
+        let outcome = scan::ScanOutcome {
+            findings: Vec::new(),
+            errors: (0..3000)
+                .map(|file| format!("/home/a/locked-{file}: Access denied. ERROR"))
+                .collect(),
+        };
+        let finding = scan_finding(&outcome).expect("a failed scan is yellow");
+        assert_eq!(finding.health, crate::heartbeat::Health::Yellow);
+        assert!(
+            finding
+                .reason
+                .contains("/home/a/locked-4: Access denied. ERROR"),
+            "{}",
+            finding.reason
+        );
+        assert!(!finding.reason.contains("locked-5:"), "{}", finding.reason);
+        assert!(
+            finding.reason.ends_with("; and 2995 more"),
+            "{}",
+            finding.reason
+        );
+    }
 
     #[test]
     fn addresses_capped_at_server_maximum() {
