@@ -702,6 +702,54 @@ fn lockout_scan_and_fail_open() {
 }
 
 #[test]
+fn agent_without_nft_does_not_start() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let token = dir.path().join("token");
+    std::fs::write(&token, format!("{}\n", token_of("ws1"))).expect("write token");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "server = \"http://127.0.0.1:9\"\ndevice = \"ws1\"\ntoken_file = \"{}\"\n\
+             [enforcement]\nnft = \"{}\"\n",
+            token.display(),
+            dir.path().join("missing-nft").display()
+        ),
+    )
+    .expect("write config");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sendguard"))
+        .args(["agent", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the agent");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the agent") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the agent kept running without nft");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("enforcement: cannot remove a table"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("missing-nft"), "{stderr}");
+}
+
+#[test]
 fn invalid_config_lists_problems() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let config = dir.path().join("agent.toml");

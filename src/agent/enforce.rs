@@ -154,11 +154,6 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let nft_path = agent.config.enforcement.nft.clone();
-    // A table left by an earlier run enforces a list that may be stale; it
-    // comes back with the first refresh.
-    if let Err(error) = nft::apply(&nft_path, &nft::removal_script()).await {
-        tracing::error!(%error, "cannot remove a table left by an earlier run");
-    }
     let mut enforcer = Enforcer {
         agent,
         desired,

@@ -104,12 +104,27 @@ pub async fn uninstall_rules(nft_program: &std::path::Path) -> Result<(), String
 /// removes the table.
 ///
 /// # Errors
-/// When the token cannot be read, the HTTP client cannot be built or the
-/// signal handlers cannot be installed.
+/// When the token cannot be read, the HTTP client cannot be built, nft
+/// fails while enforcement is enabled, or the signal handlers cannot be
+/// installed.
 pub async fn run(config: AgentConfig) -> Result<(), String> {
     use tokio::signal::unix::{SignalKind, signal};
     let token = config.token()?;
     let api = Api::new(&config, token)?;
+    if config.enforcement.enabled {
+        // Peers count on a device that sends heartbeats to refuse unsafe
+        // devices itself, so an agent that cannot run nft must not start.
+        // A table left by an earlier run enforces a list that may be
+        // stale; it comes back with the first refresh.
+        nft::apply(&config.enforcement.nft, &nft::removal_script())
+            .await
+            .map_err(|error| {
+                format!(
+                    "enforcement: cannot remove a table left by an earlier run: {error}; the agent \
+                     needs nft and CAP_NET_ADMIN, or set enforcement.enabled = false"
+                )
+            })?;
+    }
     let agent = Arc::new(Agent {
         config,
         api,
