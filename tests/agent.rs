@@ -702,6 +702,36 @@ fn lockout_scan_and_fail_open() {
 }
 
 #[test]
+fn uninstall_rules_with_broken_config() {
+    require_root();
+    let network = Network::build(2, 1);
+    let added = network.exec(0, "nft", &["add", "table", "inet", "sendguard_agent"]);
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "server = \"http://10.0.0.5:8025\"\ntypo = 1\n").expect("write config");
+
+    let config = config.display().to_string();
+    let uninstall = network.exec(
+        0,
+        env!("CARGO_BIN_EXE_sendguard"),
+        &["agent", "--uninstall-rules", "--config", &config],
+    );
+    let stderr = String::from_utf8_lossy(&uninstall.stderr);
+    assert!(uninstall.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("removing the table with nft from PATH"),
+        "{stderr}"
+    );
+    let listed = network.exec(0, "nft", &["list", "table", "inet", "sendguard_agent"]);
+    assert!(!listed.status.success(), "the table is left");
+}
+
+#[test]
 fn agent_without_nft_does_not_start() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let token = dir.path().join("token");
