@@ -236,6 +236,29 @@ impl AgentConfig {
                 problems.push(key, "is 0; give a duration such as \"15s\"");
             }
         }
+        // Each heartbeat runs every check and two requests, and each table
+        // check runs nft, so a value in milliseconds, most likely a typo
+        // for seconds, would load the server or the device.
+        let minimums = [
+            ("interval", self.interval, Duration::from_secs(1)),
+            (
+                "enforcement.check_interval",
+                self.enforcement.check_interval,
+                Duration::from_millis(100),
+            ),
+        ];
+        for (key, value, minimum) in minimums {
+            if !value.is_zero() && value < minimum {
+                problems.push(
+                    key,
+                    format!(
+                        "is {}, less than the minimum of {}; give a duration such as \"15s\"",
+                        humantime::format_duration(value),
+                        humantime::format_duration(minimum)
+                    ),
+                );
+            }
+        }
         // An interval too long to double is longer than any keep_unsafe_list.
         let too_short = self
             .interval
@@ -363,6 +386,21 @@ mod tests {
         let text = format!("{MINIMAL}addresses = [{}]\n", addresses.join(", "));
         let error = AgentConfig::parse(&text).expect_err("too many addresses");
         assert!(error.contains("addresses: lists 65 addresses"), "{error}");
+    }
+
+    #[test]
+    fn millisecond_intervals_rejected() {
+        let text =
+            format!("{MINIMAL}interval = \"15ms\"\n[enforcement]\ncheck_interval = \"1ms\"\n");
+        let error = AgentConfig::parse(&text).expect_err("too short");
+        assert!(
+            error.contains("interval: is 15ms, less than the minimum of 1s"),
+            "{error}"
+        );
+        assert!(
+            error.contains("enforcement.check_interval: is 1ms, less than the minimum of 100ms"),
+            "{error}"
+        );
     }
 
     #[test]
