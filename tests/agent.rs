@@ -403,6 +403,45 @@ fn unsafe_device_refused_both_ways() {
     site.wait_connect(ws3, ws1, true, SETTLE);
     site.assert_refused(ws1, ws2);
     site.assert_refused(ws1, ws3);
+    // A table that exempts the service's packets from connection tracking
+    // (an operator's `notrack` rule) does not let them past the refusals.
+    let notrack = site.files.path().join("notrack.nft");
+    let raw_chain = |chain: &str, hook: &str| {
+        format!(
+            "  chain {chain} {{\n    type filter hook {hook} priority raw; policy accept;\n    \
+             tcp dport {SERVICE_PORT} notrack\n    tcp sport {SERVICE_PORT} notrack\n  }}\n"
+        )
+    };
+    std::fs::write(
+        &notrack,
+        format!(
+            "table inet sendguard_test_notrack {{\n{}{}}}\n",
+            raw_chain("prerouting", "prerouting"),
+            raw_chain("output", "output")
+        ),
+    )
+    .expect("write notrack table");
+    let added = site
+        .network
+        .exec(ws2, "nft", &["-f", &notrack.display().to_string()]);
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    site.assert_refused(ws2, ws1);
+    let incoming = site.connect(ws1, ws2);
+    assert!(
+        !matches!(incoming, Probe::Connected(_)),
+        "ws1 -> ws2 passed ws2's refusal untracked: {incoming:?}"
+    );
+    let removed = site.network.exec(
+        ws2,
+        "nft",
+        &["delete", "table", "inet", "sendguard_test_notrack"],
+    );
+    assert!(removed.status.success());
+
     // The others still talk to each other, and everyone to the update cache.
     site.assert_connects(ws2, ws3);
     site.assert_connects(ws3, ws2);

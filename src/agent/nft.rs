@@ -144,6 +144,9 @@ pub fn render(ruleset: &Ruleset) -> String {
     script.push_str(
         "  chain refuse {\n    meta l4proto tcp reject with tcp reset\n    reject with icmpx admin-prohibited\n  }\n",
     );
+    // Only packets of known connections pass unchecked. Accepting every
+    // packet that is not `new` would also accept untracked ones, so a
+    // `notrack` rule in another table would undo every refusal.
     for (chain, hook, interface, field) in [
         ("input", "input", "iif", "saddr"),
         ("output", "output", "oif", "daddr"),
@@ -151,7 +154,7 @@ pub fn render(ruleset: &Ruleset) -> String {
         let direction = if chain == "input" { "in" } else { "out" };
         script.push_str(&format!(
             "  chain {chain} {{\n    type filter hook {hook} priority filter; policy accept;\n    \
-             {interface} \"lo\" accept\n    ct state != new accept\n"
+             {interface} \"lo\" accept\n    ct state {{ established, related }} accept\n"
         ));
         for (family, protocol) in [("4", "ip"), ("6", "ip6")] {
             script.push_str(&format!(
@@ -357,6 +360,14 @@ mod tests {
             .expect("refusal rule");
         assert!(excluded < refused);
         assert!(input.contains("iif \"lo\" accept"));
+        let known = input
+            .find("ct state { established, related } accept")
+            .expect("known connections accepted");
+        assert!(known < excluded);
+        assert!(
+            !script.contains("ct state != new"),
+            "untracked packets pass"
+        );
         assert!(script.contains("ip daddr @unsafe_out4 goto refuse"));
         assert!(script.contains("reject with tcp reset"));
         assert!(script.contains("reject with icmpx admin-prohibited"));
