@@ -144,9 +144,11 @@ pub fn render(ruleset: &Ruleset) -> String {
     script.push_str(
         "  chain refuse {\n    meta l4proto tcp reject with tcp reset\n    reject with icmpx admin-prohibited\n  }\n",
     );
-    // Only packets of known connections pass unchecked. Accepting every
-    // packet that is not `new` would also accept untracked ones, so a
-    // `notrack` rule in another table would undo every refusal.
+    // Packets that conntrack knows, or finds invalid, pass unchecked, but
+    // untracked ones do not, or a `notrack` rule in another table would
+    // undo every refusal. Neighbor discovery is untracked by the kernel
+    // and opens no connection, so it passes: refusing it would cut the
+    // device off from its IPv6 neighbors, the router included.
     for (chain, hook, interface, field) in [
         ("input", "input", "iif", "saddr"),
         ("output", "output", "oif", "daddr"),
@@ -154,7 +156,9 @@ pub fn render(ruleset: &Ruleset) -> String {
         let direction = if chain == "input" { "in" } else { "out" };
         script.push_str(&format!(
             "  chain {chain} {{\n    type filter hook {hook} priority filter; policy accept;\n    \
-             {interface} \"lo\" accept\n    ct state {{ established, related }} accept\n"
+             {interface} \"lo\" accept\n    ct state {{ established, related, invalid }} accept\n    \
+             icmpv6 type {{ nd-router-solicit, nd-router-advert, nd-neighbor-solicit, \
+             nd-neighbor-advert, nd-redirect }} accept\n"
         ));
         for (family, protocol) in [("4", "ip"), ("6", "ip6")] {
             script.push_str(&format!(
@@ -361,9 +365,13 @@ mod tests {
         assert!(excluded < refused);
         assert!(input.contains("iif \"lo\" accept"));
         let known = input
-            .find("ct state { established, related } accept")
+            .find("ct state { established, related, invalid } accept")
             .expect("known connections accepted");
         assert!(known < excluded);
+        let neighbor_discovery = input
+            .find("nd-neighbor-solicit, nd-neighbor-advert, nd-redirect } accept")
+            .expect("neighbor discovery accepted");
+        assert!(neighbor_discovery < refused);
         assert!(
             !script.contains("ct state != new"),
             "untracked packets pass"
