@@ -21,6 +21,13 @@ pub struct Desired {
     pub names: HashMap<IpAddr, String>,
 }
 
+/// `fe80::/10`, the IPv6 link-local addresses.
+const IPV6_LINK_LOCAL: ipnet::Ipv6Net =
+    match ipnet::Ipv6Net::new(std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10) {
+        Ok(net) => net,
+        Err(_) => panic!("fe80::/10 is a valid network"),
+    };
+
 fn addresses(peer: &Value) -> Vec<IpAddr> {
     peer["addresses"]
         .as_array()
@@ -69,6 +76,12 @@ pub fn desired_from_view(view: &Value) -> Desired {
             .iter()
             .filter_map(|text| text.as_str()?.parse().ok())
             .collect();
+        // Devices report no link-local addresses, so no peer can refuse
+        // this device on them; its own table refuses them all.
+        desired
+            .ruleset
+            .own_subnets
+            .push(ipnet::IpNet::V6(IPV6_LINK_LOCAL));
     }
     for list in [
         &mut desired.ruleset.unsafe_peers,
@@ -392,10 +405,11 @@ mod tests {
     #[test]
     fn own_unsafe_refuses_subnet_except_enforcing() {
         let desired = desired_from_view(&view(true));
-        assert_eq!(
-            desired.ruleset.own_subnets,
-            ["10.0.0.0/24".parse::<ipnet::IpNet>().expect("net")]
-        );
+        let expected: Vec<ipnet::IpNet> = ["10.0.0.0/24", "fe80::/10"]
+            .iter()
+            .map(|net| net.parse().expect("net"))
+            .collect();
+        assert_eq!(desired.ruleset.own_subnets, expected);
         assert_eq!(desired.ruleset.enforcing, [address("10.0.0.3")]);
     }
 
