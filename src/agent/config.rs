@@ -311,6 +311,19 @@ impl AgentConfig {
         }
     }
 
+    /// Returns the permission bits of `token_file` when users other than
+    /// its owner may read or write it; `None` when only the owner may, or
+    /// when it cannot be read.
+    pub fn token_file_exposed(&self) -> Option<u32> {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&self.token_file)
+            .ok()?
+            .permissions()
+            .mode()
+            & 0o777;
+        (mode & 0o077 != 0).then_some(mode)
+    }
+
     /// Reads the device token from `token_file`.
     ///
     /// # Errors
@@ -408,6 +421,20 @@ mod tests {
         let error = AgentConfig::parse(&format!("{MINIMAL}interval = \"500000000000years\"\n"))
             .expect_err("keep_unsafe_list is shorter than two intervals");
         assert!(error.contains("enforcement.keep_unsafe_list:"), "{error}");
+    }
+
+    #[test]
+    fn token_file_readable_by_others_detected() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let token = dir.path().join("agent.token");
+        std::fs::write(&token, "token\n").expect("write token");
+        let text = MINIMAL.replace("/etc/sendguard/agent.token", &token.display().to_string());
+        let config = AgentConfig::parse(&text).expect("valid");
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        assert_eq!(config.token_file_exposed(), Some(0o644));
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert_eq!(config.token_file_exposed(), None);
     }
 
     #[test]

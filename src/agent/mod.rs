@@ -110,6 +110,10 @@ pub async fn uninstall_rules(nft_program: &std::path::Path) -> Result<(), String
 pub async fn run(config: AgentConfig) -> Result<(), String> {
     use tokio::signal::unix::{SignalKind, signal};
     let token = config.token()?;
+    if let Some(mode) = config.token_file_exposed() {
+        tracing::warn!(path = %config.token_file.display(), mode = %format!("{mode:o}"),
+            "the token file is readable or writable by other users; make it readable by root only (chmod 600)");
+    }
     let api = Api::new(&config, token)?;
     if config.enforcement.enabled {
         // Peers count on a device that sends heartbeats to refuse unsafe
