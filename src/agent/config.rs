@@ -311,9 +311,9 @@ impl AgentConfig {
         }
     }
 
-    /// Returns the permission bits of `token_file` when users other than
-    /// its owner may read or write it; `None` when only the owner may, or
-    /// when it cannot be read.
+    /// Returns the permission bits of `token_file` when other users may
+    /// read or write it. Returns `None` when only the owner may, or when
+    /// the file cannot be read.
     pub fn token_file_exposed(&self) -> Option<u32> {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&self.token_file)
