@@ -167,10 +167,17 @@ pub fn render(ruleset: &Ruleset) -> String {
             script.push_str(&format!(
                 "    {protocol} {field} @unsafe_{direction}{family} goto refuse\n"
             ));
+            // Counting and refusing are two rules: once the dynamic set is
+            // full, `update` fails and ends its rule, which would then let
+            // the packet through. Peers past the set's size are refused
+            // without a counter.
+            let own_unsafe = format!(
+                "{protocol} {field} @subnet{family} {protocol} {field} != @enforcing{family}"
+            );
             script.push_str(&format!(
-                "    {protocol} {field} @subnet{family} {protocol} {field} != @enforcing{family} \
-                 update @self_{direction}{family} {{ {protocol} {field} }} goto refuse\n"
+                "    {own_unsafe} update @self_{direction}{family} {{ {protocol} {field} }}\n"
             ));
+            script.push_str(&format!("    {own_unsafe} goto refuse\n"));
         }
         script.push_str("  }\n");
     }
@@ -377,6 +384,12 @@ mod tests {
             "untracked packets pass"
         );
         assert!(script.contains("ip daddr @unsafe_out4 goto refuse"));
+        let counted = "ip saddr @subnet4 ip saddr != @enforcing4 update @self_in4 { ip saddr }\n";
+        assert!(input.contains(counted), "{input}");
+        let own_unsafe = input
+            .find("ip saddr @subnet4 ip saddr != @enforcing4 goto refuse\n")
+            .expect("a refusal that does not depend on the counter set");
+        assert!(input.find(counted).expect("counted") < own_unsafe);
         assert!(script.contains("reject with tcp reset"));
         assert!(script.contains("reject with icmpx admin-prohibited"));
     }
