@@ -38,6 +38,29 @@ fn addresses(peer: &Value) -> Vec<IpAddr> {
         .collect()
 }
 
+/// Checks that a subnet view has the fields the table is built from, so
+/// that a reply of another service is not taken for an empty unsafe list.
+///
+/// # Errors
+/// Names the first missing field.
+pub fn check_view(view: &Value) -> Result<(), String> {
+    let fields = [
+        ("peers", view["peers"].is_array()),
+        ("subnets", view["subnets"].is_array()),
+        ("self", view["self"].is_object()),
+        ("reject_unsafe", view["reject_unsafe"].is_boolean()),
+    ];
+    for (field, present) in fields {
+        if !present {
+            return Err(format!(
+                "subnet refresh: the reply has no valid {field:?} field; check that server is \
+                 sendguard's admin API"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Builds what the table enforces from the server's subnet view.
 pub fn desired_from_view(view: &Value) -> Desired {
     let mut desired = Desired::default();
@@ -390,6 +413,17 @@ mod tests {
                 {"id": "cache", "name": "CACHE", "addresses": ["10.0.0.9"], "state": "red", "unsafe": true, "excluded": true}
             ]
         })
+    }
+
+    #[test]
+    fn view_fields_checked() {
+        assert_eq!(check_view(&view(false)), Ok(()));
+        let error = check_view(&json!({"status": "ok"})).expect_err("not a subnet view");
+        assert!(error.contains("\"peers\""), "{error}");
+        let mut no_self = view(false);
+        no_self["self"] = Value::Null;
+        let error = check_view(&no_self).expect_err("no self");
+        assert!(error.contains("\"self\""), "{error}");
     }
 
     #[test]

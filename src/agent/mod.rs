@@ -231,11 +231,12 @@ async fn heartbeats(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
             );
         }
         last_left_out = left_out;
-        match agent
+        let sent = agent
             .api
             .heartbeat(health.as_str(), &addresses, &reasons)
             .await
-        {
+            .and_then(|view| check_heartbeat_reply(&view).map(|()| view));
+        match sent {
             Ok(view) => {
                 agent.contact();
                 agent.request_refresh();
@@ -248,6 +249,20 @@ async fn heartbeats(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
             _ = agent.heartbeat_now.notified() => {}
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+/// Checks that a heartbeat's reply is the device's view, so that a reply
+/// of another service does not count as contact with the server.
+fn check_heartbeat_reply(view: &Value) -> Result<(), String> {
+    if view["state"].is_string() {
+        Ok(())
+    } else {
+        Err(
+            "heartbeat: the reply has no \"state\" field; check that server is sendguard's \
+             admin API"
+                .to_string(),
+        )
     }
 }
 
@@ -267,7 +282,12 @@ async fn refresher(
         if server_addresses.is_empty() {
             server_addresses = resolve_server(&agent.config.server).await;
         }
-        match agent.api.subnet().await {
+        let view = agent
+            .api
+            .subnet()
+            .await
+            .and_then(|view| enforce::check_view(&view).map(|()| view));
+        match view {
             Ok(view) => {
                 agent.contact();
                 let mut next = enforce::desired_from_view(&view);
@@ -523,6 +543,16 @@ async fn watch_sleep(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heartbeat_reply_checked() {
+        assert_eq!(
+            check_heartbeat_reply(&json!({"id": "ws-1", "state": "green"})),
+            Ok(())
+        );
+        let error = check_heartbeat_reply(&json!({"ok": true})).expect_err("no state");
+        assert!(error.contains("\"state\""), "{error}");
+    }
 
     #[test]
     fn scan_errors_summarized() {
