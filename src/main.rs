@@ -471,18 +471,25 @@ fn tokio_runtime(threads: usize) -> Result<tokio::runtime::Runtime, String> {
 }
 
 fn agent(config: Option<&Path>, uninstall_rules: bool) -> Result<(), String> {
-    let config = config
-        .map(sendguard::agent::config::AgentConfig::load)
-        .transpose()?;
+    use sendguard::agent::config::AgentConfig;
     let runtime = tokio_runtime(2)?;
     if uninstall_rules {
-        let nft = config.as_ref().map_or_else(
-            || PathBuf::from("nft"),
-            |config| config.enforcement.nft.clone(),
-        );
+        // The table must go even when the configuration no longer loads,
+        // as after an edit followed by a crash (the unit's ExecStopPost).
+        let nft = match config.map(AgentConfig::load) {
+            Some(Ok(config)) => config.enforcement.nft,
+            Some(Err(error)) => {
+                eprintln!("sendguard: {error}\nsendguard: removing the table with nft from PATH");
+                PathBuf::from("nft")
+            }
+            None => PathBuf::from("nft"),
+        };
         return runtime.block_on(sendguard::agent::uninstall_rules(&nft));
     }
-    let config = config.ok_or("missing --config: give the agent's configuration file")?;
+    let config = config
+        .map(AgentConfig::load)
+        .transpose()?
+        .ok_or("missing --config: give the agent's configuration file")?;
     runtime.block_on(sendguard::agent::run(config))
 }
 

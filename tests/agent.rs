@@ -403,6 +403,45 @@ fn unsafe_device_refused_both_ways() {
     site.wait_connect(ws3, ws1, true, SETTLE);
     site.assert_refused(ws1, ws2);
     site.assert_refused(ws1, ws3);
+    // A table that exempts the service's packets from connection tracking
+    // (an operator's `notrack` rule) does not let them past the refusals.
+    let notrack = site.files.path().join("notrack.nft");
+    let raw_chain = |chain: &str, hook: &str| {
+        format!(
+            "  chain {chain} {{\n    type filter hook {hook} priority raw; policy accept;\n    \
+             tcp dport {SERVICE_PORT} notrack\n    tcp sport {SERVICE_PORT} notrack\n  }}\n"
+        )
+    };
+    std::fs::write(
+        &notrack,
+        format!(
+            "table inet sendguard_test_notrack {{\n{}{}}}\n",
+            raw_chain("prerouting", "prerouting"),
+            raw_chain("output", "output")
+        ),
+    )
+    .expect("write notrack table");
+    let added = site
+        .network
+        .exec(ws2, "nft", &["-f", &notrack.display().to_string()]);
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    site.assert_refused(ws2, ws1);
+    let incoming = site.connect(ws1, ws2);
+    assert!(
+        !matches!(incoming, Probe::Connected(_)),
+        "ws1 -> ws2 passed ws2's refusal untracked: {incoming:?}"
+    );
+    let removed = site.network.exec(
+        ws2,
+        "nft",
+        &["delete", "table", "inet", "sendguard_test_notrack"],
+    );
+    assert!(removed.status.success());
+
     // The others still talk to each other, and everyone to the update cache.
     site.assert_connects(ws2, ws3);
     site.assert_connects(ws3, ws2);
@@ -699,6 +738,84 @@ fn lockout_scan_and_fail_open() {
         String::from_utf8_lossy(&uninstall.stderr)
     );
     assert!(!site.table_exists(0));
+}
+
+#[test]
+fn uninstall_rules_with_broken_config() {
+    require_root();
+    let network = Network::build(2, 1);
+    let added = network.exec(0, "nft", &["add", "table", "inet", "sendguard_agent"]);
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "server = \"http://10.0.0.5:8025\"\ntypo = 1\n").expect("write config");
+
+    let config = config.display().to_string();
+    let uninstall = network.exec(
+        0,
+        env!("CARGO_BIN_EXE_sendguard"),
+        &["agent", "--uninstall-rules", "--config", &config],
+    );
+    let stderr = String::from_utf8_lossy(&uninstall.stderr);
+    assert!(uninstall.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("removing the table with nft from PATH"),
+        "{stderr}"
+    );
+    let listed = network.exec(0, "nft", &["list", "table", "inet", "sendguard_agent"]);
+    assert!(!listed.status.success(), "the table is left");
+}
+
+#[test]
+fn agent_without_nft_does_not_start() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let token = dir.path().join("token");
+    std::fs::write(&token, format!("{}\n", token_of("ws1"))).expect("write token");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "server = \"http://127.0.0.1:9\"\ndevice = \"ws1\"\ntoken_file = \"{}\"\n\
+             [enforcement]\nnft = \"{}\"\n",
+            token.display(),
+            dir.path().join("missing-nft").display()
+        ),
+    )
+    .expect("write config");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sendguard"))
+        .args(["agent", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the agent");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the agent") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the agent kept running without nft");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("enforcement: cannot remove a table"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("missing-nft"), "{stderr}");
 }
 
 #[test]

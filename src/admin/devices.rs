@@ -156,7 +156,7 @@ const HEARTBEAT_EXAMPLE: &str =
 
 /// Maximum number of addresses in one heartbeat; the subnet of each address
 /// receives a notice of the device's state changes.
-const MAX_ADDRESSES: usize = 64;
+pub const MAX_ADDRESSES: usize = 64;
 
 /// Parses a reported address, dropping an IPv6 zone (`fe80::1%eth0`).
 /// Returns `None` for text that is no address, and for addresses no device

@@ -19,6 +19,24 @@ pub struct Api {
 /// bytes.
 const MAX_REASON: usize = 1000;
 
+/// Maximum length of the server's error text quoted in an error, in
+/// bytes; a proxy's error page can be megabytes long.
+const MAX_QUOTED_REPLY: usize = 300;
+
+/// Returns `text` cut to [`MAX_QUOTED_REPLY`] bytes, with the number of
+/// bytes left out.
+fn quote_reply(text: &str) -> String {
+    let text = text.trim();
+    if text.len() <= MAX_QUOTED_REPLY {
+        return text.to_string();
+    }
+    let mut end = MAX_QUOTED_REPLY;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{} ... ({} more bytes)", &text[..end], text.len() - end)
+}
+
 /// Maximum silence on the event stream before it counts as broken; the
 /// server sends a keep-alive comment every 15 s.
 const STREAM_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(45);
@@ -79,7 +97,10 @@ impl Api {
                 .ok()
                 .and_then(|value| value["error"].as_str().map(str::to_string))
                 .unwrap_or(text);
-            return Err(format!("{what}: the server answered {status}: {message}"));
+            return Err(format!(
+                "{what}: the server answered {status}: {}",
+                quote_reply(&message)
+            ));
         }
         serde_json::from_str(&text)
             .map_err(|error| format!("{what}: the reply is not JSON: {error}"))
@@ -194,7 +215,24 @@ impl Api {
             let status = response.status();
             let text = response.text().await.unwrap_or_default();
             return Err(format!(
-                "event stream: the server answered {status}: {text}"
+                "event stream: the server answered {status}: {}",
+                quote_reply(&text)
+            ));
+        }
+        // A proxy or another service on the port can reply 200 with a
+        // page. Taking that for the stream would count as contact with the
+        // server and keep the agent from failing open.
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        if !content_type.starts_with("text/event-stream") {
+            return Err(format!(
+                "event stream: the server replied {} with content type {content_type:?}, not \
+                 text/event-stream; check that server is sendguard's admin API",
+                response.status()
             ));
         }
         Ok(response)
@@ -248,6 +286,76 @@ pub fn global_addresses(interfaces: &Value) -> Vec<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Serves one connection on loopback with `reply`, and returns the
+    /// base URL.
+    async fn serve_once(reply: impl Into<String>) -> String {
+        let reply = reply.into();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            let (mut connection, _) = listener.accept().await.expect("accept");
+            let mut request = [0u8; 4096];
+            let _ = connection.read(&mut request).await;
+            let _ = connection.write_all(reply.as_bytes()).await;
+        });
+        format!("http://{address}")
+    }
+
+    fn api_for(server: &str) -> Api {
+        let config = AgentConfig::parse(&format!(
+            "server = \"{server}\"\ndevice = \"ws-1\"\ntoken_file = \"/nonexistent\"\n"
+        ))
+        .expect("valid config");
+        Api::new(&config, "token".to_string()).expect("client")
+    }
+
+    #[tokio::test]
+    async fn stream_rejects_html_page() {
+        let server = serve_once(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 6\r\n\r\n<html>",
+        )
+        .await;
+        let error = api_for(&server)
+            .open_stream(None)
+            .await
+            .expect_err("an HTML page is no event stream");
+        assert!(error.contains("\"text/html\""), "{error}");
+    }
+
+    #[tokio::test]
+    async fn long_error_page_cut() {
+        let page = format!("<html>{}</html>", "x".repeat(1_000_000));
+        let reply = format!(
+            "HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/html\r\nContent-Length: {}\r\n\r\n{page}",
+            page.len()
+        );
+        let error = api_for(&serve_once(reply).await)
+            .subnet()
+            .await
+            .expect_err("500");
+        assert!(error.len() < 1000, "{} bytes", error.len());
+        assert!(
+            error.contains("500 Internal Server Error: <html>xxx"),
+            "{error}"
+        );
+        assert!(error.ends_with("(999713 more bytes)"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn stream_accepts_event_stream() {
+        let server = serve_once(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 0\r\n\r\n",
+        )
+        .await;
+        api_for(&server)
+            .open_stream(None)
+            .await
+            .expect("an event stream");
+    }
 
     #[test]
     fn only_global_addresses_reported() {

@@ -1,5 +1,6 @@
 //! The agent's configuration file, `agent.toml`, and its validation.
 
+use crate::admin::devices::MAX_ADDRESSES;
 use crate::config::Problems;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -180,6 +181,15 @@ impl AgentConfig {
 
     fn validate(&self, problems: &mut Problems) {
         match reqwest::Url::parse(&self.server) {
+            // The agent appends the API's paths to the URL, so a query or
+            // fragment would end up in front of them.
+            Ok(url) if url.query().is_some() || url.fragment().is_some() => problems.push(
+                "server",
+                format!(
+                    "{:?} has a query or fragment; give the admin API's base URL, such as http://10.0.0.5:8025",
+                    self.server
+                ),
+            ),
             Ok(url) if matches!(url.scheme(), "http" | "https") => {}
             Ok(url) => problems.push(
                 "server",
@@ -192,6 +202,15 @@ impl AgentConfig {
                     self.server
                 ),
             ),
+        }
+        if self.addresses.len() > MAX_ADDRESSES {
+            problems.push(
+                "addresses",
+                format!(
+                    "lists {} addresses; the server accepts at most {MAX_ADDRESSES} in a heartbeat",
+                    self.addresses.len()
+                ),
+            );
         }
         if self.device.trim().is_empty() {
             problems.push(
@@ -217,7 +236,35 @@ impl AgentConfig {
                 problems.push(key, "is 0; give a duration such as \"15s\"");
             }
         }
-        if self.enforcement.enabled && self.enforcement.keep_unsafe_list < self.interval * 2 {
+        // Each heartbeat runs every check and two requests, and each table
+        // check runs nft, so a value in milliseconds, most likely a typo
+        // for seconds, would load the server or the device.
+        let minimums = [
+            ("interval", self.interval, Duration::from_secs(1)),
+            (
+                "enforcement.check_interval",
+                self.enforcement.check_interval,
+                Duration::from_millis(100),
+            ),
+        ];
+        for (key, value, minimum) in minimums {
+            if !value.is_zero() && value < minimum {
+                problems.push(
+                    key,
+                    format!(
+                        "is {}, less than the minimum of {}; give a duration such as \"15s\"",
+                        humantime::format_duration(value),
+                        humantime::format_duration(minimum)
+                    ),
+                );
+            }
+        }
+        // An interval too long to double is longer than any keep_unsafe_list.
+        let too_short = self
+            .interval
+            .checked_mul(2)
+            .is_none_or(|twice| self.enforcement.keep_unsafe_list < twice);
+        if self.enforcement.enabled && too_short {
             problems.push(
                 "enforcement.keep_unsafe_list",
                 format!(
@@ -262,6 +309,19 @@ impl AgentConfig {
                 );
             }
         }
+    }
+
+    /// Returns the permission bits of `token_file` when other users may
+    /// read or write it. Returns `None` when only the owner may, or when
+    /// the file cannot be read.
+    pub fn token_file_exposed(&self) -> Option<u32> {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&self.token_file)
+            .ok()?
+            .permissions()
+            .mode()
+            & 0o777;
+        (mode & 0o077 != 0).then_some(mode)
     }
 
     /// Reads the device token from `token_file`.
@@ -320,6 +380,61 @@ mod tests {
         ] {
             assert!(error.contains(key), "{key} missing in {error}");
         }
+    }
+
+    #[test]
+    fn server_url_with_query_rejected() {
+        for server in ["http://10.0.0.5:8025/?x=1", "http://10.0.0.5:8025/#top"] {
+            let text = MINIMAL.replace("http://10.0.0.5:8025", server);
+            let error = AgentConfig::parse(&text).expect_err("query or fragment");
+            assert!(error.contains("server:"), "{error}");
+        }
+    }
+
+    #[test]
+    fn too_many_addresses_reported() {
+        let addresses: Vec<String> = (0..=MAX_ADDRESSES)
+            .map(|host| format!("\"10.0.{}.{}\"", host / 250, host % 250 + 1))
+            .collect();
+        let text = format!("{MINIMAL}addresses = [{}]\n", addresses.join(", "));
+        let error = AgentConfig::parse(&text).expect_err("too many addresses");
+        assert!(error.contains("addresses: lists 65 addresses"), "{error}");
+    }
+
+    #[test]
+    fn millisecond_intervals_rejected() {
+        let text =
+            format!("{MINIMAL}interval = \"15ms\"\n[enforcement]\ncheck_interval = \"1ms\"\n");
+        let error = AgentConfig::parse(&text).expect_err("too short");
+        assert!(
+            error.contains("interval: is 15ms, less than the minimum of 1s"),
+            "{error}"
+        );
+        assert!(
+            error.contains("enforcement.check_interval: is 1ms, less than the minimum of 100ms"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn huge_interval_reported() {
+        let error = AgentConfig::parse(&format!("{MINIMAL}interval = \"500000000000years\"\n"))
+            .expect_err("keep_unsafe_list is shorter than two intervals");
+        assert!(error.contains("enforcement.keep_unsafe_list:"), "{error}");
+    }
+
+    #[test]
+    fn token_file_readable_by_others_detected() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let token = dir.path().join("agent.token");
+        std::fs::write(&token, "token\n").expect("write token");
+        let text = MINIMAL.replace("/etc/sendguard/agent.token", &token.display().to_string());
+        let config = AgentConfig::parse(&text).expect("valid");
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        assert_eq!(config.token_file_exposed(), Some(0o644));
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert_eq!(config.token_file_exposed(), None);
     }
 
     #[test]

@@ -21,6 +21,13 @@ pub struct Desired {
     pub names: HashMap<IpAddr, String>,
 }
 
+/// `fe80::/10`, the IPv6 link-local addresses.
+const IPV6_LINK_LOCAL: ipnet::Ipv6Net =
+    match ipnet::Ipv6Net::new(std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10) {
+        Ok(net) => net,
+        Err(_) => panic!("fe80::/10 is a valid network"),
+    };
+
 fn addresses(peer: &Value) -> Vec<IpAddr> {
     peer["addresses"]
         .as_array()
@@ -29,6 +36,29 @@ fn addresses(peer: &Value) -> Vec<IpAddr> {
         .iter()
         .filter_map(|text| text.as_str()?.parse().ok())
         .collect()
+}
+
+/// Checks that a subnet view has the fields the table is built from, so
+/// that a reply of another service is not taken for an empty unsafe list.
+///
+/// # Errors
+/// Names the first missing field.
+pub fn check_view(view: &Value) -> Result<(), String> {
+    let fields = [
+        ("peers", view["peers"].is_array()),
+        ("subnets", view["subnets"].is_array()),
+        ("self", view["self"].is_object()),
+        ("reject_unsafe", view["reject_unsafe"].is_boolean()),
+    ];
+    for (field, present) in fields {
+        if !present {
+            return Err(format!(
+                "subnet refresh: the reply has no valid {field:?} field; check that server is \
+                 sendguard's admin API"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Builds what the table enforces from the server's subnet view.
@@ -69,6 +99,12 @@ pub fn desired_from_view(view: &Value) -> Desired {
             .iter()
             .filter_map(|text| text.as_str()?.parse().ok())
             .collect();
+        // Devices report no link-local addresses, so no peer can refuse
+        // this device on them; its own table refuses them all.
+        desired
+            .ruleset
+            .own_subnets
+            .push(ipnet::IpNet::V6(IPV6_LINK_LOCAL));
     }
     for list in [
         &mut desired.ruleset.unsafe_peers,
@@ -154,11 +190,6 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let nft_path = agent.config.enforcement.nft.clone();
-    // A table left by an earlier run enforces a list that may be stale; it
-    // comes back with the first refresh.
-    if let Err(error) = nft::apply(&nft_path, &nft::removal_script()).await {
-        tracing::error!(%error, "cannot remove a table left by an earlier run");
-    }
     let mut enforcer = Enforcer {
         agent,
         desired,
@@ -385,6 +416,17 @@ mod tests {
     }
 
     #[test]
+    fn view_fields_checked() {
+        assert_eq!(check_view(&view(false)), Ok(()));
+        let error = check_view(&json!({"status": "ok"})).expect_err("not a subnet view");
+        assert!(error.contains("\"peers\""), "{error}");
+        let mut no_self = view(false);
+        no_self["self"] = Value::Null;
+        let error = check_view(&no_self).expect_err("no self");
+        assert!(error.contains("\"self\""), "{error}");
+    }
+
+    #[test]
     fn unsafe_and_excluded_peers_from_view() {
         let desired = desired_from_view(&view(false));
         assert_eq!(desired.ruleset.unsafe_peers, [address("10.0.0.2")]);
@@ -397,10 +439,11 @@ mod tests {
     #[test]
     fn own_unsafe_refuses_subnet_except_enforcing() {
         let desired = desired_from_view(&view(true));
-        assert_eq!(
-            desired.ruleset.own_subnets,
-            ["10.0.0.0/24".parse::<ipnet::IpNet>().expect("net")]
-        );
+        let expected: Vec<ipnet::IpNet> = ["10.0.0.0/24", "fe80::/10"]
+            .iter()
+            .map(|net| net.parse().expect("net"))
+            .collect();
+        assert_eq!(desired.ruleset.own_subnets, expected);
         assert_eq!(desired.ruleset.enforcing, [address("10.0.0.3")]);
     }
 

@@ -144,12 +144,21 @@ async fn command_finding(check: &CommandCheck) -> Finding {
 /// on-demand scan, when there is one.
 pub async fn evaluate(config: &AgentConfig, scan: Option<Finding>) -> Vec<Finding> {
     let mut findings = Vec::new();
-    if config.checks.clamd {
-        findings.extend(clamd_findings(config).await);
-    }
-    for check in &config.checks.command {
-        findings.push(command_finding(check).await);
-    }
+    // The checks run at once, so that several slow ones delay the
+    // heartbeat by the longest timeout instead of their sum, which could
+    // exceed the server's heartbeat timeout.
+    let clamd = async {
+        if config.checks.clamd {
+            clamd_findings(config).await
+        } else {
+            Vec::new()
+        }
+    };
+    let commands =
+        futures_util::future::join_all(config.checks.command.iter().map(command_finding));
+    let (clamd, commands) = tokio::join!(clamd, commands);
+    findings.extend(clamd);
+    findings.extend(commands);
     findings.extend(scan);
     findings
 }
@@ -163,6 +172,28 @@ mod tests {
             health,
             reason: reason.to_string(),
         }
+    }
+
+    #[tokio::test]
+    async fn slow_checks_run_at_once() {
+        let check = |name: &str| {
+            format!(
+                "[[checks.command]]\nname = \"{name}\"\ncommand = [\"/bin/sleep\", \"5\"]\ntimeout = \"1s\"\n"
+            )
+        };
+        let text = format!(
+            "server = \"http://10.0.0.5:8025\"\ndevice = \"ws-1\"\ntoken_file = \"/t\"\n{}{}{}",
+            check("one"),
+            check("two"),
+            check("three")
+        );
+        let config = AgentConfig::parse(&text).expect("valid");
+        let start = std::time::Instant::now();
+        let findings = evaluate(&config, None).await;
+        let took = start.elapsed();
+        assert_eq!(findings.len(), 3);
+        assert!(findings.iter().all(|finding| finding.health == Health::Red));
+        assert!(took < Duration::from_millis(2500), "took {took:?}");
     }
 
     #[test]

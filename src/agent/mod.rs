@@ -17,6 +17,7 @@ pub mod nft;
 pub mod scan;
 pub mod stream;
 
+use crate::admin::devices::MAX_ADDRESSES;
 use api::Api;
 use config::AgentConfig;
 use enforce::Desired;
@@ -103,12 +104,31 @@ pub async fn uninstall_rules(nft_program: &std::path::Path) -> Result<(), String
 /// removes the table.
 ///
 /// # Errors
-/// When the token cannot be read, the HTTP client cannot be built or the
-/// signal handlers cannot be installed.
+/// When the token cannot be read, the HTTP client cannot be built, nft
+/// fails while enforcement is enabled, or the signal handlers cannot be
+/// installed.
 pub async fn run(config: AgentConfig) -> Result<(), String> {
     use tokio::signal::unix::{SignalKind, signal};
     let token = config.token()?;
+    if let Some(mode) = config.token_file_exposed() {
+        tracing::warn!(path = %config.token_file.display(), mode = %format!("{mode:o}"),
+            "the token file is readable or writable by other users; make it readable by root only (chmod 600)");
+    }
     let api = Api::new(&config, token)?;
+    if config.enforcement.enabled {
+        // Peers count on a device that sends heartbeats to refuse unsafe
+        // devices itself, so an agent that cannot run nft must not start.
+        // A table left by an earlier run enforces a list that may be
+        // stale; it comes back with the first refresh.
+        nft::apply(&config.enforcement.nft, &nft::removal_script())
+            .await
+            .map_err(|error| {
+                format!(
+                    "enforcement: cannot remove a table left by an earlier run: {error}; the agent \
+                     needs nft and CAP_NET_ADMIN, or set enforcement.enabled = false"
+                )
+            })?;
+    }
     let agent = Arc::new(Agent {
         config,
         api,
@@ -163,6 +183,15 @@ async fn sign_off(agent: &Agent, why: &str) {
     }
 }
 
+/// Keeps the first addresses the server accepts in one heartbeat, which
+/// rejects a heartbeat with more. Returns the kept addresses and the
+/// number left out.
+fn cap_addresses(mut addresses: Vec<IpAddr>) -> (Vec<IpAddr>, usize) {
+    let left_out = addresses.len().saturating_sub(MAX_ADDRESSES);
+    addresses.truncate(MAX_ADDRESSES);
+    (addresses, left_out)
+}
+
 async fn addresses(config: &AgentConfig) -> Vec<IpAddr> {
     if !config.addresses.is_empty() {
         return config.addresses.clone();
@@ -179,6 +208,7 @@ async fn addresses(config: &AgentConfig) -> Vec<IpAddr> {
 /// Sends a heartbeat every interval, and at once after a scan.
 async fn heartbeats(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
     let mut last: Option<(crate::heartbeat::Health, Vec<String>)> = None;
+    let mut last_left_out = 0;
     loop {
         let findings = health::evaluate(&agent.config, agent.scan_finding()).await;
         let (health, reasons) = health::combine(&findings);
@@ -190,12 +220,23 @@ async fn heartbeats(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
             }
             last = Some((health, reasons.clone()));
         }
-        let addresses = addresses(&agent.config).await;
-        match agent
+        let (addresses, left_out) = cap_addresses(addresses(&agent.config).await);
+        if left_out != last_left_out && left_out > 0 {
+            // NOTE: peers know the device only by the reported addresses, so
+            // they do not refuse connections from the addresses left out.
+            tracing::warn!(
+                reported = addresses.len(),
+                left_out,
+                "the device has more global addresses than a heartbeat may carry; reporting the first ones"
+            );
+        }
+        last_left_out = left_out;
+        let sent = agent
             .api
             .heartbeat(health.as_str(), &addresses, &reasons)
             .await
-        {
+            .and_then(|view| check_heartbeat_reply(&view).map(|()| view));
+        match sent {
             Ok(view) => {
                 agent.contact();
                 agent.request_refresh();
@@ -208,6 +249,20 @@ async fn heartbeats(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
             _ = agent.heartbeat_now.notified() => {}
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+/// Checks that a heartbeat's reply is the device's view, so that a reply
+/// of another service does not count as contact with the server.
+fn check_heartbeat_reply(view: &Value) -> Result<(), String> {
+    if view["state"].is_string() {
+        Ok(())
+    } else {
+        Err(
+            "heartbeat: the reply has no \"state\" field; check that server is sendguard's \
+             admin API"
+                .to_string(),
+        )
     }
 }
 
@@ -227,7 +282,12 @@ async fn refresher(
         if server_addresses.is_empty() {
             server_addresses = resolve_server(&agent.config.server).await;
         }
-        match agent.api.subnet().await {
+        let view = agent
+            .api
+            .subnet()
+            .await
+            .and_then(|view| enforce::check_view(&view).map(|()| view));
+        match view {
             Ok(view) => {
                 agent.contact();
                 let mut next = enforce::desired_from_view(&view);
@@ -276,6 +336,25 @@ async fn resolve_server(server: &str) -> Vec<IpAddr> {
     }
 }
 
+/// Maximum number of scan errors named in logs, the health reason and the
+/// scan report; the rest are counted.
+const NAMED_SCAN_ERRORS: usize = 5;
+
+/// Joins the first scan errors and counts the rest, so that a scan of many
+/// unreadable files gives a short reason, log line and report.
+fn summarize_errors(errors: &[String]) -> String {
+    let mut text = errors
+        .iter()
+        .take(NAMED_SCAN_ERRORS)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("; ");
+    if errors.len() > NAMED_SCAN_ERRORS {
+        text.push_str(&format!("; and {} more", errors.len() - NAMED_SCAN_ERRORS));
+    }
+    text
+}
+
 /// Returns the health finding of a scan outcome; `None` when clean.
 fn scan_finding(outcome: &scan::ScanOutcome) -> Option<health::Finding> {
     match outcome.result() {
@@ -299,7 +378,7 @@ fn scan_finding(outcome: &scan::ScanOutcome) -> Option<health::Finding> {
             health: crate::heartbeat::Health::Yellow,
             reason: format!(
                 "the on-demand scan could not scan everything: {}",
-                outcome.errors.join("; ")
+                summarize_errors(&outcome.errors)
             ),
         }),
         _ => None,
@@ -373,7 +452,8 @@ async fn scanner(
                     tracing::error!(notice = request.notice, findings = ?outcome.findings,
                         "on-demand scan found malware; the device reports red health");
                 } else {
-                    tracing::info!(notice = request.notice, result, errors = ?outcome.errors, "on-demand scan finished");
+                    tracing::info!(notice = request.notice, result, errors = outcome.errors.len(),
+                        first_errors = %summarize_errors(&outcome.errors), "on-demand scan finished");
                 }
                 agent.set_scan_finding(scan_finding(outcome));
                 save_scan_state(&agent.config, outcome);
@@ -382,7 +462,7 @@ async fn scanner(
                     "request": request.notice,
                     "paths": paths,
                     "findings": outcome.findings.iter().take(100).collect::<Vec<_>>(),
-                    "error": (!outcome.errors.is_empty()).then(|| outcome.errors.join("; ")),
+                    "error": (!outcome.errors.is_empty()).then(|| summarize_errors(&outcome.errors)),
                 })
             }
             Err(error) => {
@@ -457,5 +537,58 @@ async fn watch_sleep(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
             agent.heartbeat_now.notify_one();
             agent.request_refresh();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_reply_checked() {
+        assert_eq!(
+            check_heartbeat_reply(&json!({"id": "ws-1", "state": "green"})),
+            Ok(())
+        );
+        let error = check_heartbeat_reply(&json!({"ok": true})).expect_err("no state");
+        assert!(error.contains("\"state\""), "{error}");
+    }
+
+    #[test]
+    fn scan_errors_summarized() {
+        let outcome = scan::ScanOutcome {
+            findings: Vec::new(),
+            errors: (0..3000)
+                .map(|file| format!("/home/a/locked-{file}: Access denied. ERROR"))
+                .collect(),
+        };
+        let finding = scan_finding(&outcome).expect("a failed scan is yellow");
+        assert_eq!(finding.health, crate::heartbeat::Health::Yellow);
+        assert!(
+            finding
+                .reason
+                .contains("/home/a/locked-4: Access denied. ERROR"),
+            "{}",
+            finding.reason
+        );
+        assert!(!finding.reason.contains("locked-5:"), "{}", finding.reason);
+        assert!(
+            finding.reason.ends_with("; and 2995 more"),
+            "{}",
+            finding.reason
+        );
+    }
+
+    #[test]
+    fn addresses_capped_at_server_maximum() {
+        let many: Vec<IpAddr> = (0..MAX_ADDRESSES + 9)
+            .map(|host| IpAddr::from([10, 0, (host / 250) as u8, (host % 250 + 1) as u8]))
+            .collect();
+        let (kept, left_out) = cap_addresses(many.clone());
+        assert_eq!(kept, many[..MAX_ADDRESSES]);
+        assert_eq!(left_out, 9);
+        let (kept, left_out) = cap_addresses(many[..3].to_vec());
+        assert_eq!(kept.len(), 3);
+        assert_eq!(left_out, 0);
     }
 }

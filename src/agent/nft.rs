@@ -144,6 +144,11 @@ pub fn render(ruleset: &Ruleset) -> String {
     script.push_str(
         "  chain refuse {\n    meta l4proto tcp reject with tcp reset\n    reject with icmpx admin-prohibited\n  }\n",
     );
+    // Packets that conntrack knows, or finds invalid, pass unchecked, but
+    // untracked ones do not, or a `notrack` rule in another table would
+    // undo every refusal. Neighbor discovery is untracked by the kernel
+    // and opens no connection, so it passes: refusing it would cut the
+    // device off from its IPv6 neighbors, the router included.
     for (chain, hook, interface, field) in [
         ("input", "input", "iif", "saddr"),
         ("output", "output", "oif", "daddr"),
@@ -151,7 +156,9 @@ pub fn render(ruleset: &Ruleset) -> String {
         let direction = if chain == "input" { "in" } else { "out" };
         script.push_str(&format!(
             "  chain {chain} {{\n    type filter hook {hook} priority filter; policy accept;\n    \
-             {interface} \"lo\" accept\n    ct state != new accept\n"
+             {interface} \"lo\" accept\n    ct state {{ established, related, invalid }} accept\n    \
+             icmpv6 type {{ nd-router-solicit, nd-router-advert, nd-neighbor-solicit, \
+             nd-neighbor-advert, nd-redirect }} accept\n"
         ));
         for (family, protocol) in [("4", "ip"), ("6", "ip6")] {
             script.push_str(&format!(
@@ -160,10 +167,17 @@ pub fn render(ruleset: &Ruleset) -> String {
             script.push_str(&format!(
                 "    {protocol} {field} @unsafe_{direction}{family} goto refuse\n"
             ));
+            // Counting and refusing are two rules: once the dynamic set is
+            // full, `update` fails and ends its rule, which would then let
+            // the packet through. Peers past the set's size are refused
+            // without a counter.
+            let own_unsafe = format!(
+                "{protocol} {field} @subnet{family} {protocol} {field} != @enforcing{family}"
+            );
             script.push_str(&format!(
-                "    {protocol} {field} @subnet{family} {protocol} {field} != @enforcing{family} \
-                 update @self_{direction}{family} {{ {protocol} {field} }} goto refuse\n"
+                "    {own_unsafe} update @self_{direction}{family} {{ {protocol} {field} }}\n"
             ));
+            script.push_str(&format!("    {own_unsafe} goto refuse\n"));
         }
         script.push_str("  }\n");
     }
@@ -357,7 +371,25 @@ mod tests {
             .expect("refusal rule");
         assert!(excluded < refused);
         assert!(input.contains("iif \"lo\" accept"));
+        let known = input
+            .find("ct state { established, related, invalid } accept")
+            .expect("known connections accepted");
+        assert!(known < excluded);
+        let neighbor_discovery = input
+            .find("nd-neighbor-solicit, nd-neighbor-advert, nd-redirect } accept")
+            .expect("neighbor discovery accepted");
+        assert!(neighbor_discovery < refused);
+        assert!(
+            !script.contains("ct state != new"),
+            "untracked packets pass"
+        );
         assert!(script.contains("ip daddr @unsafe_out4 goto refuse"));
+        let counted = "ip saddr @subnet4 ip saddr != @enforcing4 update @self_in4 { ip saddr }\n";
+        assert!(input.contains(counted), "{input}");
+        let own_unsafe = input
+            .find("ip saddr @subnet4 ip saddr != @enforcing4 goto refuse\n")
+            .expect("a refusal that does not depend on the counter set");
+        assert!(input.find(counted).expect("counted") < own_unsafe);
         assert!(script.contains("reject with tcp reset"));
         assert!(script.contains("reject with icmpx admin-prohibited"));
     }

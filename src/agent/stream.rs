@@ -23,20 +23,38 @@ pub struct StreamEvent {
     pub data: String,
 }
 
-/// An incremental server-sent-events parser.
+/// An incremental server-sent-events parser. It buffers bytes, not text,
+/// because a chunk of the stream can end inside a UTF-8 character or
+/// between the `\r` and `\n` of a line end.
 #[derive(Debug, Default)]
 pub struct Parser {
-    buffer: String,
+    buffer: Vec<u8>,
+}
+
+/// Returns where the first event in `buffer` ends and the length of the
+/// blank line after it (`\n\n` or `\r\n\r\n`).
+fn event_end(buffer: &[u8]) -> Option<(usize, usize)> {
+    (0..buffer.len()).find_map(|index| {
+        let rest = &buffer[index..];
+        if rest.starts_with(b"\n\n") {
+            Some((index, 2))
+        } else if rest.starts_with(b"\r\n\r\n") {
+            Some((index, 4))
+        } else {
+            None
+        }
+    })
 }
 
 impl Parser {
-    /// Adds received text and returns the events it completes.
-    pub fn feed(&mut self, text: &str) -> Vec<StreamEvent> {
-        self.buffer.push_str(&text.replace("\r\n", "\n"));
+    /// Adds received bytes and returns the events they complete.
+    pub fn feed(&mut self, bytes: &[u8]) -> Vec<StreamEvent> {
+        self.buffer.extend_from_slice(bytes);
         let mut events = Vec::new();
-        while let Some(end) = self.buffer.find("\n\n") {
-            let block: String = self.buffer.drain(..end + 2).collect();
-            if let Some(event) = parse_block(&block) {
+        while let Some((end, blank_line)) = event_end(&self.buffer) {
+            let block: Vec<u8> = self.buffer.drain(..end + blank_line).collect();
+            let text = String::from_utf8_lossy(&block[..end]).replace("\r\n", "\n");
+            if let Some(event) = parse_block(&text) {
                 events.push(event);
             }
         }
@@ -147,7 +165,7 @@ async fn follow(
             return Ok(());
         };
         agent.contact();
-        for event in parser.feed(&String::from_utf8_lossy(&chunk)) {
+        for event in parser.feed(&chunk) {
             if let Some(id) = event.id {
                 *cursor = Some(id);
             }
@@ -191,10 +209,10 @@ mod tests {
         let mut parser = Parser::default();
         assert!(
             parser
-                .feed(": keep-alive\n\nid: 7\nevent: device_unsafe\nda")
+                .feed(b": keep-alive\n\nid: 7\nevent: device_unsafe\nda")
                 .is_empty()
         );
-        let events = parser.feed("ta: {\"type\":\"device_unsafe\"}\n\n");
+        let events = parser.feed(b"ta: {\"type\":\"device_unsafe\"}\n\n");
         assert_eq!(
             events,
             [StreamEvent {
@@ -208,9 +226,29 @@ mod tests {
     #[test]
     fn comments_and_crlf_handled() {
         let mut parser = Parser::default();
-        let events = parser.feed(":\r\n\r\nid:9\r\ndata:{}\r\n\r\n");
+        let events = parser.feed(b":\r\n\r\nid:9\r\ndata:{}\r\n\r\n");
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].id, Some(9));
         assert_eq!(events[0].data, "{}");
+    }
+
+    #[test]
+    fn character_split_across_chunks() {
+        let event = "id: 3\ndata: {\"mailbox\":\"zoé@example.org\"}\n\n".as_bytes();
+        let split = event.iter().position(|byte| *byte >= 0x80).expect("é") + 1;
+        let mut parser = Parser::default();
+        assert!(parser.feed(&event[..split]).is_empty());
+        let events = parser.feed(&event[split..]);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].data, "{\"mailbox\":\"zoé@example.org\"}");
+    }
+
+    #[test]
+    fn crlf_split_across_chunks() {
+        let mut parser = Parser::default();
+        assert!(parser.feed(b"id: 4\r\ndata: {\"n\":1}\r\n\r").is_empty());
+        let events = parser.feed(b"\nid: 5\r\ndata: {\"n\":2}\r\n\r\n");
+        let data: Vec<&str> = events.iter().map(|event| event.data.as_str()).collect();
+        assert_eq!(data, ["{\"n\":1}", "{\"n\":2}"]);
     }
 }

@@ -192,9 +192,15 @@ impl DeviceBook {
         let mut tokens = HashSet::new();
         for (index, device) in file.device.iter().enumerate() {
             let at = format!("device[{index}]");
-            if device.id.trim().is_empty() || device.id.contains(['/', '?', '#']) {
+            // The id is a segment of the API's URL paths, where "." and ".."
+            // are resolved away before the request is sent.
+            if device.id.trim().is_empty()
+                || device.id.contains(['/', '?', '#'])
+                || matches!(device.id.as_str(), "." | "..")
+            {
                 problems.push(format!(
-                    "{at}.id {:?} is empty or contains '/', '?' or '#'",
+                    "{at}.id {:?} is empty, \".\" or \"..\", or contains '/', '?' or '#'; \
+                     it is part of the API's URLs",
                     device.id
                 ));
             } else if !ids.insert(device.id.clone()) {
@@ -300,6 +306,15 @@ mod tests {
             error.contains("device[1].name \"x\" is used twice"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn dot_segment_ids_rejected() {
+        for id in [".", ".."] {
+            let error = DeviceBook::parse(&format!("[[device]]\nid = \"{id}\"\nname = \"A\"\n"))
+                .expect_err("invalid");
+            assert!(error.contains(&format!("device[0].id \"{id}\"")), "{error}");
+        }
     }
 
     #[test]
