@@ -22,6 +22,7 @@ demo=${SENDGUARD_DEMO_DIR:-/tmp/sendguard-demo}
 clamd_port=3310
 sink_port=2526
 sendguard_port=2525
+admin_port=8025
 binary=$repo/target/release/sendguard
 
 usage() {
@@ -107,6 +108,7 @@ start_demo() {
     require_free_port "$clamd_port" clamd
     require_free_port "$sink_port" smtp-sink
     require_free_port "$sendguard_port" sendguard
+    require_free_port "$admin_port" "sendguard's admin API and dashboard"
     mkdir -p "$demo"
 
     section "clamd on 127.0.0.1:$clamd_port"
@@ -136,6 +138,17 @@ start_demo() {
     set_toml_key "$config" upstream address "\"127.0.0.1:$sink_port\""
     set_toml_key "$config" scan.clamd address "\"127.0.0.1:$clamd_port\""
     set_toml_key "$config" store path "\"$demo/sendguard.db\""
+    # The admin API and dashboard, with an admin token and a support token
+    # made once and kept across runs like the store.
+    local token
+    for token in admin support; do
+        if [[ ! -s $demo/$token.token ]]; then
+            (umask 077 && "$binary" token generate > "$demo/$token.token")
+        fi
+    done
+    set_toml_key "$config" admin listen "\"127.0.0.1:$admin_port\""
+    set_toml_key "$config" admin token_file "\"$demo/admin.token\""
+    set_toml_key "$config" admin support_token_sha256 "\"$("$binary" token hash "$demo/support.token")\""
     # sendguard runs from the repository, so relative paths in the example
     # configuration resolve as they do for a developer.
     (
@@ -161,6 +174,11 @@ EOF
     --body 'X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*'
 EOF
     cat <<EOF
+
+The dashboard is at http://127.0.0.1:$admin_port/ (from another machine:
+ssh -L $admin_port:127.0.0.1:$admin_port THIS-HOST). Log in with the token in
+$demo/admin.token, or with the one in $demo/support.token to lift a
+permanent block.
 
 Logs:   tail -f $demo/sendguard.log
 Stop:   $0 stop
