@@ -738,6 +738,13 @@ fn lockout_scan_and_fail_open() {
     }
 
     // The server goes away: after keep_unsafe_list the agents fail open.
+    let heartbeat_failures = |site: &Site| {
+        site.agents[ws2]
+            .log()
+            .matches("agent: heartbeat failed")
+            .count()
+    };
+    let failures_before = heartbeat_failures(&site);
     site.server.kill9();
     let gone = Instant::now();
     site.wait_log(ws2, "FAILING OPEN");
@@ -751,6 +758,14 @@ fn lockout_scan_and_fail_open() {
         "failed open after {failed_open_after:?}, before keep_unsafe_list ({KEEP_UNSAFE_LIST:?})"
     );
     assert!(!site.table_exists(ws2), "the table is removed on fail-open");
+    // A heartbeat failed every second, but only the first failure is
+    // logged within a minute.
+    assert_eq!(
+        heartbeat_failures(&site),
+        failures_before + 1,
+        "{}",
+        site.agents[ws2].log()
+    );
     site.wait_connect(ws3, ws2, false, SETTLE);
 
     // An agent that stops removes its table; --uninstall-rules removes a
@@ -777,10 +792,23 @@ fn lockout_scan_and_fail_open() {
 #[test]
 fn restarted_agent_runs_missed_scan() {
     let mut site = Site::start(3);
-    let ws3 = 2;
+    let (ws1, ws3) = (0, 2);
     for (id, _, _) in DEVICES {
         site.wait_state(id, "green");
     }
+
+    // ws1 restarts with a stream position past the server's newest notice,
+    // as after the server's database was replaced. The server starts its
+    // stream at the newest notice, so ws1 still gets the notices below.
+    site.agents[ws1].stop();
+    std::fs::write(
+        &site.agents[ws1].state_file,
+        "{\"stream_position\": 1000000000}",
+    )
+    .expect("write ws1's state");
+    site.agents[ws1] = site.start_agent(ws1);
+    site.wait_log(ws1, "resuming from its newest notice");
+
     // The agent saves where its stream starts as soon as it connects.
     let deadline = Instant::now() + SETTLE;
     while !site.agents[ws3].state()["stream_position"].is_i64() {
@@ -806,6 +834,7 @@ fn restarted_agent_runs_missed_scan() {
     let result = site.wait_scan_result("ws3");
     assert_eq!(result["result"], "infected", "{result:#}");
     site.wait_state("ws3", "red");
+    site.wait_log(ws1, "kind=\"device_unsafe\" device=\"ws3\"");
     let state = site.agents[ws3].state();
     assert_eq!(
         state["last_scan"]["findings"][0]["signature"]
