@@ -809,6 +809,23 @@ fn restarted_agent_runs_missed_scan() {
     site.agents[ws1] = site.start_agent(ws1);
     site.wait_log(ws1, "resuming from its newest notice");
 
+    // An invalid state file is logged with its path, and the agent runs
+    // without it and replaces it.
+    let cache = 3;
+    site.agents[cache].stop();
+    let cache_state = site.agents[cache].state_file.clone();
+    std::fs::write(&cache_state, "{\"stream_position\": 12, \"last_sc")
+        .expect("write invalid state");
+    site.agents[cache] = site.start_agent(cache);
+    site.wait_log(cache, "cannot load the agent state");
+    site.wait_log(cache, &format!("path={}", cache_state.display()));
+    site.wait_log(cache, "event stream connected");
+    assert!(
+        site.agents[cache].state()["stream_position"].is_i64(),
+        "the invalid state file was not replaced\n{}",
+        site.logs()
+    );
+
     // The agent saves where its stream starts as soon as it connects.
     let deadline = Instant::now() + SETTLE;
     while !site.agents[ws3].state()["stream_position"].is_i64() {

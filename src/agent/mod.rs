@@ -140,7 +140,8 @@ pub async fn run(config: AgentConfig) -> Result<(), String> {
     match &state_path {
         Some(path) => tracing::info!(path = %path.display(), "agent state file"),
         None => tracing::warn!(
-            "no state_file set and no systemd state directory; a restarted agent misses scan              requests stored while it was down and forgets an infected scan result"
+            "no state_file set and no systemd state directory; a restarted agent misses scan \
+             requests stored while it was down and forgets an infected scan result"
         ),
     }
     let state = state::StateFile::load(state_path);
