@@ -894,6 +894,28 @@ fn restarted_agent_runs_missed_scan() {
         .filter(|event| event["type"] == "endpoint_scan_result")
         .count();
     assert_eq!(scans, 1, "scan results reported");
+
+    // An agent that stopped during a scan finds the request still pending
+    // in its state file, and scans when it starts again.
+    site.agents[ws1].stop();
+    let position = site.agents[ws1].state()["stream_position"]
+        .as_i64()
+        .expect("ws1's stream position");
+    std::fs::write(
+        &site.agents[ws1].state_file,
+        serde_json::json!({
+            "stream_position": position,
+            "pending_scans": [{"notice": position, "body": {"mailbox": "carol@example.org"}}],
+        })
+        .to_string(),
+    )
+    .expect("write ws1's state");
+    site.agents[ws1] = site.start_agent(ws1);
+    let result = site.wait_scan_result("ws1");
+    assert_eq!(result["result"], "infected", "{result:#}");
+    assert_eq!(result["request"], position, "{result:#}");
+    let state = site.agents[ws1].state();
+    assert_eq!(state["pending_scans"], serde_json::json!([]), "{state:#}");
 }
 
 #[test]
