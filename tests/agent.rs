@@ -56,6 +56,7 @@ struct Agent {
     child: Option<Child>,
     log: PathBuf,
     health_file: PathBuf,
+    state_file: PathBuf,
 }
 
 impl Agent {
@@ -67,6 +68,24 @@ impl Agent {
     /// 2 red.
     fn set_exit_status(&self, status: u8) {
         std::fs::write(&self.health_file, status.to_string()).expect("write health status");
+    }
+
+    /// Kills the agent with SIGKILL, as a crash would end it: no sign-off
+    /// and no table removal.
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Returns the agent's state file, or `Null` while it does not exist.
+    fn state(&self) -> Value {
+        match std::fs::read_to_string(&self.state_file) {
+            Ok(text) => serde_json::from_str(&text)
+                .unwrap_or_else(|error| panic!("invalid state file: {error}: {text}")),
+            Err(_) => Value::Null,
+        }
     }
 
     fn stop(&mut self) {
@@ -192,18 +211,20 @@ impl Site {
         std::fs::write(&token, format!("{}\n", token_of(id))).expect("write token");
         let health_file = dir.join("health-exit-status");
         std::fs::write(&health_file, "0").expect("write health status");
+        let state_file = dir.join("state.json");
         let config = dir.join("agent.toml");
         std::fs::write(
             &config,
             format!(
                 "server = \"http://{}\"\ndevice = \"{id}\"\ntoken_file = \"{}\"\ninterval = \"1s\"\n\
-                 request_timeout = \"2s\"\n\
+                 request_timeout = \"2s\"\nstate_file = \"{}\"\n\
                  [checks]\nclamd = true\n\
                  [[checks.command]]\nname = \"test-health\"\ncommand = [\"/bin/sh\", \"-c\", \"exit $(cat {})\"]\n\
                  [scan]\nclamd = \"{}\"\npaths = [\"{}\"]\ntimeout = \"30s\"\n\
                  [enforcement]\nkeep_unsafe_list = \"{}s\"\ncheck_interval = \"500ms\"\n",
                 self.api,
                 token.display(),
+                state_file.display(),
                 health_file.display(),
                 self._clamd.socket.display(),
                 self.scan_dir.display(),
@@ -227,6 +248,7 @@ impl Site {
             child: Some(child),
             log,
             health_file,
+            state_file,
         }
     }
 
@@ -311,6 +333,14 @@ impl Site {
         response.json()
     }
 
+    /// Returns the reason of device `id`'s reported health; empty when green.
+    fn health_reason(&self, id: &str) -> String {
+        self.device(id)["health_reason"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+
     fn wait_state(&self, id: &str, state: &str) {
         let deadline = Instant::now() + SETTLE;
         loop {
@@ -358,6 +388,42 @@ impl Site {
         }
     }
 
+    /// Puts the test virus in the scanned directory and sends spam from the
+    /// owner of ws3, whose lockout requests a scan of ws3.
+    fn lock_out_infected_owner(&self) {
+        std::fs::write(
+            self.scan_dir.join("invoice.pdf.exe"),
+            format!("MZ junk {VIRUS_MARKER} junk\n"),
+        )
+        .expect("write test virus");
+        let message = format!(
+            "From: carol@example.org\r\nTo: bob@example.net\r\nSubject: offer\r\n\r\n{GTUBE}\r\n"
+        );
+        let (code, reply) = send_from(
+            &self.server.address,
+            "carol@example.org",
+            message.as_bytes(),
+        );
+        assert_eq!(code, 550, "{reply}");
+        self.wait_events(|events| {
+            events
+                .iter()
+                .any(|event| event["type"] == "lockout_started")
+        });
+    }
+
+    /// Waits for the first `endpoint_scan_result` event of `device` and
+    /// returns it.
+    fn wait_scan_result(&self, device: &str) -> Value {
+        let is_result =
+            |event: &Value| event["type"] == "endpoint_scan_result" && event["device"] == device;
+        let events = self.wait_events(|events| events.iter().any(is_result));
+        events
+            .into_iter()
+            .find(is_result)
+            .expect("scan result event")
+    }
+
     /// Returns whether the agent's table exists in host `index`'s namespace.
     fn table_exists(&self, index: usize) -> bool {
         self.network
@@ -392,10 +458,7 @@ fn unsafe_device_refused_both_ways() {
     let took = site.wait_connect(ws2, ws1, true, SETTLE);
     eprintln!("ws2 refused ws1 {took:?} after ws1's health check turned red");
     site.wait_state("ws1", "red");
-    let reason = site.device("ws1")["health_reason"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
+    let reason = site.health_reason("ws1");
     assert!(
         reason.contains("check test-health exited with exit status: 2"),
         "{reason}"
@@ -625,25 +688,7 @@ fn lockout_scan_and_fail_open() {
 
     // Meanwhile a virus appears on the owner's device, and the owner's
     // mailbox sends spam: the lockout requests a scan of ws3.
-    std::fs::write(
-        site.scan_dir.join("invoice.pdf.exe"),
-        format!("MZ junk {VIRUS_MARKER} junk\n"),
-    )
-    .expect("write test virus");
-    let message = format!(
-        "From: carol@example.org\r\nTo: bob@example.net\r\nSubject: offer\r\n\r\n{GTUBE}\r\n"
-    );
-    let (code, reply) = send_from(
-        &site.server.address,
-        "carol@example.org",
-        message.as_bytes(),
-    );
-    assert_eq!(code, 550, "{reply}");
-    site.wait_events(|events| {
-        events
-            .iter()
-            .any(|event| event["type"] == "lockout_started")
-    });
+    site.lock_out_infected_owner();
     assert!(
         !site.agents[ws3].log().contains("on-demand scan requested"),
         "the scan request cannot reach ws3 while its stream is broken\n{}",
@@ -663,15 +708,7 @@ fn lockout_scan_and_fail_open() {
         String::from_utf8_lossy(&unblocked.stderr)
     );
     site.wait_log(ws3, "on-demand scan requested by the server");
-    let events = site.wait_events(|events| {
-        events
-            .iter()
-            .any(|event| event["type"] == "endpoint_scan_result" && event["device"] == "ws3")
-    });
-    let result = events
-        .iter()
-        .find(|event| event["type"] == "endpoint_scan_result")
-        .expect("scan result event");
+    let result = site.wait_scan_result("ws3");
     assert_eq!(result["result"], "infected", "{result:#}");
     assert!(
         result["findings"][0]["signature"]
@@ -684,10 +721,7 @@ fn lockout_scan_and_fail_open() {
         "{result:#}"
     );
     site.wait_state("ws3", "red");
-    let reason = site.device("ws3")["health_reason"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
+    let reason = site.health_reason("ws3");
     assert!(
         reason.contains("the on-demand scan found 1 infected files"),
         "{reason}"
@@ -704,6 +738,13 @@ fn lockout_scan_and_fail_open() {
     }
 
     // The server goes away: after keep_unsafe_list the agents fail open.
+    let heartbeat_failures = |site: &Site| {
+        site.agents[ws2]
+            .log()
+            .matches("agent: heartbeat failed")
+            .count()
+    };
+    let failures_before = heartbeat_failures(&site);
     site.server.kill9();
     let gone = Instant::now();
     site.wait_log(ws2, "FAILING OPEN");
@@ -717,6 +758,14 @@ fn lockout_scan_and_fail_open() {
         "failed open after {failed_open_after:?}, before keep_unsafe_list ({KEEP_UNSAFE_LIST:?})"
     );
     assert!(!site.table_exists(ws2), "the table is removed on fail-open");
+    // A heartbeat failed every second, but only the first failure is
+    // logged within a minute.
+    assert_eq!(
+        heartbeat_failures(&site),
+        failures_before + 1,
+        "{}",
+        site.agents[ws2].log()
+    );
     site.wait_connect(ws3, ws2, false, SETTLE);
 
     // An agent that stops removes its table; --uninstall-rules removes a
@@ -738,6 +787,135 @@ fn lockout_scan_and_fail_open() {
         String::from_utf8_lossy(&uninstall.stderr)
     );
     assert!(!site.table_exists(0));
+}
+
+#[test]
+fn restarted_agent_runs_missed_scan() {
+    let mut site = Site::start(3);
+    let (ws1, ws3) = (0, 2);
+    for (id, _, _) in DEVICES {
+        site.wait_state(id, "green");
+    }
+
+    // ws1 restarts with a stream position past the server's newest notice,
+    // as after the server's database was replaced. The server starts its
+    // stream at the newest notice, so ws1 still gets the notices below.
+    site.agents[ws1].stop();
+    std::fs::write(
+        &site.agents[ws1].state_file,
+        "{\"stream_position\": 1000000000}",
+    )
+    .expect("write ws1's state");
+    site.agents[ws1] = site.start_agent(ws1);
+    site.wait_log(ws1, "resuming from its newest notice");
+
+    // An invalid state file is logged with its path, and the agent runs
+    // without it and replaces it.
+    let cache = 3;
+    site.agents[cache].stop();
+    let cache_state = site.agents[cache].state_file.clone();
+    std::fs::write(&cache_state, "{\"stream_position\": 12, \"last_sc")
+        .expect("write invalid state");
+    site.agents[cache] = site.start_agent(cache);
+    site.wait_log(cache, "cannot load the agent state");
+    site.wait_log(cache, &format!("path={}", cache_state.display()));
+    site.wait_log(cache, "event stream connected");
+    assert!(
+        site.agents[cache].state()["stream_position"].is_i64(),
+        "the invalid state file was not replaced\n{}",
+        site.logs()
+    );
+
+    // The agent saves where its stream starts as soon as it connects.
+    let deadline = Instant::now() + SETTLE;
+    while !site.agents[ws3].state()["stream_position"].is_i64() {
+        assert!(
+            Instant::now() < deadline,
+            "ws3 saved no stream position: {}\n{}",
+            site.agents[ws3].state(),
+            site.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // ws3's agent crashes; while it is down a virus appears and the
+    // owner's mailbox sends spam, so the lockout requests a scan of ws3.
+    site.agents[ws3].kill9();
+    site.lock_out_infected_owner();
+
+    // Started again with the same state file, the agent resumes its stream
+    // after the saved position, gets the stored request, scans and turns
+    // red.
+    site.agents[ws3] = site.start_agent(ws3);
+    site.wait_log(ws3, "on-demand scan requested by the server");
+    let result = site.wait_scan_result("ws3");
+    assert_eq!(result["result"], "infected", "{result:#}");
+    site.wait_state("ws3", "red");
+    site.wait_log(ws1, "kind=\"device_unsafe\" device=\"ws3\"");
+    let state = site.agents[ws3].state();
+    assert_eq!(
+        state["last_scan"]["findings"][0]["signature"]
+            .as_str()
+            .map(|signature| signature.starts_with("Sendguard.Test.Virus")),
+        Some(true),
+        "{state:#}"
+    );
+    assert_eq!(state["pending_scans"], serde_json::json!([]), "{state:#}");
+
+    // After an orderly restart the device is still red from the kept
+    // result, and the request already handled is not scanned again.
+    // The server keeps a red device red when it signs off, so the new
+    // agent's own log shows which health it reports.
+    site.agents[ws3].stop();
+    site.agents[ws3] = site.start_agent(ws3);
+    site.wait_log(ws3, "agent state restored");
+    site.wait_log(ws3, "device health health=\"red\"");
+    assert!(
+        !site.agents[ws3].log().contains("health=\"green\""),
+        "the restarted agent reported green\n{}",
+        site.logs()
+    );
+    site.wait_state("ws3", "red");
+    let reason = site.health_reason("ws3");
+    assert!(
+        reason.contains("the on-demand scan found 1 infected files"),
+        "{reason}"
+    );
+    site.wait_connect(1, ws3, true, SETTLE);
+    assert!(
+        !site.agents[ws3].log().contains("on-demand scan requested"),
+        "the handled request ran again\n{}",
+        site.logs()
+    );
+    let scans = site
+        .server
+        .events()
+        .iter()
+        .filter(|event| event["type"] == "endpoint_scan_result")
+        .count();
+    assert_eq!(scans, 1, "scan results reported");
+
+    // An agent that stopped during a scan finds the request still pending
+    // in its state file, and scans when it starts again.
+    site.agents[ws1].stop();
+    let position = site.agents[ws1].state()["stream_position"]
+        .as_i64()
+        .expect("ws1's stream position");
+    std::fs::write(
+        &site.agents[ws1].state_file,
+        serde_json::json!({
+            "stream_position": position,
+            "pending_scans": [{"notice": position, "body": {"mailbox": "carol@example.org"}}],
+        })
+        .to_string(),
+    )
+    .expect("write ws1's state");
+    site.agents[ws1] = site.start_agent(ws1);
+    let result = site.wait_scan_result("ws1");
+    assert_eq!(result["result"], "infected", "{result:#}");
+    assert_eq!(result["request"], position, "{result:#}");
+    let state = site.agents[ws1].state();
+    assert_eq!(state["pending_scans"], serde_json::json!([]), "{state:#}");
 }
 
 #[test]

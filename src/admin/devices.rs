@@ -442,10 +442,21 @@ async fn events(
         ),
     };
     // Without a resume point the stream starts with the next notice; the
-    // current unsafe devices are at /api/v1/devices/{id}/subnet.
-    let cursor = last_event_id
-        .or(query.after)
-        .unwrap_or_else(|| guard.devices().newest_notice());
+    // current unsafe devices are at /api/v1/devices/{id}/subnet. A resume
+    // point past the newest notice (the client's position comes from a
+    // replaced database) would hide every notice up to it, so the stream
+    // starts with the next notice then too. A resume point older than the
+    // kept notices resumes with the oldest kept one.
+    let newest = guard.devices().newest_notice();
+    let cursor = match last_event_id.or(query.after) {
+        Some(after) if after > newest => {
+            tracing::warn!(device = %id, after, newest,
+                "device event stream: resume point is past the newest notice; starting after the newest");
+            newest
+        }
+        Some(after) => after,
+        None => newest,
+    };
     tracing::info!(device = %id, after = cursor, "device event stream opened");
     let newest = guard.devices().subscribe();
     let state = Stream {

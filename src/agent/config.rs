@@ -31,6 +31,11 @@ pub struct AgentConfig {
     /// loopback and link-local ones left out.
     #[serde(default)]
     pub addresses: Vec<std::net::IpAddr>,
+    /// File that keeps the event stream position, unfinished scan requests
+    /// and the last scan's result across restarts. Default:
+    /// `state.json` in systemd's state directory (`$STATE_DIRECTORY`) when
+    /// there is one, else none.
+    pub state_file: Option<PathBuf>,
     #[serde(default)]
     pub checks: ChecksConfig,
     #[serde(default)]
@@ -83,9 +88,6 @@ pub struct ScanConfig {
     /// Time allowed for the whole scan. Default 1 h.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
-    /// File that keeps the last scan's result across restarts, so an
-    /// infected device stays red; none by default.
-    pub state_file: Option<PathBuf>,
 }
 
 impl Default for ScanConfig {
@@ -94,7 +96,6 @@ impl Default for ScanConfig {
             clamd: "/run/clamav/clamd.ctl".to_string(),
             paths: Vec::new(),
             timeout: Duration::from_secs(3600),
-            state_file: None,
         }
     }
 }
@@ -301,6 +302,17 @@ impl AgentConfig {
                 "is empty; give a unix socket path or host:port",
             );
         }
+        if let Some(path) = &self.state_file
+            && (path.file_name().is_none() || path.as_os_str().as_encoded_bytes().ends_with(b"/"))
+        {
+            problems.push(
+                "state_file",
+                format!(
+                    "{:?} names no file; give a file path such as \"/var/lib/sendguard-agent/state.json\"",
+                    path.display().to_string()
+                ),
+            );
+        }
         for (index, path) in self.scan.paths.iter().enumerate() {
             if !path.is_absolute() {
                 problems.push(
@@ -309,6 +321,22 @@ impl AgentConfig {
                 );
             }
         }
+    }
+
+    /// Returns the state file: `state_file`, else `state.json` in the
+    /// first directory of `state_directory` (systemd's `$STATE_DIRECTORY`,
+    /// set by the unit's `StateDirectory=`), else `None`.
+    pub fn state_path(&self, state_directory: Option<&std::ffi::OsStr>) -> Option<PathBuf> {
+        if let Some(path) = &self.state_file {
+            return Some(path.clone());
+        }
+        // systemd separates several state directories with colons.
+        let directories = state_directory?.to_str()?;
+        let first = directories
+            .split(':')
+            .next()
+            .filter(|first| !first.is_empty())?;
+        Some(Path::new(first).join(super::state::STATE_FILE_NAME))
     }
 
     /// Returns the permission bits of `token_file` when other users may
@@ -443,6 +471,37 @@ mod tests {
             .expect("agent.toml.example is valid");
         assert_eq!(config.device, "ws-17");
         assert_eq!(config.enforcement.report_interval, Duration::from_secs(60));
+        // The packaged agent.toml is this file, and it keeps state, so a
+        // restart keeps an infected result.
+        assert_eq!(
+            config.state_file,
+            Some(PathBuf::from("/var/lib/sendguard-agent/state.json"))
+        );
+    }
+
+    #[test]
+    fn state_file_from_systemd_directory() {
+        let config = AgentConfig::parse(MINIMAL).expect("valid");
+        assert_eq!(config.state_path(None), None);
+        assert_eq!(
+            config.state_path(Some("/var/lib/sendguard-agent:/var/lib/other".as_ref())),
+            Some(PathBuf::from("/var/lib/sendguard-agent/state.json"))
+        );
+        let config = AgentConfig::parse(&format!("{MINIMAL}state_file = \"/srv/agent.json\"\n"))
+            .expect("valid");
+        assert_eq!(
+            config.state_path(Some("/var/lib/sendguard-agent".as_ref())),
+            Some(PathBuf::from("/srv/agent.json"))
+        );
+    }
+
+    #[test]
+    fn state_file_without_name_rejected() {
+        for value in ["", "/var/lib/sendguard-agent/", "/"] {
+            let error = AgentConfig::parse(&format!("{MINIMAL}state_file = \"{value}\"\n"))
+                .expect_err("no file name");
+            assert!(error.contains("state_file:"), "{value}: {error}");
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod enforce;
 pub mod health;
 pub mod nft;
 pub mod scan;
+pub mod state;
 pub mod stream;
 
 use crate::admin::devices::MAX_ADDRESSES;
@@ -25,13 +26,14 @@ use serde_json::{Value, json};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, watch};
 
 /// Time allowed for the offline heartbeat when the agent stops.
 const SIGN_OFF_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Pending scan requests; more arriving while one runs wait here.
-const SCAN_QUEUE: usize = 16;
+/// Minimum time between two log lines about failing heartbeats; the
+/// failures in between are counted into the next line.
+const HEARTBEAT_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The state the agent's tasks share.
 pub struct Agent {
@@ -47,6 +49,11 @@ pub struct Agent {
     reachable: Notify,
     /// The finding of the last on-demand scan, when it was not clean.
     scan_finding: Mutex<Option<health::Finding>>,
+    /// The stream position, pending scan requests and last scan result,
+    /// kept in the state file.
+    pub state: state::StateFile,
+    /// Wakes the scanner when a scan request is added to `state`.
+    scan_requested: Notify,
 }
 
 impl Agent {
@@ -129,6 +136,16 @@ pub async fn run(config: AgentConfig) -> Result<(), String> {
                 )
             })?;
     }
+    let state_path = config.state_path(std::env::var_os("STATE_DIRECTORY").as_deref());
+    match &state_path {
+        Some(path) => tracing::info!(path = %path.display(), "agent state file"),
+        None => tracing::warn!(
+            "no state_file set and no systemd state directory; a restarted agent misses scan \
+             requests stored while it was down and forgets an infected scan result"
+        ),
+    }
+    let state = state::StateFile::load(state_path);
+    let restored = state.get();
     let agent = Arc::new(Agent {
         config,
         api,
@@ -137,16 +154,22 @@ pub async fn run(config: AgentConfig) -> Result<(), String> {
         refresh: Notify::new(),
         heartbeat_now: Notify::new(),
         reachable: Notify::new(),
-        scan_finding: Mutex::new(None),
+        scan_finding: Mutex::new(restored.last_scan.as_ref().and_then(scan_finding)),
+        state,
+        scan_requested: Notify::new(),
     });
-    agent.set_scan_finding(load_scan_state(&agent.config));
+    if restored.stream_position.is_some() || !restored.pending_scans.is_empty() {
+        tracing::info!(stream_position = ?restored.stream_position,
+            pending_scans = restored.pending_scans.len(),
+            last_scan = restored.last_scan.as_ref().map(scan::ScanOutcome::result),
+            "agent state restored");
+    }
     let mut terminate = signal(SignalKind::terminate())
         .map_err(|error| format!("cannot handle SIGTERM: {error}"))?;
     let mut interrupt = signal(SignalKind::interrupt())
         .map_err(|error| format!("cannot handle SIGINT: {error}"))?;
     let (shutdown_sender, shutdown) = watch::channel(false);
     let (desired_sender, desired) = watch::channel::<Option<Desired>>(None);
-    let (scan_sender, scan_receiver) = mpsc::channel(SCAN_QUEUE);
 
     tracing::info!(device = %agent.config.device, server = %agent.config.server,
         interval = ?agent.config.interval, enforcement = agent.config.enforcement.enabled,
@@ -154,8 +177,8 @@ pub async fn run(config: AgentConfig) -> Result<(), String> {
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(heartbeats(agent.clone(), shutdown.clone()));
     tasks.spawn(refresher(agent.clone(), desired_sender, shutdown.clone()));
-    tasks.spawn(stream::run(agent.clone(), scan_sender, shutdown.clone()));
-    tasks.spawn(scanner(agent.clone(), scan_receiver, shutdown.clone()));
+    tasks.spawn(stream::run(agent.clone(), shutdown.clone()));
+    tasks.spawn(scanner(agent.clone(), shutdown.clone()));
     tasks.spawn(watch_sleep(agent.clone(), shutdown.clone()));
     if agent.config.enforcement.enabled {
         tasks.spawn(enforce::run(agent.clone(), desired, shutdown.clone()));
@@ -209,6 +232,7 @@ async fn addresses(config: &AgentConfig) -> Vec<IpAddr> {
 async fn heartbeats(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
     let mut last: Option<(crate::heartbeat::Health, Vec<String>)> = None;
     let mut last_left_out = 0;
+    let mut failures = FailureLog::default();
     loop {
         let findings = health::evaluate(&agent.config, agent.scan_finding()).await;
         let (health, reasons) = health::combine(&findings);
@@ -240,15 +264,64 @@ async fn heartbeats(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
             Ok(view) => {
                 agent.contact();
                 agent.request_refresh();
+                if let Some((failed, failing_for)) = failures.succeeded(Instant::now()) {
+                    tracing::info!(failed, failing_for = ?Duration::from_secs(failing_for.as_secs()),
+                        "heartbeats succeed again");
+                }
                 tracing::debug!(health = health.as_str(), state = %view["state"], "heartbeat sent");
             }
-            Err(error) => tracing::warn!(%error, health = health.as_str(), "heartbeat failed"),
+            Err(error) => {
+                if let Some(failed_since_last_line) = failures.failed(Instant::now()) {
+                    tracing::warn!(%error, health = health.as_str(), failed_since_last_line,
+                        "heartbeat failed");
+                }
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(agent.config.interval) => {}
             _ = agent.heartbeat_now.notified() => {}
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+/// Rate limit of the "heartbeat failed" log line: the first failure is
+/// logged, then at most one line per [`HEARTBEAT_FAILURE_LOG_INTERVAL`].
+#[derive(Debug, Default)]
+struct FailureLog {
+    /// When the current run of failures began.
+    failing_since: Option<Instant>,
+    /// Failures in the current run.
+    failed: u64,
+    /// Failures not yet counted in a log line.
+    unlogged: u64,
+    last_line: Option<Instant>,
+}
+
+impl FailureLog {
+    /// Counts a failure at `now`. Returns the number of failures to put in
+    /// a log line (this one included), or `None` when no line is due.
+    fn failed(&mut self, now: Instant) -> Option<u64> {
+        self.failing_since.get_or_insert(now);
+        self.failed += 1;
+        self.unlogged += 1;
+        let due = self
+            .last_line
+            .is_none_or(|last| now.duration_since(last) >= HEARTBEAT_FAILURE_LOG_INTERVAL);
+        if !due {
+            return None;
+        }
+        self.last_line = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
+
+    /// Ends a run of failures at `now`. Returns its number of failures and
+    /// its length, or `None` when the previous heartbeat succeeded too.
+    fn succeeded(&mut self, now: Instant) -> Option<(u64, Duration)> {
+        let since = self.failing_since.take()?;
+        let failed = self.failed;
+        *self = FailureLog::default();
+        Some((failed, now.duration_since(since)))
     }
 }
 
@@ -385,59 +458,30 @@ fn scan_finding(outcome: &scan::ScanOutcome) -> Option<health::Finding> {
     }
 }
 
-fn load_scan_state(config: &AgentConfig) -> Option<health::Finding> {
-    let path = config.scan.state_file.as_ref()?;
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return None,
-        Err(error) => {
-            tracing::warn!(%error, path = %path.display(), "cannot read the last scan's result");
-            return None;
-        }
-    };
-    match serde_json::from_str::<scan::ScanOutcome>(&text) {
-        Ok(outcome) => scan_finding(&outcome),
-        Err(error) => {
-            tracing::warn!(%error, path = %path.display(), "the last scan's result is not valid; ignored");
-            None
-        }
-    }
-}
-
-fn save_scan_state(config: &AgentConfig, outcome: &scan::ScanOutcome) {
-    let Some(path) = &config.scan.state_file else {
-        return;
-    };
-    let text = serde_json::to_string(outcome).unwrap_or_default();
-    if let Err(error) = std::fs::write(path, text) {
-        tracing::error!(%error, path = %path.display(), "cannot save the scan's result; a restart forgets it");
-    }
-}
-
-/// Runs each requested scan, reports its result and updates the health.
-async fn scanner(
-    agent: Arc<Agent>,
-    mut requests: mpsc::Receiver<stream::ScanRequest>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut done = std::collections::HashSet::new();
+/// Runs the pending scan requests, reports each result and updates the
+/// health. Requests that arrive while a scan runs are served together by
+/// the next scan.
+async fn scanner(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
     loop {
-        let request = tokio::select! {
-            request = requests.recv() => match request {
-                Some(request) => request,
-                None => return,
-            },
-            _ = shutdown.changed() => return,
-        };
-        // A resumed stream can deliver a notice twice.
-        if !done.insert(request.notice) {
-            continue;
+        let pending = agent.state.get().pending_scans;
+        if pending.is_empty() {
+            tokio::select! {
+                _ = agent.scan_requested.notified() => continue,
+                _ = shutdown.changed() => return,
+            }
         }
+        let notices: Vec<i64> = pending.iter().map(|request| request.notice).collect();
         let config = &agent.config.scan;
-        tracing::warn!(notice = request.notice, mailbox = %request.body["mailbox"], paths = ?config.paths,
+        let mailboxes: Vec<&Value> = pending
+            .iter()
+            .map(|request| &request.body["mailbox"])
+            .collect();
+        tracing::warn!(notices = ?notices, mailboxes = ?mailboxes, paths = ?config.paths,
             "on-demand scan requested by the server; scanning");
         let outcome = tokio::select! {
             outcome = scan::scan_paths(&config.clamd, &config.paths, config.timeout) => outcome,
+            // The requests stay pending in the state file, so the next
+            // start scans again.
             _ = shutdown.changed() => return,
         };
         let paths: Vec<String> = config
@@ -449,34 +493,35 @@ async fn scanner(
             Ok(outcome) => {
                 let result = outcome.result();
                 if result == "infected" {
-                    tracing::error!(notice = request.notice, findings = ?outcome.findings,
+                    tracing::error!(notices = ?notices, findings = ?outcome.findings,
                         "on-demand scan found malware; the device reports red health");
                 } else {
-                    tracing::info!(notice = request.notice, result, errors = outcome.errors.len(),
+                    tracing::info!(notices = ?notices, result, errors = outcome.errors.len(),
                         first_errors = %summarize_errors(&outcome.errors), "on-demand scan finished");
                 }
                 agent.set_scan_finding(scan_finding(outcome));
-                save_scan_state(&agent.config, outcome);
                 json!({
                     "result": result,
-                    "request": request.notice,
                     "paths": paths,
                     "findings": outcome.findings.iter().take(100).collect::<Vec<_>>(),
                     "error": (!outcome.errors.is_empty()).then(|| summarize_errors(&outcome.errors)),
                 })
             }
             Err(error) => {
-                tracing::error!(%error, notice = request.notice, "on-demand scan failed");
-                json!({ "result": "failed", "request": request.notice, "paths": paths, "error": error })
+                tracing::error!(%error, notices = ?notices, "on-demand scan failed");
+                json!({ "result": "failed", "paths": paths, "error": error })
             }
         };
+        agent.state.finish_scan(&notices, outcome.as_ref().ok());
         agent.heartbeat_now.notify_one();
-        match agent.api.report_scan(&body).await {
-            Ok(_) => {
-                tracing::info!(notice = request.notice, result = %body["result"], "scan result reported")
-            }
-            Err(error) => {
-                tracing::warn!(%error, notice = request.notice, "cannot report the scan result")
+        for notice in notices {
+            let mut body = body.clone();
+            body["request"] = notice.into();
+            // NOTE: a report that fails is not retried; the health the
+            // heartbeats carry still shows an infected result.
+            match agent.api.report_scan(&body).await {
+                Ok(_) => tracing::info!(notice, result = %body["result"], "scan result reported"),
+                Err(error) => tracing::warn!(%error, notice, "cannot report the scan result"),
             }
         }
     }
@@ -576,6 +621,42 @@ mod tests {
             finding.reason.ends_with("; and 2995 more"),
             "{}",
             finding.reason
+        );
+    }
+
+    #[test]
+    fn heartbeat_failures_logged_once_a_minute() {
+        let start = Instant::now();
+        let second = |seconds: u64| start + Duration::from_secs(seconds);
+        let mut log = FailureLog::default();
+        assert_eq!(log.succeeded(start), None, "no failures to end");
+        assert_eq!(
+            log.failed(second(0)),
+            Some(1),
+            "the first failure is logged"
+        );
+        for seconds in 1..60 {
+            assert_eq!(
+                log.failed(second(seconds)),
+                None,
+                "failure at {seconds} s logged"
+            );
+        }
+        assert_eq!(
+            log.failed(second(60)),
+            Some(60),
+            "one line a minute with the count"
+        );
+        assert_eq!(log.failed(second(61)), None);
+        assert_eq!(
+            log.succeeded(second(62)),
+            Some((62, Duration::from_secs(62)))
+        );
+        assert_eq!(log.succeeded(second(63)), None, "recovery is logged once");
+        assert_eq!(
+            log.failed(second(64)),
+            Some(1),
+            "a new run logs its first failure"
         );
     }
 

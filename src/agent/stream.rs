@@ -1,13 +1,18 @@
 //! Follows the device's event stream (server-sent events): subnet notices
 //! make the agent refresh its unsafe list, and `scan_requested` notices
-//! start a scan. After a broken connection it resumes with the id of the
-//! last event received, so no notice is lost while the server keeps it.
+//! start a scan. After a broken connection or a restart it resumes with
+//! the id of the last event handled, kept in the state file, so no notice
+//! is lost while the server keeps it. The server deletes notices older
+//! than its `events.keep`. The full refresh of the subnet view at every
+//! connect covers subnet notices deleted before the agent resumed, but a
+//! deleted scan request is not run.
 
 use super::Agent;
+use super::state::PendingScan;
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 /// Maximum size of one event's text; longer input is dropped.
 const MAX_EVENT: usize = 64 * 1024;
@@ -94,25 +99,14 @@ fn parse_block(block: &str) -> Option<StreamEvent> {
     (!event.data.is_empty()).then_some(event)
 }
 
-/// A scan the server requested, with the id of its notice.
-#[derive(Debug, Clone)]
-pub struct ScanRequest {
-    pub notice: i64,
-    pub body: Value,
-}
-
 /// Follows the stream until `shutdown` fires, reconnecting with growing
 /// waits.
-pub async fn run(
-    agent: Arc<Agent>,
-    scans: mpsc::Sender<ScanRequest>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut cursor: Option<i64> = None;
+pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
+    let mut cursor: Option<i64> = agent.state.get().stream_position;
     let mut backoff = Duration::from_secs(1);
     loop {
         let followed = tokio::select! {
-            result = follow(&agent, &mut cursor, &scans) => result,
+            result = follow(&agent, &mut cursor) => result,
             _ = shutdown.changed() => return,
         };
         match followed {
@@ -135,20 +129,30 @@ pub async fn run(
 }
 
 /// Follows one connection of the stream; returns when it ends.
-async fn follow(
-    agent: &Agent,
-    cursor: &mut Option<i64>,
-    scans: &mpsc::Sender<ScanRequest>,
-) -> Result<(), String> {
+async fn follow(agent: &Agent, cursor: &mut Option<i64>) -> Result<(), String> {
     let mut response = agent.api.open_stream(*cursor).await?;
-    if cursor.is_none() {
-        // The stream starts at the newest notice; resuming from there
-        // after a reconnect loses nothing even when no event came.
-        *cursor = response
-            .headers()
-            .get("sendguard-stream-start")
-            .and_then(|value| value.to_str().ok())
-            .and_then(|text| text.parse().ok());
+    let start: Option<i64> = response
+        .headers()
+        .get("sendguard-stream-start")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|text| text.parse().ok());
+    if let Some(start) = start
+        && *cursor != Some(start)
+    {
+        if let Some(sent) = *cursor {
+            // The server starts at its newest notice when the agent's
+            // position is past it, as after its database was replaced.
+            tracing::warn!(
+                sent,
+                start,
+                "the server has no notices up to the agent's stream position; resuming from its newest notice"
+            );
+        }
+        // Without a position the stream starts at the newest notice;
+        // resuming from there after a reconnect or restart loses nothing
+        // even when no event came.
+        *cursor = Some(start);
+        agent.state.set_stream_position(start);
     }
     tracing::info!(after = ?cursor, "event stream connected");
     agent.contact();
@@ -166,15 +170,19 @@ async fn follow(
         };
         agent.contact();
         for event in parser.feed(&chunk) {
-            if let Some(id) = event.id {
+            let id = event.id;
+            handle(agent, event);
+            // The position is saved only after the event is handled, so a
+            // crash in between delivers the event again after a restart.
+            if let Some(id) = id {
                 *cursor = Some(id);
+                agent.state.set_stream_position(id);
             }
-            handle(agent, event, scans).await;
         }
     }
 }
 
-async fn handle(agent: &Agent, event: StreamEvent, scans: &mpsc::Sender<ScanRequest>) {
+fn handle(agent: &Agent, event: StreamEvent) {
     let body: Value = match serde_json::from_str(&event.data) {
         Ok(body) => body,
         Err(error) => {
@@ -188,12 +196,18 @@ async fn handle(agent: &Agent, event: StreamEvent, scans: &mpsc::Sender<ScanRequ
         .unwrap_or("");
     tracing::info!(id = ?event.id, kind, device = %body["device"], "notice received");
     if kind == "scan_requested" {
-        let request = ScanRequest {
-            notice: event.id.unwrap_or(0),
-            body,
+        let Some(notice) = event.id else {
+            tracing::warn!(device = %body["device"],
+                "event stream sent a scan request without an event id; ignored");
+            return;
         };
-        if scans.send(request).await.is_err() {
-            tracing::error!("scan request dropped: the scanner has stopped");
+        // The request is saved as pending before the position moves past
+        // it, so a restart during the scan runs it again.
+        let request = PendingScan { notice, body };
+        if agent.state.add_pending_scan(request) {
+            agent.scan_requested.notify_one();
+        } else {
+            tracing::info!(notice, "scan request already handled; ignored");
         }
     } else {
         agent.request_refresh();
