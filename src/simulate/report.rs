@@ -451,7 +451,7 @@ impl Report {
                 self.simulated.permanent.to_string(),
             ),
             (
-                "time blocked",
+                "time blocked in the period",
                 rounded_duration(self.real.blocked),
                 rounded_duration(self.simulated.blocked),
             ),
