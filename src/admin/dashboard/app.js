@@ -650,6 +650,14 @@ function fileSourceLabel(source) {
   return source === "role" ? "role, by default" : "configuration file";
 }
 
+/** Describes which roles are excluded by default, as one sentence. */
+function roleExclusionText(updateCaches, messageRelays) {
+  if (updateCaches && messageRelays) return "Update caches and message relays are excluded by their role. ";
+  if (updateCaches) return "Update caches are excluded by their role, message relays are not. ";
+  if (messageRelays) return "Message relays are excluded by their role, update caches are not. ";
+  return "No role is excluded by default. ";
+}
+
 async function exclusionsSection() {
   const exclusions = await api("GET", "/api/v1/device-exclusions");
   // "Your name" and "Reason" are recorded with each exclusion the admin
@@ -741,7 +749,7 @@ async function exclusionsSection() {
   return h("section", { class: "panel", "aria-labelledby": "h-exclusions" },
     h("h2", { id: "h-exclusions" }, "Exclusions"),
     h("p", { class: "muted" }, "Excluded servers are always reachable and always accepted, even when unsafe. ",
-      `By role, update caches ${exclusions.exclude_update_caches ? "are" : "are not"} excluded and message relays ${exclusions.exclude_message_relays ? "are" : "are not"}. `,
+      roleExclusionText(exclusions.exclude_update_caches, exclusions.exclude_message_relays),
       "Lift removes an exclusion of the configuration file until it is reset; give a reason and your name below first."),
     table("Excluded devices", ["Device", "Name", "Reason", "Source", "Action"], rows, "No device is excluded."),
     form);
