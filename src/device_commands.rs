@@ -91,12 +91,8 @@ pub enum DeviceCommand {
         /// to the configuration file's value.
         #[arg(long)]
         reject_unsafe: Option<String>,
-        /// Why; recorded in the events report.
-        #[arg(long)]
-        reason: Option<String>,
-        /// Who; recorded in the events report.
-        #[arg(long)]
-        author: Option<String>,
+        #[command(flatten)]
+        record: ChangeRecord,
     },
     /// List, add, lift or remove device exclusions made through the API.
     Exclusions {
@@ -227,8 +223,7 @@ async fn execute(command: DeviceCommand) -> Result<(), String> {
         DeviceCommand::Settings {
             connection,
             reject_unsafe,
-            reason,
-            author,
+            record: ChangeRecord { reason, author },
         } => {
             let api = Api::new(&connection)?;
             let Some(value) = reject_unsafe else {
@@ -237,16 +232,7 @@ async fn execute(command: DeviceCommand) -> Result<(), String> {
                         .await?,
                 );
             };
-            let value = match value.as_str() {
-                "true" => Value::Bool(true),
-                "false" => Value::Bool(false),
-                "file" => Value::Null,
-                other => {
-                    return Err(format!(
-                        "invalid --reject-unsafe {other:?}: give true, false, or file to use the configuration file's value"
-                    ));
-                }
-            };
+            let value = setting_value("--reject-unsafe", &value)?;
             let body = json!({ "reject_unsafe": value, "reason": reason, "author": author });
             print_json(
                 &api.send(reqwest::Method::PUT, "/api/v1/device-settings", Some(body))
@@ -488,6 +474,88 @@ fn text(value: &Value) -> String {
         Value::Null => "-".to_string(),
         other => other.to_string(),
     }
+}
+
+/// Parses a runtime setting given on the command line: `true` or `false`
+/// overrides the configuration file, `file` (JSON null) resets to it.
+fn setting_value(option: &str, value: &str) -> Result<Value, String> {
+    match value {
+        "true" => Ok(Value::Bool(true)),
+        "false" => Ok(Value::Bool(false)),
+        "file" => Ok(Value::Null),
+        other => Err(format!(
+            "invalid {option} {other:?}: give true, false, or file to use the configuration file's value"
+        )),
+    }
+}
+
+/// The runtime settings a `sendguard settings` command changes.
+#[derive(Args)]
+pub struct SettingsChange {
+    #[command(flatten)]
+    connection: Connection,
+    /// true or false overrides synchronized_security.enabled, and file
+    /// goes back to the configuration file's value.
+    #[arg(long)]
+    synchronized_security: Option<String>,
+    /// true or false overrides devices.reject_unsafe, and file goes back
+    /// to the configuration file's value.
+    #[arg(long)]
+    reject_unsafe: Option<String>,
+    #[command(flatten)]
+    record: ChangeRecord,
+}
+
+/// The reason and author that the events report records with a change.
+#[derive(Args)]
+pub struct ChangeRecord {
+    /// Why; recorded in the events report.
+    #[arg(long)]
+    reason: Option<String>,
+    /// Who; recorded in the events report.
+    #[arg(long)]
+    author: Option<String>,
+}
+
+/// Shows the runtime settings with their source, or changes them through
+/// the admin API of the running server.
+pub fn settings(change: SettingsChange) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| format!("cannot start the async runtime: {error}"))?;
+    runtime.block_on(async {
+        let api = Api::new(&change.connection)?;
+        let mut body = serde_json::Map::new();
+        if let Some(value) = &change.synchronized_security {
+            body.insert(
+                "synchronized_security".to_string(),
+                setting_value("--synchronized-security", value)?,
+            );
+        }
+        if let Some(value) = &change.reject_unsafe {
+            body.insert(
+                "reject_unsafe".to_string(),
+                setting_value("--reject-unsafe", value)?,
+            );
+        }
+        if body.is_empty() {
+            return print_json(
+                &api.send(reqwest::Method::GET, "/api/v1/settings", None)
+                    .await?,
+            );
+        }
+        body.insert("reason".to_string(), json!(change.record.reason));
+        body.insert("author".to_string(), json!(change.record.author));
+        let answer = api
+            .send(
+                reqwest::Method::PUT,
+                "/api/v1/settings",
+                Some(Value::Object(body)),
+            )
+            .await?;
+        print_json(&answer)
+    })
 }
 
 fn print_json(value: &Value) -> Result<(), String> {

@@ -109,6 +109,17 @@ enum Command {
         #[command(subcommand)]
         command: ExemptionCommand,
     },
+    /// Show the runtime settings (synchronized security, reject unsafe
+    /// devices) with their source, or override one until it is reset.
+    ///
+    /// A change is stored by the running server, recorded in the events
+    /// report with --reason and --author, and kept across reloads and
+    /// restarts; `file` goes back to the configuration file's value.
+    /// Changes need the admin token.
+    Settings {
+        #[command(flatten)]
+        change: device_commands::SettingsChange,
+    },
     /// Device health: report as an agent, watch subnet notices, list
     /// devices, decide access, manage exclusions.
     Device {
@@ -386,6 +397,7 @@ fn main() -> ExitCode {
             server,
         }),
         Command::Exemptions { command } => exemptions(command),
+        Command::Settings { change } => device_commands::settings(change),
         Command::Device { command } => device_commands::run(command),
         Command::Agent {
             config,

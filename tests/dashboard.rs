@@ -619,6 +619,52 @@ fn settings_survive_restart() {
     let events = site.server.events_of("setting_changed");
     assert_eq!(events.len(), 2, "{events:#?}");
     assert_eq!(events[1]["value"], Value::Null);
+
+    // The command line changes the same settings through the API.
+    let cli = |args: &[&str]| {
+        let output = site.server.cli(args);
+        let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+        let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+        (output.status.success(), stdout, stderr)
+    };
+    let (ok, stdout, stderr) = cli(&[
+        "settings",
+        "--synchronized-security",
+        "false",
+        "--reason",
+        "scanner vendor outage",
+        "--author",
+        "jdoe",
+    ]);
+    assert!(ok, "{stderr}");
+    let shown: Value = serde_json::from_str(&stdout).expect("settings as JSON");
+    assert_eq!(shown["synchronized_security"]["value"], false, "{shown}");
+    assert_eq!(shown["synchronized_security"]["source"], "api", "{shown}");
+    let (ok, _, stderr) = cli(&["settings", "--synchronized-security", "off"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("invalid --synchronized-security \"off\""),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = cli(&["settings", "--synchronized-security", "true"]);
+    assert!(!ok);
+    assert!(stderr.contains("missing reason"), "{stderr}");
+    let (ok, stdout, stderr) = cli(&[
+        "settings",
+        "--synchronized-security",
+        "file",
+        "--reason",
+        "outage over",
+        "--author",
+        "jdoe",
+    ]);
+    assert!(ok, "{stderr}");
+    let (ok, listed, stderr) = cli(&["settings"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout, listed);
+    let shown: Value = serde_json::from_str(&listed).expect("settings as JSON");
+    assert_eq!(shown["synchronized_security"]["source"], "file", "{shown}");
+    assert_eq!(site.server.events_of("setting_changed").len(), 4);
 }
 
 #[test]
