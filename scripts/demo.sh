@@ -181,7 +181,7 @@ $demo/admin.token, or with the one in $demo/support.token to lift a
 permanent block.
 
 Logs:   tail -f $demo/sendguard.log
-Stop:   $0 stop
+Stop:   ${SENDGUARD_DEMO_DIR:+SENDGUARD_DEMO_DIR=$demo }$0 stop
 EOF
 }
 

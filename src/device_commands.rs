@@ -361,10 +361,11 @@ impl Api {
         if let Some(body) = body {
             request = request.json(&body);
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|error| format!("request to {address} failed: {error}"))?;
+        let response = request.send().await.map_err(|error| {
+            let mut text = format!("request to {address} failed: {error}");
+            sendguard::append_causes(&mut text, &error);
+            text
+        })?;
         let status = response.status();
         let text = response
             .text()
@@ -540,6 +541,11 @@ pub fn settings(change: SettingsChange) -> Result<(), String> {
             );
         }
         if body.is_empty() {
+            if change.record.reason.is_some() || change.record.author.is_some() {
+                return Err("nothing to change: --reason and --author go with \
+                    --synchronized-security or --reject-unsafe"
+                    .to_string());
+            }
             return print_json(
                 &api.send(reqwest::Method::GET, "/api/v1/settings", None)
                     .await?,

@@ -537,13 +537,19 @@ impl Event {
                 self.detail_text("device"),
                 self.detail_text("text")
             ),
-            EventKind::DeviceSettingChanged | EventKind::SettingChanged => format!(
-                "{} = {} by {}: {}",
-                self.detail_text("setting"),
-                self.detail_text("value"),
-                self.detail_text("by"),
-                self.detail_text("reason")
-            ),
+            EventKind::DeviceSettingChanged | EventKind::SettingChanged => {
+                // A null value is a reset to the configuration file's value.
+                let value = match self.details.get("value") {
+                    None | Some(Value::Null) => "the configuration file's value".to_string(),
+                    Some(_) => self.detail_text("value"),
+                };
+                format!(
+                    "{} = {value} by {}: {}",
+                    self.detail_text("setting"),
+                    self.detail_text("by"),
+                    self.detail_text("reason")
+                )
+            }
             EventKind::EndpointScanResult => format!(
                 "{}: {} ({} found)",
                 self.detail_text("device"),
@@ -616,9 +622,15 @@ pub fn write_events(out: &mut impl Write, events: &[Event], format: Format) -> s
             }
         }
         Format::Table => {
+            // The TYPE column is as wide as the longest event type.
+            let type_width = EventKind::ALL
+                .iter()
+                .map(|kind| kind.as_str().len())
+                .max()
+                .unwrap_or(0);
             writeln!(
                 out,
-                "{:<20}  {:<19}  {:<32}  DETAILS",
+                "{:<20}  {:<type_width$}  {:<32}  DETAILS",
                 "TIME", "TYPE", "MAILBOX"
             )?;
             for event in events {
@@ -636,7 +648,7 @@ pub fn write_events(out: &mut impl Write, events: &[Event], format: Format) -> s
                     .collect();
                 writeln!(
                     out,
-                    "{:<20}  {:<19}  {:<32}  {summary}",
+                    "{:<20}  {:<type_width$}  {:<32}  {summary}",
                     event.time.to_rfc3339(),
                     event.kind.as_str(),
                     mailbox,

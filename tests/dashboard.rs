@@ -665,6 +665,23 @@ fn settings_survive_restart() {
     let shown: Value = serde_json::from_str(&listed).expect("settings as JSON");
     assert_eq!(shown["synchronized_security"]["source"], "file", "{shown}");
     assert_eq!(site.server.events_of("setting_changed").len(), 4);
+    let (ok, _, stderr) = cli(&["settings", "--reason", "r", "--author", "a"]);
+    assert!(!ok);
+    assert!(stderr.contains("nothing to change"), "{stderr}");
+
+    // The events table names a reset instead of showing an empty value.
+    let (ok, table, stderr) = cli(&["events", "--type", "setting_changed"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        table.contains(
+            "synchronized_security = the configuration file's value by jdoe: outage over"
+        ),
+        "{table}"
+    );
+    assert!(
+        table.contains("synchronized_security = false by jdoe: scanner vendor outage"),
+        "{table}"
+    );
 }
 
 #[test]

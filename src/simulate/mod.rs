@@ -139,7 +139,7 @@ pub async fn run(
 
     let mut report = replay.finish(until);
     report.limits.refusals_once_per_minute = store.shared().is_some();
-    tracing::info!(since = %since, events = report.events_read,
+    tracing::debug!(since = %since, events = report.events_read,
         real_lockouts = report.real.lockouts, simulated_lockouts = report.simulated.lockouts,
         peak_states = report.limits.peak_states, "policy simulation finished");
     Ok(report)
