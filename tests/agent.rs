@@ -744,7 +744,14 @@ fn lockout_scan_and_fail_open() {
             .matches("agent: heartbeat failed")
             .count()
     };
+    let stream_failures = |site: &Site| {
+        site.agents[ws2]
+            .log()
+            .matches("event stream failed")
+            .count()
+    };
     let failures_before = heartbeat_failures(&site);
+    let stream_failures_before = stream_failures(&site);
     site.server.kill9();
     let gone = Instant::now();
     site.wait_log(ws2, "FAILING OPEN");
@@ -763,6 +770,14 @@ fn lockout_scan_and_fail_open() {
     assert_eq!(
         heartbeat_failures(&site),
         failures_before + 1,
+        "{}",
+        site.agents[ws2].log()
+    );
+    // The event stream's reconnects failed after 1, 2 and 4 s; only the
+    // first failure is logged within a minute.
+    assert_eq!(
+        stream_failures(&site),
+        stream_failures_before + 1,
         "{}",
         site.agents[ws2].log()
     );

@@ -285,10 +285,11 @@ async fn heartbeats(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// Rate limit of the "heartbeat failed" log line: the first failure is
-/// logged, then at most one line per [`HEARTBEAT_FAILURE_LOG_INTERVAL`].
+/// Rate limit of a repeating failure's log line, such as "heartbeat
+/// failed": the first failure is logged, then at most one line per
+/// [`HEARTBEAT_FAILURE_LOG_INTERVAL`].
 #[derive(Debug, Default)]
-struct FailureLog {
+pub(crate) struct FailureLog {
     /// When the current run of failures began.
     failing_since: Option<Instant>,
     /// Failures in the current run.
@@ -301,7 +302,7 @@ struct FailureLog {
 impl FailureLog {
     /// Counts a failure at `now`. Returns the number of failures to put in
     /// a log line (this one included), or `None` when no line is due.
-    fn failed(&mut self, now: Instant) -> Option<u64> {
+    pub(crate) fn failed(&mut self, now: Instant) -> Option<u64> {
         self.failing_since.get_or_insert(now);
         self.failed += 1;
         self.unlogged += 1;
@@ -317,7 +318,7 @@ impl FailureLog {
 
     /// Ends a run of failures at `now`. Returns its number of failures and
     /// its length, or `None` when the previous heartbeat succeeded too.
-    fn succeeded(&mut self, now: Instant) -> Option<(u64, Duration)> {
+    pub(crate) fn succeeded(&mut self, now: Instant) -> Option<(u64, Duration)> {
         let since = self.failing_since.take()?;
         let failed = self.failed;
         *self = FailureLog::default();

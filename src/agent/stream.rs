@@ -11,7 +11,7 @@ use super::Agent;
 use super::state::PendingScan;
 use serde_json::Value;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// Maximum size of one event's text; longer input is dropped.
@@ -104,9 +104,12 @@ fn parse_block(block: &str) -> Option<StreamEvent> {
 pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
     let mut cursor: Option<i64> = agent.state.get().stream_position;
     let mut backoff = Duration::from_secs(1);
+    // While the server is away, reconnects fail every few seconds, so their
+    // log line is limited like the heartbeat's.
+    let mut failures = super::FailureLog::default();
     loop {
         let followed = tokio::select! {
-            result = follow(&agent, &mut cursor) => result,
+            result = follow(&agent, &mut cursor, &mut failures) => result,
             _ = shutdown.changed() => return,
         };
         match followed {
@@ -115,7 +118,10 @@ pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
                 backoff = Duration::from_secs(1);
             }
             Err(error) => {
-                tracing::warn!(%error, after = ?cursor, retry_in = ?backoff, "event stream failed; reconnecting");
+                if let Some(failed_since_last_line) = failures.failed(Instant::now()) {
+                    tracing::warn!(%error, after = ?cursor, retry_in = ?backoff,
+                        failed_since_last_line, "event stream failed; reconnecting");
+                }
             }
         }
         // A heartbeat that reaches the server ends the wait early.
@@ -129,7 +135,11 @@ pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
 }
 
 /// Follows one connection of the stream; returns when it ends.
-async fn follow(agent: &Agent, cursor: &mut Option<i64>) -> Result<(), String> {
+async fn follow(
+    agent: &Agent,
+    cursor: &mut Option<i64>,
+    failures: &mut super::FailureLog,
+) -> Result<(), String> {
     let mut response = agent.api.open_stream(*cursor).await?;
     let start: Option<i64> = response
         .headers()
@@ -154,7 +164,11 @@ async fn follow(agent: &Agent, cursor: &mut Option<i64>) -> Result<(), String> {
         *cursor = Some(start);
         agent.state.set_stream_position(start);
     }
-    tracing::info!(after = ?cursor, "event stream connected");
+    match failures.succeeded(Instant::now()) {
+        Some((failed, failing_for)) => tracing::info!(after = ?cursor, failed,
+            failing_for = ?Duration::from_secs(failing_for.as_secs()), "event stream connected again"),
+        None => tracing::info!(after = ?cursor, "event stream connected"),
+    }
     agent.contact();
     // Notices sent while the agent was not connected are covered by a
     // full refresh.
