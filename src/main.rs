@@ -114,7 +114,7 @@ enum Command {
     ///
     /// A change is stored by the running server, recorded in the events
     /// report with --reason and --author, and kept across reloads and
-    /// restarts; `file` goes back to the configuration file's value.
+    /// restarts. The value `file` goes back to the configuration file's value.
     /// Changes need the admin token.
     Settings {
         #[command(flatten)]

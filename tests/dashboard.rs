@@ -120,9 +120,9 @@ fn repository() -> PathBuf {
 }
 
 /// Checks that node, Chromium and the npm package are there, installing
-/// the package with `npm ci` when `node_modules` is missing. The tests of
-/// this file run in parallel, so only the first one checks and installs;
-/// two `npm ci` runs in one directory would remove each other's files.
+/// the package with `npm ci` when `node_modules` is missing. Only the
+/// first test of this file checks and installs, because the tests run in
+/// parallel and two `npm ci` runs in one directory remove each other's files.
 fn browser_tools() -> PathBuf {
     static DRIVER: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DRIVER.get_or_init(install_browser_tools).clone()
@@ -417,7 +417,7 @@ fn dashboard_in_browser() {
         "dave's lockout planned an endpoint scan: {dave}"
     );
 
-    // A reload of the file, which says enabled = true, keeps the override.
+    // A reload of the file, which sets enabled = true, keeps the override.
     site.server.reload();
     let settings = request(&site.api, "GET", "/api/v1/settings", Some(ADMIN), None).json();
     assert_eq!(settings["synchronized_security"]["value"], false);
@@ -725,7 +725,7 @@ fn session_endpoints_need_valid_login() {
             .is_some_and(|kind| kind.starts_with("text/javascript"))
     );
 
-    // A body too large to be a login says so, and is no failed login.
+    // A body too large to be a login gets 413 and counts as no failed login.
     let huge = request(
         &site.api,
         "POST",

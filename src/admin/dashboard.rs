@@ -620,7 +620,8 @@ mod tests {
             !INDEX_HTML.contains("<script>"),
             "no inline script under the CSP"
         );
-        assert!(!INDEX_HTML.contains("http://") && !INDEX_HTML.contains("https://"));
+        assert!(!INDEX_HTML.contains("http://"), "no external resources");
+        assert!(!INDEX_HTML.contains("https://"), "no external resources");
         assert!(!APP_JS.contains("https://"), "no external resources");
     }
 }

@@ -144,7 +144,7 @@ pub fn render(ruleset: &Ruleset) -> String {
     script.push_str(
         "  chain refuse {\n    meta l4proto tcp reject with tcp reset\n    reject with icmpx admin-prohibited\n  }\n",
     );
-    // Packets that conntrack knows, or finds invalid, pass unchecked, but
+    // Packets that conntrack tracks, or marks invalid, pass unchecked, but
     // untracked ones do not, or a `notrack` rule in another table would
     // undo every refusal. Neighbor discovery is untracked by the kernel
     // and opens no connection, so it passes: refusing it would cut the

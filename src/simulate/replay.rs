@@ -177,7 +177,7 @@ impl<'a> Replay<'a> {
         self.sweep(until);
         self.report.until = until;
         self.report.limits.peak_states = self.peak_states;
-        // A candidate's own mode holds over the whole period.
+        // A candidate's own mode applies over the whole period.
         let simulated_modes: &[(Timestamp, Mode)] =
             if self.candidate.sets_mode && !self.follow_recorded {
                 &[]

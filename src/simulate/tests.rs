@@ -841,8 +841,8 @@ fn refusal_minute_past_simulated_end_unknown() {
 
 #[test]
 fn monitor_lockout_blocks_after_enforce() {
-    // jan's lockout starts in monitor mode at minute 4 and runs an hour;
-    // the relay switches to enforce at minute 30, so it refuses 34 minutes.
+    // jan's lockout starts in monitor mode at minute 4 and runs an hour.
+    // The relay switches to enforce at minute 30, so it refuses 34 minutes.
     let messages: Vec<(i64, &str, &str)> = (0..5)
         .map(|minute| (minute, "jan@example.org", "192.0.2.37"))
         .collect();

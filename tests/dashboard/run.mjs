@@ -186,7 +186,7 @@ const phases = {
 
     // The report comes oldest first in pages, so the dashboard must follow
     // the Link header to reach the newest events. The server's first page
-    // is made to announce a second page that holds one more, newer event.
+    // is made to announce a second page that contains one more, newer event.
     const pagedMailbox = "paged@example.org";
     await page.route("**/api/v1/events?**", async (route) => {
       const url = route.request().url();
@@ -234,7 +234,7 @@ const phases = {
     await page.unroute("**/api/v1/events?**");
 
     // An unknown time range in the address shows the last 24 hours, and
-    // the Time select says so.
+    // the Time select shows that range.
     for (const range of ["bogus", "constructor"]) {
       await page.goto(base + "/#/events?range=" + range);
       await heading(page, "Events report");
@@ -440,7 +440,7 @@ const phases = {
     await shot(page, "devices-missing");
     await phoneShot(page, "devices-missing");
 
-    // Removing an exclusion asks for the admin's name, which the removal
+    // Removing an exclusion requires the admin's name, which the removal
     // event records.
     const exclusions = page.getByRole("region", { name: "Exclusions" });
     const removeButton = exclusions.getByRole("button", { name: `Remove the exclusion of ${required("EXCLUDE")}` });

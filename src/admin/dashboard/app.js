@@ -471,7 +471,9 @@ function chart(list, since, until) {
   for (const index of [0, buckets / 2, buckets]) {
     const time = new Date(since + span * index / buckets);
     const label = span > 2 * 86400e3 ? time.toLocaleDateString() : time.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
-    const anchor = index === 0 ? "start" : index === buckets ? "end" : "middle";
+    let anchor = "middle";
+    if (index === 0) anchor = "start";
+    if (index === buckets) anchor = "end";
     make("text", { x: left + plotWidth * index / buckets, y: height - 8, "text-anchor": anchor }, label);
   }
   return h("figure", { class: "chart", style: null },

@@ -280,9 +280,9 @@ impl RedisStore {
         Ok(added)
     }
 
-    /// Removes an added or lifted exclusion and records the event
-    /// `event_for` builds from the removed row; returns that row, or
-    /// `None` when the device had neither.
+    /// Removes an added or lifted exclusion and records the event that
+    /// `event_for` builds from the removed row. Returns that row, or `None`
+    /// when the device had neither.
     ///
     /// # Errors
     /// When Redis cannot be reached or the exclusion does not decode.
